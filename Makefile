@@ -1,0 +1,50 @@
+# chatstate: `make run` serves the bot locally, `make test` runs every test.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: help deps run chat playground test unit lint infra-check bench clean
+
+help:
+	@echo "make run         serve the bot on http://127.0.0.1:$${PORT:-7071}/api/messages (Azurite + offline model by default)"
+	@echo "make chat        chat with the running bot from this terminal"
+	@echo "make playground  open the Microsoft 365 Agents Playground against the running bot"
+	@echo "make test        lint, template checks and every test (starts its own Azurite)"
+	@echo "make bench       store and webhook benchmarks; figures go to benchmarks/results.json"
+
+deps: $(VENV)/.installed node_modules/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+run: deps
+	$(PY) -m devtools.run
+
+chat: deps
+	$(PY) -m devtools.chat
+
+playground: deps
+	$(PY) -m devtools.playground
+
+lint: deps
+	$(VENV)/bin/ruff check shared devtools tests benchmarks function_app.py
+
+unit: deps
+	$(PY) -m devtools.azurite -- $(PY) -m pytest -q $(PYTEST_ARGS)
+
+test: lint infra-check unit
+
+infra-check:
+	bash infra/check.sh
+
+bench: deps
+	$(PY) -m devtools.azurite -- $(PY) -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) .venv-infra .venv-checkov node_modules .azurite .pytest_cache .ruff_cache

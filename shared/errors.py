@@ -1,0 +1,171 @@
+"""The one exception tree of chatstate, and the HTTP status each leaf maps to.
+
+    ChatstateError
+    ├── SettingsError              a setting is missing or malformed (start-up)
+    ├── BadRequest                 400  the activity or request cannot be used
+    │   ├── UnsupportedMediaType   415
+    │   └── PayloadTooLarge        413
+    ├── Unauthorized               401  the caller's token failed a check (reason code only)
+    ├── StoreError                 503  storage failed in a way a retry may fix
+    │   ├── StorageUnavailable     503  storage could not be reached
+    │   └── ConversationConflict   409  another turn committed first (stale ETag)
+    ├── DuplicateActivity          200  the activity was already committed (carries its turn)
+    ├── MessageTooLarge            400  one message is over the stored-size limit; nothing written
+    ├── TurnTooLarge               400  a turn is over the transaction limits; nothing written
+    ├── InputTooLong               400  the new message alone exceeds the history token budget
+    ├── ModelError                 502  the model call failed for good; the turn is not committed
+    │   ├── ModelTimeout           504
+    │   ├── ModelUnavailable       502  connection refused, or 429/5xx after the SDK's retries
+    │   ├── ModelRejected          502  the model endpoint answered 4xx
+    │   └── ContentFiltered        502  the endpoint's content filter blocked the prompt or reply
+    └── ConnectorError             502  the Bot Connector refused or could not be reached
+
+Only `shared.store` translates azure exceptions, only `shared.model` translates openai ones.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .messages import StoredTurn
+
+__all__ = [
+    "BadRequest",
+    "ChatstateError",
+    "ConnectorError",
+    "ContentFiltered",
+    "ConversationConflict",
+    "DuplicateActivity",
+    "InputTooLong",
+    "MessageTooLarge",
+    "ModelError",
+    "ModelRejected",
+    "ModelTimeout",
+    "ModelUnavailable",
+    "PayloadTooLarge",
+    "SettingsError",
+    "StorageUnavailable",
+    "StoreError",
+    "TurnTooLarge",
+    "Unauthorized",
+    "UnsupportedMediaType",
+    "http_status_for",
+]
+
+
+class ChatstateError(Exception):
+    """Base of every error chatstate raises on purpose."""
+
+    status = 500
+    #: A short machine-readable reason, safe to show to a caller.
+    code = "internal_error"
+
+
+class SettingsError(ChatstateError):
+    """A setting is missing or malformed; the message names it."""
+
+    code = "bad_setting"
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"setting {setting}: {problem}")
+        self.setting = setting
+
+
+class BadRequest(ChatstateError):
+    status = 400
+    code = "bad_request"
+
+
+class UnsupportedMediaType(BadRequest):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class PayloadTooLarge(BadRequest):
+    status = 413
+    code = "payload_too_large"
+
+
+class Unauthorized(ChatstateError):
+    """A token check failed. `code` is the reason given to the caller; the message is for logs."""
+
+    status = 401
+
+    def __init__(self, code: str, detail: str = "") -> None:
+        super().__init__(f"{code}: {detail}" if detail else code)
+        self.code = code
+
+
+class StoreError(ChatstateError):
+    status = 503
+    code = "storage_error"
+
+
+class StorageUnavailable(StoreError):
+    code = "storage_unavailable"
+
+
+class ConversationConflict(StoreError):
+    status = 409
+    code = "conversation_conflict"
+
+
+class DuplicateActivity(ChatstateError):
+    """The activity was committed before; `turn` is what was stored for it."""
+
+    status = 200
+    code = "duplicate_activity"
+
+    def __init__(self, activity_id: str, turn: StoredTurn | None) -> None:
+        super().__init__(f"activity {activity_id!r} was already committed")
+        self.activity_id = activity_id
+        self.turn = turn
+
+
+class MessageTooLarge(ChatstateError):
+    status = 400
+    code = "message_too_large"
+
+
+class TurnTooLarge(ChatstateError):
+    status = 400
+    code = "turn_too_large"
+
+
+class InputTooLong(ChatstateError):
+    status = 400
+    code = "input_too_long"
+
+
+class ModelError(ChatstateError):
+    status = 502
+    code = "model_error"
+
+
+class ModelTimeout(ModelError):
+    status = 504
+    code = "model_timeout"
+
+
+class ModelUnavailable(ModelError):
+    code = "model_unavailable"
+
+
+class ModelRejected(ModelError):
+    code = "model_rejected"
+
+
+class ContentFiltered(ModelError):
+    code = "content_filtered"
+
+
+class ConnectorError(ChatstateError):
+    status = 502
+    code = "connector_error"
+
+
+def http_status_for(error: BaseException) -> int:
+    """The HTTP status a caller sees for `error`; anything unplanned is a 500."""
+    status: Any = getattr(error, "status", 500) if isinstance(error, ChatstateError) else 500
+    return int(status)

@@ -1,0 +1,97 @@
+"""The chat message and stored-turn value types shared by the store, the prompt and the webhook."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+__all__ = ["ChatMessage", "Role", "StoredTurn", "ToolCall", "Usage", "utc_now"]
+
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToolCall:
+    """One function call an assistant message asks for; `arguments` is the model's JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def to_openai(self) -> dict[str, Any]:
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments}}
+
+    @classmethod
+    def from_openai(cls, data: dict[str, Any]) -> ToolCall:
+        function = data.get("function") or {}
+        return cls(id=str(data["id"]), name=str(function.get("name", "")),
+                   arguments=str(function.get("arguments") or "{}"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+                     completion_tokens=self.completion_tokens + other.completion_tokens)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChatMessage:
+    """A message as the model sees it, plus what we keep beside it (activity, time, model, usage)."""
+
+    role: Role
+    content: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    #: For tool messages: the tool's name (kept for the log and the history endpoint).
+    name: str | None = None
+    activity_id: str | None = None
+    timestamp: datetime = field(default_factory=utc_now)
+    model: str | None = None
+    usage: Usage | None = None
+
+    def to_openai(self) -> dict[str, Any]:
+        """The Chat Completions form of this message."""
+        message: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            message["tool_calls"] = [call.to_openai() for call in self.tool_calls]
+        if self.role == "tool":
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+    def tool_calls_json(self) -> str | None:
+        if not self.tool_calls:
+            return None
+        return json.dumps([call.to_openai() for call in self.tool_calls], ensure_ascii=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoredTurn:
+    """What one committed activity wrote: its messages in order, and whether its reply went out."""
+
+    conversation_id: str
+    activity_id: str
+    messages: tuple[ChatMessage, ...]
+    delivered: bool = False
+
+    @property
+    def reply(self) -> ChatMessage | None:
+        """The turn's final assistant message (the text the user sees)."""
+        for message in reversed(self.messages):
+            if message.role == "assistant" and not message.tool_calls:
+                return message
+        return None

@@ -1,0 +1,323 @@
+"""The only module that reads the environment: every setting, its default, and its validation.
+
+`SETTINGS` lists each setting once (name, default, description). `load_settings()` reads them,
+checks them and returns a frozen `Settings`; a bad value raises `SettingsError` naming the setting.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from urllib.parse import urlparse
+
+from .errors import SettingsError
+
+__all__ = [
+    "SETTINGS",
+    "BotSettings",
+    "ModelProvider",
+    "ModelSettings",
+    "Setting",
+    "Settings",
+    "StorageSettings",
+    "load_settings",
+]
+
+log = logging.getLogger(__name__)
+
+DEVELOPMENT_STORAGE = "UseDevelopmentStorage=true"
+BOTFRAMEWORK_OPENID_METADATA = "https://login.botframework.com/v1/.well-known/openidconfiguration"
+DEFAULT_INSTRUCTIONS = "You are a helpful, concise assistant in a chat."
+
+
+@dataclass(frozen=True, kw_only=True)
+class Setting:
+    """One environment setting. `default` None means "unset unless given"."""
+
+    name: str
+    description: str
+    default: str | None = None
+    secret: bool = False
+    #: Set by the Bicep templates' app settings when deployed (False: a local or optional setting).
+    deployed: bool = True
+
+
+SETTINGS: tuple[Setting, ...] = (
+    # storage
+    Setting(name="CHAT_STORAGE_CONNECTION_STRING", default=DEVELOPMENT_STORAGE, deployed=False,
+            description="Table Storage connection string; the default is Azurite. Ignored when "
+            "CHAT_STORAGE_TABLE_ENDPOINT is set."),
+    Setting(name="CHAT_STORAGE_TABLE_ENDPOINT",
+            description="https://<account>.table.core.windows.net: use Entra ID (managed identity "
+            "in Azure) instead of a connection string."),
+    Setting(name="CHAT_TABLE_NAME", default="conversations",
+            description="The table holding conversations; created if missing."),
+    Setting(name="AZURE_CLIENT_ID",
+            description="Client ID of the user-assigned managed identity used for storage and the "
+            "model (and the bot when BOT_APP_TYPE is UserAssignedMSI)."),
+    # model
+    Setting(name="OPENAI_API_KEY", secret=True, deployed=False,
+            description="API key for OpenAI or an OpenAI-compatible server."),
+    Setting(name="OPENAI_BASE_URL", deployed=False,
+            description="Base URL of an OpenAI-compatible server, e.g. http://localhost:11434/v1."),
+    Setting(name="OPENAI_MODEL", default="gpt-4o-mini", deployed=False,
+            description="Model name sent to OpenAI or the compatible server."),
+    Setting(name="AZURE_OPENAI_ENDPOINT",
+            description="https://<resource>.openai.azure.com: use Azure OpenAI."),
+    Setting(name="AZURE_OPENAI_DEPLOYMENT", description="The Azure OpenAI chat deployment name."),
+    Setting(name="OPENAI_API_VERSION", default="2024-10-21",
+            description="Azure OpenAI API version."),
+    Setting(name="AZURE_OPENAI_API_KEY", secret=True, deployed=False,
+            description="Azure OpenAI key; when absent, Entra ID (azure-identity) is used."),
+    Setting(name="CHAT_INSTRUCTIONS", default=DEFAULT_INSTRUCTIONS,
+            description="The system prompt sent first on every turn."),
+    Setting(name="CHAT_HISTORY_TOKEN_BUDGET", default="8000",
+            description="Tokens of history (new message included) sent to the model per turn."),
+    Setting(name="CHAT_HISTORY_MAX_MESSAGES", default="200",
+            description="At most this many stored messages are sent per turn."),
+    Setting(name="CHAT_MAX_REPLY_TOKENS", default="1000",
+            description="max_completion_tokens for each model call."),
+    Setting(name="CHAT_MODEL_TIMEOUT_SECONDS", default="30",
+            description="Total deadline of one turn's model calls, retries included."),
+    Setting(name="CHAT_MODEL_MAX_RETRIES", default="2",
+            description="SDK retries of a model call on 429, 5xx and connection errors."),
+    Setting(name="CHAT_MAX_TOOL_ROUNDS", default="5",
+            description="Rounds of tool calls one turn may run before it stops politely."),
+    Setting(name="CHAT_TOOL_TIMEOUT_SECONDS", default="10",
+            description="Deadline of one tool call; a late tool returns an error to the model."),
+    # bot
+    Setting(name="CLIENT_ID",
+            description="The bot's Microsoft App ID. Turns inbound auth on; required in Azure."),
+    Setting(name="CLIENT_SECRET", secret=True, deployed=False,
+            description="The bot's client secret (MultiTenant/SingleTenant bots without a "
+            "managed identity)."),
+    Setting(name="TENANT_ID",
+            description="The bot's Entra tenant (single-tenant and managed-identity bots)."),
+    Setting(name="BOT_APP_TYPE", default="MultiTenant",
+            description="MultiTenant, SingleTenant or UserAssignedMSI: how replies get tokens."),
+    Setting(name="BOT_OPENID_METADATA_URL", default=BOTFRAMEWORK_OPENID_METADATA, deployed=False,
+            description="Bot Framework OpenID metadata (sovereign clouds, tests)."),
+    Setting(name="BOT_AUTHORITY_HOST", default="https://login.microsoftonline.com",
+            deployed=False,
+            description="Entra authority host for inbound Entra tokens and outbound token "
+            "requests (sovereign clouds, tests)."),
+    Setting(name="CHAT_TURN_MAX_ATTEMPTS", default="4",
+            description="Attempts of one turn when another instance commits first."),
+    # hosting
+    Setting(name="WEBSITE_SITE_NAME", deployed=False,
+            description="Set by Azure App Service/Functions; its presence means 'running in "
+            "Azure' (stricter start-up checks)."),
+    Setting(name="PORT", default="7071", deployed=False,
+            description="Local port of `make run` (dev host or func start)."),
+)
+
+_BY_NAME = {setting.name: setting for setting in SETTINGS}
+
+
+class ModelProvider(StrEnum):
+    OPENAI = "openai"
+    AZURE = "azure"
+    OFFLINE = "offline"
+
+
+class BotAppType(StrEnum):
+    MULTI_TENANT = "MultiTenant"
+    SINGLE_TENANT = "SingleTenant"
+    USER_ASSIGNED_MSI = "UserAssignedMSI"
+
+
+@dataclass(frozen=True, kw_only=True)
+class StorageSettings:
+    connection_string: str
+    table_endpoint: str | None
+    table_name: str
+    managed_identity_client_id: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSettings:
+    provider: ModelProvider
+    model: str
+    api_key: str | None
+    base_url: str | None
+    azure_endpoint: str | None
+    api_version: str
+    managed_identity_client_id: str | None
+    instructions: str
+    history_token_budget: int
+    history_max_messages: int
+    max_reply_tokens: int
+    timeout_seconds: float
+    max_retries: int
+    max_tool_rounds: int
+    tool_timeout_seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class BotSettings:
+    client_id: str | None
+    client_secret: str | None
+    tenant_id: str | None
+    app_type: BotAppType
+    openid_metadata_url: str
+    authority_host: str
+    managed_identity_client_id: str | None
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.client_id is not None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    storage: StorageSettings
+    model: ModelSettings
+    bot: BotSettings
+    in_azure: bool
+    turn_max_attempts: int
+    port: int
+
+
+class _Reader:
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def text(self, name: str) -> str | None:
+        value = self._environ.get(name, "").strip()
+        return value or _BY_NAME[name].default
+
+    def required_text(self, name: str) -> str:
+        value = self.text(name)
+        if value is None:
+            raise SettingsError(name, "is required")
+        return value
+
+    def number(self, name: str, *, minimum: float, maximum: float) -> float:
+        raw = self.required_text(name)
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SettingsError(name, f"must be a number, got {raw!r}") from None
+        if not minimum <= value <= maximum:
+            raise SettingsError(name, f"must be between {minimum:g} and {maximum:g}, got {raw!r}")
+        return value
+
+    def integer(self, name: str, *, minimum: int, maximum: int) -> int:
+        raw = self.required_text(name)
+        if not raw.lstrip("-").isdigit():
+            raise SettingsError(name, f"must be a whole number, got {raw!r}")
+        return int(self.number(name, minimum=minimum, maximum=maximum))
+
+    def url(self, name: str, *, https_only: bool = False) -> str | None:
+        value = self.text(name)
+        if value is None:
+            return None
+        parsed = urlparse(value)
+        schemes = ("https",) if https_only else ("http", "https")
+        if parsed.scheme not in schemes or not parsed.netloc:
+            raise SettingsError(name, f"must be an {' or '.join(schemes)} URL, got {value!r}")
+        return value.rstrip("/")
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate every setting; raise `SettingsError` naming the first bad one."""
+    read = _Reader(os.environ if environ is None else environ)
+    in_azure = read.text("WEBSITE_SITE_NAME") is not None
+    identity = read.text("AZURE_CLIENT_ID")
+    return Settings(
+        storage=_storage(read, identity),
+        model=_model(read, identity, in_azure=in_azure),
+        bot=_bot(read, identity),
+        in_azure=in_azure,
+        turn_max_attempts=read.integer("CHAT_TURN_MAX_ATTEMPTS", minimum=1, maximum=20),
+        port=read.integer("PORT", minimum=1, maximum=65535),
+    )
+
+
+def _storage(read: _Reader, identity: str | None) -> StorageSettings:
+    table_name = read.required_text("CHAT_TABLE_NAME")
+    if not (3 <= len(table_name) <= 63 and table_name.isalnum() and table_name[0].isalpha()):
+        raise SettingsError("CHAT_TABLE_NAME", "must be 3-63 letters or digits, starting with a "
+                            f"letter, got {table_name!r}")
+    connection_string = read.required_text("CHAT_STORAGE_CONNECTION_STRING")
+    if connection_string != DEVELOPMENT_STORAGE and "=" not in connection_string:
+        raise SettingsError("CHAT_STORAGE_CONNECTION_STRING", "is not a connection string")
+    return StorageSettings(
+        connection_string=connection_string,
+        table_endpoint=read.url("CHAT_STORAGE_TABLE_ENDPOINT"),
+        table_name=table_name,
+        managed_identity_client_id=identity,
+    )
+
+
+_MODEL_SETTINGS = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AZURE_OPENAI_ENDPOINT",
+                   "AZURE_OPENAI_DEPLOYMENT", "AZURE_OPENAI_API_KEY")
+
+
+def _model(read: _Reader, identity: str | None, *, in_azure: bool) -> ModelSettings:
+    azure_endpoint = read.url("AZURE_OPENAI_ENDPOINT")
+    api_key: str | None
+    if azure_endpoint is not None:
+        provider = ModelProvider.AZURE
+        model = read.text("AZURE_OPENAI_DEPLOYMENT")
+        if model is None:
+            raise SettingsError("AZURE_OPENAI_DEPLOYMENT", "is required with AZURE_OPENAI_ENDPOINT")
+        api_key = read.text("AZURE_OPENAI_API_KEY")
+    elif any(read.text(name) for name in _MODEL_SETTINGS):
+        if read.text("AZURE_OPENAI_DEPLOYMENT") or read.text("AZURE_OPENAI_API_KEY"):
+            raise SettingsError("AZURE_OPENAI_ENDPOINT", "is required with the other AZURE_OPENAI_ "
+                                "settings")
+        provider = ModelProvider.OPENAI
+        model = read.required_text("OPENAI_MODEL")
+        api_key = read.text("OPENAI_API_KEY")
+        if api_key is None and read.text("OPENAI_BASE_URL") is None:
+            raise SettingsError("OPENAI_API_KEY", "is required unless OPENAI_BASE_URL points at "
+                                "a server that needs no key")
+    else:
+        if in_azure:
+            raise SettingsError("AZURE_OPENAI_ENDPOINT", "no model is configured; in Azure set "
+                                "AZURE_OPENAI_ENDPOINT (or OPENAI_API_KEY / OPENAI_BASE_URL)")
+        provider, model, api_key = ModelProvider.OFFLINE, "offline-stand-in", None
+    return ModelSettings(
+        provider=provider,
+        model=model,
+        api_key=api_key,
+        base_url=read.url("OPENAI_BASE_URL"),
+        azure_endpoint=azure_endpoint,
+        api_version=read.required_text("OPENAI_API_VERSION"),
+        managed_identity_client_id=identity,
+        instructions=read.required_text("CHAT_INSTRUCTIONS"),
+        history_token_budget=read.integer("CHAT_HISTORY_TOKEN_BUDGET", minimum=16,
+                                          maximum=2_000_000),
+        history_max_messages=read.integer("CHAT_HISTORY_MAX_MESSAGES", minimum=1, maximum=5_000),
+        max_reply_tokens=read.integer("CHAT_MAX_REPLY_TOKENS", minimum=1, maximum=1_000_000),
+        timeout_seconds=read.number("CHAT_MODEL_TIMEOUT_SECONDS", minimum=0.05, maximum=600),
+        max_retries=read.integer("CHAT_MODEL_MAX_RETRIES", minimum=0, maximum=10),
+        max_tool_rounds=read.integer("CHAT_MAX_TOOL_ROUNDS", minimum=1, maximum=20),
+        tool_timeout_seconds=read.number("CHAT_TOOL_TIMEOUT_SECONDS", minimum=0.01, maximum=600),
+    )
+
+
+def _bot(read: _Reader, identity: str | None) -> BotSettings:
+    raw_type = read.required_text("BOT_APP_TYPE")
+    try:
+        app_type = BotAppType(raw_type)
+    except ValueError:
+        choices = ", ".join(kind.value for kind in BotAppType)
+        raise SettingsError("BOT_APP_TYPE", f"must be one of {choices}, got {raw_type!r}") from None
+    client_id = read.text("CLIENT_ID")
+    tenant_id = read.text("TENANT_ID")
+    if app_type is not BotAppType.MULTI_TENANT and client_id and not tenant_id:
+        raise SettingsError("TENANT_ID", f"is required when BOT_APP_TYPE is {app_type.value}")
+    return BotSettings(
+        client_id=client_id,
+        client_secret=read.text("CLIENT_SECRET"),
+        tenant_id=tenant_id,
+        app_type=app_type,
+        openid_metadata_url=read.url("BOT_OPENID_METADATA_URL") or BOTFRAMEWORK_OPENID_METADATA,
+        authority_host=read.url("BOT_AUTHORITY_HOST") or "https://login.microsoftonline.com",
+        managed_identity_client_id=identity,
+    )

@@ -1,0 +1,24 @@
+"""Durable conversation memory: the store contract and its Table Storage and in-memory backends."""
+
+from ._base import (
+    MAX_MESSAGE_CHARS,
+    MAX_TURN_BYTES,
+    MAX_TURN_MESSAGES,
+    ConversationStore,
+    ConversationWindow,
+    check_turn,
+)
+from ._memory import InMemoryConversationStore
+from ._table import TableConversationStore, azurite_connection_string
+
+__all__ = [
+    "MAX_MESSAGE_CHARS",
+    "MAX_TURN_BYTES",
+    "MAX_TURN_MESSAGES",
+    "ConversationStore",
+    "ConversationWindow",
+    "InMemoryConversationStore",
+    "TableConversationStore",
+    "azurite_connection_string",
+    "check_turn",
+]

@@ -1,0 +1,171 @@
+"""The conversation-store contract: load a window, commit a turn, read or clear a conversation.
+
+A backend fills in the private hooks; this base class owns what every backend must agree on: the
+size limits, the order of a turn's messages and the checks made before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import BadRequest, MessageTooLarge, TurnTooLarge
+from ..messages import ChatMessage, StoredTurn
+from ..tokens import count_message_tokens
+
+__all__ = [
+    "MAX_CONVERSATION_ID_CHARS",
+    "MAX_MESSAGE_CHARS",
+    "MAX_TURN_BYTES",
+    "MAX_TURN_MESSAGES",
+    "ConversationStore",
+    "ConversationWindow",
+]
+
+#: A message's content (or tool-call JSON) may hold at most this many characters.
+MAX_MESSAGE_CHARS = 100_000
+#: An entity-group transaction holds 100 entities: the head and the activity marker take two.
+MAX_TURN_MESSAGES = 98
+#: A transaction's body may be 4 MiB; we keep a margin for the batch framing.
+MAX_TURN_BYTES = 3_500_000
+MAX_CONVERSATION_ID_CHARS = 8_192
+MAX_ACTIVITY_ID_CHARS = 1_024
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConversationWindow:
+    """The recent history of one conversation, as loaded for a turn, and the version it was read at.
+
+    `version` is the store's concurrency token (the head's ETag); None means the conversation has
+    no stored state yet. `committed_activity` is set when `activity_id` was found already committed.
+    """
+
+    conversation_id: str
+    messages: tuple[ChatMessage, ...]
+    tokens: int
+    version: str | None
+    last_seq: int
+    message_count: int
+    rows_read: int
+    round_trips: int
+    committed_activity: bool = False
+    #: The backend's own view of the conversation head, handed back to it on commit.
+    head: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+class ConversationStore(ABC):
+    """Durable conversation memory, safe when turns of one conversation race."""
+
+    async def load_window(
+        self,
+        conversation_id: str,
+        *,
+        token_budget: int,
+        max_messages: int,
+        activity_id: str | None = None,
+    ) -> ConversationWindow:
+        """The newest whole turns that fit `token_budget` and `max_messages`, oldest first."""
+        _check_conversation_id(conversation_id)
+        return await self._load_window(conversation_id, token_budget=max(0, token_budget),
+                                       max_messages=max(0, max_messages), activity_id=activity_id)
+
+    async def commit_turn(
+        self,
+        window: ConversationWindow,
+        *,
+        activity_id: str,
+        messages: Sequence[ChatMessage],
+    ) -> StoredTurn:
+        """Append `messages` atomically, if nothing was committed since `window` was loaded.
+
+        Raises `ConversationConflict` when another turn committed first (nothing is written),
+        `DuplicateActivity` when `activity_id` was committed before, and `MessageTooLarge` /
+        `TurnTooLarge` before writing anything when the turn is over the limits.
+        """
+        _check_activity_id(activity_id)
+        check_turn(messages)
+        return await self._commit_turn(window, activity_id=activity_id, messages=list(messages),
+                                       tokens=[count_message_tokens(m) for m in messages])
+
+    async def get_turn(self, conversation_id: str, activity_id: str) -> StoredTurn | None:
+        """What `activity_id` committed in this conversation, or None."""
+        _check_conversation_id(conversation_id)
+        return await self._get_turn(conversation_id, activity_id)
+
+    async def mark_delivered(self, conversation_id: str, activity_id: str) -> None:
+        """Record that the reply of `activity_id` reached the channel."""
+        await self._mark_delivered(conversation_id, activity_id)
+
+    async def list_messages(self, conversation_id: str) -> list[ChatMessage]:
+        """Every visible message of the conversation, oldest first."""
+        _check_conversation_id(conversation_id)
+        return await self._list_messages(conversation_id)
+
+    async def clear(self, conversation_id: str) -> int:
+        """Forget the conversation: every row of it is removed. Returns the rows removed."""
+        _check_conversation_id(conversation_id)
+        return await self._clear(conversation_id)
+
+    async def ping(self) -> None:
+        """Raise `StorageUnavailable` unless the store answers."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+    async def __aenter__(self) -> ConversationStore:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @abstractmethod
+    async def _load_window(self, conversation_id: str, *, token_budget: int, max_messages: int,
+                           activity_id: str | None) -> ConversationWindow: ...
+
+    @abstractmethod
+    async def _commit_turn(self, window: ConversationWindow, *, activity_id: str,
+                           messages: list[ChatMessage], tokens: list[int]) -> StoredTurn: ...
+
+    @abstractmethod
+    async def _get_turn(self, conversation_id: str, activity_id: str) -> StoredTurn | None: ...
+
+    @abstractmethod
+    async def _mark_delivered(self, conversation_id: str, activity_id: str) -> None: ...
+
+    @abstractmethod
+    async def _list_messages(self, conversation_id: str) -> list[ChatMessage]: ...
+
+    @abstractmethod
+    async def _clear(self, conversation_id: str) -> int: ...
+
+
+def check_turn(messages: Sequence[ChatMessage]) -> None:
+    """Refuse a turn that cannot be stored, before anything is written."""
+    if not messages:
+        raise TurnTooLarge("a turn needs at least one message")
+    if len(messages) > MAX_TURN_MESSAGES:
+        raise TurnTooLarge(f"a turn holds at most {MAX_TURN_MESSAGES} messages, got {len(messages)}")
+    size = 0
+    for message in messages:
+        for text in (message.content, message.tool_calls_json()):
+            if text is not None and len(text) > MAX_MESSAGE_CHARS:
+                raise MessageTooLarge(
+                    f"a {message.role} message holds at most {MAX_MESSAGE_CHARS:,} characters, "
+                    f"got {len(text):,}")
+            size += len(json.dumps(text, ensure_ascii=False).encode("utf-8")) if text else 0
+        size += 1_024  # keys, metadata and batch framing of one entity
+    if size > MAX_TURN_BYTES:
+        raise TurnTooLarge(f"a turn may store at most {MAX_TURN_BYTES:,} bytes, got {size:,}")
+
+
+def _check_conversation_id(conversation_id: str) -> None:
+    if not conversation_id or len(conversation_id) > MAX_CONVERSATION_ID_CHARS:
+        raise BadRequest(f"a conversation ID must have 1 to {MAX_CONVERSATION_ID_CHARS} characters")
+
+
+def _check_activity_id(activity_id: str) -> None:
+    if not activity_id or len(activity_id) > MAX_ACTIVITY_ID_CHARS:
+        raise BadRequest(f"an activity ID must have 1 to {MAX_ACTIVITY_ID_CHARS} characters")

@@ -1,0 +1,104 @@
+"""Rows of the conversations table: key layout, and messages to and from entities.
+
+One partition per conversation (`encode_key(conversation_id)`), three kinds of row in it:
+
+    h                 the head: original conversation ID, last sequence number, counters, the
+                      recent activity IDs; its ETag guards every commit
+    m<13 digits>      one message; the digits are 9999999999999 - seq, so newest sorts first and
+                      one range query returns the head followed by the newest messages
+    t<activity key>   the marker of a committed activity: its messages' seq range, delivered flag
+
+Text longer than `CHUNK_CHARS` is split over `name`, `name_1`, `name_2`... because a string
+property holds at most 64 KiB (32,768 UTF-16 code units; `CHUNK_CHARS` code points never exceed it).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from ..keys import encode_key
+from ..messages import ChatMessage, ToolCall, Usage
+
+HEAD = "h"
+MESSAGE_PREFIX = "m"
+MESSAGES_END = "n"  # every message row key is below this
+MARKER_PREFIX = "t"
+CHUNK_CHARS = 16_000
+_MAX_SEQ = 9_999_999_999_999
+
+Entity = dict[str, Any]
+
+
+def message_row_key(seq: int) -> str:
+    return f"{MESSAGE_PREFIX}{_MAX_SEQ - seq:013d}"
+
+
+def marker_row_key(activity_id: str) -> str:
+    return MARKER_PREFIX + encode_key(activity_id)
+
+
+def put_text(entity: Entity, name: str, text: str | None) -> None:
+    if text is None:
+        return
+    parts = [text[start:start + CHUNK_CHARS] for start in range(0, len(text), CHUNK_CHARS)] or [""]
+    entity[name] = parts[0]
+    for index, part in enumerate(parts[1:], start=1):
+        entity[f"{name}_{index}"] = part
+    if len(parts) > 1:
+        entity[f"{name}_parts"] = len(parts)
+
+
+def get_text(entity: Entity, name: str) -> str | None:
+    if name not in entity:
+        return None
+    parts = int(entity.get(f"{name}_parts", 1))
+    return entity[name] + "".join(entity[f"{name}_{index}"] for index in range(1, parts))
+
+
+def message_entity(pk: str, seq: int, message: ChatMessage, *, tokens: int, turn_seq: int,
+                   activity_id: str) -> Entity:
+    entity: Entity = {
+        "PartitionKey": pk,
+        "RowKey": message_row_key(seq),
+        "seq": seq,
+        "turn_seq": turn_seq,
+        "role": message.role,
+        "tokens": tokens,
+        "activity_id": activity_id,
+        "timestamp": message.timestamp,
+    }
+    put_text(entity, "content", message.content)
+    put_text(entity, "tool_calls", message.tool_calls_json())
+    for name in ("tool_call_id", "name", "model"):
+        if (value := getattr(message, name)) is not None:
+            entity[name] = value
+    if message.usage is not None:
+        entity["prompt_tokens"] = message.usage.prompt_tokens
+        entity["completion_tokens"] = message.usage.completion_tokens
+    return entity
+
+
+def entity_message(entity: Entity) -> ChatMessage:
+    tool_calls_json = get_text(entity, "tool_calls")
+    calls = tuple(ToolCall.from_openai(call) for call in json.loads(tool_calls_json)) \
+        if tool_calls_json else ()
+    usage = None
+    if "prompt_tokens" in entity:
+        usage = Usage(prompt_tokens=int(entity["prompt_tokens"]),
+                      completion_tokens=int(entity.get("completion_tokens", 0)))
+    timestamp = entity.get("timestamp")
+    if isinstance(timestamp, datetime) and timestamp.tzinfo is None:
+        timestamp = timestamp.replace(tzinfo=UTC)
+    return ChatMessage(
+        role=entity["role"],
+        content=get_text(entity, "content"),
+        tool_calls=calls,
+        tool_call_id=entity.get("tool_call_id"),
+        name=entity.get("name"),
+        activity_id=entity.get("activity_id"),
+        timestamp=timestamp if isinstance(timestamp, datetime) else datetime.now(UTC),
+        model=entity.get("model"),
+        usage=usage,
+    )

@@ -1,0 +1,95 @@
+"""An in-memory conversation store with the same contract, for fast unit tests of the turn logic.
+
+It keeps the Table backend's semantics (version check on commit, duplicate markers, clear) without
+I/O, so a test of the turn handler can run thousands of turns in a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass, field
+
+from ..errors import ConversationConflict, DuplicateActivity
+from ..messages import ChatMessage, StoredTurn
+from ..window import WindowBuilder
+from ._base import ConversationStore, ConversationWindow
+
+__all__ = ["InMemoryConversationStore"]
+
+_versions = itertools.count(1)
+
+
+@dataclass
+class _Conversation:
+    version: str
+    messages: list[tuple[ChatMessage, int]] = field(default_factory=list)
+    turns: dict[str, StoredTurn] = field(default_factory=dict)
+
+
+class InMemoryConversationStore(ConversationStore):
+    def __init__(self) -> None:
+        self._conversations: dict[str, _Conversation] = {}
+        self._lock = asyncio.Lock()
+
+    async def _load_window(self, conversation_id: str, *, token_budget: int, max_messages: int,
+                           activity_id: str | None) -> ConversationWindow:
+        conversation = self._conversations.get(conversation_id)
+        builder = WindowBuilder(token_budget=token_budget, max_messages=max_messages)
+        rows = 0
+        for message, tokens in reversed(conversation.messages if conversation else []):
+            rows += 1
+            if not builder.offer(message, tokens):
+                break
+        return ConversationWindow(
+            conversation_id=conversation_id,
+            messages=tuple(builder.messages),
+            tokens=builder.tokens,
+            version=conversation.version if conversation else None,
+            last_seq=len(conversation.messages) if conversation else 0,
+            message_count=len(conversation.messages) if conversation else 0,
+            rows_read=rows + (1 if conversation else 0),
+            round_trips=1,
+            committed_activity=bool(conversation and activity_id in conversation.turns),
+        )
+
+    async def _commit_turn(self, window: ConversationWindow, *, activity_id: str,
+                           messages: list[ChatMessage], tokens: list[int]) -> StoredTurn:
+        async with self._lock:
+            conversation = self._conversations.get(window.conversation_id)
+            if conversation is not None and activity_id in conversation.turns:
+                raise DuplicateActivity(activity_id, conversation.turns[activity_id])
+            current = conversation.version if conversation else None
+            if current != window.version:
+                raise ConversationConflict(f"conversation {window.conversation_id!r} changed")
+            if conversation is None:
+                conversation = self._conversations[window.conversation_id] = _Conversation(
+                    version=str(next(_versions)))
+            conversation.messages.extend(zip(messages, tokens, strict=True))
+            conversation.version = str(next(_versions))
+            turn = StoredTurn(conversation_id=window.conversation_id, activity_id=activity_id,
+                              messages=tuple(messages))
+            conversation.turns[activity_id] = turn
+            return turn
+
+    async def _get_turn(self, conversation_id: str, activity_id: str) -> StoredTurn | None:
+        conversation = self._conversations.get(conversation_id)
+        return conversation.turns.get(activity_id) if conversation else None
+
+    async def _mark_delivered(self, conversation_id: str, activity_id: str) -> None:
+        conversation = self._conversations.get(conversation_id)
+        if conversation and (turn := conversation.turns.get(activity_id)):
+            conversation.turns[activity_id] = StoredTurn(
+                conversation_id=turn.conversation_id, activity_id=activity_id,
+                messages=turn.messages, delivered=True)
+
+    async def _list_messages(self, conversation_id: str) -> list[ChatMessage]:
+        conversation = self._conversations.get(conversation_id)
+        return [message for message, _ in conversation.messages] if conversation else []
+
+    async def _clear(self, conversation_id: str) -> int:
+        async with self._lock:
+            conversation = self._conversations.pop(conversation_id, None)
+        if conversation is None:
+            return 0
+        return len(conversation.messages) + len(conversation.turns) + 1

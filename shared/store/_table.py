@@ -1,0 +1,352 @@
+"""The Azure Table Storage backend of the conversation store (async, `azure.data.tables.aio`).
+
+This is the only module that sees azure exceptions; each becomes a `shared.errors` error here.
+Per turn: one range query reads the head and the newest messages (one page, sized from what the
+conversation needed last time), and one entity-group transaction commits the turn, conditioned on
+the head's ETag (or on its absence for a new conversation).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from azure.core import MatchConditions
+from azure.core.exceptions import (
+    AzureError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.data.tables import TableTransactionError, UpdateMode
+from azure.data.tables.aio import TableClient
+
+from ..errors import ConversationConflict, DuplicateActivity, StorageUnavailable, StoreError
+from ..keys import encode_key
+from ..messages import ChatMessage, StoredTurn, utc_now
+from ..window import WindowBuilder
+from ._base import ConversationStore, ConversationWindow
+from ._codec import (
+    HEAD,
+    MARKER_PREFIX,
+    MESSAGES_END,
+    Entity,
+    entity_message,
+    marker_row_key,
+    message_entity,
+    message_row_key,
+)
+
+__all__ = ["TableConversationStore", "azurite_connection_string"]
+
+log = logging.getLogger(__name__)
+
+AZURITE_ACCOUNT_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+RECENT_ACTIVITIES = 32
+MAX_PAGE = 1_000
+_HINTS_KEPT = 4_096
+_WINDOW_FILTER = "PartitionKey eq @pk and RowKey ge @head and RowKey lt @end"
+_CONDITIONAL_FAILURES = {"UpdateConditionNotSatisfied", "ConditionNotMet", "EntityAlreadyExists",
+                         "ResourceNotFound", "EntityNotFound"}
+
+
+def azurite_connection_string(*, host: str = "127.0.0.1", port: int = 10002) -> str:
+    """The connection string of an Azurite table service (the well-known development account)."""
+    return (f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+            f"AccountKey={AZURITE_ACCOUNT_KEY};TableEndpoint=http://{host}:{port}/devstoreaccount1;")
+
+
+@asynccontextmanager
+async def _translated(action: str) -> AsyncIterator[None]:
+    """Turn an azure exception raised while doing `action` into a chatstate error."""
+    try:
+        yield
+    except (ServiceRequestError, ServiceResponseError, OSError) as exc:
+        raise StorageUnavailable(f"storage unreachable while {action}: {exc}") from exc
+    except HttpResponseError as exc:
+        if exc.status_code is None or exc.status_code >= 500 or exc.status_code in (408, 429):
+            raise StorageUnavailable(f"storage failed while {action}: {exc.message}") from exc
+        raise StoreError(f"storage refused {action}: {exc.message}") from exc
+    except AzureError as exc:
+        raise StorageUnavailable(f"storage failed while {action}: {exc}") from exc
+
+
+class TableConversationStore(ConversationStore):
+    """Conversations in one Azure table, one partition each."""
+
+    def __init__(self, *, table: TableClient, create_table: bool = True) -> None:
+        self._table = table
+        self._table_ready = not create_table
+        # Rows each conversation needed last time: the next read asks for that in one page.
+        self._page_hints: OrderedDict[str, int] = OrderedDict()
+
+    @classmethod
+    def from_connection_string(cls, connection_string: str, *, table_name: str) -> TableConversationStore:
+        if connection_string.strip().lower().rstrip(";") == "usedevelopmentstorage=true":
+            connection_string = azurite_connection_string()
+        return cls(table=TableClient.from_connection_string(connection_string, table_name=table_name))
+
+    @classmethod
+    def from_endpoint(cls, endpoint: str, *, table_name: str, credential: Any) -> TableConversationStore:
+        return cls(table=TableClient(endpoint=endpoint, table_name=table_name, credential=credential))
+
+    async def close(self) -> None:
+        await self._table.close()
+
+    async def ping(self) -> None:
+        await self._ready()
+        async with _translated("checking storage"):
+            pages = self._table.query_entities("PartitionKey eq @pk", parameters={"pk": "~ping"},
+                                               results_per_page=1).by_page()
+            async for page in pages:
+                async for _ in page:
+                    pass
+                break
+
+    async def _ready(self) -> None:
+        if self._table_ready:
+            return
+        async with _translated("creating the table"):
+            try:
+                await self._table.create_table()
+            except ResourceExistsError:
+                pass
+        self._table_ready = True
+
+    # -- load --------------------------------------------------------------------------------
+
+    def _first_page_size(self, pk: str, *, token_budget: int, max_messages: int) -> int:
+        hint = self._page_hints.get(pk)
+        guess = hint if hint is not None else max(16, token_budget // 100)
+        return max(1, min(MAX_PAGE, max_messages + 1, guess))
+
+    def _remember_page_size(self, pk: str, rows_needed: int) -> None:
+        self._page_hints[pk] = rows_needed + max(4, rows_needed // 4)
+        self._page_hints.move_to_end(pk)
+        while len(self._page_hints) > _HINTS_KEPT:
+            self._page_hints.popitem(last=False)
+
+    async def _load_window(self, conversation_id: str, *, token_budget: int, max_messages: int,
+                           activity_id: str | None) -> ConversationWindow:
+        await self._ready()
+        pk = encode_key(conversation_id)
+        builder = WindowBuilder(token_budget=token_budget, max_messages=max_messages)
+        page_size = self._first_page_size(pk, token_budget=token_budget, max_messages=max_messages)
+        head: Entity | None = None
+        head_etag: str | None = None
+        rows_read = round_trips = rows_used = 0
+        async with _translated("loading the conversation"):
+            pages = self._table.query_entities(
+                _WINDOW_FILTER, parameters={"pk": pk, "head": HEAD, "end": MESSAGES_END},
+                results_per_page=page_size).by_page()
+            done = False
+            async for page in pages:
+                round_trips += 1
+                async for entity in page:
+                    rows_read += 1
+                    if entity["RowKey"] == HEAD:
+                        head, head_etag = dict(entity), _etag_of(entity)
+                        rows_used += 1
+                        continue
+                    visible = head is not None and entity["seq"] > head.get("cleared_seq", 0)
+                    if not visible or not builder.offer(entity_message(entity), entity["tokens"]):
+                        done = True
+                        break
+                    rows_used += 1
+                if done or head is None:
+                    break
+        self._remember_page_size(pk, rows_used + 1)
+        recent = json.loads(head.get("recent", "[]")) if head else []
+        return ConversationWindow(
+            conversation_id=conversation_id,
+            messages=tuple(builder.messages),
+            tokens=builder.tokens,
+            version=head_etag,
+            last_seq=int(head["last_seq"]) if head else 0,
+            message_count=int(head.get("message_count", 0)) if head else 0,
+            rows_read=rows_read,
+            round_trips=round_trips,
+            committed_activity=activity_id is not None and any(
+                item.get("a") == activity_id for item in recent),
+            head=head or {},
+        )
+
+    # -- commit ------------------------------------------------------------------------------
+
+    async def _commit_turn(self, window: ConversationWindow, *, activity_id: str,
+                           messages: list[ChatMessage], tokens: list[int]) -> StoredTurn:
+        await self._ready()
+        pk = encode_key(window.conversation_id)
+        first, last = window.last_seq + 1, window.last_seq + len(messages)
+        head = _next_head(pk, window, activity_id=activity_id, first=first, last=last,
+                          tokens=sum(tokens))
+        if window.version is None:
+            head_op: tuple[Any, ...] = ("create", head)
+        else:
+            head_op = ("update", head, {"mode": UpdateMode.REPLACE, "etag": window.version,
+                                        "match_condition": MatchConditions.IfNotModified})
+        marker = {"PartitionKey": pk, "RowKey": marker_row_key(activity_id),
+                  "activity_id": activity_id, "first_seq": first, "last_seq": last,
+                  "delivered": False, "committed_at": utc_now()}
+        rows = [message_entity(pk, first + offset, message, tokens=count, turn_seq=first,
+                               activity_id=activity_id)
+                for offset, (message, count) in enumerate(zip(messages, tokens, strict=True))]
+        operations = [head_op, ("create", marker), *(("create", row) for row in rows)]
+        try:
+            async with _translated("committing the turn"):
+                try:
+                    await self._table.submit_transaction(operations)
+                except TableTransactionError as exc:
+                    await self._raise_commit_failure(exc, window, activity_id)
+        finally:
+            self._remember_page_size(pk, len(window.messages) + len(messages) + 1)
+        stored = tuple(entity_message(row) for row in rows)
+        return StoredTurn(conversation_id=window.conversation_id, activity_id=activity_id,
+                          messages=stored)
+
+    async def _raise_commit_failure(self, exc: TableTransactionError, window: ConversationWindow,
+                                    activity_id: str) -> None:
+        code = str(getattr(exc, "error_code", "") or "")
+        if code not in _CONDITIONAL_FAILURES and exc.status_code not in (404, 409, 412):
+            raise exc
+        if code == "EntityAlreadyExists" and getattr(exc, "index", 0) != 0:
+            # The marker or a message row exists: either this activity is in, or a row collided.
+            turn = await self._get_turn(window.conversation_id, activity_id)
+            if turn is not None:
+                raise DuplicateActivity(activity_id, turn) from exc
+        raise ConversationConflict(
+            f"conversation {window.conversation_id!r} changed since it was loaded ({code})") from exc
+
+    # -- read a turn, mark delivered ---------------------------------------------------------
+
+    async def _get_turn(self, conversation_id: str, activity_id: str) -> StoredTurn | None:
+        await self._ready()
+        pk = encode_key(conversation_id)
+        async with _translated("reading a turn"):
+            try:
+                marker = await self._table.get_entity(pk, marker_row_key(activity_id))
+            except ResourceNotFoundError:
+                return None
+            first, last = int(marker["first_seq"]), int(marker["last_seq"])
+            rows = [entity async for entity in self._table.query_entities(
+                "PartitionKey eq @pk and RowKey ge @low and RowKey le @high",
+                parameters={"pk": pk, "low": message_row_key(last), "high": message_row_key(first)})]
+        messages = tuple(entity_message(row) for row in sorted(rows, key=lambda row: row["seq"]))
+        return StoredTurn(conversation_id=conversation_id, activity_id=activity_id,
+                          messages=messages, delivered=bool(marker.get("delivered", False)))
+
+    async def _mark_delivered(self, conversation_id: str, activity_id: str) -> None:
+        await self._ready()
+        entity = {"PartitionKey": encode_key(conversation_id),
+                  "RowKey": marker_row_key(activity_id), "delivered": True}
+        async with _translated("marking a reply delivered"):
+            try:
+                await self._table.update_entity(entity, mode=UpdateMode.MERGE)
+            except ResourceNotFoundError:
+                log.info("activity %s of conversation %s was cleared before delivery was recorded",
+                         activity_id, conversation_id)
+
+    # -- list, clear -------------------------------------------------------------------------
+
+    async def _list_messages(self, conversation_id: str) -> list[ChatMessage]:
+        await self._ready()
+        pk = encode_key(conversation_id)
+        newest_first: list[ChatMessage] = []
+        async with _translated("listing messages"):
+            cleared = None
+            async for entity in self._table.query_entities(
+                    _WINDOW_FILTER, parameters={"pk": pk, "head": HEAD, "end": MESSAGES_END}):
+                if entity["RowKey"] == HEAD:
+                    cleared = int(entity.get("cleared_seq", 0))
+                    continue
+                if cleared is None or entity["seq"] <= cleared:
+                    break
+                newest_first.append(entity_message(entity))
+        return newest_first[::-1]
+
+    async def _clear(self, conversation_id: str) -> int:
+        await self._ready()
+        pk = encode_key(conversation_id)
+        async with _translated("clearing the conversation"):
+            head_etag, cleared_seq = await self._hide_history(pk)
+            removed = await self._delete_rows(pk, up_to_seq=cleared_seq)
+            if head_etag is not None:
+                try:
+                    await self._table.delete_entity(pk, HEAD, etag=head_etag,
+                                                    match_condition=MatchConditions.IfNotModified)
+                    removed += 1
+                except ResourceModifiedError:
+                    log.info("conversation %s got a new turn while it was cleared; kept it",
+                             conversation_id)
+        self._page_hints.pop(pk, None)
+        return removed
+
+    async def _hide_history(self, pk: str) -> tuple[str | None, int | None]:
+        """Make every stored message invisible in one conditional write; return the new ETag."""
+        for _ in range(8):
+            try:
+                head = await self._table.get_entity(pk, HEAD)
+            except ResourceNotFoundError:
+                return None, None
+            cleared = int(head["last_seq"])
+            update = {**head, "cleared_seq": cleared, "message_count": 0, "token_total": 0,
+                      "recent": "[]", "updated_at": utc_now()}
+            try:
+                result = await self._table.update_entity(
+                    update, mode=UpdateMode.REPLACE, etag=head.metadata["etag"],
+                    match_condition=MatchConditions.IfNotModified)
+            except ResourceModifiedError:
+                continue
+            return str(result["etag"]), cleared
+        raise ConversationConflict("the conversation kept changing while it was cleared")
+
+    async def _delete_rows(self, pk: str, *, up_to_seq: int | None) -> int:
+        """Delete message and marker rows up to `up_to_seq` (all rows but the head when None)."""
+        doomed: list[str] = []
+        async for entity in self._table.query_entities(
+                "PartitionKey eq @pk", parameters={"pk": pk},
+                select=["RowKey", "seq", "last_seq"]):
+            key = entity["RowKey"]
+            if key == HEAD:
+                continue
+            seq = entity.get("seq") if not key.startswith(MARKER_PREFIX) else entity.get("last_seq")
+            if up_to_seq is None or seq is None or int(seq) <= up_to_seq:
+                doomed.append(key)
+        for start in range(0, len(doomed), 100):
+            batch = [("delete", {"PartitionKey": pk, "RowKey": key})
+                     for key in doomed[start:start + 100]]
+            await self._table.submit_transaction(batch)
+        return len(doomed)
+
+
+def _etag_of(entity: Entity) -> str | None:
+    metadata = getattr(entity, "metadata", None) or {}
+    etag = metadata.get("etag")
+    return str(etag) if etag else None
+
+
+def _next_head(pk: str, window: ConversationWindow, *, activity_id: str, first: int, last: int,
+               tokens: int) -> Entity:
+    old = window.head
+    recent = json.loads(old.get("recent", "[]"))
+    recent = [*recent, {"a": activity_id, "f": first, "l": last}][-RECENT_ACTIVITIES:]
+    return {
+        "PartitionKey": pk,
+        "RowKey": HEAD,
+        "conversation_id": window.conversation_id,
+        "last_seq": last,
+        "cleared_seq": int(old.get("cleared_seq", 0)),
+        "message_count": int(old.get("message_count", 0)) + (last - first + 1),
+        "token_total": int(old.get("token_total", 0)) + tokens,
+        "recent": json.dumps(recent, ensure_ascii=False),
+        "updated_at": utc_now(),
+    }

@@ -1,0 +1,45 @@
+"""Shared fixtures: one real Azurite for the session (or the one `make test` started)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from devtools.azurite import Azurite
+from shared.store import TableConversationStore
+
+EVENTS = Path(__file__).parent / "events"
+
+
+@pytest.fixture(scope="session")
+def azurite_connection_string() -> Iterator[str]:
+    """`make test` starts Azurite and passes its connection string; alone, pytest starts one."""
+    given = os.environ.get("CHATSTATE_TEST_STORAGE")
+    if given:
+        yield given
+        return
+    azurite = Azurite().start()
+    try:
+        yield azurite.connection_string
+    finally:
+        azurite.stop()
+
+
+@pytest.fixture
+def table_name() -> str:
+    return "t" + uuid.uuid4().hex[:16]
+
+
+@pytest.fixture
+async def table_store(
+        azurite_connection_string: str, table_name: str) -> AsyncIterator[TableConversationStore]:
+    store = TableConversationStore.from_connection_string(azurite_connection_string,
+                                                          table_name=table_name)
+    try:
+        yield store
+    finally:
+        await store.close()

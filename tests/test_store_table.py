@@ -1,0 +1,260 @@
+"""The Table Storage conversation store against a real Azurite."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+from azure.data.tables.aio import TableClient
+
+from shared.errors import ConversationConflict, DuplicateActivity, MessageTooLarge, TurnTooLarge
+from shared.keys import encode_key
+from shared.messages import ChatMessage
+from shared.store import MAX_MESSAGE_CHARS, TableConversationStore
+
+BIG_BUDGET = 10_000_000
+
+
+def turn(text: str, reply: str) -> list[ChatMessage]:
+    return [ChatMessage(role="user", content=text), ChatMessage(role="assistant", content=reply)]
+
+
+async def commit(store: TableConversationStore, conversation_id: str, activity_id: str,
+                 messages: list[ChatMessage], *, window_messages: int = 100) -> None:
+    window = await store.load_window(conversation_id, token_budget=BIG_BUDGET,
+                                     max_messages=window_messages)
+    await store.commit_turn(window, activity_id=activity_id, messages=messages)
+
+
+async def raw_rows(connection_string: str, table_name: str, conversation_id: str) -> list[dict]:
+    async with TableClient.from_connection_string(connection_string, table_name=table_name) as table:
+        return [dict(row) async for row in table.query_entities(
+            "PartitionKey eq @pk", parameters={"pk": encode_key(conversation_id)})]
+
+
+async def test_a_conversation_round_trips(table_store: TableConversationStore) -> None:
+    # GIVEN two committed turns
+    await commit(table_store, "conv-1", "act-1", turn("hello", "hi there"))
+    await commit(table_store, "conv-1", "act-2", turn("how are you?", "fine"))
+    # WHEN the window is loaded
+    window = await table_store.load_window("conv-1", token_budget=BIG_BUDGET, max_messages=100)
+    # THEN it holds all four messages in order, with their activity IDs
+    assert [(m.role, m.content) for m in window.messages] == [
+        ("user", "hello"), ("assistant", "hi there"), ("user", "how are you?"),
+        ("assistant", "fine")]
+    assert [m.activity_id for m in window.messages] == ["act-1", "act-1", "act-2", "act-2"]
+    assert window.last_seq == 4 and window.version is not None
+    assert await table_store.list_messages("conv-1") == list(window.messages)
+
+
+NASTY_IDS = [
+    "a:1Xyz-abcDEF_0123",
+    "19:abc@thread.tacv2;messageid=123",
+    "19:abc@thread.tacv2",
+    "a/b", "a\\b", "a#b", "a?b", "a~2Fb", "a%2Fb",
+    "tab\there", "nul\x00byte", "del\x7f",
+    "héllo wörld", "会話", "emoji 🎉",
+    "x" * 1025, "x" * 1025 + "y", "é" * 2000,
+    "'quote' and \"double\"",
+]
+
+
+async def test_nasty_conversation_ids_work_and_stay_apart(table_store: TableConversationStore) -> None:
+    # GIVEN one turn committed under each awkward ID
+    for index, conversation_id in enumerate(NASTY_IDS):
+        await commit(table_store, conversation_id, f"act-{index}", turn(f"u{index}", f"r{index}"))
+    # WHEN each is read back
+    for index, conversation_id in enumerate(NASTY_IDS):
+        messages = await table_store.list_messages(conversation_id)
+        # THEN each holds exactly its own turn
+        assert [m.content for m in messages] == [f"u{index}", f"r{index}"], conversation_id
+    assert len({encode_key(conversation_id) for conversation_id in NASTY_IDS}) == len(NASTY_IDS)
+
+
+async def test_concurrent_commits_all_land_exactly_once_in_order(
+        azurite_connection_string: str, table_name: str) -> None:
+    # GIVEN 20 writers, each with its own client, posting one turn each to the same conversation
+    async def writer(index: int) -> int:
+        store = TableConversationStore.from_connection_string(azurite_connection_string,
+                                                              table_name=table_name)
+        conflicts = 0
+        try:
+            for _ in range(100):
+                window = await store.load_window("busy", token_budget=BIG_BUDGET, max_messages=500)
+                try:
+                    await store.commit_turn(window, activity_id=f"act-{index}",
+                                            messages=turn(f"q{index}", f"a{index}"))
+                    return conflicts
+                except ConversationConflict:
+                    conflicts += 1
+                    await asyncio.sleep(random.uniform(0, 0.02))
+            raise AssertionError("writer never committed")
+        finally:
+            await store.close()
+
+    # WHEN they all commit at once, re-loading and retrying on conflict
+    conflicts = await asyncio.gather(*(writer(index) for index in range(20)))
+    # THEN every turn is stored once, user then reply, never interleaved
+    store = TableConversationStore.from_connection_string(azurite_connection_string,
+                                                          table_name=table_name)
+    try:
+        messages = await store.list_messages("busy")
+    finally:
+        await store.close()
+    assert len(messages) == 40
+    pairs = [(messages[i].content, messages[i + 1].content) for i in range(0, 40, 2)]
+    assert all(q[1:] == a[1:] and q[0] == "q" and a[0] == "a" for q, a in pairs)
+    assert sorted(q for q, _ in pairs) == sorted(f"q{i}" for i in range(20))
+    assert sum(conflicts) > 0  # the race was real
+
+
+async def test_a_stale_commit_writes_nothing(table_store: TableConversationStore,
+                                             azurite_connection_string: str, table_name: str) -> None:
+    # GIVEN a window loaded before another turn committed
+    await commit(table_store, "c", "act-1", turn("one", "1"))
+    stale = await table_store.load_window("c", token_budget=BIG_BUDGET, max_messages=100)
+    await commit(table_store, "c", "act-2", turn("two", "2"))
+    rows_before = await raw_rows(azurite_connection_string, table_name, "c")
+    # WHEN a commit uses the stale window
+    with pytest.raises(ConversationConflict):
+        await table_store.commit_turn(stale, activity_id="act-3", messages=turn("three", "3"))
+    # THEN not one row changed
+    assert await raw_rows(azurite_connection_string, table_name, "c") == rows_before
+
+
+async def test_a_stale_commit_of_a_new_conversation_writes_nothing(
+        table_store: TableConversationStore) -> None:
+    # GIVEN two windows of a conversation that does not exist yet
+    first = await table_store.load_window("new", token_budget=100, max_messages=10)
+    second = await table_store.load_window("new", token_budget=100, max_messages=10)
+    await table_store.commit_turn(first, activity_id="a", messages=turn("x", "y"))
+    # WHEN the second creates it too THEN it conflicts
+    with pytest.raises(ConversationConflict):
+        await table_store.commit_turn(second, activity_id="b", messages=turn("z", "w"))
+    assert [m.content for m in await table_store.list_messages("new")] == ["x", "y"]
+
+
+async def test_a_duplicate_activity_writes_nothing_and_returns_the_first_reply(
+        table_store: TableConversationStore, azurite_connection_string: str, table_name: str) -> None:
+    # GIVEN an activity committed once, then more turns (so it left the head's recent list? no:
+    # the marker row is what catches it)
+    await commit(table_store, "d", "act-1", turn("hello", "first reply"))
+    window = await table_store.load_window("d", token_budget=BIG_BUDGET, max_messages=10,
+                                           activity_id="act-1")
+    assert window.committed_activity
+    rows_before = await raw_rows(azurite_connection_string, table_name, "d")
+    # WHEN it is committed again
+    with pytest.raises(DuplicateActivity) as caught:
+        await table_store.commit_turn(window, activity_id="act-1",
+                                      messages=turn("hello", "second reply"))
+    # THEN the first reply comes back and nothing was written
+    assert caught.value.turn is not None and caught.value.turn.reply is not None
+    assert caught.value.turn.reply.content == "first reply"
+    assert await raw_rows(azurite_connection_string, table_name, "d") == rows_before
+    stored = await table_store.get_turn("d", "act-1")
+    assert stored is not None and [m.content for m in stored.messages] == ["hello", "first reply"]
+    assert await table_store.get_turn("d", "act-unknown") is None
+
+
+async def test_delivery_is_recorded(table_store: TableConversationStore) -> None:
+    await commit(table_store, "e", "act-1", turn("hello", "reply"))
+    assert (await table_store.get_turn("e", "act-1")).delivered is False  # type: ignore[union-attr]
+    await table_store.mark_delivered("e", "act-1")
+    assert (await table_store.get_turn("e", "act-1")).delivered is True  # type: ignore[union-attr]
+
+
+async def test_a_100k_character_message_round_trips_and_a_longer_one_is_refused(
+        table_store: TableConversationStore, azurite_connection_string: str, table_name: str) -> None:
+    # GIVEN a message of exactly the limit, half of it outside the BMP (two UTF-16 units each)
+    longest = ("a🎉" * (MAX_MESSAGE_CHARS // 2))
+    assert len(longest) == MAX_MESSAGE_CHARS
+    await commit(table_store, "big", "act-1", turn(longest, "ok"))
+    # THEN it round-trips intact
+    messages = await table_store.list_messages("big")
+    assert messages[0].content == longest
+    # WHEN a longer one is committed THEN it is refused and nothing is written
+    rows_before = await raw_rows(azurite_connection_string, table_name, "big")
+    with pytest.raises(MessageTooLarge):
+        await commit(table_store, "big", "act-2", turn(longest + "!", "never"))
+    assert await raw_rows(azurite_connection_string, table_name, "big") == rows_before
+
+
+async def test_a_turn_over_the_transaction_limits_is_refused(table_store: TableConversationStore) -> None:
+    too_many = [ChatMessage(role="user", content=str(i)) for i in range(99)]
+    with pytest.raises(TurnTooLarge):
+        await commit(table_store, "t", "act-1", too_many)
+    too_heavy = [ChatMessage(role="user", content="x" * MAX_MESSAGE_CHARS) for _ in range(40)]
+    with pytest.raises(TurnTooLarge):
+        await commit(table_store, "t", "act-2", too_heavy)
+    assert await table_store.list_messages("t") == []
+
+
+async def seed(store: TableConversationStore, conversation_id: str, messages: int) -> None:
+    """Store `messages` messages as user/assistant pairs, 49 pairs per transaction."""
+    pairs = messages // 2
+    for start in range(0, pairs, 49):
+        batch = []
+        for index in range(start, min(pairs, start + 49)):
+            batch += turn(f"question {index}", f"answer {index}")
+        await commit(store, conversation_id, f"seed-{start}", batch, window_messages=0)
+
+
+async def test_clear_removes_every_row_of_one_conversation_only(
+        table_store: TableConversationStore, azurite_connection_string: str, table_name: str) -> None:
+    # GIVEN a conversation of 250 messages and a neighbour
+    await seed(table_store, "doomed", 250)
+    await commit(table_store, "neighbour", "n-1", turn("keep", "me"))
+    neighbour_rows = await raw_rows(azurite_connection_string, table_name, "neighbour")
+    # WHEN the first is cleared
+    removed = await table_store.clear("doomed")
+    # THEN none of its rows remain, and the neighbour is untouched
+    assert removed >= 250
+    assert await raw_rows(azurite_connection_string, table_name, "doomed") == []
+    assert await raw_rows(azurite_connection_string, table_name, "neighbour") == neighbour_rows
+    # AND the cleared conversation starts afresh
+    await commit(table_store, "doomed", "again", turn("new", "start"))
+    assert [m.content for m in await table_store.list_messages("doomed")] == ["new", "start"]
+
+
+async def test_a_turn_loaded_before_a_clear_cannot_commit_into_it(
+        table_store: TableConversationStore) -> None:
+    await commit(table_store, "r", "act-1", turn("one", "1"))
+    window = await table_store.load_window("r", token_budget=BIG_BUDGET, max_messages=10)
+    await table_store.clear("r")
+    with pytest.raises(ConversationConflict):
+        await table_store.commit_turn(window, activity_id="act-2", messages=turn("two", "2"))
+    assert await table_store.list_messages("r") == []
+
+
+async def test_rows_read_per_turn_do_not_grow_with_history(table_store: TableConversationStore) -> None:
+    # GIVEN a short and a long conversation, and a window that holds 8 messages
+    await seed(table_store, "short", 10)
+    await seed(table_store, "long", 5_000)
+
+    async def rows_for(conversation_id: str) -> tuple[int, int, int]:
+        await table_store.load_window(conversation_id, token_budget=BIG_BUDGET, max_messages=8)
+        window = await table_store.load_window(conversation_id, token_budget=BIG_BUDGET,
+                                               max_messages=8)
+        return window.rows_read, window.round_trips, len(window.messages)
+
+    # WHEN each loads its window (a second time, as a warm worker does)
+    short, long = await rows_for("short"), await rows_for("long")
+    # THEN both read the same rows in one round trip
+    assert short == long
+    assert short[1] == 1 and short[2] == 8
+    assert short[0] <= 11
+
+
+async def test_the_window_holds_whole_turns_within_the_token_budget(
+        table_store: TableConversationStore) -> None:
+    # GIVEN turns of known size
+    for index in range(6):
+        await commit(table_store, "w", f"a{index}", turn(f"q{index} " + "x" * 30, f"r{index}"))
+    full = await table_store.load_window("w", token_budget=BIG_BUDGET, max_messages=100)
+    per_turn = full.tokens // 6
+    # WHEN the budget fits two and a half turns
+    window = await table_store.load_window("w", token_budget=per_turn * 5 // 2, max_messages=100)
+    # THEN the two newest whole turns come back, starting at a user message
+    assert [m.content[:2] for m in window.messages] == ["q4", "r4", "q5", "r5"]
+    assert window.tokens <= per_turn * 5 // 2
