@@ -1,0 +1,118 @@
+"""A local OpenAI-compatible Chat Completions server for tests and benchmarks.
+
+It answers on 127.0.0.1 over real HTTP, so the real openai SDK runs against it. It records every
+request, can be scripted (a queue of replies, statuses, tool calls, delays) and otherwise answers
+with a reply that names the newest user message and how many messages it received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+__all__ = ["FakeModelServer", "Scripted", "default_reply", "tool_call"]
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class Scripted:
+    """One scripted answer: a status with a body, or a reply / tool calls, after `delay` seconds."""
+
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    status: int = 200
+    error: dict[str, Any] | None = None
+    delay: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def default_reply(body: dict[str, Any]) -> str:
+    messages = body.get("messages", [])
+    users = [m.get("content") for m in messages if m.get("role") == "user"]
+    return f"reply to {users[-1]!r} after {len(messages)} messages" if users else "hello"
+
+
+def tool_call(name: str, arguments: dict[str, Any], call_id: str | None = None) -> dict[str, Any]:
+    return {"id": call_id or f"call_{next(_ids)}", "type": "function",
+            "function": {"name": name, "arguments": json.dumps(arguments)}}
+
+
+class FakeModelServer:
+    def __init__(self, *, latency: float = 0.0,
+                 reply: Callable[[dict[str, Any]], str] = default_reply) -> None:
+        self.latency = latency
+        self.reply = reply
+        self.script: deque[Scripted] = deque()
+        self.requests: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.paths: list[str] = []
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def calls(self) -> int:
+        return len(self.requests)
+
+    def then(self, *answers: Scripted) -> FakeModelServer:
+        self.script.extend(answers)
+        return self
+
+    async def start(self, port: int = 0) -> FakeModelServer:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> FakeModelServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests.append(body)
+        self.headers.append(dict(request.headers))
+        self.paths.append(request.path)
+        answer = self.script.popleft() if self.script else Scripted()
+        delay = answer.delay or self.latency
+        if delay:
+            await asyncio.sleep(delay)
+        if answer.status != 200:
+            error = answer.error or {"message": f"scripted {answer.status}", "type": "server_error",
+                                     "code": None}
+            return web.json_response({"error": error}, status=answer.status, headers=answer.headers)
+        message: dict[str, Any] = {"role": "assistant", "content": None}
+        if answer.tool_calls:
+            message["tool_calls"] = answer.tool_calls
+        else:
+            message["content"] = answer.content if answer.content is not None else self.reply(body)
+        return web.json_response({
+            "id": f"chatcmpl-{next(_ids)}", "object": "chat.completion", "created": int(time.time()),
+            "model": body.get("model", "fake-model"),
+            "choices": [{"index": 0, "message": message,
+                         "finish_reason": "tool_calls" if answer.tool_calls else "stop"}],
+            "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+        })

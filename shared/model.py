@@ -1,0 +1,138 @@
+"""The model client: one Chat Completions call through the openai SDK, its errors translated.
+
+`build_model(settings)` picks OpenAI (or any compatible server), Azure OpenAI (key or Entra ID),
+or the offline stand-in. This is the only module that sees openai exceptions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import httpx2
+import openai
+
+from .errors import ContentFiltered, ModelError, ModelRejected, ModelTimeout, ModelUnavailable
+from .messages import ChatMessage, ToolCall, Usage
+from .settings import ModelProvider, ModelSettings
+
+__all__ = ["AZURE_OPENAI_SCOPE", "ChatModel", "Completion", "build_model"]
+
+log = logging.getLogger(__name__)
+AZURE_OPENAI_SCOPE = "https://cognitiveservices.azure.com/.default"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Completion:
+    message: ChatMessage
+    finish_reason: str
+    usage: Usage
+    model: str
+
+
+class ChatModel:
+    """A chat model behind an `openai.AsyncOpenAI` client (OpenAI, Azure OpenAI or compatible)."""
+
+    def __init__(self, *, client: openai.AsyncOpenAI, model: str, max_reply_tokens: int | None = None,
+                 reply_tokens_field: str = "max_completion_tokens") -> None:
+        self.client = client
+        self.model = model
+        self._max_reply_tokens = max_reply_tokens
+        self._reply_tokens_field = reply_tokens_field
+
+    async def complete(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None) -> Completion:
+        """One completion; raises a `ModelError` subclass when the call fails for good."""
+        options: dict[str, Any] = {}
+        if tools:
+            options["tools"] = tools
+        if self._max_reply_tokens:
+            options[self._reply_tokens_field] = self._max_reply_tokens
+        try:
+            response = await self.client.chat.completions.create(
+                model=self.model, messages=messages, **options)  # type: ignore[arg-type]
+        except openai.APITimeoutError as exc:
+            raise ModelTimeout("the model did not answer in time") from exc
+        except openai.APIConnectionError as exc:
+            raise ModelUnavailable(f"cannot reach the model: {exc}") from exc
+        except openai.APIStatusError as exc:
+            raise _status_error(exc) from exc
+        except openai.OpenAIError as exc:
+            raise ModelError(f"model call failed: {exc}") from exc
+        return _completion(response, fallback_model=self.model)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def _status_error(exc: openai.APIStatusError) -> ModelError:
+    body = exc.body if isinstance(exc.body, dict) else {}
+    code = str(body.get("code") or (body.get("error") or {}).get("code") or "")
+    if code == "content_filter" or "content_filter" in str(exc.message):
+        return ContentFiltered("the model endpoint's content filter blocked the prompt")
+    if exc.status_code == 429 or exc.status_code >= 500:
+        return ModelUnavailable(f"the model answered {exc.status_code} after retries")
+    return ModelRejected(f"the model answered {exc.status_code}: {exc.message}")
+
+
+def _completion(response: Any, *, fallback_model: str) -> Completion:
+    if not getattr(response, "choices", None):
+        raise ModelError("the model answered with no choices")
+    choice = response.choices[0]
+    finish_reason = str(choice.finish_reason or "stop")
+    if finish_reason == "content_filter":
+        raise ContentFiltered("the model endpoint's content filter blocked the reply")
+    raw_calls = choice.message.tool_calls or []
+    calls = tuple(ToolCall(id=call.id, name=call.function.name,
+                           arguments=call.function.arguments or "{}") for call in raw_calls)
+    usage = Usage(prompt_tokens=getattr(response.usage, "prompt_tokens", 0) or 0,
+                  completion_tokens=getattr(response.usage, "completion_tokens", 0) or 0)
+    model = str(getattr(response, "model", None) or fallback_model)
+    message = ChatMessage(role="assistant", content=choice.message.content, tool_calls=calls,
+                          model=model, usage=usage)
+    return Completion(message=message, finish_reason=finish_reason, usage=usage, model=model)
+
+
+def build_model(settings: ModelSettings, *, http_client: httpx2.AsyncClient | None = None,
+                credential: Any | None = None) -> ChatModel:
+    """The `ChatModel` the settings describe. `http_client` and `credential` are test seams."""
+    common: dict[str, Any] = {"max_retries": settings.max_retries, "timeout": settings.timeout_seconds}
+    if http_client is not None:
+        common["http_client"] = http_client
+    if settings.provider is ModelProvider.AZURE:
+        if settings.api_key:
+            common["api_key"] = settings.api_key
+        else:
+            common["azure_ad_token_provider"] = _entra_token_provider(settings, credential)
+        client: openai.AsyncOpenAI = openai.AsyncAzureOpenAI(
+            azure_endpoint=settings.azure_endpoint, azure_deployment=settings.model,
+            api_version=settings.api_version, **common)
+        return ChatModel(client=client, model=settings.model,
+                         max_reply_tokens=settings.max_reply_tokens, reply_tokens_field="max_tokens")
+    if settings.provider is ModelProvider.OFFLINE:
+        from .offline import offline_transport
+
+        common["http_client"] = http_client or httpx2.AsyncClient(transport=offline_transport())
+        client = openai.AsyncOpenAI(api_key="offline", base_url="http://offline.invalid/v1", **common)
+        return ChatModel(client=client, model=settings.model, max_reply_tokens=settings.max_reply_tokens)
+    client = openai.AsyncOpenAI(api_key=settings.api_key or "not-needed", base_url=settings.base_url,
+                                **common)
+    # OpenAI itself wants max_completion_tokens; compatible servers (Ollama, vLLM) know max_tokens.
+    field = "max_tokens" if settings.base_url else "max_completion_tokens"
+    return ChatModel(client=client, model=settings.model, max_reply_tokens=settings.max_reply_tokens,
+                     reply_tokens_field=field)
+
+
+def _entra_token_provider(settings: ModelSettings, credential: Any | None) -> Any:
+    from azure.identity.aio import DefaultAzureCredential, get_bearer_token_provider
+
+    if credential is None:
+        credential = DefaultAzureCredential(
+            managed_identity_client_id=settings.managed_identity_client_id)
+    return get_bearer_token_provider(credential, AZURE_OPENAI_SCOPE)
+
+
+def describe_request(messages: list[dict[str, Any]]) -> str:
+    """A short log form of a request: roles and sizes, never contents."""
+    return json.dumps([[m.get("role"), len(str(m.get("content") or ""))] for m in messages])
