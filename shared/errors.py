@@ -6,6 +6,7 @@
     │   ├── UnsupportedMediaType   415
     │   └── PayloadTooLarge        413
     ├── Unauthorized               401  the caller's token failed a check (reason code only)
+    ├── AuthUnavailable            503  the signing keys could not be fetched (our side, not theirs)
     ├── StoreError                 503  storage failed in a way a retry may fix
     │   ├── StorageUnavailable     503  storage could not be reached
     │   └── ConversationConflict   409  another turn committed first (stale ETag)
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from .messages import StoredTurn
 
 __all__ = [
+    "AuthUnavailable",
     "BadRequest",
     "ChatstateError",
     "ConnectorError",
@@ -95,6 +97,11 @@ class Unauthorized(ChatstateError):
     def __init__(self, code: str, detail: str = "") -> None:
         super().__init__(f"{code}: {detail}" if detail else code)
         self.code = code
+
+
+class AuthUnavailable(ChatstateError):
+    status = 503
+    code = "auth_keys_unavailable"
 
 
 class StoreError(ChatstateError):

@@ -42,7 +42,8 @@ class ChatModel:
         self._max_reply_tokens = max_reply_tokens
         self._reply_tokens_field = reply_tokens_field
 
-    async def complete(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None) -> Completion:
+    async def complete(self, messages: list[dict[str, Any]], *,
+                       tools: list[dict[str, Any]] | None = None) -> Completion:
         """One completion; raises a `ModelError` subclass when the call fails for good."""
         options: dict[str, Any] = {}
         if tools:

@@ -1,0 +1,156 @@
+"""Local stand-ins for the channel side: a Bot Connector, and an identity provider that mints JWTs.
+
+`FakeConnector` answers `POST /v3/conversations/{id}/activities` like the Bot Connector and records
+what it got (scriptable statuses). `FakeIdentity` serves OpenID metadata and JWKS for Bot Framework
+and for an Entra tenant, signs tokens with its own RSA keys, and answers client-credentials token
+requests, so tests exercise the real validation code through the metadata-URL override.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from collections import deque
+from typing import Any
+
+import jwt
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+__all__ = ["FakeConnector", "FakeIdentity"]
+
+
+class _Server:
+    def __init__(self) -> None:
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    def routes(self, app: web.Application) -> None:
+        raise NotImplementedError
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> _Server:
+        app = web.Application(client_max_size=8 * 1024 * 1024)
+        self.routes(app)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+class FakeConnector(_Server):
+    """The Bot Connector's activities endpoint; `activities` holds what the bot sent."""
+
+    def __init__(self, *, latency: float = 0.0) -> None:
+        super().__init__()
+        self.latency = latency
+        self.activities: list[dict[str, Any]] = []
+        self.requests: list[dict[str, Any]] = []
+        self.statuses: deque[int] = deque()
+        self._ids = itertools.count(1)
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/v3/conversations/{conversation_id}/activities", self._post)
+        app.router.add_post("/v3/conversations/{conversation_id}/activities/{activity_id}", self._post)
+
+    def messages(self, conversation_id: str | None = None) -> list[dict[str, Any]]:
+        return [a for a in self.activities if a.get("type") == "message" and
+                (conversation_id is None or a["conversation"]["id"] == conversation_id)]
+
+    async def _post(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        record = {"path": request.path, "conversation_id": request.match_info["conversation_id"],
+                  "authorization": request.headers.get("Authorization"), "activity": body}
+        self.requests.append(record)
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        status = self.statuses.popleft() if self.statuses else 201
+        if status >= 300:
+            return web.json_response({"error": {"code": "ServiceError"}}, status=status)
+        self.activities.append(body)
+        return web.json_response({"id": f"reply-{next(self._ids)}"}, status=201)
+
+
+class FakeIdentity(_Server):
+    """OpenID metadata + JWKS + token endpoint, with keys it can sign with."""
+
+    BOTFRAMEWORK_ISSUER = "https://api.botframework.com"
+
+    def __init__(self, *, tenant_id: str = "tenant-1", endorsements: tuple[str, ...] = ("msteams", "test")) -> None:
+        super().__init__()
+        self.tenant_id = tenant_id
+        self.endorsements = list(endorsements)
+        self.keys = {"bf-key-1": rsa.generate_private_key(public_exponent=65537, key_size=2048),
+                     "entra-key-1": rsa.generate_private_key(public_exponent=65537, key_size=2048)}
+        self.stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.metadata_requests = 0
+        self.token_requests: list[dict[str, str]] = []
+
+    @property
+    def botframework_metadata_url(self) -> str:
+        return f"{self.url}/botframework/v1/.well-known/openidconfiguration"
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_get("/botframework/v1/.well-known/openidconfiguration", self._bf_metadata)
+        app.router.add_get("/botframework/keys", self._bf_keys)
+        app.router.add_get("/{tenant}/v2.0/.well-known/openid-configuration", self._entra_metadata)
+        app.router.add_get("/{tenant}/discovery/v2.0/keys", self._entra_keys)
+        app.router.add_post("/{tenant}/oauth2/v2.0/token", self._token)
+
+    def _jwk(self, kid: str, **extra: Any) -> dict[str, Any]:
+        jwk: dict[str, Any] = jwt.algorithms.RSAAlgorithm.to_jwk(self.keys[kid].public_key(), as_dict=True)
+        return {**jwk, "kid": kid, "use": "sig", "alg": "RS256", **extra}
+
+    async def _bf_metadata(self, request: web.Request) -> web.Response:
+        self.metadata_requests += 1
+        return web.json_response({"issuer": self.BOTFRAMEWORK_ISSUER,
+                                  "jwks_uri": f"{self.url}/botframework/keys",
+                                  "id_token_signing_alg_values_supported": ["RS256"]})
+
+    async def _bf_keys(self, request: web.Request) -> web.Response:
+        return web.json_response({"keys": [self._jwk("bf-key-1", endorsements=self.endorsements)]})
+
+    async def _entra_metadata(self, request: web.Request) -> web.Response:
+        tenant = request.match_info["tenant"]
+        return web.json_response({"issuer": f"https://login.microsoftonline.com/{tenant}/v2.0",
+                                  "jwks_uri": f"{self.url}/{tenant}/discovery/v2.0/keys"})
+
+    async def _entra_keys(self, request: web.Request) -> web.Response:
+        return web.json_response({"keys": [self._jwk("entra-key-1")]})
+
+    async def _token(self, request: web.Request) -> web.Response:
+        form = dict(await request.post())
+        self.token_requests.append({k: str(v) for k, v in form.items()})
+        if form.get("grant_type") != "client_credentials":
+            return web.json_response({"error": "unsupported_grant_type"}, status=400)
+        return web.json_response({"access_token": f"outbound-{uuid.uuid4().hex[:8]}",
+                                  "token_type": "Bearer", "expires_in": 3600})
+
+    def botframework_token(self, *, audience: str, service_url: str, kid: str = "bf-key-1",
+                           issuer: str | None = None, expires_in: int = 600,
+                           algorithm: str = "RS256", key: Any = None, **claims: Any) -> str:
+        now = int(time.time())
+        payload = {"iss": issuer or self.BOTFRAMEWORK_ISSUER, "aud": audience, "iat": now - 5,
+                   "nbf": now - 5, "exp": now + expires_in, "serviceurl": service_url, **claims}
+        if algorithm == "none":
+            return jwt.encode(payload, None, algorithm="none", headers={"kid": kid})
+        return jwt.encode(payload, key or self.keys.get(kid, self.stranger), algorithm=algorithm,
+                          headers={"kid": kid})
+
+    def entra_token(self, *, audience: str, expires_in: int = 600) -> str:
+        now = int(time.time())
+        payload = {"iss": f"https://login.microsoftonline.com/{self.tenant_id}/v2.0", "aud": audience,
+                   "tid": self.tenant_id, "iat": now - 5, "nbf": now - 5, "exp": now + expires_in}
+        return jwt.encode(payload, self.keys["entra-key-1"], algorithm="RS256",
+                          headers={"kid": "entra-key-1"})

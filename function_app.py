@@ -1,0 +1,82 @@
+"""The Azure Functions app (Python v2 model): thin HTTP handlers over the chatstate runtime.
+
+POST /api/messages                                   the Bot Framework messaging endpoint
+GET  /api/health                                     200 when storage answers, 503 when not
+GET  /api/conversations/{conversation_id}/messages   the stored history, oldest first
+DELETE /api/conversations/{conversation_id}          forget a conversation
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
+
+import azure.functions as func
+
+from shared.errors import ChatstateError, http_status_for
+from shared.runtime import Runtime
+from shared.tools import tool
+
+
+@tool
+async def get_current_time(time_zone: str = "UTC") -> dict[str, str]:
+    """The current date and time in an IANA time zone such as Europe/Paris or America/New_York."""
+    try:
+        zone = ZoneInfo(time_zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        close = sorted(name for name in available_timezones() if time_zone.lower() in name.lower())
+        raise ValueError(f"unknown time zone {time_zone!r}; did you mean one of {close[:5]}?") from None
+    now = datetime.now(zone)
+    return {"time_zone": time_zone, "iso": now.isoformat(timespec="seconds"),
+            "weekday": now.strftime("%A")}
+
+
+# Settings are read and checked here, at start-up: a bad one stops the app with its name.
+runtime = Runtime.from_environment(functions=[get_current_time])
+app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
+
+
+def _json(body: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> func.HttpResponse:
+    return func.HttpResponse(json.dumps(body, ensure_ascii=False) if body is not None else None,
+                             status_code=status, headers=headers or {}, mimetype="application/json")
+
+
+@app.route(route="messages", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
+async def messages(req: func.HttpRequest) -> func.HttpResponse:
+    response = await runtime.bot.handle(body=req.get_body(), headers=dict(req.headers))
+    return _json(response.body, status=response.status, headers=response.headers)
+
+
+@app.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+async def health(req: func.HttpRequest) -> func.HttpResponse:
+    try:
+        await runtime.store.ping()
+    except ChatstateError as exc:
+        logging.warning("health check: storage unreachable: %s", exc)
+        return _json({"status": "unhealthy", "storage": "unreachable"}, status=503,
+                     headers={"Retry-After": "5"})
+    return _json({"status": "healthy", "storage": "reachable"})
+
+
+@app.route(route="conversations/{conversation_id}/messages", methods=["GET"])
+async def conversation_messages(req: func.HttpRequest) -> func.HttpResponse:
+    conversation_id = req.route_params["conversation_id"]
+    try:
+        history = await runtime.bot.history(conversation_id)
+    except ChatstateError as exc:
+        return _json({"error": exc.code, "reason": str(exc)}, status=http_status_for(exc))
+    return _json({"conversationId": conversation_id, "messages": history})
+
+
+@app.route(route="conversations/{conversation_id}", methods=["DELETE"])
+async def clear_conversation(req: func.HttpRequest) -> func.HttpResponse:
+    conversation_id = req.route_params["conversation_id"]
+    try:
+        await runtime.store.clear(conversation_id)
+    except ChatstateError as exc:
+        return _json({"error": exc.code, "reason": str(exc)}, status=http_status_for(exc))
+    logging.info("cleared conversation=%r through the API", conversation_id)
+    return func.HttpResponse(status_code=204)

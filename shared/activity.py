@@ -1,0 +1,83 @@
+"""Inbound Bot Framework activities: the request checks (size, type, JSON, required fields)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+
+__all__ = ["MAX_BODY_BYTES", "Activity", "parse_activity"]
+
+MAX_BODY_BYTES = 1_000_000
+
+
+@dataclass(frozen=True, kw_only=True)
+class Activity:
+    """The fields of an activity the bot uses; `raw` keeps the whole JSON object."""
+
+    raw: dict[str, Any]
+    type: str
+    id: str
+    conversation_id: str
+    channel_id: str
+    service_url: str
+    text: str
+    delivery_mode: str
+
+    @property
+    def expects_replies(self) -> bool:
+        return self.delivery_mode == "expectReplies"
+
+    @property
+    def sender(self) -> dict[str, Any]:
+        return dict(self.raw.get("from") or {})
+
+    @property
+    def recipient(self) -> dict[str, Any]:
+        return dict(self.raw.get("recipient") or {})
+
+    def members_added(self) -> list[dict[str, Any]]:
+        members = self.raw.get("membersAdded") or []
+        return [m for m in members if isinstance(m, dict)]
+
+
+def parse_activity(body: bytes, headers: Mapping[str, str]) -> Activity:
+    """The activity in a POST body, or a `BadRequest` (400/413/415) that says what is wrong."""
+    if len(body) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"the body is {len(body):,} bytes; the limit is {MAX_BODY_BYTES:,}")
+    content_type = _header(headers, "content-type").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise UnsupportedMediaType(f"expected Content-Type application/json, got {content_type!r}")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the body must be a JSON object (an activity)")
+    conversation = data.get("conversation")
+    conversation_id = conversation.get("id") if isinstance(conversation, dict) else None
+    fields = {"type": data.get("type"), "id": data.get("id"), "conversation.id": conversation_id}
+    missing = [name for name, value in fields.items() if not isinstance(value, str) or not value]
+    if missing:
+        raise BadRequest(f"the activity lacks {', '.join(missing)}")
+    text = data.get("text")
+    return Activity(
+        raw=data,
+        type=str(data["type"]),
+        id=str(data["id"]),
+        conversation_id=str(conversation_id),
+        channel_id=str(data.get("channelId") or ""),
+        service_url=str(data.get("serviceUrl") or ""),
+        text=text if isinstance(text, str) else "",
+        delivery_mode=str(data.get("deliveryMode") or "normal"),
+    )
+
+
+def _header(headers: Mapping[str, str], name: str) -> str:
+    for key, value in headers.items():
+        if key.lower() == name:
+            return value
+    return ""

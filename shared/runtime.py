@@ -1,0 +1,84 @@
+"""The composition root: builds the store, model, connector, authenticator and bot from settings.
+
+A function app keeps one `Runtime` per worker process, so clients, connection pools, signing keys
+and tokens are reused across invocations.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import httpx2
+
+from .auth import BotAuthenticator
+from .bot import ChatBot
+from .connector import BotConnector, build_token_source
+from .model import build_model
+from .settings import Settings, load_settings
+from .store import ConversationStore, TableConversationStore
+from .tokens import tokenizer_name
+from .tools import Function
+
+__all__ = ["Runtime"]
+
+log = logging.getLogger(__name__)
+# The SDKs log every HTTP request at INFO; keep the operator's log to our own lines.
+for _noisy in ("azure", "httpx2", "httpx", "openai"):
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
+
+
+class Runtime:
+    def __init__(self, settings: Settings, *, functions: Sequence[Function] = (),
+                 store: ConversationStore | None = None, credential: Any | None = None) -> None:
+        self.settings = settings
+        self.http = httpx2.AsyncClient(timeout=httpx2.Timeout(10.0),
+                                       limits=httpx2.Limits(max_connections=200))
+        self.store = store or _build_store(settings, credential)
+        self.model = build_model(settings.model, credential=credential)
+        self.connector = BotConnector(
+            http=self.http, tokens=build_token_source(settings.bot, http=self.http, credential=credential))
+        self.authenticator = BotAuthenticator(settings.bot, http=self.http, in_azure=settings.in_azure)
+        self.bot = ChatBot(settings=settings, store=self.store, model=self.model,
+                           connector=self.connector, authenticator=self.authenticator,
+                           functions=functions)
+        _warn_about(settings)
+        log.info("token counting: %s", tokenizer_name())
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None, *,
+                         functions: Sequence[Function] = ()) -> Runtime:
+        """Read and validate every setting now: a bad one fails start-up, naming the setting."""
+        return cls(load_settings(environ), functions=functions)
+
+    async def close(self) -> None:
+        await self.store.close()
+        await self.model.close()
+        await self.http.aclose()
+
+
+def _build_store(settings: Settings, credential: Any | None) -> ConversationStore:
+    storage = settings.storage
+    if storage.table_endpoint:
+        if credential is None:
+            from azure.identity.aio import DefaultAzureCredential
+
+            credential = DefaultAzureCredential(
+                managed_identity_client_id=storage.managed_identity_client_id)
+        return TableConversationStore.from_endpoint(storage.table_endpoint,
+                                                    table_name=storage.table_name, credential=credential)
+    return TableConversationStore.from_connection_string(storage.connection_string,
+                                                         table_name=storage.table_name)
+
+
+def _warn_about(settings: Settings) -> None:
+    if not settings.bot.auth_enabled:
+        if settings.in_azure:
+            log.error("CLIENT_ID is not set: every request to /api/messages will be refused (401)")
+        else:
+            log.warning("!!! AUTH IS OFF: CLIENT_ID is not set, so /api/messages accepts requests "
+                        "without a token and replies only to loopback service URLs. Local use only.")
+    log.info("chatstate: model=%s (%s), table=%s, auth=%s", settings.model.model,
+             settings.model.provider.value, settings.storage.table_name,
+             "on" if settings.bot.auth_enabled else "off")
