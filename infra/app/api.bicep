@@ -1,0 +1,117 @@
+// The Flex Consumption (FC1) plan and the Linux Python Function App. The runtime is set by
+// functionAppConfig (Flex Consumption rejects FUNCTIONS_WORKER_RUNTIME); the host reaches its
+// storage with the user-assigned identity, never a key.
+param name string
+param planName string
+param location string
+param tags object
+param identityId string
+param identityClientId string
+param storageBlobEndpoint string
+param storageQueueEndpoint string
+param storageTableEndpoint string
+param deploymentContainerName string
+param applicationInsightsConnectionString string
+@description('The app\'s own settings, as [{ name, value }], added to the host settings below.')
+param appSettings array
+param pythonVersion string = '3.11'
+param instanceMemoryMB int = 2048
+param maximumInstanceCount int = 100
+
+// Settings of the Functions host and its telemetry (not the app's: see shared/settings.py).
+var hostAppSettings = [
+  {
+    name: 'AzureWebJobsStorage__credential'
+    value: 'managedidentity'
+  }
+  {
+    name: 'AzureWebJobsStorage__clientId'
+    value: identityClientId
+  }
+  {
+    name: 'AzureWebJobsStorage__blobServiceUri'
+    value: storageBlobEndpoint
+  }
+  {
+    name: 'AzureWebJobsStorage__queueServiceUri'
+    value: storageQueueEndpoint
+  }
+  {
+    name: 'AzureWebJobsStorage__tableServiceUri'
+    value: storageTableEndpoint
+  }
+  {
+    name: 'APPLICATIONINSIGHTS_CONNECTION_STRING'
+    value: applicationInsightsConnectionString
+  }
+  {
+    // Application Insights has local auth off: telemetry is sent with the identity's token.
+    name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING'
+    value: 'ClientId=${identityClientId};Authorization=AAD'
+  }
+]
+
+resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
+  name: planName
+  location: location
+  tags: tags
+  kind: 'functionapp'
+  sku: {
+    name: 'FC1'
+    tier: 'FlexConsumption'
+  }
+  properties: {
+    reserved: true
+  }
+}
+
+resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
+  name: name
+  location: location
+  // azd deploys the `api` service of azure.yaml to the app with this tag.
+  tags: union(tags, {
+    'azd-service-name': 'api'
+  })
+  kind: 'functionapp,linux'
+  identity: {
+    type: 'UserAssigned'
+    userAssignedIdentities: {
+      '${identityId}': {}
+    }
+  }
+  properties: {
+    serverFarmId: plan.id
+    httpsOnly: true
+    clientCertEnabled: false
+    siteConfig: {
+      ftpsState: 'Disabled'
+      http20Enabled: true
+      minTlsVersion: '1.2'
+      scmMinTlsVersion: '1.2'
+      appSettings: concat(hostAppSettings, appSettings)
+    }
+    functionAppConfig: {
+      deployment: {
+        storage: {
+          type: 'blobContainer'
+          value: '${storageBlobEndpoint}/${deploymentContainerName}'
+          authentication: {
+            type: 'UserAssignedIdentity'
+            userAssignedIdentityResourceId: identityId
+          }
+        }
+      }
+      scaleAndConcurrency: {
+        instanceMemoryMB: instanceMemoryMB
+        maximumInstanceCount: maximumInstanceCount
+      }
+      runtime: {
+        name: 'python'
+        version: pythonVersion
+      }
+    }
+  }
+}
+
+output name string = functionApp.name
+output defaultHostName string = functionApp.properties.defaultHostName

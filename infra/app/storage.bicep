@@ -1,0 +1,111 @@
+// Storage for the app: the Functions host (blobs, queues), the Flex Consumption deployment
+// package container, and the conversations table. Entra ID only: shared keys are off.
+param name string
+param location string
+param tags object
+param deploymentContainerName string
+param tableName string
+@description('Principal ID of the app\'s user-assigned identity.')
+param identityPrincipalId string
+@description('Principal ID of the deploying user, given table access to inspect data; empty for none.')
+param userPrincipalId string = ''
+@allowed(['User', 'Group', 'ServicePrincipal'])
+param userPrincipalType string = 'User'
+
+var roles = {
+  blobDataOwner: 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b' // Storage Blob Data Owner
+  queueDataContributor: '974c5e8b-45b9-4653-ba55-5f855dd0fb88' // Storage Queue Data Contributor
+  tableDataContributor: '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3' // Storage Table Data Contributor
+}
+var identityRoles = [
+  roles.blobDataOwner
+  roles.queueDataContributor
+  roles.tableDataContributor
+]
+
+resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
+  name: name
+  location: location
+  tags: tags
+  kind: 'StorageV2'
+  sku: {
+    // Geo-redundant: the conversations are the only state this app keeps.
+    name: 'Standard_GRS'
+  }
+  properties: {
+    accessTier: 'Hot'
+    allowBlobPublicAccess: false
+    allowCrossTenantReplication: false
+    allowSharedKeyAccess: false
+    defaultToOAuthAuthentication: true
+    dnsEndpointType: 'Standard'
+    minimumTlsVersion: 'TLS1_2'
+    supportsHttpsTrafficOnly: true
+    // Flex Consumption without a virtual network reaches storage over its public endpoint;
+    // Entra ID (no keys) is the gate.
+    publicNetworkAccess: 'Enabled'
+    networkAcls: {
+      bypass: 'AzureServices'
+      defaultAction: 'Allow'
+    }
+  }
+}
+
+resource blobService 'Microsoft.Storage/storageAccounts/blobServices@2023-05-01' = {
+  parent: storage
+  name: 'default'
+  properties: {
+    deleteRetentionPolicy: {
+      enabled: true
+      days: 7
+    }
+    containerDeleteRetentionPolicy: {
+      enabled: true
+      days: 7
+    }
+  }
+}
+
+resource deploymentContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' = {
+  parent: blobService
+  name: deploymentContainerName
+  properties: {
+    publicAccess: 'None'
+  }
+}
+
+resource tableService 'Microsoft.Storage/storageAccounts/tableServices@2023-05-01' = {
+  parent: storage
+  name: 'default'
+}
+
+resource conversationsTable 'Microsoft.Storage/storageAccounts/tableServices/tables@2023-05-01' = {
+  parent: tableService
+  name: tableName
+}
+
+resource identityRoleAssignments 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for roleId in identityRoles: {
+  name: guid(storage.id, identityPrincipalId, roleId)
+  scope: storage
+  properties: {
+    principalId: identityPrincipalId
+    principalType: 'ServicePrincipal'
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleId)
+  }
+}]
+
+resource userTableRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(userPrincipalId)) {
+  name: guid(storage.id, userPrincipalId, roles.tableDataContributor)
+  scope: storage
+  properties: {
+    principalId: userPrincipalId
+    principalType: userPrincipalType
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.tableDataContributor)
+  }
+}
+
+output name string = storage.name
+output blobEndpoint string = 'https://${storage.name}.blob.${environment().suffixes.storage}'
+output queueEndpoint string = 'https://${storage.name}.queue.${environment().suffixes.storage}'
+output tableEndpoint string = 'https://${storage.name}.table.${environment().suffixes.storage}'
+output tableName string = conversationsTable.name

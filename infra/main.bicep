@@ -1,0 +1,286 @@
+// chatstate: a Teams chat bot on Azure Functions Flex Consumption that keeps each conversation in
+// Table Storage and answers with Azure OpenAI. One user-assigned managed identity is the app's
+// only credential, for storage, the model and the bot: no keys or secrets anywhere.
+//
+// Deploy with `azd up`, or `az deployment group create -g <group> -f infra/main.bicep
+// -p environmentName=<name>` (see docs/deploy.md).
+targetScope = 'resourceGroup'
+
+@minLength(1)
+@maxLength(64)
+@description('Name of the environment (azd env name); part of the resource token and a tag.')
+param environmentName string
+
+@description('Region of every resource (the bot is global); must offer Flex Consumption.')
+@metadata({
+  azd: {
+    type: 'location'
+  }
+})
+param location string = resourceGroup().location
+
+@description('Object ID of the deploying user, given table data access to inspect conversations; empty for none.')
+param principalId string = ''
+
+@allowed(['User', 'Group', 'ServicePrincipal'])
+param principalType string = 'User'
+
+// --- storage ---
+@minLength(3)
+@maxLength(63)
+@description('The conversations table (CHAT_TABLE_NAME).')
+param tableName string = 'conversations'
+
+// --- model ---
+@description('Endpoint of an existing Azure OpenAI account to use instead of creating one; empty creates one.')
+param existingOpenAiEndpoint string = ''
+
+@description('Chat deployment name on the existing account (defaults to openAiDeploymentName).')
+param existingOpenAiDeployment string = ''
+
+@description('Resource ID of the existing account, to grant the app Cognitive Services OpenAI User on it; empty to grant it yourself.')
+param existingOpenAiResourceId string = ''
+
+@description('Region of the created Azure OpenAI account (model availability differs by region); empty: location.')
+param openAiLocation string = ''
+
+param openAiDeploymentName string = 'gpt-4o-mini'
+param openAiModelName string = 'gpt-4o-mini'
+param openAiModelVersion string = '2024-07-18'
+
+@allowed(['GlobalStandard', 'Standard', 'DataZoneStandard'])
+param openAiDeploymentSku string = 'GlobalStandard'
+
+@description('Capacity of the model deployment, in thousands of tokens per minute.')
+@minValue(1)
+param openAiCapacity int = 30
+
+@description('OPENAI_API_VERSION')
+param openAiApiVersion string = '2024-10-21'
+
+// --- chat behaviour (shared/settings.py describes each; defaults match it) ---
+param chatInstructions string = 'You are a helpful, concise assistant in a chat.'
+@minValue(16)
+param chatHistoryTokenBudget int = 8000
+@minValue(1)
+@maxValue(5000)
+param chatHistoryMaxMessages int = 200
+@minValue(1)
+param chatMaxReplyTokens int = 1000
+@description('Seconds; may be fractional.')
+param chatModelTimeoutSeconds string = '30'
+@minValue(0)
+@maxValue(10)
+param chatModelMaxRetries int = 2
+@minValue(1)
+@maxValue(20)
+param chatMaxToolRounds int = 5
+@description('Seconds; may be fractional.')
+param chatToolTimeoutSeconds string = '10'
+@minValue(1)
+@maxValue(20)
+param chatTurnMaxAttempts int = 4
+
+// --- bot and hosting ---
+@allowed(['F0', 'S1'])
+param botSku string = 'F0'
+param botDisplayName string = 'chatstate'
+
+@allowed([512, 2048, 4096])
+param instanceMemoryMB int = 2048
+@minValue(1)
+@maxValue(1000)
+param maximumInstanceCount int = 100
+
+var abbrs = loadJsonContent('abbreviations.json')
+var resourceToken = toLower(uniqueString(subscription().id, resourceGroup().id, environmentName, location))
+var tags = {
+  'azd-env-name': environmentName
+}
+var functionAppName = '${abbrs.webSitesFunctions}chatstate-${resourceToken}'
+var deploymentContainerName = 'app-package-${take(functionAppName, 32)}-${take(resourceToken, 7)}'
+var useExistingOpenAi = !empty(existingOpenAiEndpoint)
+var effectiveOpenAiLocation = empty(openAiLocation) ? location : openAiLocation
+// A well-formed ID when none is given, so the unused scope below still evaluates.
+var existingOpenAiIdParts = split(empty(existingOpenAiResourceId) ? resourceId('Microsoft.CognitiveServices/accounts', 'none') : existingOpenAiResourceId, '/')
+
+// The app's only credential: storage, Azure OpenAI, telemetry, and the bot's own app identity.
+resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = {
+  name: '${abbrs.managedIdentityUserAssignedIdentities}chatstate-${resourceToken}'
+  location: location
+  tags: tags
+}
+
+module storage 'app/storage.bicep' = {
+  name: 'storage'
+  params: {
+    name: '${abbrs.storageStorageAccounts}${resourceToken}'
+    location: location
+    tags: tags
+    deploymentContainerName: deploymentContainerName
+    tableName: tableName
+    identityPrincipalId: identity.properties.principalId
+    userPrincipalId: principalId
+    userPrincipalType: principalType
+  }
+}
+
+module monitoring 'app/monitoring.bicep' = {
+  name: 'monitoring'
+  params: {
+    logAnalyticsName: '${abbrs.operationalInsightsWorkspaces}${resourceToken}'
+    applicationInsightsName: '${abbrs.insightsComponents}${resourceToken}'
+    location: location
+    tags: tags
+    identityPrincipalId: identity.properties.principalId
+  }
+}
+
+module openAi 'app/openai.bicep' = if (!useExistingOpenAi) {
+  name: 'openai'
+  params: {
+    name: '${abbrs.cognitiveServicesOpenAi}${resourceToken}'
+    location: effectiveOpenAiLocation
+    tags: tags
+    deploymentName: openAiDeploymentName
+    modelName: openAiModelName
+    modelVersion: openAiModelVersion
+    deploymentSku: openAiDeploymentSku
+    capacity: openAiCapacity
+    identityPrincipalId: identity.properties.principalId
+  }
+}
+
+module existingOpenAiAccess 'app/openai-access.bicep' = if (useExistingOpenAi && !empty(existingOpenAiResourceId)) {
+  name: 'openai-access'
+  scope: resourceGroup(existingOpenAiIdParts[2], existingOpenAiIdParts[4])
+  params: {
+    accountName: last(existingOpenAiIdParts)
+    identityPrincipalId: identity.properties.principalId
+  }
+}
+
+// Every setting shared/settings.py marks deployed=True; tests/test_infra_drift.py keeps them in step.
+var chatAppSettings = [
+  {
+    name: 'CHAT_STORAGE_TABLE_ENDPOINT'
+    value: storage.outputs.tableEndpoint
+  }
+  {
+    name: 'CHAT_TABLE_NAME'
+    value: tableName
+  }
+  {
+    name: 'AZURE_CLIENT_ID'
+    value: identity.properties.clientId
+  }
+  {
+    name: 'AZURE_OPENAI_ENDPOINT'
+    value: useExistingOpenAi ? existingOpenAiEndpoint : openAi.outputs.endpoint
+  }
+  {
+    name: 'AZURE_OPENAI_DEPLOYMENT'
+    value: useExistingOpenAi && !empty(existingOpenAiDeployment) ? existingOpenAiDeployment : openAiDeploymentName
+  }
+  {
+    name: 'OPENAI_API_VERSION'
+    value: openAiApiVersion
+  }
+  {
+    name: 'CHAT_INSTRUCTIONS'
+    value: chatInstructions
+  }
+  {
+    name: 'CHAT_HISTORY_TOKEN_BUDGET'
+    value: string(chatHistoryTokenBudget)
+  }
+  {
+    name: 'CHAT_HISTORY_MAX_MESSAGES'
+    value: string(chatHistoryMaxMessages)
+  }
+  {
+    name: 'CHAT_MAX_REPLY_TOKENS'
+    value: string(chatMaxReplyTokens)
+  }
+  {
+    name: 'CHAT_MODEL_TIMEOUT_SECONDS'
+    value: chatModelTimeoutSeconds
+  }
+  {
+    name: 'CHAT_MODEL_MAX_RETRIES'
+    value: string(chatModelMaxRetries)
+  }
+  {
+    name: 'CHAT_MAX_TOOL_ROUNDS'
+    value: string(chatMaxToolRounds)
+  }
+  {
+    name: 'CHAT_TOOL_TIMEOUT_SECONDS'
+    value: chatToolTimeoutSeconds
+  }
+  {
+    name: 'CLIENT_ID'
+    value: identity.properties.clientId
+  }
+  {
+    name: 'TENANT_ID'
+    value: tenant().tenantId
+  }
+  {
+    name: 'BOT_APP_TYPE'
+    value: 'UserAssignedMSI'
+  }
+  {
+    name: 'CHAT_TURN_MAX_ATTEMPTS'
+    value: string(chatTurnMaxAttempts)
+  }
+]
+
+module api 'app/api.bicep' = {
+  name: 'api'
+  params: {
+    name: functionAppName
+    planName: '${abbrs.webServerFarms}${resourceToken}'
+    location: location
+    tags: tags
+    identityId: identity.id
+    identityClientId: identity.properties.clientId
+    storageBlobEndpoint: storage.outputs.blobEndpoint
+    storageQueueEndpoint: storage.outputs.queueEndpoint
+    storageTableEndpoint: storage.outputs.tableEndpoint
+    deploymentContainerName: deploymentContainerName
+    applicationInsightsConnectionString: monitoring.outputs.connectionString
+    appSettings: chatAppSettings
+    instanceMemoryMB: instanceMemoryMB
+    maximumInstanceCount: maximumInstanceCount
+  }
+}
+
+module bot 'app/bot.bicep' = {
+  name: 'bot'
+  params: {
+    name: '${abbrs.botServicesBots}${resourceToken}'
+    tags: tags
+    displayName: botDisplayName
+    sku: botSku
+    messagingEndpoint: 'https://${api.outputs.defaultHostName}/api/messages'
+    identityId: identity.id
+    identityClientId: identity.properties.clientId
+    tenantId: tenant().tenantId
+  }
+}
+
+output AZURE_LOCATION string = location
+output AZURE_TENANT_ID string = tenant().tenantId
+output AZURE_RESOURCE_GROUP string = resourceGroup().name
+output SERVICE_API_NAME string = api.outputs.name
+output AZURE_FUNCTION_APP_NAME string = api.outputs.name
+output FUNCTION_APP_URL string = 'https://${api.outputs.defaultHostName}'
+output BOT_NAME string = bot.outputs.name
+output BOT_APP_ID string = identity.properties.clientId
+output BOT_MESSAGING_ENDPOINT string = 'https://${api.outputs.defaultHostName}/api/messages'
+output CHAT_STORAGE_TABLE_ENDPOINT string = storage.outputs.tableEndpoint
+output CHAT_TABLE_NAME string = storage.outputs.tableName
+output AZURE_OPENAI_ENDPOINT string = useExistingOpenAi ? existingOpenAiEndpoint : openAi.outputs.endpoint
+output AZURE_OPENAI_DEPLOYMENT string = useExistingOpenAi && !empty(existingOpenAiDeployment) ? existingOpenAiDeployment : openAiDeploymentName
+output MANAGED_IDENTITY_CLIENT_ID string = identity.properties.clientId
