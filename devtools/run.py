@@ -1,0 +1,97 @@
+"""`make run`: serve the bot locally on PORT (default 7071), with everything it needs.
+
+Starts Azurite (data kept in .azurite/) unless one already answers on 127.0.0.1:10002 or
+CHAT_STORAGE_CONNECTION_STRING points elsewhere; then `func start` if Azure Functions Core Tools are
+installed, else the project's dev host (the same FunctionApp on uvicorn). Ctrl-C stops what it started.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from devtools.local_settings import local_environment
+from shared.errors import SettingsError
+from shared.settings import DEVELOPMENT_STORAGE, load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+AZURITE = ROOT / "node_modules" / ".bin" / "azurite"
+
+
+def _answers(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _start_azurite() -> subprocess.Popen[bytes] | None:
+    if _answers(10002):
+        print("storage: an Azurite (or emulator) already answers on 127.0.0.1:10002; using it")
+        return None
+    data = ROOT / ".azurite"
+    data.mkdir(exist_ok=True)
+    print(f"storage: starting Azurite, data in {data.relative_to(ROOT)}/")
+    process = subprocess.Popen(
+        [str(AZURITE), "--silent", "--skipApiVersionCheck", "--loose", "--location", str(data),
+         "--debug", str(data / "debug.log"), "--blobHost", "127.0.0.1", "--queueHost", "127.0.0.1",
+         "--tableHost", "127.0.0.1"], cwd=ROOT)
+    from devtools.azurite import wait_for_port
+
+    wait_for_port(10002)
+    return process
+
+
+def main() -> int:
+    env = local_environment()
+    try:
+        settings = load_settings(env)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    children: list[subprocess.Popen[bytes]] = []
+    uses_azurite = settings.storage.table_endpoint is None and \
+        settings.storage.connection_string == DEVELOPMENT_STORAGE
+    if uses_azurite:
+        azurite = _start_azurite()
+        if azurite is not None:
+            children.append(azurite)
+    else:
+        print("storage: CHAT_STORAGE_* points elsewhere; not starting Azurite")
+    port = settings.port
+    func = shutil.which("func")
+    if func:
+        command = [func, "start", "--port", str(port)]
+        print("host: Azure Functions Core Tools (func start)")
+    else:
+        command = [sys.executable, "-m", "devtools.host", "--port", str(port)]
+        print("host: the project's dev host (Azure Functions Core Tools are not installed)")
+    model = settings.model
+    print(f"model: {model.model} ({model.provider.value})"
+          + ("  <- offline stand-in: set OPENAI_API_KEY, OPENAI_BASE_URL or AZURE_OPENAI_ENDPOINT"
+             if model.provider.value == "offline" else ""))
+    print(f"\n  messaging endpoint: http://127.0.0.1:{port}/api/messages"
+          f"\n  health:             http://127.0.0.1:{port}/api/health"
+          "\n  chat from a terminal:  make chat"
+          "\n  Agents Playground:     make playground\n")
+    children.append(subprocess.Popen(command, cwd=ROOT, env=env))
+    try:
+        return children[-1].wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for child in reversed(children):
+            if child.poll() is None:
+                child.send_signal(signal.SIGINT)
+                try:
+                    child.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+        print("stopped.")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
