@@ -33,8 +33,10 @@ def wait_for_port(port: int, *, timeout: float = 20.0) -> None:
 class Azurite:
     """An Azurite table service with in-memory persistence; `stop()` and `start()` again at will."""
 
-    def __init__(self, *, port: int | None = None) -> None:
+    def __init__(self, *, port: int | None = None, location: Path | None = None) -> None:
+        """In-memory unless `location` is given (then data survives a stop and start)."""
         self.port = port or free_port()
+        self.location = location
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -48,7 +50,9 @@ class Azurite:
         if node is None:
             raise RuntimeError("node is not on PATH")
         self._process = subprocess.Popen(
-            [str(AZURITE_TABLE), "--inMemoryPersistence", "--tableHost", "127.0.0.1",
+            [str(AZURITE_TABLE),
+             *(["--location", str(self.location)] if self.location else ["--inMemoryPersistence"]),
+             "--tableHost", "127.0.0.1",
              "--tablePort", str(self.port), "--skipApiVersionCheck", "--loose", "--silent"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.port)

@@ -55,6 +55,9 @@ RECENT_ACTIVITIES = 32
 MAX_PAGE = 1_000
 _HINTS_KEPT = 4_096
 _WINDOW_FILTER = "PartitionKey eq @pk and RowKey ge @head and RowKey lt @end"
+#: Fail fast when storage is down: a channel waits about 15 s for the whole turn.
+CLIENT_OPTIONS: dict[str, Any] = {"retry_total": 2, "retry_backoff_factor": 0.2,
+                                  "connection_timeout": 5, "read_timeout": 10}
 _CONDITIONAL_FAILURES = {"UpdateConditionNotSatisfied", "ConditionNotMet", "EntityAlreadyExists",
                          "ResourceNotFound", "EntityNotFound"}
 
@@ -93,11 +96,13 @@ class TableConversationStore(ConversationStore):
     def from_connection_string(cls, connection_string: str, *, table_name: str) -> TableConversationStore:
         if connection_string.strip().lower().rstrip(";") == "usedevelopmentstorage=true":
             connection_string = azurite_connection_string()
-        return cls(table=TableClient.from_connection_string(connection_string, table_name=table_name))
+        return cls(table=TableClient.from_connection_string(connection_string, table_name=table_name,
+                                                            **CLIENT_OPTIONS))
 
     @classmethod
     def from_endpoint(cls, endpoint: str, *, table_name: str, credential: Any) -> TableConversationStore:
-        return cls(table=TableClient(endpoint=endpoint, table_name=table_name, credential=credential))
+        return cls(table=TableClient(endpoint=endpoint, table_name=table_name, credential=credential,
+                                     **CLIENT_OPTIONS))
 
     async def close(self) -> None:
         await self._table.close()
