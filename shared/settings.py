@@ -185,6 +185,10 @@ class _Reader:
     def __init__(self, environ: Mapping[str, str]) -> None:
         self._environ = environ
 
+    def given(self, name: str) -> bool:
+        """Whether the environment sets `name` (a default does not count)."""
+        return bool(self._environ.get(name, "").strip())
+
     def text(self, name: str) -> str | None:
         value = self._environ.get(name, "").strip()
         return value or _BY_NAME[name].default
@@ -253,7 +257,8 @@ def _storage(read: _Reader, identity: str | None) -> StorageSettings:
     )
 
 
-_MODEL_SETTINGS = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AZURE_OPENAI_ENDPOINT",
+#: Any of these given turns the offline stand-in off (OPENAI_API_VERSION matters only with Azure).
+_MODEL_SETTINGS = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL", "AZURE_OPENAI_ENDPOINT",
                    "AZURE_OPENAI_DEPLOYMENT", "AZURE_OPENAI_API_KEY")
 
 
@@ -266,7 +271,7 @@ def _model(read: _Reader, identity: str | None, *, in_azure: bool) -> ModelSetti
         if model is None:
             raise SettingsError("AZURE_OPENAI_DEPLOYMENT", "is required with AZURE_OPENAI_ENDPOINT")
         api_key = read.text("AZURE_OPENAI_API_KEY")
-    elif any(read.text(name) for name in _MODEL_SETTINGS):
+    elif any(read.given(name) for name in _MODEL_SETTINGS):
         if read.text("AZURE_OPENAI_DEPLOYMENT") or read.text("AZURE_OPENAI_API_KEY"):
             raise SettingsError("AZURE_OPENAI_ENDPOINT", "is required with the other AZURE_OPENAI_ "
                                 "settings")

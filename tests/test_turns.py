@@ -1,0 +1,103 @@
+"""The turn logic on the in-memory store: conflicts between workers, bounded retries, dedupe."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import httpx2
+
+from shared.auth import BotAuthenticator
+from shared.bot import ChatBot
+from shared.connector import BotConnector
+from shared.errors import ConversationConflict
+from shared.messages import ChatMessage, StoredTurn
+from shared.model import build_model
+from shared.settings import load_settings
+from shared.store import ConversationWindow, InMemoryConversationStore
+
+
+class CountingModel:
+    """An OpenAI-compatible handler at the transport layer; the real SDK runs on top."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, request: httpx2.Request) -> httpx2.Response:
+        self.calls += 1
+        await asyncio.sleep(0.001)
+        body = json.loads(request.content)
+        text = f"echo {body['messages'][-1]['content']}"
+        return httpx2.Response(200, json={
+            "id": "x", "object": "chat.completion", "created": 0, "model": "m",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": text}}]})
+
+
+def make_bot(store: Any, handler: CountingModel, **env: str) -> ChatBot:
+    settings = load_settings({"OPENAI_API_KEY": "sk-test", **env})
+    http = httpx2.AsyncClient()
+    model = build_model(settings.model, http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(handler)))
+    return ChatBot(settings=settings, store=store, model=model, connector=BotConnector(http=http, tokens=None),
+                   authenticator=BotAuthenticator(settings.bot, http=http, in_azure=False),
+                   sleep=lambda _: asyncio.sleep(0))
+
+
+def activity(text: str, conversation: str, activity_id: str | None = None) -> bytes:
+    return json.dumps({"type": "message", "id": activity_id or uuid.uuid4().hex, "text": text,
+                       "conversation": {"id": conversation}, "deliveryMode": "expectReplies",
+                       "channelId": "test"}).encode()
+
+
+HEADERS = {"Content-Type": "application/json"}
+
+
+async def test_two_workers_racing_on_one_conversation_store_every_turn_once() -> None:
+    # GIVEN two bots (two workers: no shared lock) on one store
+    store, model = InMemoryConversationStore(), CountingModel()
+    workers = [make_bot(store, model, CHAT_TURN_MAX_ATTEMPTS="20") for _ in range(2)]
+    # WHEN 40 messages to one conversation are spread over both at once
+    responses = await asyncio.gather(*(
+        workers[i % 2].handle(body=activity(f"m{i}", "shared"), headers=HEADERS) for i in range(40)))
+    # THEN every turn is stored once, whole, and conflicts cost bounded extra model calls
+    assert [r.status for r in responses] == [200] * 40
+    stored = await store.list_messages("shared")
+    assert len(stored) == 80 and model.calls < 80
+    users = [m.content for m in stored if m.role == "user"]
+    assert len(users) == len(set(users))
+    assert all(stored[i].role == "user" and stored[i + 1].content == f"echo {stored[i].content}"
+               for i in range(0, len(stored), 2))
+
+
+class AlwaysConflicting(InMemoryConversationStore):
+    async def _commit_turn(self, window: ConversationWindow, *, activity_id: str,
+                           messages: list[ChatMessage], tokens: list[int]) -> StoredTurn:
+        raise ConversationConflict("someone else always wins")
+
+
+async def test_when_attempts_run_out_the_answer_is_503_and_nothing_is_written() -> None:
+    store, model = AlwaysConflicting(), CountingModel()
+    bot = make_bot(store, model, CHAT_TURN_MAX_ATTEMPTS="3")
+    response = await bot.handle(body=activity("hi", "busy"), headers=HEADERS)
+    assert response.status == 503 and response.headers["Retry-After"] == "1"
+    assert response.body is not None and response.body["error"] == "conversation_busy"
+    assert model.calls == 3 and await store.list_messages("busy") == []
+
+
+async def test_one_worker_queues_turns_of_a_conversation_without_conflicts() -> None:
+    store, model = InMemoryConversationStore(), CountingModel()
+    bot = make_bot(store, model)
+    responses = await asyncio.gather(*(bot.handle(body=activity(f"q{i}", "queue"), headers=HEADERS)
+                                       for i in range(20)))
+    assert [r.status for r in responses] == [200] * 20 and model.calls == 20
+    assert len(await store.list_messages("queue")) == 40
+
+
+async def test_a_retried_activity_returns_the_stored_reply_without_a_model_call() -> None:
+    store, model = InMemoryConversationStore(), CountingModel()
+    bot = make_bot(store, model)
+    first = await bot.handle(body=activity("once", "dup", "act-1"), headers=HEADERS)
+    again = await bot.handle(body=activity("once", "dup", "act-1"), headers=HEADERS)
+    assert first.body == again.body and model.calls == 1
