@@ -36,13 +36,13 @@ class CountingModel:
                          "message": {"role": "assistant", "content": text}}]})
 
 
-def make_bot(store: Any, handler: CountingModel, **env: str) -> ChatBot:
+def make_bot(store: Any, handler: CountingModel, *, real_backoff: bool = False, **env: str) -> ChatBot:
     settings = load_settings({"OPENAI_API_KEY": "sk-test", **env})
     http = httpx2.AsyncClient()
     model = build_model(settings.model, http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(handler)))
     return ChatBot(settings=settings, store=store, model=model, connector=BotConnector(http=http, tokens=None),
                    authenticator=BotAuthenticator(settings.bot, http=http, in_azure=False),
-                   sleep=lambda _: asyncio.sleep(0))
+                   sleep=asyncio.sleep if real_backoff else (lambda _: asyncio.sleep(0)))
 
 
 def activity(text: str, conversation: str, activity_id: str | None = None) -> bytes:
@@ -55,9 +55,9 @@ HEADERS = {"Content-Type": "application/json"}
 
 
 async def test_two_workers_racing_on_one_conversation_store_every_turn_once() -> None:
-    # GIVEN two bots (two workers: no shared lock) on one store
+    # GIVEN two bots (two workers: no shared lock) on one store, with the jittered backoff
     store, model = InMemoryConversationStore(), CountingModel()
-    workers = [make_bot(store, model, CHAT_TURN_MAX_ATTEMPTS="20") for _ in range(2)]
+    workers = [make_bot(store, model, real_backoff=True, CHAT_TURN_MAX_ATTEMPTS="8") for _ in range(2)]
     # WHEN 40 messages to one conversation are spread over both at once
     responses = await asyncio.gather(*(
         workers[i % 2].handle(body=activity(f"m{i}", "shared"), headers=HEADERS) for i in range(40)))
