@@ -64,3 +64,10 @@ def test_the_sample_local_settings_run_offline() -> None:
     sample = json.loads((Path(__file__).parents[1] / "local.settings.sample.json").read_text())
     settings = load_settings(sample["Values"])
     assert settings.model.provider is ModelProvider.OFFLINE and not settings.bot.auth_enabled
+
+
+def test_the_readme_documents_every_setting() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert [s.name for s in SETTINGS if f"| `{s.name}` |" not in readme] == []
