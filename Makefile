@@ -34,6 +34,7 @@ playground: deps
 
 lint: deps
 	$(VENV)/bin/ruff check shared devtools tests benchmarks function_app.py
+	$(VENV)/bin/mypy shared
 
 unit: deps
 	$(PY) -m devtools.azurite -- $(PY) -m pytest -q $(PYTEST_ARGS)

@@ -101,7 +101,7 @@ def build_model(settings: ModelSettings, *, http_client: httpx2.AsyncClient | No
     common: dict[str, Any] = {"max_retries": settings.max_retries, "timeout": settings.timeout_seconds}
     if http_client is not None:
         common["http_client"] = http_client
-    if settings.provider is ModelProvider.AZURE:
+    if settings.provider is ModelProvider.AZURE and settings.azure_endpoint:
         if settings.api_key:
             common["api_key"] = settings.api_key
         else:

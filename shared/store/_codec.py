@@ -54,7 +54,7 @@ def get_text(entity: Entity, name: str) -> str | None:
     if name not in entity:
         return None
     parts = int(entity.get(f"{name}_parts", 1))
-    return entity[name] + "".join(entity[f"{name}_{index}"] for index in range(1, parts))
+    return str(entity[name]) + "".join(str(entity[f"{name}_{index}"]) for index in range(1, parts))
 
 
 def message_entity(pk: str, seq: int, message: ChatMessage, *, tokens: int, turn_seq: int,
