@@ -46,6 +46,9 @@ def test_storage_down_mid_conversation_is_a_503_and_the_next_turn_sees_everythin
                 assert down.status_code == 503 and down.headers["Retry-After"]
                 assert down.json()["error"] == "storage_unavailable"
                 assert local.model.calls == calls
+                # AND the health check says storage is down
+                health = local.http.get(f"{local.host.url}/api/health")
+                assert health.status_code == 503 and health.json()["storage"] == "unreachable"
                 # WHEN storage is back
                 azurite.start()
                 after = local.post(local.message("after", conversation_id=conversation))
