@@ -19,37 +19,12 @@ import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from devtools.local_server import LocalServer
+
 __all__ = ["FakeConnector", "FakeIdentity"]
 
 
-class _Server:
-    def __init__(self) -> None:
-        self.port = 0
-        self._runner: web.AppRunner | None = None
-
-    def routes(self, app: web.Application) -> None:
-        raise NotImplementedError
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> _Server:
-        app = web.Application(client_max_size=8 * 1024 * 1024)
-        self.routes(app)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-
-class FakeConnector(_Server):
+class FakeConnector(LocalServer):
     """The Bot Connector's activities endpoint; `activities` holds what the bot sent."""
 
     def __init__(self, *, latency: float = 0.0) -> None:
@@ -82,7 +57,7 @@ class FakeConnector(_Server):
         return web.json_response({"id": f"reply-{next(self._ids)}"}, status=201)
 
 
-class FakeIdentity(_Server):
+class FakeIdentity(LocalServer):
     """OpenID metadata + JWKS + token endpoint, with keys it can sign with."""
 
     BOTFRAMEWORK_ISSUER = "https://api.botframework.com"

@@ -18,6 +18,8 @@ from typing import Any
 
 from aiohttp import web
 
+from devtools.local_server import LocalServer
+
 __all__ = ["FakeModelServer", "Scripted", "default_reply", "tool_call"]
 
 _ids = itertools.count(1)
@@ -46,7 +48,7 @@ def tool_call(name: str, arguments: dict[str, Any], call_id: str | None = None) 
             "function": {"name": name, "arguments": json.dumps(arguments)}}
 
 
-class FakeModelServer:
+class FakeModelServer(LocalServer):
     def __init__(self, *, latency: float = 0.0,
                  reply: Callable[[dict[str, Any]], str] = default_reply) -> None:
         self.latency = latency
@@ -55,8 +57,7 @@ class FakeModelServer:
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self.paths: list[str] = []
-        self.port = 0
-        self._runner: web.AppRunner | None = None
+        super().__init__()
 
     @property
     def base_url(self) -> str:
@@ -70,26 +71,8 @@ class FakeModelServer:
         self.script.extend(answers)
         return self
 
-    async def start(self, port: int = 0) -> FakeModelServer:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> FakeModelServer:
-        return await self.start()
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.json()
