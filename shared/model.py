@@ -46,13 +46,17 @@ class ChatModel:
                        tools: list[dict[str, Any]] | None = None) -> Completion:
         """One completion; raises a `ModelError` subclass when the call fails for good."""
         options: dict[str, Any] = {}
-        if tools:
-            options["tools"] = tools
         if self._max_reply_tokens:
             options[self._reply_tokens_field] = self._max_reply_tokens
+        # Our messages and tools are already in wire format. Passed as `messages=`, the SDK would
+        # re-walk every one through its TypedDict transform (the largest CPU cost of a turn, and
+        # it grows with the window); in `extra_body` they go out as they are.
+        wire: dict[str, Any] = {"messages": messages}
+        if tools:
+            wire["tools"] = tools
         try:
             response = await self.client.chat.completions.create(
-                model=self.model, messages=messages, **options)  # type: ignore[arg-type]
+                model=self.model, messages=[], extra_body=wire, **options)
         except openai.APITimeoutError as exc:
             raise ModelTimeout("the model did not answer in time") from exc
         except openai.APIConnectionError as exc:
