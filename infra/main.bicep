@@ -79,7 +79,7 @@ param chatMaxToolRounds int = 5
 param chatToolTimeoutSeconds string = '10'
 @minValue(1)
 @maxValue(20)
-param chatTurnMaxAttempts int = 4
+param chatTurnMaxAttempts int = 8
 
 // --- bot and hosting ---
 @allowed(['F0', 'S1'])

@@ -104,8 +104,9 @@ SETTINGS: tuple[Setting, ...] = (
             deployed=False,
             description="Entra authority host for inbound Entra tokens and outbound token "
             "requests (sovereign clouds, tests)."),
-    Setting(name="CHAT_TURN_MAX_ATTEMPTS", default="4",
-            description="Attempts of one turn when another instance commits first."),
+    Setting(name="CHAT_TURN_MAX_ATTEMPTS", default="8",
+            description="Attempts of one turn when another instance commits first (each re-runs "
+            "the prompt after a jittered backoff of up to 1 s)."),
     # hosting
     Setting(name="WEBSITE_SITE_NAME", deployed=False,
             description="Set by Azure App Service/Functions; its presence means 'running in "
