@@ -242,10 +242,14 @@ class ChatBot:
         return response
 
     async def _redeliver(self, activity: Activity, *, send: bool = True) -> BotResponse:
-        """A retry of a committed activity: re-send its stored reply if it never went out."""
+        """A retry of a committed activity: re-send its stored reply if it never went out.
+
+        `send=False` when another instance committed it a moment ago: that instance delivers.
+        """
         turn = await self.store.get_turn(activity.conversation_id, activity.id)
-        if turn is None or (turn.delivered and not activity.expects_replies) or \
-                (not send and not activity.expects_replies):
+        if turn is not None and activity.expects_replies:
+            return await self._deliver(activity, turn)  # the response is the delivery
+        if turn is None or turn.delivered or not send:
             log.info("duplicate activity %r acknowledged without a model call", activity.id)
             return BotResponse(status=200)
         log.info("re-sending the stored reply of activity %r", activity.id)
