@@ -201,9 +201,10 @@ class ChatBot:
                 try:
                     turn = await memory.commit(result, activity_id=activity.id)
                 except ConversationConflict:
-                    log.info("conflict conversation=%r activity=%r attempt=%d; re-running",
+                    log.info("conflict conversation=%r activity=%r attempt=%d",
                              activity.conversation_id, activity.id, attempt + 1)
-                    await self._sleep(random.uniform(0, min(1.0, 0.05 * 2 ** attempt)))
+                    if attempt + 1 < self.settings.turn_max_attempts:
+                        await self._sleep(random.uniform(0, min(1.0, 0.05 * 2 ** attempt)))
                     continue
                 except DuplicateActivity:
                     log.info("activity %r was committed by another instance", activity.id)
