@@ -111,9 +111,11 @@ class DevHostProcess:
     """The dev host in a child process (what `make run` serves), for tests and benchmarks."""
 
     def __init__(self, *, env: dict[str, str], port: int | None = None,
-                 log_path: Path | None = None) -> None:
+                 log_path: Path | None = None, module: str = "devtools.host") -> None:
+        """`module` is run as `python -m module --port N` (a wrapper of this host may stand in)."""
         from devtools.azurite import free_port
 
+        self.module = module
         self.port = port or free_port()
         self.env = env
         self.log_path = log_path or Path(f"/tmp/chatstate-devhost-{self.port}.log")
@@ -122,6 +124,10 @@ class DevHostProcess:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
 
     def start(self, *, timeout: float = 30.0) -> DevHostProcess:
         import os
@@ -134,7 +140,7 @@ class DevHostProcess:
         env.update(self.env)
         self._log = self.log_path.open("wb")
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "devtools.host", "--port", str(self.port)], cwd=ROOT, env=env,
+            [sys.executable, "-m", self.module, "--port", str(self.port)], cwd=ROOT, env=env,
             stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
