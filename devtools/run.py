@@ -45,7 +45,12 @@ def _start_azurite() -> subprocess.Popen[bytes] | None:
     return process
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _interrupt)  # stop what we started on `kill` as on Ctrl-C
     env = local_environment()
     try:
         settings = load_settings(env)
