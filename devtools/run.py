@@ -37,8 +37,7 @@ def _start_azurite() -> subprocess.Popen[bytes] | None:
     print(f"storage: starting Azurite, data in {data.relative_to(ROOT)}/")
     process = subprocess.Popen(
         [str(AZURITE), "--silent", "--skipApiVersionCheck", "--loose", "--location", str(data),
-         "--debug", str(data / "debug.log"), "--blobHost", "127.0.0.1", "--queueHost", "127.0.0.1",
-         "--tableHost", "127.0.0.1"], cwd=ROOT)
+         "--blobHost", "127.0.0.1", "--queueHost", "127.0.0.1", "--tableHost", "127.0.0.1"], cwd=ROOT)
     from devtools.azurite import wait_for_port
 
     wait_for_port(10002)
