@@ -14,26 +14,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from devtools.azurite import STORAGE_ENV, given_or_started
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results.json"
-STORAGE_ENV = "CHATSTATE_TEST_STORAGE"
 
 
 @contextmanager
 def storage() -> Iterator[str]:
     """The Azurite connection string `make bench` passes in, or that of an Azurite started here."""
-    given = os.environ.get(STORAGE_ENV)
-    if given:
-        yield given
-        return
-    from devtools.azurite import Azurite
-
-    azurite = Azurite().start()
-    try:
-        yield azurite.connection_string
-    finally:
-        azurite.stop()
+    with given_or_started(os.environ.get(STORAGE_ENV)) as connection_string:
+        yield connection_string
 
 
 def median(samples: Sequence[float]) -> float:

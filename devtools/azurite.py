@@ -6,6 +6,8 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from shared.store import azurite_connection_string
@@ -69,6 +71,23 @@ class Azurite:
             self._process = None
 
 
+#: `make test` and `make bench` start one Azurite and pass its connection string in this variable.
+STORAGE_ENV = "CHATSTATE_TEST_STORAGE"
+
+
+@contextmanager
+def given_or_started(given: str | None) -> Iterator[str]:
+    """The connection string `given` (from STORAGE_ENV), or that of an Azurite started here."""
+    if given:
+        yield given
+        return
+    azurite = Azurite().start()
+    try:
+        yield azurite.connection_string
+    finally:
+        azurite.stop()
+
+
 def main(argv: list[str]) -> int:
     """`python -m devtools.azurite -- CMD...`: run CMD with a fresh Azurite, then stop it.
 
@@ -79,7 +98,7 @@ def main(argv: list[str]) -> int:
     command = argv[argv.index("--") + 1:] if "--" in argv else argv
     azurite = Azurite().start()
     try:
-        env = {**os.environ, "CHATSTATE_TEST_STORAGE": azurite.connection_string}
+        env = {**os.environ, STORAGE_ENV: azurite.connection_string}
         return subprocess.call(command, env=env)
     finally:
         azurite.stop()

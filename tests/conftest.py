@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from devtools.azurite import Azurite
+from devtools.azurite import STORAGE_ENV, given_or_started
 from shared.store import TableConversationStore
 
 EVENTS = Path(__file__).parent / "events"
@@ -18,15 +18,8 @@ EVENTS = Path(__file__).parent / "events"
 @pytest.fixture(scope="session")
 def azurite_connection_string() -> Iterator[str]:
     """`make test` starts Azurite and passes its connection string; alone, pytest starts one."""
-    given = os.environ.get("CHATSTATE_TEST_STORAGE")
-    if given:
-        yield given
-        return
-    azurite = Azurite().start()
-    try:
-        yield azurite.connection_string
-    finally:
-        azurite.stop()
+    with given_or_started(os.environ.get(STORAGE_ENV)) as connection_string:
+        yield connection_string
 
 
 @pytest.fixture
