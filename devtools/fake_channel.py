@@ -123,9 +123,11 @@ class FakeIdentity(LocalServer):
         return jwt.encode(payload, key or self.keys.get(kid, self.stranger), algorithm=algorithm,
                           headers={"kid": kid})
 
-    def entra_token(self, *, audience: str, expires_in: int = 600) -> str:
+    def entra_token(self, *, audience: str, caller: str | None = None, expires_in: int = 600) -> str:
+        """An app-only Entra token; `caller` (azp) defaults to the audience: the bot's own app."""
         now = int(time.time())
         payload = {"iss": f"https://login.microsoftonline.com/{self.tenant_id}/v2.0", "aud": audience,
-                   "tid": self.tenant_id, "iat": now - 5, "nbf": now - 5, "exp": now + expires_in}
+                   "azp": caller or audience, "tid": self.tenant_id, "iat": now - 5, "nbf": now - 5,
+                   "exp": now + expires_in}
         return jwt.encode(payload, self.keys["entra-key-1"], algorithm="RS256",
                           headers={"kid": "entra-key-1"})

@@ -33,15 +33,17 @@ class Activity:
 
     @property
     def sender(self) -> dict[str, Any]:
-        return dict(self.raw.get("from") or {})
+        value = self.raw.get("from")
+        return dict(value) if isinstance(value, dict) else {}
 
     @property
     def recipient(self) -> dict[str, Any]:
-        return dict(self.raw.get("recipient") or {})
+        value = self.raw.get("recipient")
+        return dict(value) if isinstance(value, dict) else {}
 
     def members_added(self) -> list[dict[str, Any]]:
-        members = self.raw.get("membersAdded") or []
-        return [m for m in members if isinstance(m, dict)]
+        members = self.raw.get("membersAdded")
+        return [m for m in members if isinstance(m, dict)] if isinstance(members, list) else []
 
 
 def parse_activity(body: bytes, headers: Mapping[str, str]) -> Activity:

@@ -9,6 +9,7 @@ skew; for Bot Framework tokens, the key's endorsements include the activity's ch
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -56,14 +57,26 @@ class OpenIdKeys:
         self._http = http
         self._keys: dict[str, _SigningKey] = {}
         self._fetched_at = 0.0
+        self._attempted_at = -float(REFRESH_AT_MOST_EVERY_SECONDS)
+        self._lock = asyncio.Lock()
 
     async def get(self, kid: str) -> _SigningKey | None:
-        now = time.monotonic()
-        stale = now - self._fetched_at > KEYS_TTL_SECONDS
-        unknown = kid not in self._keys and now - self._fetched_at > REFRESH_AT_MOST_EVERY_SECONDS
-        if stale or unknown:
-            await self._refresh()
+        if self._needs_refresh(kid):
+            async with self._lock:  # one refresh at a time; the waiters use its result
+                if self._needs_refresh(kid):
+                    self._attempted_at = time.monotonic()
+                    await self._refresh()
         return self._keys.get(kid)
+
+    def _needs_refresh(self, kid: str) -> bool:
+        """Stale keys, or an unknown key ID, but never more than one attempt a minute (anyone can
+        send a token with a made-up key ID, and failed attempts count too)."""
+        now = time.monotonic()
+        if now - self._attempted_at < REFRESH_AT_MOST_EVERY_SECONDS and self._keys:
+            return False
+        if not self._keys:
+            return now - self._attempted_at >= 1.0  # first fetch, or retry a failed one each second
+        return now - self._fetched_at > KEYS_TTL_SECONDS or kid not in self._keys
 
     async def _refresh(self) -> None:
         try:
@@ -119,12 +132,18 @@ class BotAuthenticator:
             return AuthResult(source="botframework", service_url_trusted=True, claims=claims)
         if self._entra is not None and issuer in self._entra_issuers():
             claims = await self._verify(token, header, self._entra, issuer)
+            # Any app in the tenant can get a token for our audience; only our own app identity
+            # (the Agents Playground with the bot's credentials) may steer replies.
+            caller = claims.get("azp") or claims.get("appid")
+            if caller != self._settings.client_id:
+                raise Unauthorized("caller_not_allowed", f"azp/appid {caller!r}")
             return AuthResult(source="entra", service_url_trusted=True, claims=claims)
         raise Unauthorized("bad_issuer", f"issuer {issuer!r}")
 
     def _entra_issuers(self) -> set[str]:
         tenant = self._settings.tenant_id
-        return {f"https://login.microsoftonline.com/{tenant}/v2.0", f"https://sts.windows.net/{tenant}/"}
+        return {f"{self._settings.authority_host}/{tenant}/v2.0",
+                f"https://login.microsoftonline.com/{tenant}/v2.0", f"https://sts.windows.net/{tenant}/"}
 
     async def _verify(self, token: str, header: dict[str, Any], keys: OpenIdKeys,
                       issuer: str) -> dict[str, Any]:

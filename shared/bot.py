@@ -28,14 +28,16 @@ from .errors import (
     ConnectorError,
     ConversationConflict,
     DuplicateActivity,
+    MessageTooLarge,
     ModelError,
     StoreError,
+    TurnTooLarge,
     Unauthorized,
     http_status_for,
 )
 from .messages import ChatMessage, StoredTurn
 from .model import ChatModel
-from .prompt import ChatPrompt, ConversationMemory
+from .prompt import TURN_LIMIT_REPLY, ChatPrompt, ConversationMemory
 from .settings import Settings
 from .store import MAX_MESSAGE_CHARS, ConversationStore
 from .tokens import count_message_tokens
@@ -132,7 +134,8 @@ class ChatBot:
             return _error(exc, str(exc))
         except Exception:
             log.exception("unexpected failure %s", ids)
-            return BotResponse(status=500, body={"error": "internal_error"})
+            return BotResponse(status=500, body={"error": "internal_error",
+                                                 "reason": "an unexpected error; the log has the details"})
 
     async def _on_message(self, activity: Activity, auth: AuthResult) -> BotResponse:
         self._check_reply_path(activity, auth)
@@ -189,7 +192,9 @@ class ChatBot:
                     max_messages=model_settings.history_max_messages, activity_id=activity.id)
                 window = await memory.load(reserve_tokens=needed)
                 if window.committed_activity:
-                    return await self._redeliver(activity)
+                    # Found on a re-load after a conflict: another instance just committed it
+                    # and delivers it. Found at once: a channel retry, which may need a re-send.
+                    return await self._redeliver(activity, send=attempt == 0)
                 if typing is None and not activity.expects_replies:
                     typing = asyncio.create_task(self._send_typing(activity))
                 try:
@@ -209,6 +214,10 @@ class ChatBot:
                 except DuplicateActivity:
                     log.info("activity %r was committed by another instance", activity.id)
                     return await self._redeliver(activity, send=False)
+                except (TurnTooLarge, MessageTooLarge) as exc:
+                    log.warning("turn too large to store conversation=%r activity=%r: %s",
+                                activity.conversation_id, activity.id, exc)
+                    return await self._reply(activity, TURN_LIMIT_REPLY, ai=False)
                 log.info("turn committed conversation=%r activity=%r attempts=%d rows_read=%d "
                          "window=%d model=%s tokens=%d ms=%.1f", activity.conversation_id,
                          activity.id, attempt + 1, window.rows_read, len(window.messages),
@@ -239,7 +248,11 @@ class ChatBot:
         text = reply.content if reply is not None and reply.content else ""
         response = await self._reply(activity, text, ai=True)
         if not activity.expects_replies:
-            await self.store.mark_delivered(activity.conversation_id, activity.id)
+            try:
+                await self.store.mark_delivered(activity.conversation_id, activity.id)
+            except StoreError as exc:  # the reply went out: a 5xx now would get it sent twice
+                log.warning("reply delivered but not recorded conversation=%r activity=%r: %s",
+                            activity.conversation_id, activity.id, exc)
         return response
 
     async def _redeliver(self, activity: Activity, *, send: bool = True) -> BotResponse:

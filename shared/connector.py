@@ -127,6 +127,7 @@ class BotConnector:
         if response.status_code >= 300:
             raise ConnectorError(f"the Bot Connector answered {response.status_code}")
         try:
-            return str(response.json().get("id") or "") or None
+            body = response.json()
         except ValueError:
             return None
+        return (str(body.get("id") or "") or None) if isinstance(body, dict) else None

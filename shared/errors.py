@@ -9,6 +9,7 @@
     ├── AuthUnavailable            503  the signing keys could not be fetched (our side, not theirs)
     ├── StoreError                 503  storage failed in a way a retry may fix
     │   ├── StorageUnavailable     503  storage could not be reached
+    │   ├── StorageRejected        400  storage refused the data (a retry would fail the same way)
     │   └── ConversationConflict   409  another turn committed first (stale ETag)
     ├── DuplicateActivity          200  the activity was already committed (carries its turn)
     ├── MessageTooLarge            400  one message is over the stored-size limit; nothing written
@@ -47,6 +48,7 @@ __all__ = [
     "ModelUnavailable",
     "PayloadTooLarge",
     "SettingsError",
+    "StorageRejected",
     "StorageUnavailable",
     "StoreError",
     "TurnTooLarge",
@@ -111,6 +113,11 @@ class StoreError(ChatstateError):
 
 class StorageUnavailable(StoreError):
     code = "storage_unavailable"
+
+
+class StorageRejected(StoreError):
+    status = 400
+    code = "storage_rejected"
 
 
 class ConversationConflict(StoreError):

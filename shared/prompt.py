@@ -13,6 +13,7 @@ commits, in one ETag-guarded transaction.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -170,7 +171,7 @@ class ChatPrompt:
     async def _invoke(self, call: Any) -> ChatMessage:
         function = self.functions.get(call.name)
         if function is None:
-            content = f'{{"error": "there is no tool named {call.name}"}}'
+            content = json.dumps({"error": f"there is no tool named {call.name}"}, ensure_ascii=False)
             log.warning("the model called an unknown tool %s", call.name)
         else:
             content = (await function.invoke(call, time_limit=self.tool_timeout_seconds)).content

@@ -92,13 +92,15 @@ class Function:
             awaitable = self._bind(arguments)
         except (pydantic.ValidationError, jsonschema.ValidationError) as exc:
             return _failed(call, f"arguments do not match the schema: {_short(exc)}")
+        except TypeError as exc:  # the schema allowed what the handler's signature does not
+            return _failed(call, f"arguments do not fit the tool: {exc}")
         try:
             value = await asyncio.wait_for(awaitable, timeout=time_limit)
+            text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
         except TimeoutError:
             return _failed(call, f"the tool did not finish within {time_limit:g} s")
-        except Exception as exc:
+        except Exception as exc:  # a tool's failure, whatever it is, is reported to the model
             return _failed(call, f"{type(exc).__name__}: {exc}")
-        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
         if len(text) > MAX_TOOL_RESULT_CHARS:
             text = text[:MAX_TOOL_RESULT_CHARS] + " …[truncated]"
         return ToolResult(call=call, content=text)

@@ -258,3 +258,37 @@ async def test_the_window_holds_whole_turns_within_the_token_budget(
     # THEN the two newest whole turns come back, starting at a user message
     assert [m.content[:2] for m in window.messages] == ["q4", "r4", "q5", "r5"]
     assert window.tokens <= per_turn * 5 // 2
+
+
+async def test_a_commit_racing_the_same_activity_on_another_instance_is_a_duplicate(
+        table_store: TableConversationStore) -> None:
+    # GIVEN two instances that loaded the conversation before either committed activity X
+    await commit(table_store, "race", "a0", turn("zero", "0"))
+    first = await table_store.load_window("race", token_budget=BIG_BUDGET, max_messages=10)
+    second = await table_store.load_window("race", token_budget=BIG_BUDGET, max_messages=10)
+    await table_store.commit_turn(first, activity_id="X", messages=turn("x", "first reply"))
+    # WHEN the second commits X with its stale window (the head's ETag fails before the marker)
+    with pytest.raises(DuplicateActivity) as caught:
+        await table_store.commit_turn(second, activity_id="X", messages=turn("x", "second reply"))
+    # THEN it is told X is in, with the first reply, not merely "conflict"
+    assert caught.value.turn is not None and caught.value.turn.reply is not None
+    assert caught.value.turn.reply.content == "first reply"
+
+
+async def test_concurrent_clears_both_succeed_and_remove_everything(
+        table_store: TableConversationStore, azurite_connection_string: str, table_name: str) -> None:
+    await seed(table_store, "twice", 250)
+    results = await asyncio.gather(table_store.clear("twice"), table_store.clear("twice"))
+    assert sum(results) >= 250
+    assert await raw_rows(azurite_connection_string, table_name, "twice") == []
+    assert await table_store.clear("never-stored") == 0
+
+
+def test_the_size_check_counts_what_goes_on_the_wire() -> None:
+    from shared.store import check_turn
+
+    # 40 messages of 20,000 CJK characters: 2.4 MB as UTF-8, 4.8 MB as the SDK's escaped JSON
+    cjk = [ChatMessage(role="tool", content="会" * 20_000, tool_call_id=str(i)) for i in range(40)]
+    with pytest.raises(TurnTooLarge):
+        check_turn(cjk)
+    check_turn([ChatMessage(role="tool", content="a" * 20_000, tool_call_id=str(i)) for i in range(40)])

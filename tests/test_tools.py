@@ -52,6 +52,15 @@ async def weather_handler(params: WeatherParams) -> dict:
 weather = Function("weather", "Weather in a city.", weather_handler, WeatherParams)
 
 
+async def city_handler(city: str) -> str:
+    return f"sunny in {city}"
+
+
+#: An explicit schema that allows what the handler cannot take (extra and missing arguments).
+loose = Function("loose", "A lax schema.", city_handler,
+                 {"type": "object", "properties": {"city": {"type": "string"}}})
+
+
 def model_for(server: FakeModelServer) -> ChatModel:
     return build_model(load_settings({"OPENAI_BASE_URL": server.base_url,
                                       "OPENAI_MODEL": "tool-model"}).model)
@@ -120,13 +129,15 @@ async def test_a_turn_with_two_rounds_stores_every_message_and_the_next_turn_sen
     ("add", {"a": 1}, "do not match the schema"),
     ("dawdle", {}, "did not finish"),
     ("nope", {}, "no tool named nope"),
+    ("loose", {"city": "Oslo", "unit": "C"}, "do not fit the tool"),
+    ("loose", {}, "do not fit the tool"),
 ])
 async def test_a_failing_tool_gives_the_model_an_error_and_the_user_a_reply(
         server: FakeModelServer, bad_tool: str, arguments: dict, expected: str,
         caplog: pytest.LogCaptureFixture) -> None:
     server.then(Scripted(tool_calls=[tool_call(bad_tool, arguments, "bad")]),
                 Scripted(content="Sorry, that did not work."))
-    prompt = ChatPrompt(model_for(server), functions=[add, explode, dawdle],
+    prompt = ChatPrompt(model_for(server), functions=[add, explode, dawdle, loose],
                         tool_timeout_seconds=0.2)
     result = await prompt.send(input="try it")
     assert result.response.content == "Sorry, that did not work."

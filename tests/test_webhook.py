@@ -148,11 +148,44 @@ def test_a_welcome_greets_an_added_user_and_other_activities_are_ignored(channel
     assert channel.history(conversation) == []
 
 
-def test_an_entra_token_for_the_bots_tenant_is_accepted(channel: Bench) -> None:
+def test_an_entra_token_of_the_bots_own_app_is_accepted(channel: Bench) -> None:
     conversation = new_conversation()
     activity = channel.message("from the playground", conversation_id=conversation)
     response = channel.post(activity, token=channel.identity.entra_token(audience=CLIENT_ID))
     assert response.status_code == 200 and len(channel.history(conversation)) == 2
+
+
+def test_an_entra_token_of_another_app_in_the_tenant_is_refused(channel: Bench) -> None:
+    # GIVEN another app of the tenant, which can get a token for the bot's audience
+    conversation = new_conversation()
+    activity = channel.message("steal replies", conversation_id=conversation,
+                               serviceUrl="https://attacker.example.com/", deliveryMode="expectReplies")
+    token = channel.identity.entra_token(audience=CLIENT_ID, caller="some-other-app")
+    # WHEN it posts THEN it is refused and nothing happens
+    calls = channel.model.calls
+    response = channel.post(activity, token=token)
+    assert response.status_code == 401 and response.json() == {"error": "caller_not_allowed"}
+    assert channel.model.calls == calls and channel.history(conversation) == []
+
+
+def test_made_up_key_ids_cannot_make_the_bot_fetch_keys_again_and_again(channel: Bench) -> None:
+    activity = channel.message("x", conversation_id=new_conversation())
+    channel.post(activity, token=channel.token_for(activity, kid="warm-up"))
+    fetched = channel.identity.metadata_requests
+    with ThreadPoolExecutor(10) as pool:
+        statuses = list(pool.map(lambda i: channel.post(
+            activity, token=channel.token_for(activity, kid=f"made-up-{i}")).status_code, range(20)))
+    assert statuses == [401] * 20
+    assert channel.identity.metadata_requests == fetched
+
+
+def test_malformed_optional_fields_do_not_break_a_turn(channel: Bench) -> None:
+    conversation = new_conversation()
+    activity = channel.message("odd sender", conversation_id=conversation, deliveryMode="expectReplies")
+    activity["from"] = "not an object"
+    activity["recipient"] = ["nor", "this"]
+    response = channel.post(activity)
+    assert response.status_code == 200 and response.json()["activities"][0]["recipient"] == {}
 
 
 TOKEN_FAULTS = {

@@ -155,7 +155,8 @@ def check_turn(messages: Sequence[ChatMessage]) -> None:
                 raise MessageTooLarge(
                     f"a {message.role} message holds at most {MAX_MESSAGE_CHARS:,} characters, "
                     f"got {len(text):,}")
-            size += len(json.dumps(text, ensure_ascii=False).encode("utf-8")) if text else 0
+            # The SDK sends JSON with non-ASCII escaped (\uXXXX): count what goes on the wire.
+            size += len(json.dumps(text)) if text else 0
         size += 1_024  # keys, metadata and batch framing of one entity
     if size > MAX_TURN_BYTES:
         raise TurnTooLarge(f"a turn may store at most {MAX_TURN_BYTES:,} bytes, got {size:,}")

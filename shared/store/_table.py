@@ -28,7 +28,13 @@ from azure.core.exceptions import (
 from azure.data.tables import TableTransactionError, UpdateMode
 from azure.data.tables.aio import TableClient
 
-from ..errors import ConversationConflict, DuplicateActivity, StorageUnavailable, StoreError
+from ..errors import (
+    ConversationConflict,
+    DuplicateActivity,
+    StorageRejected,
+    StorageUnavailable,
+    TurnTooLarge,
+)
 from ..keys import encode_key
 from ..messages import ChatMessage, StoredTurn, utc_now
 from ..window import WindowBuilder
@@ -78,7 +84,7 @@ async def _translated(action: str) -> AsyncIterator[None]:
     except HttpResponseError as exc:
         if exc.status_code is None or exc.status_code >= 500 or exc.status_code in (408, 429):
             raise StorageUnavailable(f"storage failed while {action}: {exc.message}") from exc
-        raise StoreError(f"storage refused {action}: {exc.message}") from exc
+        raise StorageRejected(f"storage refused {action}: {exc.message}") from exc
     except AzureError as exc:
         raise StorageUnavailable(f"storage failed while {action}: {exc}") from exc
 
@@ -156,6 +162,7 @@ class TableConversationStore(ConversationStore):
             done = False
             async for page in pages:
                 round_trips += 1
+                rows_before = rows_read
                 async for entity in page:
                     rows_read += 1
                     if entity["RowKey"] == HEAD:
@@ -167,7 +174,7 @@ class TableConversationStore(ConversationStore):
                         done = True
                         break
                     rows_used += 1
-                if done or head is None:
+                if done or (head is None and rows_read > rows_before):
                     break
         self._remember_page_size(pk, rows_used + 1)
         recent = json.loads(head.get("recent", "[]")) if head else []
@@ -221,13 +228,15 @@ class TableConversationStore(ConversationStore):
     async def _raise_commit_failure(self, exc: TableTransactionError, window: ConversationWindow,
                                     activity_id: str) -> None:
         code = str(getattr(exc, "error_code", "") or "")
+        if exc.status_code == 413 or code == "RequestBodyTooLarge":
+            raise TurnTooLarge("storage refused the turn as too large") from exc
         if code not in _CONDITIONAL_FAILURES and exc.status_code not in (404, 409, 412):
             raise exc
-        if code == "EntityAlreadyExists" and getattr(exc, "index", 0) != 0:
-            # The marker or a message row exists: either this activity is in, or a row collided.
-            turn = await self._get_turn(window.conversation_id, activity_id)
-            if turn is not None:
-                raise DuplicateActivity(activity_id, turn) from exc
+        # Whichever row failed (a stale head fails before the marker is reached), the activity
+        # may have been committed by another instance meanwhile: then it is a duplicate.
+        turn = await self._get_turn(window.conversation_id, activity_id)
+        if turn is not None:
+            raise DuplicateActivity(activity_id, turn) from exc
         raise ConversationConflict(
             f"conversation {window.conversation_id!r} changed since it was loaded ({code})") from exc
 
@@ -283,15 +292,16 @@ class TableConversationStore(ConversationStore):
         pk = encode_key(conversation_id)
         async with _translated("clearing the conversation"):
             head_etag, cleared_seq = await self._hide_history(pk)
+            if head_etag is None or cleared_seq is None:
+                return 0  # nothing stored (or another clear got there first)
             removed = await self._delete_rows(pk, up_to_seq=cleared_seq)
-            if head_etag is not None:
-                try:
-                    await self._table.delete_entity(pk, HEAD, etag=head_etag,
-                                                    match_condition=MatchConditions.IfNotModified)
-                    removed += 1
-                except ResourceModifiedError:
-                    log.info("conversation %s got a new turn while it was cleared; kept it",
-                             conversation_id)
+            try:
+                await self._table.delete_entity(pk, HEAD, etag=head_etag,
+                                                match_condition=MatchConditions.IfNotModified)
+                removed += 1
+            except ResourceModifiedError:
+                log.info("conversation %s got a new turn while it was cleared; kept it",
+                         conversation_id)
         self._page_hints.pop(pk, None)
         return removed
 
@@ -311,11 +321,13 @@ class TableConversationStore(ConversationStore):
                     match_condition=MatchConditions.IfNotModified)
             except ResourceModifiedError:
                 continue
+            except ResourceNotFoundError:
+                return None, None  # another clear removed it
             return str(result["etag"]), cleared
         raise ConversationConflict("the conversation kept changing while it was cleared")
 
-    async def _delete_rows(self, pk: str, *, up_to_seq: int | None) -> int:
-        """Delete message and marker rows up to `up_to_seq` (all rows but the head when None)."""
+    async def _delete_rows(self, pk: str, *, up_to_seq: int) -> int:
+        """Delete the message and marker rows up to `up_to_seq`, in transactions of 100."""
         doomed: list[str] = []
         async for entity in self._table.query_entities(
                 "PartitionKey eq @pk", parameters={"pk": pk},
@@ -324,12 +336,17 @@ class TableConversationStore(ConversationStore):
             if key == HEAD:
                 continue
             seq = entity.get("seq") if not key.startswith(MARKER_PREFIX) else entity.get("last_seq")
-            if up_to_seq is None or seq is None or int(seq) <= up_to_seq:
+            if seq is None or int(seq) <= up_to_seq:
                 doomed.append(key)
         for start in range(0, len(doomed), 100):
-            batch = [("delete", {"PartitionKey": pk, "RowKey": key})
-                     for key in doomed[start:start + 100]]
-            await self._table.submit_transaction(batch)
+            keys = doomed[start:start + 100]
+            try:
+                await self._table.submit_transaction(
+                    [("delete", {"PartitionKey": pk, "RowKey": key}) for key in keys])
+            except TableTransactionError:
+                # A concurrent clear deleted some of them: delete the rest one by one.
+                for key in keys:
+                    await self._table.delete_entity(pk, key)
         return len(doomed)
 
 
