@@ -47,17 +47,27 @@ class _CachedToken:
         return self._value
 
 
-class ClientSecretTokens:
-    """The client-credentials grant for a bot with a client secret."""
+class _CachingTokens:
+    """A token source that fetches with `_fetch` and keeps the token until near its expiry."""
 
-    def __init__(self, *, client_id: str, client_secret: str, authority: str,
-                 http: httpx2.AsyncClient) -> None:
-        self._client_id, self._secret, self._authority = client_id, client_secret, authority
-        self._http = http
+    def __init__(self) -> None:
         self._cache = _CachedToken()
 
     async def token(self) -> str:
         return await self._cache.get(self._fetch)
+
+    async def _fetch(self) -> tuple[str, float]:
+        raise NotImplementedError
+
+
+class ClientSecretTokens(_CachingTokens):
+    """The client-credentials grant for a bot with a client secret."""
+
+    def __init__(self, *, client_id: str, client_secret: str, authority: str,
+                 http: httpx2.AsyncClient) -> None:
+        super().__init__()
+        self._client_id, self._secret, self._authority = client_id, client_secret, authority
+        self._http = http
 
     async def _fetch(self) -> tuple[str, float]:
         try:
@@ -71,15 +81,12 @@ class ClientSecretTokens:
             raise ConnectorError(f"cannot get a Bot Framework token: {exc}") from exc
 
 
-class CredentialTokens:
+class CredentialTokens(_CachingTokens):
     """Tokens from an azure-identity async credential (the managed identity in Azure)."""
 
     def __init__(self, credential: Any) -> None:
+        super().__init__()
         self._credential = credential
-        self._cache = _CachedToken()
-
-    async def token(self) -> str:
-        return await self._cache.get(self._fetch)
 
     async def _fetch(self) -> tuple[str, float]:
         try:

@@ -125,11 +125,13 @@ class ChatPrompt:
         window = None
         history: list[ChatMessage] = []
         if memory is not None:
-            needed = count_message_tokens(user)
-            if needed > memory.token_budget:
-                raise InputTooLong(f"the message needs about {needed:,} tokens; the budget for a "
-                                   f"turn is {memory.token_budget:,}")
-            window = memory.window or await memory.load(reserve_tokens=needed)
+            window = memory.window
+            if window is None:  # a caller that pre-loaded the window (the webhook) checked already
+                needed = count_message_tokens(user)
+                if needed > memory.token_budget:
+                    raise InputTooLong(f"the message needs about {needed:,} tokens; the budget "
+                                       f"for a turn is {memory.token_budget:,}")
+                window = await memory.load(reserve_tokens=needed)
             history = list(window.messages)
         system = instructions if instructions is not None else self.instructions
         request = ([{"role": "system", "content": system}] if system else []) + \
