@@ -67,9 +67,12 @@ def _build_store(settings: Settings, credential: Any | None) -> ConversationStor
             credential = DefaultAzureCredential(
                 managed_identity_client_id=storage.managed_identity_client_id)
         return TableConversationStore.from_endpoint(storage.table_endpoint,
-                                                    table_name=storage.table_name, credential=credential)
+                                                    table_name=storage.table_name,
+                                                    credential=credential,
+                                                    env_proxy=storage.env_proxy)
     return TableConversationStore.from_connection_string(storage.connection_string,
-                                                         table_name=storage.table_name)
+                                                         table_name=storage.table_name,
+                                                         env_proxy=storage.env_proxy)
 
 
 def _warn_about(settings: Settings) -> None:

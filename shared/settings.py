@@ -107,6 +107,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(name="CHAT_TURN_MAX_ATTEMPTS", default="8",
             description="Attempts of one turn when another instance commits first (each re-runs "
             "the prompt after a jittered backoff of up to 1 s)."),
+    # network
+    Setting(name="HTTPS_PROXY", deployed=False,
+            description="Standard proxy variable for outbound HTTPS; with it (or HTTP_PROXY) set, "
+            "storage requests also honour the proxy variables (NO_PROXY too), looked up per "
+            "request. Unset, that lookup is skipped."),
+    Setting(name="HTTP_PROXY", deployed=False,
+            description="Standard proxy variable for outbound plain HTTP (see HTTPS_PROXY)."),
     # hosting
     Setting(name="WEBSITE_SITE_NAME", deployed=False,
             description="Set by Azure App Service/Functions; its presence means 'running in "
@@ -136,6 +143,8 @@ class StorageSettings:
     table_endpoint: str | None
     table_name: str
     managed_identity_client_id: str | None
+    #: HTTP(S)_PROXY is set: the storage transport must look proxies up from the environment.
+    env_proxy: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -255,6 +264,7 @@ def _storage(read: _Reader, identity: str | None) -> StorageSettings:
         table_endpoint=read.url("CHAT_STORAGE_TABLE_ENDPOINT"),
         table_name=table_name,
         managed_identity_client_id=identity,
+        env_proxy=read.given("HTTPS_PROXY") or read.given("HTTP_PROXY"),
     )
 
 

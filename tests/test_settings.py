@@ -71,3 +71,11 @@ def test_the_readme_documents_every_setting() -> None:
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert [s.name for s in SETTINGS if f"| `{s.name}` |" not in readme] == []
+
+
+def test_a_proxy_variable_makes_storage_honour_the_environment_proxies() -> None:
+    # GIVEN no proxy, then HTTPS_PROXY, then HTTP_PROXY
+    # THEN only a given proxy makes the storage transport look proxies up
+    assert load_settings({}).storage.env_proxy is False
+    assert load_settings({"HTTPS_PROXY": "http://proxy:3128"}).storage.env_proxy is True
+    assert load_settings({"HTTP_PROXY": "http://proxy:3128"}).storage.env_proxy is True

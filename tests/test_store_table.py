@@ -8,7 +8,13 @@ import random
 import pytest
 from azure.data.tables.aio import TableClient
 
-from shared.errors import ConversationConflict, DuplicateActivity, MessageTooLarge, TurnTooLarge
+from shared.errors import (
+    ConversationConflict,
+    DuplicateActivity,
+    MessageTooLarge,
+    StorageUnavailable,
+    TurnTooLarge,
+)
 from shared.keys import encode_key
 from shared.messages import ChatMessage
 from shared.store import MAX_MESSAGE_CHARS, TableConversationStore
@@ -292,3 +298,25 @@ def test_the_size_check_counts_what_goes_on_the_wire() -> None:
     with pytest.raises(TurnTooLarge):
         check_turn(cjk)
     check_turn([ChatMessage(role="tool", content="a" * 20_000, tool_call_id=str(i)) for i in range(40)])
+
+
+async def test_environment_proxies_are_used_only_when_asked_for(
+        azurite_connection_string: str, table_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN an HTTP proxy variable pointing at a port where nothing listens
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    direct = TableConversationStore.from_connection_string(azurite_connection_string,
+                                                           table_name=table_name)
+    proxied = TableConversationStore.from_connection_string(azurite_connection_string,
+                                                            table_name=table_name, env_proxy=True)
+    try:
+        # WHEN each checks storage
+        await direct.ping()
+        # THEN the store that was not asked to honour it goes direct, and the other goes to the
+        # (dead) proxy and reports storage unavailable
+        with pytest.raises(StorageUnavailable):
+            await proxied.ping()
+    finally:
+        await direct.close()
+        await proxied.close()

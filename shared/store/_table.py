@@ -25,7 +25,8 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
-from azure.data.tables import TableTransactionError, UpdateMode
+from azure.core.pipeline.transport import AioHttpTransport
+from azure.data.tables import UpdateMode
 from azure.data.tables.aio import TableClient
 
 from ..errors import (
@@ -49,6 +50,7 @@ from ._codec import (
     message_entity,
     message_row_key,
 )
+from ._wire import ETAG, Operation, TableWire, TransactionFailed, odata_literal
 
 __all__ = ["TableConversationStore", "azurite_connection_string"]
 
@@ -60,7 +62,6 @@ AZURITE_ACCOUNT_KEY = (
 RECENT_ACTIVITIES = 32
 MAX_PAGE = 1_000
 _HINTS_KEPT = 4_096
-_WINDOW_FILTER = "PartitionKey eq @pk and RowKey ge @head and RowKey lt @end"
 #: Fail fast when storage is down: a channel waits about 15 s for the whole turn.
 CLIENT_OPTIONS: dict[str, Any] = {"retry_total": 2, "retry_backoff_factor": 0.2,
                                   "connection_timeout": 5, "read_timeout": 10}
@@ -94,21 +95,26 @@ class TableConversationStore(ConversationStore):
 
     def __init__(self, *, table: TableClient, create_table: bool = True) -> None:
         self._table = table
+        self._wire = TableWire(table)
         self._table_ready = not create_table
         # Rows each conversation needed last time: the next read asks for that in one page.
         self._page_hints: OrderedDict[str, int] = OrderedDict()
 
     @classmethod
-    def from_connection_string(cls, connection_string: str, *, table_name: str) -> TableConversationStore:
+    def from_connection_string(cls, connection_string: str, *, table_name: str,
+                               env_proxy: bool = False) -> TableConversationStore:
+        """`env_proxy`: honour HTTP(S)_PROXY (aiohttp then looks them up on a thread per request)."""
         if connection_string.strip().lower().rstrip(";") == "usedevelopmentstorage=true":
             connection_string = azurite_connection_string()
-        return cls(table=TableClient.from_connection_string(connection_string, table_name=table_name,
-                                                            **CLIENT_OPTIONS))
+        return cls(table=TableClient.from_connection_string(
+            connection_string, table_name=table_name, transport=_transport(env_proxy=env_proxy),
+            **CLIENT_OPTIONS))
 
     @classmethod
-    def from_endpoint(cls, endpoint: str, *, table_name: str, credential: Any) -> TableConversationStore:
+    def from_endpoint(cls, endpoint: str, *, table_name: str, credential: Any,
+                      env_proxy: bool = False) -> TableConversationStore:
         return cls(table=TableClient(endpoint=endpoint, table_name=table_name, credential=credential,
-                                     **CLIENT_OPTIONS))
+                                     transport=_transport(env_proxy=env_proxy), **CLIENT_OPTIONS))
 
     async def close(self) -> None:
         await self._table.close()
@@ -116,11 +122,7 @@ class TableConversationStore(ConversationStore):
     async def ping(self) -> None:
         await self._ready()
         async with _translated("checking storage"):
-            pages = self._table.query_entities("PartitionKey eq @pk", parameters={"pk": "~ping"},
-                                               results_per_page=1).by_page()
-            async for page in pages:
-                async for _ in page:
-                    pass
+            async for _ in self._wire.query(_partition("~ping"), page_size=1):
                 break
 
     async def _ready(self) -> None:
@@ -156,17 +158,14 @@ class TableConversationStore(ConversationStore):
         head_etag: str | None = None
         rows_read = round_trips = rows_used = 0
         async with _translated("loading the conversation"):
-            pages = self._table.query_entities(
-                _WINDOW_FILTER, parameters={"pk": pk, "head": HEAD, "end": MESSAGES_END},
-                results_per_page=page_size).by_page()
             done = False
-            async for page in pages:
+            async for page in self._wire.query(_window(pk), page_size=page_size):
                 round_trips += 1
                 rows_before = rows_read
-                async for entity in page:
+                for entity in page:
                     rows_read += 1
                     if entity["RowKey"] == HEAD:
-                        head, head_etag = dict(entity), _etag_of(entity)
+                        head, head_etag = entity, entity.get(ETAG)
                         rows_used += 1
                         continue
                     visible = head is not None and entity["seq"] > head.get("cleared_seq", 0)
@@ -201,23 +200,21 @@ class TableConversationStore(ConversationStore):
         first, last = window.last_seq + 1, window.last_seq + len(messages)
         head = _next_head(pk, window, activity_id=activity_id, first=first, last=last,
                           tokens=sum(tokens))
-        if window.version is None:
-            head_op: tuple[Any, ...] = ("create", head)
-        else:
-            head_op = ("update", head, {"mode": UpdateMode.REPLACE, "etag": window.version,
-                                        "match_condition": MatchConditions.IfNotModified})
+        head_op = (Operation("create", head) if window.version is None
+                   else Operation("replace", head, etag=window.version))
         marker = {"PartitionKey": pk, "RowKey": marker_row_key(activity_id),
                   "activity_id": activity_id, "first_seq": first, "last_seq": last,
                   "delivered": False, "committed_at": utc_now()}
         rows = [message_entity(pk, first + offset, message, tokens=count, turn_seq=first,
                                activity_id=activity_id)
                 for offset, (message, count) in enumerate(zip(messages, tokens, strict=True))]
-        operations = [head_op, ("create", marker), *(("create", row) for row in rows)]
+        operations = [head_op, Operation("create", marker),
+                      *(Operation("create", row) for row in rows)]
         try:
             async with _translated("committing the turn"):
                 try:
-                    await self._table.submit_transaction(operations)
-                except TableTransactionError as exc:
+                    await self._wire.transact(operations)
+                except TransactionFailed as exc:
                     await self._raise_commit_failure(exc, window, activity_id)
         finally:
             self._remember_page_size(pk, len(window.messages) + len(messages) + 1)
@@ -225,9 +222,9 @@ class TableConversationStore(ConversationStore):
         return StoredTurn(conversation_id=window.conversation_id, activity_id=activity_id,
                           messages=stored)
 
-    async def _raise_commit_failure(self, exc: TableTransactionError, window: ConversationWindow,
+    async def _raise_commit_failure(self, exc: TransactionFailed, window: ConversationWindow,
                                     activity_id: str) -> None:
-        code = str(getattr(exc, "error_code", "") or "")
+        code = exc.error_code or ""
         if exc.status_code == 413 or code == "RequestBodyTooLarge":
             raise TurnTooLarge("storage refused the turn as too large") from exc
         if code not in _CONDITIONAL_FAILURES and exc.status_code not in (404, 409, 412):
@@ -251,9 +248,9 @@ class TableConversationStore(ConversationStore):
             except ResourceNotFoundError:
                 return None
             first, last = int(marker["first_seq"]), int(marker["last_seq"])
-            rows = [entity async for entity in self._table.query_entities(
-                "PartitionKey eq @pk and RowKey ge @low and RowKey le @high",
-                parameters={"pk": pk, "low": message_row_key(last), "high": message_row_key(first)})]
+            rows = [entity async for page in self._wire.query(
+                f"{_partition(pk)} and RowKey ge {odata_literal(message_row_key(last))}"
+                f" and RowKey le {odata_literal(message_row_key(first))}") for entity in page]
         messages = tuple(entity_message(row) for row in sorted(rows, key=lambda row: row["seq"]))
         return StoredTurn(conversation_id=conversation_id, activity_id=activity_id,
                           messages=messages, delivered=bool(marker.get("delivered", False)))
@@ -264,7 +261,7 @@ class TableConversationStore(ConversationStore):
                   "RowKey": marker_row_key(activity_id), "delivered": True}
         async with _translated("marking a reply delivered"):
             try:
-                await self._table.update_entity(entity, mode=UpdateMode.MERGE)
+                await self._wire.merge(entity)
             except ResourceNotFoundError:
                 log.info("activity %s of conversation %s was cleared before delivery was recorded",
                          activity_id, conversation_id)
@@ -277,14 +274,17 @@ class TableConversationStore(ConversationStore):
         newest_first: list[ChatMessage] = []
         async with _translated("listing messages"):
             cleared = None
-            async for entity in self._table.query_entities(
-                    _WINDOW_FILTER, parameters={"pk": pk, "head": HEAD, "end": MESSAGES_END}):
-                if entity["RowKey"] == HEAD:
-                    cleared = int(entity.get("cleared_seq", 0))
+            async for page in self._wire.query(_window(pk)):
+                for entity in page:
+                    if entity["RowKey"] == HEAD:
+                        cleared = int(entity.get("cleared_seq", 0))
+                        continue
+                    if cleared is None or entity["seq"] <= cleared:
+                        break
+                    newest_first.append(entity_message(entity))
+                else:
                     continue
-                if cleared is None or entity["seq"] <= cleared:
-                    break
-                newest_first.append(entity_message(entity))
+                break
         return newest_first[::-1]
 
     async def _clear(self, conversation_id: str) -> int:
@@ -329,31 +329,39 @@ class TableConversationStore(ConversationStore):
     async def _delete_rows(self, pk: str, *, up_to_seq: int) -> int:
         """Delete the message and marker rows up to `up_to_seq`, in transactions of 100."""
         doomed: list[str] = []
-        async for entity in self._table.query_entities(
-                "PartitionKey eq @pk", parameters={"pk": pk},
-                select=["RowKey", "seq", "last_seq"]):
-            key = entity["RowKey"]
-            if key == HEAD:
-                continue
-            seq = entity.get("seq") if not key.startswith(MARKER_PREFIX) else entity.get("last_seq")
-            if seq is None or int(seq) <= up_to_seq:
-                doomed.append(key)
+        async for page in self._wire.query(_partition(pk), select=["RowKey", "seq", "last_seq"]):
+            for entity in page:
+                key = entity["RowKey"]
+                if key == HEAD:
+                    continue
+                seq = entity.get("seq") if not key.startswith(MARKER_PREFIX) \
+                    else entity.get("last_seq")
+                if seq is None or int(seq) <= up_to_seq:
+                    doomed.append(key)
         for start in range(0, len(doomed), 100):
             keys = doomed[start:start + 100]
             try:
-                await self._table.submit_transaction(
-                    [("delete", {"PartitionKey": pk, "RowKey": key}) for key in keys])
-            except TableTransactionError:
+                await self._wire.transact(
+                    [Operation("delete", {"PartitionKey": pk, "RowKey": key}) for key in keys])
+            except TransactionFailed:
                 # A concurrent clear deleted some of them: delete the rest one by one.
                 for key in keys:
                     await self._table.delete_entity(pk, key)
         return len(doomed)
 
 
-def _etag_of(entity: Entity) -> str | None:
-    metadata = getattr(entity, "metadata", None) or {}
-    etag = metadata.get("etag")
-    return str(etag) if etag else None
+def _transport(*, env_proxy: bool) -> AioHttpTransport:
+    return AioHttpTransport(use_env_settings=env_proxy)
+
+
+def _partition(pk: str) -> str:
+    return f"PartitionKey eq {odata_literal(pk)}"
+
+
+def _window(pk: str) -> str:
+    """The head and every message row of a partition, newest message first."""
+    return (f"{_partition(pk)} and RowKey ge {odata_literal(HEAD)}"
+            f" and RowKey lt {odata_literal(MESSAGES_END)}")
 
 
 def _next_head(pk: str, window: ConversationWindow, *, activity_id: str, first: int, last: int,
