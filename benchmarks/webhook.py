@@ -449,11 +449,14 @@ async def inflight_phase(bench: Bench, worker: Worker) -> dict[str, Any]:
     calls_before = bench.model.calls
     bench.model.most_in_flight = 0
     try:
+        cpu_before = cpu_seconds(worker.process), cpu_seconds(bench.azurite)
         started = time.perf_counter()
         results = await asyncio.gather(*(post(bench.http, worker, a) for a in activities))
         wall = time.perf_counter() - started
+        cpu_after = cpu_seconds(worker.process), cpu_seconds(bench.azurite)
     finally:
         bench.model.latency = 0.0
+    worker_cpu, azurite_cpu = (after - before for after, before in zip(cpu_after, cpu_before, strict=True))
     arrivals = [at - started for at in bench.model.arrivals[calls_before:]]
     errors = bench.count_errors("inflight", results)
     return {
@@ -465,7 +468,12 @@ async def inflight_phase(bench: Bench, worker: Worker) -> dict[str, Any]:
                                                "median": round(median(arrivals), 2),
                                                "last": round(max(arrivals), 2)},
                      "latency_ms": summary([r.ms for r in results]),
-                     "replies": bench.replies_to(a["id"] for a in activities)},
+                     "replies": bench.replies_to(a["id"] for a in activities),
+                     "worker_cpu_s": round(worker_cpu, 2),
+                     "azurite_cpu_s": round(azurite_cpu, 2),
+                     # One Python process runs on one core: no worker can finish these turns
+                     # sooner than its CPU seconds, nor sooner than one model latency.
+                     "cpu_bound_floor_s": round(max(worker_cpu, SLOW_MODEL_SECONDS), 2)},
     }
 
 
@@ -763,6 +771,10 @@ def _print(r: dict[str, Any]) -> None:
     arrived = i["model_calls_arrived_s"]
     print(f"  model calls reached the model {arrived['first']:.2f}–{arrived['last']:.2f} s after the "
           f"posts (median {arrived['median']:.2f} s), at most {i['model_calls_most_at_once']} at once")
+    print(f"  worker CPU {i['worker_cpu_s']:.2f} s (+ Azurite {i['azurite_cpu_s']:.2f} s on the other "
+          f"core): on one core no worker finishes sooner than max(CPU, model latency) = "
+          f"{i['cpu_bound_floor_s']:.2f} s; one turn at a time would take ≥ "
+          f"{i['turns'] * i['model_latency_s']:.0f} s")
     calls_ok = c["model_calls_per_turn"] <= TARGETS["model_calls_per_turn"]
     print(f"contention, {c['posted']} at once to one conversation over 2 workers, {len(c['rounds'])} "
           f"rounds: stored exactly once {c['stored_once']}/{c['posted']} in the worst round "

@@ -15,6 +15,7 @@ import httpx2
 import openai
 
 from .errors import ContentFiltered, ModelError, ModelRejected, ModelTimeout, ModelUnavailable
+from .http import http_client as make_http_client
 from .messages import ChatMessage, ToolCall, Usage
 from .settings import ModelProvider, ModelSettings
 
@@ -103,8 +104,14 @@ def build_model(settings: ModelSettings, *, http_client: httpx2.AsyncClient | No
                 credential: Any | None = None) -> ChatModel:
     """The `ChatModel` the settings describe. `http_client` and `credential` are test seams."""
     common: dict[str, Any] = {"max_retries": settings.max_retries, "timeout": settings.timeout_seconds}
-    if http_client is not None:
-        common["http_client"] = http_client
+    if settings.provider is ModelProvider.OFFLINE:
+        from .offline import offline_transport
+
+        http_client = http_client or httpx2.AsyncClient(transport=offline_transport())
+    # The openai SDK's defaults (timeout and retries are ours, given above), over aiohttp.
+    common["http_client"] = http_client or make_http_client(
+        timeout=httpx2.Timeout(settings.timeout_seconds), max_connections=1000,
+        follow_redirects=True)
     if settings.provider is ModelProvider.AZURE and settings.azure_endpoint:
         if settings.api_key:
             common["api_key"] = settings.api_key
@@ -116,9 +123,6 @@ def build_model(settings: ModelSettings, *, http_client: httpx2.AsyncClient | No
         return ChatModel(client=client, model=settings.model,
                          max_reply_tokens=settings.max_reply_tokens, reply_tokens_field="max_tokens")
     if settings.provider is ModelProvider.OFFLINE:
-        from .offline import offline_transport
-
-        common["http_client"] = http_client or httpx2.AsyncClient(transport=offline_transport())
         client = openai.AsyncOpenAI(api_key="offline", base_url="http://offline.invalid/v1", **common)
         return ChatModel(client=client, model=settings.model, max_reply_tokens=settings.max_reply_tokens)
     client = openai.AsyncOpenAI(api_key=settings.api_key or "not-needed", base_url=settings.base_url,

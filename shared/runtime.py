@@ -15,6 +15,7 @@ import httpx2
 from .auth import BotAuthenticator
 from .bot import ChatBot
 from .connector import BotConnector, build_token_source
+from .http import http_client
 from .model import build_model
 from .settings import Settings, load_settings
 from .store import ConversationStore, TableConversationStore
@@ -33,8 +34,7 @@ class Runtime:
     def __init__(self, settings: Settings, *, functions: Sequence[Function] = (),
                  store: ConversationStore | None = None, credential: Any | None = None) -> None:
         self.settings = settings
-        self.http = httpx2.AsyncClient(timeout=httpx2.Timeout(10.0),
-                                       limits=httpx2.Limits(max_connections=200))
+        self.http = http_client(timeout=httpx2.Timeout(10.0), max_connections=200)
         self.store = store or _build_store(settings, credential)
         self.model = build_model(settings.model, credential=credential)
         self.connector = BotConnector(

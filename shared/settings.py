@@ -109,9 +109,9 @@ SETTINGS: tuple[Setting, ...] = (
             "the prompt after a jittered backoff of up to 1 s)."),
     # network
     Setting(name="HTTPS_PROXY", deployed=False,
-            description="Standard proxy variable for outbound HTTPS; with it (or HTTP_PROXY) set, "
-            "storage requests also honour the proxy variables (NO_PROXY too), looked up per "
-            "request. Unset, that lookup is skipped."),
+            description="Standard proxy variable for outbound HTTPS; with it (or HTTP_PROXY, "
+            "ALL_PROXY, or a lower-case form) set, storage requests also honour the proxy "
+            "variables (NO_PROXY too), looked up per request. Unset, that lookup is skipped."),
     Setting(name="HTTP_PROXY", deployed=False,
             description="Standard proxy variable for outbound plain HTTP (see HTTPS_PROXY)."),
     # hosting
@@ -251,6 +251,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     )
 
 
+#: The standard proxy variables (aiohttp and httpx read them themselves, lower case too).
+_PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy",
+                    "all_proxy")
+
+
 def _storage(read: _Reader, identity: str | None) -> StorageSettings:
     table_name = read.required_text("CHAT_TABLE_NAME")
     if not (3 <= len(table_name) <= 63 and table_name.isalnum() and table_name[0].isalpha()):
@@ -264,7 +269,7 @@ def _storage(read: _Reader, identity: str | None) -> StorageSettings:
         table_endpoint=read.url("CHAT_STORAGE_TABLE_ENDPOINT"),
         table_name=table_name,
         managed_identity_client_id=identity,
-        env_proxy=read.given("HTTPS_PROXY") or read.given("HTTP_PROXY"),
+        env_proxy=any(read.given(name) for name in _PROXY_VARIABLES),
     )
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from devtools.azurite import STORAGE_ENV, given_or_started
+from shared.model import ChatModel
 from shared.store import TableConversationStore
 
 EVENTS = Path(__file__).parent / "events"
@@ -36,3 +37,21 @@ async def table_store(
         yield store
     finally:
         await store.close()
+
+
+@pytest.fixture
+async def models_closed(request: pytest.FixtureRequest,
+                        monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[None]:
+    """Close every model the test module's `build_model` built (their HTTP sessions with them)."""
+    build = request.module.build_model
+    built: list[ChatModel] = []
+
+    def building(*args: object, **kwargs: object) -> ChatModel:
+        model: ChatModel = build(*args, **kwargs)
+        built.append(model)
+        return model
+
+    monkeypatch.setattr(request.module, "build_model", building)
+    yield
+    for model in built:
+        await model.close()

@@ -18,6 +18,8 @@ from shared.store import TableConversationStore
 
 FAST_RETRY = {"retry-after-ms": "5"}
 
+pytestmark = pytest.mark.usefixtures("models_closed")
+
 
 def model_for(server: FakeModelServer, **env: str) -> ChatModel:
     settings = load_settings({"OPENAI_BASE_URL": server.base_url, "OPENAI_MODEL": "test-model",

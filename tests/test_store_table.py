@@ -18,6 +18,7 @@ from shared.errors import (
 from shared.keys import encode_key
 from shared.messages import ChatMessage
 from shared.store import MAX_MESSAGE_CHARS, TableConversationStore
+from shared.store._table import CLIENT_OPTIONS, azurite_connection_string
 
 BIG_BUDGET = 10_000_000
 
@@ -320,3 +321,29 @@ async def test_environment_proxies_are_used_only_when_asked_for(
     finally:
         await direct.close()
         await proxied.close()
+
+
+async def test_a_silent_storage_fails_within_the_read_timeout(
+        table_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN a "storage" that accepts connections and never answers, and short client timeouts
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(5)
+        writer.close()
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    monkeypatch.setitem(CLIENT_OPTIONS, "read_timeout", 0.3)
+    monkeypatch.setitem(CLIENT_OPTIONS, "retry_total", 0)
+    store = TableConversationStore.from_connection_string(
+        azurite_connection_string(port=port), table_name=table_name)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        # WHEN the store checks storage
+        with pytest.raises(StorageUnavailable):
+            await store.ping()
+        # THEN it gave up after the read timeout, not the transport's default of minutes
+        assert loop.time() - started < 3
+    finally:
+        await store.close()
+        server.close()

@@ -20,6 +20,8 @@ from shared.store import TableConversationStore
 from shared.tools import Function, tool
 from shared.window import WindowBuilder
 
+pytestmark = pytest.mark.usefixtures("models_closed")
+
 
 @tool
 async def add(a: int, b: int) -> int:

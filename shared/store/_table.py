@@ -343,7 +343,9 @@ class TableConversationStore(ConversationStore):
             try:
                 await self._wire.transact(
                     [Operation("delete", {"PartitionKey": pk, "RowKey": key}) for key in keys])
-            except TransactionFailed:
+            except TransactionFailed as exc:
+                if exc.status_code != 404:
+                    raise
                 # A concurrent clear deleted some of them: delete the rest one by one.
                 for key in keys:
                     await self._table.delete_entity(pk, key)
@@ -351,7 +353,10 @@ class TableConversationStore(ConversationStore):
 
 
 def _transport(*, env_proxy: bool) -> AioHttpTransport:
-    return AioHttpTransport(use_env_settings=env_proxy)
+    # A transport given to a client keeps its own timeouts: CLIENT_OPTIONS' would be ignored.
+    return AioHttpTransport(use_env_settings=env_proxy,
+                            connection_timeout=CLIENT_OPTIONS["connection_timeout"],
+                            read_timeout=CLIENT_OPTIONS["read_timeout"])
 
 
 def _partition(pk: str) -> str:

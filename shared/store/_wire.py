@@ -46,6 +46,8 @@ _API_VERSION = "2019-02-02"
 _JSON = "application/json"
 _MINIMAL = "application/json;odata=minimalmetadata"
 _INT32 = range(-(2**31), 2**31)
+_INT64 = range(-(2**63), 2**63)
+_SPECIAL_DOUBLES = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 _STATUS_LINE = re.compile(rb"^HTTP/1\.1 (\d{3})", re.MULTILINE)
 _ERRORS: dict[int, type[HttpResponseError]] = {
     404: ResourceNotFoundError, 409: ResourceExistsError, 412: ResourceModifiedError}
@@ -252,10 +254,14 @@ def to_json(entity: Mapping[str, Any]) -> dict[str, Any]:
         elif isinstance(value, int):
             if value in _INT32:
                 out[name] = value
-            else:
+            elif value in _INT64:
                 out[name], out[f"{name}@odata.type"] = str(value), "Edm.Int64"
+            else:
+                raise TypeError(f"property {name!r}: {value} does not fit in 64 bits")
         elif isinstance(value, float):
-            out[name], out[f"{name}@odata.type"] = value, "Edm.Double"
+            # JSON has no NaN or infinities: the service takes them as strings.
+            special = _SPECIAL_DOUBLES.get(repr(value))
+            out[name], out[f"{name}@odata.type"] = special or value, "Edm.Double"
         elif isinstance(value, datetime):
             out[name], out[f"{name}@odata.type"] = _datetime_text(value), "Edm.DateTime"
         elif isinstance(value, bytes):
