@@ -45,6 +45,14 @@ class WindowBuilder:
         return not self.full
 
     @property
+    def token_budget(self) -> int:
+        return self._budget
+
+    @property
+    def max_messages(self) -> int:
+        return self._max_messages
+
+    @property
     def messages(self) -> list[ChatMessage]:
         """The chosen window, oldest first."""
         return list(reversed(self._taken))

@@ -16,8 +16,8 @@ from shared.errors import (
     TurnTooLarge,
 )
 from shared.keys import encode_key
-from shared.messages import ChatMessage
-from shared.store import MAX_MESSAGE_CHARS, TableConversationStore
+from shared.messages import ChatMessage, ToolCall
+from shared.store import MAX_MESSAGE_CHARS, ConversationWindow, TableConversationStore
 from shared.store._table import CLIENT_OPTIONS, azurite_connection_string
 
 BIG_BUDGET = 10_000_000
@@ -239,18 +239,77 @@ async def test_rows_read_per_turn_do_not_grow_with_history(table_store: TableCon
     await seed(table_store, "short", 10)
     await seed(table_store, "long", 5_000)
 
-    async def rows_for(conversation_id: str) -> tuple[int, int, int]:
-        await table_store.load_window(conversation_id, token_budget=BIG_BUDGET, max_messages=8)
-        window = await table_store.load_window(conversation_id, token_budget=BIG_BUDGET,
-                                               max_messages=8)
-        return window.rows_read, window.round_trips, len(window.messages)
+    async def turn_then_load(conversation_id: str) -> tuple[ConversationWindow, ConversationWindow]:
+        first = await table_store.load_window(conversation_id, token_budget=BIG_BUDGET,
+                                              max_messages=8)
+        await table_store.commit_turn(first, activity_id=f"{conversation_id}-next",
+                                      messages=turn("more", "yes"))
+        again = await table_store.load_window(conversation_id, token_budget=BIG_BUDGET,
+                                              max_messages=8)
+        return first, again
 
-    # WHEN each loads its window (a second time, as a warm worker does)
-    short, long = await rows_for("short"), await rows_for("long")
-    # THEN both read the same rows in one round trip
-    assert short == long
-    assert short[1] == 1 and short[2] == 8
-    assert short[0] <= 11
+    # WHEN each has a turn with that window, and loads it again
+    (_, short), (long_first, long) = await turn_then_load("short"), await turn_then_load("long")
+    # THEN a window the head's copy could not answer yet came from a range query of few rows
+    # (in at most two pages: the first is sized from the last commit's needs)
+    assert long_first.round_trips <= 3 and long_first.rows_read <= 1 + 11
+    # AND after a turn, each load is one point read of the head, whatever the history
+    assert (short.rows_read, short.round_trips) == (long.rows_read, long.round_trips) == (1, 1)
+    assert len(short.messages) == len(long.messages) == 8
+
+
+def tool_turn(index: int, calls: int) -> list[ChatMessage]:
+    """A user message, an assistant asking for `calls` tools, their results, and the answer."""
+    ids = [f"call-{index}-{n}" for n in range(calls)]
+    asking = ChatMessage(role="assistant", content=None, tool_calls=tuple(
+        ToolCall(id=call_id, name="lookup", arguments='{"q": "x"}') for call_id in ids))
+    results = [ChatMessage(role="tool", content=f"result {call_id} " * (index % 7 + 1),
+                           tool_call_id=call_id) for call_id in ids]
+    return [ChatMessage(role="user", content=f"question {index} " * (index % 5 + 1)), asking,
+            *results, ChatMessage(role="assistant", content=f"answer {index}")]
+
+
+async def test_a_window_from_the_heads_copy_equals_one_read_from_the_rows(
+        table_store: TableConversationStore) -> None:
+    # GIVEN a conversation of turns of different sizes, some with tool calls, committed turn by
+    # turn with the windows a bot would use
+    for index in range(30):
+        messages = tool_turn(index, index % 3) if index % 2 else turn(f"q{index} " * index, "a")
+        await commit(table_store, "mixed", f"m-{index}", messages, window_messages=12)
+    pk = encode_key("mixed")
+    # WHEN windows of many budgets and caps are loaded, and read again from the rows alone
+    for budget in (0, 5, 40, 90, 150, 300, 600, 10_000):
+        for cap in (1, 2, 5, 12, 40):
+            loaded = await table_store.load_window("mixed", token_budget=budget, max_messages=cap)
+            rows = await table_store._load_rows("mixed", pk, token_budget=budget,
+                                                max_messages=cap, activity_id=None)
+            # THEN they hold the same messages
+            assert loaded.messages == rows.messages, (budget, cap)
+            assert loaded.tokens == rows.tokens and loaded.version == rows.version
+
+
+async def test_a_turn_too_large_to_copy_still_loads_whole(table_store: TableConversationStore) -> None:
+    # GIVEN a turn whose escaped JSON is far over the head copy's limit, then a small one
+    big = "é" * MAX_MESSAGE_CHARS  # 6 characters each once escaped
+    await commit(table_store, "big", "b-1", turn(big, "noted"))
+    await commit(table_store, "big", "b-2", turn("and?", "done"))
+    # WHEN the window is loaded
+    window = await table_store.load_window("big", token_budget=BIG_BUDGET, max_messages=100)
+    # THEN it holds all four messages, the big one intact
+    assert [m.content for m in window.messages] == [big, "noted", "and?", "done"]
+
+
+async def test_after_a_clear_the_copy_answers_only_new_messages(
+        table_store: TableConversationStore) -> None:
+    # GIVEN a conversation with a cached window, cleared, then one new turn
+    await commit(table_store, "again", "a-1", turn("old", "old reply"))
+    await table_store.clear("again")
+    await commit(table_store, "again", "a-2", turn("new", "new reply"))
+    # WHEN it is loaded
+    window = await table_store.load_window("again", token_budget=BIG_BUDGET, max_messages=100)
+    # THEN one point read answers it, with only the new turn
+    assert [m.content for m in window.messages] == ["new", "new reply"]
+    assert (window.rows_read, window.round_trips) == (1, 1)
 
 
 async def test_the_window_holds_whole_turns_within_the_token_budget(

@@ -52,6 +52,9 @@ class ConversationWindow:
     rows_read: int
     round_trips: int
     committed_activity: bool = False
+    #: What the window was loaded for (a backend may keep enough for the next load of the same).
+    token_budget: int = 0
+    max_messages: int = 0
     #: The backend's own view of the conversation head, handed back to it on commit.
     head: dict[str, Any] = field(default_factory=dict, repr=False)
 

@@ -41,14 +41,21 @@ from ..messages import ChatMessage, StoredTurn, utc_now
 from ..window import WindowBuilder
 from ._base import ConversationStore, ConversationWindow
 from ._codec import (
+    CACHE,
+    CACHE_FROM,
+    CACHE_MAX_CHARS,
     HEAD,
     MARKER_PREFIX,
     MESSAGES_END,
     Entity,
+    cache_text,
+    cached_rows,
+    drop_text,
     entity_message,
     marker_row_key,
     message_entity,
     message_row_key,
+    put_text,
 )
 from ._wire import ETAG, Operation, TableWire, TransactionFailed, odata_literal
 
@@ -65,6 +72,8 @@ _HINTS_KEPT = 4_096
 #: Fail fast when storage is down: a channel waits about 15 s for the whole turn.
 CLIENT_OPTIONS: dict[str, Any] = {"retry_total": 2, "retry_backoff_factor": 0.2,
                                   "connection_timeout": 5, "read_timeout": 10}
+#: Where a window loaded from the rows keeps them for the commit's cache (never a property name).
+_ROWS_READ = "~rows"
 _CONDITIONAL_FAILURES = {"UpdateConditionNotSatisfied", "ConditionNotMet", "EntityAlreadyExists",
                          "ResourceNotFound", "EntityNotFound"}
 
@@ -152,11 +161,47 @@ class TableConversationStore(ConversationStore):
                            activity_id: str | None) -> ConversationWindow:
         await self._ready()
         pk = encode_key(conversation_id)
+        async with _translated("loading the conversation"):
+            head = await self._wire.get(pk, HEAD)
+        if head is None:
+            return self._window(conversation_id, None, WindowBuilder(
+                token_budget=token_budget, max_messages=max_messages), activity_id=activity_id,
+                rows_read=0, round_trips=1)
+        builder = WindowBuilder(token_budget=token_budget, max_messages=max_messages)
+        if _fill_from_cache(builder, head):
+            return self._window(conversation_id, head, builder, activity_id=activity_id,
+                                rows_read=1, round_trips=1)
+        return await self._load_rows(conversation_id, pk, token_budget=token_budget,
+                                     max_messages=max_messages, activity_id=activity_id)
+
+    def _window(self, conversation_id: str, head: Entity | None, builder: WindowBuilder, *,
+                activity_id: str | None, rows_read: int, round_trips: int) -> ConversationWindow:
+        recent = json.loads(head.get("recent", "[]")) if head else []
+        return ConversationWindow(
+            conversation_id=conversation_id,
+            messages=tuple(builder.messages),
+            tokens=builder.tokens,
+            version=head.get(ETAG) if head else None,
+            last_seq=int(head["last_seq"]) if head else 0,
+            message_count=int(head.get("message_count", 0)) if head else 0,
+            rows_read=rows_read,
+            round_trips=round_trips,
+            committed_activity=activity_id is not None and any(
+                item.get("a") == activity_id for item in recent),
+            token_budget=builder.token_budget,
+            max_messages=builder.max_messages,
+            head=head or {},
+        )
+
+    async def _load_rows(self, conversation_id: str, pk: str, *, token_budget: int,
+                         max_messages: int, activity_id: str | None) -> ConversationWindow:
+        """The window from the message rows (one range query): when the cache cannot answer."""
         builder = WindowBuilder(token_budget=token_budget, max_messages=max_messages)
         page_size = self._first_page_size(pk, token_budget=token_budget, max_messages=max_messages)
         head: Entity | None = None
-        head_etag: str | None = None
-        rows_read = round_trips = rows_used = 0
+        rows_read = round_trips = 1  # the head's point read before
+        rows_used = 0
+        offered: list[Entity] = []  # newest first: what the cache after this turn can start from
         async with _translated("loading the conversation"):
             done = False
             async for page in self._wire.query(_window(pk), page_size=page_size):
@@ -165,10 +210,12 @@ class TableConversationStore(ConversationStore):
                 for entity in page:
                     rows_read += 1
                     if entity["RowKey"] == HEAD:
-                        head, head_etag = entity, entity.get(ETAG)
+                        head = entity
                         rows_used += 1
                         continue
                     visible = head is not None and entity["seq"] > head.get("cleared_seq", 0)
+                    if visible:
+                        offered.append(entity)
                     if not visible or not builder.offer(entity_message(entity), entity["tokens"]):
                         done = True
                         break
@@ -176,20 +223,12 @@ class TableConversationStore(ConversationStore):
                 if done or (head is None and rows_read > rows_before):
                     break
         self._remember_page_size(pk, rows_used + 1)
-        recent = json.loads(head.get("recent", "[]")) if head else []
-        return ConversationWindow(
-            conversation_id=conversation_id,
-            messages=tuple(builder.messages),
-            tokens=builder.tokens,
-            version=head_etag,
-            last_seq=int(head["last_seq"]) if head else 0,
-            message_count=int(head.get("message_count", 0)) if head else 0,
-            rows_read=rows_read,
-            round_trips=round_trips,
-            committed_activity=activity_id is not None and any(
-                item.get("a") == activity_id for item in recent),
-            head=head or {},
-        )
+        while offered and offered[-1]["role"] != "user":
+            offered.pop()  # the oldest turn was cut short: the cache takes whole turns
+        if head is not None:
+            head = {**head, _ROWS_READ: offered[::-1]}
+        return self._window(conversation_id, head, builder, activity_id=activity_id,
+                            rows_read=rows_read, round_trips=round_trips)
 
     # -- commit ------------------------------------------------------------------------------
 
@@ -198,16 +237,17 @@ class TableConversationStore(ConversationStore):
         await self._ready()
         pk = encode_key(window.conversation_id)
         first, last = window.last_seq + 1, window.last_seq + len(messages)
+        rows = [message_entity(pk, first + offset, message, tokens=count, turn_seq=first,
+                               activity_id=activity_id)
+                for offset, (message, count) in enumerate(zip(messages, tokens, strict=True))]
         head = _next_head(pk, window, activity_id=activity_id, first=first, last=last,
                           tokens=sum(tokens))
+        _keep_cache(head, window, rows)
         head_op = (Operation("create", head) if window.version is None
                    else Operation("replace", head, etag=window.version))
         marker = {"PartitionKey": pk, "RowKey": marker_row_key(activity_id),
                   "activity_id": activity_id, "first_seq": first, "last_seq": last,
                   "delivered": False, "committed_at": utc_now()}
-        rows = [message_entity(pk, first + offset, message, tokens=count, turn_seq=first,
-                               activity_id=activity_id)
-                for offset, (message, count) in enumerate(zip(messages, tokens, strict=True))]
         operations = [head_op, Operation("create", marker),
                       *(Operation("create", row) for row in rows)]
         try:
@@ -315,6 +355,8 @@ class TableConversationStore(ConversationStore):
             cleared = int(head["last_seq"])
             update = {**head, "cleared_seq": cleared, "message_count": 0, "token_total": 0,
                       "recent": "[]", "updated_at": utc_now()}
+            drop_text(update, CACHE)
+            update.update({CACHE: "[]", CACHE_FROM: cleared + 1})
             try:
                 result = await self._table.update_entity(
                     update, mode=UpdateMode.REPLACE, etag=head.metadata["etag"],
@@ -350,6 +392,67 @@ class TableConversationStore(ConversationStore):
                 for key in keys:
                     await self._table.delete_entity(pk, key)
         return len(doomed)
+
+
+def _fill_from_cache(builder: WindowBuilder, head: Entity) -> bool:
+    """Offer the head's cached messages, newest first: True if they settle the window."""
+    rows = cached_rows(head)
+    if rows is None:
+        return False
+    cleared = int(head.get("cleared_seq", 0))
+    for row in reversed(rows):
+        if row["seq"] <= cleared or not builder.offer(entity_message(row), row["tokens"]):
+            return True
+    # Every cached message fitted: the window is settled if nothing visible is older.
+    return int(head[CACHE_FROM]) <= cleared + 1
+
+
+def _keep_cache(head: Entity, window: ConversationWindow, rows: list[Entity]) -> None:
+    """Put in `head` the cache after this turn: the newest whole turns, enough for the next load.
+
+    Enough means the window builder stops inside it: whole turns are kept, newest first, until
+    they hold more than twice the token budget (the next message may reserve less of it) or
+    `max_messages` messages; and no more than CACHE_MAX_CHARS of JSON.
+    """
+    read: list[Entity] | None = window.head.get(_ROWS_READ)
+    old = cached_rows(window.head) if window.head else []
+    if read is not None:  # loaded from the rows: they are the newest whole turns
+        old = read
+        covered_from = read[0]["seq"] if read else rows[0]["seq"]
+    elif old is None:  # a head from before the cache: it starts with this turn
+        old = []
+        covered_from = rows[0]["seq"]
+    else:
+        covered_from = int(window.head.get(CACHE_FROM, 1))
+    # Turns as the window builder sees them: a user message and all that follows it.
+    turns: list[list[Entity]] = []
+    for row in [*old, *rows]:
+        if row["role"] == "user" or not turns:
+            turns.append([])
+        turns[-1].append(row)
+    kept: list[list[Entity]] = []
+    tokens = count = 0
+    chars = 2
+    for turn in reversed(turns):
+        size = len(cache_text(turn))
+        if kept and chars + size > CACHE_MAX_CHARS:
+            break
+        kept.append(turn)
+        tokens += sum(int(row["tokens"]) for row in turn)
+        count += len(turn)
+        chars += size
+        if tokens > 2 * window.token_budget or count >= window.max_messages:
+            break
+    cache = [row for turn in reversed(kept) for row in turn]
+    if chars > CACHE_MAX_CHARS:
+        cache = []  # the newest turn alone is too large to copy
+    if not cache:
+        head[CACHE_FROM] = rows[-1]["seq"] + 1  # covers nothing
+    elif len(cache) < len(old) + len(rows):
+        head[CACHE_FROM] = cache[0]["seq"]  # older turns were let go
+    else:
+        head[CACHE_FROM] = covered_from
+    put_text(head, CACHE, cache_text(cache))
 
 
 def _transport(*, env_proxy: bool) -> AioHttpTransport:

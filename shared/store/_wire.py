@@ -136,7 +136,18 @@ class TableWire:
             else:
                 params.pop("NextRowKey", None)
 
-    # -- single writes -------------------------------------------------------------------------
+    # -- single rows ---------------------------------------------------------------------------
+
+    async def get(self, partition_key: str, row_key: str) -> Entity | None:
+        """One row by its keys (a point read), or None."""
+        request = HttpRequest("GET", self._entity_url(partition_key, row_key), headers={
+            "x-ms-version": _API_VERSION, "DataServiceVersion": "3.0", "Accept": _MINIMAL})
+        response = await self._send(request)
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise _error(response)
+        return from_json(json.loads(response.content))
 
     async def merge(self, entity: Mapping[str, Any], *, etag: str = "*") -> None:
         """Merge `entity`'s properties into the stored row (404 if there is none)."""
