@@ -9,8 +9,8 @@ overhead     one turn at a time, alternating between conversations holding 10 an
              messages (seeded with the store into the worker's table: a fresh 10-message one per
              turn, two 5,000-message ones taking turns), model latency 0. A turn's overhead is its
              POST wall time minus the time the model server spent answering it (measured in its
-             handler). The window is CHAT_HISTORY_MAX_MESSAGES=8, which both sizes fill (9 rows
-             read), so p50(5,000)/p50(10) isolates history length.
+             handler). The window is CHAT_HISTORY_MAX_MESSAGES=8, which both sizes fill (the
+             head's copy answers both), so p50(5,000)/p50(10) isolates history length.
 throughput   64 conversations at once against one worker, model latency 0: turns per second.
 in flight    then, on that worker, 200 conversations at once with model latency 1 s: wall seconds.
 contention   20 messages at once to ONE conversation, alternating between TWO workers (same table),
@@ -53,7 +53,8 @@ from .store import exchange
 from .traced_host import TRACE_ENV, TracedHostProcess
 
 SIZES = (10, 5_000)
-WINDOW_MESSAGES = 8  # both sizes fill it: head + 8 message rows read either way
+WINDOW_MESSAGES = 8  # both sizes fill it
+TOKEN_BUDGET = 8_000  # the worker's CHAT_HISTORY_TOKEN_BUDGET (its default)
 OVERHEAD_WARMUP = 20  # turns per size, not measured
 OVERHEAD_TURNS = 300  # measured turns per size
 LARGE_CONVERSATIONS = 2  # 5,000-message conversations share the turns: each grows by ≤ 6.4 %
@@ -173,6 +174,7 @@ def worker_env(connection_string: str, table_name: str, model: FakeModelServer) 
         "CHAT_MODEL_TIMEOUT_SECONDS": "30",
         "CHAT_INSTRUCTIONS": "You are a helpful, concise assistant in a chat.",
         "CHAT_HISTORY_MAX_MESSAGES": str(WINDOW_MESSAGES),
+        "CHAT_HISTORY_TOKEN_BUDGET": str(TOKEN_BUDGET),
     }
 
 
@@ -234,7 +236,12 @@ async def post(http: aiohttp.ClientSession, worker: Worker, activity: dict[str, 
 
 
 async def seed(connection_string: str, table_name: str, conversations: dict[str, int]) -> None:
-    """Store `n` messages in each conversation (user/assistant pairs, 49 a transaction)."""
+    """Store `n` messages in each conversation (user/assistant pairs, 49 a transaction).
+
+    Each commit is made with the worker's window, as the bot's own turns are: so the head's copy
+    of the newest turns is what a conversation grown by the bot would have (one imported by other
+    means pays one range query on its first turn; tests/test_store_table.py covers that path).
+    """
     store = TableConversationStore.from_connection_string(connection_string, table_name=table_name)
     limit = asyncio.Semaphore(8)
 
@@ -243,7 +250,8 @@ async def seed(connection_string: str, table_name: str, conversations: dict[str,
             pairs = messages // 2
             for start in range(0, pairs, 49):
                 batch = [m for index in range(start, min(pairs, start + 49)) for m in exchange(index)]
-                window = await store.load_window(conversation_id, token_budget=10**9, max_messages=0)
+                window = await store.load_window(conversation_id, token_budget=TOKEN_BUDGET,
+                                                 max_messages=WINDOW_MESSAGES)
                 await store.commit_turn(window, activity_id=f"seed-{start}", messages=batch)
 
     try:
@@ -717,7 +725,7 @@ async def run(connection_string: str) -> dict[str, Any]:
         "breakdown": breakdown,
         "errors": bench.errors,
         "targets": TARGETS,
-        "settings": {"CHAT_HISTORY_MAX_MESSAGES": WINDOW_MESSAGES, "CHAT_HISTORY_TOKEN_BUDGET": 8000,
+        "settings": {"CHAT_HISTORY_MAX_MESSAGES": WINDOW_MESSAGES, "CHAT_HISTORY_TOKEN_BUDGET": TOKEN_BUDGET,
                      "auth": "off (no CLIENT_ID): replies go to the loopback FakeConnector",
                      "overhead_turns_per_size": OVERHEAD_TURNS, "warmup_turns_per_size": OVERHEAD_WARMUP},
         "storage": azurite_version(),
