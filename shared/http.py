@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import aiohttp
 import httpx2
+import yarl
 
 __all__ = ["AiohttpTransport", "http_client"]
 
@@ -39,8 +40,9 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
         timeout = request.extensions.get("timeout", {})
         body = await request.aread()
         try:
+            # Encoded as given: a re-parse would undo escapes such as %3B in a conversation ID.
             async with self._client().request(
-                    request.method, str(request.url),
+                    request.method, yarl.URL(str(request.url), encoded=True),
                     headers=[(name.decode("latin-1"), value.decode("latin-1"))
                              for name, value in request.headers.raw
                              if name.lower() != b"accept-encoding"],
@@ -51,6 +53,8 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
                 content = await response.read()
         except aiohttp.ClientConnectorError as exc:
             raise httpx2.ConnectError(str(exc), request=request) from exc
+        except aiohttp.ConnectionTimeoutError as exc:  # never sent: safe to retry any method
+            raise httpx2.ConnectTimeout(str(exc) or "connect timed out", request=request) from exc
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise httpx2.ReadTimeout(str(exc) or "timed out", request=request) from exc
         except aiohttp.ClientPayloadError as exc:
@@ -70,8 +74,13 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
 
 
 def http_client(*, timeout: httpx2.Timeout | None = None, max_connections: int = 200,
-                follow_redirects: bool = False) -> httpx2.AsyncClient:
-    """An httpx client on `AiohttpTransport` (environment proxies still honoured by httpx)."""
+                follow_redirects: bool = False, env_proxy: bool = False) -> httpx2.AsyncClient:
+    """An httpx client on `AiohttpTransport`; with `env_proxy`, on httpx's own transport, which
+    applies the environment's proxy variables (NO_PROXY included) as httpx documents."""
+    if env_proxy:
+        return httpx2.AsyncClient(timeout=timeout or httpx2.Timeout(10.0),
+                                  follow_redirects=follow_redirects,
+                                  limits=httpx2.Limits(max_connections=max_connections))
     return httpx2.AsyncClient(transport=AiohttpTransport(max_connections=max_connections),
                               timeout=timeout or httpx2.Timeout(10.0),
                               follow_redirects=follow_redirects)

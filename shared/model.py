@@ -101,8 +101,9 @@ def _completion(response: Any, *, fallback_model: str) -> Completion:
 
 
 def build_model(settings: ModelSettings, *, http_client: httpx2.AsyncClient | None = None,
-                credential: Any | None = None) -> ChatModel:
-    """The `ChatModel` the settings describe. `http_client` and `credential` are test seams."""
+                credential: Any | None = None, env_proxy: bool = False) -> ChatModel:
+    """The `ChatModel` the settings describe. `http_client` and `credential` are test seams;
+    `env_proxy`: honour the environment's proxy variables."""
     common: dict[str, Any] = {"max_retries": settings.max_retries, "timeout": settings.timeout_seconds}
     if settings.provider is ModelProvider.OFFLINE:
         from .offline import offline_transport
@@ -111,7 +112,7 @@ def build_model(settings: ModelSettings, *, http_client: httpx2.AsyncClient | No
     # The openai SDK's defaults (timeout and retries are ours, given above), over aiohttp.
     common["http_client"] = http_client or make_http_client(
         timeout=httpx2.Timeout(settings.timeout_seconds), max_connections=1000,
-        follow_redirects=True)
+        follow_redirects=True, env_proxy=env_proxy)
     if settings.provider is ModelProvider.AZURE and settings.azure_endpoint:
         if settings.api_key:
             common["api_key"] = settings.api_key

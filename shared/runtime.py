@@ -34,9 +34,11 @@ class Runtime:
     def __init__(self, settings: Settings, *, functions: Sequence[Function] = (),
                  store: ConversationStore | None = None, credential: Any | None = None) -> None:
         self.settings = settings
-        self.http = http_client(timeout=httpx2.Timeout(10.0), max_connections=200)
+        self.http = http_client(timeout=httpx2.Timeout(10.0), max_connections=200,
+                                env_proxy=settings.env_proxy)
         self.store = store or _build_store(settings, credential)
-        self.model = build_model(settings.model, credential=credential)
+        self.model = build_model(settings.model, credential=credential,
+                                 env_proxy=settings.env_proxy)
         self.connector = BotConnector(
             http=self.http, tokens=build_token_source(settings.bot, http=self.http, credential=credential))
         self.authenticator = BotAuthenticator(settings.bot, http=self.http, in_azure=settings.in_azure)
@@ -69,10 +71,10 @@ def _build_store(settings: Settings, credential: Any | None) -> ConversationStor
         return TableConversationStore.from_endpoint(storage.table_endpoint,
                                                     table_name=storage.table_name,
                                                     credential=credential,
-                                                    env_proxy=storage.env_proxy)
+                                                    env_proxy=settings.env_proxy)
     return TableConversationStore.from_connection_string(storage.connection_string,
                                                          table_name=storage.table_name,
-                                                         env_proxy=storage.env_proxy)
+                                                         env_proxy=settings.env_proxy)
 
 
 def _warn_about(settings: Settings) -> None:

@@ -110,8 +110,9 @@ SETTINGS: tuple[Setting, ...] = (
     # network
     Setting(name="HTTPS_PROXY", deployed=False,
             description="Standard proxy variable for outbound HTTPS; with it (or HTTP_PROXY, "
-            "ALL_PROXY, or a lower-case form) set, storage requests also honour the proxy "
-            "variables (NO_PROXY too), looked up per request. Unset, that lookup is skipped."),
+            "ALL_PROXY, or a lower-case form) set, every outbound request honours the proxy "
+            "variables (NO_PROXY too): storage looks them up per request, the model and "
+            "connector calls use httpx's own transport. Unset, the faster paths are used."),
     Setting(name="HTTP_PROXY", deployed=False,
             description="Standard proxy variable for outbound plain HTTP (see HTTPS_PROXY)."),
     # hosting
@@ -143,8 +144,6 @@ class StorageSettings:
     table_endpoint: str | None
     table_name: str
     managed_identity_client_id: str | None
-    #: HTTP(S)_PROXY is set: the storage transport must look proxies up from the environment.
-    env_proxy: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -188,6 +187,8 @@ class Settings:
     bot: BotSettings
     in_azure: bool
     turn_max_attempts: int
+    #: A proxy variable is set: outbound clients must honour the environment's proxy settings.
+    env_proxy: bool = False
     port: int
 
 
@@ -247,6 +248,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         bot=_bot(read, identity),
         in_azure=in_azure,
         turn_max_attempts=read.integer("CHAT_TURN_MAX_ATTEMPTS", minimum=1, maximum=20),
+        env_proxy=any(read.given(name) for name in _PROXY_VARIABLES),
         port=read.integer("PORT", minimum=1, maximum=65535),
     )
 
@@ -269,7 +271,6 @@ def _storage(read: _Reader, identity: str | None) -> StorageSettings:
         table_endpoint=read.url("CHAT_STORAGE_TABLE_ENDPOINT"),
         table_name=table_name,
         managed_identity_client_id=identity,
-        env_proxy=any(read.given(name) for name in _PROXY_VARIABLES),
     )
 
 

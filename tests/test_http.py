@@ -33,7 +33,11 @@ async def server() -> AsyncIterator[str]:
     async def refusing(request: web.Request) -> web.Response:
         return web.Response(status=503, reason="Busy Now", text="try later")
 
+    async def path(request: web.Request) -> web.Response:
+        return web.Response(text=request.raw_path)
+
     app = web.Application()
+    app.router.add_get("/v3/conversations/{rest:.*}", path)
     app.router.add_post("/echo", echo)
     app.router.add_get("/gzip", compressed)
     app.router.add_get("/silent", silent)
@@ -85,3 +89,43 @@ async def test_failures_become_httpx_errors(server: str) -> None:
             await client.get("http://127.0.0.1:9/")
         with pytest.raises(httpx2.ReadTimeout):
             await client.get(f"{server}/silent")
+
+
+async def test_an_escaped_path_is_sent_as_given(server: str) -> None:
+    # GIVEN a Teams thread ID escaped into a path segment, as the connector writes it
+    escaped = "19%3Aabc%40thread.skype%3Bmessageid%3D123"
+    async with http_client() as client:
+        # WHEN it is requested
+        response = await client.get(f"{server}/v3/conversations/{escaped}/activities")
+    # THEN the server sees the escapes, not the characters they stand for
+    assert response.text == f"/v3/conversations/{escaped}/activities"
+
+
+async def test_proxy_variables_are_honoured_only_when_asked_for(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN a local "proxy" that answers every request itself, named by HTTP_PROXY
+    async def proxy(request: web.Request) -> web.Response:
+        return web.Response(text=f"via proxy: {request.url}")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", proxy)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+    try:
+        # WHEN a client asked to honour them fetches a host that does not exist
+        async with http_client(env_proxy=True) as client:
+            response = await client.get("http://chatstate.invalid/x")
+        # THEN the proxy answered it
+        assert response.text == "via proxy: http://chatstate.invalid/x"
+        # AND a client not asked to goes direct, and cannot reach that host
+        async with http_client() as client:
+            with pytest.raises(httpx2.ConnectError):
+                await client.get("http://chatstate.invalid/x")
+    finally:
+        await runner.cleanup()

@@ -76,6 +76,6 @@ def test_the_readme_documents_every_setting() -> None:
 def test_a_proxy_variable_makes_storage_honour_the_environment_proxies() -> None:
     # GIVEN no proxy, then HTTPS_PROXY, then HTTP_PROXY
     # THEN only a given proxy makes the storage transport look proxies up
-    assert load_settings({}).storage.env_proxy is False
-    assert load_settings({"HTTPS_PROXY": "http://proxy:3128"}).storage.env_proxy is True
-    assert load_settings({"HTTP_PROXY": "http://proxy:3128"}).storage.env_proxy is True
+    assert load_settings({}).env_proxy is False
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy"):
+        assert load_settings({name: "http://proxy:3128"}).env_proxy is True, name

@@ -6,6 +6,7 @@ import asyncio
 import random
 
 import pytest
+from azure.data.tables import UpdateMode
 from azure.data.tables.aio import TableClient
 
 from shared.errors import (
@@ -406,3 +407,29 @@ async def test_a_silent_storage_fails_within_the_read_timeout(
     finally:
         await store.close()
         server.close()
+
+
+async def test_a_conversation_read_from_its_rows_is_answered_by_the_copy_after_one_turn(
+        table_store: TableConversationStore, azurite_connection_string: str,
+        table_name: str) -> None:
+    # GIVEN a conversation that starts with an assistant message, whose head has no copy (as one
+    # stored by an earlier version)
+    await commit(table_store, "legacy", "w", [ChatMessage(role="assistant", content="welcome")])
+    await commit(table_store, "legacy", "a-1", turn("hi", "hello"))
+    async with TableClient.from_connection_string(azurite_connection_string,
+                                                  table_name=table_name) as table:
+        head = await table.get_entity(encode_key("legacy"), "h")
+        await table.update_entity({name: value for name, value in head.items()
+                                   if not name.startswith("cache")}, mode=UpdateMode.REPLACE)
+    # WHEN a turn loads its window (from the rows) and commits, and the window is loaded again
+    first = await table_store.load_window("legacy", token_budget=BIG_BUDGET, max_messages=100)
+    await table_store.commit_turn(first, activity_id="a-2", messages=turn("again", "sure"))
+    again = await table_store.load_window("legacy", token_budget=BIG_BUDGET, max_messages=100)
+    # THEN the first read the rows, the second only the head, and it holds what the rows give
+    # (whole turns: the welcome before any user message is no turn's part)
+    assert first.round_trips == 2
+    assert (again.rows_read, again.round_trips) == (1, 1)
+    assert [m.content for m in again.messages] == ["hi", "hello", "again", "sure"]
+    rows = await table_store._load_rows("legacy", encode_key("legacy"), token_budget=BIG_BUDGET,
+                                        max_messages=100, activity_id=None)
+    assert rows.messages == again.messages

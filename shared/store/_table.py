@@ -74,6 +74,7 @@ CLIENT_OPTIONS: dict[str, Any] = {"retry_total": 2, "retry_backoff_factor": 0.2,
                                   "connection_timeout": 5, "read_timeout": 10}
 #: Where a window loaded from the rows keeps them for the commit's cache (never a property name).
 _ROWS_READ = "~rows"
+_ROWS_FROM = "~rows_from"  # set when those rows reach back to the first visible message
 _CONDITIONAL_FAILURES = {"UpdateConditionNotSatisfied", "ConditionNotMet", "EntityAlreadyExists",
                          "ResourceNotFound", "EntityNotFound"}
 
@@ -223,10 +224,14 @@ class TableConversationStore(ConversationStore):
                 if done or (head is None and rows_read > rows_before):
                     break
         self._remember_page_size(pk, rows_used + 1)
-        while offered and offered[-1]["role"] != "user":
-            offered.pop()  # the oldest turn was cut short: the cache takes whole turns
+        rows_from: int | None = None
+        if builder.full:
+            while offered and offered[-1]["role"] != "user":
+                offered.pop()  # the oldest turn was cut short: the cache takes whole turns
+        elif head is not None:
+            rows_from = int(head.get("cleared_seq", 0)) + 1  # read back to the first visible row
         if head is not None:
-            head = {**head, _ROWS_READ: offered[::-1]}
+            head = {**head, _ROWS_READ: offered[::-1], _ROWS_FROM: rows_from}
         return self._window(conversation_id, head, builder, activity_id=activity_id,
                             rows_read=rows_read, round_trips=round_trips)
 
@@ -418,7 +423,8 @@ def _keep_cache(head: Entity, window: ConversationWindow, rows: list[Entity]) ->
     old = cached_rows(window.head) if window.head else []
     if read is not None:  # loaded from the rows: they are the newest whole turns
         old = read
-        covered_from = read[0]["seq"] if read else rows[0]["seq"]
+        rows_from = window.head.get(_ROWS_FROM)
+        covered_from = rows_from or (read[0]["seq"] if read else rows[0]["seq"])
     elif old is None:  # a head from before the cache: it starts with this turn
         old = []
         covered_from = rows[0]["seq"]
