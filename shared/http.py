@@ -30,8 +30,8 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=self._max_connections,
                                              ssl=httpx2.create_ssl_context())
-            # trust_env stays off: proxies from the environment are httpx's business (it mounts
-            # its own transport for them), and on here it costs two thread hops per request.
+            # trust_env stays off (on, it costs two thread hops per request): with a proxy
+            # variable set, `http_client` uses httpx's own transport instead of this one.
             self._session = aiohttp.ClientSession(connector=connector,
                                                   cookie_jar=aiohttp.DummyCookieJar())
         return self._session

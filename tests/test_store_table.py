@@ -433,3 +433,8 @@ async def test_a_conversation_read_from_its_rows_is_answered_by_the_copy_after_o
     rows = await table_store._load_rows("legacy", encode_key("legacy"), token_budget=BIG_BUDGET,
                                         max_messages=100, activity_id=None)
     assert rows.messages == again.messages
+    # AND the copy holds the rows' properties, not the service's metadata of the read
+    async with TableClient.from_connection_string(azurite_connection_string,
+                                                  table_name=table_name) as table:
+        copy = (await table.get_entity(encode_key("legacy"), "h"))["cache"]
+    assert '"content": "hello"' in copy and "odata.etag" not in copy and "Timestamp" not in copy

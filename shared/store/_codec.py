@@ -92,8 +92,12 @@ def cached_rows(head: Entity) -> list[Entity] | None:
 def cache_text(rows: list[Entity]) -> str:
     """`rows` (message entities, oldest first) as the cache's JSON."""
     return json.dumps([{name: value.isoformat() if isinstance(value, datetime) else value
-                        for name, value in row.items() if name not in ("PartitionKey", "RowKey")}
+                        for name, value in row.items() if name not in _NOT_CACHED}
                        for row in rows])
+
+
+#: Keys and service metadata a read row carries that the cache has no use for.
+_NOT_CACHED = frozenset({"PartitionKey", "RowKey", "Timestamp", "odata.etag"})
 
 
 def message_entity(pk: str, seq: int, message: ChatMessage, *, tokens: int, turn_seq: int,
