@@ -282,7 +282,9 @@ async def test_a_window_from_the_heads_copy_equals_one_read_from_the_rows(
     for budget in (0, 5, 40, 90, 150, 300, 600, 10_000):
         for cap in (1, 2, 5, 12, 40):
             loaded = await table_store.load_window("mixed", token_budget=budget, max_messages=cap)
-            rows = await table_store._load_rows("mixed", pk, token_budget=budget,
+            head = await table_store._wire.get(pk, "h")
+            assert head is not None
+            rows = await table_store._load_rows("mixed", head, token_budget=budget,
                                                 max_messages=cap, activity_id=None)
             # THEN they hold the same messages
             assert loaded.messages == rows.messages, (budget, cap)
@@ -430,7 +432,9 @@ async def test_a_conversation_read_from_its_rows_is_answered_by_the_copy_after_o
     assert first.round_trips == 2
     assert (again.rows_read, again.round_trips) == (1, 1)
     assert [m.content for m in again.messages] == ["hi", "hello", "again", "sure"]
-    rows = await table_store._load_rows("legacy", encode_key("legacy"), token_budget=BIG_BUDGET,
+    head = await table_store._wire.get(encode_key("legacy"), "h")
+    assert head is not None
+    rows = await table_store._load_rows("legacy", head, token_budget=BIG_BUDGET,
                                         max_messages=100, activity_id=None)
     assert rows.messages == again.messages
     # AND the copy holds the rows' properties, not the service's metadata of the read

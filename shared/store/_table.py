@@ -1,9 +1,10 @@
 """The Azure Table Storage backend of the conversation store (async, `azure.data.tables.aio`).
 
-This is the only module that sees azure exceptions; each becomes a `shared.errors` error here.
-Per turn: one range query reads the head and the newest messages (one page, sized from what the
-conversation needed last time), and one entity-group transaction commits the turn, conditioned on
-the head's ETag (or on its absence for a new conversation).
+Azure exceptions (the SDK's, and those `_wire.py` raises) become `shared.errors` errors here only.
+Per turn: one point read of the head, whose copy of the newest turns answers the window (when
+it cannot, one range query over the message rows, in one page sized from what the conversation
+needed the last time it was read so), and one entity-group transaction that commits the turn,
+conditioned on the head's ETag (or on its absence for a new conversation).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from ._codec import (
     CACHE_MAX_CHARS,
     HEAD,
     MARKER_PREFIX,
+    MESSAGE_PREFIX,
     MESSAGES_END,
     Entity,
     cache_text,
@@ -172,7 +174,7 @@ class TableConversationStore(ConversationStore):
         if _fill_from_cache(builder, head):
             return self._window(conversation_id, head, builder, activity_id=activity_id,
                                 rows_read=1, round_trips=1)
-        return await self._load_rows(conversation_id, pk, token_budget=token_budget,
+        return await self._load_rows(conversation_id, head, token_budget=token_budget,
                                      max_messages=max_messages, activity_id=activity_id)
 
     def _window(self, conversation_id: str, head: Entity | None, builder: WindowBuilder, *,
@@ -194,44 +196,30 @@ class TableConversationStore(ConversationStore):
             head=head or {},
         )
 
-    async def _load_rows(self, conversation_id: str, pk: str, *, token_budget: int,
+    async def _load_rows(self, conversation_id: str, head: Entity, *, token_budget: int,
                          max_messages: int, activity_id: str | None) -> ConversationWindow:
-        """The window from the message rows (one range query): when the cache cannot answer."""
+        """The window from the message rows after `head` (just read): when its copy cannot
+        answer. One range query over the message rows only, newest first."""
+        pk = str(head["PartitionKey"])
         builder = WindowBuilder(token_budget=token_budget, max_messages=max_messages)
         page_size = self._first_page_size(pk, token_budget=token_budget, max_messages=max_messages)
-        head: Entity | None = None
-        rows_read = round_trips = 1  # the head's point read before
-        rows_used = 0
+        cleared, last = int(head.get("cleared_seq", 0)), int(head["last_seq"])
+        rows_read = round_trips = 1  # the head's point read
         offered: list[Entity] = []  # newest first: what the cache after this turn can start from
         async with _translated("loading the conversation"):
-            done = False
-            async for page in self._wire.query(_window(pk), page_size=page_size):
+            async for page in self._wire.query(_messages(pk), page_size=page_size):
                 round_trips += 1
-                rows_before = rows_read
-                for entity in page:
-                    rows_read += 1
-                    if entity["RowKey"] == HEAD:
-                        head = entity
-                        rows_used += 1
-                        continue
-                    visible = head is not None and entity["seq"] > head.get("cleared_seq", 0)
-                    if visible:
-                        offered.append(entity)
-                    if not visible or not builder.offer(entity_message(entity), entity["tokens"]):
-                        done = True
-                        break
-                    rows_used += 1
-                if done or (head is None and rows_read > rows_before):
+                rows_read += len(page)
+                if not _offer_rows(builder, page, offered, cleared=cleared, last=last):
                     break
-        self._remember_page_size(pk, rows_used + 1)
+        self._remember_page_size(pk, len(offered))  # the rows taken, and the one that ended it
         rows_from: int | None = None
         if builder.full:
             while offered and offered[-1]["role"] != "user":
                 offered.pop()  # the oldest turn was cut short: the cache takes whole turns
-        elif head is not None:
-            rows_from = int(head.get("cleared_seq", 0)) + 1  # read back to the first visible row
-        if head is not None:
-            head = {**head, _ROWS_READ: offered[::-1], _ROWS_FROM: rows_from}
+        else:
+            rows_from = cleared + 1  # read back to the first visible message
+        head = {**head, _ROWS_READ: offered[::-1], _ROWS_FROM: rows_from}
         return self._window(conversation_id, head, builder, activity_id=activity_id,
                             rows_read=rows_read, round_trips=round_trips)
 
@@ -255,14 +243,11 @@ class TableConversationStore(ConversationStore):
                   "delivered": False, "committed_at": utc_now()}
         operations = [head_op, Operation("create", marker),
                       *(Operation("create", row) for row in rows)]
-        try:
-            async with _translated("committing the turn"):
-                try:
-                    await self._wire.transact(operations)
-                except TransactionFailed as exc:
-                    await self._raise_commit_failure(exc, window, activity_id)
-        finally:
-            self._remember_page_size(pk, len(window.messages) + len(messages) + 1)
+        async with _translated("committing the turn"):
+            try:
+                await self._wire.transact(operations)
+            except TransactionFailed as exc:
+                await self._raise_commit_failure(exc, window, activity_id)
         stored = tuple(entity_message(row) for row in rows)
         return StoredTurn(conversation_id=window.conversation_id, activity_id=activity_id,
                           messages=stored)
@@ -470,6 +455,31 @@ def _transport(*, env_proxy: bool) -> AioHttpTransport:
 
 def _partition(pk: str) -> str:
     return f"PartitionKey eq {odata_literal(pk)}"
+
+
+def _offer_rows(builder: WindowBuilder, page: list[Entity], offered: list[Entity], *,
+                cleared: int, last: int) -> bool:
+    """Offer a page of message rows (newest first) to `builder`; False once the window is settled.
+
+    Rows past `last` belong to a turn committed after the head was read (this turn's commit will
+    fail on the head's ETag and reload); rows up to `cleared` are hidden by a clear.
+    """
+    for entity in page:
+        seq = int(entity["seq"])
+        if seq > last:
+            continue
+        if seq <= cleared:
+            return False
+        offered.append(entity)
+        if not builder.offer(entity_message(entity), entity["tokens"]):
+            return False
+    return True
+
+
+def _messages(pk: str) -> str:
+    """Every message row of a partition, newest first."""
+    return (f"{_partition(pk)} and RowKey ge {odata_literal(MESSAGE_PREFIX)}"
+            f" and RowKey lt {odata_literal(MESSAGES_END)}")
 
 
 def _window(pk: str) -> str:
