@@ -442,3 +442,19 @@ async def test_a_conversation_read_from_its_rows_is_answered_by_the_copy_after_o
                                                   table_name=table_name) as table:
         copy = (await table.get_entity(encode_key("legacy"), "h"))["cache"]
     assert '"content": "hello"' in copy and "odata.etag" not in copy and "Timestamp" not in copy
+
+
+async def test_a_row_read_skips_turns_committed_after_its_head(
+        table_store: TableConversationStore) -> None:
+    # GIVEN a head read before another turn was committed
+    await commit(table_store, "racing", "r-1", turn("first", "one"))
+    stale_head = await table_store._wire.get(encode_key("racing"), "h")
+    assert stale_head is not None
+    await commit(table_store, "racing", "r-2", turn("second", "two"))
+    # WHEN the rows are read for that head
+    window = await table_store._load_rows("racing", stale_head, token_budget=BIG_BUDGET,
+                                          max_messages=100, activity_id=None)
+    # THEN the window is the conversation as that head knew it, and committing on it conflicts
+    assert [m.content for m in window.messages] == ["first", "one"]
+    with pytest.raises(ConversationConflict):
+        await table_store.commit_turn(window, activity_id="r-3", messages=turn("third", "3"))
