@@ -10,10 +10,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from shared.store import azurite_connection_string
-
 ROOT = Path(__file__).resolve().parents[1]
 AZURITE_TABLE = ROOT / "node_modules" / ".bin" / "azurite-table"
+#: Azurite's well-known development account key (public, in Azurite's own docs): local use only.
+AZURITE_ACCOUNT_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+
+
+def azurite_connection_string(*, host: str = "127.0.0.1", port: int = 10002) -> str:
+    """The connection string of an Azurite table service (the well-known development account)."""
+    return (f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+            f"AccountKey={AZURITE_ACCOUNT_KEY};TableEndpoint=http://{host}:{port}/devstoreaccount1;")
 
 
 def free_port() -> int:

@@ -10,6 +10,7 @@
     ├── StoreError                 503  storage failed in a way a retry may fix
     │   ├── StorageUnavailable     503  storage could not be reached
     │   ├── StorageRejected        400  storage refused the data (a retry would fail the same way)
+    │   ├── StorageForbidden       500  storage refused our credentials: our setup, not the caller
     │   └── ConversationConflict   409  another turn committed first (stale ETag)
     ├── DuplicateActivity          200  the activity was already committed (carries its turn)
     ├── MessageTooLarge            400  one message is over the stored-size limit; nothing written
@@ -48,6 +49,7 @@ __all__ = [
     "ModelUnavailable",
     "PayloadTooLarge",
     "SettingsError",
+    "StorageForbidden",
     "StorageRejected",
     "StorageUnavailable",
     "StoreError",
@@ -120,6 +122,13 @@ class StorageRejected(StoreError):
     code = "storage_rejected"
 
 
+class StorageForbidden(StoreError):
+    """Storage refused our credentials (401/403): a setting or a role assignment is wrong."""
+
+    status = 500
+    code = "storage_misconfigured"
+
+
 class ConversationConflict(StoreError):
     status = 409
     code = "conversation_conflict"
@@ -148,8 +157,15 @@ class TurnTooLarge(ChatstateError):
 
 
 class InputTooLong(ChatstateError):
+    """The new message alone needs more tokens (`tokens`) than a turn may send (`budget`)."""
+
     status = 400
     code = "input_too_long"
+
+    def __init__(self, message: str, *, tokens: int, budget: int) -> None:
+        super().__init__(message)
+        self.tokens = tokens
+        self.budget = budget
 
 
 class ModelError(ChatstateError):

@@ -9,7 +9,7 @@ from ._base import (
     check_turn,
 )
 from ._memory import InMemoryConversationStore
-from ._table import TableConversationStore, azurite_connection_string
+from ._table import TableConversationStore
 
 __all__ = [
     "MAX_MESSAGE_CHARS",
@@ -19,6 +19,5 @@ __all__ = [
     "ConversationWindow",
     "InMemoryConversationStore",
     "TableConversationStore",
-    "azurite_connection_string",
     "check_turn",
 ]

@@ -10,11 +10,11 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from ..errors import BadRequest, MessageTooLarge, TurnTooLarge
 from ..messages import ChatMessage, StoredTurn
 from ..tokens import count_message_tokens
+from ._head import Basis
 
 __all__ = [
     "MAX_CONVERSATION_ID_CHARS",
@@ -41,6 +41,7 @@ class ConversationWindow:
 
     `version` is the store's concurrency token (the head's ETag); None means the conversation has
     no stored state yet. `committed_activity` is set when `activity_id` was found already committed.
+    `rows_read` and `round_trips` say what the load cost (the benchmarks report them).
     """
 
     conversation_id: str
@@ -48,15 +49,11 @@ class ConversationWindow:
     tokens: int
     version: str | None
     last_seq: int
-    message_count: int
     rows_read: int
     round_trips: int
     committed_activity: bool = False
-    #: What the window was loaded for (a backend may keep enough for the next load of the same).
-    token_budget: int = 0
-    max_messages: int = 0
-    #: The backend's own view of the conversation head, handed back to it on commit.
-    head: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: What the backend read the window from, for its commit; opaque to callers.
+    basis: Basis | None = field(default=None, repr=False, compare=False)
 
 
 class ConversationStore(ABC):
@@ -72,6 +69,8 @@ class ConversationStore(ABC):
     ) -> ConversationWindow:
         """The newest whole turns that fit `token_budget` and `max_messages`, oldest first."""
         _check_conversation_id(conversation_id)
+        if activity_id is not None:  # refused now, before a model call, rather than at commit
+            _check_activity_id(activity_id)
         return await self._load_window(conversation_id, token_budget=max(0, token_budget),
                                        max_messages=max(0, max_messages), activity_id=activity_id)
 

@@ -2,18 +2,12 @@
 
 One partition per conversation (`encode_key(conversation_id)`), three kinds of row in it:
 
-    h                 the head: original conversation ID, last sequence number, counters, the
-                      recent activity IDs, and a copy of the newest messages (the cache); its
-                      ETag guards every commit
+    h                 the head (`_head.py`): original conversation ID, last sequence number, the
+                      recent activity IDs, and a copy of the newest turns; its ETag guards
+                      every commit
     m<13 digits>      one message; the digits are 9999999999999 - seq, so newest sorts first and
                       one range query returns the head followed by the newest messages
     t<activity key>   the marker of a committed activity: its messages' seq range, delivered flag
-
-The cache is what makes a turn's read one point read of the head: the newest whole turns, as the
-message rows hold them (JSON), covering sequence numbers `cache_from` to `last_seq`. It is written
-in the same transaction as the rows it copies, so it never disagrees with them; when it cannot
-answer a window (a larger budget than it was kept for, very long messages), the store reads the
-rows instead. The message rows stay the record: listing, clearing and re-sending read them.
 
 Text longer than `CHUNK_CHARS` is split over `name`, `name_1`, `name_2`... because a string
 property holds at most 64 KiB (32,768 UTF-16 code units; `CHUNK_CHARS` code points never exceed it).
@@ -33,11 +27,6 @@ MESSAGE_PREFIX = "m"
 MESSAGES_END = "n"  # every message row key is below this
 MARKER_PREFIX = "t"
 CHUNK_CHARS = 16_000
-CACHE = "cache"
-CACHE_FROM = "cache_from"
-#: At most this many characters of (ASCII) JSON: the head stays far below an entity's 1 MiB, and a
-#: transaction's body below 4 MiB with a turn of MAX_TURN_BYTES.
-CACHE_MAX_CHARS = 200_000
 _MAX_SEQ = 9_999_999_999_999
 
 Entity = dict[str, Any]
@@ -67,37 +56,6 @@ def get_text(entity: Entity, name: str) -> str | None:
         return None
     parts = int(entity.get(f"{name}_parts", 1))
     return str(entity[name]) + "".join(str(entity[f"{name}_{index}"]) for index in range(1, parts))
-
-
-def drop_text(entity: Entity, name: str) -> None:
-    """Remove the property `put_text` wrote under `name`, every chunk of it."""
-    parts = int(entity.pop(f"{name}_parts", 1))
-    entity.pop(name, None)
-    for index in range(1, parts):
-        entity.pop(f"{name}_{index}", None)
-
-
-def cached_rows(head: Entity) -> list[Entity] | None:
-    """The message rows the head's cache copies, oldest first; None if it keeps none."""
-    text = get_text(head, CACHE)
-    if text is None or CACHE_FROM not in head:
-        return None
-    rows: list[Entity] = json.loads(text)
-    for row in rows:
-        if isinstance(row.get("timestamp"), str):
-            row["timestamp"] = datetime.fromisoformat(row["timestamp"])
-    return rows
-
-
-def cache_text(rows: list[Entity]) -> str:
-    """`rows` (message entities, oldest first) as the cache's JSON."""
-    return json.dumps([{name: value.isoformat() if isinstance(value, datetime) else value
-                        for name, value in row.items() if name not in _NOT_CACHED}
-                       for row in rows])
-
-
-#: Keys and service metadata a read row carries that the cache has no use for.
-_NOT_CACHED = frozenset({"PartitionKey", "RowKey", "Timestamp", "odata.etag"})
 
 
 def message_entity(pk: str, seq: int, message: ChatMessage, *, tokens: int, turn_seq: int,

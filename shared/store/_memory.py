@@ -47,7 +47,6 @@ class InMemoryConversationStore(ConversationStore):
             tokens=builder.tokens,
             version=conversation.version if conversation else None,
             last_seq=len(conversation.messages) if conversation else 0,
-            message_count=len(conversation.messages) if conversation else 0,
             rows_read=rows + (1 if conversation else 0),
             round_trips=1,
             committed_activity=bool(conversation and activity_id in conversation.turns),

@@ -1,17 +1,14 @@
 """The Azure Table Storage backend of the conversation store (async, `azure.data.tables.aio`).
 
-Azure exceptions (the SDK's, and those `_wire.py` raises) become `shared.errors` errors here only.
-Per turn: one point read of the head, whose copy of the newest turns answers the window (when
-it cannot, one range query over the message rows, in one page sized from what the conversation
-needed the last time it was read so), and one entity-group transaction that commits the turn,
-conditioned on the head's ETag (or on its absence for a new conversation).
+Azure exceptions become `shared.errors` errors here only (`_translated`).
+Per turn: one point read of the head, whose copy of the newest turns answers the window (when it
+cannot, one range query over the message rows), and one entity-group transaction (`_wire.py`)
+that commits the turn, conditioned on the head's ETag (or on its absence for a new conversation).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -27,12 +24,13 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 from azure.core.pipeline.transport import AioHttpTransport
-from azure.data.tables import UpdateMode
+from azure.data.tables import TableEntity, UpdateMode
 from azure.data.tables.aio import TableClient
 
 from ..errors import (
     ConversationConflict,
     DuplicateActivity,
+    StorageForbidden,
     StorageRejected,
     StorageUnavailable,
     TurnTooLarge,
@@ -42,49 +40,34 @@ from ..messages import ChatMessage, StoredTurn, utc_now
 from ..window import WindowBuilder
 from ._base import ConversationStore, ConversationWindow
 from ._codec import (
-    CACHE,
-    CACHE_FROM,
-    CACHE_MAX_CHARS,
     HEAD,
     MARKER_PREFIX,
     MESSAGE_PREFIX,
     MESSAGES_END,
     Entity,
-    cache_text,
-    cached_rows,
-    drop_text,
     entity_message,
     marker_row_key,
     message_entity,
     message_row_key,
-    put_text,
 )
-from ._wire import ETAG, Operation, TableWire, TransactionFailed, odata_literal
+from ._head import Basis, Head
+from ._wire import Operation, TableWire, TransactionFailed
 
-__all__ = ["TableConversationStore", "azurite_connection_string"]
+__all__ = ["CLIENT_OPTIONS", "TableConversationStore"]
 
 log = logging.getLogger(__name__)
 
-AZURITE_ACCOUNT_KEY = (
-    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-)
-RECENT_ACTIVITIES = 32
-MAX_PAGE = 1_000
-_HINTS_KEPT = 4_096
 #: Fail fast when storage is down: a channel waits about 15 s for the whole turn.
 CLIENT_OPTIONS: dict[str, Any] = {"retry_total": 2, "retry_backoff_factor": 0.2,
                                   "connection_timeout": 5, "read_timeout": 10}
-#: Where a window loaded from the rows keeps them for the commit's cache (never a property name).
-_ROWS_READ = "~rows"
-_ROWS_FROM = "~rows_from"  # set when those rows reach back to the first visible message
 _CONDITIONAL_FAILURES = {"UpdateConditionNotSatisfied", "ConditionNotMet", "EntityAlreadyExists",
                          "ResourceNotFound", "EntityNotFound"}
+_CREDENTIAL_SETTINGS = "CHAT_STORAGE_CONNECTION_STRING (or, with CHAT_STORAGE_TABLE_ENDPOINT, " \
+    "the identity's Storage Table Data Contributor role)"
 
 
-def azurite_connection_string(*, host: str = "127.0.0.1", port: int = 10002) -> str:
-    """The connection string of an Azurite table service (the well-known development account)."""
-    return (f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
-            f"AccountKey={AZURITE_ACCOUNT_KEY};TableEndpoint=http://{host}:{port}/devstoreaccount1;")
+class _TableMissing(Exception):
+    """The table is gone (deleted after start-up): create it again."""
 
 
 @asynccontextmanager
@@ -95,6 +78,11 @@ async def _translated(action: str) -> AsyncIterator[None]:
     except (ServiceRequestError, ServiceResponseError, OSError) as exc:
         raise StorageUnavailable(f"storage unreachable while {action}: {exc}") from exc
     except HttpResponseError as exc:
+        if getattr(exc, "error_code", None) == "TableNotFound":
+            raise _TableMissing() from exc
+        if exc.status_code in (401, 403):
+            raise StorageForbidden(f"storage refused our credentials while {action} "
+                                   f"({exc.status_code}); check {_CREDENTIAL_SETTINGS}") from exc
         if exc.status_code is None or exc.status_code >= 500 or exc.status_code in (408, 429):
             raise StorageUnavailable(f"storage failed while {action}: {exc.message}") from exc
         raise StorageRejected(f"storage refused {action}: {exc.message}") from exc
@@ -109,15 +97,12 @@ class TableConversationStore(ConversationStore):
         self._table = table
         self._wire = TableWire(table)
         self._table_ready = not create_table
-        # Rows each conversation needed last time: the next read asks for that in one page.
-        self._page_hints: OrderedDict[str, int] = OrderedDict()
 
     @classmethod
     def from_connection_string(cls, connection_string: str, *, table_name: str,
                                env_proxy: bool = False) -> TableConversationStore:
-        """`env_proxy`: honour HTTP(S)_PROXY (aiohttp then looks them up on a thread per request)."""
-        if connection_string.strip().lower().rstrip(";") == "usedevelopmentstorage=true":
-            connection_string = azurite_connection_string()
+        """`env_proxy`: honour HTTP(S)_PROXY (aiohttp then looks them up on a thread per request).
+        `UseDevelopmentStorage=true` is Azurite, as the SDK reads it."""
         return cls(table=TableClient.from_connection_string(
             connection_string, table_name=table_name, transport=_transport(env_proxy=env_proxy),
             **CLIENT_OPTIONS))
@@ -132,10 +117,19 @@ class TableConversationStore(ConversationStore):
         await self._table.close()
 
     async def ping(self) -> None:
-        await self._ready()
-        async with _translated("checking storage"):
-            async for _ in self._wire.query(_partition("~ping"), page_size=1):
-                break
+        await self._run("checking storage", self._get, "~ping", "~ping")
+
+    async def _run(self, action: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+        """`call(*args)` with the table ready, errors translated; a vanished table is made again."""
+        for _ in range(2):
+            await self._ready()
+            try:
+                async with _translated(action):
+                    return await call(*args, **kwargs)
+            except _TableMissing:
+                log.warning("the table %s is missing; creating it again", self._table.table_name)
+                self._table_ready = False
+        raise StorageUnavailable(f"the table {self._table.table_name} keeps vanishing")
 
     async def _ready(self) -> None:
         if self._table_ready:
@@ -147,229 +141,195 @@ class TableConversationStore(ConversationStore):
                 pass
         self._table_ready = True
 
+    async def _get(self, pk: str, row_key: str) -> TableEntity | None:
+        """A row by its keys (a point read), or None; its ETag is in `.metadata["etag"]`."""
+        try:
+            return await self._table.get_entity(pk, row_key)
+        except ResourceNotFoundError as exc:
+            if getattr(exc, "error_code", None) == "TableNotFound":
+                raise
+            return None
+
     # -- load --------------------------------------------------------------------------------
-
-    def _first_page_size(self, pk: str, *, token_budget: int, max_messages: int) -> int:
-        hint = self._page_hints.get(pk)
-        guess = hint if hint is not None else max(16, token_budget // 100)
-        return max(1, min(MAX_PAGE, max_messages + 1, guess))
-
-    def _remember_page_size(self, pk: str, rows_needed: int) -> None:
-        self._page_hints[pk] = rows_needed + max(4, rows_needed // 4)
-        self._page_hints.move_to_end(pk)
-        while len(self._page_hints) > _HINTS_KEPT:
-            self._page_hints.popitem(last=False)
 
     async def _load_window(self, conversation_id: str, *, token_budget: int, max_messages: int,
                            activity_id: str | None) -> ConversationWindow:
-        await self._ready()
         pk = encode_key(conversation_id)
-        async with _translated("loading the conversation"):
-            head = await self._wire.get(pk, HEAD)
-        if head is None:
-            return self._window(conversation_id, None, WindowBuilder(
-                token_budget=token_budget, max_messages=max_messages), activity_id=activity_id,
-                rows_read=0, round_trips=1)
+        entity = await self._run("loading the conversation", self._get, pk, HEAD)
         builder = WindowBuilder(token_budget=token_budget, max_messages=max_messages)
-        if _fill_from_cache(builder, head):
-            return self._window(conversation_id, head, builder, activity_id=activity_id,
-                                rows_read=1, round_trips=1)
-        return await self._load_rows(conversation_id, head, token_budget=token_budget,
-                                     max_messages=max_messages, activity_id=activity_id)
-
-    def _window(self, conversation_id: str, head: Entity | None, builder: WindowBuilder, *,
-                activity_id: str | None, rows_read: int, round_trips: int) -> ConversationWindow:
-        recent = json.loads(head.get("recent", "[]")) if head else []
-        return ConversationWindow(
-            conversation_id=conversation_id,
-            messages=tuple(builder.messages),
-            tokens=builder.tokens,
-            version=head.get(ETAG) if head else None,
-            last_seq=int(head["last_seq"]) if head else 0,
-            message_count=int(head.get("message_count", 0)) if head else 0,
-            rows_read=rows_read,
-            round_trips=round_trips,
-            committed_activity=activity_id is not None and any(
-                item.get("a") == activity_id for item in recent),
-            token_budget=builder.token_budget,
-            max_messages=builder.max_messages,
-            head=head or {},
-        )
-
-    async def _load_rows(self, conversation_id: str, head: Entity, *, token_budget: int,
-                         max_messages: int, activity_id: str | None) -> ConversationWindow:
-        """The window from the message rows after `head` (just read): when its copy cannot
-        answer. One range query over the message rows only, newest first."""
-        pk = str(head["PartitionKey"])
+        if entity is None:
+            return _window(Head(conversation_id=conversation_id), builder, activity_id=activity_id,
+                           rows_read=0, round_trips=1)
+        head = Head.read(entity, etag=str(entity.metadata["etag"]))
+        if head.fill(builder):
+            return _window(head, builder, activity_id=activity_id, rows_read=1, round_trips=1)
         builder = WindowBuilder(token_budget=token_budget, max_messages=max_messages)
-        page_size = self._first_page_size(pk, token_budget=token_budget, max_messages=max_messages)
-        cleared, last = int(head.get("cleared_seq", 0)), int(head["last_seq"])
+        window: ConversationWindow = await self._run(
+            "loading the conversation", self._load_rows, pk, head, builder, activity_id=activity_id)
+        return window
+
+    async def _load_rows(self, pk: str, head: Head, builder: WindowBuilder, *,
+                         activity_id: str | None) -> ConversationWindow:
+        """The window from the message rows, newest first, when the head's copy cannot answer."""
+        offered: list[Entity] = []  # newest first: what the copy after this turn can start from
         rows_read = round_trips = 1  # the head's point read
-        offered: list[Entity] = []  # newest first: what the cache after this turn can start from
-        async with _translated("loading the conversation"):
-            async for page in self._wire.query(_messages(pk), page_size=page_size):
-                round_trips += 1
-                rows_read += len(page)
-                if not _offer_rows(builder, page, offered, cleared=cleared, last=last):
-                    break
-        self._remember_page_size(pk, len(offered))  # the rows taken, and the one that ended it
-        rows_from: int | None = None
+        pages = self._table.query_entities(
+            "PartitionKey eq @pk and RowKey ge @first and RowKey lt @end",
+            parameters={"pk": pk, "first": MESSAGE_PREFIX, "end": MESSAGES_END},
+            results_per_page=min(1_000, builder.max_messages + 1)).by_page()
+        async for page in pages:
+            round_trips += 1
+            if not await _offer_page(page, head, builder, offered):
+                break
+        rows_read += len(offered) + (1 if builder.full else 0)
         if builder.full:
             while offered and offered[-1]["role"] != "user":
-                offered.pop()  # the oldest turn was cut short: the cache takes whole turns
-        else:
-            rows_from = cleared + 1  # read back to the first visible message
-        head = {**head, _ROWS_READ: offered[::-1], _ROWS_FROM: rows_from}
-        return self._window(conversation_id, head, builder, activity_id=activity_id,
-                            rows_read=rows_read, round_trips=round_trips)
+                offered.pop()  # the oldest turn was cut short: the copy takes whole turns
+        basis = Basis(head=head, rows=tuple(reversed(offered)), rows_reach_start=not builder.full,
+                      token_budget=builder.token_budget, max_messages=builder.max_messages)
+        return _window(head, builder, activity_id=activity_id, rows_read=rows_read,
+                       round_trips=round_trips, basis=basis)
 
     # -- commit ------------------------------------------------------------------------------
 
     async def _commit_turn(self, window: ConversationWindow, *, activity_id: str,
                            messages: list[ChatMessage], tokens: list[int]) -> StoredTurn:
-        await self._ready()
+        basis = window.basis if isinstance(window.basis, Basis) else \
+            Basis(head=Head(conversation_id=window.conversation_id))
+        head = basis.head
         pk = encode_key(window.conversation_id)
-        first, last = window.last_seq + 1, window.last_seq + len(messages)
+        first = head.last_seq + 1
         rows = [message_entity(pk, first + offset, message, tokens=count, turn_seq=first,
                                activity_id=activity_id)
                 for offset, (message, count) in enumerate(zip(messages, tokens, strict=True))]
-        head = _next_head(pk, window, activity_id=activity_id, first=first, last=last,
-                          tokens=sum(tokens))
-        _keep_cache(head, window, rows)
-        head_op = (Operation("create", head) if window.version is None
-                   else Operation("replace", head, etag=window.version))
+        after = head.after(basis, rows, activity_id=activity_id, token_budget=basis.token_budget,
+                           max_messages=basis.max_messages)
+        head_row = after.entity(pk)
         marker = {"PartitionKey": pk, "RowKey": marker_row_key(activity_id),
-                  "activity_id": activity_id, "first_seq": first, "last_seq": last,
+                  "activity_id": activity_id, "first_seq": first, "last_seq": after.last_seq,
                   "delivered": False, "committed_at": utc_now()}
-        operations = [head_op, Operation("create", marker),
-                      *(Operation("create", row) for row in rows)]
-        async with _translated("committing the turn"):
-            try:
-                await self._wire.transact(operations)
-            except TransactionFailed as exc:
-                await self._raise_commit_failure(exc, window, activity_id)
-        stored = tuple(entity_message(row) for row in rows)
+        operations = [Operation("create", head_row) if head.etag is None
+                      else Operation("replace", head_row, etag=head.etag),
+                      Operation("create", marker), *(Operation("create", row) for row in rows)]
+        try:
+            await self._run("committing the turn", self._wire.transact, operations)
+        except StorageRejected as exc:
+            await self._raise_commit_failure(exc, window, activity_id)
         return StoredTurn(conversation_id=window.conversation_id, activity_id=activity_id,
-                          messages=stored)
+                          messages=tuple(entity_message(row) for row in rows))
 
-    async def _raise_commit_failure(self, exc: TransactionFailed, window: ConversationWindow,
+    async def _raise_commit_failure(self, exc: StorageRejected, window: ConversationWindow,
                                     activity_id: str) -> None:
-        code = exc.error_code or ""
-        if exc.status_code == 413 or code == "RequestBodyTooLarge":
-            raise TurnTooLarge("storage refused the turn as too large") from exc
-        if code not in _CONDITIONAL_FAILURES and exc.status_code not in (404, 409, 412):
+        cause = exc.__cause__
+        if not isinstance(cause, TransactionFailed):
+            raise exc
+        code = cause.error_code or ""
+        if cause.status_code == 413 or code == "RequestBodyTooLarge":
+            raise TurnTooLarge("storage refused the turn as too large") from cause
+        if code not in _CONDITIONAL_FAILURES and cause.status_code not in (404, 409, 412):
             raise exc
         # Whichever row failed (a stale head fails before the marker is reached), the activity
         # may have been committed by another instance meanwhile: then it is a duplicate.
         turn = await self._get_turn(window.conversation_id, activity_id)
         if turn is not None:
-            raise DuplicateActivity(activity_id, turn) from exc
+            raise DuplicateActivity(activity_id, turn) from cause
         raise ConversationConflict(
-            f"conversation {window.conversation_id!r} changed since it was loaded ({code})") from exc
+            f"conversation {window.conversation_id!r} changed since it was loaded ({code})") from cause
 
     # -- read a turn, mark delivered ---------------------------------------------------------
 
     async def _get_turn(self, conversation_id: str, activity_id: str) -> StoredTurn | None:
-        await self._ready()
+        return await self._run("reading a turn", self._read_turn, conversation_id, activity_id)  # type: ignore[no-any-return]
+
+    async def _read_turn(self, conversation_id: str, activity_id: str) -> StoredTurn | None:
         pk = encode_key(conversation_id)
-        async with _translated("reading a turn"):
-            try:
-                marker = await self._table.get_entity(pk, marker_row_key(activity_id))
-            except ResourceNotFoundError:
-                return None
-            first, last = int(marker["first_seq"]), int(marker["last_seq"])
-            rows = [entity async for page in self._wire.query(
-                f"{_partition(pk)} and RowKey ge {odata_literal(message_row_key(last))}"
-                f" and RowKey le {odata_literal(message_row_key(first))}") for entity in page]
+        marker = await self._get(pk, marker_row_key(activity_id))
+        if marker is None:
+            return None
+        first, last = int(marker["first_seq"]), int(marker["last_seq"])
+        rows = [row async for row in self._table.query_entities(
+            "PartitionKey eq @pk and RowKey ge @newest and RowKey le @oldest",
+            parameters={"pk": pk, "newest": message_row_key(last), "oldest": message_row_key(first)})]
         messages = tuple(entity_message(row) for row in sorted(rows, key=lambda row: row["seq"]))
         return StoredTurn(conversation_id=conversation_id, activity_id=activity_id,
                           messages=messages, delivered=bool(marker.get("delivered", False)))
 
     async def _mark_delivered(self, conversation_id: str, activity_id: str) -> None:
-        await self._ready()
         entity = {"PartitionKey": encode_key(conversation_id),
                   "RowKey": marker_row_key(activity_id), "delivered": True}
-        async with _translated("marking a reply delivered"):
-            try:
-                await self._wire.merge(entity)
-            except ResourceNotFoundError:
-                log.info("activity %s of conversation %s was cleared before delivery was recorded",
-                         activity_id, conversation_id)
+        try:
+            await self._run("marking a reply delivered", self._table.update_entity, entity,
+                            mode=UpdateMode.MERGE)
+        except StorageRejected as exc:
+            if not isinstance(exc.__cause__, ResourceNotFoundError):
+                raise
+            log.info("the turn was cleared before its delivery was recorded")
 
     # -- list, clear -------------------------------------------------------------------------
 
     async def _list_messages(self, conversation_id: str) -> list[ChatMessage]:
-        await self._ready()
-        pk = encode_key(conversation_id)
+        return await self._run("listing messages", self._read_messages, encode_key(conversation_id))  # type: ignore[no-any-return]
+
+    async def _read_messages(self, pk: str) -> list[ChatMessage]:
         newest_first: list[ChatMessage] = []
-        async with _translated("listing messages"):
-            cleared = None
-            async for page in self._wire.query(_window(pk)):
-                for entity in page:
-                    if entity["RowKey"] == HEAD:
-                        cleared = int(entity.get("cleared_seq", 0))
-                        continue
-                    if cleared is None or entity["seq"] <= cleared:
-                        break
-                    newest_first.append(entity_message(entity))
-                else:
-                    continue
+        cleared: int | None = None
+        async for row in self._table.query_entities(
+                "PartitionKey eq @pk and RowKey ge @head and RowKey lt @end",
+                parameters={"pk": pk, "head": HEAD, "end": MESSAGES_END}):
+            if row["RowKey"] == HEAD:
+                cleared = int(row.get("cleared_seq", 0))
+                continue
+            if cleared is None or row["seq"] <= cleared:
                 break
+            newest_first.append(entity_message(row))
         return newest_first[::-1]
 
     async def _clear(self, conversation_id: str) -> int:
-        await self._ready()
-        pk = encode_key(conversation_id)
-        async with _translated("clearing the conversation"):
-            head_etag, cleared_seq = await self._hide_history(pk)
-            if head_etag is None or cleared_seq is None:
-                return 0  # nothing stored (or another clear got there first)
-            removed = await self._delete_rows(pk, up_to_seq=cleared_seq)
-            try:
-                await self._table.delete_entity(pk, HEAD, etag=head_etag,
-                                                match_condition=MatchConditions.IfNotModified)
-                removed += 1
-            except ResourceModifiedError:
-                log.info("conversation %s got a new turn while it was cleared; kept it",
-                         conversation_id)
-        self._page_hints.pop(pk, None)
+        return await self._run("clearing the conversation", self._clear_rows,  # type: ignore[no-any-return]
+                               encode_key(conversation_id))
+
+    async def _clear_rows(self, pk: str) -> int:
+        head_etag, cleared_seq = await self._hide_history(pk)
+        if head_etag is None or cleared_seq is None:
+            return 0  # nothing stored (or another clear got there first)
+        removed = await self._delete_rows(pk, up_to_seq=cleared_seq)
+        try:
+            await self._table.delete_entity(pk, HEAD, etag=head_etag,
+                                            match_condition=MatchConditions.IfNotModified)
+            removed += 1
+        except ResourceModifiedError:
+            log.info("the conversation got a new turn while it was cleared; kept it")
         return removed
 
     async def _hide_history(self, pk: str) -> tuple[str | None, int | None]:
         """Make every stored message invisible in one conditional write; return the new ETag."""
         for _ in range(8):
-            try:
-                head = await self._table.get_entity(pk, HEAD)
-            except ResourceNotFoundError:
+            entity = await self._get(pk, HEAD)
+            if entity is None:
                 return None, None
-            cleared = int(head["last_seq"])
-            update = {**head, "cleared_seq": cleared, "message_count": 0, "token_total": 0,
-                      "recent": "[]", "updated_at": utc_now()}
-            drop_text(update, CACHE)
-            update.update({CACHE: "[]", CACHE_FROM: cleared + 1})
+            head = Head.read(entity, etag=str(entity.metadata["etag"])).cleared()
             try:
                 result = await self._table.update_entity(
-                    update, mode=UpdateMode.REPLACE, etag=head.metadata["etag"],
+                    head.entity(pk), mode=UpdateMode.REPLACE, etag=head.etag,
                     match_condition=MatchConditions.IfNotModified)
             except ResourceModifiedError:
                 continue
             except ResourceNotFoundError:
                 return None, None  # another clear removed it
-            return str(result["etag"]), cleared
+            return str(result["etag"]), head.cleared_seq
         raise ConversationConflict("the conversation kept changing while it was cleared")
 
     async def _delete_rows(self, pk: str, *, up_to_seq: int) -> int:
         """Delete the message and marker rows up to `up_to_seq`, in transactions of 100."""
         doomed: list[str] = []
-        async for page in self._wire.query(_partition(pk), select=["RowKey", "seq", "last_seq"]):
-            for entity in page:
-                key = entity["RowKey"]
-                if key == HEAD:
-                    continue
-                seq = entity.get("seq") if not key.startswith(MARKER_PREFIX) \
-                    else entity.get("last_seq")
-                if seq is None or int(seq) <= up_to_seq:
-                    doomed.append(key)
+        async for row in self._table.query_entities(
+                "PartitionKey eq @pk", parameters={"pk": pk}, select=["RowKey", "seq", "last_seq"]):
+            key = row["RowKey"]
+            if key == HEAD:
+                continue
+            seq = row.get("last_seq") if key.startswith(MARKER_PREFIX) else row.get("seq")
+            if seq is None or int(seq) <= up_to_seq:
+                doomed.append(key)
         for start in range(0, len(doomed), 100):
             keys = doomed[start:start + 100]
             try:
@@ -384,66 +344,40 @@ class TableConversationStore(ConversationStore):
         return len(doomed)
 
 
-def _fill_from_cache(builder: WindowBuilder, head: Entity) -> bool:
-    """Offer the head's cached messages, newest first: True if they settle the window."""
-    rows = cached_rows(head)
-    if rows is None:
-        return False
-    cleared = int(head.get("cleared_seq", 0))
-    for row in reversed(rows):
-        if row["seq"] <= cleared or not builder.offer(entity_message(row), row["tokens"]):
-            return True
-    # Every cached message fitted: the window is settled if nothing visible is older.
-    return int(head[CACHE_FROM]) <= cleared + 1
+async def _offer_page(page: AsyncIterator[TableEntity], head: Head, builder: WindowBuilder,
+                      offered: list[Entity]) -> bool:
+    """Offer a page of message rows (newest first); False once the window is settled.
 
-
-def _keep_cache(head: Entity, window: ConversationWindow, rows: list[Entity]) -> None:
-    """Put in `head` the cache after this turn: the newest whole turns, enough for the next load.
-
-    Enough means the window builder stops inside it: whole turns are kept, newest first, until
-    they hold more than twice the token budget (the next message may reserve less of it) or
-    `max_messages` messages; and no more than CACHE_MAX_CHARS of JSON.
+    Rows past the head's `last_seq` belong to a turn committed after the head was read (this
+    turn's commit will fail on the head's ETag and reload); rows up to `cleared_seq` are hidden
+    by a clear.
     """
-    read: list[Entity] | None = window.head.get(_ROWS_READ)
-    old = cached_rows(window.head) if window.head else []
-    if read is not None:  # loaded from the rows: they are the newest whole turns
-        old = read
-        rows_from = window.head.get(_ROWS_FROM)
-        covered_from = rows_from or (read[0]["seq"] if read else rows[0]["seq"])
-    elif old is None:  # a head from before the cache: it starts with this turn
-        old = []
-        covered_from = rows[0]["seq"]
-    else:
-        covered_from = int(window.head.get(CACHE_FROM, 1))
-    # Turns as the window builder sees them: a user message and all that follows it.
-    turns: list[list[Entity]] = []
-    for row in [*old, *rows]:
-        if row["role"] == "user" or not turns:
-            turns.append([])
-        turns[-1].append(row)
-    kept: list[list[Entity]] = []
-    tokens = count = 0
-    chars = 2
-    for turn in reversed(turns):
-        size = len(cache_text(turn))
-        if kept and chars + size > CACHE_MAX_CHARS:
-            break
-        kept.append(turn)
-        tokens += sum(int(row["tokens"]) for row in turn)
-        count += len(turn)
-        chars += size
-        if tokens > 2 * window.token_budget or count >= window.max_messages:
-            break
-    cache = [row for turn in reversed(kept) for row in turn]
-    if chars > CACHE_MAX_CHARS:
-        cache = []  # the newest turn alone is too large to copy
-    if not cache:
-        head[CACHE_FROM] = rows[-1]["seq"] + 1  # covers nothing
-    elif len(cache) < len(old) + len(rows):
-        head[CACHE_FROM] = cache[0]["seq"]  # older turns were let go
-    else:
-        head[CACHE_FROM] = covered_from
-    put_text(head, CACHE, cache_text(cache))
+    async for row in page:
+        seq = int(row["seq"])
+        if seq > head.last_seq:
+            continue
+        if seq <= head.cleared_seq:
+            return False
+        offered.append(dict(row))
+        if not builder.offer(entity_message(row), row["tokens"]):
+            return False
+    return True
+
+
+def _window(head: Head, builder: WindowBuilder, *, activity_id: str | None, rows_read: int,
+            round_trips: int, basis: Basis | None = None) -> ConversationWindow:
+    return ConversationWindow(
+        conversation_id=head.conversation_id,
+        messages=tuple(builder.messages),
+        tokens=builder.tokens,
+        version=head.etag,
+        last_seq=head.last_seq,
+        rows_read=rows_read,
+        round_trips=round_trips,
+        committed_activity=head.committed(activity_id),
+        basis=basis or Basis(head=head, token_budget=builder.token_budget,
+                             max_messages=builder.max_messages),
+    )
 
 
 def _transport(*, env_proxy: bool) -> AioHttpTransport:
@@ -451,56 +385,3 @@ def _transport(*, env_proxy: bool) -> AioHttpTransport:
     return AioHttpTransport(use_env_settings=env_proxy,
                             connection_timeout=CLIENT_OPTIONS["connection_timeout"],
                             read_timeout=CLIENT_OPTIONS["read_timeout"])
-
-
-def _partition(pk: str) -> str:
-    return f"PartitionKey eq {odata_literal(pk)}"
-
-
-def _offer_rows(builder: WindowBuilder, page: list[Entity], offered: list[Entity], *,
-                cleared: int, last: int) -> bool:
-    """Offer a page of message rows (newest first) to `builder`; False once the window is settled.
-
-    Rows past `last` belong to a turn committed after the head was read (this turn's commit will
-    fail on the head's ETag and reload); rows up to `cleared` are hidden by a clear.
-    """
-    for entity in page:
-        seq = int(entity["seq"])
-        if seq > last:
-            continue
-        if seq <= cleared:
-            return False
-        offered.append(entity)
-        if not builder.offer(entity_message(entity), entity["tokens"]):
-            return False
-    return True
-
-
-def _messages(pk: str) -> str:
-    """Every message row of a partition, newest first."""
-    return (f"{_partition(pk)} and RowKey ge {odata_literal(MESSAGE_PREFIX)}"
-            f" and RowKey lt {odata_literal(MESSAGES_END)}")
-
-
-def _window(pk: str) -> str:
-    """The head and every message row of a partition, newest message first."""
-    return (f"{_partition(pk)} and RowKey ge {odata_literal(HEAD)}"
-            f" and RowKey lt {odata_literal(MESSAGES_END)}")
-
-
-def _next_head(pk: str, window: ConversationWindow, *, activity_id: str, first: int, last: int,
-               tokens: int) -> Entity:
-    old = window.head
-    recent = json.loads(old.get("recent", "[]"))
-    recent = [*recent, {"a": activity_id, "f": first, "l": last}][-RECENT_ACTIVITIES:]
-    return {
-        "PartitionKey": pk,
-        "RowKey": HEAD,
-        "conversation_id": window.conversation_id,
-        "last_seq": last,
-        "cleared_seq": int(old.get("cleared_seq", 0)),
-        "message_count": int(old.get("message_count", 0)) + (last - first + 1),
-        "token_total": int(old.get("token_total", 0)) + tokens,
-        "recent": json.dumps(recent, ensure_ascii=False),
-        "updated_at": utc_now(),
-    }

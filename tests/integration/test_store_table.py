@@ -4,22 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Awaitable, Callable
 
 import pytest
+from azure.core.pipeline import PipelineRequest, PipelineResponse
+from azure.core.pipeline.policies import AsyncHTTPPolicy
 from azure.data.tables import UpdateMode
 from azure.data.tables.aio import TableClient
 
+from devtools.azurite import azurite_connection_string
 from shared.errors import (
+    BadRequest,
     ConversationConflict,
     DuplicateActivity,
     MessageTooLarge,
+    StorageForbidden,
     StorageUnavailable,
     TurnTooLarge,
+    http_status_for,
 )
 from shared.keys import encode_key
 from shared.messages import ChatMessage, ToolCall
 from shared.store import MAX_MESSAGE_CHARS, ConversationWindow, TableConversationStore
-from shared.store._table import CLIENT_OPTIONS, azurite_connection_string
+from shared.store._table import CLIENT_OPTIONS
 
 BIG_BUDGET = 10_000_000
 
@@ -33,6 +40,15 @@ async def commit(store: TableConversationStore, conversation_id: str, activity_i
     window = await store.load_window(conversation_id, token_budget=BIG_BUDGET,
                                      max_messages=window_messages)
     await store.commit_turn(window, activity_id=activity_id, messages=messages)
+
+
+async def forget_the_copy(connection_string: str, table_name: str, conversation_id: str) -> None:
+    """Store the head without its copy of the newest turns, as an earlier version stored it: its
+    windows are then read from the message rows."""
+    async with TableClient.from_connection_string(connection_string, table_name=table_name) as table:
+        head = await table.get_entity(encode_key(conversation_id), "h")
+        await table.update_entity({name: value for name, value in head.items()
+                                   if not name.startswith("cache")}, mode=UpdateMode.REPLACE)
 
 
 async def raw_rows(connection_string: str, table_name: str, conversation_id: str) -> list[dict]:
@@ -252,7 +268,7 @@ async def test_rows_read_per_turn_do_not_grow_with_history(table_store: TableCon
     # WHEN each has a turn with that window, and loads it again
     (_, short), (long_first, long) = await turn_then_load("short"), await turn_then_load("long")
     # THEN a window the head's copy could not answer yet came from a range query of few rows
-    # (in at most two pages: the first is sized from the last commit's needs)
+    # (one page: it asks for one more row than the window can hold)
     assert long_first.round_trips <= 3 and long_first.rows_read <= 1 + 11
     # AND after a turn, each load is one point read of the head, whatever the history
     assert (short.rows_read, short.round_trips) == (long.rows_read, long.round_trips) == (1, 1)
@@ -271,24 +287,28 @@ def tool_turn(index: int, calls: int) -> list[ChatMessage]:
 
 
 async def test_a_window_from_the_heads_copy_equals_one_read_from_the_rows(
-        table_store: TableConversationStore) -> None:
-    # GIVEN a conversation of turns of different sizes, some with tool calls, committed turn by
-    # turn with the windows a bot would use
-    for index in range(30):
-        messages = tool_turn(index, index % 3) if index % 2 else turn(f"q{index} " * index, "a")
-        await commit(table_store, "mixed", f"m-{index}", messages, window_messages=12)
-    pk = encode_key("mixed")
-    # WHEN windows of many budgets and caps are loaded, and read again from the rows alone
+        table_store: TableConversationStore, azurite_connection_string: str, table_name: str) -> None:
+    # GIVEN two copies of one conversation of turns of different sizes, some with tool calls,
+    # committed turn by turn with the windows a bot would use; the second's head has no copy
+    for conversation_id in ("mixed", "mixed-rows"):
+        for index in range(30):
+            messages = tool_turn(index, index % 3) if index % 2 else turn(f"q{index} " * index, "a")
+            await commit(table_store, conversation_id, f"m-{index}", messages, window_messages=12)
+    await forget_the_copy(azurite_connection_string, table_name, "mixed-rows")
+    # WHEN windows of many budgets and caps are loaded from each
+    answered_by_the_copy = 0
     for budget in (0, 5, 40, 90, 150, 300, 600, 10_000):
         for cap in (1, 2, 5, 12, 40):
-            loaded = await table_store.load_window("mixed", token_budget=budget, max_messages=cap)
-            head = await table_store._wire.get(pk, "h")
-            assert head is not None
-            rows = await table_store._load_rows("mixed", head, token_budget=budget,
-                                                max_messages=cap, activity_id=None)
-            # THEN they hold the same messages
-            assert loaded.messages == rows.messages, (budget, cap)
-            assert loaded.tokens == rows.tokens and loaded.version == rows.version
+            copied = await table_store.load_window("mixed", token_budget=budget, max_messages=cap)
+            read = await table_store.load_window("mixed-rows", token_budget=budget, max_messages=cap)
+            # THEN the second came from the rows, most of the first from the head alone (a
+            # window larger than the copy was kept for is read from the rows), and they agree
+            answered_by_the_copy += copied.round_trips == 1
+            assert read.round_trips >= 2, (budget, cap)
+            assert [(m.role, m.content, m.tool_calls, m.tool_call_id) for m in copied.messages] == \
+                [(m.role, m.content, m.tool_calls, m.tool_call_id) for m in read.messages], (budget, cap)
+            assert copied.tokens == read.tokens
+    assert answered_by_the_copy >= 25
 
 
 async def test_a_turn_too_large_to_copy_still_loads_whole(table_store: TableConversationStore) -> None:
@@ -418,25 +438,17 @@ async def test_a_conversation_read_from_its_rows_is_answered_by_the_copy_after_o
     # stored by an earlier version)
     await commit(table_store, "legacy", "w", [ChatMessage(role="assistant", content="welcome")])
     await commit(table_store, "legacy", "a-1", turn("hi", "hello"))
-    async with TableClient.from_connection_string(azurite_connection_string,
-                                                  table_name=table_name) as table:
-        head = await table.get_entity(encode_key("legacy"), "h")
-        await table.update_entity({name: value for name, value in head.items()
-                                   if not name.startswith("cache")}, mode=UpdateMode.REPLACE)
+    await forget_the_copy(azurite_connection_string, table_name, "legacy")
     # WHEN a turn loads its window (from the rows) and commits, and the window is loaded again
     first = await table_store.load_window("legacy", token_budget=BIG_BUDGET, max_messages=100)
     await table_store.commit_turn(first, activity_id="a-2", messages=turn("again", "sure"))
     again = await table_store.load_window("legacy", token_budget=BIG_BUDGET, max_messages=100)
-    # THEN the first read the rows, the second only the head, and it holds what the rows give
+    # THEN the first read the rows, the second only the head, and it holds what the rows hold
     # (whole turns: the welcome before any user message is no turn's part)
     assert first.round_trips == 2
     assert (again.rows_read, again.round_trips) == (1, 1)
     assert [m.content for m in again.messages] == ["hi", "hello", "again", "sure"]
-    head = await table_store._wire.get(encode_key("legacy"), "h")
-    assert head is not None
-    rows = await table_store._load_rows("legacy", head, token_budget=BIG_BUDGET,
-                                        max_messages=100, activity_id=None)
-    assert rows.messages == again.messages
+    assert list(again.messages) == (await table_store.list_messages("legacy"))[1:]
     # AND the copy holds the rows' properties, not the service's metadata of the read
     async with TableClient.from_connection_string(azurite_connection_string,
                                                   table_name=table_name) as table:
@@ -444,17 +456,92 @@ async def test_a_conversation_read_from_its_rows_is_answered_by_the_copy_after_o
     assert '"content": "hello"' in copy and "odata.etag" not in copy and "Timestamp" not in copy
 
 
+class CommitAfterTheHeadRead(AsyncHTTPPolicy):  # type: ignore[type-arg]
+    """Runs `action` once, right after the first point read of a head answers."""
+
+    def __init__(self, action: Callable[[], Awaitable[None]]) -> None:
+        super().__init__()
+        self.action: Callable[[], Awaitable[None]] | None = action
+
+    async def send(self, request: PipelineRequest) -> PipelineResponse:  # type: ignore[type-arg]
+        response = await self.next.send(request)
+        http = request.http_request
+        if self.action is not None and http.method == "GET" and "RowKey='h'" in http.url:
+            action, self.action = self.action, None
+            await action()
+        return response
+
+
 async def test_a_row_read_skips_turns_committed_after_its_head(
-        table_store: TableConversationStore) -> None:
-    # GIVEN a head read before another turn was committed
+        table_store: TableConversationStore, azurite_connection_string: str, table_name: str) -> None:
+    # GIVEN a conversation read from its rows, and another instance that commits a turn between
+    # this instance's read of the head and its read of the rows
     await commit(table_store, "racing", "r-1", turn("first", "one"))
-    stale_head = await table_store._wire.get(encode_key("racing"), "h")
-    assert stale_head is not None
-    await commit(table_store, "racing", "r-2", turn("second", "two"))
-    # WHEN the rows are read for that head
-    window = await table_store._load_rows("racing", stale_head, token_budget=BIG_BUDGET,
-                                          max_messages=100, activity_id=None)
-    # THEN the window is the conversation as that head knew it, and committing on it conflicts
-    assert [m.content for m in window.messages] == ["first", "one"]
-    with pytest.raises(ConversationConflict):
-        await table_store.commit_turn(window, activity_id="r-3", messages=turn("third", "3"))
+    await forget_the_copy(azurite_connection_string, table_name, "racing")
+    racer = CommitAfterTheHeadRead(lambda: commit(table_store, "racing", "r-2", turn("second", "two")))
+    store = TableConversationStore(table=TableClient.from_connection_string(
+        azurite_connection_string, table_name=table_name, per_call_policies=[racer]))
+    try:
+        # WHEN the window is loaded
+        window = await store.load_window("racing", token_budget=BIG_BUDGET, max_messages=100)
+        # THEN it is the conversation as that head knew it, and committing on it conflicts
+        assert racer.action is None
+        assert [m.content for m in window.messages] == ["first", "one"]
+        with pytest.raises(ConversationConflict):
+            await store.commit_turn(window, activity_id="r-3", messages=turn("third", "3"))
+    finally:
+        await store.close()
+
+
+async def test_a_table_deleted_under_a_running_store_is_made_again_without_losing_the_turn(
+        table_store: TableConversationStore, azurite_connection_string: str, table_name: str) -> None:
+    # GIVEN a store that made its table, and the table deleted behind its back
+    await commit(table_store, "gone", "g-1", turn("one", "1"))
+    async with TableClient.from_connection_string(azurite_connection_string,
+                                                  table_name=table_name) as table:
+        await table.delete_table()
+    # WHEN the next turn loads and commits
+    window = await table_store.load_window("gone", token_budget=BIG_BUDGET, max_messages=100)
+    await table_store.commit_turn(window, activity_id="g-2", messages=turn("two", "2"))
+    # THEN the table exists again and holds that turn
+    assert [m.content for m in await table_store.list_messages("gone")] == ["two", "2"]
+
+
+async def test_storage_refusing_our_credentials_is_our_error_not_the_callers(
+        azurite_connection_string: str, table_name: str) -> None:
+    # GIVEN a store whose account key is wrong
+    wrong = azurite_connection_string.replace("AccountKey=Eby8", "AccountKey=AAAA")
+    store = TableConversationStore.from_connection_string(wrong, table_name=table_name)
+    try:
+        # WHEN it loads a window THEN the error is a 500 that names the setting to check
+        with pytest.raises(StorageForbidden) as caught:
+            await store.load_window("c", token_budget=100, max_messages=10)
+    finally:
+        await store.close()
+    assert http_status_for(caught.value) == 500
+    assert "CHAT_STORAGE_CONNECTION_STRING" in str(caught.value)
+
+
+async def test_long_activity_ids_never_push_the_head_past_a_propertys_limit(
+        table_store: TableConversationStore) -> None:
+    # GIVEN 40 turns whose activity IDs are as long as allowed (1,024 characters, non-ASCII)
+    ids = [f"{index:04d}" + "é" * 1_020 for index in range(40)]
+    # WHEN they are committed one after another
+    for activity_id in ids:
+        await commit(table_store, "long-ids", activity_id, turn("q", "a"))
+    # THEN every commit landed, and the newest activities are still recognised as committed
+    assert len(await table_store.list_messages("long-ids")) == 80
+    window = await table_store.load_window("long-ids", token_budget=BIG_BUDGET, max_messages=10,
+                                           activity_id=ids[-1])
+    assert window.committed_activity
+    # AND an older one is still caught as a duplicate by its marker row
+    with pytest.raises(DuplicateActivity):
+        await table_store.commit_turn(window, activity_id=ids[0], messages=turn("q", "again"))
+
+
+async def test_an_activity_id_the_store_cannot_keep_is_refused_before_anything_else(
+        table_store: TableConversationStore) -> None:
+    # WHEN a window is loaded for an activity ID over 1,024 characters THEN it is refused at once
+    with pytest.raises(BadRequest):
+        await table_store.load_window("c", token_budget=100, max_messages=10,
+                                      activity_id="x" * 1_025)

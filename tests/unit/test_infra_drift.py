@@ -1,0 +1,199 @@
+"""Keeps the Bicep app settings, `shared.settings.SETTINGS` and local.settings.sample.json in step.
+
+The Bicep is read as text (pycep lives only in infra/check.sh's own venv): every
+`xxxAppSettings = [ ... ]` / `appSettings: [ ... ]` array in infra/**/*.bicep is cut out and its
+`name: 'X'` entries are the app settings that a deployment sets.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from fnmatch import fnmatch
+from pathlib import Path
+
+import pytest
+
+from shared.settings import SETTINGS, Setting
+
+REPO = Path(__file__).resolve().parents[2]
+INFRA = REPO / "infra"
+MAIN_BICEP = INFRA / "main.bicep"
+LOCAL_SETTINGS_SAMPLE = REPO / "local.settings.sample.json"
+
+#: App settings the Bicep may set although shared/settings.py does not read them: they are for
+#: the Functions host or the platform, not the app.
+PLATFORM_SETTINGS = {
+    "AzureWebJobsStorage__*": "the Functions host's own storage, reached with the managed identity",
+    "APPLICATIONINSIGHTS_*": "the host's telemetry (connection string, Entra ID auth string)",
+}
+
+#: Settings that are neither deployed, secret, nor defaulted, and why that is fine.
+UNDEPLOYED_WITHOUT_DEFAULT = {
+    "OPENAI_BASE_URL": "only for OpenAI-compatible servers (local dev); Azure uses Azure OpenAI",
+    "WEBSITE_SITE_NAME": "set by the Azure Functions platform itself, never by us",
+    "HTTPS_PROXY": "a network's outbound proxy, if any; the deployed app goes out directly",
+    "HTTP_PROXY": "a network's outbound proxy, if any; the deployed app goes out directly",
+}
+
+_ARRAY_START = re.compile(r"\b\w*[aA]ppSettings\s*(?:=|:)\s*\[")
+_SETTING_ENTRY = re.compile(r"\bname:\s*'(?P<name>[^']+)'\s*\n\s*value:\s*(?P<value>[^\n]+)")
+_PARAM_DEFAULT = re.compile(r"^param\s+(?P<name>\w+)\s+(?:string|int)\s*=\s*(?P<default>.+?)\s*$",
+                            re.MULTILINE)
+_PARAM_REFERENCE = re.compile(r"^(?:string\((?P<wrapped>\w+)\)|(?P<bare>\w+))$")
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _array_end(text: str, start: int) -> int:
+    """Index just past the `]` closing the array whose `[` is at `start` (strings, comments skipped)."""
+    depth, index = 0, start
+    while index < len(text):
+        char = text[index]
+        if char == "'":
+            index += 1
+            while index < len(text) and text[index] != "'":
+                index += 2 if text[index] == "\\" else 1
+        elif text.startswith("//", index):
+            index = text.find("\n", index)
+            if index == -1:
+                break
+        elif char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+            if depth == 0:
+                return index + 1
+        index += 1
+    raise ValueError(f"unclosed app settings array at offset {start}")
+
+
+def app_settings_in(text: str) -> list[tuple[str, str]]:
+    """(name, value expression) of each entry of each app settings array in one Bicep text."""
+    entries: list[tuple[str, str]] = []
+    for match in _ARRAY_START.finditer(text):
+        start = match.end() - 1
+        block = text[start:_array_end(text, start)]
+        entries += [(m["name"], m["value"].strip()) for m in _SETTING_ENTRY.finditer(block)]
+    return entries
+
+
+def bicep_app_settings() -> list[tuple[str, str]]:
+    entries: list[tuple[str, str]] = []
+    for path in sorted(INFRA.rglob("*.bicep")):
+        entries += app_settings_in(path.read_text(encoding="utf-8"))
+    return entries
+
+
+def missing_from_bicep(settings: tuple[Setting, ...], names: set[str]) -> list[str]:
+    return [s.name for s in settings if s.deployed and s.name not in names]
+
+
+def unknown_in_bicep(settings: tuple[Setting, ...], names: set[str]) -> list[str]:
+    known = {s.name for s in settings}
+    return sorted(name for name in names if name not in known
+                  and not any(fnmatch(name, pattern) for pattern in PLATFORM_SETTINGS))
+
+
+def _bicep_literal(raw: str) -> str:
+    """A Bicep param default as the string the app would read: 'text' or a number."""
+    if raw.startswith("'") and raw.endswith("'"):
+        return raw[1:-1].replace("\\'", "'")
+    return raw
+
+
+# --- tests -------------------------------------------------------------------------------------
+
+
+def test_the_bicep_app_settings_are_found() -> None:
+    # GIVEN the Bicep templates under infra/
+    # WHEN their app settings arrays are read
+    names = [name for name, _ in bicep_app_settings()]
+    # THEN the reader finds the host's settings and the app's, each once
+    assert "AzureWebJobsStorage__credential" in names
+    assert "CHAT_TABLE_NAME" in names
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    assert duplicates == [], f"app settings set twice: {duplicates}"
+
+
+def test_every_deployed_setting_is_an_app_setting_in_the_bicep() -> None:
+    # GIVEN the app settings the Bicep sets
+    names = {name for name, _ in bicep_app_settings()}
+    # WHEN each setting marked deployed=True is looked up
+    missing = missing_from_bicep(SETTINGS, names)
+    # THEN none is missing
+    assert missing == [], f"deployed=True but not set by infra/*.bicep: {missing}"
+
+
+def test_a_setting_removed_from_the_bicep_is_reported() -> None:
+    # GIVEN main.bicep with the CHAT_TABLE_NAME entry taken out
+    text = MAIN_BICEP.read_text(encoding="utf-8")
+    pruned = re.sub(r"\{\s*name: 'CHAT_TABLE_NAME'\s*\n\s*value: [^\n]+\s*\}", "", text)
+    assert pruned != text
+    # WHEN the deployed settings are checked against it
+    names = {name for name, _ in app_settings_in(pruned)}
+    # THEN the drift is caught
+    assert missing_from_bicep(SETTINGS, names) == ["CHAT_TABLE_NAME"]
+
+
+def test_the_bicep_sets_no_setting_the_app_does_not_know() -> None:
+    # GIVEN the app settings the Bicep sets
+    names = {name for name, _ in bicep_app_settings()}
+    # WHEN those unknown to shared/settings.py and not the platform's are collected
+    unknown = unknown_in_bicep(SETTINGS, names)
+    # THEN there are none (an unknown one is a typo or a setting nobody reads)
+    assert unknown == [], f"set by infra/*.bicep but not in SETTINGS: {unknown}"
+    assert unknown_in_bicep(SETTINGS, names | {"CHAT_TABLE_NAM"}) == ["CHAT_TABLE_NAM"]
+
+
+def test_no_secret_is_an_app_setting() -> None:
+    # GIVEN the app settings the Bicep sets
+    names = {name for name, _ in bicep_app_settings()}
+    # WHEN the secret settings are looked up among them
+    secrets = sorted(s.name for s in SETTINGS if s.secret and s.name in names)
+    # THEN none is there: in Azure the managed identity replaces every key and secret
+    assert secrets == []
+
+
+def test_the_bicep_defaults_match_the_settings_defaults() -> None:
+    # GIVEN main.bicep's param defaults and the app settings set straight from a param
+    text = MAIN_BICEP.read_text(encoding="utf-8")
+    defaults = {m["name"]: _bicep_literal(m["default"]) for m in _PARAM_DEFAULT.finditer(text)}
+    by_name = {s.name: s for s in SETTINGS}
+    compared = 0
+    for name, value in app_settings_in(text):
+        reference = _PARAM_REFERENCE.match(value)
+        if reference is None or name not in by_name or by_name[name].default is None:
+            continue
+        param = reference["wrapped"] or reference["bare"]
+        if param not in defaults:
+            continue
+        # WHEN the param's default is compared with the setting's
+        # THEN they agree, so a deployment behaves like a local run
+        assert defaults[param] == by_name[name].default, f"{name}: param {param}"
+        compared += 1
+    assert compared >= 10, f"only {compared} defaults compared: has the Bicep layout changed?"
+
+
+def test_every_undeployed_setting_is_secret_defaulted_or_explained() -> None:
+    # GIVEN the settings that no deployment sets
+    undeployed = [s for s in SETTINGS if not s.deployed]
+    # WHEN those neither secret nor defaulted are collected
+    unexplained = [s.name for s in undeployed if not s.secret and s.default is None
+                   and s.name not in UNDEPLOYED_WITHOUT_DEFAULT]
+    # THEN each is in the explained allowlist, and the allowlist holds no stale name
+    assert unexplained == [], f"undeployed, no default, not secret, not explained: {unexplained}"
+    undeployed_names = {s.name for s in undeployed}
+    assert set(UNDEPLOYED_WITHOUT_DEFAULT) <= undeployed_names
+
+
+def test_every_setting_is_in_local_settings_sample() -> None:
+    # GIVEN local.settings.sample.json, the template of local.settings.json
+    if not LOCAL_SETTINGS_SAMPLE.exists():
+        pytest.fail(f"{LOCAL_SETTINGS_SAMPLE.name} is missing")
+    values = json.loads(LOCAL_SETTINGS_SAMPLE.read_text(encoding="utf-8"))["Values"]
+    # WHEN every setting is looked up in its Values
+    missing = [s.name for s in SETTINGS if s.name not in values]
+    # THEN each is there, so a new developer sees every knob
+    assert missing == [], f"missing from {LOCAL_SETTINGS_SAMPLE.name} Values: {missing}"

@@ -1,0 +1,81 @@
+"""The settings module: defaults, validation that names the setting, model selection."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.errors import SettingsError
+from shared.settings import SETTINGS, ModelProvider, load_settings
+
+
+def test_defaults_run_locally_on_azurite_and_the_offline_stand_in() -> None:
+    settings = load_settings({})
+    assert settings.storage.connection_string == "UseDevelopmentStorage=true"
+    assert settings.storage.table_name == "conversations"
+    assert settings.model.provider is ModelProvider.OFFLINE
+    assert settings.bot.auth_enabled is False and settings.in_azure is False
+    assert settings.model.history_token_budget == 8000 and settings.port == 7071
+
+
+@pytest.mark.parametrize(("env", "named"), [
+    ({"CHAT_HISTORY_TOKEN_BUDGET": "lots"}, "CHAT_HISTORY_TOKEN_BUDGET"),
+    ({"CHAT_HISTORY_TOKEN_BUDGET": "3"}, "CHAT_HISTORY_TOKEN_BUDGET"),
+    ({"CHAT_MODEL_TIMEOUT_SECONDS": "-1"}, "CHAT_MODEL_TIMEOUT_SECONDS"),
+    ({"CHAT_TABLE_NAME": "no-dashes"}, "CHAT_TABLE_NAME"),
+    ({"CHAT_STORAGE_TABLE_ENDPOINT": "not a url"}, "CHAT_STORAGE_TABLE_ENDPOINT"),
+    ({"CHAT_STORAGE_CONNECTION_STRING": "garbage"}, "CHAT_STORAGE_CONNECTION_STRING"),
+    ({"AZURE_OPENAI_ENDPOINT": "https://x.openai.azure.com"}, "AZURE_OPENAI_DEPLOYMENT"),
+    ({"AZURE_OPENAI_DEPLOYMENT": "d"}, "AZURE_OPENAI_ENDPOINT"),
+    ({"OPENAI_MODEL": "gpt-4o"}, "OPENAI_API_KEY"),
+    ({"BOT_APP_TYPE": "Sideways"}, "BOT_APP_TYPE"),
+    ({"BOT_APP_TYPE": "SingleTenant", "CLIENT_ID": "x"}, "TENANT_ID"),
+    ({"WEBSITE_SITE_NAME": "my-app"}, "AZURE_OPENAI_ENDPOINT"),
+    ({"PORT": "70000"}, "PORT"),
+])
+def test_a_bad_setting_fails_start_up_with_its_name(env: dict[str, str], named: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(env)
+    assert caught.value.setting == named and named in str(caught.value)
+
+
+def test_any_model_setting_turns_the_offline_stand_in_off() -> None:
+    assert load_settings({"OPENAI_API_KEY": "sk-x"}).model.provider is ModelProvider.OPENAI
+    local = load_settings({"OPENAI_BASE_URL": "http://localhost:11434/v1", "OPENAI_MODEL": "llama3.2"})
+    assert local.model.provider is ModelProvider.OPENAI and local.model.model == "llama3.2"
+    azure = load_settings({"AZURE_OPENAI_ENDPOINT": "https://r.openai.azure.com",
+                           "AZURE_OPENAI_DEPLOYMENT": "chat", "WEBSITE_SITE_NAME": "app"})
+    assert azure.model.provider is ModelProvider.AZURE and azure.in_azure
+
+
+def test_blank_values_count_as_unset() -> None:
+    assert load_settings({"OPENAI_API_KEY": "  ", "CHAT_TABLE_NAME": ""}).model.provider is ModelProvider.OFFLINE
+
+
+def test_every_setting_is_described() -> None:
+    names = [setting.name for setting in SETTINGS]
+    assert len(names) == len(set(names))
+    assert all(setting.description for setting in SETTINGS)
+
+
+def test_the_sample_local_settings_run_offline() -> None:
+    import json
+    from pathlib import Path
+
+    sample = json.loads((Path(__file__).parents[2] / "local.settings.sample.json").read_text())
+    settings = load_settings(sample["Values"])
+    assert settings.model.provider is ModelProvider.OFFLINE and not settings.bot.auth_enabled
+
+
+def test_the_readme_documents_every_setting() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert [s.name for s in SETTINGS if f"| `{s.name}` |" not in readme] == []
+
+
+def test_a_proxy_variable_makes_storage_honour_the_environment_proxies() -> None:
+    # GIVEN no proxy, then HTTPS_PROXY, then HTTP_PROXY
+    # THEN only a given proxy makes the storage transport look proxies up
+    assert load_settings({}).env_proxy is False
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy"):
+        assert load_settings({name: "http://proxy:3128"}).env_proxy is True, name
