@@ -3,13 +3,14 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: help deps run chat playground test unit lint infra-check bench clean
+.PHONY: help deps run chat playground test unit pytest lint infra-check bench clean
 
 help:
 	@echo "make run         serve the bot on http://127.0.0.1:$${PORT:-7071}/api/messages (Azurite + offline model by default)"
 	@echo "make chat        chat with the running bot from this terminal"
 	@echo "make playground  open the Microsoft 365 Agents Playground against the running bot"
 	@echo "make test        lint, template checks and every test (starts its own Azurite)"
+	@echo "make unit        the unit tier alone (no I/O; about a second)"
 	@echo "make bench       store and webhook benchmarks; figures go to benchmarks/results.json"
 
 deps: $(VENV)/.installed node_modules/.installed
@@ -36,10 +37,15 @@ lint: deps
 	$(VENV)/bin/ruff check shared devtools tests benchmarks function_app.py
 	$(VENV)/bin/mypy shared
 
+# Test tiers, by folder: tests/unit (no I/O), tests/integration (Azurite and local stand-ins),
+# tests/e2e (the app over HTTP through the dev host).
 unit: deps
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+pytest: deps
 	$(PY) -m devtools.azurite -- $(PY) -m pytest -q $(PYTEST_ARGS)
 
-test: lint infra-check unit
+test: lint infra-check pytest
 
 infra-check:
 	bash infra/check.sh

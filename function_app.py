@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 import azure.functions as func
 
 from shared.errors import ChatstateError, http_status_for
+from shared.messages import ChatMessage
 from shared.runtime import Runtime
 from shared.tools import tool
 
@@ -26,7 +27,7 @@ async def get_current_time(time_zone: str = "UTC") -> dict[str, str]:
     """The current date and time in an IANA time zone such as Europe/Paris or America/New_York."""
     try:
         zone = ZoneInfo(time_zone)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: "Europe" is a folder of zones
         close = sorted(name for name in available_timezones() if time_zone.lower() in name.lower())
         raise ValueError(f"unknown time zone {time_zone!r}; did you mean one of {close[:5]}?") from None
     now = datetime.now(zone)
@@ -65,10 +66,11 @@ async def health(req: func.HttpRequest) -> func.HttpResponse:
 async def conversation_messages(req: func.HttpRequest) -> func.HttpResponse:
     conversation_id = req.route_params["conversation_id"]
     try:
-        history = await runtime.bot.history(conversation_id)
+        messages = await runtime.store.list_messages(conversation_id)
     except ChatstateError as exc:
-        return _json({"error": exc.code, "reason": str(exc)}, status=http_status_for(exc))
-    return _json({"conversationId": conversation_id, "messages": history})
+        return _failed(exc)
+    return _json({"conversationId": conversation_id,
+                  "messages": [_message_json(message) for message in messages]})
 
 
 @app.route(route="conversations/{conversation_id}", methods=["DELETE"])
@@ -77,6 +79,27 @@ async def clear_conversation(req: func.HttpRequest) -> func.HttpResponse:
     try:
         await runtime.store.clear(conversation_id)
     except ChatstateError as exc:
-        return _json({"error": exc.code, "reason": str(exc)}, status=http_status_for(exc))
+        return _failed(exc)
     logging.info("cleared conversation=%r through the API", conversation_id)
     return func.HttpResponse(status_code=204)
+
+
+def _failed(error: ChatstateError) -> func.HttpResponse:
+    return _json({"error": error.code, "reason": str(error)}, status=http_status_for(error))
+
+
+def _message_json(message: ChatMessage) -> dict[str, Any]:
+    """A stored message as the history endpoint shows it."""
+    shown: dict[str, Any] = {"role": message.role, "content": message.content,
+                             "activityId": message.activity_id,
+                             "timestamp": message.timestamp.isoformat()}
+    if message.tool_calls:
+        shown["toolCalls"] = [call.to_openai() for call in message.tool_calls]
+    if message.tool_call_id:
+        shown["toolCallId"] = message.tool_call_id
+    if message.model:
+        shown["model"] = message.model
+    if message.usage:
+        shown["usage"] = {"promptTokens": message.usage.prompt_tokens,
+                          "completionTokens": message.usage.completion_tokens}
+    return shown

@@ -240,7 +240,7 @@ async def seed(connection_string: str, table_name: str, conversations: dict[str,
 
     Each commit is made with the worker's window, as the bot's own turns are: so the head's copy
     of the newest turns is what a conversation grown by the bot would have (one imported by other
-    means pays one range query on its first turn; tests/test_store_table.py covers that path).
+    means pays one range query on its first turn; tests/integration/test_store_table.py covers that path).
     """
     store = TableConversationStore.from_connection_string(connection_string, table_name=table_name)
     limit = asyncio.Semaphore(8)

@@ -13,6 +13,7 @@ import itertools
 import time
 import uuid
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -45,7 +46,8 @@ class FakeConnector(LocalServer):
 
     async def _post(self, request: web.Request) -> web.Response:
         body = await request.json()
-        record = {"path": request.path, "conversation_id": request.match_info["conversation_id"],
+        record = {"path": request.path, "raw_path": request.raw_path,
+                  "conversation_id": request.match_info["conversation_id"],
                   "authorization": request.headers.get("Authorization"), "activity": body}
         self.requests.append(record)
         if self.latency:
@@ -62,8 +64,10 @@ class FakeIdentity(LocalServer):
 
     BOTFRAMEWORK_ISSUER = "https://api.botframework.com"
 
-    def __init__(self, *, tenant_id: str = "tenant-1", endorsements: tuple[str, ...] = ("msteams", "test")) -> None:
-        super().__init__()
+    def __init__(self, *, tenant_id: str = "tenant-1", endorsements: tuple[str, ...] = ("msteams", "test"),
+                 certificate: Path | None = None) -> None:
+        """`certificate`: serve HTTPS (azure-identity sends client secrets to https authorities only)."""
+        super().__init__(certificate=certificate)
         self.tenant_id = tenant_id
         self.endorsements = list(endorsements)
         self.keys = {"bf-key-1": rsa.generate_private_key(public_exponent=65537, key_size=2048),

@@ -1,17 +1,22 @@
-"""Inbound Bot Framework activities: the request checks (size, type, JSON, required fields)."""
+"""Bot Framework activities: the inbound request checks, and the activities we send in reply."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
-__all__ = ["MAX_BODY_BYTES", "Activity", "parse_activity"]
+__all__ = ["AI_GENERATED", "MAX_BODY_BYTES", "Activity", "parse_activity"]
 
 MAX_BODY_BYTES = 1_000_000
+_MENTION = re.compile(r"<at[^>]*>.*?</at>", re.IGNORECASE | re.DOTALL)
+#: The entity that marks a message as AI-generated (Teams shows the "AI generated" label).
+AI_GENERATED = {"type": "https://schema.org/Message", "@type": "Message",
+                "@context": "https://schema.org", "@id": "", "additionalType": ["AIGeneratedContent"]}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +49,28 @@ class Activity:
     def members_added(self) -> list[dict[str, Any]]:
         members = self.raw.get("membersAdded")
         return [m for m in members if isinstance(m, dict)] if isinstance(members, list) else []
+
+    def text_for_model(self) -> str:
+        """The message text with @mentions removed."""
+        return _MENTION.sub("", self.text).strip()
+
+    def reply(self, text: str, *, ai: bool) -> dict[str, Any]:
+        """A message answering this activity; `ai` marks it AI-generated."""
+        outgoing = {**self._addressed("message"), "text": text}
+        locale = self.raw.get("locale")
+        if isinstance(locale, str) and locale:
+            outgoing["locale"] = locale
+        if ai:
+            outgoing["entities"] = [dict(AI_GENERATED)]
+        return outgoing
+
+    def typing(self) -> dict[str, Any]:
+        """A typing indicator in this activity's conversation."""
+        return self._addressed("typing")
+
+    def _addressed(self, kind: str) -> dict[str, Any]:
+        return {"type": kind, "replyToId": self.id, "conversation": {"id": self.conversation_id},
+                "from": self.recipient, "recipient": self.sender, "channelId": self.channel_id}
 
 
 def parse_activity(body: bytes, headers: Mapping[str, str]) -> Activity:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import string
 
-__all__ = ["MAX_PLAIN_KEY", "decode_key", "encode_key"]
+__all__ = ["MAX_PLAIN_KEY", "encode_key"]
 
 MAX_PLAIN_KEY = 400
 _HASHED = "~~"
@@ -30,19 +30,3 @@ def encode_key(value: str) -> str:
     if len(encoded) <= MAX_PLAIN_KEY:
         return encoded
     return _HASHED + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def decode_key(key: str) -> str | None:
-    """The original of a plain key; None for a hashed one (the original is stored beside it)."""
-    if key.startswith(_HASHED):
-        return None
-    raw = bytearray()
-    index = 0
-    while index < len(key):
-        if key[index] == "~":
-            raw.append(int(key[index + 1:index + 3], 16))
-            index += 3
-        else:
-            raw.extend(key[index].encode("ascii"))
-            index += 1
-    return raw.decode("utf-8", "surrogatepass")

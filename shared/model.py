@@ -6,16 +6,15 @@ or the offline stand-in. This is the only module that sees openai exceptions.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import httpx2
 import openai
 
 from .errors import ContentFiltered, ModelError, ModelRejected, ModelTimeout, ModelUnavailable
-from .http import http_client as make_http_client
 from .messages import ChatMessage, ToolCall, Usage
 from .settings import ModelProvider, ModelSettings
 
@@ -59,6 +58,8 @@ class ChatModel:
             response = await self.client.chat.completions.create(
                 model=self.model, messages=[], extra_body=wire, **options)
         except openai.APITimeoutError as exc:
+            if _refused(exc):
+                raise ModelUnavailable(f"cannot reach the model: {_refused(exc)}") from exc
             raise ModelTimeout("the model did not answer in time") from exc
         except openai.APIConnectionError as exc:
             raise ModelUnavailable(f"cannot reach the model: {exc}") from exc
@@ -70,6 +71,18 @@ class ChatModel:
 
     async def close(self) -> None:
         await self.client.close()
+
+
+def _refused(exc: BaseException) -> BaseException | None:
+    """The connection failure under a timeout error, if it is one: the SDK's aiohttp adapter
+    reports a refused connection as a connect timeout."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, aiohttp.ClientConnectorError) and \
+                not isinstance(cause, aiohttp.ConnectionTimeoutError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _status_error(exc: openai.APIStatusError) -> ModelError:
@@ -101,18 +114,18 @@ def _completion(response: Any, *, fallback_model: str) -> Completion:
 
 
 def build_model(settings: ModelSettings, *, http_client: httpx2.AsyncClient | None = None,
-                credential: Any | None = None, env_proxy: bool = False) -> ChatModel:
-    """The `ChatModel` the settings describe. `http_client` and `credential` are test seams;
-    `env_proxy`: honour the environment's proxy variables."""
+                credential: Any | None = None) -> ChatModel:
+    """The `ChatModel` the settings describe. `http_client` and `credential` are test seams."""
     common: dict[str, Any] = {"max_retries": settings.max_retries, "timeout": settings.timeout_seconds}
     if settings.provider is ModelProvider.OFFLINE:
         from .offline import offline_transport
 
         http_client = http_client or httpx2.AsyncClient(transport=offline_transport())
-    # The openai SDK's defaults (timeout and retries are ours, given above), over aiohttp.
-    common["http_client"] = http_client or make_http_client(
-        timeout=httpx2.Timeout(settings.timeout_seconds), max_connections=1000,
-        follow_redirects=True, env_proxy=env_proxy)
+    # The SDK's own aiohttp client: httpx's pool polls every open connection per request placed,
+    # a third of a worker's CPU with 200 turns in flight (benchmarks/README.md). It honours the
+    # proxy variables as httpx does.
+    common["http_client"] = http_client or openai.DefaultAioHttpClient(
+        timeout=settings.timeout_seconds, limits=httpx2.Limits(max_connections=1000))
     if settings.provider is ModelProvider.AZURE and settings.azure_endpoint:
         if settings.api_key:
             common["api_key"] = settings.api_key
@@ -141,8 +154,3 @@ def _entra_token_provider(settings: ModelSettings, credential: Any | None) -> An
         credential = DefaultAzureCredential(
             managed_identity_client_id=settings.managed_identity_client_id)
     return get_bearer_token_provider(credential, AZURE_OPENAI_SCOPE)
-
-
-def describe_request(messages: list[dict[str, Any]]) -> str:
-    """A short log form of a request: roles and sizes, never contents."""
-    return json.dumps([[m.get("role"), len(str(m.get("content") or ""))] for m in messages])

@@ -1,11 +1,13 @@
-"""The prompt: instructions + a token-budgeted history window + the new message, through the model.
+"""The prompt: instructions + a history window + the new message, through the model and its tools.
 
-It reads like the Teams SDK's pattern, with one difference: nothing is mutated until the turn
-commits, in one ETag-guarded transaction.
+`ChatPrompt` is built once (model, tools, instructions, limits) and holds no per-turn state: each
+`send` takes the history and returns the turn's messages, storing nothing. `ConversationMemory`
+is the durable memory of one conversation, read as a token-budgeted window and appended to by
+turns in one ETag-guarded transaction. Together they read like the Teams SDK's pattern:
 
     memory = ConversationMemory(store, conversation_id, token_budget=8000)
-    prompt = ChatPrompt(model, memory=memory, functions=[get_current_time])
-    result = await prompt.send(input="hi", instructions="You are terse.")
+    prompt = ChatPrompt(model, functions=[get_current_time], instructions="You are terse.")
+    result = await prompt.send("hi", memory=memory)
     print(result.response.content)
     await memory.commit(result, activity_id=activity_id)   # or: ConversationConflict → re-run
 """
@@ -20,13 +22,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InputTooLong, MessageTooLarge, ModelTimeout, TurnTooLarge
-from .messages import ChatMessage, StoredTurn, Usage
+from .messages import ChatMessage, StoredTurn, ToolCall, Usage
 from .model import ChatModel
 from .store import MAX_MESSAGE_CHARS, ConversationStore, ConversationWindow, check_turn
 from .tokens import count_message_tokens
 from .tools import Function
 
-__all__ = ["ROUND_LIMIT_REPLY", "TURN_LIMIT_REPLY", "ChatPrompt", "ConversationMemory", "PromptResult"]
+__all__ = ["ROUND_LIMIT_REPLY", "TURN_LIMIT_REPLY", "ChatPrompt", "ConversationMemory",
+           "PromptResult", "check_input"]
 
 log = logging.getLogger(__name__)
 
@@ -37,34 +40,47 @@ TURN_LIMIT_REPLY = ("Sorry, this answer needed more tool results than I can keep
 _REPLY_ROOM = "x" * 4_000  # room kept in a turn for its final reply
 
 
+def check_input(text: str, *, token_budget: int) -> int:
+    """The tokens the new message costs; `MessageTooLarge` / `InputTooLong` if it cannot be sent.
+
+    The one check of a new message: the webhook and `ConversationMemory.load` both call it.
+    """
+    if len(text) > MAX_MESSAGE_CHARS:
+        raise MessageTooLarge(f"a message holds at most {MAX_MESSAGE_CHARS:,} characters")
+    tokens = count_message_tokens(ChatMessage(role="user", content=text))
+    if tokens > token_budget:
+        raise InputTooLong(f"the message needs about {tokens:,} tokens; the budget for a turn is "
+                           f"{token_budget:,}", tokens=tokens, budget=token_budget)
+    return tokens
+
+
 class ConversationMemory:
     """One conversation's durable memory, read as a token-budgeted window.
 
-    `get_all()` is the loaded window; `set_all([])` clears the conversation; `commit()` appends a
-    prompt's turn atomically, failing with `ConversationConflict` if another turn got there first.
+    `load()` reads the window (`get_all()` returns it); `commit()` appends a prompt's turn
+    atomically, failing with `ConversationConflict` if another turn got there first;
+    `set_all([])` clears the conversation.
     """
 
     def __init__(self, store: ConversationStore, conversation_id: str, *, token_budget: int = 8_000,
-                 max_messages: int = 200, activity_id: str | None = None) -> None:
+                 max_messages: int = 200) -> None:
         self.store = store
         self.conversation_id = conversation_id
         self.token_budget = token_budget
         self.max_messages = max_messages
-        self.activity_id = activity_id
         self.window: ConversationWindow | None = None
 
-    async def load(self, *, reserve_tokens: int = 0) -> ConversationWindow:
-        """(Re)load the window, leaving `reserve_tokens` of the budget for the new message."""
+    async def load(self, *, input: str | None = None, activity_id: str | None = None) -> ConversationWindow:
+        """(Re)load the window, leaving room in the budget for `input`, the new message."""
+        reserve = check_input(input, token_budget=self.token_budget) if input is not None else 0
         self.window = await self.store.load_window(
-            self.conversation_id, token_budget=self.token_budget - reserve_tokens,
-            max_messages=self.max_messages, activity_id=self.activity_id)
+            self.conversation_id, token_budget=self.token_budget - reserve,
+            max_messages=self.max_messages, activity_id=activity_id)
         return self.window
 
     async def get_all(self) -> list[ChatMessage]:
-        if self.window is None:
-            await self.load()
-        assert self.window is not None
-        return list(self.window.messages)
+        window = self.window or await self.load()
+        return list(window.messages)
 
     async def set_all(self, messages: Sequence[ChatMessage]) -> None:
         """Only `set_all([])` is supported: it clears the conversation (every row)."""
@@ -74,9 +90,9 @@ class ConversationMemory:
         self.window = None
 
     async def commit(self, result: PromptResult, *, activity_id: str) -> StoredTurn:
-        if result.window is None:
-            raise ValueError("this result was not produced from a loaded memory window")
-        return await self.store.commit_turn(result.window, activity_id=activity_id,
+        if self.window is None:
+            raise ValueError("load() the memory before committing a turn to it")
+        return await self.store.commit_turn(self.window, activity_id=activity_id,
                                             messages=result.messages)
 
 
@@ -88,99 +104,85 @@ class PromptResult:
     messages: tuple[ChatMessage, ...]
     usage: Usage
     model: str
-    window: ConversationWindow | None
-    #: The `messages` of the first model request, exactly as sent.
-    request: tuple[dict[str, Any], ...]
-    rounds: int
 
 
 class ChatPrompt:
-    def __init__(self, model: ChatModel, *, memory: ConversationMemory | None = None,
-                 functions: Sequence[Function] = (), instructions: str | None = None,
-                 max_tool_rounds: int = 5, tool_timeout_seconds: float = 10.0,
-                 timeout_seconds: float = 60.0) -> None:
+    def __init__(self, model: ChatModel, *, functions: Sequence[Function] = (),
+                 instructions: str | None = None, max_tool_rounds: int = 5,
+                 tool_timeout_seconds: float = 10.0, timeout_seconds: float = 60.0) -> None:
         self.model = model
-        self.memory = memory
         self.instructions = instructions
         self.functions: dict[str, Function] = {}
         self.max_tool_rounds = max_tool_rounds
         self.tool_timeout_seconds = tool_timeout_seconds
         self.timeout_seconds = timeout_seconds
         for function in functions:
-            self.with_function(function)
+            if function.name in self.functions:
+                raise ValueError(f"a tool named {function.name!r} is registered already")
+            self.functions[function.name] = function
+        self._tools = [function.spec() for function in self.functions.values()] or None
 
-    def with_function(self, function: Function) -> ChatPrompt:
-        if function.name in self.functions:
-            raise ValueError(f"a tool named {function.name!r} is registered already")
-        self.functions[function.name] = function
-        return self
-
-    async def send(self, input: str, *, instructions: str | None = None,
-                   memory: ConversationMemory | None = None) -> PromptResult:
-        """Ask the model; run the tools it calls; return the turn without storing anything."""
-        memory = memory or self.memory
-        user = ChatMessage(role="user", content=input)
-        if len(input) > MAX_MESSAGE_CHARS:
-            raise MessageTooLarge(f"a message holds at most {MAX_MESSAGE_CHARS:,} characters")
-        window = None
-        history: list[ChatMessage] = []
+    async def send(self, input: str, *, history: Sequence[ChatMessage] = (),
+                   memory: ConversationMemory | None = None,
+                   instructions: str | None = None) -> PromptResult:
+        """Ask the model after `history` (or `memory`'s window, loaded if need be); run the tools
+        it calls; return the turn without storing anything."""
         if memory is not None:
-            window = memory.window
-            if window is None:  # a caller that pre-loaded the window (the webhook) checked already
-                needed = count_message_tokens(user)
-                if needed > memory.token_budget:
-                    raise InputTooLong(f"the message needs about {needed:,} tokens; the budget "
-                                       f"for a turn is {memory.token_budget:,}")
-                window = await memory.load(reserve_tokens=needed)
-            history = list(window.messages)
+            history = (memory.window or await memory.load(input=input)).messages
+        user = ChatMessage(role="user", content=input)
         system = instructions if instructions is not None else self.instructions
         request = ([{"role": "system", "content": system}] if system else []) + \
             [message.to_openai() for message in history] + [user.to_openai()]
         try:
             async with asyncio.timeout(self.timeout_seconds):
-                turn, usage, model, rounds = await self._run(request, user)
+                turn, usage, model = await self._run(request, user)
         except TimeoutError as exc:
             raise ModelTimeout(f"the model took over {self.timeout_seconds:g} s in all") from exc
-        return PromptResult(response=turn[-1], messages=tuple(turn), usage=usage, model=model,
-                            window=window, request=tuple(request), rounds=rounds)
+        return PromptResult(response=turn[-1], messages=tuple(turn), usage=usage, model=model)
 
     async def _run(self, request: list[dict[str, Any]],
-                   user: ChatMessage) -> tuple[list[ChatMessage], Usage, str, int]:
+                   user: ChatMessage) -> tuple[list[ChatMessage], Usage, str]:
         conversation = list(request)
         turn: list[ChatMessage] = [user]
         usage, model = Usage(), self.model.model
-        tools = [function.spec() for function in self.functions.values()] or None
         for round_number in range(self.max_tool_rounds + 1):
-            completion = await self.model.complete(conversation, tools=tools)
+            completion = await self.model.complete(conversation, tools=self._tools)
             usage, model = usage + completion.usage, completion.model
             message = completion.message
             if not message.tool_calls:
-                turn.append(_final(message))
-                return turn, usage, model, round_number
+                return [*turn, _final(message)], usage, model
             if round_number == self.max_tool_rounds:
                 log.warning("the model still called tools after %d rounds; stopping", round_number)
-                turn.append(self._polite(ROUND_LIMIT_REPLY.format(rounds=round_number), model))
-                return turn, usage, model, round_number
+                return [*turn, _polite(ROUND_LIMIT_REPLY.format(rounds=round_number), model)], \
+                    usage, model
+            # The calls must fit in the turn before any runs: a reply may ask for hundreds.
+            if not _fits([*turn, message, *(_result(call, "") for call in message.tool_calls)]):
+                log.warning("the model asked for %d tool calls; more than a turn can keep",
+                            len(message.tool_calls))
+                return [*turn, _polite(TURN_LIMIT_REPLY, model)], usage, model
             results = await asyncio.gather(*(self._invoke(call) for call in message.tool_calls))
             step = [message, *results]
             if not _fits([*turn, *step]):
-                turn.append(self._polite(TURN_LIMIT_REPLY, model))
-                return turn, usage, model, round_number
+                return [*turn, _polite(TURN_LIMIT_REPLY, model)], usage, model
             turn += step
             conversation += [item.to_openai() for item in step]
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _invoke(self, call: Any) -> ChatMessage:
+    async def _invoke(self, call: ToolCall) -> ChatMessage:
         function = self.functions.get(call.name)
         if function is None:
-            content = json.dumps({"error": f"there is no tool named {call.name}"}, ensure_ascii=False)
             log.warning("the model called an unknown tool %s", call.name)
-        else:
-            content = (await function.invoke(call, time_limit=self.tool_timeout_seconds)).content
-        return ChatMessage(role="tool", content=content, tool_call_id=call.id, name=call.name)
+            return _result(call, json.dumps({"error": f"there is no tool named {call.name}"},
+                                            ensure_ascii=False))
+        return _result(call, await function.invoke(call, time_limit=self.tool_timeout_seconds))
 
-    def _polite(self, text: str, model: str) -> ChatMessage:
-        return ChatMessage(role="assistant", content=text, model=model)
+
+def _result(call: ToolCall, content: str) -> ChatMessage:
+    return ChatMessage(role="tool", content=content, tool_call_id=call.id, name=call.name)
+
+
+def _polite(text: str, model: str) -> ChatMessage:
+    return ChatMessage(role="assistant", content=text, model=model)
 
 
 def _final(message: ChatMessage) -> ChatMessage:

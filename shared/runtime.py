@@ -1,4 +1,4 @@
-"""The composition root: builds the store, model, connector, authenticator and bot from settings.
+"""The composition root: builds the store, prompt, connector, authenticator and bot from settings.
 
 A function app keeps one `Runtime` per worker process, so clients, connection pools, signing keys
 and tokens are reused across invocations.
@@ -12,11 +12,12 @@ from typing import Any
 
 import httpx2
 
+from . import logs
 from .auth import BotAuthenticator
 from .bot import ChatBot
-from .connector import BotConnector, build_token_source
-from .http import http_client
+from .connector import BotConnector, build_credential
 from .model import build_model
+from .prompt import ChatPrompt
 from .settings import Settings, load_settings
 from .store import ConversationStore, TableConversationStore
 from .tokens import tokenizer_name
@@ -26,25 +27,30 @@ __all__ = ["Runtime"]
 
 log = logging.getLogger(__name__)
 # The SDKs log every HTTP request at INFO; keep the operator's log to our own lines.
-for _noisy in ("azure", "httpx2", "httpx", "openai"):
+for _noisy in ("azure", "httpx2", "openai"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 
 class Runtime:
     def __init__(self, settings: Settings, *, functions: Sequence[Function] = (),
                  store: ConversationStore | None = None, credential: Any | None = None) -> None:
+        """`store` and `credential` (the managed identity) are test seams."""
+        logs.install()
         self.settings = settings
-        self.http = http_client(timeout=httpx2.Timeout(10.0), max_connections=200,
-                                env_proxy=settings.env_proxy)
+        # Signing keys only: a few requests a day, so httpx's own client is plenty.
+        self.http = httpx2.AsyncClient(timeout=httpx2.Timeout(10.0))
         self.store = store or _build_store(settings, credential)
-        self.model = build_model(settings.model, credential=credential,
-                                 env_proxy=settings.env_proxy)
-        self.connector = BotConnector(
-            http=self.http, tokens=build_token_source(settings.bot, http=self.http, credential=credential))
+        self.model = build_model(settings.model, credential=credential)
+        limits = settings.model
+        self.prompt = ChatPrompt(self.model, functions=functions, instructions=limits.instructions,
+                                 max_tool_rounds=limits.max_tool_rounds,
+                                 tool_timeout_seconds=limits.tool_timeout_seconds,
+                                 timeout_seconds=limits.timeout_seconds)
+        self.connector = BotConnector(credential=build_credential(settings.bot, credential=credential),
+                                      env_proxy=settings.env_proxy)
         self.authenticator = BotAuthenticator(settings.bot, http=self.http, in_azure=settings.in_azure)
-        self.bot = ChatBot(settings=settings, store=self.store, model=self.model,
-                           connector=self.connector, authenticator=self.authenticator,
-                           functions=functions)
+        self.bot = ChatBot(settings=settings, store=self.store, prompt=self.prompt,
+                           connector=self.connector, authenticator=self.authenticator)
         _warn_about(settings)
         log.info("token counting: %s", tokenizer_name())
 
@@ -57,6 +63,7 @@ class Runtime:
     async def close(self) -> None:
         await self.store.close()
         await self.model.close()
+        await self.connector.close()
         await self.http.aclose()
 
 

@@ -22,20 +22,13 @@ import pydantic
 
 from .messages import ToolCall
 
-__all__ = ["MAX_TOOL_RESULT_CHARS", "Function", "ToolResult", "tool"]
+__all__ = ["MAX_TOOL_RESULT_CHARS", "Function", "tool"]
 
 log = logging.getLogger(__name__)
 #: A tool result longer than this is cut, so that a turn stays within the store's limits.
 MAX_TOOL_RESULT_CHARS = 20_000
 
 Handler = Callable[..., Awaitable[Any]]
-
-
-@dataclass(frozen=True, kw_only=True)
-class ToolResult:
-    call: ToolCall
-    content: str
-    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,8 +73,8 @@ class Function:
                 "function": {"name": self.name, "description": self.description,
                              "parameters": parameters}}
 
-    async def invoke(self, call: ToolCall, *, time_limit: float) -> ToolResult:
-        """Run the call; any failure becomes an error result the model can read."""
+    async def invoke(self, call: ToolCall, *, time_limit: float) -> str:
+        """Run the call: its result as text; any failure becomes an error the model can read."""
         try:
             arguments = json.loads(call.arguments or "{}")
             if not isinstance(arguments, dict):
@@ -99,11 +92,13 @@ class Function:
             text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
         except TimeoutError:
             return _failed(call, f"the tool did not finish within {time_limit:g} s")
+        except OSError as exc:  # its text names files: the model and the log get the kind only
+            return _failed(call, f"{type(exc).__name__}: {exc.strerror or 'operating system error'}")
         except Exception as exc:  # a tool's failure, whatever it is, is reported to the model
             return _failed(call, f"{type(exc).__name__}: {exc}")
         if len(text) > MAX_TOOL_RESULT_CHARS:
             text = text[:MAX_TOOL_RESULT_CHARS] + " …[truncated]"
-        return ToolResult(call=call, content=text)
+        return text
 
     def _bind(self, arguments: dict[str, Any]) -> Awaitable[Any]:
         if self._model is not None and self.parameter_schema is not None:
@@ -150,7 +145,6 @@ def _short(exc: Exception) -> str:
     return str(getattr(exc, "message", exc))[:500]
 
 
-def _failed(call: ToolCall, reason: str) -> ToolResult:
+def _failed(call: ToolCall, reason: str) -> str:
     log.warning("tool %s (call %s) failed: %s", call.name, call.id, reason)
-    return ToolResult(call=call, content=json.dumps({"error": reason}, ensure_ascii=False),
-                      error=reason)
+    return json.dumps({"error": reason}, ensure_ascii=False)
