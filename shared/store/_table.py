@@ -8,6 +8,7 @@ that commits the turn, conditioned on the head's ETag (or on its absence for a n
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -57,9 +58,10 @@ __all__ = ["CLIENT_OPTIONS", "TableConversationStore"]
 
 log = logging.getLogger(__name__)
 
-#: Fail fast when storage is down: a channel waits about 15 s for the whole turn.
+#: Fail fast when storage is down: a channel waits about 15 s for the whole turn. The SDK's
+#: timeouts are per connection and per read; `deadline` bounds one call, retries included.
 CLIENT_OPTIONS: dict[str, Any] = {"retry_total": 2, "retry_backoff_factor": 0.2,
-                                  "connection_timeout": 5, "read_timeout": 10}
+                                  "connection_timeout": 5, "read_timeout": 10, "deadline": 12}
 _CONDITIONAL_FAILURES = {"UpdateConditionNotSatisfied", "ConditionNotMet", "EntityAlreadyExists",
                          "ResourceNotFound", "EntityNotFound"}
 _CREDENTIAL_SETTINGS = "CHAT_STORAGE_CONNECTION_STRING (or, with CHAT_STORAGE_TABLE_ENDPOINT, " \
@@ -75,6 +77,9 @@ async def _translated(action: str) -> AsyncIterator[None]:
     """Turn an azure exception raised while doing `action` into a chatstate error."""
     try:
         yield
+    except TimeoutError as exc:
+        raise StorageUnavailable(f"storage took over {CLIENT_OPTIONS['deadline']} s while "
+                                 f"{action}") from exc
     except (ServiceRequestError, ServiceResponseError, OSError) as exc:
         raise StorageUnavailable(f"storage unreachable while {action}: {exc}") from exc
     except HttpResponseError as exc:
@@ -105,13 +110,13 @@ class TableConversationStore(ConversationStore):
         `UseDevelopmentStorage=true` is Azurite, as the SDK reads it."""
         return cls(table=TableClient.from_connection_string(
             connection_string, table_name=table_name, transport=_transport(env_proxy=env_proxy),
-            **CLIENT_OPTIONS))
+            **_sdk_options()))
 
     @classmethod
     def from_endpoint(cls, endpoint: str, *, table_name: str, credential: Any,
                       env_proxy: bool = False) -> TableConversationStore:
         return cls(table=TableClient(endpoint=endpoint, table_name=table_name, credential=credential,
-                                     transport=_transport(env_proxy=env_proxy), **CLIENT_OPTIONS))
+                                     transport=_transport(env_proxy=env_proxy), **_sdk_options()))
 
     async def close(self) -> None:
         await self._table.close()
@@ -124,7 +129,7 @@ class TableConversationStore(ConversationStore):
         for _ in range(2):
             await self._ready()
             try:
-                async with _translated(action):
+                async with _translated(action), asyncio.timeout(CLIENT_OPTIONS["deadline"]):
                     return await call(*args, **kwargs)
             except _TableMissing:
                 log.warning("the table %s is missing; creating it again", self._table.table_name)
@@ -378,6 +383,10 @@ def _window(head: Head, builder: WindowBuilder, *, activity_id: str | None, rows
         basis=basis or Basis(head=head, token_budget=builder.token_budget,
                              max_messages=builder.max_messages),
     )
+
+
+def _sdk_options() -> dict[str, Any]:
+    return {name: value for name, value in CLIENT_OPTIONS.items() if name != "deadline"}
 
 
 def _transport(*, env_proxy: bool) -> AioHttpTransport:

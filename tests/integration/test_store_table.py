@@ -545,3 +545,37 @@ async def test_an_activity_id_the_store_cannot_keep_is_refused_before_anything_e
     with pytest.raises(BadRequest):
         await table_store.load_window("c", token_budget=100, max_messages=10,
                                       activity_id="x" * 1_025)
+
+
+async def test_a_storage_that_trickles_its_answer_fails_within_the_total_deadline(
+        table_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN a "storage" that answers one byte every 0.1 s (never silent for a whole read timeout)
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 100_000:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.1)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    monkeypatch.setitem(CLIENT_OPTIONS, "read_timeout", 0.5)
+    monkeypatch.setitem(CLIENT_OPTIONS, "retry_total", 0)
+    monkeypatch.setitem(CLIENT_OPTIONS, "deadline", 1.0)
+    store = TableConversationStore(table=TableClient.from_connection_string(
+        azurite_connection_string(port=port), table_name=table_name), create_table=False)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        # WHEN the store loads a window
+        with pytest.raises(StorageUnavailable, match="took over"):
+            await store.load_window("c", token_budget=100, max_messages=10)
+        # THEN it gave up at the total deadline, not after the whole slow answer
+        assert loop.time() - started < 3
+    finally:
+        await store.close()
+        server.close()
