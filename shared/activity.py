@@ -1,8 +1,13 @@
-"""Inbound Bot Framework activities: the request checks (size, type, JSON, required fields)."""
+"""Inbound Bot Framework activities: the request checks (size, type, JSON, required fields).
+
+`Activity.message_text` is the text as the bot reads it: its own @mention removed, other people's
+mentions as their names, in linear time.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +17,10 @@ from .errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 __all__ = ["MAX_BODY_BYTES", "Activity", "parse_activity"]
 
 MAX_BODY_BYTES = 1_000_000
+#: An opening `<at>` (attributes allowed) or a closing `</at>`. `[^<>]*` stops at the next tag, so
+#: a scan never runs past it: linear in the text, unlike `<at[^>]*>.*?</at>` (quadratic when
+#: the tags never close: 224 KB of `<at>` held a worker for 46 s).
+_MENTION_TAG = re.compile(r"<at(?:\s[^<>]*)?>|</at\s*>", re.IGNORECASE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,6 +49,56 @@ class Activity:
     def recipient(self) -> dict[str, Any]:
         value = self.raw.get("recipient")
         return dict(value) if isinstance(value, dict) else {}
+
+    @property
+    def message_text(self) -> str:
+        """The text as the bot reads it: its own `<at>` mention removed, other people's mentions as
+        their names (`<at>Ada</at>` → `Ada`), trimmed. Unpaired tags stay as written.
+
+        The bot's mention is one whose `mention` entity names `recipient.id`, or whose name is the
+        bot's (`recipient.name`, or the name in such an entity).
+        """
+        text = self.text
+        if "<" not in text:
+            return text.strip()
+        bot_texts, bot_names = self._bot_mentions()
+        pieces: list[str] = []
+        done = 0
+        opened: re.Match[str] | None = None
+        for tag in _MENTION_TAG.finditer(text):
+            if not tag.group().startswith("</"):
+                opened = tag  # a later opening tag replaces an unclosed one
+                continue
+            if opened is None:
+                continue
+            pieces.append(text[done:opened.start()])
+            name = text[opened.end():tag.start()]
+            whole = text[opened.start():tag.end()]
+            if whole not in bot_texts and name.strip().casefold() not in bot_names:
+                pieces.append(name)
+            done, opened = tag.end(), None
+        pieces.append(text[done:])
+        return "".join(pieces).strip()
+
+    def _bot_mentions(self) -> tuple[set[str], set[str]]:
+        """The bot's mention texts (from entities) and names (casefolded)."""
+        recipient = self.recipient
+        bot_id = recipient.get("id")
+        texts: set[str] = set()
+        names = {recipient["name"].strip().casefold()} if isinstance(recipient.get("name"), str) else set()
+        entities = self.raw.get("entities")
+        for entity in entities if isinstance(entities, list) and bot_id else []:
+            if not isinstance(entity, dict) or entity.get("type") != "mention":
+                continue
+            mentioned = entity.get("mentioned")
+            if not isinstance(mentioned, dict) or mentioned.get("id") != bot_id:
+                continue
+            if isinstance(entity.get("text"), str):
+                texts.add(entity["text"])
+            if isinstance(mentioned.get("name"), str):
+                names.add(mentioned["name"].strip().casefold())
+        names.discard("")
+        return texts, names
 
     def members_added(self) -> list[dict[str, Any]]:
         members = self.raw.get("membersAdded")

@@ -139,7 +139,7 @@ class ChatBot:
 
     async def _on_message(self, activity: Activity, auth: AuthResult) -> BotResponse:
         self._check_reply_path(activity, auth)
-        text = _MENTION.sub("", activity.text).strip()
+        text = activity.message_text
         if not text:
             return BotResponse(status=200)
         key = (activity.conversation_id, activity.id)

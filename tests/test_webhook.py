@@ -136,6 +136,22 @@ def test_twenty_concurrent_messages_are_all_stored_exactly_once(channel: Bench) 
     assert len(channel.connector.messages(conversation)) == 20
 
 
+def test_in_a_group_chat_the_bots_mention_is_stripped_and_others_stay_as_names(channel: Bench) -> None:
+    # GIVEN a group-chat message that @mentions the bot and a colleague
+    conversation = new_conversation()
+    activity = channel.message("<at>chatstate</at> what does <at>Grace</at> think?",
+                               conversation_id=conversation, entities=[
+                                   {"type": "mention", "text": "<at>chatstate</at>",
+                                    "mentioned": {"id": "28:bot-app-id", "name": "chatstate"}},
+                                   {"type": "mention", "text": "<at>Grace</at>",
+                                    "mentioned": {"id": "29:grace", "name": "Grace"}}])
+    # WHEN it arrives
+    assert channel.post(activity).status_code == 200
+    # THEN the model and the history see the question with the colleague's name, not the bot's
+    assert channel.model.requests[-1]["messages"][-1]["content"] == "what does Grace think?"
+    assert channel.history(conversation)[0]["content"] == "what does Grace think?"
+
+
 def test_a_welcome_greets_an_added_user_and_other_activities_are_ignored(channel: Bench) -> None:
     conversation = new_conversation()
     update = event("conversation_update", id=uuid.uuid4().hex, conversation_id=conversation,
