@@ -1,7 +1,10 @@
-"""Inbound Bot Framework activities: the request checks (size, type, JSON, required fields).
+"""Inbound Bot Framework activities: the request checks (size, type, JSON, fields) and the text.
 
-`Activity.message_text` is the text as the bot reads it: its own @mention removed, other people's
-mentions as their names, in linear time.
+`parse_activity` refuses, with a `BadRequest` naming the problem, anything a later step could not
+use or send back: a body over 1 MB, JSON nested deeper than `MAX_DEPTH`, a lone surrogate in any
+string (it cannot be stored or sent as UTF-8), a required field missing, a field the bot reads of
+the wrong type. So a turn that starts can finish. `Activity.message_text` is the text as the bot
+reads it: its own @mention removed, other people's mentions as their names, in linear time.
 """
 
 from __future__ import annotations
@@ -14,9 +17,13 @@ from typing import Any
 
 from .errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
-__all__ = ["MAX_BODY_BYTES", "Activity", "parse_activity"]
+__all__ = ["MAX_BODY_BYTES", "MAX_DEPTH", "Activity", "parse_activity"]
 
 MAX_BODY_BYTES = 1_000_000
+#: Nesting deeper than this is refused: what we echo back (from, recipient) must re-encode safely.
+MAX_DEPTH = 64
+#: Optional top-level fields the bot reads as text: when given (not null), they must be strings.
+_TEXT_FIELDS = ("text", "locale", "serviceUrl", "channelId", "deliveryMode")
 #: An opening `<at>` (attributes allowed) or a closing `</at>`. `[^<>]*` stops at the next tag, so
 #: a scan never runs past it: linear in the text, unlike `<at[^>]*>.*?</at>` (quadratic when
 #: the tags never close: 224 KB of `<at>` held a worker for 46 s).
@@ -116,14 +123,21 @@ def parse_activity(body: bytes, headers: Mapping[str, str]) -> Activity:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest(f"the body nests deeper than {MAX_DEPTH} levels") from None
     if not isinstance(data, dict):
         raise BadRequest("the body must be a JSON object (an activity)")
+    _check_tree(data)
     conversation = data.get("conversation")
     conversation_id = conversation.get("id") if isinstance(conversation, dict) else None
     fields = {"type": data.get("type"), "id": data.get("id"), "conversation.id": conversation_id}
     missing = [name for name, value in fields.items() if not isinstance(value, str) or not value]
     if missing:
         raise BadRequest(f"the activity lacks {', '.join(missing)}")
+    wrong = [name for name in _TEXT_FIELDS if data.get(name) is not None
+             and not isinstance(data[name], str)]
+    if wrong:
+        raise BadRequest(f"{', '.join(wrong)} must be a string")
     text = data.get("text")
     return Activity(
         raw=data,
@@ -135,6 +149,44 @@ def parse_activity(body: bytes, headers: Mapping[str, str]) -> Activity:
         text=text if isinstance(text, str) else "",
         delivery_mode=str(data.get("deliveryMode") or "normal"),
     )
+
+
+def _check_tree(data: dict[str, Any]) -> None:
+    """Refuse nesting deeper than `MAX_DEPTH` and any string (or key) holding a lone surrogate.
+
+    Iterative, so depth costs no stack; a surrogate is named by its path (`from.name`).
+    """
+    stack: list[tuple[dict[str, Any] | list[Any], tuple[str | int, ...]]] = [(data, ())]
+    while stack:
+        node, path = stack.pop()
+        if len(path) >= MAX_DEPTH:
+            raise BadRequest(f"the activity nests deeper than {MAX_DEPTH} levels")
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            if isinstance(key, str) and not _is_unicode(key):
+                raise BadRequest(f"a field name in {_dotted(path) or 'the activity'} is not valid "
+                                 "Unicode (a lone surrogate)")
+            if isinstance(value, str):
+                if not _is_unicode(value):
+                    raise BadRequest(f"{_dotted((*path, key))} is not valid Unicode (a lone "
+                                     "surrogate)")
+            elif isinstance(value, dict | list):
+                stack.append((value, (*path, key)))
+
+
+def _is_unicode(value: str) -> bool:
+    """False for a string with a lone surrogate (JSON "\\ud800"): UTF-8 cannot encode it."""
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _dotted(path: tuple[str | int, ...]) -> str:
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).lstrip(".")
 
 
 def _header(headers: Mapping[str, str], name: str) -> str:

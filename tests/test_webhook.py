@@ -245,6 +245,9 @@ def test_each_token_fault_gets_401_and_touches_nothing(channel: Bench, fault: st
     (json.dumps({"type": "message", "id": "x"}).encode(), "application/json", 400),
     (json.dumps({"type": "message", "conversation": {"id": "c"}}).encode(), "application/json", 400),
     (json.dumps({"id": "x", "conversation": {"id": "c"}}).encode(), "application/json", 400),
+    (b"[" * 200_000 + b"]" * 200_000, "application/json", 400),
+    (json.dumps({"type": "message", "id": "x", "conversation": {"id": "c"}, "text": 42}).encode(),
+     "application/json", 400),
     (b'{"type": "message"}', "text/plain", 415),
     (b'{"text": "' + b"x" * 1_100_000 + b'"}', "application/json", 413),
 ])
@@ -255,6 +258,28 @@ def test_bad_input_gets_a_4xx_with_a_reason_and_reaches_nothing(
     assert response.status_code == status
     assert response.json()["reason"]
     assert channel.model.calls == calls
+
+
+@pytest.mark.parametrize("field", ["text", "from.name", "locale", "conversation.id"])
+def test_a_lone_surrogate_gets_a_400_and_nothing_is_done(channel: Bench, field: str) -> None:
+    # GIVEN a message with a lone surrogate ("\ud800" in the JSON) in a field the bot stores or
+    # echoes, with a valid token
+    conversation = new_conversation()
+    activity = channel.message("hello", conversation_id=conversation)
+    if field == "conversation.id":
+        activity["conversation"]["id"] = conversation + "\ud800"
+    elif field == "from.name":
+        activity["from"]["name"] = "Ada \ud800"
+    else:
+        activity[field] = "x \ud800"
+    calls, sent = channel.model.calls, len(channel.connector.requests)
+    # WHEN it arrives, and again as the channel's retry
+    responses = [channel.post(activity) for _ in range(2)]
+    # THEN each is a 400 naming the field, and no model call, reply or stored row happened
+    assert [r.status_code for r in responses] == [400, 400]
+    assert f"{field} is not valid Unicode" in responses[0].json()["reason"]
+    assert channel.model.calls == calls and len(channel.connector.requests) == sent
+    assert channel.history(conversation) == []
 
 
 def test_health_reports_storage(channel: Bench) -> None:
