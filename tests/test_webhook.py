@@ -184,6 +184,36 @@ def test_an_entra_token_of_another_app_in_the_tenant_is_refused(channel: Bench) 
     assert channel.model.calls == calls and channel.history(conversation) == []
 
 
+def test_a_new_instance_accepts_valid_tokens_sent_during_its_first_key_fetch(
+        azurite_connection_string: str) -> None:
+    # GIVEN a new instance (no signing keys yet) and metadata that takes 0.5 s to answer
+    with bench(azurite_connection_string) as fresh:
+        fresh.identity.metadata_delay = 0.5
+        activities = [fresh.message(f"m{i}", conversation_id=new_conversation(),
+                                    deliveryMode="expectReplies") for i in range(10)]
+        # WHEN ten valid messages arrive at once
+        with ThreadPoolExecutor(10) as pool:
+            statuses = list(pool.map(lambda a: fresh.post(a).status_code, activities))
+        # THEN all ten are answered (a 401 is not retried by the channel: the message would be lost)
+        assert statuses == [200] * 10
+        assert fresh.identity.metadata_requests == 1
+
+
+def test_when_no_signing_keys_can_be_had_the_answer_is_503_with_retry_after(
+        azurite_connection_string: str) -> None:
+    # GIVEN a new instance whose identity provider serves a JWKS document with no usable key
+    with bench(azurite_connection_string) as fresh:
+        fresh.identity.keys_body = b'{"keys": [{"kid": "bf-key-1", "kty": "RSA"}]}'
+        conversation = new_conversation()
+        activity = fresh.message("hello", conversation_id=conversation)
+        # WHEN a valid message arrives
+        response = fresh.post(activity)
+        # THEN it is a 503 the channel retries, and nothing was done
+        assert response.status_code == 503, response.text
+        assert response.headers["Retry-After"] and response.json()["error"] == "auth_keys_unavailable"
+        assert fresh.model.calls == 0 and fresh.history(conversation) == []
+
+
 def test_made_up_key_ids_cannot_make_the_bot_fetch_keys_again_and_again(channel: Bench) -> None:
     activity = channel.message("x", conversation_id=new_conversation())
     channel.post(activity, token=channel.token_for(activity, kid="warm-up"))
