@@ -4,22 +4,28 @@ Checks, in order: a bearer token; RS256 only; a known issuer (Bot Framework, or 
 bot's own tenant); a signing key from the issuer's OpenID metadata (cached, refreshed when an
 unknown key ID appears, at most once a minute); signature, audience, expiry with 5 minutes of
 skew; for Bot Framework tokens, the key's endorsements include the activity's channel and the
-`serviceurl` claim equals the activity's `serviceUrl`; for Entra tokens, the bot's own app. Any
-failure is `Unauthorized(reason)`.
+`serviceurl` claim equals the activity's `serviceUrl`; for Entra tokens, the bot's own app, acting
+as itself (app-only). Any failure is `Unauthorized(reason)`.
 
 The signing keys: requests that need keys while a fetch is in flight wait for it and use its
 result (a new instance's first requests are not refused); the metadata and JWKS fetches share one
 total deadline; when no keys can be had (unreachable, slow, malformed) it is `AuthUnavailable`.
+
+Where replies may go (`AuthResult.service_url_trusted`): with a token, only to an https
+`serviceUrl` whose host is on `BOT_SERVICE_URL_HOSTS` (the bot's token goes with every reply),
+whatever the token said; with auth off, only to loopback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx2
 import jwt
@@ -28,7 +34,8 @@ from .activity import Activity
 from .errors import AuthUnavailable, Unauthorized
 from .settings import BotSettings
 
-__all__ = ["AuthResult", "BotAuthenticator", "OpenIdKeys", "SigningKey", "is_loopback_url"]
+__all__ = ["AuthResult", "BotAuthenticator", "OpenIdKeys", "SigningKey", "is_loopback_url",
+           "service_url_allowed"]
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +54,11 @@ class AuthResult:
     """Who called: `source` is botframework, entra or none (auth off, local only)."""
 
     source: str
-    #: Replies may go to the activity's serviceUrl (it passed the token check, or is loopback).
+    #: Replies may go to the activity's serviceUrl: a token passed and the host is allowed
+    #: (`BOT_SERVICE_URL_HOSTS`), or auth is off and it is loopback.
     service_url_trusted: bool
+    #: Why replies may not go there (the reason of the 400); empty when they may.
+    service_url_refusal: str = ""
     claims: dict[str, Any] = field(default_factory=dict)
 
 
@@ -162,7 +172,10 @@ class BotAuthenticator:
         if not self._settings.auth_enabled:
             if self._in_azure:
                 raise Unauthorized("auth_not_configured", "CLIENT_ID is not set in Azure")
-            return AuthResult(source="none", service_url_trusted=is_loopback_url(activity.service_url))
+            if is_loopback_url(activity.service_url):
+                return AuthResult(source="none", service_url_trusted=True)
+            return AuthResult(source="none", service_url_trusted=False, service_url_refusal=(
+                "with auth off, replies go only to a loopback serviceUrl"))
         token = _bearer(headers)
         try:
             header = jwt.get_unverified_header(token)
@@ -175,7 +188,7 @@ class BotAuthenticator:
         if issuer == BOTFRAMEWORK_ISSUER:
             claims, signing = await self._verify(token, header, self._botframework, issuer)
             self._check_endorsement_and_service_url(claims, signing, activity, header)
-            return AuthResult(source="botframework", service_url_trusted=True, claims=claims)
+            return self._result("botframework", claims, activity)
         if self._entra is not None and issuer in self._entra_issuers():
             claims, _ = await self._verify(token, header, self._entra, issuer)
             # Any app in the tenant can get a token for our audience; only our own app identity
@@ -183,8 +196,24 @@ class BotAuthenticator:
             caller = claims.get("azp") or claims.get("appid")
             if caller != self._settings.client_id:
                 raise Unauthorized("caller_not_allowed", f"azp/appid {caller!r}")
-            return AuthResult(source="entra", service_url_trusted=True, claims=claims)
+            # ...and only as itself. An app registration that exposes a scope lets a user mint a
+            # delegated token with our azp. Microsoft's access token claims reference: `scp` is
+            # "only included for user tokens"; the optional claim `idtyp` is "app" for app-only
+            # tokens and "user" for app+user ones (learn.microsoft.com/entra/identity-platform/
+            # access-token-claims-reference, optional-claims-reference).
+            if "scp" in claims or claims.get("idtyp") == "user":
+                raise Unauthorized("not_app_only", f"a delegated token (scp {claims.get('scp')!r}, "
+                                   f"idtyp {claims.get('idtyp')!r})")
+            return self._result("entra", claims, activity)
         raise Unauthorized("bad_issuer", f"issuer {issuer!r}")
+
+    def _result(self, source: str, claims: dict[str, Any], activity: Activity) -> AuthResult:
+        """A passed token; replies may go to the serviceUrl only if its host is allowed."""
+        if service_url_allowed(activity.service_url, self._settings.service_url_hosts):
+            return AuthResult(source=source, service_url_trusted=True, claims=claims)
+        return AuthResult(source=source, service_url_trusted=False, claims=claims, service_url_refusal=(
+            f"replies go only to https Bot Framework hosts (BOT_SERVICE_URL_HOSTS); serviceUrl "
+            f"{activity.service_url!r} is not one"))
 
     def _entra_issuers(self) -> set[str]:
         tenant = self._settings.tenant_id
@@ -240,11 +269,44 @@ def _normal_url(url: str) -> str:
 
 
 def is_loopback_url(url: str) -> bool:
-    """Whether `url` points at this machine (where replies may go with auth off)."""
-    import ipaddress
-    from urllib.parse import urlparse
+    """Whether `url` is a well-formed http(s) URL of this machine (where replies may go with auth
+    off). A malformed URL is not."""
+    parts = _scheme_and_host(url)
+    return parts is not None and _is_loopback_host(parts[1])
 
-    host = (urlparse(url).hostname or "").lower()
+
+def service_url_allowed(url: str, hosts: Sequence[str]) -> bool:
+    """Whether replies, and the bot's token with them, may go to `url`: https, and a host matching
+    one of `hosts` (`name` exactly, or `*.name`: any subdomain of it). Plain http only for a
+    loopback host listed there (local tests)."""
+    parts = _scheme_and_host(url)
+    if parts is None:
+        return False
+    scheme, host = parts
+    if scheme != "https" and not _is_loopback_host(host):
+        return False
+    return any(host.endswith(pattern[1:]) if pattern.startswith("*.") else host == pattern
+               for pattern in hosts)
+
+
+def _scheme_and_host(url: str) -> tuple[str, str] | None:
+    """(scheme, lower-case host) of a well-formed http(s) URL; None for anything odd: no host,
+    user info, a bad port, backslashes, spaces or control characters (parsers disagree on those)."""
+    if not url.isprintable() or any(char in url for char in "\\ "):
+        return None
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a port that is not one)
+    except ValueError:
+        return None
+    host = (parts.hostname or "").lower()
+    if parts.scheme not in ("http", "https") or not host or "@" in parts.netloc or (
+            host.startswith(".") or ".." in host):
+        return None
+    return parts.scheme, host
+
+
+def _is_loopback_host(host: str) -> bool:
     if host == "localhost":
         return True
     try:

@@ -170,7 +170,7 @@ class ChatBot:
         if not activity.service_url:
             raise BadRequest("the activity has no serviceUrl to reply to")
         if not auth.service_url_trusted:
-            raise BadRequest("with auth off, replies go only to a loopback serviceUrl")
+            raise BadRequest(auth.service_url_refusal or "the serviceUrl is not trusted for replies")
 
     # -- one turn ---------------------------------------------------------------------------
 

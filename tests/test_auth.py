@@ -1,4 +1,4 @@
-"""Inbound auth against a real local identity provider over HTTP: the signing-key fetches.
+"""Inbound auth against a real local identity provider over HTTP: signing-key fetches and trust.
 
 The webhook tests (test_webhook.py) run the same code through the app; these reach the corners
 (slow, malformed and trickling key documents) without starting a host for each.
@@ -16,7 +16,7 @@ import pytest
 
 from devtools.fake_channel import FakeIdentity
 from shared.activity import Activity, parse_activity
-from shared.auth import BotAuthenticator, OpenIdKeys
+from shared.auth import BotAuthenticator, OpenIdKeys, is_loopback_url, service_url_allowed
 from shared.errors import AuthUnavailable, Unauthorized
 from shared.http import http_client
 from shared.settings import load_settings
@@ -156,3 +156,47 @@ async def test_the_claims_of_a_passed_token_are_the_tokens_own(
     # WHEN it passes THEN its claims carry nothing of ours (no smuggled endorsements)
     result = await authenticator(identity, http).authenticate(bearer(token), incoming)
     assert set(result.claims) == {"iss", "aud", "iat", "nbf", "exp", "serviceurl"}
+
+
+# -- where replies may go ---------------------------------------------------------------------
+
+PUBLIC = load_settings({}).bot.service_url_hosts
+
+
+@pytest.mark.parametrize("url", [
+    "https://smba.trafficmanager.net/amer/", "https://smba.trafficmanager.net/teams/",
+    "https://SMBA.trafficmanager.net:443/emea/", "https://smba.infra.gcc.teams.microsoft.com/gcc",
+    "https://webchat.botframework.com/", "https://directline.botframework.com/",
+    "https://europe.webchat.botframework.com/",
+])
+def test_the_public_clouds_connector_hosts_are_allowed_by_default(url: str) -> None:
+    assert service_url_allowed(url, PUBLIC)
+
+
+@pytest.mark.parametrize("url", [
+    "https://attacker.example.com/", "http://smba.trafficmanager.net/amer/",
+    "https://evil-smba.trafficmanager.net/", "https://smba.trafficmanager.net.evil.com/",
+    "https://botframework.com.evil.com/", "https://notbotframework.com/",
+    "https://.botframework.com/", "https://webchat..botframework.com/",
+    "https://evil.com\\@smba.trafficmanager.net/", "https://user@smba.trafficmanager.net/",
+    "https://smba.trafficmanager.net:99999/", "https://[::1/", "smba.trafficmanager.net/amer",
+    "ftp://smba.trafficmanager.net/", "https://smba.trafficmanager.net /", "",
+    "https://smba.infra.gov.teams.microsoft.us/teams",
+])
+def test_other_hosts_schemes_and_malformed_urls_are_not(url: str) -> None:
+    assert not service_url_allowed(url, PUBLIC)
+
+
+def test_a_listed_loopback_host_may_use_http_for_tests() -> None:
+    assert service_url_allowed("http://127.0.0.1:5000/", ("127.0.0.1",))
+    assert not service_url_allowed("http://127.0.0.1:5000/", PUBLIC)
+    assert not service_url_allowed("http://10.0.0.1:5000/", ("10.0.0.1",))
+
+
+@pytest.mark.parametrize(("url", "loopback"), [
+    ("http://127.0.0.1:5000/", True), ("http://localhost/", True), ("http://[::1]:80/", True),
+    ("http://[::1/", False), ("http://127.0.0.1:99999/", False), ("http://127.0.0.1:port/", False),
+    ("https://smba.trafficmanager.net/", False), ("not a url", False),
+])
+def test_loopback_means_a_well_formed_url_of_this_machine(url: str, loopback: bool) -> None:
+    assert is_loopback_url(url) is loopback

@@ -184,6 +184,40 @@ def test_an_entra_token_of_another_app_in_the_tenant_is_refused(channel: Bench) 
     assert channel.model.calls == calls and channel.history(conversation) == []
 
 
+@pytest.mark.parametrize("claims", [{"scp": "access_as_user", "oid": "user-oid", "sub": "user-sub"},
+                                    {"idtyp": "user"}])
+def test_a_delegated_entra_token_of_the_bots_own_app_is_refused(channel: Bench,
+                                                                  claims: dict[str, str]) -> None:
+    # GIVEN a user's delegated token minted through the bot's own app registration (azp = bot)
+    conversation = new_conversation()
+    activity = channel.message("steer me", conversation_id=conversation)
+    token = channel.identity.entra_token(audience=CLIENT_ID, **claims)
+    # WHEN it posts THEN it is refused: only app-only tokens of the bot's own app are accepted
+    calls = channel.model.calls
+    response = channel.post(activity, token=token)
+    assert response.status_code == 401 and response.json() == {"error": "not_app_only"}
+    assert channel.model.calls == calls and channel.history(conversation) == []
+
+
+@pytest.mark.parametrize("issuer", ["botframework", "entra"])
+def test_replies_never_go_to_a_host_off_the_allow_list(channel: Bench, issuer: str) -> None:
+    # GIVEN a valid token (its serviceurl claim, for Bot Framework, matching) and a serviceUrl whose
+    # host is not on BOT_SERVICE_URL_HOSTS: the bot's own token would go there with the reply
+    conversation = new_conversation()
+    activity = channel.message("reply over there", conversation_id=conversation,
+                               serviceUrl="https://attacker.example.com/")
+    token = (channel.token_for(activity) if issuer == "botframework"
+             else channel.identity.entra_token(audience=CLIENT_ID))
+    calls, sent = channel.model.calls, len(channel.connector.requests)
+    # WHEN it posts
+    response = channel.post(activity, token=token)
+    # THEN it is a 400 that says why, before any model call, reply or stored row
+    assert response.status_code == 400, response.text
+    assert "BOT_SERVICE_URL_HOSTS" in response.json()["reason"]
+    assert channel.model.calls == calls and len(channel.connector.requests) == sent
+    assert channel.history(conversation) == []
+
+
 def test_a_new_instance_accepts_valid_tokens_sent_during_its_first_key_fetch(
         azurite_connection_string: str) -> None:
     # GIVEN a new instance (no signing keys yet) and metadata that takes 0.5 s to answer
@@ -338,4 +372,9 @@ def test_with_auth_off_replies_go_only_to_loopback(azurite_connection_string: st
                                serviceUrl="https://smba.trafficmanager.net/amer/")
         refused = local.post(remote, token=None)
         assert refused.status_code == 400 and "loopback" in refused.json()["reason"]
+        # AND a malformed serviceUrl is a 400 too, not a 500 (nor a paid turn that cannot be sent)
+        for malformed in ("http://[::1", "http://127.0.0.1:99999/", "http://127.0.0.1:port/"):
+            odd = local.post(local.message("hi", conversation_id=conversation, serviceUrl=malformed),
+                             token=None)
+            assert odd.status_code == 400, (malformed, odd.text)
         assert local.model.calls == 1
