@@ -3,13 +3,16 @@
 `FakeConnector` answers `POST /v3/conversations/{id}/activities` like the Bot Connector and records
 what it got (scriptable statuses). `FakeIdentity` serves OpenID metadata and JWKS for Bot Framework
 and for an Entra tenant, signs tokens with its own RSA keys, and answers client-credentials token
-requests, so tests exercise the real validation code through the metadata-URL override.
+requests, so tests exercise the real validation code through the metadata-URL override. Its Bot
+Framework metadata can be made slow (`metadata_delay`), malformed (`metadata_body`, `keys_body`)
+or trickled one byte at a time (`trickle_seconds`), as a struggling identity provider would.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 import uuid
 from collections import deque
@@ -75,6 +78,13 @@ class FakeIdentity(LocalServer):
         self.stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.metadata_requests = 0
         self.token_requests: list[dict[str, str]] = []
+        #: Seconds the Bot Framework metadata takes to answer.
+        self.metadata_delay = 0.0
+        #: Raw bodies served instead of the Bot Framework metadata / JWKS (malformed documents).
+        self.metadata_body: bytes | None = None
+        self.keys_body: bytes | None = None
+        #: When > 0, the metadata is sent one byte every this many seconds.
+        self.trickle_seconds = 0.0
 
     @property
     def botframework_metadata_url(self) -> str:
@@ -91,13 +101,27 @@ class FakeIdentity(LocalServer):
         jwk: dict[str, Any] = jwt.algorithms.RSAAlgorithm.to_jwk(self.keys[kid].public_key(), as_dict=True)
         return {**jwk, "kid": kid, "use": "sig", "alg": "RS256", **extra}
 
-    async def _bf_metadata(self, request: web.Request) -> web.Response:
+    async def _bf_metadata(self, request: web.Request) -> web.StreamResponse:
         self.metadata_requests += 1
-        return web.json_response({"issuer": self.BOTFRAMEWORK_ISSUER,
-                                  "jwks_uri": f"{self.url}/botframework/keys",
-                                  "id_token_signing_alg_values_supported": ["RS256"]})
+        if self.metadata_delay:
+            await asyncio.sleep(self.metadata_delay)
+        body = self.metadata_body or json.dumps(
+            {"issuer": self.BOTFRAMEWORK_ISSUER, "jwks_uri": f"{self.url}/botframework/keys",
+             "id_token_signing_alg_values_supported": ["RS256"]}).encode()
+        if not self.trickle_seconds:
+            return web.Response(body=body, content_type="application/json")
+        response = web.StreamResponse(headers={"Content-Type": "application/json",
+                                               "Content-Length": str(len(body))})
+        await response.prepare(request)
+        for index in range(len(body)):
+            await response.write(body[index:index + 1])
+            await asyncio.sleep(self.trickle_seconds)
+        await response.write_eof()
+        return response
 
     async def _bf_keys(self, request: web.Request) -> web.Response:
+        if self.keys_body is not None:
+            return web.Response(body=self.keys_body, content_type="application/json")
         return web.json_response({"keys": [self._jwk("bf-key-1", endorsements=self.endorsements)]})
 
     async def _entra_metadata(self, request: web.Request) -> web.Response:
@@ -127,11 +151,13 @@ class FakeIdentity(LocalServer):
         return jwt.encode(payload, key or self.keys.get(kid, self.stranger), algorithm=algorithm,
                           headers={"kid": kid})
 
-    def entra_token(self, *, audience: str, caller: str | None = None, expires_in: int = 600) -> str:
-        """An app-only Entra token; `caller` (azp) defaults to the audience: the bot's own app."""
+    def entra_token(self, *, audience: str, caller: str | None = None, expires_in: int = 600,
+                    **claims: Any) -> str:
+        """An app-only Entra token; `caller` (azp) defaults to the audience: the bot's own app.
+        `claims` add to or replace the payload's (`scp`, `idtyp` for a delegated user token)."""
         now = int(time.time())
         payload = {"iss": f"https://login.microsoftonline.com/{self.tenant_id}/v2.0", "aud": audience,
                    "azp": caller or audience, "tid": self.tenant_id, "iat": now - 5, "nbf": now - 5,
-                   "exp": now + expires_in}
+                   "exp": now + expires_in, **claims}
         return jwt.encode(payload, self.keys["entra-key-1"], algorithm="RS256",
                           headers={"kid": "entra-key-1"})

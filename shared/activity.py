@@ -1,4 +1,12 @@
-"""Bot Framework activities: the inbound request checks, and the activities we send in reply."""
+"""Bot Framework activities: the inbound request checks, the text, and the activities we send.
+
+`parse_activity` refuses, with a `BadRequest` naming the problem, anything a later step could not
+use or send back: a body over 1 MB, JSON nested deeper than `MAX_DEPTH`, a lone surrogate in any
+string (it cannot be stored or sent as UTF-8), a required field missing, a field the bot reads of
+the wrong type. So a turn that starts can finish. `Activity.message_text` is the text as the bot
+reads it: its own @mention removed, other people's mentions as their names, in linear time.
+`Activity.reply()` and `Activity.typing()` build what goes back.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +18,20 @@ from typing import Any
 
 from .errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
-__all__ = ["AI_GENERATED", "MAX_BODY_BYTES", "Activity", "parse_activity"]
+__all__ = ["AI_GENERATED", "MAX_BODY_BYTES", "MAX_DEPTH", "Activity", "parse_activity"]
 
 MAX_BODY_BYTES = 1_000_000
-_MENTION = re.compile(r"<at[^>]*>.*?</at>", re.IGNORECASE | re.DOTALL)
 #: The entity that marks a message as AI-generated (Teams shows the "AI generated" label).
 AI_GENERATED = {"type": "https://schema.org/Message", "@type": "Message",
                 "@context": "https://schema.org", "@id": "", "additionalType": ["AIGeneratedContent"]}
+#: Nesting deeper than this is refused: what we echo back (from, recipient) must re-encode safely.
+MAX_DEPTH = 64
+#: Optional top-level fields the bot reads as text: when given (not null), they must be strings.
+_TEXT_FIELDS = ("text", "locale", "serviceUrl", "channelId", "deliveryMode")
+#: An opening `<at>` (attributes allowed) or a closing `</at>`. `[^<>]*` stops at the next tag, so
+#: a scan never runs past it: linear in the text, unlike `<at[^>]*>.*?</at>` (quadratic when
+#: the tags never close: 224 KB of `<at>` held a worker for 46 s).
+_MENTION_TAG = re.compile(r"<at(?:\s[^<>]*)?>|</at\s*>", re.IGNORECASE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,13 +61,59 @@ class Activity:
         value = self.raw.get("recipient")
         return dict(value) if isinstance(value, dict) else {}
 
+    @property
+    def message_text(self) -> str:
+        """The text as the bot reads it: its own `<at>` mention removed, other people's mentions as
+        their names (`<at>Ada</at>` → `Ada`), trimmed. Unpaired tags stay as written.
+
+        The bot's mention is one whose `mention` entity names `recipient.id`, or whose name is the
+        bot's (`recipient.name`, or the name in such an entity).
+        """
+        text = self.text
+        if "<" not in text:
+            return text.strip()
+        bot_texts, bot_names = self._bot_mentions()
+        pieces: list[str] = []
+        done = 0
+        opened: re.Match[str] | None = None
+        for tag in _MENTION_TAG.finditer(text):
+            if not tag.group().startswith("</"):
+                opened = tag  # a later opening tag replaces an unclosed one
+                continue
+            if opened is None:
+                continue
+            pieces.append(text[done:opened.start()])
+            name = text[opened.end():tag.start()]
+            whole = text[opened.start():tag.end()]
+            if whole not in bot_texts and name.strip().casefold() not in bot_names:
+                pieces.append(name)
+            done, opened = tag.end(), None
+        pieces.append(text[done:])
+        return "".join(pieces).strip()
+
+    def _bot_mentions(self) -> tuple[set[str], set[str]]:
+        """The bot's mention texts (from entities) and names (casefolded)."""
+        recipient = self.recipient
+        bot_id = recipient.get("id")
+        texts: set[str] = set()
+        names = {recipient["name"].strip().casefold()} if isinstance(recipient.get("name"), str) else set()
+        entities = self.raw.get("entities")
+        for entity in entities if isinstance(entities, list) and bot_id else []:
+            if not isinstance(entity, dict) or entity.get("type") != "mention":
+                continue
+            mentioned = entity.get("mentioned")
+            if not isinstance(mentioned, dict) or mentioned.get("id") != bot_id:
+                continue
+            if isinstance(entity.get("text"), str):
+                texts.add(entity["text"])
+            if isinstance(mentioned.get("name"), str):
+                names.add(mentioned["name"].strip().casefold())
+        names.discard("")
+        return texts, names
+
     def members_added(self) -> list[dict[str, Any]]:
         members = self.raw.get("membersAdded")
         return [m for m in members if isinstance(m, dict)] if isinstance(members, list) else []
-
-    def text_for_model(self) -> str:
-        """The message text with @mentions removed."""
-        return _MENTION.sub("", self.text).strip()
 
     def reply(self, text: str, *, ai: bool) -> dict[str, Any]:
         """A message answering this activity; `ai` marks it AI-generated."""
@@ -84,14 +145,21 @@ def parse_activity(body: bytes, headers: Mapping[str, str]) -> Activity:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest(f"the body nests deeper than {MAX_DEPTH} levels") from None
     if not isinstance(data, dict):
         raise BadRequest("the body must be a JSON object (an activity)")
+    _check_tree(data)
     conversation = data.get("conversation")
     conversation_id = conversation.get("id") if isinstance(conversation, dict) else None
     fields = {"type": data.get("type"), "id": data.get("id"), "conversation.id": conversation_id}
     missing = [name for name, value in fields.items() if not isinstance(value, str) or not value]
     if missing:
         raise BadRequest(f"the activity lacks {', '.join(missing)}")
+    wrong = [name for name in _TEXT_FIELDS if data.get(name) is not None
+             and not isinstance(data[name], str)]
+    if wrong:
+        raise BadRequest(f"{', '.join(wrong)} must be a string")
     text = data.get("text")
     return Activity(
         raw=data,
@@ -103,6 +171,44 @@ def parse_activity(body: bytes, headers: Mapping[str, str]) -> Activity:
         text=text if isinstance(text, str) else "",
         delivery_mode=str(data.get("deliveryMode") or "normal"),
     )
+
+
+def _check_tree(data: dict[str, Any]) -> None:
+    """Refuse nesting deeper than `MAX_DEPTH` and any string (or key) holding a lone surrogate.
+
+    Iterative, so depth costs no stack; a surrogate is named by its path (`from.name`).
+    """
+    stack: list[tuple[dict[str, Any] | list[Any], tuple[str | int, ...]]] = [(data, ())]
+    while stack:
+        node, path = stack.pop()
+        if len(path) >= MAX_DEPTH:
+            raise BadRequest(f"the activity nests deeper than {MAX_DEPTH} levels")
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            if isinstance(key, str) and not _is_unicode(key):
+                raise BadRequest(f"a field name in {_dotted(path) or 'the activity'} is not valid "
+                                 "Unicode (a lone surrogate)")
+            if isinstance(value, str):
+                if not _is_unicode(value):
+                    raise BadRequest(f"{_dotted((*path, key))} is not valid Unicode (a lone "
+                                     "surrogate)")
+            elif isinstance(value, dict | list):
+                stack.append((value, (*path, key)))
+
+
+def _is_unicode(value: str) -> bool:
+    """False for a string with a lone surrogate (JSON "\\ud800"): UTF-8 cannot encode it."""
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _dotted(path: tuple[str | int, ...]) -> str:
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).lstrip(".")
 
 
 def _header(headers: Mapping[str, str], name: str) -> str:

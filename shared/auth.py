@@ -4,17 +4,28 @@ Checks, in order: a bearer token; RS256 only; a known issuer (Bot Framework, or 
 bot's own tenant); a signing key from the issuer's OpenID metadata (cached, refreshed when an
 unknown key ID appears, at most once a minute); signature, audience, expiry with 5 minutes of
 skew; for Bot Framework tokens, the key's endorsements include the activity's channel and the
-`serviceurl` claim equals the activity's `serviceUrl`. Any failure is `Unauthorized(reason)`.
+`serviceurl` claim equals the activity's `serviceUrl`; for Entra tokens, the bot's own app, acting
+as itself (app-only). Any failure is `Unauthorized(reason)`.
+
+The signing keys: requests that need keys while a fetch is in flight wait for it and use its
+result (a new instance's first requests are not refused); the metadata and JWKS fetches share one
+total deadline; when no keys can be had (unreachable, slow, malformed) it is `AuthUnavailable`.
+
+Where replies may go (`AuthResult.service_url_trusted`): with a token, only to an https
+`serviceUrl` whose host is on `BOT_SERVICE_URL_HOSTS` (the bot's token goes with every reply),
+whatever the token said; with auth off, only to loopback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx2
 import jwt
@@ -23,7 +34,8 @@ from .activity import Activity
 from .errors import AuthUnavailable, Unauthorized
 from .settings import BotSettings
 
-__all__ = ["AuthResult", "BotAuthenticator", "OpenIdKeys", "is_loopback_url"]
+__all__ = ["AuthResult", "BotAuthenticator", "OpenIdKeys", "SigningKey", "is_loopback_url",
+           "service_url_allowed"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +43,10 @@ BOTFRAMEWORK_ISSUER = "https://api.botframework.com"
 CLOCK_SKEW_SECONDS = 300
 KEYS_TTL_SECONDS = 24 * 3600
 REFRESH_AT_MOST_EVERY_SECONDS = 60
+#: Without keys, a failed fetch is retried at most this often (each waiting request gets a 503).
+RETRY_FAILED_FETCH_SECONDS = 1.0
+#: The whole fetch (metadata, then JWKS) must finish within this, however slowly bytes arrive.
+KEYS_FETCH_DEADLINE_SECONDS = 5.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,65 +54,105 @@ class AuthResult:
     """Who called: `source` is botframework, entra or none (auth off, local only)."""
 
     source: str
-    #: Replies may go to the activity's serviceUrl (it passed the token check, or is loopback).
+    #: Replies may go to the activity's serviceUrl: a token passed and the host is allowed
+    #: (`BOT_SERVICE_URL_HOSTS`), or auth is off and it is loopback.
     service_url_trusted: bool
+    #: Why replies may not go there (the reason of the 400); empty when they may.
+    service_url_refusal: str = ""
     claims: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class _SigningKey:
+@dataclass(frozen=True)
+class SigningKey:
     key: Any
-    endorsements: list[str] | None
+    #: The channels this key may sign for (Bot Framework keys); empty when none are given.
+    endorsements: tuple[str, ...] = ()
 
 
 class OpenIdKeys:
     """The signing keys behind one OpenID metadata URL, cached across invocations."""
 
-    def __init__(self, metadata_url: str, *, http: httpx2.AsyncClient) -> None:
+    def __init__(self, metadata_url: str, *, http: httpx2.AsyncClient,
+                 deadline_seconds: float = KEYS_FETCH_DEADLINE_SECONDS) -> None:
         self.metadata_url = metadata_url
         self._http = http
-        self._keys: dict[str, _SigningKey] = {}
+        self._deadline = deadline_seconds
+        self._keys: dict[str, SigningKey] = {}
         self._fetched_at = 0.0
         self._attempted_at = -float(REFRESH_AT_MOST_EVERY_SECONDS)
-        self._lock = asyncio.Lock()
+        self._fetch: asyncio.Task[None] | None = None
 
-    async def get(self, kid: str) -> _SigningKey | None:
-        if self._needs_refresh(kid):
-            async with self._lock:  # one refresh at a time; the waiters use its result
-                if self._needs_refresh(kid):
-                    self._attempted_at = time.monotonic()
-                    await self._refresh()
+    async def get(self, kid: str) -> SigningKey | None:
+        """The key `kid`, or None if the issuer has no such key. `AuthUnavailable` when no keys at
+        all can be had. A request that needs a fetch waits for the one in flight, if any."""
+        if kid not in self._keys or self._stale():
+            if self._fetch is None and self._may_fetch(kid):
+                self._attempted_at = time.monotonic()
+                self._fetch = asyncio.create_task(self._refresh())
+            if self._fetch is not None and kid not in self._keys:
+                # shield: a waiter that gives up must not cancel everyone's fetch
+                await asyncio.shield(self._fetch)
+        if not self._keys:
+            raise AuthUnavailable(f"no signing keys from {self.metadata_url}; see the log")
         return self._keys.get(kid)
 
-    def _needs_refresh(self, kid: str) -> bool:
-        """Stale keys, or an unknown key ID, but never more than one attempt a minute (anyone can
-        send a token with a made-up key ID, and failed attempts count too)."""
-        now = time.monotonic()
-        if now - self._attempted_at < REFRESH_AT_MOST_EVERY_SECONDS and self._keys:
-            return False
+    def _stale(self) -> bool:
+        return time.monotonic() - self._fetched_at > KEYS_TTL_SECONDS
+
+    def _may_fetch(self, kid: str) -> bool:
+        """Without keys, retry once a second; with keys, refresh (stale keys, or an unknown key ID)
+        at most once a minute: anyone can send a token with a made-up key ID."""
+        since = time.monotonic() - self._attempted_at
         if not self._keys:
-            return now - self._attempted_at >= 1.0  # first fetch, or retry a failed one each second
-        return now - self._fetched_at > KEYS_TTL_SECONDS or kid not in self._keys
+            return since >= RETRY_FAILED_FETCH_SECONDS
+        return since >= REFRESH_AT_MOST_EVERY_SECONDS and (self._stale() or kid not in self._keys)
 
     async def _refresh(self) -> None:
+        """Fetch the keys within the deadline; on any failure keep what we had. Never raises."""
         try:
-            metadata = (await self._http.get(self.metadata_url)).raise_for_status().json()
-            jwks = (await self._http.get(metadata["jwks_uri"])).raise_for_status().json()
-        except (httpx2.HTTPError, ValueError, KeyError, TypeError) as exc:
-            if self._keys:
-                log.warning("could not refresh signing keys from %s (%s); using cached keys",
-                            self.metadata_url, exc)
-                return
-            raise AuthUnavailable(f"cannot fetch signing keys from {self.metadata_url}") from exc
-        keys: dict[str, _SigningKey] = {}
-        for entry in jwks.get("keys", []):
-            try:
-                key = jwt.PyJWK(entry, algorithm="RS256").key
-            except (jwt.PyJWKError, jwt.InvalidKeyError, KeyError, TypeError):
-                continue
-            if "kid" in entry:
-                keys[str(entry["kid"])] = _SigningKey(key=key, endorsements=entry.get("endorsements"))
-        self._keys, self._fetched_at = keys, time.monotonic()
+            async with asyncio.timeout(self._deadline):
+                metadata = await self._get_json(self.metadata_url)
+                jwks_uri = metadata.get("jwks_uri")
+                if not isinstance(jwks_uri, str) or not jwks_uri.startswith(("https://", "http://")):
+                    raise ValueError(f"metadata has no jwks_uri URL: {jwks_uri!r}")
+                keys = _signing_keys(await self._get_json(jwks_uri))
+        except (httpx2.HTTPError, httpx2.InvalidURL, TimeoutError, ValueError) as exc:
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            log.warning("could not fetch signing keys from %s (%s); %s", self.metadata_url, reason,
+                        "using cached keys" if self._keys else "none to use")
+        else:
+            self._keys, self._fetched_at = keys, time.monotonic()
+        finally:
+            self._fetch = None
+
+    async def _get_json(self, url: str) -> dict[str, Any]:
+        document = (await self._http.get(url)).raise_for_status().json()
+        if not isinstance(document, dict):
+            raise ValueError(f"{url} is not a JSON object")
+        return document
+
+
+def _signing_keys(jwks: dict[str, Any]) -> dict[str, SigningKey]:
+    """The RS256 keys of a JWKS document by key ID; a `ValueError` when it holds none usable."""
+    entries = jwks.get("keys")
+    if not isinstance(entries, list):
+        raise ValueError("the JWKS document has no keys list")
+    keys: dict[str, SigningKey] = {}
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("kid"), str):
+            continue
+        try:
+            key = jwt.PyJWK(entry, algorithm="RS256").key
+        except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError, KeyError,
+                AttributeError):
+            log.warning("skipped signing key %r: it does not parse", entry["kid"])
+            continue
+        endorsements = entry.get("endorsements")
+        keys[entry["kid"]] = SigningKey(key=key, endorsements=tuple(
+            e for e in endorsements if isinstance(e, str)) if isinstance(endorsements, list) else ())
+    if not keys:
+        raise ValueError("the JWKS document holds no usable RS256 key")
+    return keys
 
 
 class BotAuthenticator:
@@ -116,7 +172,10 @@ class BotAuthenticator:
         if not self._settings.auth_enabled:
             if self._in_azure:
                 raise Unauthorized("auth_not_configured", "CLIENT_ID is not set in Azure")
-            return AuthResult(source="none", service_url_trusted=is_loopback_url(activity.service_url))
+            if is_loopback_url(activity.service_url):
+                return AuthResult(source="none", service_url_trusted=True)
+            return AuthResult(source="none", service_url_trusted=False, service_url_refusal=(
+                "with auth off, replies go only to a loopback serviceUrl"))
         token = _bearer(headers)
         try:
             header = jwt.get_unverified_header(token)
@@ -127,18 +186,34 @@ class BotAuthenticator:
             raise Unauthorized("bad_algorithm", f"alg {header.get('alg')!r}")
         issuer = str(unverified.get("iss", ""))
         if issuer == BOTFRAMEWORK_ISSUER:
-            claims = await self._verify(token, header, self._botframework, issuer)
-            self._check_endorsement_and_service_url(claims, activity, header)
-            return AuthResult(source="botframework", service_url_trusted=True, claims=claims)
+            claims, signing = await self._verify(token, header, self._botframework, issuer)
+            self._check_endorsement_and_service_url(claims, signing, activity, header)
+            return self._result("botframework", claims, activity)
         if self._entra is not None and issuer in self._entra_issuers():
-            claims = await self._verify(token, header, self._entra, issuer)
+            claims, _ = await self._verify(token, header, self._entra, issuer)
             # Any app in the tenant can get a token for our audience; only our own app identity
             # (the Agents Playground with the bot's credentials) may steer replies.
             caller = claims.get("azp") or claims.get("appid")
             if caller != self._settings.client_id:
                 raise Unauthorized("caller_not_allowed", f"azp/appid {caller!r}")
-            return AuthResult(source="entra", service_url_trusted=True, claims=claims)
+            # ...and only as itself. An app registration that exposes a scope lets a user mint a
+            # delegated token with our azp. Microsoft's access token claims reference: `scp` is
+            # "only included for user tokens"; the optional claim `idtyp` is "app" for app-only
+            # tokens and "user" for app+user ones (learn.microsoft.com/entra/identity-platform/
+            # access-token-claims-reference, optional-claims-reference).
+            if "scp" in claims or claims.get("idtyp") == "user":
+                raise Unauthorized("not_app_only", f"a delegated token (scp {claims.get('scp')!r}, "
+                                   f"idtyp {claims.get('idtyp')!r})")
+            return self._result("entra", claims, activity)
         raise Unauthorized("bad_issuer", f"issuer {issuer!r}")
+
+    def _result(self, source: str, claims: dict[str, Any], activity: Activity) -> AuthResult:
+        """A passed token; replies may go to the serviceUrl only if its host is allowed."""
+        if service_url_allowed(activity.service_url, self._settings.service_url_hosts):
+            return AuthResult(source=source, service_url_trusted=True, claims=claims)
+        return AuthResult(source=source, service_url_trusted=False, claims=claims, service_url_refusal=(
+            f"replies go only to https Bot Framework hosts (BOT_SERVICE_URL_HOSTS); serviceUrl "
+            f"{activity.service_url!r} is not one"))
 
     def _entra_issuers(self) -> set[str]:
         tenant = self._settings.tenant_id
@@ -146,7 +221,7 @@ class BotAuthenticator:
                 f"https://login.microsoftonline.com/{tenant}/v2.0", f"https://sts.windows.net/{tenant}/"}
 
     async def _verify(self, token: str, header: dict[str, Any], keys: OpenIdKeys,
-                      issuer: str) -> dict[str, Any]:
+                      issuer: str) -> tuple[dict[str, Any], SigningKey]:
         kid = header.get("kid")
         signing = await keys.get(str(kid)) if kid else None
         if signing is None:
@@ -167,14 +242,12 @@ class BotAuthenticator:
             raise Unauthorized("bad_signature") from None
         except jwt.PyJWTError as exc:
             raise Unauthorized("invalid_token", str(exc)) from None
-        claims["_endorsements"] = signing.endorsements
-        return claims
+        return claims, signing
 
     @staticmethod
-    def _check_endorsement_and_service_url(claims: dict[str, Any], activity: Activity,
-                                           header: dict[str, Any]) -> None:
-        endorsements = claims.pop("_endorsements", None)
-        if not activity.channel_id or activity.channel_id not in (endorsements or []):
+    def _check_endorsement_and_service_url(claims: dict[str, Any], signing: SigningKey,
+                                           activity: Activity, header: dict[str, Any]) -> None:
+        if not activity.channel_id or activity.channel_id not in signing.endorsements:
             raise Unauthorized("channel_not_endorsed", f"channel {activity.channel_id!r}, "
                                f"key {header.get('kid')!r}")
         claimed = _normal_url(str(claims.get("serviceurl", "")))
@@ -196,11 +269,44 @@ def _normal_url(url: str) -> str:
 
 
 def is_loopback_url(url: str) -> bool:
-    """Whether `url` points at this machine (where replies may go with auth off)."""
-    import ipaddress
-    from urllib.parse import urlparse
+    """Whether `url` is a well-formed http(s) URL of this machine (where replies may go with auth
+    off). A malformed URL is not."""
+    parts = _scheme_and_host(url)
+    return parts is not None and _is_loopback_host(parts[1])
 
-    host = (urlparse(url).hostname or "").lower()
+
+def service_url_allowed(url: str, hosts: Sequence[str]) -> bool:
+    """Whether replies, and the bot's token with them, may go to `url`: https, and a host matching
+    one of `hosts` (`name` exactly, or `*.name`: any subdomain of it). Plain http only for a
+    loopback host listed there (local tests)."""
+    parts = _scheme_and_host(url)
+    if parts is None:
+        return False
+    scheme, host = parts
+    if scheme != "https" and not _is_loopback_host(host):
+        return False
+    return any(host.endswith(pattern[1:]) if pattern.startswith("*.") else host == pattern
+               for pattern in hosts)
+
+
+def _scheme_and_host(url: str) -> tuple[str, str] | None:
+    """(scheme, lower-case host) of a well-formed http(s) URL; None for anything odd: no host,
+    user info, a bad port, backslashes, spaces or control characters (parsers disagree on those)."""
+    if not url.isprintable() or any(char in url for char in "\\ "):
+        return None
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a port that is not one)
+    except ValueError:
+        return None
+    host = (parts.hostname or "").lower()
+    if parts.scheme not in ("http", "https") or not host or "@" in parts.netloc or (
+            host.startswith(".") or ".." in host):
+        return None
+    return parts.scheme, host
+
+
+def _is_loopback_host(host: str) -> bool:
     if host == "localhost":
         return True
     try:

@@ -140,7 +140,7 @@ class ChatBot:
 
     async def _on_message(self, activity: Activity, auth: AuthResult) -> BotResponse:
         self._check_reply_path(activity, auth)
-        text = activity.text_for_model()
+        text = activity.message_text
         if not text:
             return BotResponse(status=200)
         key = (activity.conversation_id, activity.id)
@@ -171,7 +171,7 @@ class ChatBot:
         if not activity.service_url:
             raise BadRequest("the activity has no serviceUrl to reply to")
         if not auth.service_url_trusted:
-            raise BadRequest("with auth off, replies go only to a loopback serviceUrl")
+            raise BadRequest(auth.service_url_refusal or "the serviceUrl is not trusted for replies")
 
     # -- one turn ---------------------------------------------------------------------------
 

@@ -6,8 +6,10 @@ checks them and returns a frozen `Settings`; a bad value raises `SettingsError` 
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -30,6 +32,10 @@ log = logging.getLogger(__name__)
 
 DEVELOPMENT_STORAGE = "UseDevelopmentStorage=true"
 BOTFRAMEWORK_OPENID_METADATA = "https://login.botframework.com/v1/.well-known/openidconfiguration"
+#: The public cloud's Bot Connector hosts: Teams (smba.trafficmanager.net; GCC tenants, whose bots
+#: are public-cloud bots, smba.infra.gcc.teams.microsoft.com) and the Bot Framework channels
+#: (webchat., directline., europe.webchat., slack. ... .botframework.com).
+BOT_SERVICE_URL_HOSTS = "smba.trafficmanager.net,smba.infra.gcc.teams.microsoft.com,*.botframework.com"
 DEFAULT_INSTRUCTIONS = "You are a helpful, concise assistant in a chat."
 
 
@@ -104,6 +110,12 @@ SETTINGS: tuple[Setting, ...] = (
             deployed=False,
             description="Entra authority host for inbound Entra tokens and outbound token "
             "requests (sovereign clouds, tests)."),
+    Setting(name="BOT_SERVICE_URL_HOSTS", default=BOT_SERVICE_URL_HOSTS, deployed=False,
+            description="Hosts an activity's serviceUrl may name for replies (the bot's token goes "
+            "with them), comma-separated; `*.name` matches any subdomain of name. https only "
+            "(http for a listed loopback host, for tests). The default is the public cloud's; "
+            "GCC High adds smba.infra.gov.teams.microsoft.us and *.botframework.azure.us, DoD "
+            "smba.infra.dod.teams.microsoft.us and *.botframework.azure.us."),
     Setting(name="CHAT_TURN_MAX_ATTEMPTS", default="8",
             description="Attempts of one turn when another instance commits first (each re-runs "
             "the prompt after a jittered backoff of up to 1 s)."),
@@ -174,6 +186,8 @@ class BotSettings:
     openid_metadata_url: str
     authority_host: str
     managed_identity_client_id: str | None
+    #: Host patterns (`name` or `*.name`, lower case) replies may go to when auth is on.
+    service_url_hosts: tuple[str, ...] = ()
 
     @property
     def auth_enabled(self) -> bool:
@@ -342,4 +356,29 @@ def _bot(read: _Reader, identity: str | None) -> BotSettings:
         openid_metadata_url=read.url("BOT_OPENID_METADATA_URL") or BOTFRAMEWORK_OPENID_METADATA,
         authority_host=read.url("BOT_AUTHORITY_HOST") or "https://login.microsoftonline.com",
         managed_identity_client_id=identity,
+        service_url_hosts=_host_patterns(read.required_text("BOT_SERVICE_URL_HOSTS")),
     )
+
+
+#: A host name of at least two labels (so `*.com` is refused): letters, digits, hyphens.
+_HOST = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def _host_patterns(raw: str) -> tuple[str, ...]:
+    patterns = tuple(part.strip().lower() for part in raw.split(",") if part.strip())
+    for pattern in patterns:
+        host = pattern.removeprefix("*.")
+        if not (_HOST.match(host) or host == "localhost" or _is_ip(host)):
+            raise SettingsError("BOT_SERVICE_URL_HOSTS", f"{pattern!r} is not a host name, IP "
+                                "address or *.domain pattern (no scheme, port or path)")
+    if not patterns:
+        raise SettingsError("BOT_SERVICE_URL_HOSTS", "lists no host")
+    return patterns
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True

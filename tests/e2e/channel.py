@@ -96,7 +96,9 @@ def bench(storage: str, *, auth: bool = True, model_latency: float = 0.0,
     if auth:
         env.update({"CLIENT_ID": CLIENT_ID, "CLIENT_SECRET": "test-secret", "TENANT_ID": "tenant-1",
                     "BOT_OPENID_METADATA_URL": identity.botframework_metadata_url,
-                    "BOT_AUTHORITY_HOST": identity.url})
+                    "BOT_AUTHORITY_HOST": identity.url,
+                    # the stand-in connector's host (replies go only to listed hosts)
+                    "BOT_SERVICE_URL_HOSTS": "127.0.0.1"})
     env.update(extra_env or {})
     host = DevHostProcess(env=env).start()
     http = httpx2.Client(timeout=30)

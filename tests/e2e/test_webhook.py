@@ -136,6 +136,22 @@ def test_twenty_concurrent_messages_are_all_stored_exactly_once(channel: Bench) 
     assert len(channel.connector.messages(conversation)) == 20
 
 
+def test_in_a_group_chat_the_bots_mention_is_stripped_and_others_stay_as_names(channel: Bench) -> None:
+    # GIVEN a group-chat message that @mentions the bot and a colleague
+    conversation = new_conversation()
+    activity = channel.message("<at>chatstate</at> what does <at>Grace</at> think?",
+                               conversation_id=conversation, entities=[
+                                   {"type": "mention", "text": "<at>chatstate</at>",
+                                    "mentioned": {"id": "28:bot-app-id", "name": "chatstate"}},
+                                   {"type": "mention", "text": "<at>Grace</at>",
+                                    "mentioned": {"id": "29:grace", "name": "Grace"}}])
+    # WHEN it arrives
+    assert channel.post(activity).status_code == 200
+    # THEN the model and the history see the question with the colleague's name, not the bot's
+    assert channel.model.requests[-1]["messages"][-1]["content"] == "what does Grace think?"
+    assert channel.history(conversation)[0]["content"] == "what does Grace think?"
+
+
 def test_a_welcome_greets_an_added_user_and_other_activities_are_ignored(channel: Bench) -> None:
     conversation = new_conversation()
     update = event("conversation_update", id=uuid.uuid4().hex, conversation_id=conversation,
@@ -166,6 +182,70 @@ def test_an_entra_token_of_another_app_in_the_tenant_is_refused(channel: Bench) 
     response = channel.post(activity, token=token)
     assert response.status_code == 401 and response.json() == {"error": "caller_not_allowed"}
     assert channel.model.calls == calls and channel.history(conversation) == []
+
+
+@pytest.mark.parametrize("claims", [{"scp": "access_as_user", "oid": "user-oid", "sub": "user-sub"},
+                                    {"idtyp": "user"}])
+def test_a_delegated_entra_token_of_the_bots_own_app_is_refused(channel: Bench,
+                                                                  claims: dict[str, str]) -> None:
+    # GIVEN a user's delegated token minted through the bot's own app registration (azp = bot)
+    conversation = new_conversation()
+    activity = channel.message("steer me", conversation_id=conversation)
+    token = channel.identity.entra_token(audience=CLIENT_ID, **claims)
+    # WHEN it posts THEN it is refused: only app-only tokens of the bot's own app are accepted
+    calls = channel.model.calls
+    response = channel.post(activity, token=token)
+    assert response.status_code == 401 and response.json() == {"error": "not_app_only"}
+    assert channel.model.calls == calls and channel.history(conversation) == []
+
+
+@pytest.mark.parametrize("issuer", ["botframework", "entra"])
+def test_replies_never_go_to_a_host_off_the_allow_list(channel: Bench, issuer: str) -> None:
+    # GIVEN a valid token (its serviceurl claim, for Bot Framework, matching) and a serviceUrl whose
+    # host is not on BOT_SERVICE_URL_HOSTS: the bot's own token would go there with the reply
+    conversation = new_conversation()
+    activity = channel.message("reply over there", conversation_id=conversation,
+                               serviceUrl="https://attacker.example.com/")
+    token = (channel.token_for(activity) if issuer == "botframework"
+             else channel.identity.entra_token(audience=CLIENT_ID))
+    calls, sent = channel.model.calls, len(channel.connector.requests)
+    # WHEN it posts
+    response = channel.post(activity, token=token)
+    # THEN it is a 400 that says why, before any model call, reply or stored row
+    assert response.status_code == 400, response.text
+    assert "BOT_SERVICE_URL_HOSTS" in response.json()["reason"]
+    assert channel.model.calls == calls and len(channel.connector.requests) == sent
+    assert channel.history(conversation) == []
+
+
+def test_a_new_instance_accepts_valid_tokens_sent_during_its_first_key_fetch(
+        azurite_connection_string: str) -> None:
+    # GIVEN a new instance (no signing keys yet) and metadata that takes 0.5 s to answer
+    with bench(azurite_connection_string) as fresh:
+        fresh.identity.metadata_delay = 0.5
+        activities = [fresh.message(f"m{i}", conversation_id=new_conversation(),
+                                    deliveryMode="expectReplies") for i in range(10)]
+        # WHEN ten valid messages arrive at once
+        with ThreadPoolExecutor(10) as pool:
+            statuses = list(pool.map(lambda a: fresh.post(a).status_code, activities))
+        # THEN all ten are answered (a 401 is not retried by the channel: the message would be lost)
+        assert statuses == [200] * 10
+        assert fresh.identity.metadata_requests == 1
+
+
+def test_when_no_signing_keys_can_be_had_the_answer_is_503_with_retry_after(
+        azurite_connection_string: str) -> None:
+    # GIVEN a new instance whose identity provider serves a JWKS document with no usable key
+    with bench(azurite_connection_string) as fresh:
+        fresh.identity.keys_body = b'{"keys": [{"kid": "bf-key-1", "kty": "RSA"}]}'
+        conversation = new_conversation()
+        activity = fresh.message("hello", conversation_id=conversation)
+        # WHEN a valid message arrives
+        response = fresh.post(activity)
+        # THEN it is a 503 the channel retries, and nothing was done
+        assert response.status_code == 503, response.text
+        assert response.headers["Retry-After"] and response.json()["error"] == "auth_keys_unavailable"
+        assert fresh.model.calls == 0 and fresh.history(conversation) == []
 
 
 def test_made_up_key_ids_cannot_make_the_bot_fetch_keys_again_and_again(channel: Bench) -> None:
@@ -229,6 +309,9 @@ def test_each_token_fault_gets_401_and_touches_nothing(channel: Bench, fault: st
     (json.dumps({"type": "message", "id": "x"}).encode(), "application/json", 400),
     (json.dumps({"type": "message", "conversation": {"id": "c"}}).encode(), "application/json", 400),
     (json.dumps({"id": "x", "conversation": {"id": "c"}}).encode(), "application/json", 400),
+    (b"[" * 200_000 + b"]" * 200_000, "application/json", 400),
+    (json.dumps({"type": "message", "id": "x", "conversation": {"id": "c"}, "text": 42}).encode(),
+     "application/json", 400),
     (b'{"type": "message"}', "text/plain", 415),
     (b'{"text": "' + b"x" * 1_100_000 + b'"}', "application/json", 413),
 ])
@@ -239,6 +322,28 @@ def test_bad_input_gets_a_4xx_with_a_reason_and_reaches_nothing(
     assert response.status_code == status
     assert response.json()["reason"]
     assert channel.model.calls == calls
+
+
+@pytest.mark.parametrize("field", ["text", "from.name", "locale", "conversation.id"])
+def test_a_lone_surrogate_gets_a_400_and_nothing_is_done(channel: Bench, field: str) -> None:
+    # GIVEN a message with a lone surrogate ("\ud800" in the JSON) in a field the bot stores or
+    # echoes, with a valid token
+    conversation = new_conversation()
+    activity = channel.message("hello", conversation_id=conversation)
+    if field == "conversation.id":
+        activity["conversation"]["id"] = conversation + "\ud800"
+    elif field == "from.name":
+        activity["from"]["name"] = "Ada \ud800"
+    else:
+        activity[field] = "x \ud800"
+    calls, sent = channel.model.calls, len(channel.connector.requests)
+    # WHEN it arrives, and again as the channel's retry
+    responses = [channel.post(activity) for _ in range(2)]
+    # THEN each is a 400 naming the field, and no model call, reply or stored row happened
+    assert [r.status_code for r in responses] == [400, 400]
+    assert f"{field} is not valid Unicode" in responses[0].json()["reason"]
+    assert channel.model.calls == calls and len(channel.connector.requests) == sent
+    assert channel.history(conversation) == []
 
 
 def test_health_reports_storage(channel: Bench) -> None:
@@ -267,4 +372,9 @@ def test_with_auth_off_replies_go_only_to_loopback(azurite_connection_string: st
                                serviceUrl="https://smba.trafficmanager.net/amer/")
         refused = local.post(remote, token=None)
         assert refused.status_code == 400 and "loopback" in refused.json()["reason"]
+        # AND a malformed serviceUrl is a 400 too, not a 500 (nor a paid turn that cannot be sent)
+        for malformed in ("http://[::1", "http://127.0.0.1:99999/", "http://127.0.0.1:port/"):
+            odd = local.post(local.message("hi", conversation_id=conversation, serviceUrl=malformed),
+                             token=None)
+            assert odd.status_code == 400, (malformed, odd.text)
         assert local.model.calls == 1

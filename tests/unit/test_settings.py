@@ -31,11 +31,27 @@ def test_defaults_run_locally_on_azurite_and_the_offline_stand_in() -> None:
     ({"BOT_APP_TYPE": "SingleTenant", "CLIENT_ID": "x"}, "TENANT_ID"),
     ({"WEBSITE_SITE_NAME": "my-app"}, "AZURE_OPENAI_ENDPOINT"),
     ({"PORT": "70000"}, "PORT"),
+    ({"BOT_SERVICE_URL_HOSTS": "https://smba.trafficmanager.net"}, "BOT_SERVICE_URL_HOSTS"),
+    ({"BOT_SERVICE_URL_HOSTS": "smba.trafficmanager.net:443"}, "BOT_SERVICE_URL_HOSTS"),
+    ({"BOT_SERVICE_URL_HOSTS": "*.net"}, "BOT_SERVICE_URL_HOSTS"),
+    ({"BOT_SERVICE_URL_HOSTS": "*"}, "BOT_SERVICE_URL_HOSTS"),
+    ({"BOT_SERVICE_URL_HOSTS": " , "}, "BOT_SERVICE_URL_HOSTS"),
 ])
 def test_a_bad_setting_fails_start_up_with_its_name(env: dict[str, str], named: str) -> None:
     with pytest.raises(SettingsError) as caught:
         load_settings(env)
     assert caught.value.setting == named and named in str(caught.value)
+
+
+def test_service_url_hosts_default_to_the_public_clouds_and_can_be_replaced() -> None:
+    # GIVEN no setting, then a sovereign cloud's hosts
+    # THEN the public cloud's Bot Connector hosts, then exactly the given ones, lower case
+    assert load_settings({}).bot.service_url_hosts == (
+        "smba.trafficmanager.net", "smba.infra.gcc.teams.microsoft.com", "*.botframework.com")
+    gcc_high = load_settings({"BOT_SERVICE_URL_HOSTS":
+                              "SMBA.infra.gov.teams.microsoft.us, *.botframework.azure.us"})
+    assert gcc_high.bot.service_url_hosts == ("smba.infra.gov.teams.microsoft.us",
+                                              "*.botframework.azure.us")
 
 
 def test_any_model_setting_turns_the_offline_stand_in_off() -> None:
