@@ -99,6 +99,11 @@ def _message_json(message: ChatMessage) -> dict[str, Any]:
         shown["toolCallId"] = message.tool_call_id
     if message.model:
         shown["model"] = message.model
+    if message.stopped:
+        shown["stopped"] = True
+    if message.feedback:
+        shown["feedback"] = {"reaction": message.feedback.reaction, "text": message.feedback.text,
+                             "at": message.feedback.at.isoformat()}
     if message.usage:
         shown["usage"] = {"promptTokens": message.usage.prompt_tokens,
                           "completionTokens": message.usage.completion_tokens}

@@ -1,7 +1,8 @@
 """Local stand-ins for the channel side: a Bot Connector, and an identity provider that mints JWTs.
 
 `FakeConnector` answers `POST /v3/conversations/{id}/activities` like the Bot Connector and records
-what it got (scriptable statuses). `FakeIdentity` serves OpenID metadata and JWKS for Bot Framework
+what it got (scriptable statuses); streamed replies must keep Teams' streaming contract
+(`devtools/teams_streams.py`). `FakeIdentity` serves OpenID metadata and JWKS for Bot Framework
 and for an Entra tenant, signs tokens with its own RSA keys, and answers client-credentials token
 requests, so tests exercise the real validation code through the metadata-URL override. Its Bot
 Framework metadata can be made slow (`metadata_delay`), malformed (`metadata_body`, `keys_body`)
@@ -24,6 +25,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from devtools.local_server import LocalServer
+from devtools.teams_streams import StreamContract
 
 __all__ = ["FakeConnector", "FakeIdentity"]
 
@@ -37,6 +39,7 @@ class FakeConnector(LocalServer):
         self.activities: list[dict[str, Any]] = []
         self.requests: list[dict[str, Any]] = []
         self.statuses: deque[int] = deque()
+        self.streams = StreamContract()
         self._ids = itertools.count(1)
 
     def routes(self, app: web.Application) -> None:
@@ -53,11 +56,22 @@ class FakeConnector(LocalServer):
                   "conversation_id": request.match_info["conversation_id"],
                   "authorization": request.headers.get("Authorization"), "activity": body}
         self.requests.append(record)
-        if self.latency:
-            await asyncio.sleep(self.latency)
+        streamed = self.streams.begin(record["conversation_id"], body)
+        stream_id = streamed[1].get("id") if streamed else None
+        self.streams.busy(stream_id)
+        try:
+            if self.latency:
+                await asyncio.sleep(self.latency)
+        finally:
+            self.streams.answered(stream_id)
         status = self.statuses.popleft() if self.statuses else 201
         if status >= 300:
             return web.json_response({"error": {"code": "ServiceError"}}, status=status)
+        if streamed is not None:
+            status, answer = streamed
+            if status < 300 and body.get("type") == "message":
+                self.activities.append(body)
+            return web.json_response(answer, status=status)
         self.activities.append(body)
         return web.json_response({"id": f"reply-{next(self._ids)}"}, status=201)
 

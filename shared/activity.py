@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from .messages import Feedback
 
 __all__ = ["AI_GENERATED", "MAX_BODY_BYTES", "MAX_DEPTH", "Activity", "parse_activity"]
 
 MAX_BODY_BYTES = 1_000_000
+MAX_FEEDBACK_CHARS = 5_000
 #: The entity that marks a message as AI-generated (Teams shows the "AI generated" label).
 AI_GENERATED = {"type": "https://schema.org/Message", "@type": "Message",
                 "@context": "https://schema.org", "@id": "", "additionalType": ["AIGeneratedContent"]}
@@ -115,9 +117,42 @@ class Activity:
         members = self.raw.get("membersAdded")
         return [m for m in members if isinstance(m, dict)] if isinstance(members, list) else []
 
-    def reply(self, text: str, *, ai: bool) -> dict[str, Any]:
-        """A message answering this activity; `ai` marks it AI-generated."""
+    @property
+    def conversation_type(self) -> str:
+        conversation = self.raw.get("conversation")
+        kind = conversation.get("conversationType") if isinstance(conversation, dict) else None
+        return kind if isinstance(kind, str) else ""
+
+    @property
+    def can_stream(self) -> bool:
+        """Teams (and the Agents Playground, which speaks as Teams) streams in personal chats only."""
+        return (self.channel_id == "msteams" and self.conversation_type == "personal"
+                and not self.expects_replies)
+
+    def feedback(self) -> Feedback | None:
+        """The rating in a Teams feedback invoke (`message/submitAction`, `actionName` feedback)."""
+        value = self.raw.get("value")
+        if self.type != "invoke" or self.raw.get("name") != "message/submitAction" or \
+                not isinstance(value, dict) or value.get("actionName") != "feedback":
+            return None
+        action = value.get("actionValue")
+        if not isinstance(action, dict) or action.get("reaction") not in ("like", "dislike"):
+            raise BadRequest("a feedback invoke needs actionValue.reaction like or dislike")
+        text = ""
+        try:
+            details = json.loads(action.get("feedback") or "{}")
+            if isinstance(details, dict) and isinstance(details.get("feedbackText"), str):
+                text = details["feedbackText"][:MAX_FEEDBACK_CHARS]
+        except (TypeError, ValueError):
+            pass  # a comment we cannot read is no reason to lose the reaction
+        return Feedback(reaction=action["reaction"], text=text)
+
+    def reply(self, text: str, *, ai: bool, feedback: bool = False) -> dict[str, Any]:
+        """A message answering this activity; `ai` marks it AI-generated, `feedback` shows Teams'
+        like / dislike buttons under it."""
         outgoing = {**self._addressed("message"), "text": text}
+        if feedback:
+            outgoing["channelData"] = {"feedbackLoop": {"type": "default"}}
         locale = self.raw.get("locale")
         if isinstance(locale, str) and locale:
             outgoing["locale"] = locale

@@ -5,7 +5,8 @@
 The store loads a window; the prompt gets its messages and returns the turn's; the turn is
 committed against that window, in one ETag-guarded transaction. Turns of one conversation in this
 worker queue behind an in-process lock, so ETag conflicts only happen between instances; a
-conflict re-loads and re-runs the prompt, a bounded number of times.
+conflict re-loads and re-runs the prompt, a bounded number of times — unless the user has already
+read the answer as it streamed: then the same messages are committed after the turns that won.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .activity import Activity, parse_activity
@@ -38,10 +39,11 @@ from .errors import (
     http_status_for,
 )
 from .logs import turn_context
-from .messages import StoredTurn
-from .prompt import TURN_LIMIT_REPLY, ChatPrompt, check_input
+from .messages import ChatMessage, StoredTurn, ToolCall
+from .prompt import TURN_LIMIT_REPLY, ChatPrompt, ToolListener, check_input
 from .settings import Settings
 from .store import ConversationStore
+from .streaming import ReplyStream
 
 __all__ = ["BotResponse", "ChatBot"]
 
@@ -120,6 +122,8 @@ class ChatBot:
                 return await self._on_message(activity, auth)
             if activity.type == "conversationUpdate":
                 return await self._on_conversation_update(activity, auth)
+            if activity.type == "invoke":
+                return await self._on_invoke(activity)
             return BotResponse(status=200)
         except StoreError as exc:
             if http_status_for(exc) >= 500:
@@ -185,7 +189,9 @@ class ChatBot:
             tokens = exc.tokens if isinstance(exc, InputTooLong) else len(text) // 3
             return await self._reply(activity, activity.reply(TOO_LONG.format(
                 tokens=tokens, budget=limits.history_token_budget), ai=False))
+        stream: ReplyStream | None = None
         typing: asyncio.Task[None] | None = None
+        seen: tuple[ChatMessage, ...] | None = None  # a turn the user has read: never re-asked
         try:
             for attempt in range(self.settings.turn_max_attempts):
                 window = await self.store.load_window(
@@ -195,56 +201,117 @@ class ChatBot:
                     # Found on a re-load after a conflict: another instance just committed it
                     # and delivers it. Found at once: a channel retry, which may need a re-send.
                     turn = await self.store.get_turn(activity.conversation_id, activity.id)
-                    return await self._redeliver(activity, turn, send=attempt == 0)
-                if typing is None and not activity.expects_replies:
-                    typing = asyncio.create_task(self._send_typing(activity))
-                try:
-                    result = await self.prompt.send(text, history=window.messages)
-                except ModelError as exc:
-                    log.warning("model failed (%s): %s", type(exc).__name__, exc)
-                    return await self._reply(activity, activity.reply(APOLOGY, ai=False))
+                    return await self._redeliver(activity, turn, send=attempt == 0, stream=stream)
+                if stream is None and typing is None:
+                    stream, typing = self._show_progress(activity)
+                messages = seen
+                if messages is None:
+                    try:
+                        result = await self.prompt.send(
+                            text, history=window.messages,
+                            on_text=stream.on_text if stream else None,
+                            on_tools=self._tools_listener(stream))
+                    except ModelError as exc:
+                        log.warning("model failed (%s): %s", type(exc).__name__, exc)
+                        return await self._reply(activity, activity.reply(APOLOGY, ai=False),
+                                                 stream=stream)
+                    messages = _as_seen(result.messages, stream)
+                    if stream is not None and stream.shown:
+                        seen = messages
                 try:
                     turn = await self.store.commit_turn(window, activity_id=activity.id,
-                                                        messages=result.messages)
+                                                        messages=messages)
                 except ConversationConflict:
-                    log.info("conflict on attempt %d", attempt + 1)
+                    log.info("conflict on attempt %d%s", attempt + 1,
+                             "; the answer was seen: committing it after the turns that won"
+                             if seen else "")
                     if attempt + 1 < self.settings.turn_max_attempts:
                         await self._sleep(random.uniform(0, min(1.0, 0.05 * 2 ** attempt)))
                     continue
                 except DuplicateActivity as exc:
                     log.info("the activity was committed by another instance")
-                    return await self._redeliver(activity, exc.turn, send=False)
+                    return await self._redeliver(activity, exc.turn, send=False, stream=stream)
                 except (TurnTooLarge, MessageTooLarge) as exc:
                     log.warning("turn too large to store: %s", exc)
-                    return await self._reply(activity, activity.reply(TURN_LIMIT_REPLY, ai=False))
-                log.info("turn committed attempts=%d rows_read=%d window=%d model=%s tokens=%d "
-                         "ms=%.1f", attempt + 1, window.rows_read, len(window.messages),
-                         result.model, result.usage.total_tokens,
-                         (time.perf_counter() - started) * 1000)
-                return await self._deliver(activity, turn)
+                    return await self._reply(activity, activity.reply(TURN_LIMIT_REPLY, ai=False),
+                                             stream=stream)
+                log.info("turn committed attempts=%d rows_read=%d window=%d streamed=%s ms=%.1f",
+                         attempt + 1, window.rows_read, len(window.messages),
+                         bool(stream and stream.shown), (time.perf_counter() - started) * 1000)
+                return await self._deliver(activity, turn, stream=stream)
         finally:
             if typing is not None:
                 await asyncio.gather(typing, return_exceptions=True)
+            if stream is not None:
+                await stream.close()
         log.warning("gave up after %d conflicts", self.settings.turn_max_attempts)
         return BotResponse(status=503, body={"error": "conversation_busy",
                                              "reason": "other turns kept committing first"},
                            headers={"Retry-After": "1"})
 
+    def _show_progress(self, activity: Activity) -> tuple[ReplyStream | None,
+                                                          asyncio.Task[None] | None]:
+        """A stream with its informative update where the channel streams; else a typing
+        indicator (none when the reply is the response)."""
+        if self.settings.streaming and activity.can_stream:
+            stream = ReplyStream(connector=self.connector, activity=activity)
+            stream.inform(self.settings.streaming_informative)
+            return stream, None
+        if activity.expects_replies:
+            return None, None
+        return None, asyncio.create_task(self._send_typing(activity))
+
+    @staticmethod
+    def _tools_listener(stream: ReplyStream | None) -> ToolListener | None:
+        if stream is None:
+            return None
+
+        async def using(calls: Sequence[ToolCall]) -> None:
+            stream.new_round()
+            names = ", ".join(dict.fromkeys(call.name for call in calls))
+            stream.inform(f"Using {names}…")
+
+        return using
+
+    # -- feedback ---------------------------------------------------------------------------
+
+    async def _on_invoke(self, activity: Activity) -> BotResponse:
+        feedback = activity.feedback()
+        if feedback is None:
+            return BotResponse(status=200)
+        reply_id = str(activity.raw.get("replyToId") or "")
+        if not reply_id or not await self.store.rate_reply(activity.conversation_id, reply_id,
+                                                           feedback):
+            log.info("feedback on a reply we do not know (%r); acknowledged", reply_id[:100])
+        else:
+            log.info("feedback %s stored for reply %r", feedback.reaction, reply_id[:100])
+        return BotResponse(status=200, body={})
+
     # -- replies ----------------------------------------------------------------------------
 
-    async def _deliver(self, activity: Activity, turn: StoredTurn) -> BotResponse:
+    async def _deliver(self, activity: Activity, turn: StoredTurn, *,
+                       stream: ReplyStream | None = None) -> BotResponse:
         reply = turn.reply
-        response = await self._reply(activity, activity.reply(
-            reply.content if reply is not None and reply.content else "", ai=True))
-        if not activity.expects_replies:
-            try:
-                await self.store.mark_delivered(activity.conversation_id, activity.id)
-            except StoreError as exc:  # the reply went out: a 5xx now would get it sent twice
-                log.warning("reply delivered but not recorded: %s", exc)
-        return response
+        if reply is not None and reply.stopped:
+            await self._mark_delivered(activity, reply_id=None)  # the user saw all there is
+            return BotResponse(status=200)
+        outgoing = activity.reply(reply.content if reply is not None and reply.content else "",
+                                  ai=True, feedback=self.settings.feedback)
+        if activity.expects_replies:
+            return BotResponse(status=200, body={"activities": [outgoing]})
+        reply_id = await self._send(activity, outgoing, stream=stream)
+        await self._mark_delivered(activity, reply_id=reply_id)
+        return BotResponse(status=200)
+
+    async def _mark_delivered(self, activity: Activity, *, reply_id: str | None) -> None:
+        try:
+            await self.store.mark_delivered(activity.conversation_id, activity.id,
+                                            reply_id=reply_id)
+        except StoreError as exc:  # the reply went out: a 5xx now would get it sent twice
+            log.warning("reply delivered but not recorded: %s", exc)
 
     async def _redeliver(self, activity: Activity, turn: StoredTurn | None, *,
-                         send: bool) -> BotResponse:
+                         send: bool, stream: ReplyStream | None = None) -> BotResponse:
         """A retry of a committed activity: re-send its stored reply if it never went out.
 
         `send=False` when another instance committed it a moment ago: that instance delivers.
@@ -255,14 +322,23 @@ class ChatBot:
             log.info("duplicate activity acknowledged without a model call")
             return BotResponse(status=200)
         log.info("re-sending the stored reply")
-        return await self._deliver(activity, turn)
+        return await self._deliver(activity, turn, stream=stream)
 
-    async def _reply(self, activity: Activity, outgoing: dict[str, Any]) -> BotResponse:
+    async def _reply(self, activity: Activity, outgoing: dict[str, Any], *,
+                     stream: ReplyStream | None = None) -> BotResponse:
         if activity.expects_replies:
             return BotResponse(status=200, body={"activities": [outgoing]})
-        await self.connector.send(service_url=activity.service_url,
-                                  conversation_id=activity.conversation_id, activity=outgoing)
+        await self._send(activity, outgoing, stream=stream)
         return BotResponse(status=200)
+
+    async def _send(self, activity: Activity, outgoing: dict[str, Any], *,
+                    stream: ReplyStream | None) -> str | None:
+        """Send `outgoing`: as the end of `stream` when one is open, else as a message."""
+        if stream is not None:
+            return await stream.finish(outgoing)
+        return await self.connector.send(service_url=activity.service_url,
+                                         conversation_id=activity.conversation_id,
+                                         activity=outgoing)
 
     async def _send_typing(self, activity: Activity) -> None:
         try:
@@ -271,6 +347,13 @@ class ChatBot:
                                       activity=activity.typing())
         except ConnectorError as exc:
             log.info("typing indicator not sent: %s", exc)
+
+
+def _as_seen(messages: tuple[ChatMessage, ...], stream: ReplyStream | None) -> tuple[ChatMessage, ...]:
+    """The turn as the user saw it: a reply they stopped ends with what they had read."""
+    if stream is None or not stream.canceled or messages[-1].stopped:
+        return messages
+    return (*messages[:-1], replace(messages[-1], content=stream.shown, stopped=True))
 
 
 def _error(error: ChatstateError, reason: str, *, retry_after: int | None = None) -> BotResponse:

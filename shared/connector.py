@@ -78,7 +78,9 @@ class BotConnector:
             raise ConnectorError(f"cannot reach the Bot Connector at {service_url}: "
                                  f"{type(exc).__name__} {exc}") from exc
         if status >= 300:
-            raise ConnectorError(f"the Bot Connector answered {status}")
+            detail = body[:500].decode("utf-8", "replace")
+            raise ConnectorError(f"the Bot Connector answered {status}: {detail}",
+                                 answer=(status, detail))
         try:
             answer = json.loads(body) if body else None
         except ValueError:

@@ -191,8 +191,15 @@ class ContentFiltered(ModelError):
 
 
 class ConnectorError(ChatstateError):
+    """The Bot Connector refused (`answer`: its status and a bounded part of its body) or could not
+    be reached (`answer` None)."""
+
     status = 502
     code = "connector_error"
+
+    def __init__(self, message: str, *, answer: tuple[int, str] | None = None) -> None:
+        super().__init__(message)
+        self.answer = answer
 
 
 def http_status_for(error: BaseException) -> int:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-__all__ = ["ChatMessage", "Role", "StoredTurn", "ToolCall", "Usage", "utc_now"]
+__all__ = ["ChatMessage", "Feedback", "Role", "StoredTurn", "ToolCall", "Usage", "utc_now"]
 
 Role = Literal["system", "user", "assistant", "tool"]
 
@@ -50,6 +50,15 @@ class Usage:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Feedback:
+    """A user's rating of a reply (Teams' like / dislike buttons), with their comment."""
+
+    reaction: Literal["like", "dislike"]
+    text: str = ""
+    at: datetime = field(default_factory=utc_now)
+
+
+@dataclass(frozen=True, kw_only=True)
 class ChatMessage:
     """A message as the model sees it, plus what we keep beside it (activity, time, model, usage)."""
 
@@ -63,6 +72,10 @@ class ChatMessage:
     timestamp: datetime = field(default_factory=utc_now)
     model: str | None = None
     usage: Usage | None = None
+    #: The user stopped this reply while it streamed: `content` is what they had seen.
+    stopped: bool = False
+    #: The user's rating of this reply, if any (the newest replaces the one before).
+    feedback: Feedback | None = None
 
     def to_openai(self) -> dict[str, Any]:
         """The Chat Completions form of this message."""

@@ -7,6 +7,7 @@ or the offline stand-in. This is the only module that sees openai exceptions.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +19,11 @@ from .errors import ContentFiltered, ModelError, ModelRejected, ModelTimeout, Mo
 from .messages import ChatMessage, ToolCall, Usage
 from .settings import ModelProvider, ModelSettings
 
-__all__ = ["AZURE_OPENAI_SCOPE", "ChatModel", "Completion", "build_model"]
+__all__ = ["AZURE_OPENAI_SCOPE", "ChatModel", "Completion", "TextListener", "build_model"]
 
 log = logging.getLogger(__name__)
+#: Called with a streamed reply's text so far.
+TextListener = Callable[[str], Awaitable[None]]
 AZURE_OPENAI_SCOPE = "https://cognitiveservices.azure.com/.default"
 
 
@@ -43,11 +46,19 @@ class ChatModel:
         self._reply_tokens_field = reply_tokens_field
 
     async def complete(self, messages: list[dict[str, Any]], *,
-                       tools: list[dict[str, Any]] | None = None) -> Completion:
-        """One completion; raises a `ModelError` subclass when the call fails for good."""
+                       tools: list[dict[str, Any]] | None = None,
+                       on_text: TextListener | None = None) -> Completion:
+        """One completion; raises a `ModelError` subclass when the call fails for good.
+
+        With `on_text` the model streams: `on_text` gets the reply's text so far after each piece.
+        What it raises ends the call at once (the stream is closed: no more tokens are paid) and
+        reaches the caller as it is.
+        """
         options: dict[str, Any] = {}
         if self._max_reply_tokens:
             options[self._reply_tokens_field] = self._max_reply_tokens
+        if on_text is not None:
+            options.update(stream=True, stream_options={"include_usage": True})
         # Our messages and tools are already in wire format. Passed as `messages=`, the SDK would
         # re-walk every one through its TypedDict transform (the largest CPU cost of a turn, and
         # it grows with the window); in `extra_body` they go out as they are.
@@ -57,6 +68,10 @@ class ChatModel:
         try:
             response = await self.client.chat.completions.create(
                 model=self.model, messages=[], extra_body=wire, **options)
+            if on_text is None:
+                return _completion(response, fallback_model=self.model)
+            async with response:
+                return await _streamed(response, on_text, fallback_model=self.model)
         except openai.APITimeoutError as exc:
             if _refused(exc):
                 raise ModelUnavailable(f"cannot reach the model: {_refused(exc)}") from exc
@@ -67,7 +82,6 @@ class ChatModel:
             raise _status_error(exc) from exc
         except openai.OpenAIError as exc:
             raise ModelError(f"model call failed: {exc}") from exc
-        return _completion(response, fallback_model=self.model)
 
     async def close(self) -> None:
         await self.client.close()
@@ -110,6 +124,38 @@ def _completion(response: Any, *, fallback_model: str) -> Completion:
     model = str(getattr(response, "model", None) or fallback_model)
     message = ChatMessage(role="assistant", content=choice.message.content, tool_calls=calls,
                           model=model, usage=usage)
+    return Completion(message=message, finish_reason=finish_reason, usage=usage, model=model)
+
+
+async def _streamed(stream: Any, on_text: TextListener, *, fallback_model: str) -> Completion:
+    """A streamed completion, assembled: content pieces joined, tool-call pieces by index."""
+    text: list[str] = []
+    calls: dict[int, dict[str, str]] = {}
+    finish_reason, usage, model = "stop", Usage(), fallback_model
+    async for chunk in stream:
+        model = str(getattr(chunk, "model", None) or model)
+        if chunk.usage is not None:
+            usage = Usage(prompt_tokens=chunk.usage.prompt_tokens or 0,
+                          completion_tokens=chunk.usage.completion_tokens or 0)
+        for choice in chunk.choices or ():
+            delta = choice.delta
+            if choice.finish_reason:
+                finish_reason = str(choice.finish_reason)
+            for piece in getattr(delta, "tool_calls", None) or ():
+                call = calls.setdefault(piece.index, {"id": "", "name": "", "arguments": ""})
+                call["id"] = piece.id or call["id"]
+                if piece.function is not None:
+                    call["name"] += piece.function.name or ""
+                    call["arguments"] += piece.function.arguments or ""
+            if getattr(delta, "content", None):
+                text.append(delta.content)
+                await on_text("".join(text))
+    if finish_reason == "content_filter":
+        raise ContentFiltered("the model endpoint's content filter blocked the reply")
+    tool_calls = tuple(ToolCall(id=call["id"], name=call["name"], arguments=call["arguments"] or "{}")
+                       for _, call in sorted(calls.items()))
+    message = ChatMessage(role="assistant", content="".join(text) if text or not tool_calls else None,
+                          tool_calls=tool_calls, model=model, usage=usage)
     return Completion(message=message, finish_reason=finish_reason, usage=usage, model=model)
 
 

@@ -1,7 +1,7 @@
 """The offline stand-in: a local Chat Completions endpoint that needs no model and no network.
 
 It runs behind the real openai SDK as an in-process HTTP transport, so `make run` exercises the same
-code path as a real model. Its replies say plainly where they come from and prove memory works: how
+code path as a real model, streamed or not. Its replies say plainly where they come from and prove memory works: how
 many earlier messages arrived with the prompt and what the user said before.
 """
 
@@ -47,6 +47,9 @@ def _handle(request: httpx2.Request) -> httpx2.Response:
                                                     "/chat/completions", "code": "not_found"}})
     body = json.loads(request.content or b"{}")
     text = offline_reply(body.get("messages", []))
+    if body.get("stream"):
+        return httpx2.Response(200, headers={"Content-Type": "text/event-stream"},
+                               content=_events(text))
     return httpx2.Response(200, json={
         "id": f"chatcmpl-offline-{uuid.uuid4().hex[:12]}",
         "object": "chat.completion",
@@ -56,6 +59,21 @@ def _handle(request: httpx2.Request) -> httpx2.Response:
                      "message": {"role": "assistant", "content": text}}],
         "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
     })
+
+
+def _events(text: str) -> bytes:
+    """`text` as a stream of server-sent events, a few words each, then its usage."""
+    words = text.split(" ")
+    pieces = [" ".join(words[start:start + 4]) for start in range(0, len(words), 4)]
+    base = {"id": f"chatcmpl-offline-{uuid.uuid4().hex[:12]}", "object": "chat.completion.chunk",
+            "created": int(time.time()), "model": "offline-stand-in"}
+    chunks = [{**base, "choices": [{"index": 0, "finish_reason": None,
+                                    "delta": {"content": piece if index == 0 else f" {piece}"}}]}
+              for index, piece in enumerate(pieces)]
+    chunks.append({**base, "choices": [{"index": 0, "finish_reason": "stop", "delta": {}}]})
+    chunks.append({**base, "choices": [], "usage": {"prompt_tokens": 0, "completion_tokens": 0,
+                                                    "total_tokens": 0}})
+    return "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks).encode() + b"data: [DONE]\n\n"
 
 
 def offline_transport() -> httpx2.MockTransport:

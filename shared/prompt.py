@@ -17,19 +17,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import InputTooLong, MessageTooLarge, ModelTimeout, TurnTooLarge
 from .messages import ChatMessage, StoredTurn, ToolCall, Usage
-from .model import ChatModel
+from .model import ChatModel, TextListener
 from .store import MAX_MESSAGE_CHARS, ConversationStore, ConversationWindow, check_turn
 from .tokens import count_message_tokens
 from .tools import Function
 
 __all__ = ["ROUND_LIMIT_REPLY", "TURN_LIMIT_REPLY", "ChatPrompt", "ConversationMemory",
-           "PromptResult", "check_input"]
+           "PromptResult", "ReplyStopped", "ToolListener", "check_input"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,18 @@ ROUND_LIMIT_REPLY = ("Sorry, I needed more steps than I may take for one message
 TURN_LIMIT_REPLY = ("Sorry, this answer needed more tool results than I can keep for one message, "
                     "so I stopped there. Could you ask for less at once?")
 _REPLY_ROOM = "x" * 4_000  # room kept in a turn for its final reply
+#: Called with the tool calls of a round, before they run.
+ToolListener = Callable[[Sequence[ToolCall]], Awaitable[None]]
+
+
+class ReplyStopped(Exception):
+    """Raised by a text listener to end the reply now, with `text` as its content; `stopped`:
+    the user stopped it (the stored reply is marked so)."""
+
+    def __init__(self, text: str, *, stopped: bool = False) -> None:
+        super().__init__("the reply was ended early")
+        self.text = text
+        self.stopped = stopped
 
 
 def check_input(text: str, *, token_budget: int) -> int:
@@ -123,10 +135,14 @@ class ChatPrompt:
         self._tools = [function.spec() for function in self.functions.values()] or None
 
     async def send(self, input: str, *, history: Sequence[ChatMessage] = (),
-                   memory: ConversationMemory | None = None,
-                   instructions: str | None = None) -> PromptResult:
+                   memory: ConversationMemory | None = None, instructions: str | None = None,
+                   on_text: TextListener | None = None,
+                   on_tools: ToolListener | None = None) -> PromptResult:
         """Ask the model after `history` (or `memory`'s window, loaded if need be); run the tools
-        it calls; return the turn without storing anything."""
+        it calls; return the turn without storing anything.
+
+        `on_text`: the model streams, and the listener gets each round's text so far (it may
+        raise `ReplyStopped` to end the reply); `on_tools`: told of each round's tool calls."""
         if memory is not None:
             history = (memory.window or await memory.load(input=input)).messages
         user = ChatMessage(role="user", content=input)
@@ -135,18 +151,25 @@ class ChatPrompt:
             [message.to_openai() for message in history] + [user.to_openai()]
         try:
             async with asyncio.timeout(self.timeout_seconds):
-                turn, usage, model = await self._run(request, user)
+                turn, usage, model = await self._run(request, user, on_text, on_tools)
         except TimeoutError as exc:
             raise ModelTimeout(f"the model took over {self.timeout_seconds:g} s in all") from exc
         return PromptResult(response=turn[-1], messages=tuple(turn), usage=usage, model=model)
 
-    async def _run(self, request: list[dict[str, Any]],
-                   user: ChatMessage) -> tuple[list[ChatMessage], Usage, str]:
+    async def _run(self, request: list[dict[str, Any]], user: ChatMessage,
+                   on_text: TextListener | None,
+                   on_tools: ToolListener | None) -> tuple[list[ChatMessage], Usage, str]:
         conversation = list(request)
         turn: list[ChatMessage] = [user]
         usage, model = Usage(), self.model.model
         for round_number in range(self.max_tool_rounds + 1):
-            completion = await self.model.complete(conversation, tools=self._tools)
+            try:
+                completion = await self.model.complete(conversation, tools=self._tools,
+                                                       on_text=on_text)
+            except ReplyStopped as stop:
+                ended = ChatMessage(role="assistant", content=stop.text, model=model,
+                                    stopped=stop.stopped)
+                return [*turn, ended], usage, model
             usage, model = usage + completion.usage, completion.model
             message = completion.message
             if not message.tool_calls:
@@ -160,6 +183,8 @@ class ChatPrompt:
                 log.warning("the model asked for %d tool calls; more than a turn can keep",
                             len(message.tool_calls))
                 return [*turn, _polite(TURN_LIMIT_REPLY, model)], usage, model
+            if on_tools is not None:
+                await on_tools(message.tool_calls)
             results = await asyncio.gather(*(self._invoke(call) for call in message.tool_calls))
             step = [message, *results]
             if not _fits([*turn, *step]):

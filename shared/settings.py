@@ -116,6 +116,15 @@ SETTINGS: tuple[Setting, ...] = (
             "(http for a listed loopback host, for tests). The default is the public cloud's; "
             "GCC High adds smba.infra.gov.teams.microsoft.us and *.botframework.azure.us, DoD "
             "smba.infra.dod.teams.microsoft.us and *.botframework.azure.us."),
+    Setting(name="CHAT_STREAMING", default="on", deployed=False,
+            description="on or off: stream replies in Teams personal chats (and the Agents "
+            "Playground): the first words show while the model writes."),
+    Setting(name="CHAT_STREAMING_INFORMATIVE", default="Thinking…", deployed=False,
+            description="The informative update a streamed turn shows at once (at most 1,000 "
+            "characters)."),
+    Setting(name="CHAT_FEEDBACK", default="on", deployed=False,
+            description="on or off: show Teams' like/dislike buttons on AI replies and store the "
+            "ratings with the turn."),
     Setting(name="CHAT_TURN_MAX_ATTEMPTS", default="8",
             description="Attempts of one turn when another instance commits first (each re-runs "
             "the prompt after a jittered backoff of up to 1 s)."),
@@ -201,6 +210,9 @@ class Settings:
     bot: BotSettings
     in_azure: bool
     turn_max_attempts: int
+    streaming: bool = True
+    streaming_informative: str = "Thinking…"
+    feedback: bool = True
     #: A proxy variable is set: outbound clients must honour the environment's proxy settings.
     env_proxy: bool = False
     port: int
@@ -240,6 +252,12 @@ class _Reader:
             raise SettingsError(name, f"must be a whole number, got {raw!r}")
         return int(self.number(name, minimum=minimum, maximum=maximum))
 
+    def flag(self, name: str) -> bool:
+        raw = self.required_text(name).lower()
+        if raw not in _FLAGS:
+            raise SettingsError(name, f"must be on or off, got {raw!r}")
+        return _FLAGS[raw]
+
     def url(self, name: str, *, https_only: bool = False) -> str | None:
         value = self.text(name)
         if value is None:
@@ -262,9 +280,24 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         bot=_bot(read, identity),
         in_azure=in_azure,
         turn_max_attempts=read.integer("CHAT_TURN_MAX_ATTEMPTS", minimum=1, maximum=20),
+        streaming=read.flag("CHAT_STREAMING"),
+        streaming_informative=_informative(read),
+        feedback=read.flag("CHAT_FEEDBACK"),
         env_proxy=any(read.given(name) for name in _PROXY_VARIABLES),
         port=read.integer("PORT", minimum=1, maximum=65535),
     )
+
+
+_FLAGS = {"on": True, "true": True, "1": True, "yes": True,
+          "off": False, "false": False, "0": False, "no": False}
+
+
+def _informative(read: _Reader) -> str:
+    text = read.required_text("CHAT_STREAMING_INFORMATIVE")
+    if len(text) > 1_000:
+        raise SettingsError("CHAT_STREAMING_INFORMATIVE", f"holds at most 1,000 characters, got "
+                            f"{len(text):,}")
+    return text
 
 
 #: The standard proxy variables (aiohttp and httpx read them themselves, lower case too).

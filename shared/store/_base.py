@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import BadRequest, MessageTooLarge, TurnTooLarge
-from ..messages import ChatMessage, StoredTurn
+from ..messages import ChatMessage, Feedback, StoredTurn
 from ..tokens import count_message_tokens
 from ._head import Basis
 
@@ -97,9 +97,17 @@ class ConversationStore(ABC):
         _check_conversation_id(conversation_id)
         return await self._get_turn(conversation_id, activity_id)
 
-    async def mark_delivered(self, conversation_id: str, activity_id: str) -> None:
-        """Record that the reply of `activity_id` reached the channel."""
-        await self._mark_delivered(conversation_id, activity_id)
+    async def mark_delivered(self, conversation_id: str, activity_id: str, *,
+                             reply_id: str | None = None) -> None:
+        """Record that the reply of `activity_id` reached the channel (as activity `reply_id`)."""
+        await self._mark_delivered(conversation_id, activity_id, reply_id=reply_id)
+
+    async def rate_reply(self, conversation_id: str, reply_id: str, feedback: Feedback) -> bool:
+        """Keep `feedback` with the reply the channel knows as `reply_id` (replacing an earlier
+        rating); False when no stored turn has that reply."""
+        _check_conversation_id(conversation_id)
+        _check_activity_id(reply_id)
+        return await self._rate_reply(conversation_id, reply_id, feedback)
 
     async def list_messages(self, conversation_id: str) -> list[ChatMessage]:
         """Every visible message of the conversation, oldest first."""
@@ -135,7 +143,11 @@ class ConversationStore(ABC):
     async def _get_turn(self, conversation_id: str, activity_id: str) -> StoredTurn | None: ...
 
     @abstractmethod
-    async def _mark_delivered(self, conversation_id: str, activity_id: str) -> None: ...
+    async def _mark_delivered(self, conversation_id: str, activity_id: str, *,
+                              reply_id: str | None) -> None: ...
+
+    @abstractmethod
+    async def _rate_reply(self, conversation_id: str, reply_id: str, feedback: Feedback) -> bool: ...
 
     @abstractmethod
     async def _list_messages(self, conversation_id: str) -> list[ChatMessage]: ...

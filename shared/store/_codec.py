@@ -20,12 +20,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..keys import encode_key
-from ..messages import ChatMessage, ToolCall, Usage
+from ..messages import ChatMessage, Feedback, ToolCall, Usage
 
 HEAD = "h"
 MESSAGE_PREFIX = "m"
 MESSAGES_END = "n"  # every message row key is below this
 MARKER_PREFIX = "t"
+MARKERS_END = "u"  # every marker row key is below this
 CHUNK_CHARS = 16_000
 _MAX_SEQ = 9_999_999_999_999
 
@@ -75,6 +76,8 @@ def message_entity(pk: str, seq: int, message: ChatMessage, *, tokens: int, turn
     for name in ("tool_call_id", "name", "model"):
         if (value := getattr(message, name)) is not None:
             entity[name] = value
+    if message.stopped:
+        entity["stopped"] = True
     if message.usage is not None:
         entity["prompt_tokens"] = message.usage.prompt_tokens
         entity["completion_tokens"] = message.usage.completion_tokens
@@ -102,4 +105,22 @@ def entity_message(entity: Entity) -> ChatMessage:
         timestamp=timestamp if isinstance(timestamp, datetime) else datetime.now(UTC),
         model=entity.get("model"),
         usage=usage,
+        stopped=bool(entity.get("stopped", False)),
+        feedback=entity_feedback(entity),
     )
+
+
+def feedback_properties(feedback: Feedback) -> Entity:
+    """The properties a rating adds to its reply's message row."""
+    properties: Entity = {"feedback_reaction": feedback.reaction, "feedback_at": feedback.at}
+    put_text(properties, "feedback_text", feedback.text)
+    return properties
+
+
+def entity_feedback(entity: Entity) -> Feedback | None:
+    reaction = entity.get("feedback_reaction")
+    if reaction not in ("like", "dislike"):
+        return None
+    at = entity.get("feedback_at")
+    return Feedback(reaction=reaction, text=get_text(entity, "feedback_text") or "",
+                    at=at if isinstance(at, datetime) else datetime.now(UTC))

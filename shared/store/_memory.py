@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..errors import ConversationConflict, DuplicateActivity
-from ..messages import ChatMessage, StoredTurn
+from ..messages import ChatMessage, Feedback, StoredTurn
 from ..window import WindowBuilder
 from ._base import ConversationStore, ConversationWindow
 
@@ -25,6 +25,7 @@ class _Conversation:
     version: str
     messages: list[tuple[ChatMessage, int]] = field(default_factory=list)
     turns: dict[str, StoredTurn] = field(default_factory=dict)
+    replies: dict[str, str] = field(default_factory=dict)  # reply activity ID → activity ID
 
 
 class InMemoryConversationStore(ConversationStore):
@@ -75,12 +76,24 @@ class InMemoryConversationStore(ConversationStore):
         conversation = self._conversations.get(conversation_id)
         return conversation.turns.get(activity_id) if conversation else None
 
-    async def _mark_delivered(self, conversation_id: str, activity_id: str) -> None:
+    async def _mark_delivered(self, conversation_id: str, activity_id: str, *,
+                              reply_id: str | None) -> None:
         conversation = self._conversations.get(conversation_id)
         if conversation and (turn := conversation.turns.get(activity_id)):
-            conversation.turns[activity_id] = StoredTurn(
-                conversation_id=turn.conversation_id, activity_id=activity_id,
-                messages=turn.messages, delivered=True)
+            conversation.turns[activity_id] = replace(turn, delivered=True)
+            if reply_id is not None:
+                conversation.replies[reply_id] = activity_id
+
+    async def _rate_reply(self, conversation_id: str, reply_id: str, feedback: Feedback) -> bool:
+        conversation = self._conversations.get(conversation_id)
+        activity_id = conversation.replies.get(reply_id) if conversation else None
+        if conversation is None or activity_id is None:
+            return False
+        reply = conversation.turns[activity_id].reply
+        for index, (message, tokens) in enumerate(conversation.messages):
+            if message is reply:
+                conversation.messages[index] = (replace(message, feedback=feedback), tokens)
+        return True
 
     async def _list_messages(self, conversation_id: str) -> list[ChatMessage]:
         conversation = self._conversations.get(conversation_id)

@@ -37,16 +37,18 @@ from ..errors import (
     TurnTooLarge,
 )
 from ..keys import encode_key
-from ..messages import ChatMessage, StoredTurn, utc_now
+from ..messages import ChatMessage, Feedback, StoredTurn, utc_now
 from ..window import WindowBuilder
 from ._base import ConversationStore, ConversationWindow
 from ._codec import (
     HEAD,
     MARKER_PREFIX,
+    MARKERS_END,
     MESSAGE_PREFIX,
     MESSAGES_END,
     Entity,
     entity_message,
+    feedback_properties,
     marker_row_key,
     message_entity,
     message_row_key,
@@ -144,6 +146,12 @@ class TableConversationStore(ConversationStore):
                 await self._table.create_table()
             except ResourceExistsError:
                 pass
+            except HttpResponseError as exc:
+                if exc.status_code != 403:
+                    raise
+                # An identity with a role on the table alone may not create tables: the
+                # deployment made it (infra/), so go on; a missing table would say so next.
+                log.info("may not create tables (403); using %s as it is", self._table.table_name)
         self._table_ready = True
 
     async def _get(self, pk: str, row_key: str) -> TableEntity | None:
@@ -259,9 +267,12 @@ class TableConversationStore(ConversationStore):
         return StoredTurn(conversation_id=conversation_id, activity_id=activity_id,
                           messages=messages, delivered=bool(marker.get("delivered", False)))
 
-    async def _mark_delivered(self, conversation_id: str, activity_id: str) -> None:
-        entity = {"PartitionKey": encode_key(conversation_id),
-                  "RowKey": marker_row_key(activity_id), "delivered": True}
+    async def _mark_delivered(self, conversation_id: str, activity_id: str, *,
+                              reply_id: str | None) -> None:
+        entity: dict[str, Any] = {"PartitionKey": encode_key(conversation_id),
+                                  "RowKey": marker_row_key(activity_id), "delivered": True}
+        if reply_id is not None:
+            entity["reply_id"] = reply_id
         try:
             await self._run("marking a reply delivered", self._table.update_entity, entity,
                             mode=UpdateMode.MERGE)
@@ -269,6 +280,27 @@ class TableConversationStore(ConversationStore):
             if not isinstance(exc.__cause__, ResourceNotFoundError):
                 raise
             log.info("the turn was cleared before its delivery was recorded")
+
+    async def _rate_reply(self, conversation_id: str, reply_id: str, feedback: Feedback) -> bool:
+        return await self._run("rating a reply", self._merge_feedback,  # type: ignore[no-any-return]
+                               encode_key(conversation_id), reply_id, feedback)
+
+    async def _merge_feedback(self, pk: str, reply_id: str, feedback: Feedback) -> bool:
+        """Find the turn by its reply's ID (ratings are rare: a query of the markers, no index
+        written per turn) and merge the rating into the reply's message row."""
+        markers = self._table.query_entities(
+            "PartitionKey eq @pk and RowKey ge @first and RowKey lt @end and reply_id eq @reply",
+            parameters={"pk": pk, "first": MARKER_PREFIX, "end": MARKERS_END, "reply": reply_id},
+            select=["last_seq"])
+        async for marker in markers:
+            row = {"PartitionKey": pk, "RowKey": message_row_key(int(marker["last_seq"])),
+                   **feedback_properties(feedback)}
+            try:
+                await self._table.update_entity(row, mode=UpdateMode.MERGE)
+            except ResourceNotFoundError:
+                return False  # cleared meanwhile
+            return True
+        return False
 
     # -- list, clear -------------------------------------------------------------------------
 

@@ -75,9 +75,10 @@ class Bench:
 
 @contextmanager
 def bench(storage: str, *, auth: bool = True, model_latency: float = 0.0,
-          extra_env: dict[str, str] | None = None) -> Iterator[Bench]:
+          extra_env: dict[str, str] | None = None,
+          model_options: dict[str, Any] | None = None) -> Iterator[Bench]:
     loop = BackgroundLoop()
-    model = FakeModelServer(latency=model_latency)
+    model = FakeModelServer(latency=model_latency, **(model_options or {}))
     certificates = tempfile.TemporaryDirectory()
     certificate = loopback_certificate(Path(certificates.name))
     connector, identity = FakeConnector(), FakeIdentity(certificate=certificate)

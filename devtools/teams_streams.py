@@ -1,0 +1,143 @@
+"""Teams' streaming contract, enforced as the Bot Connector enforces it, for the local stand-in.
+
+From the Teams platform docs ("Stream bot messages"): only in personal chats (conversation IDs
+that start with `a:`), one stream per chat at a time, over within 2 minutes; updates are `typing`
+activities with a `streaminfo` entity (`informative` or `streaming`, `streamSequence` from 1,
+increasing); the first answers 201 with the stream's ID, the others carry it and answer 202;
+streamed text is cumulative; informative text holds at most 1,000 characters; at most one request
+a second, each after the previous one answered (429 otherwise); the final `message` carries
+`streamType: final`, the stream ID and no sequence; nothing after the final. Refusals are 403
+`ContentStreamNotAllowed` with the reason in the message, as Teams words them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Stream", "StreamContract"]
+
+_ids = itertools.count(1)
+MAX_SECONDS = 120.0
+
+
+@dataclass
+class Stream:
+    id: str
+    conversation_id: str
+    started: float
+    sequence: int = 0
+    text: str = ""
+    last_request: float = 0.0
+    finished: bool = False
+    cancel: bool = False
+    updates: list[dict[str, Any]] = field(default_factory=list)
+    #: Seconds between consecutive requests of the stream, as they arrived.
+    gaps: list[float] = field(default_factory=list)
+
+
+class StreamContract:
+    """Checks each streamed activity; `answer()` gives the status and body the connector sends."""
+
+    def __init__(self, *, min_interval: float = 1.0) -> None:
+        self.min_interval = min_interval
+        self.streams: dict[str, Stream] = {}
+        self.violations: list[str] = []
+        self._busy: set[str] = set()
+        self._cancel_after: dict[str, int] = {}
+
+    def cancel(self, conversation_id: str, *, after_updates: int = 0) -> None:
+        """The user presses Stop once the conversation's stream has taken `after_updates`
+        updates: the next one is refused as canceled, and so is everything after it."""
+        self._cancel_after[conversation_id] = after_updates
+
+    def of(self, conversation_id: str) -> list[Stream]:
+        return [s for s in self.streams.values() if s.conversation_id == conversation_id]
+
+    def begin(self, conversation_id: str, activity: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
+        """The answer to a streamed activity, or None if it is not one (an ordinary activity)."""
+        info = next((e for e in activity.get("entities") or [] if isinstance(e, dict)
+                     and e.get("type") == "streaminfo"), None)
+        if info is None:
+            return None
+        now = time.monotonic()
+        if not conversation_id.startswith("a:"):
+            return self._refuse(403, "Content stream is not allowed on this conversation type.")
+        kind = info.get("streamType")
+        stream = self.streams.get(str(info.get("streamId")))
+        if stream is not None:
+            if stream.id in self._busy:
+                return self._refuse(400, "the previous update has not been answered yet")
+            stream.gaps.append(now - stream.last_request)
+            if now - stream.last_request < self.min_interval:
+                stream.last_request = now
+                return 429, {"error": {"code": "TooManyRequests", "message": "Too many requests."}}
+            stream.last_request = now
+            if stream.finished:
+                return self._refuse(403, "Content stream has already completed.")
+            if now - stream.started > MAX_SECONDS:
+                return self._refuse(403, "Content stream exceeded streaming time.")
+            after = self._cancel_after.get(conversation_id)
+            if stream.cancel or (after is not None and len(stream.updates) >= after):
+                self._cancel_after.pop(conversation_id, None)
+                stream.cancel = True
+                return self._refuse(403, "Content stream was cancelled by user.")
+        if kind == "final":
+            return self._final(stream, activity, info)
+        if activity.get("type") != "typing" or kind not in ("informative", "streaming"):
+            return self._refuse(400, "a stream update is a typing activity, informative or streaming")
+        sequence = info.get("streamSequence")
+        if not isinstance(sequence, int):
+            return self._refuse(400, "a stream update needs a streamSequence")
+        text = str(activity.get("text") or "")
+        if kind == "informative" and len(text) > 1_000:
+            return self._refuse(400, "informative text holds at most 1,000 characters")
+        if stream is None:
+            if "streamId" in info:
+                return self._refuse(400, "unknown streamId")
+            if any(not s.finished for s in self.of(conversation_id)):
+                return self._refuse(403, "Content stream is not allowed: another is in progress.")
+            if sequence != 1:
+                return self._refuse(400, "the first update's streamSequence must be 1")
+            stream = Stream(id=f"stream-{next(_ids)}", conversation_id=conversation_id,
+                            started=now, last_request=now)
+            self.streams[stream.id] = stream
+            status = 201
+        else:
+            if sequence <= stream.sequence:
+                return self._refuse(400, "streamSequence must increase")
+            status = 202
+        if kind == "streaming":
+            if not text.startswith(stream.text):
+                return self._refuse(403, "Content stream is not cumulative.")
+            stream.text = text
+        stream.sequence = sequence
+        stream.updates.append(activity)
+        return status, {"id": stream.id}
+
+    def answered(self, stream_id: str | None) -> None:
+        if stream_id is not None:
+            self._busy.discard(stream_id)
+
+    def busy(self, stream_id: str | None) -> None:
+        if stream_id is not None:
+            self._busy.add(stream_id)
+
+    def _final(self, stream: Stream | None, activity: dict[str, Any],
+               info: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if stream is None:
+            return self._refuse(400, "a final message needs the streamId of an open stream")
+        if activity.get("type") != "message":
+            return self._refuse(400, "the final is a message activity")
+        if "streamSequence" in info:
+            return self._refuse(400, "the final message carries no streamSequence")
+        stream.finished = True
+        return 200, {"id": stream.id}
+
+    def _refuse(self, status: int, message: str) -> tuple[int, dict[str, Any]]:
+        if status == 400:
+            self.violations.append(message)
+        code = "ContentStreamNotAllowed" if status == 403 else "BadArgument"
+        return status, {"error": {"code": code, "message": message}}
