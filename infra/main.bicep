@@ -91,6 +91,10 @@ param instanceMemoryMB int = 2048
 @minValue(1)
 @maxValue(1000)
 param maximumInstanceCount int = 100
+@description('Chats one instance serves at once (Flex Consumption HTTP perInstanceConcurrency; the Python default is 1). docs/deploy.md explains 16.')
+@minValue(1)
+@maxValue(1000)
+param httpPerInstanceConcurrency int = 16
 
 var abbrs = loadJsonContent('abbreviations.json')
 var resourceToken = toLower(uniqueString(subscription().id, resourceGroup().id, environmentName, location))
@@ -253,6 +257,7 @@ module api 'app/api.bicep' = {
     appSettings: chatAppSettings
     instanceMemoryMB: instanceMemoryMB
     maximumInstanceCount: maximumInstanceCount
+    httpPerInstanceConcurrency: httpPerInstanceConcurrency
   }
 }
 
