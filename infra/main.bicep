@@ -86,6 +86,10 @@ param chatTurnMaxAttempts int = 8
 param botSku string = 'F0'
 param botDisplayName string = 'chatstate'
 
+// --- network ---
+@description('Private mode: VNet integration, private endpoints for storage and Azure OpenAI, their public network access off (azd: VNET_ENABLED).')
+param vnetEnabled bool = false
+
 @allowed([512, 2048, 4096])
 param instanceMemoryMB int = 2048
 @minValue(1)
@@ -126,6 +130,7 @@ module storage 'app/storage.bicep' = {
     identityPrincipalId: identity.properties.principalId
     userPrincipalId: principalId
     userPrincipalType: principalType
+    vnetEnabled: vnetEnabled
   }
 }
 
@@ -152,6 +157,7 @@ module openAi 'app/openai.bicep' = if (!useExistingOpenAi) {
     deploymentSku: openAiDeploymentSku
     capacity: openAiCapacity
     identityPrincipalId: identity.properties.principalId
+    vnetEnabled: vnetEnabled
   }
 }
 
@@ -161,6 +167,53 @@ module existingOpenAiAccess 'app/openai-access.bicep' = if (useExistingOpenAi &&
   params: {
     accountName: last(existingOpenAiIdParts)
     identityPrincipalId: identity.properties.principalId
+  }
+}
+
+// Private mode: the app joins a virtual network and reaches storage (blob for the host and the
+// package, queue, table for the conversations) and the created Azure OpenAI account through
+// private endpoints; their public network access is off (app/storage.bicep, app/openai.bicep).
+module vnet 'app/vnet.bicep' = if (vnetEnabled) {
+  name: 'vnet'
+  params: {
+    name: '${abbrs.networkVirtualNetworks}${resourceToken}'
+    location: location
+    tags: tags
+  }
+}
+
+// Empty in the public mode (pycep, which check.sh parses with, reads no `[for ...: if (...)]`).
+var storageEndpointServices = vnetEnabled ? [
+  'blob'
+  'queue'
+  'table'
+] : []
+
+module storageEndpoints 'app/private-endpoint.bicep' = [for service in storageEndpointServices: {
+  name: 'pe-storage-${service}'
+  params: {
+    name: '${abbrs.networkPrivateEndpoints}${service}-${resourceToken}'
+    location: location
+    tags: tags
+    serviceId: storage.outputs.id
+    groupId: service
+    dnsZoneName: 'privatelink.${service}.${environment().suffixes.storage}'
+    subnetId: vnet.outputs.privateEndpointSubnetId
+    vnetId: vnet.outputs.id
+  }
+}]
+
+module openAiEndpoint 'app/private-endpoint.bicep' = if (vnetEnabled && !useExistingOpenAi) {
+  name: 'pe-openai'
+  params: {
+    name: '${abbrs.networkPrivateEndpoints}openai-${resourceToken}'
+    location: location
+    tags: tags
+    serviceId: openAi.outputs.id
+    groupId: 'account'
+    dnsZoneName: 'privatelink.openai.azure.com'
+    subnetId: vnet.outputs.privateEndpointSubnetId
+    vnetId: vnet.outputs.id
   }
 }
 
@@ -258,7 +311,13 @@ module api 'app/api.bicep' = {
     instanceMemoryMB: instanceMemoryMB
     maximumInstanceCount: maximumInstanceCount
     httpPerInstanceConcurrency: httpPerInstanceConcurrency
+    virtualNetworkSubnetId: vnetEnabled ? vnet.outputs.appSubnetId : ''
   }
+  // Private mode: storage takes no public traffic, so the host's first start needs the endpoints.
+  dependsOn: [
+    storageEndpoints
+    openAiEndpoint
+  ]
 }
 
 module bot 'app/bot.bicep' = {

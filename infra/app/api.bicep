@@ -21,6 +21,8 @@ param maximumInstanceCount int = 100
 @minValue(1)
 @maxValue(1000)
 param httpPerInstanceConcurrency int
+@description('Subnet (delegated to Microsoft.App/environments) the app joins; empty for none.')
+param virtualNetworkSubnetId string = ''
 
 // Settings of the Functions host and its telemetry (not the app's: see shared/settings.py).
 var hostAppSettings = [
@@ -87,6 +89,9 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
     serverFarmId: plan.id
     httpsOnly: true
     clientCertEnabled: false
+    // Private mode: outbound calls (storage, the model) leave through this subnet and its private
+    // endpoints. Inbound stays public: Bot Framework must reach /api/messages.
+    virtualNetworkSubnetId: empty(virtualNetworkSubnetId) ? null : virtualNetworkSubnetId
     siteConfig: {
       ftpsState: 'Disabled'
       http20Enabled: true

@@ -12,6 +12,8 @@ param identityPrincipalId string
 param userPrincipalId string = ''
 @allowed(['User', 'Group', 'ServicePrincipal'])
 param userPrincipalType string = 'User'
+@description('Private mode: public network access off; the app comes in through private endpoints.')
+param vnetEnabled bool = false
 
 var roles = {
   blobDataOwner: 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b' // Storage Blob Data Owner
@@ -43,12 +45,12 @@ resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
     dnsEndpointType: 'Standard'
     minimumTlsVersion: 'TLS1_2'
     supportsHttpsTrafficOnly: true
-    // Flex Consumption without a virtual network reaches storage over its public endpoint;
-    // Entra ID (no keys) is the gate.
-    publicNetworkAccess: 'Enabled'
+    // Public mode: the app reaches storage over its public endpoint and Entra ID (no keys) is the
+    // gate. Private mode: only the private endpoints in the app's virtual network.
+    publicNetworkAccess: vnetEnabled ? 'Disabled' : 'Enabled'
     networkAcls: {
       bypass: 'AzureServices'
-      defaultAction: 'Allow'
+      defaultAction: vnetEnabled ? 'Deny' : 'Allow'
     }
   }
 }
@@ -142,4 +144,5 @@ output name string = storage.name
 output blobEndpoint string = 'https://${storage.name}.blob.${environment().suffixes.storage}'
 output queueEndpoint string = 'https://${storage.name}.queue.${environment().suffixes.storage}'
 output tableEndpoint string = 'https://${storage.name}.table.${environment().suffixes.storage}'
+output id string = storage.id
 output tableName string = conversationsTable.name
