@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Static checks of the Bicep templates, run from the repo root: `bash infra/check.sh`.
 #   1. every infra/**/*.bicep parses with pycep (pinned, in .venv-infra/);
-#   2. checkov's Bicep checks pass (pinned, in its own .venv-checkov/ so its pins never fight the
-#      app's), except the checks listed with a reason in infra/checkov-skips.yaml.
+#   2. infra/policy.py: our production rules (HTTP concurrency, storage roles on containers and
+#      tables only, the private mode's switch and skips);
+#   3. checkov's Bicep checks pass (pinned, in its own .venv-checkov/ so its pins never fight the
+#      app's) in both network modes, except the checks listed with a reason in
+#      infra/checkov-skips.yaml for that mode. checkov evaluates no Bicep `?:` and passes no
+#      parameter into a module, so each mode is a copy of infra/ with every
+#      `vnetEnabled ? <literal> : <literal>` replaced by that mode's operand (policy.py render).
 # Needs only python3 (3.11) with venv and network access to PyPI. Re-runs reuse both venvs.
 set -euo pipefail
 
@@ -57,29 +62,43 @@ print(f"pycep: {len(sys.argv) - 1 - failed} parsed, {failed} failed")
 sys.exit(1 if failed else 0)
 PY
 
-# --- 2. checkov ----------------------------------------------------------------------------------
+# --- 2. our own rules -----------------------------------------------------------------------------
+"$INFRA_VENV/bin/python" infra/policy.py
+
+# --- 3. checkov, once per network mode -------------------------------------------------------------
 ensure_venv "$CHECKOV_VENV" checkov "$CHECKOV_VERSION"
-# The skip file holds lines "- id: CKV_..." each followed by "reason: ..."; a skip without a
-# reason is an error, so every exception stays explained.
-mapfile -t SKIPS < <("$CHECKOV_VENV/bin/python" - "$SKIP_FILE" <<'PY'
+RENDERED="$(mktemp -d)"
+trap 'rm -rf "$RENDERED"' EXIT
+for mode in public private; do
+  # The skip file holds entries "- id: CKV_..." with a "reason: ..." and optionally
+  # "modes: [public]"; a skip without a reason is an error, so every exception stays explained.
+  mapfile -t SKIPS < <("$CHECKOV_VENV/bin/python" - "$SKIP_FILE" "$mode" <<'PY'
 import sys
 
 import yaml
 
-with open(sys.argv[1], encoding="utf-8") as handle:
+path, mode = sys.argv[1], sys.argv[2]
+with open(path, encoding="utf-8") as handle:
     entries = yaml.safe_load(handle)["skips"]
 for entry in entries:
     if not str(entry.get("reason", "")).strip():
-        sys.exit(f"{sys.argv[1]}: skip {entry.get('id')} has no reason")
-    print(entry["id"])
+        sys.exit(f"{path}: skip {entry.get('id')} has no reason")
+    modes = entry.get("modes", ["public", "private"])
+    if not set(modes) <= {"public", "private"}:
+        sys.exit(f"{path}: skip {entry.get('id')} has unknown modes {modes}")
+    if mode in modes:
+        print(entry["id"])
 PY
-)
-SKIP_ARGS=()
-for check in "${SKIPS[@]}"; do
-  SKIP_ARGS+=(--skip-check "$check")
+  )
+  SKIP_ARGS=()
+  for check in "${SKIPS[@]}"; do
+    SKIP_ARGS+=(--skip-check "$check")
+  done
+  rm -rf "${RENDERED:?}/$mode" && cp -r infra "$RENDERED/$mode"
+  "$INFRA_VENV/bin/python" infra/policy.py render "$RENDERED/$mode" "$mode"
+  echo "checkov $CHECKOV_VERSION, $mode mode: skipping ${#SKIPS[@]} check(s) listed in $SKIP_FILE: ${SKIPS[*]:-none}"
+  # --compact drops the code blocks; --quiet prints failed checks only, then the summary line.
+  "$CHECKOV_VENV/bin/checkov" -d "$RENDERED/$mode" --framework bicep --compact --quiet \
+    --skip-download "${SKIP_ARGS[@]}"
 done
-echo "checkov $CHECKOV_VERSION: skipping ${#SKIPS[@]} check(s) listed in $SKIP_FILE: ${SKIPS[*]:-none}"
-# --compact drops the code blocks; --quiet prints failed checks only, then the summary line.
-"$CHECKOV_VENV/bin/checkov" -d infra --framework bicep --compact --quiet \
-  --skip-download "${SKIP_ARGS[@]}"
 echo "infra/check.sh: all checks passed"

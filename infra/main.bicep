@@ -86,11 +86,19 @@ param chatTurnMaxAttempts int = 8
 param botSku string = 'F0'
 param botDisplayName string = 'chatstate'
 
+// --- network ---
+@description('Private mode: VNet integration, private endpoints for storage and Azure OpenAI, their public network access off (azd: VNET_ENABLED).')
+param vnetEnabled bool = false
+
 @allowed([512, 2048, 4096])
 param instanceMemoryMB int = 2048
 @minValue(1)
 @maxValue(1000)
 param maximumInstanceCount int = 100
+@description('Chats one instance serves at once (Flex Consumption HTTP perInstanceConcurrency; the Python default is 1). docs/deploy.md explains 16.')
+@minValue(1)
+@maxValue(1000)
+param httpPerInstanceConcurrency int = 16
 
 var abbrs = loadJsonContent('abbreviations.json')
 var resourceToken = toLower(uniqueString(subscription().id, resourceGroup().id, environmentName, location))
@@ -122,6 +130,7 @@ module storage 'app/storage.bicep' = {
     identityPrincipalId: identity.properties.principalId
     userPrincipalId: principalId
     userPrincipalType: principalType
+    vnetEnabled: vnetEnabled
   }
 }
 
@@ -148,6 +157,7 @@ module openAi 'app/openai.bicep' = if (!useExistingOpenAi) {
     deploymentSku: openAiDeploymentSku
     capacity: openAiCapacity
     identityPrincipalId: identity.properties.principalId
+    vnetEnabled: vnetEnabled
   }
 }
 
@@ -160,7 +170,54 @@ module existingOpenAiAccess 'app/openai-access.bicep' = if (useExistingOpenAi &&
   }
 }
 
-// Every setting shared/settings.py marks deployed=True; tests/test_infra_drift.py keeps them in step.
+// Private mode: the app joins a virtual network and reaches storage (blob for the host and the
+// package, queue, table for the conversations) and the created Azure OpenAI account through
+// private endpoints; their public network access is off (app/storage.bicep, app/openai.bicep).
+module vnet 'app/vnet.bicep' = if (vnetEnabled) {
+  name: 'vnet'
+  params: {
+    name: '${abbrs.networkVirtualNetworks}${resourceToken}'
+    location: location
+    tags: tags
+  }
+}
+
+// Empty in the public mode (pycep, which check.sh parses with, reads no `[for ...: if (...)]`).
+var storageEndpointServices = vnetEnabled ? [
+  'blob'
+  'queue'
+  'table'
+] : []
+
+module storageEndpoints 'app/private-endpoint.bicep' = [for service in storageEndpointServices: {
+  name: 'pe-storage-${service}'
+  params: {
+    name: '${abbrs.networkPrivateEndpoints}${service}-${resourceToken}'
+    location: location
+    tags: tags
+    serviceId: storage.outputs.id
+    groupId: service
+    dnsZoneName: 'privatelink.${service}.${environment().suffixes.storage}'
+    subnetId: vnet.outputs.privateEndpointSubnetId
+    vnetId: vnet.outputs.id
+  }
+}]
+
+module openAiEndpoint 'app/private-endpoint.bicep' = if (vnetEnabled && !useExistingOpenAi) {
+  name: 'pe-openai'
+  params: {
+    name: '${abbrs.networkPrivateEndpoints}openai-${resourceToken}'
+    location: location
+    tags: tags
+    serviceId: openAi.outputs.id
+    groupId: 'account'
+    dnsZoneName: 'privatelink.openai.azure.com'
+    subnetId: vnet.outputs.privateEndpointSubnetId
+    vnetId: vnet.outputs.id
+  }
+}
+
+// Every setting shared/settings.py marks deployed=True; tests/unit/test_infra_drift.py keeps them in step.
 var chatAppSettings = [
   {
     name: 'CHAT_STORAGE_TABLE_ENDPOINT'
@@ -253,7 +310,14 @@ module api 'app/api.bicep' = {
     appSettings: chatAppSettings
     instanceMemoryMB: instanceMemoryMB
     maximumInstanceCount: maximumInstanceCount
+    httpPerInstanceConcurrency: httpPerInstanceConcurrency
+    virtualNetworkSubnetId: vnetEnabled ? vnet.outputs.appSubnetId : ''
   }
+  // Private mode: storage takes no public traffic, so the host's first start needs the endpoints.
+  dependsOn: [
+    storageEndpoints
+    openAiEndpoint
+  ]
 }
 
 module bot 'app/bot.bicep' = {

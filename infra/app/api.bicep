@@ -17,6 +17,12 @@ param appSettings array
 param pythonVersion string = '3.11'
 param instanceMemoryMB int = 2048
 param maximumInstanceCount int = 100
+@description('Concurrent HTTP invocations one instance takes before the platform adds another.')
+@minValue(1)
+@maxValue(1000)
+param httpPerInstanceConcurrency int
+@description('Subnet (delegated to Microsoft.App/environments) the app joins; empty for none.')
+param virtualNetworkSubnetId string = ''
 
 // Settings of the Functions host and its telemetry (not the app's: see shared/settings.py).
 var hostAppSettings = [
@@ -83,6 +89,9 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
     serverFarmId: plan.id
     httpsOnly: true
     clientCertEnabled: false
+    // Private mode: outbound calls (storage, the model) leave through this subnet and its private
+    // endpoints. Inbound stays public: Bot Framework must reach /api/messages.
+    virtualNetworkSubnetId: empty(virtualNetworkSubnetId) ? null : virtualNetworkSubnetId
     siteConfig: {
       ftpsState: 'Disabled'
       http20Enabled: true
@@ -104,6 +113,13 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
       scaleAndConcurrency: {
         instanceMemoryMB: instanceMemoryMB
         maximumInstanceCount: maximumInstanceCount
+        // Python apps default to 1 here: one chat per instance, the async worker idle while the
+        // model answers. docs/deploy.md explains the default main.bicep passes.
+        triggers: {
+          http: {
+            perInstanceConcurrency: httpPerInstanceConcurrency
+          }
+        }
       }
       runtime: {
         name: 'python'

@@ -9,6 +9,8 @@ param modelVersion string
 param deploymentSku string
 param capacity int
 param identityPrincipalId string
+@description('Private mode: public network access off; the app calls the model through a private endpoint.')
+param vnetEnabled bool = false
 
 var openAiUser = '5e0bd9bd-7b93-4f28-af87-19fc36ad61bd' // Cognitive Services OpenAI User
 
@@ -26,11 +28,11 @@ resource account 'Microsoft.CognitiveServices/accounts@2024-10-01' = {
   properties: {
     customSubDomainName: name
     disableLocalAuth: true
-    // The Flex Consumption app has no virtual network here, so it calls the public endpoint;
-    // Entra ID (no keys) is the gate.
-    publicNetworkAccess: 'Enabled'
+    // Public mode: the app calls the public endpoint and Entra ID (no keys) is the gate. Private
+    // mode: only the private endpoint in the app's virtual network.
+    publicNetworkAccess: vnetEnabled ? 'Disabled' : 'Enabled'
     networkAcls: {
-      defaultAction: 'Allow'
+      defaultAction: vnetEnabled ? 'Deny' : 'Allow'
     }
   }
 }
@@ -61,5 +63,6 @@ resource openAiUserRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   }
 }
 
+output id string = account.id
 output endpoint string = account.properties.endpoint
 output deploymentName string = deployment.name

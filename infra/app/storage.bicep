@@ -1,5 +1,6 @@
-// Storage for the app: the Functions host (blobs, queues), the Flex Consumption deployment
-// package container, and the conversations table. Entra ID only: shared keys are off.
+// Storage for the app: the Functions host (blobs), the Flex Consumption deployment package
+// container, and the conversations table. Entra ID only: shared keys are off. Each data role sits
+// on the one container or table it is for (docs/deploy.md has the table; infra/policy.py checks).
 param name string
 param location string
 param tags object
@@ -11,16 +12,19 @@ param identityPrincipalId string
 param userPrincipalId string = ''
 @allowed(['User', 'Group', 'ServicePrincipal'])
 param userPrincipalType string = 'User'
+@description('Private mode: public network access off; the app comes in through private endpoints.')
+param vnetEnabled bool = false
 
 var roles = {
   blobDataOwner: 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b' // Storage Blob Data Owner
-  queueDataContributor: '974c5e8b-45b9-4653-ba55-5f855dd0fb88' // Storage Queue Data Contributor
   tableDataContributor: '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3' // Storage Table Data Contributor
 }
-var identityRoles = [
-  roles.blobDataOwner
-  roles.queueDataContributor
-  roles.tableDataContributor
+// The containers the Functions host writes through AzureWebJobsStorage: azure-webjobs-hosts holds
+// its host lock, timer schedules and timer leases (one run per occurrence across instances),
+// azure-webjobs-secrets its function keys. Declared here so each can be a role's scope.
+var hostContainerNames = [
+  'azure-webjobs-hosts'
+  'azure-webjobs-secrets'
 ]
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
@@ -41,12 +45,12 @@ resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
     dnsEndpointType: 'Standard'
     minimumTlsVersion: 'TLS1_2'
     supportsHttpsTrafficOnly: true
-    // Flex Consumption without a virtual network reaches storage over its public endpoint;
-    // Entra ID (no keys) is the gate.
-    publicNetworkAccess: 'Enabled'
+    // Public mode: the app reaches storage over its public endpoint and Entra ID (no keys) is the
+    // gate. Private mode: only the private endpoints in the app's virtual network.
+    publicNetworkAccess: vnetEnabled ? 'Disabled' : 'Enabled'
     networkAcls: {
       bypass: 'AzureServices'
-      defaultAction: 'Allow'
+      defaultAction: vnetEnabled ? 'Deny' : 'Allow'
     }
   }
 }
@@ -74,6 +78,14 @@ resource deploymentContainer 'Microsoft.Storage/storageAccounts/blobServices/con
   }
 }
 
+resource hostContainers 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' = [for containerName in hostContainerNames: {
+  parent: blobService
+  name: containerName
+  properties: {
+    publicAccess: 'None'
+  }
+}]
+
 resource tableService 'Microsoft.Storage/storageAccounts/tableServices@2023-05-01' = {
   parent: storage
   name: 'default'
@@ -84,19 +96,43 @@ resource conversationsTable 'Microsoft.Storage/storageAccounts/tableServices/tab
   name: tableName
 }
 
-resource identityRoleAssignments 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for roleId in identityRoles: {
-  name: guid(storage.id, identityPrincipalId, roleId)
-  scope: storage
+// The platform writes the deployment package here with the app's identity and the host reads it.
+resource deploymentBlobRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(deploymentContainer.id, identityPrincipalId, roles.blobDataOwner)
+  scope: deploymentContainer
   properties: {
     principalId: identityPrincipalId
     principalType: 'ServicePrincipal'
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleId)
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.blobDataOwner)
+  }
+}
+
+// The host's own blobs (AzureWebJobsStorage): Storage Blob Data Owner is the role the Functions
+// docs name for the host and for timer triggers, here on its two containers only.
+resource hostBlobRoles 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for (containerName, i) in hostContainerNames: {
+  name: guid(hostContainers[i].id, identityPrincipalId, roles.blobDataOwner)
+  scope: hostContainers[i]
+  properties: {
+    principalId: identityPrincipalId
+    principalType: 'ServicePrincipal'
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.blobDataOwner)
   }
 }]
 
+// The app's conversations (CHAT_TABLE_NAME), and nothing else in table storage.
+resource appTableRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(conversationsTable.id, identityPrincipalId, roles.tableDataContributor)
+  scope: conversationsTable
+  properties: {
+    principalId: identityPrincipalId
+    principalType: 'ServicePrincipal'
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.tableDataContributor)
+  }
+}
+
 resource userTableRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(userPrincipalId)) {
-  name: guid(storage.id, userPrincipalId, roles.tableDataContributor)
-  scope: storage
+  name: guid(conversationsTable.id, userPrincipalId, roles.tableDataContributor)
+  scope: conversationsTable
   properties: {
     principalId: userPrincipalId
     principalType: userPrincipalType
@@ -108,4 +144,5 @@ output name string = storage.name
 output blobEndpoint string = 'https://${storage.name}.blob.${environment().suffixes.storage}'
 output queueEndpoint string = 'https://${storage.name}.queue.${environment().suffixes.storage}'
 output tableEndpoint string = 'https://${storage.name}.table.${environment().suffixes.storage}'
+output id string = storage.id
 output tableName string = conversationsTable.name
