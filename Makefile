@@ -6,6 +6,7 @@ PYTHON ?= $(shell for p in python3.13 $$HOME/.pyenv/versions/3.13*/bin/python3.1
 	&& { echo "$$p"; break; }; done)
 VENV := .venv
 PY := $(VENV)/bin/python
+DEV_HOST := $(addprefix devtools/,host.py functions_host.py worker.py rpc.py routes.py http_exchange.py timers.py ncrontab.py)
 
 .PHONY: help deps run chat playground test unit lint infra-check bench clean
 
@@ -41,6 +42,7 @@ playground: deps
 lint: deps
 	$(VENV)/bin/ruff check shared devtools tests benchmarks function_app.py
 	$(VENV)/bin/mypy shared
+	$(VENV)/bin/mypy --strict $(DEV_HOST)
 
 unit: deps
 	$(PY) -m devtools.azurite -- $(PY) -m pytest -q $(PYTEST_ARGS)

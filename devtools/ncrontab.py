@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 
 _MONTHS = {name.lower(): number for number, name in enumerate(calendar.month_abbr) if name}
 _DAYS = {"sun": 0, "mon": 1, "tue": 2, "wed": 3, "thu": 4, "fri": 5, "sat": 6}
-_FIELDS = (  # name, lowest, highest, names
+_FIELDS: tuple[tuple[str, int, int, dict[str, int]], ...] = (  # name, lowest, highest, names
     ("second", 0, 59, {}), ("minute", 0, 59, {}), ("hour", 0, 23, {}),
     ("day", 1, 31, {}), ("month", 1, 12, _MONTHS), ("day-of-week", 0, 6, _DAYS))
 _TIMESPAN = re.compile(r"^\d+(\.\d+)?:\d{2}:\d{2}$|^\d{2}:\d{2}:\d{2}$")

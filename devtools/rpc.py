@@ -12,7 +12,7 @@ Only the messages and fields the pinned runtime touches are here.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 
 class Message:
@@ -29,6 +29,9 @@ class Message:
             if value is None:
                 value = default() if callable(default) else default
             setattr(self, name, value)
+
+    if TYPE_CHECKING:  # fields are set from FIELDS at run time
+        def __getattr__(self, name: str) -> Any: ...
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.FIELDS

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import azure_functions_runtime as library
+import azure_functions_runtime as library  # type: ignore[import-untyped]
 
 from devtools import rpc
 
