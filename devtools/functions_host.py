@@ -152,7 +152,9 @@ class FunctionsHost:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                timers = asyncio.create_task(self.timers.run_forever()) if self.timers.timers else None
+                if self.timers.timers:
+                    timers = asyncio.create_task(self.timers.run_forever())
+                    timers.add_done_callback(_report_stop)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if timers is not None:
@@ -164,6 +166,11 @@ class FunctionsHost:
                 self.worker.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _report_stop(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the timer loop stopped: %r", task.exception())
 
 
 def not_loopback(scope: Scope) -> str:
