@@ -1,7 +1,12 @@
 # chatstate: `make run` serves the bot locally, `make test` runs every test.
-PYTHON ?= python3
+# Python 3.13: `python3.13` on PATH if it runs (a pyenv shim with no version selected does not),
+# else an installed pyenv 3.13, else the usual install places. `make PYTHON=/path/to/python3.13` wins.
+PYTHON ?= $(shell for p in python3.13 $$HOME/.pyenv/versions/3.13*/bin/python3.13 /usr/local/bin/python3.13 \
+	/usr/bin/python3.13; do "$$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 13))' >/dev/null 2>&1 \
+	&& { echo "$$p"; break; }; done)
 VENV := .venv
 PY := $(VENV)/bin/python
+DEV_HOST := $(addprefix devtools/,host.py functions_host.py worker.py rpc.py routes.py http_exchange.py timers.py ncrontab.py)
 
 .PHONY: help deps run chat playground test unit pytest lint infra-check bench clean
 
@@ -16,7 +21,9 @@ help:
 deps: $(VENV)/.installed node_modules/.installed
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -n "$(PYTHON)" || { echo "error: Python 3.13 not found (install it, or make PYTHON=/path/to/python3.13)" >&2; exit 1; }
+	@$(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 13))' 2>/dev/null || \
+		{ rm -rf $(VENV) && echo "creating $(VENV) with $(PYTHON)" && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
@@ -36,6 +43,7 @@ playground: deps
 lint: deps
 	$(VENV)/bin/ruff check shared devtools tests benchmarks function_app.py
 	$(VENV)/bin/mypy shared
+	$(VENV)/bin/mypy --strict $(DEV_HOST)
 
 # Test tiers, by folder: tests/unit (no I/O), tests/integration (Azurite and local stand-ins),
 # tests/e2e (the app over HTTP through the dev host).

@@ -1,9 +1,9 @@
 """The webhook end to end: POST /api/messages over real HTTP, the real function app, Azurite.
 
-The worker is `devtools.host` (the real `function_app` on uvicorn, what `make run` serves) in its
-own process, with auth off, so replies go to a local Bot Connector stand-in (`FakeConnector`); the
-model is the local OpenAI-compatible `FakeModelServer`. Both stand-ins and the load generator run
-in this process's event loop. Phases:
+The worker is `devtools.host` (the real `function_app` through the pinned Functions Python worker
+library on uvicorn, what `make run` serves) in its own process, with auth off, so replies go to a
+local Bot Connector stand-in (`FakeConnector`); the model is the local OpenAI-compatible
+`FakeModelServer`. Both stand-ins and the load generator run in this process's event loop. Phases:
 
 overhead     one turn at a time, alternating between conversations holding 10 and 5,000 stored
              messages (seeded with the store into the worker's table: a fresh 10-message one per

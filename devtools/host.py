@@ -1,35 +1,38 @@
-"""The local dev host: serves a `FunctionApp`'s HTTP functions on uvicorn, as `func start` would.
+"""The local dev host: serves a function app as `func start` would, through the Python worker's own code.
 
-It reads the app's own trigger declarations (routes, methods) and host.json's route prefix, builds
-`azure.functions.HttpRequest` objects and calls the very functions Azure calls, so the code under
-test is the code that runs in Azure. Function keys are not enforced, as with `func start`.
+It drives the pinned azure-functions-runtime in-process (`devtools.worker`): the app is imported and
+indexed with the worker's validation (a binding mistake stops the start, naming the function), each
+request becomes the worker's data by the host's rules and then `func.HttpRequest` through
+`azure.functions`' own converter, and the response comes back the same way. Timer functions run on
+their NCRONTAB schedules and through `POST /admin/functions/{name}`. Function keys are not checked,
+as with `func start`, so key routes answer only loopback requests. docs/devhost.md has the details.
 
-    python -m devtools.host [--port 7071] [--app function_app]
+    python -m devtools.host [--port 7071] [--app-dir .]      (PYTHON_SCRIPT_FILE_NAME picks the file)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
-import inspect
 import json
 import logging
+import os
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import azure.functions as func
 import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
+
+from devtools.functions_host import FunctionsHost
+from devtools.timers import TimerSetupError, timer_functions
+from devtools.worker import IndexingError, Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("devtools.host")
+
+
+class StartupError(RuntimeError):
+    """The app cannot be served; the message says why and names the function."""
 
 
 def route_prefix(host_json: Path = ROOT / "host.json") -> str:
@@ -41,66 +44,58 @@ def route_prefix(host_json: Path = ROOT / "host.json") -> str:
     return str(prefix).strip("/")
 
 
-def http_routes(app: func.FunctionApp, *, prefix: str) -> list[Route]:
-    routes = []
-    for function in app.get_functions():
-        trigger = function.get_trigger()
-        if trigger is None or trigger.get_binding_name() != "httpTrigger":
-            continue
-        route = getattr(trigger, "route", None) or function.get_function_name()
-        path = "/" + "/".join(part for part in (prefix, route.strip("/")) if part)
-        methods = [str(getattr(m, "value", m)) for m in (getattr(trigger, "methods", None) or [])]
-        routes.append(Route(path, _endpoint(function.get_user_function()),
-                            methods=methods or ["GET", "POST"]))
-    return routes
+async def build_host(app_directory: Path = ROOT) -> FunctionsHost:
+    """Index the app in `app_directory` through the worker; `StartupError` when it cannot be served.
 
+    Call it on the loop that will serve: the app is imported here, and its clients may bind to it.
+    """
+    worker = Worker(app_directory=app_directory)
+    try:
+        functions = await worker.start()
+        timers = timer_functions(functions, environ=os.environ)
+    except (IndexingError, TimerSetupError) as exc:
+        worker.close()
+        raise StartupError(str(exc)) from exc
+    script = Path(os.environ.get("PYTHON_SCRIPT_FILE_NAME", "function_app.py")).stem
+    module = sys.modules.get(script)
 
-def _endpoint(user_function: Any) -> Any:
-    async def endpoint(request: Request) -> Response:
-        http_request = func.HttpRequest(
-            method=request.method, url=str(request.url), headers=dict(request.headers),
-            params=dict(request.query_params), route_params=dict(request.path_params),
-            body=await request.body())
-        if inspect.iscoroutinefunction(user_function):
-            result = await user_function(http_request)
-        else:
-            result = await asyncio.to_thread(user_function, http_request)
-        return Response(content=result.get_body(), status_code=result.status_code,
-                        headers=dict(result.headers), media_type=result.mimetype)
-    return endpoint
-
-
-def build_asgi(module_name: str = "function_app") -> Starlette:
-    sys.path.insert(0, str(ROOT))
-    module = importlib.import_module(module_name)
-    app: func.FunctionApp = module.app
-    runtime = getattr(module, "runtime", None)
-
-    @asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        yield
-        if runtime is not None:
+    async def close_app() -> None:
+        runtime: Any = getattr(module, "runtime", None)  # chatstate's app keeps its clients there
+        if runtime is not None and hasattr(runtime, "close"):
             await runtime.close()
 
-    routes = http_routes(app, prefix=route_prefix())
-    for route in routes:
-        log.info("  %-7s %s", ",".join(sorted(route.methods or [])), route.path)
-    return Starlette(routes=routes, lifespan=lifespan)
+    host = FunctionsHost(worker=worker, prefix=route_prefix(app_directory / "host.json"), timers=timers,
+                         on_shutdown=close_app)
+    for line in host.describe():
+        log.info(line)
+    return host
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=None)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--app", default="function_app")
+    parser.add_argument("--app-dir", type=Path, default=ROOT, help="the function app's folder")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("azure.functions").setLevel(logging.WARNING)  # the worker's per-call debug lines
     from shared.settings import load_settings
 
     port = args.port or load_settings().port
-    asgi = build_asgi(args.app)
-    uvicorn.run(asgi, host=args.host, port=port, log_level="warning", access_log=False)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        try:
+            host = loop.run_until_complete(build_host(args.app_dir))
+        except StartupError as exc:
+            log.error("the function app cannot start: %s", exc)
+            raise SystemExit(1) from None
+        server = uvicorn.Server(uvicorn.Config(host, host=args.host, port=port, log_level="warning",
+                                               access_log=False, lifespan="on"))
+        loop.run_until_complete(server.serve())
+    finally:
+        loop.close()
 
 
 if __name__ == "__main__":
@@ -111,11 +106,15 @@ class DevHostProcess:
     """The dev host in a child process (what `make run` serves), for tests and benchmarks."""
 
     def __init__(self, *, env: dict[str, str], port: int | None = None,
-                 log_path: Path | None = None, module: str = "devtools.host") -> None:
-        """`module` is run as `python -m module --port N` (a wrapper of this host may stand in)."""
+                 log_path: Path | None = None, module: str = "devtools.host",
+                 app_dir: Path | None = None, health_path: str = "/api/health") -> None:
+        """`module` is run as `python -m module --port N` (a wrapper of this host may stand in);
+        `app_dir` serves another function app (tests' own apps); `health_path` answers when up."""
         from devtools.azurite import free_port
 
         self.module = module
+        self.app_dir = app_dir
+        self.health_path = health_path
         self.port = port or free_port()
         self.env = env
         self.log_path = log_path or Path(f"/tmp/chatstate-devhost-{self.port}.log")
@@ -140,17 +139,18 @@ class DevHostProcess:
         env.update(self.env)
         self._log = self.log_path.open("wb")
         self._process = subprocess.Popen(
-            [sys.executable, "-m", self.module, "--port", str(self.port)], cwd=ROOT, env=env,
+            [sys.executable, "-m", self.module, "--port", str(self.port),
+             *(["--app-dir", str(self.app_dir)] if self.app_dir else [])], cwd=ROOT, env=env,
             stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 raise RuntimeError(f"the dev host exited: {self.log_path.read_text()[-2000:]}")
             try:
-                urllib.request.urlopen(f"{self.url}/api/health", timeout=1).close()
+                urllib.request.urlopen(f"{self.url}{self.health_path}", timeout=1).close()
                 return self
             except OSError as exc:
-                if getattr(exc, "code", None) == 503:
+                if getattr(exc, "code", None) in (404, 503):
                     return self
                 time.sleep(0.1)
         raise TimeoutError(f"the dev host did not answer: {self.log_path.read_text()[-2000:]}")

@@ -1,13 +1,13 @@
 """`make run`: serve the bot locally on PORT (default 7071), with everything it needs.
 
 Starts Azurite (data kept in .azurite/) unless one already answers on 127.0.0.1:10002 or
-CHAT_STORAGE_CONNECTION_STRING points elsewhere; then `func start` if Azure Functions Core Tools are
-installed, else the project's dev host (the same FunctionApp on uvicorn). Ctrl-C stops what it started.
+CHAT_STORAGE_CONNECTION_STRING points elsewhere; then the project's dev host (`devtools.host`: the
+app run by the pinned Functions Python worker library, with the Functions host's HTTP rules and
+timers). A binding mistake stops it at start, naming the function. Ctrl-C stops what it started.
 """
 
 from __future__ import annotations
 
-import shutil
 import signal
 import socket
 import subprocess
@@ -66,13 +66,8 @@ def main() -> int:
     else:
         print("storage: CHAT_STORAGE_* points elsewhere; not starting Azurite")
     port = settings.port
-    func = shutil.which("func")
-    if func:
-        command = [func, "start", "--port", str(port)]
-        print("host: Azure Functions Core Tools (func start)")
-    else:
-        command = [sys.executable, "-m", "devtools.host", "--port", str(port)]
-        print("host: the project's dev host (Azure Functions Core Tools are not installed)")
+    command = [sys.executable, "-m", "devtools.host", "--port", str(port)]
+    print(f"host: the project's dev host on Python {sys.version.split()[0]} (docs/devhost.md)")
     model = settings.model
     print(f"model: {model.model} ({model.provider.value})"
           + ("  <- offline stand-in: set OPENAI_API_KEY, OPENAI_BASE_URL or AZURE_OPENAI_ENDPOINT"

@@ -14,7 +14,7 @@ param deploymentContainerName string
 param applicationInsightsConnectionString string
 @description('The app\'s own settings, as [{ name, value }], added to the host settings below.')
 param appSettings array
-param pythonVersion string = '3.11'
+param pythonVersion string = '3.13'
 param instanceMemoryMB int = 2048
 param maximumInstanceCount int = 100
 @description('Concurrent HTTP invocations one instance takes before the platform adds another.')

@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import quote
 
 import pytest
 
@@ -84,10 +85,26 @@ def test_reset_clears_the_conversation_and_confirms(channel: Bench) -> None:
 def test_the_api_clears_a_conversation(channel: Bench) -> None:
     conversation = new_conversation()
     channel.post(channel.message("hello", conversation_id=conversation))
-    from urllib.parse import quote
-
     response = channel.http.delete(f"{channel.host.url}/api/conversations/{quote(conversation, safe='')}")
     assert response.status_code == 204 and channel.history(conversation) == []
+
+
+def test_the_operator_routes_refuse_a_request_through_a_tunnel(channel: Bench) -> None:
+    # GIVEN a stored conversation, and requests whose Host is a tunnel's, not this machine
+    conversation = new_conversation()
+    assert channel.post(channel.message("keep me", conversation_id=conversation)).status_code == 200
+    path = f"{channel.host.url}/api/conversations/{quote(conversation, safe='')}"
+    tunnel = {"Host": "chatbot.devtunnels.ms"}
+    # WHEN the function-key routes are called through it
+    listed = channel.http.get(f"{path}/messages", headers=tunnel)
+    cleared = channel.http.delete(path, headers=tunnel)
+    # THEN both get 401 with a reason (the dev host checks no keys), and nothing was cleared
+    assert (listed.status_code, cleared.status_code) == (401, 401)
+    assert "function key" in listed.json()["reason"]
+    assert channel.history(conversation)[0]["content"] == "keep me"
+    # AND the messaging endpoint (anonymous; its JWT is its guard) still answers through the tunnel
+    activity = channel.message("through the tunnel", conversation_id=conversation)
+    assert channel.post(activity, headers=tunnel).status_code == 200
 
 
 def test_a_duplicate_after_delivery_spends_one_model_call_and_sends_one_reply(channel: Bench) -> None:
