@@ -18,7 +18,7 @@ import pytest
 
 from devtools.host import DevHostProcess
 
-APPS = Path(__file__).parent / "apps"
+APPS = Path(__file__).parents[1] / "apps"
 
 
 @pytest.fixture(scope="module")
