@@ -101,5 +101,6 @@ def _message_json(message: ChatMessage) -> dict[str, Any]:
         shown["model"] = message.model
     if message.usage:
         shown["usage"] = {"promptTokens": message.usage.prompt_tokens,
-                          "completionTokens": message.usage.completion_tokens}
+                          "completionTokens": message.usage.completion_tokens,
+                          "cachedTokens": message.usage.cached_tokens}
     return shown

@@ -105,8 +105,10 @@ def _completion(response: Any, *, fallback_model: str) -> Completion:
     raw_calls = choice.message.tool_calls or []
     calls = tuple(ToolCall(id=call.id, name=call.function.name,
                            arguments=call.function.arguments or "{}") for call in raw_calls)
+    details = getattr(response.usage, "prompt_tokens_details", None)
     usage = Usage(prompt_tokens=getattr(response.usage, "prompt_tokens", 0) or 0,
-                  completion_tokens=getattr(response.usage, "completion_tokens", 0) or 0)
+                  completion_tokens=getattr(response.usage, "completion_tokens", 0) or 0,
+                  cached_tokens=getattr(details, "cached_tokens", 0) or 0)
     model = str(getattr(response, "model", None) or fallback_model)
     message = ChatMessage(role="assistant", content=choice.message.content, tool_calls=calls,
                           model=model, usage=usage)
