@@ -83,7 +83,7 @@ param chatTurnMaxAttempts int = 8
 @allowed(['on', 'off'])
 param chatSummary string = 'on'
 @minValue(64)
-@maxValue(100000)
+@maxValue(5000)
 param chatSummaryTokenBudget int = 1000
 
 // --- bot and hosting ---

@@ -351,7 +351,7 @@ def _summary(read: _Reader, model: ModelSettings) -> SummarySettings:
     return SummarySettings(
         enabled=switch == "on",
         model=read.text("CHAT_SUMMARY_MODEL") or model.model,
-        token_budget=read.integer("CHAT_SUMMARY_TOKEN_BUDGET", minimum=64, maximum=100_000),
+        token_budget=read.integer("CHAT_SUMMARY_TOKEN_BUDGET", minimum=64, maximum=5_000),
     )
 
 

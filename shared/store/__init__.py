@@ -6,6 +6,7 @@ from ._base import (
     MAX_TURN_MESSAGES,
     ConversationStore,
     ConversationWindow,
+    FoldJob,
     check_turn,
 )
 from ._memory import InMemoryConversationStore
@@ -17,6 +18,7 @@ __all__ = [
     "MAX_TURN_MESSAGES",
     "ConversationStore",
     "ConversationWindow",
+    "FoldJob",
     "InMemoryConversationStore",
     "TableConversationStore",
     "check_turn",
