@@ -41,7 +41,8 @@ from .logs import turn_context
 from .messages import StoredTurn
 from .prompt import TURN_LIMIT_REPLY, ChatPrompt, check_input
 from .settings import Settings
-from .store import ConversationStore
+from .store import ConversationStore, ConversationWindow
+from .summary import Summarizer
 
 __all__ = ["BotResponse", "ChatBot"]
 
@@ -84,7 +85,9 @@ class _KeyedLocks:
 class ChatBot:
     def __init__(self, *, settings: Settings, store: ConversationStore, prompt: ChatPrompt,
                  connector: BotConnector, authenticator: BotAuthenticator,
+                 summarizer: Summarizer | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        """`summarizer`: prepares rolling summaries after replies (None: no summaries)."""
         self.settings = settings
         self.store = store
         self.prompt = prompt
@@ -93,6 +96,11 @@ class ChatBot:
         self._sleep = sleep
         self._locks = _KeyedLocks()
         self._in_flight: set[tuple[str, str]] = set()
+        self.summarizer = summarizer
+        #: Work started after a reply went out, by activity: `handle` waits for it before it
+        #: returns (not with expectReplies, where the response is the delivery).
+        self._after_reply: dict[tuple[str, str], asyncio.Task[bool]] = {}
+        self._background: set[asyncio.Task[bool]] = set()
 
     # -- the webhook -----------------------------------------------------------------------
 
@@ -154,7 +162,10 @@ class ChatBot:
                     await self.store.clear(activity.conversation_id)
                     log.info("cleared the conversation on /reset")
                     return await self._reply(activity, activity.reply(RESET_DONE, ai=False))
-                return await self._answer(activity, text)
+                response = await self._answer(activity, text)
+            if (work := self._after_reply.pop(key, None)) is not None:
+                await work  # the reply is out; the next turn of this conversation is not held
+            return response
         finally:
             self._in_flight.discard(key)
 
@@ -199,7 +210,8 @@ class ChatBot:
                 if typing is None and not activity.expects_replies:
                     typing = asyncio.create_task(self._send_typing(activity))
                 try:
-                    result = await self.prompt.send(text, history=window.messages)
+                    result = await self.prompt.send(text, history=window.messages,
+                                                    summary=window.summary, speaker=activity.speaker)
                 except ModelError as exc:
                     log.warning("model failed (%s): %s", type(exc).__name__, exc)
                     return await self._reply(activity, activity.reply(APOLOGY, ai=False))
@@ -221,7 +233,9 @@ class ChatBot:
                          "ms=%.1f", attempt + 1, window.rows_read, len(window.messages),
                          result.model, result.usage.total_tokens,
                          (time.perf_counter() - started) * 1000)
-                return await self._deliver(activity, turn)
+                response = await self._deliver(activity, turn)
+                self._start_after_reply(activity, window)
+                return response
         finally:
             if typing is not None:
                 await asyncio.gather(typing, return_exceptions=True)
@@ -229,6 +243,16 @@ class ChatBot:
         return BotResponse(status=503, body={"error": "conversation_busy",
                                              "reason": "other turns kept committing first"},
                            headers={"Retry-After": "1"})
+
+    def _start_after_reply(self, activity: Activity, window: ConversationWindow) -> None:
+        """Prepare the summary a later turn will need, now that the reply is delivered."""
+        if self.summarizer is None or not window.summary_due:
+            return
+        work = asyncio.create_task(self.summarizer.after_turn(window))
+        self._background.add(work)
+        work.add_done_callback(self._background.discard)
+        if not activity.expects_replies:  # with expectReplies it runs after the response
+            self._after_reply[(activity.conversation_id, activity.id)] = work
 
     # -- replies ----------------------------------------------------------------------------
 

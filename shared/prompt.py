@@ -10,6 +10,9 @@ turns in one ETag-guarded transaction. Together they read like the Teams SDK's p
     result = await prompt.send("hi", memory=memory)
     print(result.response.content)
     await memory.commit(result, activity_id=activity_id)   # or: ConversationConflict → re-run
+
+With a rolling summary (`shared/summary.py`), the request is: instructions, the summary of what
+left the window (its own system message), the window, the new message.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 from .errors import InputTooLong, MessageTooLarge, ModelTimeout, TurnTooLarge
 from .messages import ChatMessage, StoredTurn, ToolCall, Usage
 from .model import ChatModel
+from .speakers import SpeakerStyle, wire_message
 from .store import MAX_MESSAGE_CHARS, ConversationStore, ConversationWindow, check_turn
 from .tokens import count_message_tokens
 from .tools import Function
@@ -38,6 +42,8 @@ ROUND_LIMIT_REPLY = ("Sorry, I needed more steps than I may take for one message
 TURN_LIMIT_REPLY = ("Sorry, this answer needed more tool results than I can keep for one message, "
                     "so I stopped there. Could you ask for less at once?")
 _REPLY_ROOM = "x" * 4_000  # room kept in a turn for its final reply
+#: How the summary reaches the model: a system message after the instructions.
+SUMMARY_HEADING = "Summary of the earlier conversation (those messages are no longer shown):\n"
 
 
 def check_input(text: str, *, token_budget: int) -> int:
@@ -78,6 +84,11 @@ class ConversationMemory:
             max_messages=self.max_messages, activity_id=activity_id)
         return self.window
 
+    @property
+    def summary(self) -> str | None:
+        """The rolling summary of what came before the loaded window (None: none, or not loaded)."""
+        return self.window.summary if self.window is not None else None
+
     async def get_all(self) -> list[ChatMessage]:
         window = self.window or await self.load()
         return list(window.messages)
@@ -109,8 +120,12 @@ class PromptResult:
 class ChatPrompt:
     def __init__(self, model: ChatModel, *, functions: Sequence[Function] = (),
                  instructions: str | None = None, max_tool_rounds: int = 5,
-                 tool_timeout_seconds: float = 10.0, timeout_seconds: float = 60.0) -> None:
+                 tool_timeout_seconds: float = 10.0, timeout_seconds: float = 60.0,
+                 speaker_style: SpeakerStyle = "name") -> None:
+        """`speaker_style`: how a group chat's speaker is sent, `name` (OpenAI, Azure OpenAI) or
+        a `prefix` of the text (other compatible servers)."""
         self.model = model
+        self.speaker_style: SpeakerStyle = speaker_style
         self.instructions = instructions
         self.functions: dict[str, Function] = {}
         self.max_tool_rounds = max_tool_rounds
@@ -123,16 +138,19 @@ class ChatPrompt:
         self._tools = [function.spec() for function in self.functions.values()] or None
 
     async def send(self, input: str, *, history: Sequence[ChatMessage] = (),
-                   memory: ConversationMemory | None = None,
-                   instructions: str | None = None) -> PromptResult:
-        """Ask the model after `history` (or `memory`'s window, loaded if need be); run the tools
-        it calls; return the turn without storing anything."""
+                   memory: ConversationMemory | None = None, instructions: str | None = None,
+                   summary: str | None = None, speaker: str | None = None) -> PromptResult:
+        """Ask the model after `summary` and `history` (or `memory`'s, loaded if need be); run
+        the tools it calls; return the turn without storing anything. `speaker`: who wrote
+        `input`, in a group chat (stored with it and sent as `speaker_style` says)."""
         if memory is not None:
-            history = (memory.window or await memory.load(input=input)).messages
-        user = ChatMessage(role="user", content=input)
+            window = memory.window or await memory.load(input=input)
+            history, summary = window.messages, window.summary
+        user = ChatMessage(role="user", content=input, name=speaker)
         system = instructions if instructions is not None else self.instructions
         request = ([{"role": "system", "content": system}] if system else []) + \
-            [message.to_openai() for message in history] + [user.to_openai()]
+            ([{"role": "system", "content": SUMMARY_HEADING + summary}] if summary else []) + \
+            [wire_message(message, style=self.speaker_style) for message in [*history, user]]
         try:
             async with asyncio.timeout(self.timeout_seconds):
                 turn, usage, model = await self._run(request, user)

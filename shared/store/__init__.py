@@ -9,6 +9,7 @@ from ._base import (
     FoldJob,
     check_turn,
 )
+from ._head import SUMMARY_MAX_CHARS
 from ._memory import InMemoryConversationStore
 from ._table import TableConversationStore
 
@@ -16,6 +17,7 @@ __all__ = [
     "MAX_MESSAGE_CHARS",
     "MAX_TURN_BYTES",
     "MAX_TURN_MESSAGES",
+    "SUMMARY_MAX_CHARS",
     "ConversationStore",
     "ConversationWindow",
     "FoldJob",
