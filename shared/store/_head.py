@@ -8,6 +8,9 @@ The head (row key `h`) is what a turn reads and what its commit replaces, under 
     recent            the newest activities committed: [{"a": id, "f": first seq, "l": last seq}]
     cache, cache_from a JSON copy of the newest whole turns (message rows as stored, oldest first),
                       covering sequence numbers `cache_from` to `last_seq`
+    epoch             made when the head is created: a conversation cleared and begun again has
+                      a new one (its sequence numbers start again), so a summary prepared
+                      before cannot land in it
     start             the window's start: every visible message before it is covered by `summary`
     summary           the rolling summary of the messages before `start` (none: nothing before it)
     pending, pending_from, pending_to
@@ -28,6 +31,7 @@ and at most `COPY_MAX_CHARS` of JSON; a window it cannot settle is read from the
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -73,6 +77,7 @@ class Head:
     #: The newest whole turns as message rows, oldest first; None: no copy (an older version's head).
     copy: tuple[Entity, ...] | None = None
     copy_from: int = 1
+    epoch: str = ""
     #: The window's start; 0: not recorded yet (a new conversation, or an older version's head).
     start: int = 0
     summary: str | None = None
@@ -108,6 +113,7 @@ class Head:
                          for item in json.loads(entity.get("recent", "[]"))),
             copy=copy,
             copy_from=int(entity.get("cache_from", 1)),
+            epoch=str(entity.get("epoch", "")),
             start=int(entity.get("start", 0)),
             summary=get_text(entity, "summary"),
             pending=get_text(entity, "pending"),
@@ -130,6 +136,8 @@ class Head:
         if self.copy is not None:
             entity["cache_from"] = self.copy_from
             put_text(entity, "cache", _copy_text(self.copy))
+        if self.epoch:
+            entity["epoch"] = self.epoch
         if self.start:
             entity["start"] = self.start
         put_text(entity, "summary", self.summary)
@@ -179,7 +187,8 @@ class Head:
             recent = recent[1:]  # the marker rows still catch older duplicates
         copy, copy_from = _next_copy(self, basis, list(rows), token_budget=token_budget,
                                      max_messages=max_messages)
-        head = replace(self, last_seq=last, recent=recent, copy=copy, copy_from=copy_from)
+        head = replace(self, last_seq=last, recent=recent, copy=copy, copy_from=copy_from,
+                       epoch=self.epoch or uuid.uuid4().hex[:16])
         if basis.step and (start := self.ready_step()) is not None:
             # The step: the prepared summary becomes current as the start moves past what it covers.
             return replace(head, start=start, summary=self.pending, pending=None, pending_from=0,

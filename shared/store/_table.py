@@ -353,8 +353,8 @@ class TableConversationStore(ConversationStore):
         pk = encode_key(job.conversation_id)
         head: Head | None = job.head
         for _ in range(3):  # a turn committed meanwhile: the job may still hold for its head
-            if head is None or head.window_start != job.start or head.ready_step() is not None \
-                    or head.cleared_seq != job.head.cleared_seq:
+            if head is None or head.epoch != job.head.epoch or head.window_start != job.start \
+                    or head.ready_step() is not None or head.cleared_seq != job.head.cleared_seq:
                 return False
             pending = head.with_pending(summary, start=job.start, to=job.to)
             try:
