@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -124,7 +125,7 @@ async def test_the_window_steps_rarely_and_the_summary_changes_only_at_steps(cha
     requests = [(await chat.turn())[1] for _ in range(60)]
     # WHEN consecutive requests are compared
     steps = 0
-    for before, after in zip(requests, requests[1:], strict=False):
+    for before, after in itertools.pairwise(requests):
         stepped = bool(history_of(before)) and history_of(before)[:1] != history_of(after)[:1]
         # THEN the summary changes exactly when the window's start moves
         assert (summary_of(before) != summary_of(after)) == stepped
