@@ -2,7 +2,7 @@
 
 POST /api/messages                                   the Bot Framework messaging endpoint
 GET  /api/health                                     200 when storage answers, 503 when not
-GET  /api/conversations/{conversation_id}/messages   the stored history, oldest first
+GET  /api/conversations/{conversation_id}/messages   the stored history, oldest first, and summary
 DELETE /api/conversations/{conversation_id}          forget a conversation
 """
 
@@ -67,9 +67,10 @@ async def conversation_messages(req: func.HttpRequest) -> func.HttpResponse:
     conversation_id = req.route_params["conversation_id"]
     try:
         messages = await runtime.store.list_messages(conversation_id)
+        summary = await runtime.store.get_summary(conversation_id)
     except ChatstateError as exc:
         return _failed(exc)
-    return _json({"conversationId": conversation_id,
+    return _json({"conversationId": conversation_id, "summary": summary,
                   "messages": [_message_json(message) for message in messages]})
 
 
@@ -97,6 +98,8 @@ def _message_json(message: ChatMessage) -> dict[str, Any]:
         shown["toolCalls"] = [call.to_openai() for call in message.tool_calls]
     if message.tool_call_id:
         shown["toolCallId"] = message.tool_call_id
+    if message.name and message.role == "user":
+        shown["speaker"] = message.name
     if message.model:
         shown["model"] = message.model
     if message.stopped:
@@ -106,5 +109,6 @@ def _message_json(message: ChatMessage) -> dict[str, Any]:
                              "at": message.feedback.at.isoformat()}
     if message.usage:
         shown["usage"] = {"promptTokens": message.usage.prompt_tokens,
-                          "completionTokens": message.usage.completion_tokens}
+                          "completionTokens": message.usage.completion_tokens,
+                          "cachedTokens": message.usage.cached_tokens}
     return shown

@@ -22,6 +22,7 @@ from .common import RESULTS, merge_results, storage
 BENCHMARKS: tuple[str, ...] = (
     "store",
     "webhook",
+    "long_chat",
 )
 
 Benchmark = Callable[[str], Awaitable[dict[str, Any]]]

@@ -5,6 +5,9 @@ request, can be scripted (a queue of replies, statuses, tool calls, delays) and 
 with a reply that names the newest user message and how many messages it received. Asked to
 stream, it sends server-sent events word by word (`first_token_after`, `word_interval`) and counts
 the words a client read before it hung up (`streamed_words`, `hung_up`).
+
+Its usage reports `cached_tokens` as OpenAI's prompt cache would: the longest prefix the prompt
+shares with an earlier one (`PrefixCache`), counted from 1,024 tokens in blocks of 128.
 """
 
 from __future__ import annotations
@@ -21,10 +24,48 @@ from typing import Any
 from aiohttp import web
 
 from devtools.local_server import LocalServer
+from shared.tokens import count_text_tokens
 
-__all__ = ["FakeModelServer", "Scripted", "default_reply", "tool_call"]
+__all__ = ["FakeModelServer", "PrefixCache", "Scripted", "default_reply", "tool_call"]
 
 _ids = itertools.count(1)
+#: OpenAI caches prompts from 1,024 tokens on, and reports hits in blocks of 128 tokens.
+CACHE_MIN_TOKENS = 1_024
+CACHE_BLOCK_TOKENS = 128
+
+
+class PrefixCache:
+    """A provider's prompt cache: which prefix of a prompt was seen before (the newest `size`)."""
+
+    def __init__(self, *, size: int = 64) -> None:
+        self._seen: deque[str] = deque(maxlen=size)
+
+    def lookup(self, prompt: str) -> tuple[int, int]:
+        """(prompt tokens, cached tokens) of `prompt`; then remember it."""
+        shared = max((_common_prefix(prompt, earlier) for earlier in self._seen), default=0)
+        self._seen.append(prompt)
+        total = count_text_tokens(prompt)
+        cached = count_text_tokens(prompt[:shared])
+        cached = cached // CACHE_BLOCK_TOKENS * CACHE_BLOCK_TOKENS if cached >= CACHE_MIN_TOKENS else 0
+        return total, min(cached, total)
+
+
+def prompt_text(body: dict[str, Any]) -> str:
+    """A request's prompt as the cache sees it: tools, then messages, in one canonical text."""
+    return json.dumps([body.get("tools"), body.get("messages", [])], ensure_ascii=False,
+                      separators=(",", ":"))
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """Length of the longest common prefix (binary search over slice comparisons, done in C)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 @dataclass
@@ -64,6 +105,9 @@ class FakeModelServer(LocalServer):
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self.paths: list[str] = []
+        #: The usage reported for each answered request, in order.
+        self.usages: list[dict[str, Any]] = []
+        self.cache = PrefixCache()
         super().__init__()
 
     @property
@@ -94,23 +138,29 @@ class FakeModelServer(LocalServer):
             error = answer.error or {"message": f"scripted {answer.status}", "type": "server_error",
                                      "code": None}
             return web.json_response({"error": error}, status=answer.status, headers=answer.headers)
-        if body.get("stream"):
-            return await self._stream(request, body, answer)
         message: dict[str, Any] = {"role": "assistant", "content": None}
         if answer.tool_calls:
             message["tool_calls"] = answer.tool_calls
         else:
             message["content"] = answer.content if answer.content is not None else self.reply(body)
+        prompt_tokens, cached = self.cache.lookup(prompt_text(body))
+        completion_tokens = count_text_tokens(message["content"]) + 7
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens,
+                 "prompt_tokens_details": {"cached_tokens": cached}}
+        self.usages.append(usage)
+        if body.get("stream"):
+            return await self._stream(request, body, answer, text=message["content"], usage=usage)
         return web.json_response({
             "id": f"chatcmpl-{next(_ids)}", "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model", "fake-model"),
             "choices": [{"index": 0, "message": message,
                          "finish_reason": "tool_calls" if answer.tool_calls else "stop"}],
-            "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+            "usage": usage,
         })
 
-    async def _stream(self, request: web.Request, body: dict[str, Any],
-                      answer: Scripted) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, body: dict[str, Any], answer: Scripted, *,
+                      text: str | None, usage: dict[str, Any]) -> web.StreamResponse:
         """The answer as server-sent events: content word by word, tool calls in two pieces each."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
@@ -137,17 +187,15 @@ class FakeModelServer(LocalServer):
                                                  "function": {"arguments": arguments[half:]}}]})
                 await event({}, "tool_calls")
             else:
-                text = answer.content if answer.content is not None else self.reply(body)
-                for index, word in enumerate(text.split(" ")):
+                for index, word in enumerate((text or "").split(" ")):
                     if index and self.word_interval:
                         await asyncio.sleep(self.word_interval)
                     await event({"content": word if index == 0 else f" {word}"})
                     self.streamed_words += 1
                 await event({}, "stop")
             if (body.get("stream_options") or {}).get("include_usage"):
-                await response.write(("data: " + json.dumps({**base, "choices": [], "usage": {
-                    "prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}}) +
-                    "\n\n").encode())
+                await response.write(("data: " + json.dumps({**base, "choices": [], "usage": usage}) +
+                                      "\n\n").encode())
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):

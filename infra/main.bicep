@@ -80,6 +80,11 @@ param chatToolTimeoutSeconds string = '10'
 @minValue(1)
 @maxValue(20)
 param chatTurnMaxAttempts int = 8
+@allowed(['on', 'off'])
+param chatSummary string = 'on'
+@minValue(64)
+@maxValue(5000)
+param chatSummaryTokenBudget int = 1000
 
 // --- bot and hosting ---
 @allowed(['F0', 'S1'])
@@ -274,6 +279,14 @@ var chatAppSettings = [
   {
     name: 'CHAT_TOOL_TIMEOUT_SECONDS'
     value: chatToolTimeoutSeconds
+  }
+  {
+    name: 'CHAT_SUMMARY'
+    value: chatSummary
+  }
+  {
+    name: 'CHAT_SUMMARY_TOKEN_BUDGET'
+    value: string(chatSummaryTokenBudget)
   }
   {
     name: 'CLIENT_ID'

@@ -113,6 +113,23 @@ class Activity:
         names.discard("")
         return texts, names
 
+    @property
+    def in_group(self) -> bool:
+        """A group chat or a channel: several people talk to the bot in one conversation."""
+        conversation = self.raw.get("conversation")
+        if not isinstance(conversation, dict):
+            return False
+        return conversation.get("isGroup") is True or \
+            conversation.get("conversationType") in ("groupChat", "channel")
+
+    @property
+    def speaker(self) -> str | None:
+        """Who sent the message, by display name, in a group chat (None in a one-to-one chat)."""
+        name = self.sender.get("name")
+        if not self.in_group or not isinstance(name, str):
+            return None
+        return name.strip() or None
+
     def members_added(self) -> list[dict[str, Any]]:
         members = self.raw.get("membersAdded")
         return [m for m in members if isinstance(m, dict)] if isinstance(members, list) else []

@@ -42,8 +42,9 @@ from .logs import turn_context
 from .messages import ChatMessage, StoredTurn, ToolCall
 from .prompt import TURN_LIMIT_REPLY, ChatPrompt, ToolListener, check_input
 from .settings import Settings
-from .store import ConversationStore
+from .store import ConversationStore, ConversationWindow
 from .streaming import ReplyStream
+from .summary import Summarizer
 
 __all__ = ["BotResponse", "ChatBot"]
 
@@ -86,7 +87,9 @@ class _KeyedLocks:
 class ChatBot:
     def __init__(self, *, settings: Settings, store: ConversationStore, prompt: ChatPrompt,
                  connector: BotConnector, authenticator: BotAuthenticator,
+                 summarizer: Summarizer | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        """`summarizer`: prepares rolling summaries after replies (None: no summaries)."""
         self.settings = settings
         self.store = store
         self.prompt = prompt
@@ -95,6 +98,11 @@ class ChatBot:
         self._sleep = sleep
         self._locks = _KeyedLocks()
         self._in_flight: set[tuple[str, str]] = set()
+        self.summarizer = summarizer
+        #: Work started after a reply went out, by activity: `handle` waits for it before it
+        #: returns (not with expectReplies, where the response is the delivery).
+        self._after_reply: dict[tuple[str, str], asyncio.Task[bool]] = {}
+        self._background: set[asyncio.Task[bool]] = set()
 
     # -- the webhook -----------------------------------------------------------------------
 
@@ -158,7 +166,10 @@ class ChatBot:
                     await self.store.clear(activity.conversation_id)
                     log.info("cleared the conversation on /reset")
                     return await self._reply(activity, activity.reply(RESET_DONE, ai=False))
-                return await self._answer(activity, text)
+                response = await self._answer(activity, text)
+            if (work := self._after_reply.pop(key, None)) is not None:
+                await work  # the reply is out; the next turn of this conversation is not held
+            return response
         finally:
             self._in_flight.discard(key)
 
@@ -208,8 +219,8 @@ class ChatBot:
                 if messages is None:
                     try:
                         result = await self.prompt.send(
-                            text, history=window.messages,
-                            on_text=stream.on_text if stream else None,
+                            text, history=window.messages, summary=window.summary,
+                            speaker=activity.speaker, on_text=stream.on_text if stream else None,
                             on_tools=self._tools_listener(stream))
                     except ModelError as exc:
                         log.warning("model failed (%s): %s", type(exc).__name__, exc)
@@ -238,7 +249,9 @@ class ChatBot:
                 log.info("turn committed attempts=%d rows_read=%d window=%d streamed=%s ms=%.1f",
                          attempt + 1, window.rows_read, len(window.messages),
                          bool(stream and stream.shown), (time.perf_counter() - started) * 1000)
-                return await self._deliver(activity, turn, stream=stream)
+                response = await self._deliver(activity, turn, stream=stream)
+                self._start_after_reply(activity, window)
+                return response
         finally:
             if typing is not None:
                 await asyncio.gather(typing, return_exceptions=True)
@@ -286,6 +299,16 @@ class ChatBot:
         else:
             log.info("feedback %s stored for reply %r", feedback.reaction, reply_id[:100])
         return BotResponse(status=200, body={})
+
+    def _start_after_reply(self, activity: Activity, window: ConversationWindow) -> None:
+        """Prepare the summary a later turn will need, now that the reply is delivered."""
+        if self.summarizer is None or not window.summary_due:
+            return
+        work = asyncio.create_task(self.summarizer.after_turn(window))
+        self._background.add(work)
+        work.add_done_callback(self._background.discard)
+        if not activity.expects_replies:  # with expectReplies it runs after the response
+            self._after_reply[(activity.conversation_id, activity.id)] = work
 
     # -- replies ----------------------------------------------------------------------------
 

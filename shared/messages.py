@@ -39,6 +39,8 @@ class ToolCall:
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: Of `prompt_tokens`, those the provider served from its prompt cache (a repeated prefix).
+    cached_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -46,7 +48,8 @@ class Usage:
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(prompt_tokens=self.prompt_tokens + other.prompt_tokens,
-                     completion_tokens=self.completion_tokens + other.completion_tokens)
+                     completion_tokens=self.completion_tokens + other.completion_tokens,
+                     cached_tokens=self.cached_tokens + other.cached_tokens)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,7 +69,8 @@ class ChatMessage:
     content: str | None = None
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None
-    #: For tool messages: the tool's name (kept for the log and the history endpoint).
+    #: Tool messages: the tool's name (kept for the log and the history endpoint). User messages:
+    #: the speaker's display name, set in group chats only (the prompt sends it; `speakers.py`).
     name: str | None = None
     activity_id: str | None = None
     timestamp: datetime = field(default_factory=utc_now)

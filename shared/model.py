@@ -109,6 +109,14 @@ def _status_error(exc: openai.APIStatusError) -> ModelError:
     return ModelRejected(f"the model answered {exc.status_code}: {exc.message}")
 
 
+def _usage(raw: Any) -> Usage:
+    """Tokens paid, with the provider's prompt-cache hits (`prompt_tokens_details.cached_tokens`)."""
+    details = getattr(raw, "prompt_tokens_details", None)
+    return Usage(prompt_tokens=getattr(raw, "prompt_tokens", 0) or 0,
+                 completion_tokens=getattr(raw, "completion_tokens", 0) or 0,
+                 cached_tokens=getattr(details, "cached_tokens", 0) or 0)
+
+
 def _completion(response: Any, *, fallback_model: str) -> Completion:
     if not getattr(response, "choices", None):
         raise ModelError("the model answered with no choices")
@@ -119,8 +127,7 @@ def _completion(response: Any, *, fallback_model: str) -> Completion:
     raw_calls = choice.message.tool_calls or []
     calls = tuple(ToolCall(id=call.id, name=call.function.name,
                            arguments=call.function.arguments or "{}") for call in raw_calls)
-    usage = Usage(prompt_tokens=getattr(response.usage, "prompt_tokens", 0) or 0,
-                  completion_tokens=getattr(response.usage, "completion_tokens", 0) or 0)
+    usage = _usage(response.usage)
     model = str(getattr(response, "model", None) or fallback_model)
     message = ChatMessage(role="assistant", content=choice.message.content, tool_calls=calls,
                           model=model, usage=usage)
@@ -135,8 +142,7 @@ async def _streamed(stream: Any, on_text: TextListener, *, fallback_model: str) 
     async for chunk in stream:
         model = str(getattr(chunk, "model", None) or model)
         if chunk.usage is not None:
-            usage = Usage(prompt_tokens=chunk.usage.prompt_tokens or 0,
-                          completion_tokens=chunk.usage.completion_tokens or 0)
+            usage = _usage(chunk.usage)
         for choice in chunk.choices or ():
             delta = choice.delta
             if choice.finish_reason:

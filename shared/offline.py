@@ -1,8 +1,10 @@
 """The offline stand-in: a local Chat Completions endpoint that needs no model and no network.
 
 It runs behind the real openai SDK as an in-process HTTP transport, so `make run` exercises the same
-code path as a real model, streamed or not. Its replies say plainly where they come from and prove memory works: how
-many earlier messages arrived with the prompt and what the user said before.
+code path as a real model, streamed or not. Its replies say plainly where they come from and prove
+memory works: how many earlier messages arrived with the prompt, what the user said before, and
+the rolling summary. Asked for a summary (`shared/summary.py`), it writes one by quoting what
+users said.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ from typing import Any
 
 import httpx2
 
-__all__ = ["offline_reply", "offline_transport"]
+from .summary import SUMMARY_INSTRUCTIONS
+
+__all__ = ["offline_reply", "offline_summary", "offline_transport"]
 
 PREFIX = "[offline stand-in: no model is configured]"
+_SUMMARY_CHARS = 1_200
 
 
 def _quote(text: str, limit: int = 80) -> str:
@@ -24,8 +29,24 @@ def _quote(text: str, limit: int = 80) -> str:
     return f"“{text[:limit]}…”" if len(text) > limit else f"“{text}”"
 
 
+def offline_summary(messages: list[dict[str, Any]]) -> str:
+    """The stand-in's summary: the summary so far, then what each user said, quoted, cut short."""
+    request = str(messages[-1].get("content") or "")
+    previous, _, transcript = request.partition("\n\nNew messages:\n")
+    previous = previous.removeprefix("Summary so far:\n").strip()
+    quotes = [f"{'you' if who == 'user' else who} said {_quote(text, 60)}" for who, _, text in
+              (line.partition(": ") for line in transcript.splitlines())
+              if who and not who.startswith(("assistant", "(tool"))]
+    summary = " ".join(part for part in ("" if previous == "(none yet)" else previous,
+                                          "; ".join(quotes) + "." if quotes else "") if part)
+    if len(summary) > _SUMMARY_CHARS:  # keep the oldest and the newest, as a real one might
+        summary = summary[:_SUMMARY_CHARS // 3] + " … " + summary[-2 * _SUMMARY_CHARS // 3:]
+    return summary or "Nothing worth keeping was said."
+
+
 def offline_reply(messages: list[dict[str, Any]]) -> str:
     """The stand-in's answer to a Chat Completions `messages` list."""
+    summaries = [str(m.get("content") or "") for m in messages[1:2] if m.get("role") == "system"]
     history = [m for m in messages if m.get("role") != "system"]
     said = [str(m.get("content") or "") for m in history if m.get("role") == "user"]
     latest = said[-1] if said else ""
@@ -37,6 +58,9 @@ def offline_reply(messages: list[dict[str, Any]]) -> str:
         parts.append(f"I received {earlier} earlier message{'s' if earlier != 1 else ''} with it.")
         if len(said) > 1:
             parts.append(f"Before this you said {_quote(said[-2])}.")
+    if summaries:
+        summary = summaries[0].split("\n", 1)[-1]
+        parts.append(f"I also have a summary of what came before: {_quote(summary, 160)}")
     parts.append("Set OPENAI_API_KEY, OPENAI_BASE_URL or AZURE_OPENAI_ENDPOINT for real answers.")
     return " ".join(parts)
 
@@ -46,7 +70,10 @@ def _handle(request: httpx2.Request) -> httpx2.Response:
         return httpx2.Response(404, json={"error": {"message": "the offline stand-in serves only "
                                                     "/chat/completions", "code": "not_found"}})
     body = json.loads(request.content or b"{}")
-    text = offline_reply(body.get("messages", []))
+    messages = body.get("messages", [])
+    asked_for_summary = bool(messages) and str(messages[0].get("content") or "").startswith(
+        SUMMARY_INSTRUCTIONS[:60])
+    text = offline_summary(messages) if asked_for_summary else offline_reply(messages)
     if body.get("stream"):
         return httpx2.Response(200, headers={"Content-Type": "text/event-stream"},
                                content=_events(text))

@@ -10,6 +10,9 @@ turns in one ETag-guarded transaction. Together they read like the Teams SDK's p
     result = await prompt.send("hi", memory=memory)
     print(result.response.content)
     await memory.commit(result, activity_id=activity_id)   # or: ConversationConflict → re-run
+
+With a rolling summary (`shared/summary.py`), the request is: instructions, the summary of what
+left the window (its own system message), the window, the new message.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 from .errors import InputTooLong, MessageTooLarge, ModelTimeout, TurnTooLarge
 from .messages import ChatMessage, StoredTurn, ToolCall, Usage
 from .model import ChatModel, TextListener
+from .speakers import SpeakerStyle, wire_message
 from .store import MAX_MESSAGE_CHARS, ConversationStore, ConversationWindow, check_turn
 from .tokens import count_message_tokens
 from .tools import Function
@@ -50,6 +54,9 @@ class ReplyStopped(Exception):
         super().__init__("the reply was ended early")
         self.text = text
         self.stopped = stopped
+
+#: How the summary reaches the model: a system message after the instructions.
+SUMMARY_HEADING = "Summary of the earlier conversation (those messages are no longer shown):\n"
 
 
 def check_input(text: str, *, token_budget: int) -> int:
@@ -90,6 +97,11 @@ class ConversationMemory:
             max_messages=self.max_messages, activity_id=activity_id)
         return self.window
 
+    @property
+    def summary(self) -> str | None:
+        """The rolling summary of what came before the loaded window (None: none, or not loaded)."""
+        return self.window.summary if self.window is not None else None
+
     async def get_all(self) -> list[ChatMessage]:
         window = self.window or await self.load()
         return list(window.messages)
@@ -121,8 +133,12 @@ class PromptResult:
 class ChatPrompt:
     def __init__(self, model: ChatModel, *, functions: Sequence[Function] = (),
                  instructions: str | None = None, max_tool_rounds: int = 5,
-                 tool_timeout_seconds: float = 10.0, timeout_seconds: float = 60.0) -> None:
+                 tool_timeout_seconds: float = 10.0, timeout_seconds: float = 60.0,
+                 speaker_style: SpeakerStyle = "name") -> None:
+        """`speaker_style`: how a group chat's speaker is sent, `name` (OpenAI, Azure OpenAI) or
+        a `prefix` of the text (other compatible servers)."""
         self.model = model
+        self.speaker_style: SpeakerStyle = speaker_style
         self.instructions = instructions
         self.functions: dict[str, Function] = {}
         self.max_tool_rounds = max_tool_rounds
@@ -136,19 +152,23 @@ class ChatPrompt:
 
     async def send(self, input: str, *, history: Sequence[ChatMessage] = (),
                    memory: ConversationMemory | None = None, instructions: str | None = None,
+                   summary: str | None = None, speaker: str | None = None,
                    on_text: TextListener | None = None,
                    on_tools: ToolListener | None = None) -> PromptResult:
-        """Ask the model after `history` (or `memory`'s window, loaded if need be); run the tools
-        it calls; return the turn without storing anything.
+        """Ask the model after `summary` and `history` (or `memory`'s, loaded if need be); run
+        the tools it calls; return the turn without storing anything. `speaker`: who wrote
+        `input`, in a group chat (stored with it and sent as `speaker_style` says).
 
         `on_text`: the model streams, and the listener gets each round's text so far (it may
         raise `ReplyStopped` to end the reply); `on_tools`: told of each round's tool calls."""
         if memory is not None:
-            history = (memory.window or await memory.load(input=input)).messages
-        user = ChatMessage(role="user", content=input)
+            window = memory.window or await memory.load(input=input)
+            history, summary = window.messages, window.summary
+        user = ChatMessage(role="user", content=input, name=speaker)
         system = instructions if instructions is not None else self.instructions
         request = ([{"role": "system", "content": system}] if system else []) + \
-            [message.to_openai() for message in history] + [user.to_openai()]
+            ([{"role": "system", "content": SUMMARY_HEADING + summary}] if summary else []) + \
+            [wire_message(message, style=self.speaker_style) for message in [*history, user]]
         try:
             async with asyncio.timeout(self.timeout_seconds):
                 turn, usage, model = await self._run(request, user, on_text, on_tools)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import httpx2
@@ -18,8 +19,9 @@ from .bot import ChatBot
 from .connector import BotConnector, build_credential
 from .model import build_model
 from .prompt import ChatPrompt
-from .settings import Settings, load_settings
+from .settings import ModelProvider, Settings, load_settings
 from .store import ConversationStore, TableConversationStore
+from .summary import Summarizer
 from .tokens import tokenizer_name
 from .tools import Function
 
@@ -42,15 +44,28 @@ class Runtime:
         self.store = store or _build_store(settings, credential)
         self.model = build_model(settings.model, credential=credential)
         limits = settings.model
+        # OpenAI and Azure OpenAI take a speaker's `name`; other servers get it as a text prefix.
+        named = limits.provider is not ModelProvider.OFFLINE and not limits.base_url
         self.prompt = ChatPrompt(self.model, functions=functions, instructions=limits.instructions,
                                  max_tool_rounds=limits.max_tool_rounds,
                                  tool_timeout_seconds=limits.tool_timeout_seconds,
-                                 timeout_seconds=limits.timeout_seconds)
+                                 timeout_seconds=limits.timeout_seconds,
+                                 speaker_style="name" if named else "prefix")
+        self.summary_model = None
+        summarizer = None
+        if settings.summary.enabled:
+            self.summary_model = build_model(
+                replace(limits, model=settings.summary.model,
+                        max_reply_tokens=settings.summary.token_budget), credential=credential)
+            summarizer = Summarizer(store=self.store, model=self.summary_model,
+                                    token_budget=settings.summary.token_budget,
+                                    history_token_budget=limits.history_token_budget)
         self.connector = BotConnector(credential=build_credential(settings.bot, credential=credential),
                                       env_proxy=settings.env_proxy)
         self.authenticator = BotAuthenticator(settings.bot, http=self.http, in_azure=settings.in_azure)
         self.bot = ChatBot(settings=settings, store=self.store, prompt=self.prompt,
-                           connector=self.connector, authenticator=self.authenticator)
+                           connector=self.connector, authenticator=self.authenticator,
+                           summarizer=summarizer)
         _warn_about(settings)
         log.info("token counting: %s", tokenizer_name())
 
@@ -63,6 +78,8 @@ class Runtime:
     async def close(self) -> None:
         await self.store.close()
         await self.model.close()
+        if self.summary_model is not None:
+            await self.summary_model.close()
         await self.connector.close()
         await self.http.aclose()
 
@@ -78,10 +95,12 @@ def _build_store(settings: Settings, credential: Any | None) -> ConversationStor
         return TableConversationStore.from_endpoint(storage.table_endpoint,
                                                     table_name=storage.table_name,
                                                     credential=credential,
-                                                    env_proxy=settings.env_proxy)
+                                                    env_proxy=settings.env_proxy,
+                                                    summaries=settings.summary.enabled)
     return TableConversationStore.from_connection_string(storage.connection_string,
                                                          table_name=storage.table_name,
-                                                         env_proxy=settings.env_proxy)
+                                                         env_proxy=settings.env_proxy,
+                                                         summaries=settings.summary.enabled)
 
 
 def _warn_about(settings: Settings) -> None:

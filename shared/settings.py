@@ -25,6 +25,7 @@ __all__ = [
     "Setting",
     "Settings",
     "StorageSettings",
+    "SummarySettings",
     "load_settings",
 ]
 
@@ -94,6 +95,15 @@ SETTINGS: tuple[Setting, ...] = (
             description="Rounds of tool calls one turn may run before it stops politely."),
     Setting(name="CHAT_TOOL_TIMEOUT_SECONDS", default="10",
             description="Deadline of one tool call; a late tool returns an error to the model."),
+    Setting(name="CHAT_SUMMARY", default="on",
+            description="on or off: fold the turns that leave the history window into a rolling "
+            "summary sent after the instructions (off: the window slides, as before)."),
+    Setting(name="CHAT_SUMMARY_MODEL", deployed=False,
+            description="The model (or Azure OpenAI deployment) that writes summaries; unset: "
+            "the chat model."),
+    Setting(name="CHAT_SUMMARY_TOKEN_BUDGET", default="1000",
+            description="At most this many tokens of summary are sent per turn (and asked of "
+            "the summary model)."),
     # bot
     Setting(name="CLIENT_ID",
             description="The bot's Microsoft App ID. Turns inbound auth on; required in Azure."),
@@ -187,6 +197,14 @@ class ModelSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SummarySettings:
+    enabled: bool
+    #: The model or Azure OpenAI deployment that writes summaries.
+    model: str
+    token_budget: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class BotSettings:
     client_id: str | None
     client_secret: str | None
@@ -209,6 +227,7 @@ class Settings:
     model: ModelSettings
     bot: BotSettings
     in_azure: bool
+    summary: SummarySettings
     turn_max_attempts: int
     streaming: bool = True
     streaming_informative: str = "Thinking…"
@@ -274,11 +293,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     read = _Reader(os.environ if environ is None else environ)
     in_azure = read.text("WEBSITE_SITE_NAME") is not None
     identity = read.text("AZURE_CLIENT_ID")
+    model = _model(read, identity, in_azure=in_azure)
     return Settings(
         storage=_storage(read, identity),
-        model=_model(read, identity, in_azure=in_azure),
+        model=model,
         bot=_bot(read, identity),
         in_azure=in_azure,
+        summary=_summary(read, model),
         turn_max_attempts=read.integer("CHAT_TURN_MAX_ATTEMPTS", minimum=1, maximum=20),
         streaming=read.flag("CHAT_STREAMING"),
         streaming_informative=_informative(read),
@@ -367,6 +388,17 @@ def _model(read: _Reader, identity: str | None, *, in_azure: bool) -> ModelSetti
         max_retries=read.integer("CHAT_MODEL_MAX_RETRIES", minimum=0, maximum=10),
         max_tool_rounds=read.integer("CHAT_MAX_TOOL_ROUNDS", minimum=1, maximum=20),
         tool_timeout_seconds=read.number("CHAT_TOOL_TIMEOUT_SECONDS", minimum=0.01, maximum=600),
+    )
+
+
+def _summary(read: _Reader, model: ModelSettings) -> SummarySettings:
+    switch = read.required_text("CHAT_SUMMARY").lower()
+    if switch not in ("on", "off"):
+        raise SettingsError("CHAT_SUMMARY", f"must be on or off, got {switch!r}")
+    return SummarySettings(
+        enabled=switch == "on",
+        model=read.text("CHAT_SUMMARY_MODEL") or model.model,
+        token_budget=read.integer("CHAT_SUMMARY_TOKEN_BUDGET", minimum=64, maximum=5_000),
     )
 
 

@@ -57,6 +57,8 @@ def count_text_tokens(text: str | None) -> int:
 def count_message_tokens(message: ChatMessage) -> int:
     """Tokens `message` costs in a prompt: content, tool-call arguments and framing."""
     tokens = MESSAGE_OVERHEAD + count_text_tokens(message.content)
+    if message.role == "user" and message.name:  # the speaker, as a name or a prefix
+        tokens += 1 + count_text_tokens(message.name)
     for call in message.tool_calls:
         tokens += MESSAGE_OVERHEAD + count_text_tokens(call.name) + count_text_tokens(call.arguments)
     return tokens

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from ..errors import BadRequest, MessageTooLarge, TurnTooLarge
 from ..messages import ChatMessage, Feedback, StoredTurn
 from ..tokens import count_message_tokens
+from ._fold import FoldJob
 from ._head import Basis
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "MAX_TURN_MESSAGES",
     "ConversationStore",
     "ConversationWindow",
+    "FoldJob",
 ]
 
 #: A message's content (or tool-call JSON) may hold at most this many characters.
@@ -42,6 +44,8 @@ class ConversationWindow:
     `version` is the store's concurrency token (the head's ETag); None means the conversation has
     no stored state yet. `committed_activity` is set when `activity_id` was found already committed.
     `rows_read` and `round_trips` say what the load cost (the benchmarks report them).
+    `summary` is the rolling summary of every message before the window (None: there is none);
+    `summary_due` says a summary should be prepared once this turn's reply is out.
     """
 
     conversation_id: str
@@ -52,6 +56,8 @@ class ConversationWindow:
     rows_read: int
     round_trips: int
     committed_activity: bool = False
+    summary: str | None = None
+    summary_due: bool = False
     #: What the backend read the window from, for its commit; opaque to callers.
     basis: Basis | None = field(default=None, repr=False, compare=False)
 
@@ -118,6 +124,20 @@ class ConversationStore(ABC):
         """Forget the conversation: every row of it is removed. Returns the rows removed."""
         _check_conversation_id(conversation_id)
         return await self._clear(conversation_id)
+
+    async def get_summary(self, conversation_id: str) -> str | None:
+        """The conversation's current rolling summary (None: none, or a store that keeps none)."""
+        _check_conversation_id(conversation_id)
+        return None
+
+    async def get_fold(self, conversation_id: str, *, token_budget: int) -> FoldJob | None:
+        """The summary to prepare next (the oldest turns of the window), or None: nothing to do."""
+        return None
+
+    async def update_summary(self, job: FoldJob, summary: str) -> bool:
+        """Store `summary` as ready for the window's next step, if the conversation's window
+        still starts where `job` was read (a conditional write). False: left for a later turn."""
+        return False
 
     async def ping(self) -> None:
         """Raise `StorageUnavailable` unless the store answers."""

@@ -81,6 +81,7 @@ def message_entity(pk: str, seq: int, message: ChatMessage, *, tokens: int, turn
     if message.usage is not None:
         entity["prompt_tokens"] = message.usage.prompt_tokens
         entity["completion_tokens"] = message.usage.completion_tokens
+        entity["cached_tokens"] = message.usage.cached_tokens
     return entity
 
 
@@ -91,7 +92,8 @@ def entity_message(entity: Entity) -> ChatMessage:
     usage = None
     if "prompt_tokens" in entity:
         usage = Usage(prompt_tokens=int(entity["prompt_tokens"]),
-                      completion_tokens=int(entity.get("completion_tokens", 0)))
+                      completion_tokens=int(entity.get("completion_tokens", 0)),
+                      cached_tokens=int(entity.get("cached_tokens", 0)))
     timestamp = entity.get("timestamp")
     if isinstance(timestamp, datetime) and timestamp.tzinfo is None:
         timestamp = timestamp.replace(tzinfo=UTC)

@@ -8,6 +8,19 @@ The head (row key `h`) is what a turn reads and what its commit replaces, under 
     recent            the newest activities committed: [{"a": id, "f": first seq, "l": last seq}]
     cache, cache_from a JSON copy of the newest whole turns (message rows as stored, oldest first),
                       covering sequence numbers `cache_from` to `last_seq`
+    epoch             made when the head is created: a conversation cleared and begun again has
+                      a new one (its sequence numbers start again), so a summary prepared
+                      before cannot land in it
+    start             the window's start: every visible message before it is covered by `summary`
+    summary           the rolling summary of the messages before `start` (none: nothing before it)
+    pending, pending_from, pending_to
+                      a summary prepared after an earlier reply (of the messages before
+                      `pending_to` + 1), ready for the step that moves `start` from `pending_from`
+                      to `pending_to` + 1; a turn's commit makes that step (`after`), atomically
+
+The summary never lags the start: `start` moves only in a commit that makes the pending summary
+current, so no message falls between the summary and the window (`shared/window.py` chooses the
+window; a window that cannot start at `start` is marked `behind`, and `start` stays put).
 
 The copy is what makes a turn's read one point read. It is written in the same transaction as the
 rows it copies, so it never disagrees with them. It keeps the newest whole turns until they hold
@@ -18,16 +31,18 @@ and at most `COPY_MAX_CHARS` of JSON; a window it cannot settle is read from the
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 from ..messages import utc_now
-from ..window import WindowBuilder
+from ..window import WindowPlanner
 from ._codec import HEAD, Entity, entity_message, get_text, put_text
 
-__all__ = ["COPY_MAX_CHARS", "RECENT_ACTIVITIES", "RECENT_MAX_CHARS", "Basis", "Head", "Recent"]
+__all__ = ["COPY_MAX_CHARS", "RECENT_ACTIVITIES", "RECENT_MAX_CHARS", "SUMMARY_MAX_CHARS", "Basis",
+           "Head", "Recent"]
 
 #: How many committed activities the head remembers (a channel retries within minutes), and in at
 #: most how many characters of ASCII JSON: a string property holds 32,768 UTF-16 code units, and
@@ -37,6 +52,9 @@ RECENT_MAX_CHARS = 30_000
 #: At most this many characters of (ASCII) JSON: the head stays far below an entity's 1 MiB, and
 #: a transaction's body below 4 MiB with a turn of MAX_TURN_BYTES.
 COPY_MAX_CHARS = 200_000
+#: A summary (current or pending) holds at most this many characters: with the copy, a head stays
+#: below 1 MiB and a turn's transaction below 4 MiB even if every character is escaped as \uXXXX.
+SUMMARY_MAX_CHARS = 20_000
 #: Properties of a read message row that the copy has no use for.
 _NOT_COPIED = frozenset({"PartitionKey", "RowKey", "Timestamp"})
 
@@ -59,8 +77,27 @@ class Head:
     #: The newest whole turns as message rows, oldest first; None: no copy (an older version's head).
     copy: tuple[Entity, ...] | None = None
     copy_from: int = 1
+    epoch: str = ""
+    #: The window's start; 0: not recorded yet (a new conversation, or an older version's head).
+    start: int = 0
+    summary: str | None = None
+    pending: str | None = None
+    pending_from: int = 0
+    pending_to: int = 0
     #: The ETag of the stored head; None for a head not stored yet.
     etag: str | None = None
+
+    @property
+    def window_start(self) -> int:
+        """The first visible message the summary does not cover."""
+        return max(self.start, self.cleared_seq + 1)
+
+    def ready_step(self) -> int | None:
+        """The start the pending summary lets the window step to, if it was prepared for this one."""
+        if self.pending is not None and self.pending_from == self.window_start \
+                and self.pending_to >= self.window_start:
+            return self.pending_to + 1
+        return None
 
     @classmethod
     def read(cls, entity: Entity, *, etag: str) -> Head:
@@ -76,6 +113,12 @@ class Head:
                          for item in json.loads(entity.get("recent", "[]"))),
             copy=copy,
             copy_from=int(entity.get("cache_from", 1)),
+            epoch=str(entity.get("epoch", "")),
+            start=int(entity.get("start", 0)),
+            summary=get_text(entity, "summary"),
+            pending=get_text(entity, "pending"),
+            pending_from=int(entity.get("pending_from", 0)),
+            pending_to=int(entity.get("pending_to", 0)),
             etag=etag,
         )
 
@@ -93,25 +136,47 @@ class Head:
         if self.copy is not None:
             entity["cache_from"] = self.copy_from
             put_text(entity, "cache", _copy_text(self.copy))
+        if self.epoch:
+            entity["epoch"] = self.epoch
+        if self.start:
+            entity["start"] = self.start
+        put_text(entity, "summary", self.summary)
+        if self.pending is not None:
+            put_text(entity, "pending", self.pending)
+            entity["pending_from"], entity["pending_to"] = self.pending_from, self.pending_to
         return entity
 
     def committed(self, activity_id: str | None) -> bool:
         return activity_id is not None and any(r.activity_id == activity_id for r in self.recent)
 
-    def fill(self, builder: WindowBuilder) -> bool:
-        """Offer the copied messages to `builder`, newest first: True if they settle the window."""
+    def planner(self, *, token_budget: int, max_messages: int, summaries: bool) -> WindowPlanner:
+        """The window planner for this head (`summaries` off: the newest turns that fit)."""
+        return WindowPlanner(token_budget=token_budget, max_messages=max_messages,
+                             visible_from=self.cleared_seq + 1,
+                             start=self.window_start if summaries else None,
+                             step_to=self.ready_step() if summaries else None)
+
+    def fill(self, planner: WindowPlanner) -> bool:
+        """Offer the copied messages to `planner`, newest first: True if they settle the window."""
         if self.copy is None:
             return False
         for row in reversed(self.copy):
-            if row["seq"] <= self.cleared_seq or not builder.offer(entity_message(row), row["tokens"]):
+            if row["seq"] <= self.cleared_seq:
+                return planner.reached(self.cleared_seq + 1)
+            if not planner.offer(int(row["seq"]), entity_message(row), int(row["tokens"])):
                 return True
-        # Every copied message fitted: the window is settled if nothing visible is older.
-        return self.copy_from <= self.cleared_seq + 1
+        # Every copied message was offered: settled if no candidate needs older ones.
+        return planner.reached(self.copy_from)
 
     def cleared(self) -> Head:
-        """The head after a clear: every stored message hidden, nothing remembered."""
+        """The head after a clear: every stored message hidden, nothing remembered (summary too)."""
         return replace(self, cleared_seq=self.last_seq, recent=(), copy=(),
-                       copy_from=self.last_seq + 1)
+                       copy_from=self.last_seq + 1, start=self.last_seq + 1, summary=None,
+                       pending=None, pending_from=0, pending_to=0)
+
+    def with_pending(self, summary: str, *, start: int, to: int) -> Head:
+        """This head with a summary prepared for the step from `start` to `to` + 1."""
+        return replace(self, pending=summary[:SUMMARY_MAX_CHARS], pending_from=start, pending_to=to)
 
     def after(self, basis: Basis, rows: Sequence[Entity], *, activity_id: str, token_budget: int,
               max_messages: int) -> Head:
@@ -122,7 +187,17 @@ class Head:
             recent = recent[1:]  # the marker rows still catch older duplicates
         copy, copy_from = _next_copy(self, basis, list(rows), token_budget=token_budget,
                                      max_messages=max_messages)
-        return replace(self, last_seq=last, recent=recent, copy=copy, copy_from=copy_from)
+        head = replace(self, last_seq=last, recent=recent, copy=copy, copy_from=copy_from,
+                       epoch=self.epoch or uuid.uuid4().hex[:16])
+        if basis.step and (start := self.ready_step()) is not None:
+            # The step: the prepared summary becomes current as the start moves past what it covers.
+            return replace(head, start=start, summary=self.pending, pending=None, pending_from=0,
+                           pending_to=0)
+        if basis.summaries and self.start == 0:
+            # The first turn with summaries on: the window's start is where the window starts now
+            # (a new conversation: its first message; an older one: what the window already held).
+            return replace(head, start=basis.first_seq or first)
+        return head
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,6 +211,12 @@ class Basis:
     rows_reach_start: bool = False
     token_budget: int = 0
     max_messages: int = 0
+    #: The window was planned with a summary: the commit records the start if it is not yet.
+    summaries: bool = False
+    #: The commit steps the window (the pending summary becomes current).
+    step: bool = False
+    #: Sequence number of the window's first message.
+    first_seq: int | None = None
 
 
 def _next_copy(head: Head, basis: Basis, rows: list[Entity], *, token_budget: int,

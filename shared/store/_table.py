@@ -38,7 +38,7 @@ from ..errors import (
 )
 from ..keys import encode_key
 from ..messages import ChatMessage, Feedback, StoredTurn, utc_now
-from ..window import WindowBuilder
+from ..window import WindowPlanner
 from ._base import ConversationStore, ConversationWindow
 from ._codec import (
     HEAD,
@@ -53,6 +53,7 @@ from ._codec import (
     message_entity,
     message_row_key,
 )
+from ._fold import FoldJob, fold_job, summary_due
 from ._head import Basis, Head
 from ._wire import Operation, TableWire, TransactionFailed
 
@@ -66,6 +67,8 @@ CLIENT_OPTIONS: dict[str, Any] = {"retry_total": 2, "retry_backoff_factor": 0.2,
                                   "connection_timeout": 5, "read_timeout": 10, "deadline": 12}
 _CONDITIONAL_FAILURES = {"UpdateConditionNotSatisfied", "ConditionNotMet", "EntityAlreadyExists",
                          "ResourceNotFound", "EntityNotFound"}
+#: A summary that fell behind is prepared from at most this many of the oldest rows at a time.
+_FOLD_ROWS = 500
 _CREDENTIAL_SETTINGS = "CHAT_STORAGE_CONNECTION_STRING (or, with CHAT_STORAGE_TABLE_ENDPOINT, " \
     "the identity's Storage Table Data Contributor role)"
 
@@ -98,27 +101,35 @@ async def _translated(action: str) -> AsyncIterator[None]:
 
 
 class TableConversationStore(ConversationStore):
-    """Conversations in one Azure table, one partition each."""
+    """Conversations in one Azure table, one partition each.
 
-    def __init__(self, *, table: TableClient, create_table: bool = True) -> None:
+    `summaries`: keep a rolling summary of what left the window, and a window whose start stays
+    still between steps (`shared/window.py`); off, the window is the newest turns that fit.
+    """
+
+    def __init__(self, *, table: TableClient, create_table: bool = True,
+                 summaries: bool = False) -> None:
         self._table = table
         self._wire = TableWire(table)
         self._table_ready = not create_table
+        self.summaries = summaries
 
     @classmethod
     def from_connection_string(cls, connection_string: str, *, table_name: str,
-                               env_proxy: bool = False) -> TableConversationStore:
+                               env_proxy: bool = False,
+                               summaries: bool = False) -> TableConversationStore:
         """`env_proxy`: honour HTTP(S)_PROXY (aiohttp then looks them up on a thread per request).
         `UseDevelopmentStorage=true` is Azurite, as the SDK reads it."""
         return cls(table=TableClient.from_connection_string(
             connection_string, table_name=table_name, transport=_transport(env_proxy=env_proxy),
-            **_sdk_options()))
+            **_sdk_options()), summaries=summaries)
 
     @classmethod
     def from_endpoint(cls, endpoint: str, *, table_name: str, credential: Any,
-                      env_proxy: bool = False) -> TableConversationStore:
+                      env_proxy: bool = False, summaries: bool = False) -> TableConversationStore:
         return cls(table=TableClient(endpoint=endpoint, table_name=table_name, credential=credential,
-                                     transport=_transport(env_proxy=env_proxy), **_sdk_options()))
+                                     transport=_transport(env_proxy=env_proxy), **_sdk_options()),
+                   summaries=summaries)
 
     async def close(self) -> None:
         await self._table.close()
@@ -169,19 +180,25 @@ class TableConversationStore(ConversationStore):
                            activity_id: str | None) -> ConversationWindow:
         pk = encode_key(conversation_id)
         entity = await self._run("loading the conversation", self._get, pk, HEAD)
-        builder = WindowBuilder(token_budget=token_budget, max_messages=max_messages)
+        head = Head(conversation_id=conversation_id) if entity is None else \
+            Head.read(entity, etag=str(entity.metadata["etag"]))
+
+        def planner() -> WindowPlanner:
+            return head.planner(token_budget=token_budget, max_messages=max_messages,
+                                summaries=self.summaries)
+
         if entity is None:
-            return _window(Head(conversation_id=conversation_id), builder, activity_id=activity_id,
-                           rows_read=0, round_trips=1)
-        head = Head.read(entity, etag=str(entity.metadata["etag"]))
-        if head.fill(builder):
-            return _window(head, builder, activity_id=activity_id, rows_read=1, round_trips=1)
-        builder = WindowBuilder(token_budget=token_budget, max_messages=max_messages)
+            return self._window(head, planner(), activity_id=activity_id, rows_read=0,
+                                round_trips=1)
+        first = planner()
+        if head.fill(first):
+            return self._window(head, first, activity_id=activity_id, rows_read=1, round_trips=1)
         window: ConversationWindow = await self._run(
-            "loading the conversation", self._load_rows, pk, head, builder, activity_id=activity_id)
+            "loading the conversation", self._load_rows, pk, head, planner(),
+            activity_id=activity_id)
         return window
 
-    async def _load_rows(self, pk: str, head: Head, builder: WindowBuilder, *,
+    async def _load_rows(self, pk: str, head: Head, builder: WindowPlanner, *,
                          activity_id: str | None) -> ConversationWindow:
         """The window from the message rows, newest first, when the head's copy cannot answer."""
         offered: list[Entity] = []  # newest first: what the copy after this turn can start from
@@ -194,14 +211,43 @@ class TableConversationStore(ConversationStore):
             round_trips += 1
             if not await _offer_page(page, head, builder, offered):
                 break
-        rows_read += len(offered) + (1 if builder.full else 0)
-        if builder.full:
+        # Every visible row was offered unless the planner settled before the oldest one.
+        reach_start = not builder.settled or (
+            bool(offered) and offered[-1]["seq"] <= head.cleared_seq + 1)
+        builder.reached(head.cleared_seq + 1 if reach_start else head.last_seq + 1)
+        rows_read += len(offered)
+        if not reach_start:
             while offered and offered[-1]["role"] != "user":
                 offered.pop()  # the oldest turn was cut short: the copy takes whole turns
-        basis = Basis(head=head, rows=tuple(reversed(offered)), rows_reach_start=not builder.full,
-                      token_budget=builder.token_budget, max_messages=builder.max_messages)
-        return _window(head, builder, activity_id=activity_id, rows_read=rows_read,
-                       round_trips=round_trips, basis=basis)
+        return self._window(head, builder, activity_id=activity_id, rows_read=rows_read,
+                            round_trips=round_trips, rows=tuple(reversed(offered)),
+                            rows_reach_start=reach_start)
+
+    def _window(self, head: Head, planner: WindowPlanner, *, activity_id: str | None,
+                rows_read: int, round_trips: int, rows: tuple[Entity, ...] | None = None,
+                rows_reach_start: bool = False) -> ConversationWindow:
+        plan = planner.plan()
+        summaries = self.summaries
+        basis = Basis(head=head, rows=rows, rows_reach_start=rows_reach_start,
+                      token_budget=planner.token_budget, max_messages=planner.max_messages,
+                      summaries=summaries, step=plan.step, first_seq=plan.first_seq)
+        if plan.behind:
+            log.warning("the summary is behind the window: messages %d to %d are in neither "
+                        "(until a summary catches up)", head.window_start,
+                        (plan.first_seq or head.last_seq + 1) - 1)
+        return ConversationWindow(
+            conversation_id=head.conversation_id,
+            messages=tuple(plan.messages),
+            tokens=plan.tokens,
+            version=head.etag,
+            last_seq=head.last_seq,
+            rows_read=rows_read,
+            round_trips=round_trips,
+            committed_activity=head.committed(activity_id),
+            summary=(head.pending if plan.step else head.summary) if summaries else None,
+            summary_due=summaries and summary_due(plan, head, token_budget=planner.token_budget),
+            basis=basis,
+        )
 
     # -- commit ------------------------------------------------------------------------------
 
@@ -302,6 +348,59 @@ class TableConversationStore(ConversationStore):
             return True
         return False
 
+    # -- the rolling summary -----------------------------------------------------------------
+
+    async def get_summary(self, conversation_id: str) -> str | None:
+        await super().get_summary(conversation_id)
+        entity = await self._run("reading the summary", self._get, encode_key(conversation_id), HEAD)
+        return None if entity is None else Head.read(entity, etag="").summary
+
+    async def get_fold(self, conversation_id: str, *, token_budget: int) -> FoldJob | None:
+        if not self.summaries:
+            return None
+        pk = encode_key(conversation_id)
+        entity = await self._run("reading the conversation for a summary", self._get, pk, HEAD)
+        if entity is None:
+            return None
+        head = Head.read(entity, etag=str(entity.metadata["etag"]))
+        start = head.window_start
+        if head.ready_step() is not None or start > head.last_seq:
+            return None  # prepared already, or nothing after the start
+        if head.copy is not None and head.copy_from <= start:
+            rows = [row for row in head.copy if row["seq"] >= start]
+            return fold_job(head, rows, token_budget=token_budget, reach_newest=True)
+        # The copy does not reach back to the start (the summary fell behind): read the oldest
+        # rows from the start, at most _FOLD_ROWS of them.
+        last = min(head.last_seq, start + _FOLD_ROWS - 1)
+        rows = await self._run("reading messages for a summary", self._read_range, pk, start, last)
+        return fold_job(head, rows, token_budget=token_budget, reach_newest=last == head.last_seq)
+
+    async def _read_range(self, pk: str, first: int, last: int) -> list[Entity]:
+        rows = [dict(row) async for row in self._table.query_entities(
+            "PartitionKey eq @pk and RowKey ge @newest and RowKey le @oldest",
+            parameters={"pk": pk, "newest": message_row_key(last), "oldest": message_row_key(first)})]
+        return sorted(rows, key=lambda row: int(row["seq"]))
+
+    async def update_summary(self, job: FoldJob, summary: str) -> bool:
+        pk = encode_key(job.conversation_id)
+        head: Head | None = job.head
+        for _ in range(3):  # a turn committed meanwhile: the job may still hold for its head
+            if head is None or head.epoch != job.head.epoch or head.window_start != job.start \
+                    or head.ready_step() is not None or head.cleared_seq != job.head.cleared_seq:
+                return False
+            pending = head.with_pending(summary, start=job.start, to=job.to)
+            try:
+                await self._run("storing a summary", self._table.update_entity, pending.entity(pk),
+                                mode=UpdateMode.REPLACE, etag=head.etag,
+                                match_condition=MatchConditions.IfNotModified)
+                return True
+            except StorageRejected as exc:
+                if not isinstance(exc.__cause__, ResourceModifiedError | ResourceNotFoundError):
+                    raise
+            entity = await self._run("reading the conversation for a summary", self._get, pk, HEAD)
+            head = None if entity is None else Head.read(entity, etag=str(entity.metadata["etag"]))
+        return False
+
     # -- list, clear -------------------------------------------------------------------------
 
     async def _list_messages(self, conversation_id: str) -> list[ChatMessage]:
@@ -381,7 +480,7 @@ class TableConversationStore(ConversationStore):
         return len(doomed)
 
 
-async def _offer_page(page: AsyncIterator[TableEntity], head: Head, builder: WindowBuilder,
+async def _offer_page(page: AsyncIterator[TableEntity], head: Head, builder: WindowPlanner,
                       offered: list[Entity]) -> bool:
     """Offer a page of message rows (newest first); False once the window is settled.
 
@@ -396,25 +495,9 @@ async def _offer_page(page: AsyncIterator[TableEntity], head: Head, builder: Win
         if seq <= head.cleared_seq:
             return False
         offered.append(dict(row))
-        if not builder.offer(entity_message(row), row["tokens"]):
+        if not builder.offer(seq, entity_message(row), row["tokens"]):
             return False
     return True
-
-
-def _window(head: Head, builder: WindowBuilder, *, activity_id: str | None, rows_read: int,
-            round_trips: int, basis: Basis | None = None) -> ConversationWindow:
-    return ConversationWindow(
-        conversation_id=head.conversation_id,
-        messages=tuple(builder.messages),
-        tokens=builder.tokens,
-        version=head.etag,
-        last_seq=head.last_seq,
-        rows_read=rows_read,
-        round_trips=round_trips,
-        committed_activity=head.committed(activity_id),
-        basis=basis or Basis(head=head, token_budget=builder.token_budget,
-                             max_messages=builder.max_messages),
-    )
 
 
 def _sdk_options() -> dict[str, Any]:

@@ -65,7 +65,9 @@ async def test_the_request_is_instructions_then_window_then_the_new_message(
     # AND the reply is stored with its model and token usage
     stored = await table_store.list_messages("c")
     assert stored[-1].model == "test-model" and stored[-1].usage is not None
-    assert stored[-1].usage.total_tokens == 18
+    reported = server.usages[-1]
+    assert stored[-1].usage.total_tokens == reported["total_tokens"] > 0
+    assert stored[-1].usage.cached_tokens == reported["prompt_tokens_details"]["cached_tokens"]
 
 
 async def test_sending_changes_nothing_until_commit(

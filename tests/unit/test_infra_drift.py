@@ -32,6 +32,8 @@ PLATFORM_SETTINGS = {
 UNDEPLOYED_WITHOUT_DEFAULT = {
     "OPENAI_BASE_URL": "only for OpenAI-compatible servers (local dev); Azure uses Azure OpenAI",
     "WEBSITE_SITE_NAME": "set by the Azure Functions platform itself, never by us",
+    "CHAT_SUMMARY_MODEL": "a cheaper deployment, if the operator makes one; unset, the chat "
+                          "deployment writes summaries",
     "HTTPS_PROXY": "a network's outbound proxy, if any; the deployed app goes out directly",
     "HTTP_PROXY": "a network's outbound proxy, if any; the deployed app goes out directly",
 }

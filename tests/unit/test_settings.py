@@ -95,3 +95,26 @@ def test_a_proxy_variable_makes_storage_honour_the_environment_proxies() -> None
     assert load_settings({}).env_proxy is False
     for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy"):
         assert load_settings({name: "http://proxy:3128"}).env_proxy is True, name
+
+
+def test_summary_settings_default_on_with_the_chat_model() -> None:
+    # GIVEN a model and no summary settings
+    # WHEN the settings are read
+    settings = load_settings({"OPENAI_API_KEY": "sk-x", "OPENAI_MODEL": "gpt-4o"})
+    # THEN summaries are on, written by the chat model, within 1,000 tokens
+    assert settings.summary.enabled and settings.summary.model == "gpt-4o"
+    assert settings.summary.token_budget == 1000
+    # AND a summary model and off are honoured
+    other = load_settings({"OPENAI_API_KEY": "sk-x", "CHAT_SUMMARY": "OFF",
+                           "CHAT_SUMMARY_MODEL": "gpt-4o-mini"})
+    assert not other.summary.enabled and other.summary.model == "gpt-4o-mini"
+
+
+def test_a_bad_summary_setting_is_named() -> None:
+    # GIVEN a summary switch that is neither on nor off, and a budget out of range
+    # WHEN the settings are read
+    # THEN the error names the setting
+    with pytest.raises(SettingsError, match="CHAT_SUMMARY"):
+        load_settings({"CHAT_SUMMARY": "maybe"})
+    with pytest.raises(SettingsError, match="CHAT_SUMMARY_TOKEN_BUDGET"):
+        load_settings({"CHAT_SUMMARY_TOKEN_BUDGET": "10"})

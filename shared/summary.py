@@ -1,0 +1,121 @@
+"""The rolling summary: what the summary model is asked, and the work done once a reply is out.
+
+After a turn's reply is delivered, `Summarizer.after_turn` prepares the summary the window's next
+step will need: the store names the oldest turns of the window (`get_fold`), the summary model
+folds them into the current summary, and the store keeps the result as pending, with a conditional
+write of the head (`update_summary`). A later turn's commit makes it current as the window steps.
+A failed or late summary call, or a lost race, leaves everything as it was for a later turn: this
+never raises, never fails a turn, and is bounded by `DEADLINE_SECONDS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import ChatstateError
+from .messages import ChatMessage
+from .model import ChatModel
+from .store import SUMMARY_MAX_CHARS, ConversationStore, ConversationWindow
+from .tokens import count_text_tokens
+
+__all__ = ["DEADLINE_SECONDS", "SUMMARY_INSTRUCTIONS", "Summarizer", "fit_summary",
+           "summary_request", "transcript_line"]
+
+log = logging.getLogger(__name__)
+
+#: The summary work after a reply (read, model call, write) ends within this many seconds.
+DEADLINE_SECONDS = 10.0
+SUMMARY_INSTRUCTIONS = (
+    "You keep the running summary of a chat between people and an AI assistant. Rewrite the "
+    "summary so far so that it also covers the new messages. Keep every fact, name, number, date, "
+    "decision, preference, promise and open question a later answer could need, and who said "
+    "it; drop greetings and small talk. Write short plain sentences, at most {words} words. "
+    "Answer with the summary only.")
+#: A tool result reaches the summary as its gist: at most this many characters.
+TOOL_GIST_CHARS = 300
+
+
+def transcript_line(message: ChatMessage) -> str:
+    """One message as the summary model reads it (tool calls and results as their gist)."""
+    text = " ".join((message.content or "").split())
+    if message.role == "user":
+        return f"{message.name or 'user'}: {text}"
+    if message.role == "tool":
+        gist = text if len(text) <= TOOL_GIST_CHARS else text[:TOOL_GIST_CHARS] + " …"
+        return f"(tool {message.name or 'result'} returned: {gist})"
+    calls = "; ".join(f"{call.name}({call.arguments[:200]})" for call in message.tool_calls)
+    if calls:
+        return f"assistant (calls {calls}){': ' + text if text else ''}"
+    return f"assistant: {text}"
+
+
+def summary_request(previous: str | None, messages: Sequence[ChatMessage], *,
+                    token_budget: int) -> list[dict[str, Any]]:
+    """The Chat Completions messages asking for the summary of `previous` + `messages`."""
+    transcript = "\n".join(transcript_line(message) for message in messages)
+    return [{"role": "system",
+             "content": SUMMARY_INSTRUCTIONS.format(words=max(20, token_budget * 3 // 4))},
+            {"role": "user",
+             "content": f"Summary so far:\n{previous or '(none yet)'}\n\nNew messages:\n{transcript}"}]
+
+
+def fit_summary(text: str, *, token_budget: int) -> str:
+    """`text` cut (at a word) to `token_budget` tokens and the head's `SUMMARY_MAX_CHARS`."""
+    text = text.strip()[:SUMMARY_MAX_CHARS]
+    while text and count_text_tokens(text) > token_budget:
+        text = text[:int(len(text) * 0.9)].rsplit(" ", 1)[0]
+    return text
+
+
+class Summarizer:
+    """Prepares rolling summaries after replies, with `model`, within `token_budget` tokens.
+
+    `history_token_budget` is the window's budget: the store chooses what to fold with it.
+    """
+
+    def __init__(self, *, store: ConversationStore, model: ChatModel, token_budget: int,
+                 history_token_budget: int, deadline_seconds: float = DEADLINE_SECONDS) -> None:
+        self.store = store
+        self.model = model
+        self.token_budget = token_budget
+        self.history_token_budget = history_token_budget
+        self.deadline_seconds = deadline_seconds
+
+    async def after_turn(self, window: ConversationWindow) -> bool:
+        """Prepare the next step's summary if the turn's `window` says one is due. Never raises;
+        True when a summary was stored."""
+        if not window.summary_due:
+            return False
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.deadline_seconds):
+                return await self._prepare(window.conversation_id, started)
+        except TimeoutError:
+            log.warning("summary not prepared: over %g s; a later turn tries again",
+                        self.deadline_seconds)
+        except ChatstateError as exc:
+            log.warning("summary not prepared (%s): %s; a later turn tries again",
+                        type(exc).__name__, exc)
+        except Exception:
+            log.exception("summary not prepared: an unexpected failure")
+        return False
+
+    async def _prepare(self, conversation_id: str, started: float) -> bool:
+        job = await self.store.get_fold(conversation_id, token_budget=self.history_token_budget)
+        if job is None:
+            return False
+        request = summary_request(job.summary, job.messages, token_budget=self.token_budget)
+        completion = await self.model.complete(request)
+        text = fit_summary(completion.message.content or "", token_budget=self.token_budget)
+        if not text:
+            log.warning("the summary model answered with no text; a later turn tries again")
+            return False
+        stored = await self.store.update_summary(job, text)
+        log.info("summary %s: messages %d-%d folded, %d tokens, ms=%.0f",
+                 "prepared" if stored else "dropped (the conversation moved on)", job.start,
+                 job.to, count_text_tokens(text), (time.perf_counter() - started) * 1000)
+        return stored
