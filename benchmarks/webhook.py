@@ -175,6 +175,8 @@ def worker_env(connection_string: str, table_name: str, model: FakeModelServer) 
         "CHAT_INSTRUCTIONS": "You are a helpful, concise assistant in a chat.",
         "CHAT_HISTORY_MAX_MESSAGES": str(WINDOW_MESSAGES),
         "CHAT_HISTORY_TOKEN_BUDGET": str(TOKEN_BUDGET),
+        # The unstreamed path, comparable with earlier runs: benchmarks/streaming.py streams.
+        "CHAT_STREAMING": "off",
     }
 
 

@@ -52,7 +52,7 @@ class FakeConnector(LocalServer):
 
     async def _post(self, request: web.Request) -> web.Response:
         body = await request.json()
-        record = {"path": request.path, "raw_path": request.raw_path,
+        record = {"at": time.perf_counter(), "path": request.path, "raw_path": request.raw_path,
                   "conversation_id": request.match_info["conversation_id"],
                   "authorization": request.headers.get("Authorization"), "activity": body}
         self.requests.append(record)

@@ -101,6 +101,8 @@ class FakeModelServer(LocalServer):
         self.word_interval = word_interval
         self.streamed_words = 0
         self.hung_up = 0
+        #: `time.perf_counter()` when each streamed answer's last word went out.
+        self.stream_ends: list[float] = []
         self.script: deque[Scripted] = deque()
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
@@ -132,6 +134,10 @@ class FakeModelServer(LocalServer):
         self.paths.append(request.path)
         answer = self.script.popleft() if self.script else Scripted()
         delay = answer.delay or self.latency
+        if not body.get("stream") and (self.first_token_after or self.word_interval):
+            # Unstreamed, the whole answer takes as long as its stream would.
+            words = len((answer.content or self.reply(body)).split(" "))
+            delay += self.first_token_after + self.word_interval * max(0, words - 1)
         if delay:
             await asyncio.sleep(delay)
         if answer.status != 200:
@@ -192,6 +198,7 @@ class FakeModelServer(LocalServer):
                         await asyncio.sleep(self.word_interval)
                     await event({"content": word if index == 0 else f" {word}"})
                     self.streamed_words += 1
+                self.stream_ends.append(time.perf_counter())
                 await event({}, "stop")
             if (body.get("stream_options") or {}).get("include_usage"):
                 await response.write(("data: " + json.dumps({**base, "choices": [], "usage": usage}) +

@@ -4,9 +4,10 @@
 
 The store loads a window; the prompt gets its messages and returns the turn's; the turn is
 committed against that window, in one ETag-guarded transaction. Turns of one conversation in this
-worker queue behind an in-process lock, so ETag conflicts only happen between instances; a
-conflict re-loads and re-runs the prompt, a bounded number of times — unless the user has already
-read the answer as it streamed: then the same messages are committed after the turns that won.
+worker queue behind an in-process lock, so ETag conflicts only happen between instances. A turn
+that loses the race re-loads the window and commits again: with the same messages when the user
+has already read the answer as it streamed, or when it was asked again once already; otherwise
+it asks the model again with the new window (`MAX_REASKS`).
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ WELCOME = ("Hi! I'm a chat bot that remembers our conversation. Ask me anything;
            "send /reset to make me forget and start over.")
 RESET_DONE = "Done: I have forgotten this conversation. Let's start over."
 APOLOGY = "Sorry, I couldn't get an answer just now. Please try again in a moment."
+#: After losing a race, a turn not yet shown asks the model again this many times at most; then
+#: its answer is committed after the turns that won.
+MAX_REASKS = 1
 TOO_LONG = ("Sorry, that message is too long for me (about {tokens:,} tokens; I can take "
             "{budget:,}). Could you shorten it?")
 
@@ -202,7 +206,9 @@ class ChatBot:
                 tokens=tokens, budget=limits.history_token_budget), ai=False))
         stream: ReplyStream | None = None
         typing: asyncio.Task[None] | None = None
-        seen: tuple[ChatMessage, ...] | None = None  # a turn the user has read: never re-asked
+        # A turn that is kept once asked: the user has read it as it streamed, or it was asked
+        # again once already after losing a race (so a busy conversation cannot starve it).
+        kept: tuple[ChatMessage, ...] | None = None
         try:
             for attempt in range(self.settings.turn_max_attempts):
                 window = await self.store.load_window(
@@ -215,7 +221,7 @@ class ChatBot:
                     return await self._redeliver(activity, turn, send=attempt == 0, stream=stream)
                 if stream is None and typing is None:
                     stream, typing = self._show_progress(activity)
-                messages = seen
+                messages = kept
                 if messages is None:
                     try:
                         result = await self.prompt.send(
@@ -227,15 +233,15 @@ class ChatBot:
                         return await self._reply(activity, activity.reply(APOLOGY, ai=False),
                                                  stream=stream)
                     messages = _as_seen(result.messages, stream)
-                    if stream is not None and stream.shown:
-                        seen = messages
+                    if (stream is not None and stream.shown) or attempt >= MAX_REASKS:
+                        kept = messages
                 try:
                     turn = await self.store.commit_turn(window, activity_id=activity.id,
                                                         messages=messages)
                 except ConversationConflict:
                     log.info("conflict on attempt %d%s", attempt + 1,
-                             "; the answer was seen: committing it after the turns that won"
-                             if seen else "")
+                             "; committing the same answer after the turns that won"
+                             if kept else "")
                     if attempt + 1 < self.settings.turn_max_attempts:
                         await self._sleep(random.uniform(0, min(1.0, 0.05 * 2 ** attempt)))
                     continue

@@ -136,7 +136,7 @@ def _completion(response: Any, *, fallback_model: str) -> Completion:
 
 async def _streamed(stream: Any, on_text: TextListener, *, fallback_model: str) -> Completion:
     """A streamed completion, assembled: content pieces joined, tool-call pieces by index."""
-    text: list[str] = []
+    text = ""
     calls: dict[int, dict[str, str]] = {}
     finish_reason, usage, model = "stop", Usage(), fallback_model
     async for chunk in stream:
@@ -154,13 +154,13 @@ async def _streamed(stream: Any, on_text: TextListener, *, fallback_model: str) 
                     call["name"] += piece.function.name or ""
                     call["arguments"] += piece.function.arguments or ""
             if getattr(delta, "content", None):
-                text.append(delta.content)
-                await on_text("".join(text))
+                text += delta.content
+                await on_text(text)
     if finish_reason == "content_filter":
         raise ContentFiltered("the model endpoint's content filter blocked the reply")
     tool_calls = tuple(ToolCall(id=call["id"], name=call["name"], arguments=call["arguments"] or "{}")
                        for _, call in sorted(calls.items()))
-    message = ChatMessage(role="assistant", content="".join(text) if text or not tool_calls else None,
+    message = ChatMessage(role="assistant", content=text if text or not tool_calls else None,
                           tool_calls=tool_calls, model=model, usage=usage)
     return Completion(message=message, finish_reason=finish_reason, usage=usage, model=model)
 
