@@ -1,7 +1,8 @@
 """Teams' streaming contract, enforced as the Bot Connector enforces it, for the local stand-in.
 
 From the Teams platform docs ("Stream bot messages"): only in personal chats (conversation IDs
-that start with `a:`), one stream per chat at a time, over within 2 minutes; updates are `typing`
+that start with `a:`; the Agents Playground also reads the activity's `conversationType`), one
+stream per chat at a time, over within 2 minutes; updates are `typing`
 activities with a `streaminfo` entity (`informative` or `streaming`, `streamSequence` from 1,
 increasing); the first answers 201 with the stream's ID, the others carry it and answer 202;
 streamed text is cumulative; informative text holds at most 1,000 characters; at most one request
@@ -63,7 +64,10 @@ class StreamContract:
         if info is None:
             return None
         now = time.monotonic()
-        if not conversation_id.startswith("a:"):
+        conversation = activity.get("conversation") or {}
+        if not conversation_id.startswith("a:") or conversation.get("conversationType") != "personal":
+            # Teams knows personal chats by their ID; the Agents Playground reads the activity's
+            # conversation.conversationType (and refuses a stream without it).
             return self._refuse(403, "Content stream is not allowed on this conversation type.")
         kind = info.get("streamType")
         stream = self.streams.get(str(info.get("streamId")))

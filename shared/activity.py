@@ -23,6 +23,7 @@ __all__ = ["AI_GENERATED", "MAX_BODY_BYTES", "MAX_DEPTH", "Activity", "parse_act
 
 MAX_BODY_BYTES = 1_000_000
 MAX_FEEDBACK_CHARS = 5_000
+_CONVERSATION_REFERENCE = ("conversationType", "tenantId", "isGroup")
 #: The entity that marks a message as AI-generated (Teams shows the "AI generated" label).
 AI_GENERATED = {"type": "https://schema.org/Message", "@type": "Message",
                 "@context": "https://schema.org", "@id": "", "additionalType": ["AIGeneratedContent"]}
@@ -182,7 +183,13 @@ class Activity:
         return self._addressed("typing")
 
     def _addressed(self, kind: str) -> dict[str, Any]:
-        return {"type": kind, "replyToId": self.id, "conversation": {"id": self.conversation_id},
+        """An activity back into this conversation: its reference as the SDKs copy it (the
+        conversation's ID, type, tenant and group flag; from and recipient swapped)."""
+        inbound = self.raw.get("conversation")
+        conversation = {name: inbound[name] for name in _CONVERSATION_REFERENCE
+                        if isinstance(inbound, dict) and name in inbound}
+        return {"type": kind, "replyToId": self.id,
+                "conversation": {**conversation, "id": self.conversation_id},
                 "from": self.recipient, "recipient": self.sender, "channelId": self.channel_id}
 
 
