@@ -164,4 +164,4 @@ def _forget_json(data: UserData) -> dict[str, Any]:
     return {"userId": data.user_id,
             "personalConversationsDeleted": sum(not c.shared for c in data.conversations),
             "sharedConversations": sum(c.shared for c in data.conversations),
-            "messagesReplaced": sum(len(c.sent) for c in data.conversations if c.shared)}
+            "messagesReplaced": sum(len(c.messages) for c in data.conversations if c.shared)}

@@ -609,15 +609,25 @@ class TableConversationStore(ConversationStore):
             "PartitionKey eq @pk", parameters={"pk": user_index_key(user_id)})]
 
     async def _redact(self, pk: str, ids: set[str], marker: str) -> int:
-        """Replace the user's messages by `marker` in place (role, order, turn kept), then rewrite
-        the head without its copy of the newest turns and without a summary that may quote them."""
+        """Replace the user's messages, and the replies to them, by `marker` in place (role, order,
+        turn kept), then rewrite the head without its copy of the newest turns and without a
+        summary that may quote them."""
+        rows = [row async for row in self._table.query_entities(
+            "PartitionKey eq @pk and RowKey ge @first and RowKey lt @end",
+            parameters={"pk": pk, "first": MESSAGE_PREFIX, "end": MESSAGES_END})]
+        theirs = {row["turn_seq"] for row in rows
+                  if row["role"] == "user" and {row.get("from_id"), row.get("from_aad")} & ids}
         replaced = 0
-        async for row in self._table.query_entities(
-                "PartitionKey eq @pk and RowKey ge @first and RowKey lt @end",
-                parameters={"pk": pk, "first": MESSAGE_PREFIX, "end": MESSAGES_END}):
-            if row["role"] != "user" or not ({row.get("from_id"), row.get("from_aad")} & ids):
+        for row in rows:
+            if row.get("turn_seq") not in theirs or row.get("redacted"):
                 continue
-            kept = {name: row[name] for name in _REDACTED_KEEPS if name in row}
+            if row["role"] == "user":
+                kept = {name: row[name] for name in _REDACTED_KEEPS if name in row}
+            elif row["role"] == "assistant" and "tool_calls" not in row:
+                kept = {name: value for name, value in row.items()
+                        if not name.startswith(("content", "feedback_text"))}
+            else:
+                continue  # tool calls and results: the bot's working, kept (docs/operate-data.md)
             await self._table.update_entity({**kept, "content": marker, "redacted": True},
                                             mode=UpdateMode.REPLACE)
             replaced += 1
@@ -643,7 +653,8 @@ class TableConversationStore(ConversationStore):
                                    "were removed")
 
 
-#: What a redacted message row keeps: its place in the conversation, and nothing the user wrote.
+#: What a redacted user message row keeps: its place in the conversation, nothing they wrote, not
+#: who they were.
 _REDACTED_KEEPS = ("PartitionKey", "RowKey", "seq", "turn_seq", "role", "tokens", "activity_id",
                    "timestamp")
 
