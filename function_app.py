@@ -4,6 +4,9 @@ POST /api/messages                                   the Bot Framework messaging
 GET  /api/health                                     200 when storage answers, 503 when not
 GET  /api/conversations/{conversation_id}/messages   the stored history, oldest first, and summary
 DELETE /api/conversations/{conversation_id}          forget a conversation
+GET  /api/users/{user_id}/messages                   every stored message a user sent or received
+DELETE /api/users/{user_id}                          forget a user (docs/operate-data.md)
+timer retention (%CHAT_RETENTION_SCHEDULE%)          delete conversations idle too long
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ import azure.functions as func
 
 from shared.errors import ChatstateError, http_status_for
 from shared.messages import ChatMessage
+from shared.retention import purge_idle
 from shared.runtime import Runtime
+from shared.settings import trigger_setting
+from shared.store import UserConversation, UserData
 from shared.tools import tool
 
 
@@ -85,6 +91,38 @@ async def clear_conversation(req: func.HttpRequest) -> func.HttpResponse:
     return func.HttpResponse(status_code=204)
 
 
+@app.route(route="users/{user_id}/messages", methods=["GET"])
+async def user_messages(req: func.HttpRequest) -> func.HttpResponse:
+    """{"userId", "conversations": [{"conversationId", "type": "personal"|"shared",
+    "messages": [{"direction": "sent"|"received", "role", "content", "activityId", ...}]}]}"""
+    user_id = req.route_params["user_id"]
+    try:
+        data = await runtime.store.export_user(user_id)
+    except ChatstateError as exc:
+        return _failed(exc)
+    return _json({"userId": user_id,
+                  "conversations": [_user_conversation_json(found) for found in data.conversations]})
+
+
+@app.route(route="users/{user_id}", methods=["DELETE"])
+async def forget_user(req: func.HttpRequest) -> func.HttpResponse:
+    """{"userId", "personalConversationsDeleted", "sharedConversations", "messagesReplaced"}"""
+    user_id = req.route_params["user_id"]
+    try:
+        data = await runtime.store.forget_user(user_id)
+    except ChatstateError as exc:
+        return _failed(exc)
+    body = _forget_json(data)
+    logging.info("forgot a user through the API: %s", {k: v for k, v in body.items() if k != "userId"})
+    return _json(body)
+
+
+@app.timer_trigger(schedule=trigger_setting("CHAT_RETENTION_SCHEDULE"), arg_name="timer",
+                   use_monitor=True)
+async def retention(timer: func.TimerRequest) -> None:
+    await purge_idle(runtime.store, days=runtime.settings.data.retention_days)
+
+
 def _failed(error: ChatstateError) -> func.HttpResponse:
     return _json({"error": error.code, "reason": str(error)}, status=http_status_for(error))
 
@@ -112,3 +150,18 @@ def _message_json(message: ChatMessage) -> dict[str, Any]:
                           "completionTokens": message.usage.completion_tokens,
                           "cachedTokens": message.usage.cached_tokens}
     return shown
+
+
+def _user_conversation_json(found: UserConversation) -> dict[str, Any]:
+    sent = {id(message) for message in found.sent}
+    return {"conversationId": found.conversation_id,
+            "type": "shared" if found.shared else "personal",
+            "messages": [{"direction": "sent" if id(message) in sent else "received",
+                          **_message_json(message)} for message in found.messages]}
+
+
+def _forget_json(data: UserData) -> dict[str, Any]:
+    return {"userId": data.user_id,
+            "personalConversationsDeleted": sum(not c.shared for c in data.conversations),
+            "sharedConversations": sum(c.shared for c in data.conversations),
+            "messagesReplaced": sum(len(c.messages) for c in data.conversations if c.shared)}

@@ -85,6 +85,8 @@ param chatSummary string = 'on'
 @minValue(64)
 @maxValue(5000)
 param chatSummaryTokenBudget int = 1000
+@description('NCRONTAB schedule of the retention timer (CHAT_RETENTION_SCHEDULE); retention itself is off until CHAT_RETENTION_DAYS is set.')
+param chatRetentionSchedule string = '0 30 3 * * *'
 
 // --- bot and hosting ---
 @allowed(['F0', 'S1'])
@@ -303,6 +305,11 @@ var chatAppSettings = [
   {
     name: 'CHAT_TURN_MAX_ATTEMPTS'
     value: string(chatTurnMaxAttempts)
+  }
+  {
+    // The timer trigger reads it as %CHAT_RETENTION_SCHEDULE%: the host needs it set.
+    name: 'CHAT_RETENTION_SCHEDULE'
+    value: chatRetentionSchedule
   }
 ]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from .messages import Feedback
+from .messages import Feedback, Sender
 
 __all__ = ["AI_GENERATED", "MAX_BODY_BYTES", "MAX_DEPTH", "Activity", "parse_activity"]
 
@@ -58,6 +58,14 @@ class Activity:
     def sender(self) -> dict[str, Any]:
         value = self.raw.get("from")
         return dict(value) if isinstance(value, dict) else {}
+
+    @property
+    def user(self) -> Sender:
+        """The sender's IDs: the channel's (`from.id`) and, in Teams, the Entra object ID."""
+        sender = self.sender
+        ids = [sender.get(name) for name in ("id", "aadObjectId")]
+        return Sender(id=ids[0] if isinstance(ids[0], str) and ids[0] else None,
+                      aad_id=ids[1] if isinstance(ids[1], str) and ids[1] else None)
 
     @property
     def recipient(self) -> dict[str, Any]:

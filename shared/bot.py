@@ -39,11 +39,12 @@ from .errors import (
     Unauthorized,
     http_status_for,
 )
+from .limits import LIMIT_REPLIES, limit_reached, over_limit
 from .logs import turn_context
-from .messages import ChatMessage, StoredTurn, ToolCall
+from .messages import ChatMessage, StoredTurn, ToolCall, utc_day, utc_now
 from .prompt import TURN_LIMIT_REPLY, ChatPrompt, ToolListener, check_input
 from .settings import Settings
-from .store import ConversationStore, ConversationWindow
+from .store import ConversationStore, ConversationWindow, Indexed
 from .streaming import ReplyStream
 from .summary import Summarizer
 
@@ -209,6 +210,7 @@ class ChatBot:
         # A turn that is kept once asked: the user has read it as it streamed, or it was asked
         # again once already after losing a race (so a busy conversation cannot starve it).
         kept: tuple[ChatMessage, ...] | None = None
+        indexing: asyncio.Task[Indexed | None] | None = None
         try:
             for attempt in range(self.settings.turn_max_attempts):
                 window = await self.store.load_window(
@@ -219,6 +221,14 @@ class ChatBot:
                     # and delivers it. Found at once: a channel retry, which may need a re-send.
                     turn = await self.store.get_turn(activity.conversation_id, activity.id)
                     return await self._redeliver(activity, turn, send=attempt == 0, stream=stream)
+                now = utc_now()
+                if kept is None and (limit := over_limit(window.spend, self.settings.data, now)):
+                    limit_reached(limit, window.spend, now)
+                    return await self._reply(activity, activity.reply(LIMIT_REPLIES[limit], ai=False),
+                                             stream=stream)
+                if indexing is None:  # index rows, written while the model works
+                    indexing = asyncio.create_task(self.store.write_indexes(
+                        window, today=utc_day(now), sender=activity.user, shared=activity.in_group))
                 if stream is None and typing is None:
                     stream, typing = self._show_progress(activity)
                 messages = kept
@@ -226,7 +236,8 @@ class ChatBot:
                     try:
                         result = await self.prompt.send(
                             text, history=window.messages, summary=window.summary,
-                            speaker=activity.speaker, on_text=stream.on_text if stream else None,
+                            speaker=activity.speaker, sender=activity.user,
+                            on_text=stream.on_text if stream else None,
                             on_tools=self._tools_listener(stream))
                     except ModelError as exc:
                         log.warning("model failed (%s): %s", type(exc).__name__, exc)
@@ -235,6 +246,7 @@ class ChatBot:
                     messages = _as_seen(result.messages, stream)
                     if (stream is not None and stream.shown) or attempt >= MAX_REASKS:
                         kept = messages
+                window = replace(window, indexed=await indexing)
                 try:
                     turn = await self.store.commit_turn(window, activity_id=activity.id,
                                                         messages=messages)
@@ -259,6 +271,8 @@ class ChatBot:
                 self._start_after_reply(activity, window)
                 return response
         finally:
+            if indexing is not None:  # a turn that ends before its commit: the rows stay, harmless
+                await asyncio.gather(indexing, return_exceptions=True)
             if typing is not None:
                 await asyncio.gather(typing, return_exceptions=True)
             if stream is not None:

@@ -7,13 +7,32 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-__all__ = ["ChatMessage", "Feedback", "Role", "StoredTurn", "ToolCall", "Usage", "utc_now"]
+__all__ = ["ChatMessage", "Feedback", "Role", "Sender", "StoredTurn", "ToolCall", "Usage", "utc_day",
+           "utc_now"]
 
 Role = Literal["system", "user", "assistant", "tool"]
 
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def utc_day(at: datetime) -> str:
+    """The UTC day of an aware datetime, as YYYY-MM-DD (sorts as it counts)."""
+    return at.astimezone(UTC).date().isoformat()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sender:
+    """Who sent a user message: the channel's user ID (`from.id`) and, in Teams, the user's Entra
+    object ID (`from.aadObjectId`). Either may name the user in a data request."""
+
+    id: str | None = None
+    aad_id: str | None = None
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(value for value in (self.aad_id, self.id) if value))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +99,8 @@ class ChatMessage:
     stopped: bool = False
     #: The user's rating of this reply, if any (the newest replaces the one before).
     feedback: Feedback | None = None
+    #: User messages: who sent it (kept so a user's data can be found and removed on request).
+    sender: Sender | None = None
 
     def to_openai(self) -> dict[str, Any]:
         """The Chat Completions form of this message."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InputTooLong, MessageTooLarge, ModelTimeout, TurnTooLarge
-from .messages import ChatMessage, StoredTurn, ToolCall, Usage
+from .messages import ChatMessage, Sender, StoredTurn, ToolCall, Usage
 from .model import ChatModel, TextListener
 from .speakers import SpeakerStyle, wire_message
 from .store import MAX_MESSAGE_CHARS, ConversationStore, ConversationWindow, check_turn
@@ -153,18 +153,20 @@ class ChatPrompt:
     async def send(self, input: str, *, history: Sequence[ChatMessage] = (),
                    memory: ConversationMemory | None = None, instructions: str | None = None,
                    summary: str | None = None, speaker: str | None = None,
+                   sender: Sender | None = None,
                    on_text: TextListener | None = None,
                    on_tools: ToolListener | None = None) -> PromptResult:
         """Ask the model after `summary` and `history` (or `memory`'s, loaded if need be); run
         the tools it calls; return the turn without storing anything. `speaker`: who wrote
-        `input`, in a group chat (stored with it and sent as `speaker_style` says).
+        `input`, in a group chat (stored with it and sent as `speaker_style` says); `sender`:
+        their IDs, stored with the message only (a user's data requests find it by them).
 
         `on_text`: the model streams, and the listener gets each round's text so far (it may
         raise `ReplyStopped` to end the reply); `on_tools`: told of each round's tool calls."""
         if memory is not None:
             window = memory.window or await memory.load(input=input)
             history, summary = window.messages, window.summary
-        user = ChatMessage(role="user", content=input, name=speaker)
+        user = ChatMessage(role="user", content=input, name=speaker, sender=sender)
         system = instructions if instructions is not None else self.instructions
         request = ([{"role": "system", "content": system}] if system else []) + \
             ([{"role": "system", "content": SUMMARY_HEADING + summary}] if summary else []) + \

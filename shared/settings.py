@@ -11,7 +11,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from urllib.parse import urlparse
 
@@ -20,6 +20,7 @@ from .errors import SettingsError
 __all__ = [
     "SETTINGS",
     "BotSettings",
+    "DataSettings",
     "ModelProvider",
     "ModelSettings",
     "Setting",
@@ -27,6 +28,7 @@ __all__ = [
     "StorageSettings",
     "SummarySettings",
     "load_settings",
+    "trigger_setting",
 ]
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,8 @@ BOTFRAMEWORK_OPENID_METADATA = "https://login.botframework.com/v1/.well-known/op
 #: (webchat., directline., europe.webchat., slack. ... .botframework.com).
 BOT_SERVICE_URL_HOSTS = "smba.trafficmanager.net,smba.infra.gcc.teams.microsoft.com,*.botframework.com"
 DEFAULT_INSTRUCTIONS = "You are a helpful, concise assistant in a chat."
+#: Daily at 03:30 UTC. Function triggers read it as `%CHAT_RETENTION_SCHEDULE%`.
+RETENTION_SCHEDULE = "0 30 3 * * *"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,6 +142,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(name="CHAT_TURN_MAX_ATTEMPTS", default="8",
             description="Attempts of one turn when another instance commits first (each re-runs "
             "the prompt after a jittered backoff of up to 1 s)."),
+    # data: retention and spend limits (docs/operate-data.md)
+    Setting(name="CHAT_RETENTION_DAYS", deployed=False,
+            description="Delete conversations idle longer than this many days (1-36500), by the "
+            "retention timer; unset: keep them for ever."),
+    Setting(name="CHAT_RETENTION_SCHEDULE", default=RETENTION_SCHEDULE,
+            description="NCRONTAB schedule (six fields, UTC) of the retention timer; it does "
+            "nothing while CHAT_RETENTION_DAYS is unset."),
+    Setting(name="CHAT_MAX_TURNS_PER_MINUTE", deployed=False,
+            description="At most this many answered turns per conversation per UTC minute; "
+            "more get a short polite reply and no model call. Unset: no limit."),
+    Setting(name="CHAT_DAILY_TOKEN_LIMIT", deployed=False,
+            description="At most this many model tokens (prompt + completion) per conversation "
+            "per UTC day; past it, a short polite reply and no model call. Unset: no limit."),
     # network
     Setting(name="HTTPS_PROXY", deployed=False,
             description="Standard proxy variable for outbound HTTPS; with it (or HTTP_PROXY, "
@@ -205,6 +222,15 @@ class SummarySettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DataSettings:
+    """Retention and spend limits; None: off."""
+
+    retention_days: int | None = None
+    max_turns_per_minute: int | None = None
+    daily_token_limit: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class BotSettings:
     client_id: str | None
     client_secret: str | None
@@ -235,6 +261,7 @@ class Settings:
     #: A proxy variable is set: outbound clients must honour the environment's proxy settings.
     env_proxy: bool = False
     port: int
+    data: DataSettings = field(default_factory=DataSettings)
 
 
 class _Reader:
@@ -271,6 +298,9 @@ class _Reader:
             raise SettingsError(name, f"must be a whole number, got {raw!r}")
         return int(self.number(name, minimum=minimum, maximum=maximum))
 
+    def optional_integer(self, name: str, *, minimum: int, maximum: int) -> int | None:
+        return self.integer(name, minimum=minimum, maximum=maximum) if self.text(name) else None
+
     def flag(self, name: str) -> bool:
         raw = self.required_text(name).lower()
         if raw not in _FLAGS:
@@ -286,6 +316,16 @@ class _Reader:
         if parsed.scheme not in schemes or not parsed.netloc:
             raise SettingsError(name, f"must be an {' or '.join(schemes)} URL, got {value!r}")
         return value.rstrip("/")
+
+
+def trigger_setting(name: str) -> str:
+    """`%name%`, a trigger's app-setting expression, with the setting's default put into this
+    process's environment when it is unset: the dev host resolves `%name%` from it. (In Azure the
+    Functions host resolves it from the app settings, which the Bicep sets.)"""
+    default = _BY_NAME[name].default
+    if default is not None and not os.environ.get(name, "").strip():
+        os.environ[name] = default
+    return f"%{name}%"
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -306,6 +346,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         feedback=read.flag("CHAT_FEEDBACK"),
         env_proxy=any(read.given(name) for name in _PROXY_VARIABLES),
         port=read.integer("PORT", minimum=1, maximum=65535),
+        data=DataSettings(
+            retention_days=read.optional_integer("CHAT_RETENTION_DAYS", minimum=1, maximum=36_500),
+            max_turns_per_minute=read.optional_integer("CHAT_MAX_TURNS_PER_MINUTE", minimum=1,
+                                                       maximum=10_000),
+            daily_token_limit=read.optional_integer("CHAT_DAILY_TOKEN_LIMIT", minimum=1,
+                                                    maximum=10**12)),
     )
 
 

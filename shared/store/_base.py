@@ -7,12 +7,14 @@ size limits, the order of a turn's messages and the checks made before anything 
 from __future__ import annotations
 
 import json
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import BadRequest, MessageTooLarge, TurnTooLarge
-from ..messages import ChatMessage, Feedback, StoredTurn
+from ..limits import Spend
+from ..messages import ChatMessage, Feedback, Sender, StoredTurn
 from ..tokens import count_message_tokens
 from ._fold import FoldJob
 from ._head import Basis
@@ -22,9 +24,14 @@ __all__ = [
     "MAX_MESSAGE_CHARS",
     "MAX_TURN_BYTES",
     "MAX_TURN_MESSAGES",
+    "REMOVED_MARKER",
     "ConversationStore",
     "ConversationWindow",
     "FoldJob",
+    "Indexed",
+    "PurgeReport",
+    "UserConversation",
+    "UserData",
 ]
 
 #: A message's content (or tool-call JSON) may hold at most this many characters.
@@ -35,6 +42,47 @@ MAX_TURN_MESSAGES = 98
 MAX_TURN_BYTES = 3_500_000
 MAX_CONVERSATION_ID_CHARS = 8_192
 MAX_ACTIVITY_ID_CHARS = 1_024
+MAX_USER_ID_CHARS = 1_024
+#: What a user's message in a shared conversation becomes when they ask for their data removed.
+REMOVED_MARKER = "[removed at the user's request]"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Indexed:
+    """Index rows written for a turn before it commits; the commit records them in the head."""
+
+    #: The day whose day-index row now names the conversation (None: none written).
+    day: str | None = None
+    #: User IDs whose user-index row now names the conversation.
+    speakers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class PurgeReport:
+    """What one retention run did. `finished` False: it stopped at its deadline (the index rows
+    left are where the next run starts)."""
+
+    purged: int = 0
+    kept: int = 0
+    finished: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class UserConversation:
+    """A user's messages in one conversation: those they sent, and the replies to their turns."""
+
+    conversation_id: str
+    shared: bool
+    sent: tuple[ChatMessage, ...]
+    received: tuple[ChatMessage, ...]
+    #: Everything of theirs and the replies in order, for the export.
+    messages: tuple[ChatMessage, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class UserData:
+    user_id: str
+    conversations: tuple[UserConversation, ...]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +106,10 @@ class ConversationWindow:
     committed_activity: bool = False
     summary: str | None = None
     summary_due: bool = False
+    #: The conversation's spend counters as loaded (`shared/limits.py`).
+    spend: Spend = field(default_factory=Spend)
+    #: Index rows written for this turn (`write_indexes`), for the commit to record in the head.
+    indexed: Indexed | None = None
     #: What the backend read the window from, for its commit; opaque to callers.
     basis: Basis | None = field(default=None, repr=False, compare=False)
 
@@ -97,6 +149,36 @@ class ConversationStore(ABC):
         check_turn(messages)
         return await self._commit_turn(window, activity_id=activity_id, messages=list(messages),
                                        tokens=[count_message_tokens(m) for m in messages])
+
+    async def write_indexes(self, window: ConversationWindow, *, today: str,
+                            sender: Sender | None, shared: bool) -> Indexed | None:
+        """Write the index rows this turn needs before it commits (the day index on the
+        conversation's first turn of `today`, the user index when `sender` first speaks in it);
+        never raises: a failed write is left for a later turn. None: this store keeps no index."""
+        return None
+
+    async def purge_idle(self, *, before: str, deadline: float,
+                         clock: Callable[[], float] = time.monotonic) -> PurgeReport:
+        """Delete the conversations whose last turn was before the UTC day `before`, until
+        `clock()` passes `deadline`. A turn that arrives meanwhile is kept."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no retention index")
+
+    async def export_user(self, user_id: str) -> UserData:
+        """Every stored message `user_id` sent or received, by conversation."""
+        _check_user_id(user_id)
+        return await self._export_user(user_id)
+
+    async def forget_user(self, user_id: str, *, marker: str = REMOVED_MARKER) -> UserData:
+        """Delete `user_id`'s personal conversations; in shared ones replace their messages by
+        `marker`. Returns what was found (before the change)."""
+        _check_user_id(user_id)
+        return await self._forget_user(user_id, marker=marker)
+
+    async def _export_user(self, user_id: str) -> UserData:
+        raise NotImplementedError(f"{type(self).__name__} keeps no user index")
+
+    async def _forget_user(self, user_id: str, *, marker: str) -> UserData:
+        raise NotImplementedError(f"{type(self).__name__} keeps no user index")
 
     async def get_turn(self, conversation_id: str, activity_id: str) -> StoredTurn | None:
         """What `activity_id` committed in this conversation, or None."""
@@ -199,6 +281,11 @@ def check_turn(messages: Sequence[ChatMessage]) -> None:
 def _check_conversation_id(conversation_id: str) -> None:
     if not conversation_id or len(conversation_id) > MAX_CONVERSATION_ID_CHARS:
         raise BadRequest(f"a conversation ID must have 1 to {MAX_CONVERSATION_ID_CHARS} characters")
+
+
+def _check_user_id(user_id: str) -> None:
+    if not user_id or len(user_id) > MAX_USER_ID_CHARS:
+        raise BadRequest(f"a user ID must have 1 to {MAX_USER_ID_CHARS} characters")
 
 
 def _check_activity_id(activity_id: str) -> None:

@@ -9,6 +9,10 @@ One partition per conversation (`encode_key(conversation_id)`), three kinds of r
                       one range query returns the head followed by the newest messages
     t<activity key>   the marker of a committed activity: its messages' seq range, delivered flag
 
+Index partitions sit beside the conversations (`~idx-day-<YYYY-MM-DD>`, `~idx-user-<user key>`, one
+row per conversation, row key = the conversation's partition key). `encode_key` writes a `~` only
+as `~XX` (two hex digits) or `~~<hash>`, so no conversation's partition key starts with `~i`.
+
 Text longer than `CHUNK_CHARS` is split over `name`, `name_1`, `name_2`... because a string
 property holds at most 64 KiB (32,768 UTF-16 code units; `CHUNK_CHARS` code points never exceed it).
 """
@@ -20,13 +24,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..keys import encode_key
-from ..messages import ChatMessage, Feedback, ToolCall, Usage
+from ..messages import ChatMessage, Feedback, Sender, ToolCall, Usage
 
 HEAD = "h"
 MESSAGE_PREFIX = "m"
 MESSAGES_END = "n"  # every message row key is below this
 MARKER_PREFIX = "t"
 MARKERS_END = "u"  # every marker row key is below this
+DAY_INDEX = "~idx-day-"
+USER_INDEX = "~idx-user-"
 CHUNK_CHARS = 16_000
 _MAX_SEQ = 9_999_999_999_999
 
@@ -35,6 +41,16 @@ Entity = dict[str, Any]
 
 def message_row_key(seq: int) -> str:
     return f"{MESSAGE_PREFIX}{_MAX_SEQ - seq:013d}"
+
+
+def day_index_key(day: str) -> str:
+    """The partition listing the conversations last active on `day` (YYYY-MM-DD)."""
+    return DAY_INDEX + day
+
+
+def user_index_key(user_id: str) -> str:
+    """The partition listing the conversations `user_id` spoke in."""
+    return USER_INDEX + encode_key(user_id)
 
 
 def marker_row_key(activity_id: str) -> str:
@@ -78,6 +94,11 @@ def message_entity(pk: str, seq: int, message: ChatMessage, *, tokens: int, turn
             entity[name] = value
     if message.stopped:
         entity["stopped"] = True
+    if message.sender is not None:
+        if message.sender.id:
+            entity["from_id"] = message.sender.id
+        if message.sender.aad_id:
+            entity["from_aad"] = message.sender.aad_id
     if message.usage is not None:
         entity["prompt_tokens"] = message.usage.prompt_tokens
         entity["completion_tokens"] = message.usage.completion_tokens
@@ -109,6 +130,8 @@ def entity_message(entity: Entity) -> ChatMessage:
         usage=usage,
         stopped=bool(entity.get("stopped", False)),
         feedback=entity_feedback(entity),
+        sender=Sender(id=entity.get("from_id"), aad_id=entity.get("from_aad"))
+        if "from_id" in entity or "from_aad" in entity else None,
     )
 
 

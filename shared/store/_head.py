@@ -17,6 +17,12 @@ The head (row key `h`) is what a turn reads and what its commit replaces, under 
                       a summary prepared after an earlier reply (of the messages before
                       `pending_to` + 1), ready for the step that moves `start` from `pending_from`
                       to `pending_to` + 1; a turn's commit makes that step (`after`), atomically
+    day               the UTC day of the newest turn whose day-index row was written (retention)
+    speakers          user IDs whose user-index row names this conversation (bounded)
+    spend_*           the spend counters (`shared/limits.py`): turns this minute, tokens today
+
+`day` and `speakers` change only in a commit made after their index rows were written, so a head
+never names a day or a speaker whose index row is missing.
 
 The summary never lags the start: `start` moves only in a commit that makes the pending summary
 current, so no message falls between the summary and the window (`shared/window.py` chooses the
@@ -33,10 +39,11 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
+from ..limits import Spend
 from ..messages import utc_now
 from ..window import WindowPlanner
 from ._codec import HEAD, Entity, entity_message, get_text, put_text
@@ -55,6 +62,10 @@ COPY_MAX_CHARS = 200_000
 #: A summary (current or pending) holds at most this many characters: with the copy, a head stays
 #: below 1 MiB and a turn's transaction below 4 MiB even if every character is escaped as \uXXXX.
 SUMMARY_MAX_CHARS = 20_000
+#: The head remembers at most this many indexed speakers, in at most this many characters of JSON;
+#: one forgotten is indexed again when they next speak (an upsert of the same row).
+SPEAKERS_MAX = 64
+SPEAKERS_MAX_CHARS = 8_000
 #: Properties of a read message row that the copy has no use for.
 _NOT_COPIED = frozenset({"PartitionKey", "RowKey", "Timestamp"})
 
@@ -84,6 +95,11 @@ class Head:
     pending: str | None = None
     pending_from: int = 0
     pending_to: int = 0
+    #: The UTC day whose day-index row names this conversation ("": none written yet).
+    day: str = ""
+    #: User IDs whose user-index row names this conversation, oldest first.
+    speakers: tuple[str, ...] = ()
+    spend: Spend = field(default_factory=Spend)
     #: The ETag of the stored head; None for a head not stored yet.
     etag: str | None = None
 
@@ -119,6 +135,12 @@ class Head:
             pending=get_text(entity, "pending"),
             pending_from=int(entity.get("pending_from", 0)),
             pending_to=int(entity.get("pending_to", 0)),
+            day=str(entity.get("day", "")),
+            speakers=tuple(json.loads(entity.get("speakers", "[]"))),
+            spend=Spend(minute=int(entity.get("spend_minute", 0)),
+                        minute_turns=int(entity.get("spend_minute_turns", 0)),
+                        day=str(entity.get("spend_day", "")),
+                        day_tokens=int(entity.get("spend_day_tokens", 0))),
             etag=etag,
         )
 
@@ -144,7 +166,22 @@ class Head:
         if self.pending is not None:
             put_text(entity, "pending", self.pending)
             entity["pending_from"], entity["pending_to"] = self.pending_from, self.pending_to
+        if self.day:
+            entity["day"] = self.day
+        if self.speakers:
+            entity["speakers"] = json.dumps(list(self.speakers))
+        if self.spend != Spend():
+            entity.update(spend_minute=self.spend.minute,
+                          spend_minute_turns=self.spend.minute_turns,
+                          spend_day=self.spend.day, spend_day_tokens=self.spend.day_tokens)
         return entity
+
+    def with_speakers(self, ids: Sequence[str]) -> Head:
+        """This head remembering `ids` as indexed too (the oldest let go past the bounds)."""
+        speakers = (*(known for known in self.speakers if known not in ids), *ids)[-SPEAKERS_MAX:]
+        while speakers and len(json.dumps(list(speakers))) > SPEAKERS_MAX_CHARS:
+            speakers = speakers[1:]
+        return replace(self, speakers=speakers)
 
     def committed(self, activity_id: str | None) -> bool:
         return activity_id is not None and any(r.activity_id == activity_id for r in self.recent)
@@ -172,7 +209,7 @@ class Head:
         """The head after a clear: every stored message hidden, nothing remembered (summary too)."""
         return replace(self, cleared_seq=self.last_seq, recent=(), copy=(),
                        copy_from=self.last_seq + 1, start=self.last_seq + 1, summary=None,
-                       pending=None, pending_from=0, pending_to=0)
+                       pending=None, pending_from=0, pending_to=0, speakers=())
 
     def with_pending(self, summary: str, *, start: int, to: int) -> Head:
         """This head with a summary prepared for the step from `start` to `to` + 1."""

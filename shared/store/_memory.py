@@ -11,7 +11,8 @@ import itertools
 from dataclasses import dataclass, field, replace
 
 from ..errors import ConversationConflict, DuplicateActivity
-from ..messages import ChatMessage, Feedback, StoredTurn
+from ..limits import Spend
+from ..messages import ChatMessage, Feedback, StoredTurn, utc_now
 from ..window import WindowBuilder
 from ._base import ConversationStore, ConversationWindow
 
@@ -26,6 +27,7 @@ class _Conversation:
     messages: list[tuple[ChatMessage, int]] = field(default_factory=list)
     turns: dict[str, StoredTurn] = field(default_factory=dict)
     replies: dict[str, str] = field(default_factory=dict)  # reply activity ID → activity ID
+    spend: Spend = field(default_factory=Spend)
 
 
 class InMemoryConversationStore(ConversationStore):
@@ -51,6 +53,7 @@ class InMemoryConversationStore(ConversationStore):
             rows_read=rows + (1 if conversation else 0),
             round_trips=1,
             committed_activity=bool(conversation and activity_id in conversation.turns),
+            spend=conversation.spend if conversation else Spend(),
         )
 
     async def _commit_turn(self, window: ConversationWindow, *, activity_id: str,
@@ -66,6 +69,8 @@ class InMemoryConversationStore(ConversationStore):
                 conversation = self._conversations[window.conversation_id] = _Conversation(
                     version=str(next(_versions)))
             conversation.messages.extend(zip(messages, tokens, strict=True))
+            spent = sum(m.usage.total_tokens for m in messages if m.usage is not None)
+            conversation.spend = conversation.spend.after_turn(utc_now(), tokens=spent)
             conversation.version = str(next(_versions))
             turn = StoredTurn(conversation_id=window.conversation_id, activity_id=activity_id,
                               messages=tuple(messages))

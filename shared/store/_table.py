@@ -9,9 +9,12 @@ that commits the turn, conditioned on the head's ETag (or on its absence for a n
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
 from typing import Any
 
 from azure.core import MatchConditions
@@ -34,24 +37,35 @@ from ..errors import (
     StorageForbidden,
     StorageRejected,
     StorageUnavailable,
+    StoreError,
     TurnTooLarge,
 )
 from ..keys import encode_key
-from ..messages import ChatMessage, Feedback, StoredTurn, utc_now
+from ..messages import ChatMessage, Feedback, Sender, StoredTurn, utc_now
 from ..window import WindowPlanner
-from ._base import ConversationStore, ConversationWindow
+from ._base import (
+    ConversationStore,
+    ConversationWindow,
+    Indexed,
+    PurgeReport,
+    UserConversation,
+    UserData,
+)
 from ._codec import (
+    DAY_INDEX,
     HEAD,
     MARKER_PREFIX,
     MARKERS_END,
     MESSAGE_PREFIX,
     MESSAGES_END,
     Entity,
+    day_index_key,
     entity_message,
     feedback_properties,
     marker_row_key,
     message_entity,
     message_row_key,
+    user_index_key,
 )
 from ._fold import FoldJob, fold_job, summary_due
 from ._head import Basis, Head
@@ -246,6 +260,7 @@ class TableConversationStore(ConversationStore):
             committed_activity=head.committed(activity_id),
             summary=(head.pending if plan.step else head.summary) if summaries else None,
             summary_due=summaries and summary_due(plan, head, token_budget=planner.token_budget),
+            spend=head.spend,
             basis=basis,
         )
 
@@ -263,6 +278,10 @@ class TableConversationStore(ConversationStore):
                 for offset, (message, count) in enumerate(zip(messages, tokens, strict=True))]
         after = head.after(basis, rows, activity_id=activity_id, token_budget=basis.token_budget,
                            max_messages=basis.max_messages)
+        if (indexed := window.indexed) is not None:
+            after = replace(after, day=indexed.day or after.day).with_speakers(indexed.speakers)
+        spent = sum(m.usage.total_tokens for m in messages if m.usage is not None)
+        after = replace(after, spend=head.spend.after_turn(utc_now(), tokens=spent))
         head_row = after.entity(pk)
         marker = {"PartitionKey": pk, "RowKey": marker_row_key(activity_id),
                   "activity_id": activity_id, "first_seq": first, "last_seq": after.last_seq,
@@ -425,25 +444,35 @@ class TableConversationStore(ConversationStore):
                                encode_key(conversation_id))
 
     async def _clear_rows(self, pk: str) -> int:
-        head_etag, cleared_seq = await self._hide_history(pk)
-        if head_etag is None or cleared_seq is None:
-            return 0  # nothing stored (or another clear got there first)
-        removed = await self._delete_rows(pk, up_to_seq=cleared_seq)
+        return (await self._clear_if(pk)).removed
+
+    async def _clear_if(self, pk: str, only_if: Callable[[Head], bool] | None = None) -> _Cleared:
+        """Clear the conversation if its head passes `only_if` (checked on the head that the hiding
+        write is conditioned on, so a turn committed after the check makes the check run again)."""
+        head_etag, hidden = await self._hide_history(pk, only_if)
+        if head_etag is None or hidden is None:
+            return _Cleared(removed=0, head=hidden, hidden=False, head_deleted=False)
+        removed = await self._delete_rows(pk, up_to_seq=hidden.cleared_seq)
         try:
             await self._table.delete_entity(pk, HEAD, etag=head_etag,
                                             match_condition=MatchConditions.IfNotModified)
-            removed += 1
         except ResourceModifiedError:
             log.info("the conversation got a new turn while it was cleared; kept it")
-        return removed
+            return _Cleared(removed=removed, head=hidden, hidden=True, head_deleted=False)
+        return _Cleared(removed=removed + 1, head=hidden, hidden=True, head_deleted=True)
 
-    async def _hide_history(self, pk: str) -> tuple[str | None, int | None]:
-        """Make every stored message invisible in one conditional write; return the new ETag."""
+    async def _hide_history(self, pk: str, only_if: Callable[[Head], bool] | None = None,
+                            ) -> tuple[str | None, Head | None]:
+        """Make every stored message invisible in one conditional write; return the new ETag and
+        the head as it was read (None, head: `only_if` refused it; None, None: nothing stored)."""
         for _ in range(8):
             entity = await self._get(pk, HEAD)
             if entity is None:
                 return None, None
-            head = Head.read(entity, etag=str(entity.metadata["etag"])).cleared()
+            read = Head.read(entity, etag=str(entity.metadata["etag"]))
+            if only_if is not None and not only_if(read):
+                return None, read
+            head = read.cleared()
             try:
                 result = await self._table.update_entity(
                     head.entity(pk), mode=UpdateMode.REPLACE, etag=head.etag,
@@ -452,7 +481,7 @@ class TableConversationStore(ConversationStore):
                 continue
             except ResourceNotFoundError:
                 return None, None  # another clear removed it
-            return str(result["etag"]), head.cleared_seq
+            return str(result["etag"]), replace(read, cleared_seq=head.cleared_seq)
         raise ConversationConflict("the conversation kept changing while it was cleared")
 
     async def _delete_rows(self, pk: str, *, up_to_seq: int) -> int:
@@ -478,6 +507,190 @@ class TableConversationStore(ConversationStore):
                 for key in keys:
                     await self._table.delete_entity(pk, key)
         return len(doomed)
+
+
+    # -- indexes: by day of last activity (retention), by user (data requests) ---------------
+
+    async def write_indexes(self, window: ConversationWindow, *, today: str,
+                            sender: Sender | None, shared: bool) -> Indexed | None:
+        head = window.basis.head if isinstance(window.basis, Basis) else \
+            Head(conversation_id=window.conversation_id)
+        pk = encode_key(window.conversation_id)
+        rows: list[tuple[str | None, Entity]] = []
+        if head.day != today:
+            rows.append((None, {"PartitionKey": day_index_key(today), "RowKey": pk,
+                                "conversation_id": window.conversation_id}))
+        ids = sender.ids if sender is not None else ()
+        rows += [(user_id, {"PartitionKey": user_index_key(user_id), "RowKey": pk,
+                            "conversation_id": window.conversation_id, "shared": shared,
+                            "user_ids": json.dumps(list(ids))})
+                 for user_id in ids if user_id not in head.speakers]
+        if not rows:
+            return None
+        results = await asyncio.gather(*(
+            self._run("writing an index row", self._table.upsert_entity, row,
+                      mode=UpdateMode.REPLACE) for _, row in rows), return_exceptions=True)
+        day: str | None = None
+        speakers: list[str] = []
+        for (user_id, row), result in zip(rows, results, strict=True):
+            if isinstance(result, StoreError):
+                log.warning("index_write_failed partition=%r: %s; a later turn writes it",
+                            row["PartitionKey"][:100], result)
+            elif isinstance(result, BaseException):
+                raise result
+            elif user_id is None:
+                day = today
+            else:
+                speakers.append(user_id)
+        return Indexed(day=day, speakers=tuple(speakers))
+
+    async def purge_idle(self, *, before: str, deadline: float,
+                         clock: Callable[[], float] = time.monotonic) -> PurgeReport:
+        """Walk the day-index partitions before `before`, oldest first (one range query over the
+        index partitions, never a message row), and clear each conversation still idle."""
+        purged = kept = 0
+        await self._ready()
+        async with _translated("listing idle conversations"):
+            rows = self._table.query_entities(
+                "PartitionKey ge @first and PartitionKey lt @end",
+                parameters={"first": DAY_INDEX, "end": day_index_key(before)},
+                select=["PartitionKey", "RowKey"])
+            async for row in rows:
+                if clock() >= deadline:
+                    return PurgeReport(purged=purged, kept=kept, finished=False)
+                if await self._run("purging an idle conversation", self._expire,
+                                   row["PartitionKey"], row["RowKey"], before):
+                    purged += 1
+                else:
+                    kept += 1
+        return PurgeReport(purged=purged, kept=kept, finished=True)
+
+    async def _expire(self, index_pk: str, pk: str, before: str) -> bool:
+        """Clear the conversation `pk` if its head says it is still idle, then drop the index row."""
+        cleared = await self._clear_if(pk, lambda head: bool(head.day) and head.day < before)
+        if cleared.hidden and cleared.head is not None:
+            log.info("retention: purged conversation=%r (last active %s, %d rows)",
+                     cleared.head.conversation_id[:200], cleared.head.day, cleared.removed)
+            if cleared.head_deleted:
+                for user_id in cleared.head.speakers:
+                    await self._table.delete_entity(user_index_key(user_id), pk)
+        # Kept (a newer turn): its head's day has its own index row, written before that commit.
+        await self._table.delete_entity(index_pk, pk)
+        return cleared.hidden
+
+    async def _export_user(self, user_id: str) -> UserData:
+        entries = await self._run("reading the user index", self._user_entries, user_id)
+        found: list[UserConversation] = []
+        for entry in entries:
+            messages = await self._run("exporting a user's messages", self._read_messages,
+                                       entry["RowKey"])
+            mine = users_messages(str(entry["conversation_id"]), messages, user_id,
+                                  shared=bool(entry.get("shared")))
+            if mine is not None:
+                found.append(mine)
+        return UserData(user_id=user_id, conversations=tuple(found))
+
+    async def _forget_user(self, user_id: str, *, marker: str) -> UserData:
+        data = await self._export_user(user_id)
+        for entry in await self._run("reading the user index", self._user_entries, user_id):
+            pk = str(entry["RowKey"])
+            ids = {user_id, *json.loads(entry.get("user_ids", "[]"))}
+            if entry.get("shared"):
+                await self._run("removing a user's messages", self._redact, pk, ids, marker)
+            else:
+                await self._run("clearing a user's conversation", self._clear_if, pk)
+            for known in ids:
+                await self._run("updating the user index", self._table.delete_entity,
+                                user_index_key(known), pk)
+        return data
+
+    async def _user_entries(self, user_id: str) -> list[Entity]:
+        return [dict(row) async for row in self._table.query_entities(
+            "PartitionKey eq @pk", parameters={"pk": user_index_key(user_id)})]
+
+    async def _redact(self, pk: str, ids: set[str], marker: str) -> int:
+        """Replace the user's messages, and the replies to them, by `marker` in place (role, order,
+        turn kept), then rewrite the head without its copy of the newest turns and without a
+        summary that may quote them."""
+        rows = [row async for row in self._table.query_entities(
+            "PartitionKey eq @pk and RowKey ge @first and RowKey lt @end",
+            parameters={"pk": pk, "first": MESSAGE_PREFIX, "end": MESSAGES_END})]
+        theirs = {row["turn_seq"] for row in rows
+                  if row["role"] == "user" and {row.get("from_id"), row.get("from_aad")} & ids}
+        replaced = 0
+        for row in rows:
+            if row.get("turn_seq") not in theirs or row.get("redacted"):
+                continue
+            if row["role"] == "user":
+                kept = {name: row[name] for name in _REDACTED_KEEPS if name in row}
+            elif row["role"] == "assistant" and "tool_calls" not in row:
+                kept = {name: value for name, value in row.items()
+                        if not name.startswith(("content", "feedback_text"))}
+            else:
+                continue  # tool calls and results: the bot's working, kept (docs/operate-data.md)
+            await self._table.update_entity({**kept, "content": marker, "redacted": True},
+                                            mode=UpdateMode.REPLACE)
+            replaced += 1
+        for _ in range(8):
+            entity = await self._get(pk, HEAD)
+            if entity is None:
+                return replaced
+            head = Head.read(entity, etag=str(entity.metadata["etag"]))
+            rewritten = replace(
+                head, copy=None, summary=None, pending=None, pending_from=0, pending_to=0,
+                start=head.cleared_seq + 1 if head.start else 0,
+                speakers=tuple(known for known in head.speakers if known not in ids))
+            try:
+                await self._table.update_entity(rewritten.entity(pk), mode=UpdateMode.REPLACE,
+                                                etag=head.etag,
+                                                match_condition=MatchConditions.IfNotModified)
+                return replaced
+            except ResourceModifiedError:
+                continue  # a turn committed (its copy may hold the old text): again
+            except ResourceNotFoundError:
+                return replaced
+        raise ConversationConflict("the conversation kept changing while a user's messages "
+                                   "were removed")
+
+
+#: What a redacted user message row keeps: its place in the conversation, nothing they wrote, not
+#: who they were.
+_REDACTED_KEEPS = ("PartitionKey", "RowKey", "seq", "turn_seq", "role", "tokens", "activity_id",
+                   "timestamp")
+
+
+def users_messages(conversation_id: str, messages: list[ChatMessage], user_id: str, *,
+                   shared: bool) -> UserConversation | None:
+    """The turns `user_id` began (every turn of a personal conversation): the messages they sent
+    and the replies they received (assistant messages with text; tool calls and results are the
+    bot's working, not a message to them)."""
+    sent: list[ChatMessage] = []
+    received: list[ChatMessage] = []
+    ordered: list[ChatMessage] = []
+    theirs = False
+    for message in messages:
+        if message.role == "user":
+            theirs = not shared or (message.sender is not None and user_id in message.sender.ids)
+            if theirs:
+                sent.append(message)
+                ordered.append(message)
+        elif theirs and message.role == "assistant" and message.content and not message.tool_calls:
+            received.append(message)
+            ordered.append(message)
+    if not ordered:
+        return None
+    return UserConversation(conversation_id=conversation_id, shared=shared, sent=tuple(sent),
+                            received=tuple(received), messages=tuple(ordered))
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Cleared:
+    """What a clear did: `hidden` the history (then `head` is the head it hid), deleted the head."""
+
+    removed: int
+    head: Head | None
+    hidden: bool
+    head_deleted: bool
 
 
 async def _offer_page(page: AsyncIterator[TableEntity], head: Head, builder: WindowPlanner,

@@ -36,6 +36,10 @@ UNDEPLOYED_WITHOUT_DEFAULT = {
                           "deployment writes summaries",
     "HTTPS_PROXY": "a network's outbound proxy, if any; the deployed app goes out directly",
     "HTTP_PROXY": "a network's outbound proxy, if any; the deployed app goes out directly",
+    "CHAT_RETENTION_DAYS": "off unless the operator chooses a retention (a policy decision, "
+                           "not a template default)",
+    "CHAT_MAX_TURNS_PER_MINUTE": "off unless the operator chooses a limit",
+    "CHAT_DAILY_TOKEN_LIMIT": "off unless the operator chooses a limit",
 }
 
 _ARRAY_START = re.compile(r"\b\w*[aA]ppSettings\s*(?:=|:)\s*\[")
