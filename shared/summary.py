@@ -74,15 +74,18 @@ def fit_summary(text: str, *, token_budget: int) -> str:
 class Summarizer:
     """Prepares rolling summaries after replies, with `model`, within `token_budget` tokens.
 
-    `history_token_budget` is the window's budget: the store chooses what to fold with it.
+    `history_token_budget` and `history_max_messages` are the window's limits: the store chooses
+    what to fold with them.
     """
 
     def __init__(self, *, store: ConversationStore, model: ChatModel, token_budget: int,
-                 history_token_budget: int, deadline_seconds: float = DEADLINE_SECONDS) -> None:
+                 history_token_budget: int, history_max_messages: int | None = None,
+                 deadline_seconds: float = DEADLINE_SECONDS) -> None:
         self.store = store
         self.model = model
         self.token_budget = token_budget
         self.history_token_budget = history_token_budget
+        self.history_max_messages = history_max_messages
         self.deadline_seconds = deadline_seconds
 
     async def after_turn(self, window: ConversationWindow) -> bool:
@@ -105,7 +108,8 @@ class Summarizer:
         return False
 
     async def _prepare(self, conversation_id: str, started: float) -> bool:
-        job = await self.store.get_fold(conversation_id, token_budget=self.history_token_budget)
+        job = await self.store.get_fold(conversation_id, token_budget=self.history_token_budget,
+                                        max_messages=self.history_max_messages)
         if job is None:
             return False
         request = summary_request(job.summary, job.messages, token_budget=self.token_budget)

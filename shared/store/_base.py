@@ -212,7 +212,8 @@ class ConversationStore(ABC):
         _check_conversation_id(conversation_id)
         return None
 
-    async def get_fold(self, conversation_id: str, *, token_budget: int) -> FoldJob | None:
+    async def get_fold(self, conversation_id: str, *, token_budget: int,
+                       max_messages: int | None = None) -> FoldJob | None:
         """The summary to prepare next (the oldest turns of the window), or None: nothing to do."""
         return None
 

@@ -43,19 +43,27 @@ class FoldJob:
     head: Head = field(repr=False, compare=False)
 
 
-def summary_due(plan: WindowPlan, head: Head, *, token_budget: int) -> bool:
-    """Whether a summary should be prepared after this turn's reply (the head as loaded)."""
+def summary_due(plan: WindowPlan, head: Head, *, token_budget: int,
+                max_messages: int | None = None) -> bool:
+    """Whether a summary should be prepared after this turn's reply (the head as loaded).
+
+    The window is as full as the larger of its token and message shares (`max_messages`: the
+    window's message cap, when it has one)."""
     ready_after = not plan.step and head.ready_step() is not None
-    return not ready_after and (plan.behind or plan.tokens > FOLD_AT * token_budget)
+    full = plan.tokens > FOLD_AT * token_budget or \
+        (max_messages is not None and len(plan.messages) > FOLD_AT * max_messages)
+    return not ready_after and (plan.behind or full)
 
 
-def choose_fold(rows: Sequence[Entity], *, token_budget: int, reach_newest: bool) -> list[Entity]:
+def choose_fold(rows: Sequence[Entity], *, token_budget: int, reach_newest: bool,
+                max_messages: int | None = None) -> list[Entity]:
     """The rows to fold: the oldest whole turns of `rows` (oldest first, from the window's start).
 
     With `reach_newest` the rows run to the newest message, and the newest turns (up to `KEEP` of
-    the budget, at least one) stay out; at most `FOLD_MAX` of the budget is folded (at least one
-    turn). Empty: nothing to fold.
+    the budget and of `max_messages`, at least one) stay out; at most `FOLD_MAX` of the budget is
+    folded (at least one turn). Empty: nothing to fold.
     """
+    keep_messages = KEEP * max_messages if max_messages is not None else float("inf")
     turns: list[list[Entity]] = []
     for row in rows:
         if row["role"] == "user" or not turns:
@@ -63,8 +71,11 @@ def choose_fold(rows: Sequence[Entity], *, token_budget: int, reach_newest: bool
         turns[-1].append(row)
     if reach_newest:
         kept, tokens = 1, _tokens(turns[-1]) if turns else 0
-        while kept < len(turns) and tokens + _tokens(turns[-kept - 1]) <= KEEP * token_budget:
+        count = len(turns[-1]) if turns else 0
+        while kept < len(turns) and tokens + _tokens(turns[-kept - 1]) <= KEEP * token_budget \
+                and count + len(turns[-kept - 1]) <= keep_messages:
             tokens += _tokens(turns[-kept - 1])
+            count += len(turns[-kept - 1])
             kept += 1
         turns = turns[:-kept] if turns else []
     folded: list[Entity] = []
@@ -75,9 +86,10 @@ def choose_fold(rows: Sequence[Entity], *, token_budget: int, reach_newest: bool
     return folded
 
 
-def fold_job(head: Head, rows: Sequence[Entity], *, token_budget: int,
-             reach_newest: bool) -> FoldJob | None:
-    folded = choose_fold(rows, token_budget=token_budget, reach_newest=reach_newest)
+def fold_job(head: Head, rows: Sequence[Entity], *, token_budget: int, reach_newest: bool,
+             max_messages: int | None = None) -> FoldJob | None:
+    folded = choose_fold(rows, token_budget=token_budget, reach_newest=reach_newest,
+                         max_messages=max_messages)
     if not folded:
         return None
     return FoldJob(conversation_id=head.conversation_id, summary=head.summary,

@@ -259,7 +259,8 @@ class TableConversationStore(ConversationStore):
             round_trips=round_trips,
             committed_activity=head.committed(activity_id),
             summary=(head.pending if plan.step else head.summary) if summaries else None,
-            summary_due=summaries and summary_due(plan, head, token_budget=planner.token_budget),
+            summary_due=summaries and summary_due(plan, head, token_budget=planner.token_budget,
+                                                  max_messages=planner.max_messages),
             spend=head.spend,
             basis=basis,
         )
@@ -374,7 +375,8 @@ class TableConversationStore(ConversationStore):
         entity = await self._run("reading the summary", self._get, encode_key(conversation_id), HEAD)
         return None if entity is None else Head.read(entity, etag="").summary
 
-    async def get_fold(self, conversation_id: str, *, token_budget: int) -> FoldJob | None:
+    async def get_fold(self, conversation_id: str, *, token_budget: int,
+                       max_messages: int | None = None) -> FoldJob | None:
         if not self.summaries:
             return None
         pk = encode_key(conversation_id)
@@ -387,12 +389,14 @@ class TableConversationStore(ConversationStore):
             return None  # prepared already, or nothing after the start
         if head.copy is not None and head.copy_from <= start:
             rows = [row for row in head.copy if row["seq"] >= start]
-            return fold_job(head, rows, token_budget=token_budget, reach_newest=True)
+            return fold_job(head, rows, token_budget=token_budget, reach_newest=True,
+                            max_messages=max_messages)
         # The copy does not reach back to the start (the summary fell behind): read the oldest
         # rows from the start, at most _FOLD_ROWS of them.
         last = min(head.last_seq, start + _FOLD_ROWS - 1)
         rows = await self._run("reading messages for a summary", self._read_range, pk, start, last)
-        return fold_job(head, rows, token_budget=token_budget, reach_newest=last == head.last_seq)
+        return fold_job(head, rows, token_budget=token_budget, reach_newest=last == head.last_seq,
+                        max_messages=max_messages)
 
     async def _read_range(self, pk: str, first: int, last: int) -> list[Entity]:
         rows = [dict(row) async for row in self._table.query_entities(

@@ -124,6 +124,21 @@ def test_a_summary_is_due_past_three_quarters_unless_one_is_ready() -> None:
     assert not summary_due(large, ready, token_budget=100)
 
 
+def test_a_window_capped_by_messages_folds_and_steps_by_its_cap() -> None:
+    # GIVEN a window capped at 8 messages with a large token budget: 3 turns (6 messages) from
+    # the start, then 4 turns (8 messages)
+    head = Head(conversation_id="c", last_seq=16, start=1)
+    three = plan(WindowPlanner(token_budget=10_000, max_messages=8, start=1), rows(0, 2))
+    four = plan(WindowPlanner(token_budget=10_000, max_messages=8, start=1), rows(0, 3))
+    # WHEN each is checked  THEN a summary is due past three quarters of the cap, not before
+    assert not summary_due(three, head, token_budget=10_000, max_messages=8)
+    assert summary_due(four, head, token_budget=10_000, max_messages=8)
+    # AND the fold keeps the newest quarter of the cap (one turn, 2 messages) out of it, so the
+    # window can step to fewer than half its cap
+    folded = choose_fold(rows(0, 3), token_budget=10_000, reach_newest=True, max_messages=8)
+    assert [r["seq"] for r in folded] == list(range(1, 7))
+
+
 def test_tool_messages_reach_the_summary_as_their_gist() -> None:
     # GIVEN a long tool result and a named speaker
     tool = ChatMessage(role="tool", content="x" * 5_000, name="lookup", tool_call_id="c1")
