@@ -26,6 +26,7 @@ __all__ = [
     "Settings",
     "StorageSettings",
     "SummarySettings",
+    "TelemetrySettings",
     "load_settings",
 ]
 
@@ -146,6 +147,21 @@ SETTINGS: tuple[Setting, ...] = (
             "connector calls use httpx's own transport. Unset, the faster paths are used."),
     Setting(name="HTTP_PROXY", deployed=False,
             description="Standard proxy variable for outbound plain HTTP (see HTTPS_PROXY)."),
+    # telemetry (standard names: the Azure Monitor distro's and OpenTelemetry's own)
+    Setting(name="APPLICATIONINSIGHTS_CONNECTION_STRING",
+            description="Application Insights connection string: traces and metrics go there "
+            "through the Azure Monitor OpenTelemetry distro (the deployment sets it, with Entra ID "
+            "auth in APPLICATIONINSIGHTS_AUTHENTICATION_STRING)."),
+    Setting(name="OTEL_EXPORTER_OTLP_ENDPOINT", deployed=False,
+            description="Base URL of an OTLP collector (http/protobuf), e.g. "
+            "http://localhost:4318: traces and metrics go there too. Unset, with no "
+            "APPLICATIONINSIGHTS_CONNECTION_STRING, nothing is recorded."),
+    Setting(name="OTEL_SERVICE_NAME", default="chatstate", deployed=False,
+            description="The service.name of the traces and metrics."),
+    Setting(name="OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", default="false",
+            deployed=False,
+            description="true or false: record message text (prompts, replies, tool arguments "
+            "and results) on the model and tool spans. Off, no text is recorded."),
     # hosting
     Setting(name="WEBSITE_SITE_NAME", deployed=False,
             description="Set by Azure App Service/Functions; its presence means 'running in "
@@ -205,6 +221,14 @@ class SummarySettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TelemetrySettings:
+    applicationinsights_connection_string: str | None = None
+    otlp_endpoint: str | None = None
+    service_name: str = "chatstate"
+    capture_content: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
 class BotSettings:
     client_id: str | None
     client_secret: str | None
@@ -235,6 +259,7 @@ class Settings:
     #: A proxy variable is set: outbound clients must honour the environment's proxy settings.
     env_proxy: bool = False
     port: int
+    telemetry: TelemetrySettings = TelemetrySettings()
 
 
 class _Reader:
@@ -306,6 +331,19 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         feedback=read.flag("CHAT_FEEDBACK"),
         env_proxy=any(read.given(name) for name in _PROXY_VARIABLES),
         port=read.integer("PORT", minimum=1, maximum=65535),
+        telemetry=_telemetry(read),
+    )
+
+
+def _telemetry(read: _Reader) -> TelemetrySettings:
+    connection_string = read.text("APPLICATIONINSIGHTS_CONNECTION_STRING")
+    if connection_string is not None and "=" not in connection_string:
+        raise SettingsError("APPLICATIONINSIGHTS_CONNECTION_STRING", "is not a connection string")
+    return TelemetrySettings(
+        applicationinsights_connection_string=connection_string,
+        otlp_endpoint=read.url("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        service_name=read.required_text("OTEL_SERVICE_NAME"),
+        capture_content=read.flag("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"),
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -38,6 +39,7 @@ from ..errors import (
 )
 from ..keys import encode_key
 from ..messages import ChatMessage, Feedback, StoredTurn, utc_now
+from ..telemetry import storage_call
 from ..window import WindowPlanner
 from ._base import ConversationStore, ConversationWindow
 from ._codec import (
@@ -141,12 +143,15 @@ class TableConversationStore(ConversationStore):
         """`call(*args)` with the table ready, errors translated; a vanished table is made again."""
         for _ in range(2):
             await self._ready()
+            started = time.perf_counter()
             try:
                 async with _translated(action), asyncio.timeout(CLIENT_OPTIONS["deadline"]):
                     return await call(*args, **kwargs)
             except _TableMissing:
                 log.warning("the table %s is missing; creating it again", self._table.table_name)
                 self._table_ready = False
+            finally:
+                storage_call(action, time.perf_counter() - started)
         raise StorageUnavailable(f"the table {self._table.table_name} keeps vanishing")
 
     async def _ready(self) -> None:
