@@ -23,6 +23,7 @@ BENCHMARKS: tuple[str, ...] = (
     "store",
     "webhook",
     "long_chat",
+    "telemetry",
 )
 
 Benchmark = Callable[[str], Awaitable[dict[str, Any]]]
