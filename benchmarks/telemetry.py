@@ -5,9 +5,9 @@
 5,000 stored messages, model latency 0, streaming off) runs on two dev-host workers over the same
 table: one with no exporter configured (telemetry off: the no-op helpers), one with
 OTEL_EXPORTER_OTLP_ENDPOINT pointing at an OTLP collector stand-in in this process (every span and
-metric recorded, batched, encoded and posted by the worker's exporter threads). Off and on alternate, ROUNDS times each; the
-figure is the worker's CPU seconds (all its threads) over the measured turns. Beside it, the cost
-of the no-op helpers a turn calls, measured in this process.
+metric recorded, batched, encoded and posted by the worker's exporter threads). Off and on
+alternate, ROUNDS times each; the figure is the worker's CPU seconds (all its threads) over the
+measured turns. Beside it, the cost of the no-op helpers a turn calls, measured in this process.
 """
 
 from __future__ import annotations
