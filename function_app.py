@@ -5,7 +5,7 @@ GET  /api/health                                     200 when storage answers, 5
 GET  /api/conversations/{conversation_id}/messages   the stored history, oldest first, and summary
 DELETE /api/conversations/{conversation_id}          forget a conversation
 GET  /api/users/{user_id}/messages                   every stored message a user sent or received
-DELETE /api/users/{user_id}                          forget a user (docs/operate-data.md)
+DELETE /api/users/{user_id}                          forget a user (docs/operate.md)
 timer retention (%CHAT_RETENTION_SCHEDULE%)          delete conversations idle too long
 """
 

@@ -24,6 +24,7 @@ BENCHMARKS: tuple[str, ...] = (
     "webhook",
     "long_chat",
     "streaming",
+    "telemetry",
 )
 
 Benchmark = Callable[[str], Awaitable[dict[str, Any]]]

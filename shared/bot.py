@@ -47,6 +47,7 @@ from .settings import Settings
 from .store import ConversationStore, ConversationWindow, Indexed
 from .streaming import ReplyStream
 from .summary import Summarizer
+from .telemetry import span, turn
 
 __all__ = ["BotResponse", "ChatBot"]
 
@@ -118,12 +119,16 @@ class ChatBot:
         except BadRequest as exc:
             log.warning("rejected a request: %s", exc)
             return _error(exc, str(exc))
-        with turn_context(activity.conversation_id, activity.id):
-            return await self._handle(activity, headers)
+        with turn_context(activity.conversation_id, activity.id), \
+                turn(activity.type, activity.conversation_id) as stats:
+            response = await self._handle(activity, headers)
+            stats.status = response.status
+            return response
 
     async def _handle(self, activity: Activity, headers: Mapping[str, str]) -> BotResponse:
         try:
-            auth = await self.authenticator.authenticate(headers, activity)
+            with span("chatstate.auth", expected=(Unauthorized,)):
+                auth = await self.authenticator.authenticate(headers, activity)
         except Unauthorized as exc:
             log.warning("unauthorized: %s", exc)
             return BotResponse(status=401, body={"error": exc.code})

@@ -20,6 +20,7 @@ import yarl
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.exceptions import AzureError
 
+from . import telemetry
 from .errors import ConnectorError, SettingsError
 from .settings import BotAppType, BotSettings
 
@@ -65,6 +66,12 @@ class BotConnector:
     async def send(self, *, service_url: str, conversation_id: str,
                    activity: dict[str, Any]) -> str | None:
         """POST `activity` to the conversation; the new activity's ID if the channel gave one."""
+        kind = (activity.get("channelData") or {}).get("streamType") or activity.get("type", "")
+        with telemetry.span("chatstate.reply", {"chatstate.reply.kind": str(kind)}):
+            return await self._send(service_url, conversation_id, activity)
+
+    async def _send(self, service_url: str, conversation_id: str,
+                    activity: dict[str, Any]) -> str | None:
         url = f"{service_url.rstrip('/')}/v3/conversations/{quote(conversation_id, safe='')}/activities"
         headers = {"Content-Type": "application/json"}
         if self._credential is not None:

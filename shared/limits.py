@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
+from . import telemetry
 from .messages import utc_day
 from .settings import DataSettings
 
@@ -71,6 +72,7 @@ def limit_reached(limit: Limit, spend: Spend, now: datetime) -> None:
     and the metric (`chatstate.spend_limit_reached`, attribute `limit`) belong here only."""
     log.warning("spend_limit_reached limit=%s turns_this_minute=%d tokens_today=%d; no model call",
                 limit, spend.turns_in_minute(now), spend.tokens_on_day(now))
+    telemetry.spend_limit_reached(limit)
 
 
 def _minute(now: datetime) -> int:

@@ -15,6 +15,7 @@ import aiohttp
 import httpx2
 import openai
 
+from . import telemetry
 from .errors import ContentFiltered, ModelError, ModelRejected, ModelTimeout, ModelUnavailable
 from .messages import ChatMessage, ToolCall, Usage
 from .settings import ModelProvider, ModelSettings
@@ -54,6 +55,27 @@ class ChatModel:
         What it raises ends the call at once (the stream is closed: no more tokens are paid) and
         reaches the caller as it is.
         """
+        with telemetry.model_call(model=self.model, provider=self._provider,
+                                  max_tokens=self._max_reply_tokens, messages=messages,
+                                  failures=(ModelError,)) as current:
+            completion = await self._complete(messages, tools=tools, on_text=on_text)
+            usage = completion.usage
+            telemetry.completed(current, model=completion.model,
+                                input_tokens=usage.prompt_tokens,
+                                output_tokens=usage.completion_tokens,
+                                cached_tokens=usage.cached_tokens,
+                                finish_reason=completion.finish_reason,
+                                output=completion.message.to_openai())
+            return completion
+
+    @property
+    def _provider(self) -> str:
+        """gen_ai.provider.name: Azure OpenAI, or OpenAI (and compatible servers)."""
+        return "azure.ai.openai" if isinstance(self.client, openai.AsyncAzureOpenAI) else "openai"
+
+    async def _complete(self, messages: list[dict[str, Any]], *,
+                        tools: list[dict[str, Any]] | None,
+                        on_text: TextListener | None) -> Completion:
         options: dict[str, Any] = {}
         if self._max_reply_tokens:
             options[self._reply_tokens_field] = self._max_reply_tokens

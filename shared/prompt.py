@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from . import telemetry
 from .errors import InputTooLong, MessageTooLarge, ModelTimeout, TurnTooLarge
 from .messages import ChatMessage, Sender, StoredTurn, ToolCall, Usage
 from .model import ChatModel, TextListener
@@ -216,12 +217,18 @@ class ChatPrompt:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _invoke(self, call: ToolCall) -> ChatMessage:
-        function = self.functions.get(call.name)
-        if function is None:
-            log.warning("the model called an unknown tool %s", call.name)
-            return _result(call, json.dumps({"error": f"there is no tool named {call.name}"},
-                                            ensure_ascii=False))
-        return _result(call, await function.invoke(call, time_limit=self.tool_timeout_seconds))
+        with telemetry.tool_call(name=call.name, call_id=call.id, arguments=call.arguments) as span:
+            function = self.functions.get(call.name)
+            if function is None:
+                log.warning("the model called an unknown tool %s", call.name)
+                text = json.dumps({"error": f"there is no tool named {call.name}"},
+                                  ensure_ascii=False)
+            else:
+                text = await function.invoke(call, time_limit=self.tool_timeout_seconds)
+            if text.startswith('{"error": '):  # a failure the model is told of (shared/tools.py)
+                span.set_attribute("error.type", "tool_error")
+            telemetry.tool_result(span, text)
+            return _result(call, text)
 
 
 def _result(call: ToolCall, content: str) -> ChatMessage:

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx2
 
-from . import logs
+from . import logs, telemetry
 from .auth import BotAuthenticator
 from .bot import ChatBot
 from .connector import BotConnector, build_credential
@@ -38,6 +38,7 @@ class Runtime:
                  store: ConversationStore | None = None, credential: Any | None = None) -> None:
         """`store` and `credential` (the managed identity) are test seams."""
         logs.install()
+        telemetry.setup(settings.telemetry)
         self.settings = settings
         # Signing keys only: a few requests a day, so httpx's own client is plenty.
         self.http = httpx2.AsyncClient(timeout=httpx2.Timeout(10.0))

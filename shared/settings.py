@@ -27,6 +27,7 @@ __all__ = [
     "Settings",
     "StorageSettings",
     "SummarySettings",
+    "TelemetrySettings",
     "load_settings",
     "trigger_setting",
 ]
@@ -142,7 +143,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(name="CHAT_TURN_MAX_ATTEMPTS", default="8",
             description="Attempts of one turn when another instance commits first (each re-runs "
             "the prompt after a jittered backoff of up to 1 s)."),
-    # data: retention and spend limits (docs/operate-data.md)
+    # data: retention and spend limits (docs/operate.md)
     Setting(name="CHAT_RETENTION_DAYS", deployed=False,
             description="Delete conversations idle longer than this many days (1-36500), by the "
             "retention timer; unset: keep them for ever."),
@@ -163,6 +164,21 @@ SETTINGS: tuple[Setting, ...] = (
             "connector calls use httpx's own transport. Unset, the faster paths are used."),
     Setting(name="HTTP_PROXY", deployed=False,
             description="Standard proxy variable for outbound plain HTTP (see HTTPS_PROXY)."),
+    # telemetry (standard names: the Azure Monitor distro's and OpenTelemetry's own)
+    Setting(name="APPLICATIONINSIGHTS_CONNECTION_STRING",
+            description="Application Insights connection string: traces and metrics go there "
+            "through the Azure Monitor OpenTelemetry distro (the deployment sets it, with Entra ID "
+            "auth in APPLICATIONINSIGHTS_AUTHENTICATION_STRING)."),
+    Setting(name="OTEL_EXPORTER_OTLP_ENDPOINT", deployed=False,
+            description="Base URL of an OTLP collector (http/protobuf), e.g. "
+            "http://localhost:4318: traces and metrics go there too. Unset, with no "
+            "APPLICATIONINSIGHTS_CONNECTION_STRING, nothing is recorded."),
+    Setting(name="OTEL_SERVICE_NAME", default="chatstate", deployed=False,
+            description="The service.name of the traces and metrics."),
+    Setting(name="OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", default="false",
+            deployed=False,
+            description="true or false: record message text (prompts, replies, tool arguments "
+            "and results) on the model and tool spans. Off, no text is recorded."),
     # hosting
     Setting(name="WEBSITE_SITE_NAME", deployed=False,
             description="Set by Azure App Service/Functions; its presence means 'running in "
@@ -231,6 +247,14 @@ class DataSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TelemetrySettings:
+    applicationinsights_connection_string: str | None = None
+    otlp_endpoint: str | None = None
+    service_name: str = "chatstate"
+    capture_content: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
 class BotSettings:
     client_id: str | None
     client_secret: str | None
@@ -262,6 +286,7 @@ class Settings:
     env_proxy: bool = False
     port: int
     data: DataSettings = field(default_factory=DataSettings)
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
 
 
 class _Reader:
@@ -352,6 +377,19 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
                                                        maximum=10_000),
             daily_token_limit=read.optional_integer("CHAT_DAILY_TOKEN_LIMIT", minimum=1,
                                                     maximum=10**12)),
+        telemetry=_telemetry(read),
+    )
+
+
+def _telemetry(read: _Reader) -> TelemetrySettings:
+    connection_string = read.text("APPLICATIONINSIGHTS_CONNECTION_STRING")
+    if connection_string is not None and "=" not in connection_string:
+        raise SettingsError("APPLICATIONINSIGHTS_CONNECTION_STRING", "is not a connection string")
+    return TelemetrySettings(
+        applicationinsights_connection_string=connection_string,
+        otlp_endpoint=read.url("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        service_name=read.required_text("OTEL_SERVICE_NAME"),
+        capture_content=read.flag("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"),
     )
 
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from . import telemetry
 from .errors import ChatstateError
 from .messages import ChatMessage
 from .model import ChatModel
@@ -95,8 +96,9 @@ class Summarizer:
             return False
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self.deadline_seconds):
-                return await self._prepare(window.conversation_id, started)
+            with telemetry.outside_turn(), telemetry.span("chatstate.summary"):
+                async with asyncio.timeout(self.deadline_seconds):
+                    return await self._prepare(window.conversation_id, started)
         except TimeoutError:
             log.warning("summary not prepared: over %g s; a later turn tries again",
                         self.deadline_seconds)

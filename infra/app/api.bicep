@@ -55,6 +55,13 @@ var hostAppSettings = [
     name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING'
     value: 'ClientId=${identityClientId};Authorization=AAD'
   }
+  {
+    // The Python worker's OpenTelemetry mode (with host.json's telemetryMode): the host's trace
+    // context becomes the parent of the app's spans. The app exports them itself
+    // (shared/telemetry.py, the Azure Monitor distro).
+    name: 'PYTHON_ENABLE_OPENTELEMETRY'
+    value: 'true'
+  }
 ]
 
 resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {

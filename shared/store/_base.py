@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from ..errors import BadRequest, MessageTooLarge, TurnTooLarge
 from ..limits import Spend
 from ..messages import ChatMessage, Feedback, Sender, StoredTurn
+from ..telemetry import commit, span
 from ..tokens import count_message_tokens
 from ._fold import FoldJob
 from ._head import Basis
@@ -129,8 +130,15 @@ class ConversationStore(ABC):
         _check_conversation_id(conversation_id)
         if activity_id is not None:  # refused now, before a model call, rather than at commit
             _check_activity_id(activity_id)
-        return await self._load_window(conversation_id, token_budget=max(0, token_budget),
-                                       max_messages=max(0, max_messages), activity_id=activity_id)
+        with span("chatstate.window.load") as current:
+            window = await self._load_window(conversation_id, token_budget=max(0, token_budget),
+                                             max_messages=max(0, max_messages),
+                                             activity_id=activity_id)
+            current.set_attributes({"chatstate.window.messages": len(window.messages),
+                                    "chatstate.window.tokens": window.tokens,
+                                    "chatstate.window.rows_read": window.rows_read,
+                                    "chatstate.window.round_trips": window.round_trips})
+            return window
 
     async def commit_turn(
         self,
@@ -147,8 +155,11 @@ class ConversationStore(ABC):
         """
         _check_activity_id(activity_id)
         check_turn(messages)
-        return await self._commit_turn(window, activity_id=activity_id, messages=list(messages),
-                                       tokens=[count_message_tokens(m) for m in messages])
+        with commit() as current:
+            current.set_attribute("chatstate.commit.messages", len(messages))
+            return await self._commit_turn(window, activity_id=activity_id,
+                                           messages=list(messages),
+                                           tokens=[count_message_tokens(m) for m in messages])
 
     async def write_indexes(self, window: ConversationWindow, *, today: str,
                             sender: Sender | None, shared: bool) -> Indexed | None:
@@ -188,7 +199,8 @@ class ConversationStore(ABC):
     async def mark_delivered(self, conversation_id: str, activity_id: str, *,
                              reply_id: str | None = None) -> None:
         """Record that the reply of `activity_id` reached the channel (as activity `reply_id`)."""
-        await self._mark_delivered(conversation_id, activity_id, reply_id=reply_id)
+        with span("chatstate.delivered"):
+            await self._mark_delivered(conversation_id, activity_id, reply_id=reply_id)
 
     async def rate_reply(self, conversation_id: str, reply_id: str, feedback: Feedback) -> bool:
         """Keep `feedback` with the reply the channel knows as `reply_id` (replacing an earlier

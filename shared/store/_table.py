@@ -42,6 +42,7 @@ from ..errors import (
 )
 from ..keys import encode_key
 from ..messages import ChatMessage, Feedback, Sender, StoredTurn, utc_now
+from ..telemetry import storage_call
 from ..window import WindowPlanner
 from ._base import (
     ConversationStore,
@@ -155,12 +156,15 @@ class TableConversationStore(ConversationStore):
         """`call(*args)` with the table ready, errors translated; a vanished table is made again."""
         for _ in range(2):
             await self._ready()
+            started = time.perf_counter()
             try:
                 async with _translated(action), asyncio.timeout(CLIENT_OPTIONS["deadline"]):
                     return await call(*args, **kwargs)
             except _TableMissing:
                 log.warning("the table %s is missing; creating it again", self._table.table_name)
                 self._table_ready = False
+            finally:
+                storage_call(action, time.perf_counter() - started)
         raise StorageUnavailable(f"the table {self._table.table_name} keeps vanishing")
 
     async def _ready(self) -> None:
@@ -631,7 +635,7 @@ class TableConversationStore(ConversationStore):
                 kept = {name: value for name, value in row.items()
                         if not name.startswith(("content", "feedback_text"))}
             else:
-                continue  # tool calls and results: the bot's working, kept (docs/operate-data.md)
+                continue  # tool calls and results: the bot's working, kept (docs/operate.md)
             await self._table.update_entity({**kept, "content": marker, "redacted": True},
                                             mode=UpdateMode.REPLACE)
             replaced += 1

@@ -26,6 +26,8 @@ LOCAL_SETTINGS_SAMPLE = REPO / "local.settings.sample.json"
 PLATFORM_SETTINGS = {
     "AzureWebJobsStorage__*": "the Functions host's own storage, reached with the managed identity",
     "APPLICATIONINSIGHTS_*": "the host's telemetry (connection string, Entra ID auth string)",
+    "PYTHON_ENABLE_OPENTELEMETRY": "the Python worker's OpenTelemetry mode: it makes the host's "
+                                   "trace context the parent of the app's spans",
 }
 
 #: Settings that are neither deployed, secret, nor defaulted, and why that is fine.
@@ -40,6 +42,8 @@ UNDEPLOYED_WITHOUT_DEFAULT = {
                            "not a template default)",
     "CHAT_MAX_TURNS_PER_MINUTE": "off unless the operator chooses a limit",
     "CHAT_DAILY_TOKEN_LIMIT": "off unless the operator chooses a limit",
+    "OTEL_EXPORTER_OTLP_ENDPOINT": "a local OTLP collector; in Azure, traces and metrics go to "
+                                   "Application Insights (APPLICATIONINSIGHTS_CONNECTION_STRING)",
 }
 
 _ARRAY_START = re.compile(r"\b\w*[aA]ppSettings\s*(?:=|:)\s*\[")
@@ -137,8 +141,10 @@ def test_a_setting_removed_from_the_bicep_is_reported() -> None:
     text = MAIN_BICEP.read_text(encoding="utf-8")
     pruned = re.sub(r"\{\s*name: 'CHAT_TABLE_NAME'\s*\n\s*value: [^\n]+\s*\}", "", text)
     assert pruned != text
-    # WHEN the deployed settings are checked against it
-    names = {name for name, _ in app_settings_in(pruned)}
+    # WHEN the deployed settings are checked against it (and the other templates' settings)
+    others = [path for path in sorted(INFRA.rglob("*.bicep")) if path != MAIN_BICEP]
+    names = {name for name, _ in app_settings_in(pruned)} | {
+        name for path in others for name, _ in app_settings_in(path.read_text(encoding="utf-8"))}
     # THEN the drift is caught
     assert missing_from_bicep(SETTINGS, names) == ["CHAT_TABLE_NAME"]
 
