@@ -1,0 +1,224 @@
+"""The Table backend's indexes (by day of last activity, by user), the retention purge, and a
+user's data exported and removed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from azure.core import MatchConditions
+from azure.core.exceptions import (
+    ResourceModifiedError,
+    ResourceNotFoundError,
+)
+from azure.data.tables import UpdateMode
+
+from ..errors import (
+    ConversationConflict,
+    StoreError,
+)
+from ..keys import encode_key
+from ..messages import ChatMessage, Sender
+from ._base import (
+    ConversationWindow,
+    Indexed,
+    PurgeReport,
+    UserConversation,
+    UserData,
+)
+from ._codec import (
+    DAY_INDEX,
+    HEAD,
+    MESSAGE_PREFIX,
+    MESSAGES_END,
+    Entity,
+    day_index_key,
+    user_index_key,
+)
+from ._head import Basis, Head
+from ._table_base import TableBase, _translated
+
+__all__ = ["DataRows", "users_messages"]
+
+log = logging.getLogger(__name__)
+
+
+class DataRows(TableBase):
+    """Index rows in their own partitions (`~idx-day-…`, `~idx-user-…`) and what reads them."""
+
+    async def write_indexes(self, window: ConversationWindow, *, today: str,
+                            sender: Sender | None, shared: bool) -> Indexed | None:
+        head = window.basis.head if isinstance(window.basis, Basis) else \
+            Head(conversation_id=window.conversation_id)
+        pk = encode_key(window.conversation_id)
+        rows: list[tuple[str | None, Entity]] = []
+        if head.day != today:
+            rows.append((None, {"PartitionKey": day_index_key(today), "RowKey": pk,
+                                "conversation_id": window.conversation_id}))
+        ids = sender.ids if sender is not None else ()
+        rows += [(user_id, {"PartitionKey": user_index_key(user_id), "RowKey": pk,
+                            "conversation_id": window.conversation_id, "shared": shared,
+                            "user_ids": json.dumps(list(ids))})
+                 for user_id in ids if user_id not in head.speakers]
+        if not rows:
+            return None
+        results = await asyncio.gather(*(
+            self._run("writing an index row", self._table.upsert_entity, row,
+                      mode=UpdateMode.REPLACE) for _, row in rows), return_exceptions=True)
+        day: str | None = None
+        speakers: list[str] = []
+        for (user_id, row), result in zip(rows, results, strict=True):
+            if isinstance(result, StoreError):
+                log.warning("index_write_failed partition=%r: %s; a later turn writes it",
+                            row["PartitionKey"][:100], result)
+            elif isinstance(result, BaseException):
+                raise result
+            elif user_id is None:
+                day = today
+            else:
+                speakers.append(user_id)
+        return Indexed(day=day, speakers=tuple(speakers))
+
+    async def purge_idle(self, *, before: str, deadline: float,
+                         clock: Callable[[], float] = time.monotonic) -> PurgeReport:
+        """Walk the day-index partitions before `before`, oldest first (one range query over the
+        index partitions, never a message row), and clear each conversation still idle."""
+        purged = kept = 0
+        await self._ready()
+        async with _translated("listing idle conversations"):
+            rows = self._table.query_entities(
+                "PartitionKey ge @first and PartitionKey lt @end",
+                parameters={"first": DAY_INDEX, "end": day_index_key(before)},
+                select=["PartitionKey", "RowKey"])
+            async for row in rows:
+                if clock() >= deadline:
+                    return PurgeReport(purged=purged, kept=kept, finished=False)
+                if await self._run("purging an idle conversation", self._expire,
+                                   row["PartitionKey"], row["RowKey"], before):
+                    purged += 1
+                else:
+                    kept += 1
+        return PurgeReport(purged=purged, kept=kept, finished=True)
+
+    async def _expire(self, index_pk: str, pk: str, before: str) -> bool:
+        """Clear the conversation `pk` if its head says it is still idle, then drop the index row."""
+        cleared = await self._clear_if(pk, lambda head: bool(head.day) and head.day < before)
+        if cleared.hidden and cleared.head is not None:
+            log.info("retention: purged conversation=%r (last active %s, %d rows)",
+                     cleared.head.conversation_id[:200], cleared.head.day, cleared.removed)
+            if cleared.head_deleted:
+                for user_id in cleared.head.speakers:
+                    await self._table.delete_entity(user_index_key(user_id), pk)
+        # Kept (a newer turn): its head's day has its own index row, written before that commit.
+        await self._table.delete_entity(index_pk, pk)
+        return cleared.hidden
+
+    async def _export_user(self, user_id: str) -> UserData:
+        entries = await self._run("reading the user index", self._user_entries, user_id)
+        found: list[UserConversation] = []
+        for entry in entries:
+            messages = await self._run("exporting a user's messages", self._read_messages,
+                                       entry["RowKey"])
+            mine = users_messages(str(entry["conversation_id"]), messages, user_id,
+                                  shared=bool(entry.get("shared")))
+            if mine is not None:
+                found.append(mine)
+        return UserData(user_id=user_id, conversations=tuple(found))
+
+    async def _forget_user(self, user_id: str, *, marker: str) -> UserData:
+        data = await self._export_user(user_id)
+        for entry in await self._run("reading the user index", self._user_entries, user_id):
+            pk = str(entry["RowKey"])
+            ids = {user_id, *json.loads(entry.get("user_ids", "[]"))}
+            if entry.get("shared"):
+                await self._run("removing a user's messages", self._redact, pk, ids, marker)
+            else:
+                await self._run("clearing a user's conversation", self._clear_if, pk)
+            for known in ids:
+                await self._run("updating the user index", self._table.delete_entity,
+                                user_index_key(known), pk)
+        return data
+
+    async def _user_entries(self, user_id: str) -> list[Entity]:
+        return [dict(row) async for row in self._table.query_entities(
+            "PartitionKey eq @pk", parameters={"pk": user_index_key(user_id)})]
+
+    async def _redact(self, pk: str, ids: set[str], marker: str) -> int:
+        """Replace the user's messages, and the replies to them, by `marker` in place (role, order,
+        turn kept), then rewrite the head without its copy of the newest turns and without a
+        summary that may quote them."""
+        rows = [row async for row in self._table.query_entities(
+            "PartitionKey eq @pk and RowKey ge @first and RowKey lt @end",
+            parameters={"pk": pk, "first": MESSAGE_PREFIX, "end": MESSAGES_END})]
+        theirs = {row["turn_seq"] for row in rows
+                  if row["role"] == "user" and {row.get("from_id"), row.get("from_aad")} & ids}
+        replaced = 0
+        for row in rows:
+            if row.get("turn_seq") not in theirs or row.get("redacted"):
+                continue
+            if row["role"] == "user":
+                kept = {name: row[name] for name in _REDACTED_KEEPS if name in row}
+            elif row["role"] == "assistant" and "tool_calls" not in row:
+                kept = {name: value for name, value in row.items()
+                        if not name.startswith(("content", "feedback_text"))}
+            else:
+                continue  # tool calls and results: the bot's working, kept (docs/operate.md)
+            await self._table.update_entity({**kept, "content": marker, "redacted": True},
+                                            mode=UpdateMode.REPLACE)
+            replaced += 1
+        for _ in range(8):
+            entity = await self._get(pk, HEAD)
+            if entity is None:
+                return replaced
+            head = Head.read(entity, etag=str(entity.metadata["etag"]))
+            rewritten = replace(
+                head, copy=None, summary=None, pending=None, pending_from=0, pending_to=0,
+                start=head.cleared_seq + 1 if head.start else 0,
+                speakers=tuple(known for known in head.speakers if known not in ids))
+            try:
+                await self._table.update_entity(rewritten.entity(pk), mode=UpdateMode.REPLACE,
+                                                etag=head.etag,
+                                                match_condition=MatchConditions.IfNotModified)
+                return replaced
+            except ResourceModifiedError:
+                continue  # a turn committed (its copy may hold the old text): again
+            except ResourceNotFoundError:
+                return replaced
+        raise ConversationConflict("the conversation kept changing while a user's messages "
+                                   "were removed")
+
+
+#: What a redacted user message row keeps: its place in the conversation, nothing they wrote, not
+#: who they were.
+_REDACTED_KEEPS = ("PartitionKey", "RowKey", "seq", "turn_seq", "role", "tokens", "activity_id",
+                   "timestamp")
+
+
+def users_messages(conversation_id: str, messages: list[ChatMessage], user_id: str, *,
+                   shared: bool) -> UserConversation | None:
+    """The turns `user_id` began (every turn of a personal conversation): the messages they sent
+    and the replies they received (assistant messages with text; tool calls and results are the
+    bot's working, not a message to them)."""
+    sent: list[ChatMessage] = []
+    received: list[ChatMessage] = []
+    ordered: list[ChatMessage] = []
+    theirs = False
+    for message in messages:
+        if message.role == "user":
+            theirs = not shared or (message.sender is not None and user_id in message.sender.ids)
+            if theirs:
+                sent.append(message)
+                ordered.append(message)
+        elif theirs and message.role == "assistant" and message.content and not message.tool_calls:
+            received.append(message)
+            ordered.append(message)
+    if not ordered:
+        return None
+    return UserConversation(conversation_id=conversation_id, shared=shared, sent=tuple(sent),
+                            received=tuple(received), messages=tuple(ordered))
+
+
