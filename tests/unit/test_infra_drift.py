@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from shared.settings import SETTINGS, Setting
+from tests.unit.infra_policy import policy
 
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
@@ -56,35 +57,12 @@ _PARAM_REFERENCE = re.compile(r"^(?:string\((?P<wrapped>\w+)\)|(?P<bare>\w+))$")
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _array_end(text: str, start: int) -> int:
-    """Index just past the `]` closing the array whose `[` is at `start` (strings, comments skipped)."""
-    depth, index = 0, start
-    while index < len(text):
-        char = text[index]
-        if char == "'":
-            index += 1
-            while index < len(text) and text[index] != "'":
-                index += 2 if text[index] == "\\" else 1
-        elif text.startswith("//", index):
-            index = text.find("\n", index)
-            if index == -1:
-                break
-        elif char == "[":
-            depth += 1
-        elif char == "]":
-            depth -= 1
-            if depth == 0:
-                return index + 1
-        index += 1
-    raise ValueError(f"unclosed app settings array at offset {start}")
-
-
 def app_settings_in(text: str) -> list[tuple[str, str]]:
     """(name, value expression) of each entry of each app settings array in one Bicep text."""
     entries: list[tuple[str, str]] = []
     for match in _ARRAY_START.finditer(text):
         start = match.end() - 1
-        block = text[start:_array_end(text, start)]
+        block = text[start:policy._block_end(text, start)]
         entries += [(m["name"], m["value"].strip()) for m in _SETTING_ENTRY.finditer(block)]
     return entries
 

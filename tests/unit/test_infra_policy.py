@@ -7,27 +7,13 @@ of both network modes run in infra/check.sh only (checkov lives in its own venv)
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
-from pathlib import Path
-from types import ModuleType
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.unit.infra_policy import REPO, policy
+
 INFRA = REPO / "infra"
 
-
-def _load_policy() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("infra_policy", INFRA / "policy.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-policy = _load_policy()
 
 #: app/storage.bicep's role assignments before issue 13: every role on the whole account.
 ACCOUNT_WIDE_ROLES = """
