@@ -16,6 +16,7 @@ from shared.model import ChatModel, build_model
 from shared.prompt import ChatPrompt, ConversationMemory
 from shared.settings import load_settings
 from shared.store import ConversationWindow, TableConversationStore
+from shared.store._fold import FoldJob
 from shared.summary import SUMMARY_INSTRUCTIONS, Summarizer
 
 pytestmark = pytest.mark.usefixtures("models_closed")
@@ -156,13 +157,19 @@ async def test_a_failed_summary_call_leaves_the_turn_intact_and_is_tried_again(c
     assert await chat.store.get_fold("c", token_budget=BUDGET) is None
 
 
-async def test_a_summary_racing_a_turn_is_stored_if_it_still_holds(chat: Chat) -> None:
-    # GIVEN a fold job read while a summary is due
+async def fold_when_due(chat: Chat) -> FoldJob:
+    """Turns without summaries until one is due; the fold job the store then names."""
     window, _, _ = await chat.turn(summarize=False)
     while not window.summary_due:
         window, _, _ = await chat.turn(summarize=False)
     job = await chat.store.get_fold("c", token_budget=BUDGET)
     assert job is not None
+    return job
+
+
+async def test_a_summary_racing_a_turn_is_stored_if_it_still_holds(chat: Chat) -> None:
+    # GIVEN a fold job read while a summary is due
+    job = await fold_when_due(chat)
     # WHEN another turn commits before the summary is stored
     await chat.turn(summarize=False)
     # THEN the write is re-checked against the new head and stored (the start did not move)
@@ -172,11 +179,7 @@ async def test_a_summary_racing_a_turn_is_stored_if_it_still_holds(chat: Chat) -
 
 async def test_a_summary_for_a_cleared_conversation_is_dropped(chat: Chat) -> None:
     # GIVEN a fold job read while a summary is due
-    window, _, _ = await chat.turn(summarize=False)
-    while not window.summary_due:
-        window, _, _ = await chat.turn(summarize=False)
-    job = await chat.store.get_fold("c", token_budget=BUDGET)
-    assert job is not None
+    job = await fold_when_due(chat)
     # WHEN the conversation is cleared and starts again before the summary is stored
     await chat.store.clear("c")
     await chat.turn(summarize=False)
