@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .activity import Activity, parse_activity
+from .attachments import AttachmentReader, Refusal, has_attachments
 from .auth import AuthResult, BotAuthenticator
 from .connector import BotConnector
 from .errors import (
@@ -46,6 +47,7 @@ from .prompt import TURN_LIMIT_REPLY, ChatPrompt, ToolListener, check_input
 from .settings import Settings
 from .store import ConversationStore, ConversationWindow, Indexed
 from .streaming import ReplyStream
+from .suggestions import suggested_actions
 from .summary import Summarizer
 from .telemetry import span, turn
 
@@ -109,6 +111,7 @@ class ChatBot:
         #: returns (not with expectReplies, where the response is the delivery).
         self._after_reply: dict[tuple[str, str], asyncio.Task[bool]] = {}
         self._background: set[asyncio.Task[bool]] = set()
+        self.attachments = AttachmentReader(settings=settings, token=connector.token)
 
     # -- the webhook -----------------------------------------------------------------------
 
@@ -163,7 +166,7 @@ class ChatBot:
     async def _on_message(self, activity: Activity, auth: AuthResult) -> BotResponse:
         self._check_reply_path(activity, auth)
         text = activity.message_text
-        if not text:
+        if not text and not has_attachments(activity):
             return BotResponse(status=200)
         key = (activity.conversation_id, activity.id)
         if key in self._in_flight:
@@ -185,7 +188,8 @@ class ChatBot:
 
     async def _on_conversation_update(self, activity: Activity, auth: AuthResult) -> BotResponse:
         bot_id = activity.recipient.get("id")
-        if not any(member.get("id") != bot_id for member in activity.members_added()):
+        if not any(member.get("id") != bot_id for member in activity.members_added()) or \
+                not self.settings.welcomes(activity.channel_id):
             return BotResponse(status=200)
         self._check_reply_path(activity, auth)
         return await self._reply(activity, activity.reply(WELCOME, ai=False))
@@ -203,6 +207,11 @@ class ChatBot:
     async def _answer(self, activity: Activity, text: str) -> BotResponse:
         limits = self.settings.model
         started = time.perf_counter()
+        incoming = await self.attachments.read(activity, text, token_budget=limits.history_token_budget)
+        if isinstance(incoming, Refusal):
+            log.info("attachments refused: %s", incoming.reason)
+            return await self._reply(activity, activity.reply(incoming.reply, ai=False))
+        text = incoming.text
         try:
             needed = check_input(text, token_budget=limits.history_token_budget)
         except (InputTooLong, MessageTooLarge) as exc:
@@ -216,6 +225,7 @@ class ChatBot:
         # again once already after losing a race (so a busy conversation cannot starve it).
         kept: tuple[ChatMessage, ...] | None = None
         indexing: asyncio.Task[Indexed | None] | None = None
+        suggestions: tuple[str, ...] = ()
         try:
             for attempt in range(self.settings.turn_max_attempts):
                 window = await self.store.load_window(
@@ -243,12 +253,13 @@ class ChatBot:
                             text, history=window.messages, summary=window.summary,
                             speaker=activity.speaker, sender=activity.user,
                             on_text=stream.on_text if stream else None,
-                            on_tools=self._tools_listener(stream))
+                            on_tools=self._tools_listener(stream), attachments=incoming)
                     except ModelError as exc:
                         log.warning("model failed (%s): %s", type(exc).__name__, exc)
                         return await self._reply(activity, activity.reply(APOLOGY, ai=False),
                                                  stream=stream)
                     messages = _as_seen(result.messages, stream)
+                    suggestions = result.suggestions
                     if (stream is not None and stream.shown) or attempt >= MAX_REASKS:
                         kept = messages
                 window = replace(window, indexed=await indexing)
@@ -272,7 +283,8 @@ class ChatBot:
                 log.info("turn committed attempts=%d rows_read=%d window=%d streamed=%s ms=%.1f",
                          attempt + 1, window.rows_read, len(window.messages),
                          bool(stream and stream.shown), (time.perf_counter() - started) * 1000)
-                response = await self._deliver(activity, turn, stream=stream)
+                response = await self._deliver(activity, turn, stream=stream,
+                                               suggestions=suggestions)
                 self._start_after_reply(activity, window)
                 return response
         finally:
@@ -338,13 +350,16 @@ class ChatBot:
     # -- replies ----------------------------------------------------------------------------
 
     async def _deliver(self, activity: Activity, turn: StoredTurn, *,
-                       stream: ReplyStream | None = None) -> BotResponse:
+                       stream: ReplyStream | None = None,
+                       suggestions: Sequence[str] = ()) -> BotResponse:
         reply = turn.reply
         if reply is not None and reply.stopped:
             await self._mark_delivered(activity, reply_id=None)  # the user saw all there is
             return BotResponse(status=200)
         outgoing = activity.reply(reply.content if reply is not None and reply.content else "",
                                   ai=True, feedback=self.settings.feedback)
+        if suggestions:
+            outgoing["suggestedActions"] = suggested_actions(suggestions)
         if activity.expects_replies:
             return BotResponse(status=200, body={"activities": [outgoing]})
         reply_id = await self._send(activity, outgoing, stream=stream)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-__all__ = ["ChatMessage", "Feedback", "Role", "Sender", "StoredTurn", "ToolCall", "Usage", "utc_day",
+__all__ = ["Attachment", "ChatMessage", "Feedback", "Role", "Sender", "StoredTurn", "ToolCall", "Usage", "utc_day",
            "utc_now"]
 
 Role = Literal["system", "user", "assistant", "tool"]
@@ -81,6 +81,19 @@ class Feedback:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Attachment:
+    """A file or image that came with a user message, as stored: never its bytes (the text the
+    model read of a text file is in the message's content)."""
+
+    name: str
+    content_type: str
+    size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "contentType": self.content_type, "size": self.size}
+
+
+@dataclass(frozen=True, kw_only=True)
 class ChatMessage:
     """A message as the model sees it, plus what we keep beside it (activity, time, model, usage)."""
 
@@ -101,6 +114,8 @@ class ChatMessage:
     feedback: Feedback | None = None
     #: User messages: who sent it (kept so a user's data can be found and removed on request).
     sender: Sender | None = None
+    #: User messages: the files and images that came with it (`shared/attachments.py`).
+    attachments: tuple[Attachment, ...] = ()
 
     def to_openai(self) -> dict[str, Any]:
         """The Chat Completions form of this message."""

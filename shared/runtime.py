@@ -51,7 +51,8 @@ class Runtime:
                                  max_tool_rounds=limits.max_tool_rounds,
                                  tool_timeout_seconds=limits.tool_timeout_seconds,
                                  timeout_seconds=limits.timeout_seconds,
-                                 speaker_style="name" if named else "prefix")
+                                 speaker_style="name" if named else "prefix",
+                                 suggested_replies=settings.suggested_replies)
         self.summary_model = None
         summarizer = None
         if settings.summary.enabled:
