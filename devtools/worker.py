@@ -84,11 +84,14 @@ class Worker:
         return list(self.functions.values())
 
     async def invoke(self, function: IndexedFunction, *, trigger: rpc.TypedData,
+                     trigger_metadata: dict[str, rpc.TypedData] | None = None,
                      invocation_id: str | None = None) -> Outcome:
-        """Run `function` once with its trigger's value, as the host's InvocationRequest does."""
+        """Run `function` once with its trigger's value (and the trigger's metadata, which converters such
+        as the queue trigger's read), as the host's InvocationRequest does."""
         request = rpc.InvocationRequest(
             invocation_id=invocation_id or str(uuid.uuid4()), function_id=function.function_id,
-            input_data=[rpc.ParameterBinding(name=function.trigger["name"], data=trigger)])
+            input_data=[rpc.ParameterBinding(name=function.trigger["name"], data=trigger)],
+            trigger_metadata=trigger_metadata)
         response = await library.invocation_request(self._request(invocation_request=request))
         if response.result.status == rpc.StatusResult.Success:
             return Outcome(succeeded=True, return_value=response.return_value)
