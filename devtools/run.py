@@ -3,8 +3,9 @@
 Starts Azurite's table service on 127.0.0.1:10002 and queue service on 10001 (the ports
 `UseDevelopmentStorage=true` means; data kept in .azurite/), each unless one already answers there,
 and none when CHAT_STORAGE_CONNECTION_STRING points elsewhere; then the project's dev host
-(`devtools.host`: the app run by the pinned Functions Python worker library, with the Functions host's HTTP rules and
-timers). A binding mistake stops it at start, naming the function. Ctrl-C stops what it started.
+(`devtools.host`: the app run by the pinned Functions Python worker library, with the Functions
+host's HTTP rules, timers and queue triggers). A binding mistake stops it at start, naming the
+function. Ctrl-C stops what it started.
 """
 
 from __future__ import annotations
