@@ -7,7 +7,9 @@
   `X-Forwarded-Host`, `Forwarded`); anything else, such as a request through a tunnel, gets 401.
 - `POST /admin/functions/{name}` with `{"input": ""}` runs a timer function now (202), as with
   `func start`.
-- Queue triggers: one `devtools.queues.QueueListener` per function, started and stopped with the app.
+- Queue triggers: one `devtools.queues.QueueListener` per function, started and stopped with the app;
+  queue output bindings are written after a run succeeds (`devtools.queues.QueueWriter`), and a failure
+  to write them fails the run.
 - Every run is logged as the host logs it: `Executing 'Functions.<name>' (Reason=..., Id=...)`, then
   `Executed 'Functions.<name>' (Succeeded|Failed, Id=..., Duration=<n>ms)`.
 """
@@ -19,12 +21,13 @@ import ipaddress
 import json
 import logging
 import time
+import traceback
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from devtools import http_exchange, rpc
-from devtools.queues import QueueFunction, QueueListener, QueuesOptions
+from devtools.queues import QueueFunction, QueueListener, QueueOutput, QueuesOptions, QueueWriter
 from devtools.routes import Route, Router, decode_path
 from devtools.timers import TimerFunction, TimerLoop, timer_info
 from devtools.worker import IndexedFunction, Outcome, Worker
@@ -44,7 +47,7 @@ class FunctionsHost:
 
     def __init__(self, *, worker: Worker, prefix: str, timers: list[TimerFunction],
                  queues: list[QueueFunction] | None = None, queues_options: QueuesOptions | None = None,
-                 queue_lease_seconds: int | None = None,
+                 queue_lease_seconds: int | None = None, queue_outputs: dict[str, list[QueueOutput]] | None = None,
                  on_shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
         self.worker = worker
         self.router: Router[IndexedFunction] = Router([
@@ -52,9 +55,11 @@ class FunctionsHost:
                   frozenset(str(m).upper() for m in f.trigger.get("methods") or []), f)
             for f in worker.functions.values() if f.trigger.get("type") == "httpTrigger"])
         self.timers = TimerLoop(timers, run=self._run_timer)
+        options = queues_options or QueuesOptions()
         lease = {"lease_seconds": queue_lease_seconds} if queue_lease_seconds else {}
-        self.queues = [QueueListener(q, options=queues_options or QueuesOptions(), run=self._run_queue, **lease)
+        self.queues = [QueueListener(q, options=options, run=self._run_queue, enqueued=self._enqueued, **lease)
                        for q in queues or []]
+        self.queue_writer = QueueWriter(queue_outputs or {}, options=options, enqueued=self._enqueued)
         self.on_shutdown = on_shutdown
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -83,6 +88,12 @@ class FunctionsHost:
         started = time.perf_counter()
         outcome = await self.worker.invoke(function, trigger=trigger, trigger_metadata=trigger_metadata,
                                            invocation_id=invocation_id)
+        if outcome.succeeded:
+            try:
+                await self.queue_writer.write(function, outcome)
+            except Exception as exc:  # the host fails the invocation when an output binding cannot be written
+                outcome = Outcome(succeeded=False, return_value=None, error=f"{type(exc).__name__}: {exc}",
+                                  stack_trace=traceback.format_exc())
         duration = (time.perf_counter() - started) * 1000
         if outcome.succeeded:
             log.info("Executed 'Functions.%s' (Succeeded, Id=%s, Duration=%.0fms)",
@@ -94,6 +105,12 @@ class FunctionsHost:
 
     async def _run_timer(self, timer: TimerFunction, data: rpc.TypedData, reason: str) -> None:
         await self.invoke(timer.function, data, reason=reason)
+
+    def _enqueued(self, queue_name: str) -> None:
+        """This host added a message to `queue_name`: its listener here, if any, polls at once."""
+        for listener in self.queues:
+            if listener.queue.queue_name == queue_name:
+                listener.notify()
 
     async def _run_queue(self, queue: QueueFunction, data: rpc.TypedData, metadata: dict[str, rpc.TypedData],
                          reason: str) -> Outcome:
@@ -189,6 +206,7 @@ class FunctionsHost:
                 await asyncio.gather(*pollers, return_exceptions=True)
                 for listener in self.queues:
                     await listener.close(grace=QUEUE_SHUTDOWN_GRACE)
+                await self.queue_writer.close()
                 for task in list(self._background):
                     await asyncio.wait([task], timeout=10)
                 if self.on_shutdown is not None:

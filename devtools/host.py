@@ -27,7 +27,7 @@ from typing import Any
 import uvicorn
 
 from devtools.functions_host import FunctionsHost
-from devtools.queues import LEASE_SECONDS, QueueSetupError, queue_functions, queues_options
+from devtools.queues import LEASE_SECONDS, QueueSetupError, queue_functions, queue_outputs, queues_options
 from devtools.timers import TimerSetupError, timer_functions
 from devtools.worker import IndexingError, Worker
 
@@ -63,6 +63,7 @@ async def build_host(app_directory: Path = ROOT, *, queue_lease_seconds: int = L
         functions = await worker.start()
         timers = timer_functions(functions, environ=os.environ)
         queues = queue_functions(functions, environ=os.environ)
+        outputs = queue_outputs(functions, environ=os.environ)
         options = queues_options(read_host_json(app_directory / "host.json"))
     except (IndexingError, TimerSetupError, QueueSetupError) as exc:
         worker.close()
@@ -77,6 +78,7 @@ async def build_host(app_directory: Path = ROOT, *, queue_lease_seconds: int = L
 
     host = FunctionsHost(worker=worker, prefix=route_prefix(app_directory / "host.json"), timers=timers,
                          queues=queues, queues_options=options, queue_lease_seconds=queue_lease_seconds,
+                         queue_outputs=outputs,
                          on_shutdown=close_app)
     for line in host.describe():
         log.info(line)

@@ -24,6 +24,9 @@ has the table):
   host sends (`QueueTrigger`, `Id`, `DequeueCount`, `InsertionTime`, `ExpirationTime`,
   `NextVisibleTime`, `PopReceipt`, as the host's gRPC conversion types them), so `func.QueueMessage` is
   built by `azure.functions`' own converter.
+- Output bindings (`queue`, also as `$return`): written only after the function succeeded, the queue
+  created when missing, with the same `messageEncoding`; a JSON list is one message per item. A listener
+  of the same host on that queue polls at once (`SharedQueueWatcher`), as it does on a poison move.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import os
@@ -167,16 +171,22 @@ def queue_functions(functions: list[IndexedFunction], *, environ: Mapping[str, s
         if trigger.get("type") != "queueTrigger":
             continue
         try:
-            name = resolve_settings(str(trigger.get("queueName", "")), environ=environ).lower()
-            if not _QUEUE_NAME.match(name):
-                raise ValueError(f"{name!r} is not a valid queue name (3-63 lower-case letters, digits and "
-                                 "single hyphens, starting and ending with a letter or digit)")
-            setting, connection_string = storage_connection(str(trigger.get("connection") or ""), environ=environ)
+            name, setting, connection_string = _queue_binding(trigger, environ=environ)
         except ValueError as exc:
             raise QueueSetupError(f"queue function {function.name!r}: {exc}") from exc
         queues.append(QueueFunction(function, name, setting, connection_string,
                                     binary=str(trigger.get("dataType", "")).lower() == "binary"))
     return queues
+
+
+def _queue_binding(binding: Mapping[str, Any], *, environ: Mapping[str, str]) -> tuple[str, str, str]:
+    """A queue binding's queue name (resolved, lower-cased, checked), connection setting and string."""
+    name = resolve_settings(str(binding.get("queueName", "")), environ=environ).lower()
+    if not _QUEUE_NAME.match(name):
+        raise ValueError(f"{name!r} is not a valid queue name (3-63 lower-case letters, digits and "
+                         "single hyphens, starting and ending with a letter or digit)")
+    setting, connection_string = storage_connection(str(binding.get("connection") or ""), environ=environ)
+    return name, setting, connection_string
 
 
 def storage_connection(connection: str, *, environ: Mapping[str, str]) -> tuple[str, str]:
@@ -236,11 +246,14 @@ class QueueListener:
     """Polls one function's queue and runs each message by the host's rules, until cancelled."""
 
     def __init__(self, queue: QueueFunction, *, options: QueuesOptions, run: Run,
-                 lease_seconds: int = LEASE_SECONDS) -> None:
+                 lease_seconds: int = LEASE_SECONDS, enqueued: Callable[[str], None] | None = None) -> None:
+        """`enqueued(queue_name)` is called after a message moved to a poison queue (to wake its listener)."""
         self.queue = queue
         self.options = options
         self.run = run
         self.lease_seconds = lease_seconds
+        self.enqueued = enqueued
+        self._wake = asyncio.Event()
         self.backoff = Backoff(minimum=MIN_POLLING_INTERVAL, maximum=options.max_polling_interval)
         self.processing: set[asyncio.Task[None]] = set()
         self._client: QueueClient | None = None
@@ -268,7 +281,13 @@ class QueueListener:
             delay = self.backoff.next_delay(found=found_since_last_delay)
             found_since_last_delay = False
             log.debug("Backing off polling of queue '%s' for %.0f ms", self.queue.queue_name, delay * 1000)
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            self._wake.clear()
+
+    def notify(self) -> None:
+        """A message was just added to this queue by this host: end the current backoff wait now."""
+        self._wake.set()
 
     async def close(self, *, grace: float) -> None:
         """After the poll loop is cancelled: let running messages finish for up to `grace` seconds (the
@@ -382,6 +401,8 @@ class QueueListener:
             except ResourceExistsError:
                 pass
             await self._poison.send_message(raw)
+        if self.enqueued is not None and self.queue.poison_queue_name:
+            self.enqueued(self.queue.poison_queue_name)
         await self._settle(self._client_or_fail().delete_message(message.id, receipt))
 
     async def _settle(self, call: Awaitable[object]) -> None:
@@ -429,3 +450,94 @@ def trigger_data(queue: QueueFunction, message: QueueMessage,
 def _json_time(value: datetime | None) -> rpc.TypedData:
     when = (value or datetime.now(UTC)).astimezone(UTC)
     return rpc.TypedData(json=json.dumps(when.isoformat()))
+
+
+# -- output bindings -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueueOutput:
+    """A `queue` output binding (a parameter, or `$return`) with its queue and account resolved."""
+
+    binding: str
+    queue_name: str
+    connection_string: str
+
+
+def queue_outputs(functions: list[IndexedFunction], *,
+                  environ: Mapping[str, str]) -> dict[str, list[QueueOutput]]:
+    """Each function's queue output bindings by function name; `QueueSetupError` naming the function."""
+    outputs: dict[str, list[QueueOutput]] = {}
+    for function in functions:
+        for binding in function.bindings:
+            if binding.get("type") != "queue" or str(binding.get("direction", "")).lower() != "out":
+                continue
+            try:
+                name, _, connection_string = _queue_binding(binding, environ=environ)
+            except ValueError as exc:
+                raise QueueSetupError(f"function {function.name!r}, queue output {binding.get('name')!r}: "
+                                      f"{exc}") from exc
+            outputs.setdefault(function.name, []).append(
+                QueueOutput(str(binding.get("name")), name, connection_string))
+    return outputs
+
+
+class QueueWriter:
+    """Writes what functions set on their queue output bindings, after they succeed."""
+
+    def __init__(self, outputs: dict[str, list[QueueOutput]], *, options: QueuesOptions,
+                 enqueued: Callable[[str], None]) -> None:
+        self.outputs = outputs
+        self.options = options
+        self.enqueued = enqueued
+        self._clients: dict[tuple[str, str], QueueClient] = {}
+
+    async def write(self, function: IndexedFunction, outcome: Outcome) -> None:
+        """Send each queue output's messages (the queue created when missing); errors propagate."""
+        for output in self.outputs.get(function.name, []):
+            data = outcome.return_value if output.binding == "$return" else outcome.outputs.get(output.binding)
+            texts = [self._encode(item) for item in output_messages(data)]
+            if not texts:
+                continue
+            client = self._client(output)
+            for text in texts:
+                try:
+                    await client.send_message(text)
+                except ResourceNotFoundError:
+                    with contextlib.suppress(ResourceExistsError):
+                        await client.create_queue()
+                    await client.send_message(text)
+            self.enqueued(output.queue_name)
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+
+    def _client(self, output: QueueOutput) -> QueueClient:
+        key = (output.connection_string, output.queue_name)
+        if key not in self._clients:
+            self._clients[key] = QueueClient.from_connection_string(output.connection_string, output.queue_name)
+        return self._clients[key]
+
+    def _encode(self, body: bytes) -> str:
+        if self.options.message_encoding == "none":
+            return body.decode("utf-8")
+        return base64.b64encode(body).decode("ascii")
+
+
+def output_messages(data: rpc.TypedData | None) -> list[bytes]:
+    """The messages an output value makes, as the host reads it: a string or bytes is one; JSON is read
+    into objects, a list being one message per item (strings as they are, the rest as compact JSON)."""
+    kind = data.WhichOneof("data") if data is not None else None
+    if data is None or kind is None:
+        return []
+    if kind == "string":
+        return [str(data.string).encode("utf-8")]
+    if kind == "bytes":
+        return [bytes(data.bytes)]
+    if kind == "json":
+        value = json.loads(data.json)
+        items = value if isinstance(value, list) else [value]
+        return [(item if isinstance(item, str) else json.dumps(item, separators=(",", ":"))).encode("utf-8")
+                for item in items if item is not None]
+    raise ValueError(f"a queue output cannot take {kind} data")

@@ -491,3 +491,29 @@ def test_an_unset_queue_connection_setting_stops_the_start_naming_the_function(t
     # THEN it exits naming the function and the setting
     assert "queue function 'record'" in str(failed.value)
     assert "DEVHOST_TEST_STORAGE" in str(failed.value)
+
+
+def logged_at(line: str) -> datetime:
+    return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+
+
+def test_a_queue_output_binding_is_written_after_success_and_wakes_the_queue_listener_at_once(
+        queue_app: Any) -> None:
+    # GIVEN an idle queue whose listener waits ever longer (maxPollingInterval 30 s)
+    app = queue_app({"maxPollingInterval": "00:00:30"})
+    host = app.start()
+    wait_for(lambda: max(backoffs(app.log_text()), default=0) >= 6, timeout=30)
+    # WHEN a function writes two messages to it through a queue output binding, after one that failed
+    with httpx2.Client(timeout=10) as http:
+        assert http.post(f"{host.url}/api/enqueue", content=b"dropped", headers={"x-fail": "1"}).status_code == 500
+        assert http.post(f"{host.url}/api/enqueue", content=b"first\nsecond").status_code == 200
+    wait_for(lambda: len(app.runs("end")) == 2)
+    # THEN the successful run's messages arrive, base64-encoded as the trigger reads them; the failed run's never
+    assert sorted(r["body"] for r in app.runs()) == ["first", "second"]
+    # AND the listener did not sit out its wait: it polled as soon as the messages were written
+    lines = app.log_text().splitlines()
+    executing = next(i for i, line in enumerate(lines) if "Executing 'Functions.record'" in line)
+    waiting = [line for line in lines[:executing] if "Backing off polling" in line][-1]
+    cut_short = logged_at(waiting).timestamp() + backoffs(waiting)[0] - logged_at(lines[executing]).timestamp()
+    print(f"the {backoffs(waiting)[0]:.1f} s wait was cut {cut_short:.1f} s short")
+    assert cut_short > 1.0

@@ -6,11 +6,13 @@ import random
 
 import pytest
 
+from devtools import rpc
 from devtools.azurite import azurite_connection_string
 from devtools.queues import (
     Backoff,
     QueueFunction,
     QueueSetupError,
+    output_messages,
     queue_functions,
     queues_options,
     storage_connection,
@@ -128,3 +130,14 @@ def test_a_poison_queue_has_no_poison_queue_of_its_own() -> None:
     # WHEN their poison queues are named
     # THEN there are none, as the host keeps none
     assert poison.poison_queue_name is None and long.poison_queue_name is None
+
+
+def test_a_queue_output_value_becomes_messages_as_the_host_reads_it() -> None:
+    # GIVEN the values the worker hands back for queue outputs: a string, bytes, a JSON list, a QueueMessage
+    values = [rpc.TypedData(string="plain"), rpc.TypedData(bytes=b"\x00raw"),
+              rpc.TypedData(json='["a", {"b": 1}, null]'), rpc.TypedData(json='{"id": null, "body": "x"}'),
+              rpc.TypedData()]
+    # WHEN each is turned into queue messages
+    messages = [output_messages(value) for value in values]
+    # THEN a string or bytes is one message, a list one per item (objects as compact JSON), an unset value none
+    assert messages == [[b"plain"], [b"\x00raw"], [b"a", b'{"b":1}'], [b'{"id":null,"body":"x"}'], []]
