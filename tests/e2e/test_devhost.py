@@ -481,6 +481,24 @@ def test_a_host_killed_mid_run_runs_the_message_again_once_its_lease_runs_out(qu
     wait_for(lambda: app.queue_length() == 0)
 
 
+def test_a_message_whose_runs_died_more_than_max_dequeue_count_times_goes_to_poison_without_a_run(
+        queue_app: Any) -> None:
+    # GIVEN maxDequeueCount 1 and 3-second leases, and a message whose first run never ends
+    app = queue_app({"maxPollingInterval": "00:00:01", "maxDequeueCount": 1}, args=["--queue-lease-seconds", "3"])
+    app.start()
+    sent = app.send("slow-once")
+    wait_for(lambda: app.runs())
+    # WHEN its host is killed mid-run and started again
+    assert app.host is not None and app.host.pid is not None
+    os.kill(app.host.pid, signal.SIGKILL)
+    app.stop()
+    app.start()
+    # THEN, dequeued a second time, it goes to the poison queue with its text, without another run
+    wait_for(lambda: app.poisoned(), timeout=30)
+    assert app.poisoned() == [sent.content] and len(app.runs()) == 1
+    assert "Message has reached MaxDequeueCount of 1." in app.log_text()
+
+
 def test_an_unset_queue_connection_setting_stops_the_start_naming_the_function(tmp_path: Path) -> None:
     # GIVEN the queue app with its connection setting DEVHOST_TEST_STORAGE unset
     host = DevHostProcess(env={"DEVHOST_TEST_QUEUE": "orders", "DEVHOST_TEST_RUNS": str(tmp_path / "runs")},
