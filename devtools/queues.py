@@ -268,6 +268,7 @@ class QueueListener:
             self._poison = QueueClient.from_connection_string(self.queue.connection_string, poison)
         found_since_last_delay = False
         while True:
+            self._wake.clear()  # a message added before this poll is found by it, as `ExecuteAsync` resets
             batch = await self._receive()
             if batch:
                 found_since_last_delay = True
@@ -283,7 +284,6 @@ class QueueListener:
             log.debug("Backing off polling of queue '%s' for %.0f ms", self.queue.queue_name, delay * 1000)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
-            self._wake.clear()
 
     def notify(self) -> None:
         """A message was just added to this queue by this host: end the current backoff wait now."""
