@@ -362,9 +362,12 @@ def test_a_queue_message_runs_the_function_with_its_body_and_metadata(queue_app:
 
 def test_an_idle_queue_is_polled_with_random_exponential_backoff_and_a_found_message_resets_it(
         queue_app: Any) -> None:
-    # GIVEN maxPollingInterval 2 s and an empty queue
+    # GIVEN maxPollingInterval 2 s and an empty queue (that did not exist when the host started)
     app = queue_app({"maxPollingInterval": "00:00:02"})
+    app.queue.delete_queue()
     app.start()
+    wait_for(lambda: "does not exist yet; polling until it does" in app.log_text())
+    app.queue.create_queue()
     # WHEN the host has polled it for a while
     wait_for(lambda: backoffs(app.log_text()).count(2.0) >= 2)
     idle = backoffs(app.log_text())
