@@ -91,6 +91,8 @@ def bench(storage: str, *, auth: bool = True, model_latency: float = 0.0,
         "OPENAI_MODEL": "bench-model",
         "CHAT_MODEL_TIMEOUT_SECONDS": "10",
         "CHAT_INSTRUCTIONS": "You are a test bot.",
+        # These tests read the reply within the POST; the queue's own are test_turn_queue's.
+        "CHAT_ANSWER_MODE": "inline",
         # The identity provider is HTTPS (as Entra is): the host trusts its certificate only.
         "SSL_CERT_FILE": str(certificate),
     }
