@@ -60,9 +60,9 @@ class QueueHost:
         return [bytes(m.content) async for m in self.poison.receive_messages(
             visibility_timeout=1, max_messages=32)]
 
-    async def idle(self, *, timeout: float = 30.0) -> None:
+    async def idle(self, *, within: float = 30.0) -> None:
         """Wait until the queue is empty and nothing is being handled."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             while True:
                 properties = await self.queue.get_queue_properties()
                 if not self._running and not properties.approximate_message_count:
@@ -86,7 +86,7 @@ class QueueHost:
         dequeue_count = int(message.dequeue_count or 1)
         try:
             await self.handler(content, dequeue_count)
-        except Exception:  # noqa: BLE001 - the host's job: retry, then poison
+        except Exception:  # the host's job: retry, then poison
             self.failures += 1
             if dequeue_count >= self.max_dequeue_count:
                 await self.poison.send_message(content.decode())
