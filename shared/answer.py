@@ -22,7 +22,7 @@ from typing import Any
 
 from .activity import Activity, parse_activity
 from .delivery import Delivery, Progress
-from .errors import BadRequest, InputTooLong, MessageTooLarge, ModelError
+from .errors import BadRequest, InputTooLong, MessageTooLarge, ModelError, StoreError
 from .inbox import Inbox, TurnTicket
 from .logs import turn_context
 from .prompt import check_input
@@ -179,7 +179,10 @@ class Answerer:
                           "goes to the poison queue: %s", dequeue_count, _reason(exc))
                 await self._apologize(activity, ticket)
                 raise
-            await self.inbox.remove(ticket.conversation_id, ticket.activity_id)
+            try:
+                await self.inbox.remove(ticket.conversation_id, ticket.activity_id)
+            except StoreError as exc:  # answered: a retry now would only find it done
+                log.warning("answered, but its kept copy not removed (retention will): %s", exc)
 
     async def _apologize(self, activity: Activity, ticket: TurnTicket) -> None:
         progress = self.delivery.progress(activity, resume=ticket.stream, updates=False)

@@ -105,12 +105,12 @@ async def eventually(check: Any, *, within: float = 20.0) -> None:
 
 
 async def test_a_message_is_answered_200_while_the_model_is_still_working(
-        queue_connection_string: str, table_name: str,
+        azurite_connection_string: str, table_name: str,
         servers: tuple[FakeModelServer, FakeConnector]) -> None:
     # GIVEN a model that takes 2 s over its first answer
     model, connector = servers
     model.then(Scripted(content="first answer", delay=2.0))
-    async with halves(queue_connection_string, table_name, model, connector) as running:
+    async with halves(azurite_connection_string, table_name, model, connector) as running:
         # WHEN a message arrives, and a second one while the model works on the first
         first = await running.post(running.message("one", "a:busy"))
         await eventually(lambda: model.calls == 1)
@@ -129,13 +129,13 @@ async def test_a_message_is_answered_200_while_the_model_is_still_working(
 
 
 async def test_a_long_turn_is_delivered_once_and_stored_once_though_the_channel_retries(
-        queue_connection_string: str, table_name: str,
+        azurite_connection_string: str, table_name: str,
         servers: tuple[FakeModelServer, FakeConnector]) -> None:
     # GIVEN a model whose turn takes 4 s, and a channel that retries a POST unanswered for 1.5 s
     # (a 40 s turn against the 15 s Bot Service timeout, at a tenth of the time)
     model, connector = servers
     model.then(Scripted(content="a considered answer", delay=4.0))
-    async with halves(queue_connection_string, table_name, model, connector) as running:
+    async with halves(azurite_connection_string, table_name, model, connector) as running:
         body = running.message("think hard", "a:long")
         # WHEN the message arrives, and the channel sends it again at 1.5 s and 3 s anyway
         statuses = []
@@ -157,11 +157,11 @@ async def test_a_long_turn_is_delivered_once_and_stored_once_though_the_channel_
 
 
 async def test_a_redelivered_queue_message_does_not_answer_twice(
-        queue_connection_string: str, table_name: str,
+        azurite_connection_string: str, table_name: str,
         servers: tuple[FakeModelServer, FakeConnector]) -> None:
     # GIVEN a message answered from the queue
     model, connector = servers
-    async with halves(queue_connection_string, table_name, model, connector) as running:
+    async with halves(azurite_connection_string, table_name, model, connector) as running:
         body = running.message("once", "a:again")
         await running.post(body)
         await running.host.idle()
@@ -182,11 +182,11 @@ async def test_a_redelivered_queue_message_does_not_answer_twice(
 
 
 async def test_a_turn_committed_but_not_delivered_is_sent_again_without_a_model_call(
-        queue_connection_string: str, table_name: str,
+        azurite_connection_string: str, table_name: str,
         servers: tuple[FakeModelServer, FakeConnector]) -> None:
     # GIVEN a channel that refuses the first reply (5xx) of a non-streamed chat
     model, connector = servers
-    async with halves(queue_connection_string, table_name, model, connector,
+    async with halves(azurite_connection_string, table_name, model, connector,
                       CHAT_STREAMING="off") as running:
         connector.statuses.extend([201, 503])  # the typing indicator passes, the reply fails
         # WHEN a message is answered: the turn commits, the reply fails, the queue retries
@@ -199,13 +199,13 @@ async def test_a_turn_committed_but_not_delivered_is_sent_again_without_a_model_
 
 
 async def test_a_message_that_always_fails_ends_in_one_apology_and_the_poison_queue(
-        queue_connection_string: str, table_name: str, caplog: pytest.LogCaptureFixture,
+        azurite_connection_string: str, table_name: str, caplog: pytest.LogCaptureFixture,
         servers: tuple[FakeModelServer, FakeConnector]) -> None:
     # GIVEN a model that always fails
     model, connector = servers
     model.then(*[Scripted(status=500, error={"message": "down"}) for _ in range(MAX_DEQUEUE)])
     caplog.set_level(logging.INFO)
-    async with halves(queue_connection_string, table_name, model, connector,
+    async with halves(azurite_connection_string, table_name, model, connector,
                       CHAT_STREAMING="off") as running:
         # WHEN a message arrives
         body = running.message("doomed", "a:poison")
@@ -224,11 +224,11 @@ async def test_a_message_that_always_fails_ends_in_one_apology_and_the_poison_qu
 
 
 async def test_an_activity_over_64_kib_goes_through(
-        queue_connection_string: str, table_name: str,
+        azurite_connection_string: str, table_name: str,
         servers: tuple[FakeModelServer, FakeConnector]) -> None:
     # GIVEN a Teams message whose activity is 200 KB (an adaptive card's worth of channel data)
     model, connector = servers
-    async with halves(queue_connection_string, table_name, model, connector) as running:
+    async with halves(azurite_connection_string, table_name, model, connector) as running:
         body = running.message("with a big card", "a:big", channelData={
             "card": [uuid.uuid4().hex for _ in range(6_000)]})
         assert len(body) > 150_000
@@ -242,11 +242,11 @@ async def test_an_activity_over_64_kib_goes_through(
 
 
 async def test_a_retry_of_an_accepted_activity_is_dropped_by_the_webhook(
-        queue_connection_string: str, table_name: str,
+        azurite_connection_string: str, table_name: str,
         servers: tuple[FakeModelServer, FakeConnector]) -> None:
     # GIVEN an accepted message
     model, connector = servers
-    async with halves(queue_connection_string, table_name, model, connector) as running:
+    async with halves(azurite_connection_string, table_name, model, connector) as running:
         body = running.message("hello", "c:group")
         await running.host.idle()
         # WHEN the channel posts it twice before it is answered
