@@ -30,6 +30,7 @@ from .settings import Settings
 from .store import ConversationStore, ConversationWindow
 from .streaming import StreamStart
 from .summary import Summarizer
+from .telemetry import turn
 from .turn import Busy, Committed, Found, Refused, TurnRunner
 
 __all__ = ["APOLOGY", "BUSY", "RESET_DONE", "TOO_LONG", "Answerer", "Unanswered"]
@@ -158,13 +159,17 @@ class Answerer:
         """Answer the accepted activity a queue message names; raise to have it retried."""
         ticket = TurnTicket.from_json(message)
         last = dequeue_count >= max_dequeue_count
-        with turn_context(ticket.conversation_id, ticket.activity_id):
+        # Its own span and metrics, as activity type "answer": the webhook's "message" is the accept.
+        with turn_context(ticket.conversation_id, ticket.activity_id), \
+                turn("answer", ticket.conversation_id) as stats:
+            stats.status = 500  # until answered
             log.info("picked up after %.0f ms (dequeue %d of %d)",
                      (time.time() - ticket.enqueued_at) * 1000, dequeue_count, max_dequeue_count)
             assert self.inbox is not None, "the turn queue needs an inbox"
             body = await self.inbox.load(ticket.conversation_id, ticket.activity_id)
             if body is None:
                 log.info("nothing kept for this activity: answered already; nothing to do")
+                stats.status = 200
                 return
             activity = parse_activity(body, _HEADERS)
             try:
@@ -179,6 +184,7 @@ class Answerer:
                           "goes to the poison queue: %s", dequeue_count, _reason(exc))
                 await self._apologize(activity, ticket)
                 raise
+            stats.status = 200
             try:
                 await self.inbox.remove(ticket.conversation_id, ticket.activity_id)
             except StoreError as exc:  # answered: a retry now would only find it done

@@ -7,8 +7,8 @@
 The answer itself (the turn and its delivery) is shared/answer.py, run by the queue trigger; with
 `CHAT_ANSWER_MODE=inline` (hosts without a queue) the webhook runs it before it responds, as
 before. A retry of an activity already accepted is acknowledged and dropped (the inbox's
-conditional create); one already committed finds its stored turn in the answer and is not run
-again.
+conditional create), and so is one already answered (its turn committed and delivered); one
+committed but not delivered is queued without a stream, and the answer re-sends it.
 """
 
 from __future__ import annotations
@@ -156,11 +156,19 @@ class ChatBot:
     async def _accept(self, activity: Activity, body: bytes) -> BotResponse:
         """Keep the message, show that it is being answered, queue its ticket; 200 at once."""
         assert self.inbox is not None
-        if not await self.inbox.accept(body, conversation_id=activity.conversation_id,
-                                       activity_id=activity.id):
+        accepted, committed = await asyncio.gather(
+            self.inbox.accept(body, conversation_id=activity.conversation_id,
+                              activity_id=activity.id),
+            self.store.get_turn(activity.conversation_id, activity.id))
+        if not accepted:
             log.info("retry of an activity already accepted; acknowledged")
             return BotResponse(status=200)
-        stream = await self.delivery.open_stream(activity)
+        if committed is not None and committed.delivered:
+            log.info("retry of an activity already answered; acknowledged")
+            await self.inbox.remove(activity.conversation_id, activity.id)
+            return BotResponse(status=200)
+        # A turn committed but not delivered is re-sent by the answer, with no stream to open.
+        stream = await self.delivery.open_stream(activity) if committed is None else None
         ticket = TurnTicket(conversation_id=activity.conversation_id, activity_id=activity.id,
                             enqueued_at=time.time(), stream=stream)
         try:

@@ -257,3 +257,23 @@ async def test_a_retry_of_an_accepted_activity_is_dropped_by_the_webhook(
         assert properties.approximate_message_count <= 1
         await running.host.idle()
     assert model.calls == 1 and len(connector.messages("c:group")) == 1
+
+
+async def test_a_retry_of_an_answered_activity_opens_no_stream_and_queues_nothing(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a message in a personal chat, answered from the queue
+    model, connector = servers
+    async with halves(azurite_connection_string, table_name, model, connector) as running:
+        body = running.message("answered", "a:late")
+        await running.post(body)
+        await running.host.idle()
+        handled = running.host.handled
+        # WHEN the channel posts it again, after the answer (a Teams redelivery)
+        status, _ = await running.post(body)
+        await running.host.idle()
+        # THEN 200, no second "Thinking…" and no ticket: one stream, one reply, one model call
+        assert status == 200 and running.host.handled == handled
+        assert len(connector.streams.of("a:late")) == 1
+        assert len(connector.messages("a:late")) == 1 and model.calls == 1
+        assert await running.inbox.load("a:late", json.loads(body)["id"]) is None
