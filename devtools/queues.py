@@ -259,6 +259,7 @@ class QueueListener:
         self._client: QueueClient | None = None
         self._poison: QueueClient | None = None
         self._unreachable = False
+        self._missing = False
 
     async def run_forever(self) -> None:
         # No encode or decode policy: the message text is read raw and decoded here, as the host does.
@@ -268,6 +269,7 @@ class QueueListener:
             self._poison = QueueClient.from_connection_string(self.queue.connection_string, poison)
         found_since_last_delay = False
         while True:
+            self._wake.clear()  # a message added before this poll is found by it, as `ExecuteAsync` resets
             batch = await self._receive()
             if batch:
                 found_since_last_delay = True
@@ -283,7 +285,6 @@ class QueueListener:
             log.debug("Backing off polling of queue '%s' for %.0f ms", self.queue.queue_name, delay * 1000)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
-            self._wake.clear()
 
     def notify(self) -> None:
         """A message was just added to this queue by this host: end the current backoff wait now."""
@@ -308,15 +309,19 @@ class QueueListener:
                                                   max_messages=self.options.batch_size,
                                                   visibility_timeout=self.lease_seconds)
             batch = [message async for message in pages]
-        except ResourceNotFoundError:
-            return []  # the host backs off while the queue does not exist, and does not create it
+        except ResourceNotFoundError:  # the host backs off while the queue does not exist, and does not create it
+            if not self._missing:
+                log.info("queue %r of function %r does not exist yet; polling until it does",
+                         self.queue.queue_name, self.queue.function.name)
+            self._missing = True
+            return []
         except AzureError as exc:  # a server error or storage unreachable: back off and poll again
             if not self._unreachable:
                 log.warning("cannot poll queue %r of function %r (%s); retrying", self.queue.queue_name,
                             self.queue.function.name, getattr(exc, "reason", None) or type(exc).__name__)
             self._unreachable = True
             return []
-        self._unreachable = False
+        self._unreachable = self._missing = False
         return batch
 
     async def _process(self, message: QueueMessage) -> None:

@@ -362,9 +362,12 @@ def test_a_queue_message_runs_the_function_with_its_body_and_metadata(queue_app:
 
 def test_an_idle_queue_is_polled_with_random_exponential_backoff_and_a_found_message_resets_it(
         queue_app: Any) -> None:
-    # GIVEN maxPollingInterval 2 s and an empty queue
+    # GIVEN maxPollingInterval 2 s and an empty queue (that did not exist when the host started)
     app = queue_app({"maxPollingInterval": "00:00:02"})
+    app.queue.delete_queue()
     app.start()
+    wait_for(lambda: "does not exist yet; polling until it does" in app.log_text())
+    app.queue.create_queue()
     # WHEN the host has polled it for a while
     wait_for(lambda: backoffs(app.log_text()).count(2.0) >= 2)
     idle = backoffs(app.log_text())
@@ -479,6 +482,19 @@ def test_a_host_killed_mid_run_runs_the_message_again_once_its_lease_runs_out(qu
     print(f"run again {(datetime.fromisoformat(again['at']) - killed).total_seconds():.1f} s after the kill")
     assert (datetime.fromisoformat(again["at"]) - killed).total_seconds() <= 4 + 1 + 10
     wait_for(lambda: app.queue_length() == 0)
+
+
+def test_a_host_stopped_mid_run_lets_the_run_finish_and_completes_the_message(queue_app: Any) -> None:
+    # GIVEN a message whose run takes 3 s
+    app = queue_app({"maxPollingInterval": "00:00:01"})
+    app.start()
+    app.send("sleep:3")
+    wait_for(lambda: app.runs())
+    # WHEN the host is stopped gracefully (SIGTERM, as Ctrl-C or a scale-in) while it runs
+    app.stop()
+    # THEN the run finished before the host exited, and the message was deleted: it never runs again
+    assert len(app.runs("end")) == 1
+    assert app.queue_length() == 0
 
 
 def test_a_message_whose_runs_died_more_than_max_dequeue_count_times_goes_to_poison_without_a_run(
