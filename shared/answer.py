@@ -94,15 +94,15 @@ class Answerer:
             if text.lower() == "/reset":
                 await self.store.clear(activity.conversation_id)
                 log.info("cleared the conversation on /reset")
-                return await self.delivery.text(activity, RESET_DONE)
+                return await self._say(activity, RESET_DONE, resume=resume)
             budget = self.settings.model.history_token_budget
             try:
                 needed = check_input(text, token_budget=budget)
             except (InputTooLong, MessageTooLarge) as exc:
                 log.info("message too long to answer: %s", exc)
                 tokens = exc.tokens if isinstance(exc, InputTooLong) else len(text) // 3
-                return await self.delivery.text(activity, TOO_LONG.format(tokens=tokens,
-                                                                          budget=budget))
+                return await self._say(activity, TOO_LONG.format(tokens=tokens, budget=budget),
+                                       resume=resume)
             progress = self.delivery.progress(activity, resume=resume, updates=not retried)
             try:
                 outgoing, window = await self._turn(activity, text, needed, progress, apologize)
@@ -111,6 +111,17 @@ class Answerer:
         if window is not None:
             await self._after_reply(activity, window)
         return outgoing
+
+    async def _say(self, activity: Activity, text: str, *,
+                   resume: StreamStart | None) -> dict[str, Any] | None:
+        """A reply of ours without a turn: it ends the stream the webhook opened, if any."""
+        if resume is None:
+            return await self.delivery.text(activity, text)
+        progress = self.delivery.progress(activity, resume=resume, updates=False)
+        try:
+            return await self.delivery.text(activity, text, progress=progress)
+        finally:
+            await progress.close()
 
     async def _turn(self, activity: Activity, text: str, needed: int, progress: Progress,
                     apologize: bool) -> tuple[dict[str, Any] | None, ConversationWindow | None]:
@@ -191,13 +202,10 @@ class Answerer:
                 log.warning("answered, but its kept copy not removed (retention will): %s", exc)
 
     async def _apologize(self, activity: Activity, ticket: TurnTicket) -> None:
-        progress = self.delivery.progress(activity, resume=ticket.stream, updates=False)
         try:
-            await self.delivery.text(activity, APOLOGY, progress=progress)
+            await self._say(activity, APOLOGY, resume=ticket.stream)
         except Exception as exc:
             log.error("the apology was not sent either: %s", _reason(exc))
-        finally:
-            await progress.close()
 
 
 def _reason(exc: BaseException) -> str:

@@ -8,6 +8,7 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -73,6 +74,28 @@ def test_expect_replies_and_reset_still_answer(queued: Bench) -> None:
     assert queued.post(queued.message("/reset", conversation_id=conversation)).status_code == 200
     assert "forgotten" in queued.replies(conversation)[-1]["text"]
     assert queued.history(conversation) == []
+    # AND the "Thinking…" the webhook showed for it was ended by that confirmation
+    (stream,) = queued.connector.streams.of(conversation)
+    assert stream.finished and queued.connector.streams.violations == []
+
+
+def test_twenty_messages_at_once_to_one_chat_are_each_answered_and_stored_once(
+        queued: Bench) -> None:
+    # GIVEN twenty messages to one conversation, posted at once
+    conversation = f"c:{uuid.uuid4().hex}"
+    activities = [queued.message(f"m{i}", conversation_id=conversation) for i in range(20)]
+    with ThreadPoolExecutor(20) as pool:
+        statuses = list(pool.map(lambda a: queued.post(a).status_code, activities))
+    # THEN all are accepted, then answered once each, and stored once each, turn by turn
+    assert statuses == [200] * 20
+    queued.replies(conversation, count=20, seconds=60)
+    time.sleep(1.0)
+    assert sorted(r["replyToId"] for r in queued.connector.messages(conversation)) == sorted(
+        a["id"] for a in activities)
+    history = queued.history(conversation)
+    assert sorted(m["content"] for m in history if m["role"] == "user") == sorted(
+        f"m{i}" for i in range(20))
+    assert all(history[i]["activityId"] == history[i + 1]["activityId"] for i in range(0, 40, 2))
 
 
 def test_a_worker_killed_during_a_turn_is_answered_once_after_restart(
