@@ -3,6 +3,8 @@ on Azurite's queue, with the host's lease, dequeue count and poison queue (docs/
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -11,8 +13,13 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from azure.core.exceptions import ResourceNotFoundError
+from azure.storage.queue import BinaryBase64DecodePolicy
+from azure.storage.queue.aio import QueueClient
 
 from devtools.fake_model import Scripted
+from shared.answer import APOLOGY
+from shared.inbox import TurnTicket
 from tests.e2e.channel import Bench, bench
 
 
@@ -125,3 +132,41 @@ def test_a_worker_killed_during_a_turn_is_answered_once_after_restart(
         assert [m["content"] for m in running.history(conversation)] == [
             "survive this", "reply to 'survive this' after 2 messages"]
         assert running.connector.streams.violations == []
+
+
+def test_a_message_that_always_fails_ends_in_one_apology_and_the_poison_queue(
+        azurite_connection_string: str) -> None:
+    # GIVEN the dev host (host.json: 5 dequeues, 5 s apart) and a model that always fails
+    with bench(azurite_connection_string, answer_mode="queue",
+               extra_env={"CHAT_MODEL_MAX_RETRIES": "0"}) as running:
+        conversation = personal_chat()
+        running.model.then(*[Scripted(status=500, error={"message": "down"}) for _ in range(5)])
+        # WHEN a message arrives in a personal chat
+        activity = running.message("doomed", conversation_id=conversation)
+        assert running.post(activity).status_code == 200
+        # THEN after five tries the user has one apology, ending the "Thinking…" stream
+        replies = running.replies(conversation, seconds=60)
+        assert [r["text"] for r in replies] == [APOLOGY] and running.model.calls == 5
+        (stream,) = running.connector.streams.of(conversation)
+        assert stream.finished and running.connector.streams.violations == []
+        # AND the message is in the poison queue, nothing is stored, and the log says why
+        poisoned = asyncio.run(_peek(azurite_connection_string,
+                                     f"{running.host.env['CHAT_TURN_QUEUE']}-poison"))
+        assert [TurnTicket.from_json(p).activity_id for p in poisoned] == [activity["id"]]
+        assert running.history(conversation) == []
+        log = running.host.log_text()
+        assert "the turn failed on its last dequeue (5); apologising" in log
+        assert "Moving message to queue" in log
+
+
+async def _peek(connection_string: str, queue: str) -> list[bytes]:
+    client = QueueClient.from_connection_string(connection_string, queue,
+                                                message_decode_policy=BinaryBase64DecodePolicy())
+    async with client:  # the host moves the message just after the apology went out
+        for _ in range(100):
+            with contextlib.suppress(ResourceNotFoundError):
+                found = [bytes(m.content) for m in await client.peek_messages(max_messages=32)]
+                if found:
+                    return found
+            await asyncio.sleep(0.1)
+    return []
