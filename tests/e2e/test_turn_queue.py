@@ -105,6 +105,19 @@ def test_twenty_messages_at_once_to_one_chat_are_each_answered_and_stored_once(
     assert all(history[i]["activityId"] == history[i + 1]["activityId"] for i in range(0, 40, 2))
 
 
+def test_an_activity_over_64_kib_goes_through_the_queue(queued: Bench) -> None:
+    # GIVEN a Teams message of about 200 KB (a large card in its channel data)
+    conversation = personal_chat()
+    activity = queued.message("with a big card", conversation_id=conversation,
+                              channelData={"card": [uuid.uuid4().hex for _ in range(6_000)]})
+    # WHEN it is posted
+    response = queued.post(activity)
+    # THEN it is accepted and answered like any other (the queue holds a reference to it)
+    assert response.status_code == 200
+    assert [r["text"] for r in queued.replies(conversation)] == [
+        "reply to 'with a big card' after 2 messages"]
+
+
 def test_a_worker_killed_during_a_turn_is_answered_once_after_restart(
         azurite_connection_string: str) -> None:
     # GIVEN a dev host whose queue leases last 4 s (Azure's: 10 minutes) and a model that takes
