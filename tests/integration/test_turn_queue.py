@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -277,3 +278,22 @@ async def test_a_retry_of_an_answered_activity_opens_no_stream_and_queues_nothin
         assert len(connector.streams.of("a:late")) == 1
         assert len(connector.messages("a:late")) == 1 and model.calls == 1
         assert await running.inbox.load("a:late", json.loads(body)["id"]) is None
+
+
+async def test_retention_purges_kept_activities_older_than_the_cutoff(
+        azurite_connection_string: str, table_name: str) -> None:
+    # GIVEN two kept activities (their tickets went to the poison queue, say)
+    inbox = Inbox.from_connection_string(azurite_connection_string, table_name=table_name,
+                                         queue_name=f"q{uuid.uuid4().hex[:12]}")
+    try:
+        for activity_id in ("old-1", "old-2"):
+            assert await inbox.accept(b'{"type": "message"}', conversation_id="a:left",
+                                      activity_id=activity_id)
+        # WHEN rows older than a minute ago are purged, then rows older than a minute ahead
+        none = await inbox.purge_before(datetime.now(UTC) - timedelta(minutes=1))
+        both = await inbox.purge_before(datetime.now(UTC) + timedelta(minutes=1))
+        # THEN the first purge keeps them, the second removes both
+        assert (none, both) == (0, 2)
+        assert await inbox.load("a:left", "old-1") is None
+    finally:
+        await inbox.close()
