@@ -21,7 +21,7 @@ import httpx2
 import pytest
 
 from devtools.fake_channel import FakeConnector
-from devtools.fake_model import FakeModelServer, Scripted
+from devtools.fake_model import FakeModelServer, Scripted, default_reply
 from shared.answer import APOLOGY
 from shared.auth import BotAuthenticator
 from shared.bot import ChatBot
@@ -31,6 +31,7 @@ from shared.model import build_model
 from shared.prompt import ChatPrompt
 from shared.settings import load_settings
 from shared.store import TableConversationStore
+from shared.summary import SUMMARY_INSTRUCTIONS, Summarizer
 from tests.integration.queue_host import QueueHost
 
 HEADERS = {"Content-Type": "application/json"}
@@ -74,9 +75,15 @@ async def halves(connection_string: str, table_name: str, model: FakeModelServer
     settings = load_settings({"OPENAI_BASE_URL": model.base_url, "OPENAI_MODEL": "m",
                               "CHAT_MODEL_MAX_RETRIES": "0", "CHAT_TURN_QUEUE": queue,
                               "CHAT_SUMMARY": "off", **env})
-    store = TableConversationStore.from_connection_string(connection_string, table_name=table_name)
+    store = TableConversationStore.from_connection_string(connection_string, table_name=table_name,
+                                                          summaries=settings.summary.enabled)
     inbox = Inbox.from_connection_string(connection_string, table_name=table_name, queue_name=queue)
-    bot = ChatBot(settings=settings, store=store, prompt=ChatPrompt(build_model(settings.model)),
+    chat = build_model(settings.model)
+    summarizer = Summarizer(store=store, model=chat, token_budget=200,
+                            history_token_budget=settings.model.history_token_budget,
+                            history_max_messages=settings.model.history_max_messages) \
+        if settings.summary.enabled else None
+    bot = ChatBot(settings=settings, store=store, prompt=ChatPrompt(chat), summarizer=summarizer,
                   connector=BotConnector(credential=None), inbox=inbox,
                   authenticator=BotAuthenticator(settings.bot, http=httpx2.AsyncClient(),
                                                  in_azure=False))
@@ -297,3 +304,29 @@ async def test_retention_purges_kept_activities_older_than_the_cutoff(
         assert await inbox.load("a:left", "old-1") is None
     finally:
         await inbox.close()
+
+
+async def test_the_summary_work_runs_in_the_answer_function_after_the_reply(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN summaries on and a window of 4 messages, so a summary falls due after a few turns
+    model, connector = servers
+    seen: list[tuple[int, int]] = []
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      CHAT_SUMMARY="on", CHAT_HISTORY_MAX_MESSAGES="4") as running:
+        def reply(body: dict[str, Any]) -> str:
+            if str(body["messages"][0]["content"]).startswith(SUMMARY_INSTRUCTIONS[:40]):
+                seen.append((len(connector.messages("a:sum")), running.host.handled))
+                return "They are counting."
+            return default_reply(body)
+
+        model.reply = reply
+        # WHEN messages are answered from the queue, one after the other, until one needs it
+        posted = 0
+        while not seen and posted < 10:
+            await running.post(running.message(f"count {posted}", "a:sum"))
+            posted += 1
+            await running.host.idle()
+    # THEN the summary call came after that turn's reply was delivered, and while its queue
+    # message was still being handled (in the answer function, before it completed)
+    assert seen and set(seen) == {(posted, posted - 1)}
