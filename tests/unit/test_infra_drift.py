@@ -33,6 +33,8 @@ PLATFORM_SETTINGS = {
 
 #: Settings that are neither deployed, secret, nor defaulted, and why that is fine.
 UNDEPLOYED_WITHOUT_DEFAULT = {
+    "CHAT_STORAGE_QUEUE_ENDPOINT": "issue 19's Bicep (issue-19-infra) sets it; until then the "
+                                   "deployed app answers inline or from a connection string",
     "OPENAI_BASE_URL": "only for OpenAI-compatible servers (local dev); Azure uses Azure OpenAI",
     "WEBSITE_SITE_NAME": "set by the Azure Functions platform itself, never by us",
     "CHAT_SUMMARY_MODEL": "a cheaper deployment, if the operator makes one; unset, the chat "
