@@ -143,6 +143,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(name="CHAT_TURN_MAX_ATTEMPTS", default="8",
             description="Attempts of one turn when another instance commits first (each re-runs "
             "the prompt after a jittered backoff of up to 1 s)."),
+    # the turn queue (README "Two halves")
+    Setting(name="CHAT_ANSWER_MODE", default="queue",
+            description="queue or inline: queue answers a message from the turn queue (the "
+            "webhook keeps it and returns 200 at once); inline answers it before the webhook "
+            "responds (hosts without a queue). expectReplies and invoke are always inline."),
+    Setting(name="CHAT_TURN_QUEUE", default="chat-turns",
+            description="The storage queue of accepted messages the `answer` function reads "
+            "(its poison queue is this name + -poison)."),
+    Setting(name="CHAT_STORAGE_QUEUE_ENDPOINT",
+            description="https://<account>.queue.core.windows.net: enqueue with Entra ID (the "
+            "managed identity) instead of CHAT_STORAGE_CONNECTION_STRING; set with "
+            "CHAT_STORAGE_TABLE_ENDPOINT."),
     # data: retention and spend limits (docs/operate.md)
     Setting(name="CHAT_RETENTION_DAYS", deployed=False,
             description="Delete conversations idle longer than this many days (1-36500), by the "
