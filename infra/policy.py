@@ -290,10 +290,13 @@ def queue_wiring_problems(main: str, api: str) -> list[str]:
     if not re.search(r"^\s+storageQueueEndpoint:\s*storage\.outputs\.queueEndpoint\s*$", main, re.MULTILINE):
         problems.append("main.bicep: the app module's storageQueueEndpoint is not storage.outputs.queueEndpoint, "
                         "so the queue trigger may read another account than the webhook writes")
-    if not re.search(r"name:\s*'AzureWebJobsStorage__queueServiceUri'\s*\n\s*value:\s*storageQueueEndpoint\s*$",
-                     api, re.MULTILINE):
-        problems.append("app/api.bicep: AzureWebJobsStorage__queueServiceUri is not storageQueueEndpoint "
-                        "(the queue trigger's connection is AzureWebJobsStorage)")
+    # The trigger's connection is AzureWebJobsStorage, with the identity: these three make it one.
+    for setting, value in (("AzureWebJobsStorage__queueServiceUri", "storageQueueEndpoint"),
+                           ("AzureWebJobsStorage__credential", "'managedidentity'"),
+                           ("AzureWebJobsStorage__clientId", "identityClientId")):
+        if not re.search(rf"name:\s*'{setting}'\s*\n\s*value:\s*{re.escape(value)}\s*$", api, re.MULTILINE):
+            problems.append(f"app/api.bicep: {setting} is not {value} (the queue trigger's connection is "
+                            "AzureWebJobsStorage, with the app's identity)")
     return problems
 
 

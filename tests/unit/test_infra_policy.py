@@ -320,6 +320,23 @@ def test_a_queue_endpoint_of_another_account_is_reported() -> None:
     ]
 
 
+def test_a_trigger_connection_without_the_identity_is_reported() -> None:
+    """GIVEN app/api.bicep without AzureWebJobsStorage__clientId and with the queue URI of another account
+    WHEN the queue wiring rule reads it
+    THEN both are reported: the host could not read the turn queue with the app's identity."""
+    templates = _templates()
+    api = re.sub(r"\{\s*name: 'AzureWebJobsStorage__clientId'\s*\n\s*value: [^\n]+\s*\}", "",
+                 templates["app/api.bicep"])
+    api = api.replace("value: storageQueueEndpoint", "value: 'https://other.queue.core.windows.net'")
+    assert "AzureWebJobsStorage__clientId" not in api and "other.queue" in api
+    assert policy.queue_wiring_problems(templates["main.bicep"], api) == [
+        "app/api.bicep: AzureWebJobsStorage__queueServiceUri is not storageQueueEndpoint (the queue trigger's "
+        "connection is AzureWebJobsStorage, with the app's identity)",
+        "app/api.bicep: AzureWebJobsStorage__clientId is not identityClientId (the queue trigger's "
+        "connection is AzureWebJobsStorage, with the app's identity)",
+    ]
+
+
 # --- always-ready instances of the `answer` function ----------------------------------------
 
 
