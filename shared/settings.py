@@ -145,14 +145,14 @@ SETTINGS: tuple[Setting, ...] = (
             description="Attempts of one turn when another instance commits first (each re-runs "
             "the prompt after a jittered backoff of up to 1 s)."),
     # the turn queue (README "Two halves")
-    Setting(name="CHAT_ANSWER_MODE", default="queue", deployed=False,
+    Setting(name="CHAT_ANSWER_MODE", default="queue",
             description="queue or inline: queue answers a message from the turn queue (the "
             "webhook keeps it and returns 200 at once); inline answers it before the webhook "
             "responds (hosts without a queue). expectReplies and invoke are always inline."),
-    Setting(name="CHAT_TURN_QUEUE", default="chat-turns", deployed=False,
+    Setting(name="CHAT_TURN_QUEUE", default="chat-turns",
             description="The storage queue of accepted messages the `answer` function reads "
             "(its poison queue is this name + -poison)."),
-    Setting(name="CHAT_STORAGE_QUEUE_ENDPOINT", deployed=False,
+    Setting(name="CHAT_STORAGE_QUEUE_ENDPOINT",
             description="https://<account>.queue.core.windows.net: enqueue with Entra ID (the "
             "managed identity) instead of CHAT_STORAGE_CONNECTION_STRING; set with "
             "CHAT_STORAGE_TABLE_ENDPOINT."),
