@@ -25,6 +25,7 @@ BENCHMARKS: tuple[str, ...] = (
     "long_chat",
     "streaming",
     "telemetry",
+    "queue",
 )
 
 Benchmark = Callable[[str], Awaitable[dict[str, Any]]]

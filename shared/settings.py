@@ -19,6 +19,7 @@ from .errors import SettingsError
 
 __all__ = [
     "SETTINGS",
+    "AnswerMode",
     "AttachmentSettings",
     "BotSettings",
     "DataSettings",
@@ -147,6 +148,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(name="CHAT_TURN_MAX_ATTEMPTS", default="8",
             description="Attempts of one turn when another instance commits first (each re-runs "
             "the prompt after a jittered backoff of up to 1 s)."),
+    # the turn queue (README "Two halves")
+    Setting(name="CHAT_ANSWER_MODE", default="queue",
+            description="queue or inline: queue answers a message from the turn queue (the "
+            "webhook keeps it and returns 200 at once); inline answers it before the webhook "
+            "responds (hosts without a queue). expectReplies and invoke are always inline."),
+    Setting(name="CHAT_TURN_QUEUE", default="chat-turns",
+            description="The storage queue of accepted messages the `answer` function reads "
+            "(its poison queue is this name + -poison)."),
+    Setting(name="CHAT_STORAGE_QUEUE_ENDPOINT",
+            description="https://<account>.queue.core.windows.net: enqueue with Entra ID (the "
+            "managed identity) instead of CHAT_STORAGE_CONNECTION_STRING; set with "
+            "CHAT_STORAGE_TABLE_ENDPOINT."),
     # data: retention and spend limits (docs/operate.md)
     Setting(name="CHAT_RETENTION_DAYS", deployed=False,
             description="Delete conversations idle longer than this many days (1-36500), by the "
@@ -220,6 +233,11 @@ class ModelProvider(StrEnum):
     OFFLINE = "offline"
 
 
+class AnswerMode(StrEnum):
+    QUEUE = "queue"
+    INLINE = "inline"
+
+
 class BotAppType(StrEnum):
     MULTI_TENANT = "MultiTenant"
     SINGLE_TENANT = "SingleTenant"
@@ -232,6 +250,8 @@ class StorageSettings:
     table_endpoint: str | None
     table_name: str
     managed_identity_client_id: str | None
+    queue_endpoint: str | None = None
+    turn_queue: str = "chat-turns"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -331,6 +351,7 @@ class Settings:
     def welcomes(self, channel_id: str) -> bool:
         """Whether a conversation on `channel_id` gets the welcome message."""
         return self.welcome == "on" or (self.welcome == "outside-teams" and channel_id != "msteams")
+    answer_mode: AnswerMode = AnswerMode.QUEUE
 
 
 class _Reader:
@@ -429,6 +450,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             max_bytes=read.integer("CHAT_FILE_MAX_BYTES", minimum=1_000, maximum=50_000_000),
             file_hosts=_host_patterns(read.required_text("CHAT_FILE_HOSTS"), name="CHAT_FILE_HOSTS"),
             model_images=read.flag("CHAT_MODEL_IMAGES")),
+        answer_mode=_answer_mode(read),
     )
 
 
@@ -437,6 +459,14 @@ def _welcome(read: _Reader) -> str:
     if value not in ("on", "off", "outside-teams"):
         raise SettingsError("CHAT_WELCOME", f"must be on, off or outside-teams, got {value!r}")
     return value
+
+
+def _answer_mode(read: _Reader) -> AnswerMode:
+    raw = read.required_text("CHAT_ANSWER_MODE").lower()
+    try:
+        return AnswerMode(raw)
+    except ValueError:
+        raise SettingsError("CHAT_ANSWER_MODE", f"must be queue or inline, got {raw!r}") from None
 
 
 def _telemetry(read: _Reader) -> TelemetrySettings:
@@ -476,12 +506,29 @@ def _storage(read: _Reader, identity: str | None) -> StorageSettings:
     connection_string = read.required_text("CHAT_STORAGE_CONNECTION_STRING")
     if connection_string != DEVELOPMENT_STORAGE and "=" not in connection_string:
         raise SettingsError("CHAT_STORAGE_CONNECTION_STRING", "is not a connection string")
+    table_endpoint = read.url("CHAT_STORAGE_TABLE_ENDPOINT")
+    queue_endpoint = read.url("CHAT_STORAGE_QUEUE_ENDPOINT")
+    if (table_endpoint is None) != (queue_endpoint is None) and \
+            read.text("CHAT_ANSWER_MODE") == AnswerMode.QUEUE.value:
+        raise SettingsError("CHAT_STORAGE_QUEUE_ENDPOINT", "and CHAT_STORAGE_TABLE_ENDPOINT go "
+                            "together (both Entra ID, or neither: the connection string)")
     return StorageSettings(
         connection_string=connection_string,
-        table_endpoint=read.url("CHAT_STORAGE_TABLE_ENDPOINT"),
+        table_endpoint=table_endpoint,
         table_name=table_name,
         managed_identity_client_id=identity,
+        queue_endpoint=queue_endpoint,
+        turn_queue=_queue_name(read),
     )
+
+
+def _queue_name(read: _Reader) -> str:
+    """3-63 lower-case letters, digits and single hyphens; room left for `-poison`."""
+    name = read.required_text("CHAT_TURN_QUEUE")
+    if not re.fullmatch(r"[a-z0-9](?:-?[a-z0-9])+", name) or len(name) > 63 - len("-poison"):
+        raise SettingsError("CHAT_TURN_QUEUE", "must be 2-56 lower-case letters, digits and "
+                            f"single hyphens, not starting or ending with one, got {name!r}")
+    return name
 
 
 #: Any of these given turns the offline stand-in off (OPENAI_API_VERSION matters only with Azure).
