@@ -66,3 +66,44 @@ def test_an_image_is_answered_with_suggestions_and_stored_without_its_bytes(
     assert user["attachments"] == [{"name": "an image", "contentType": "image/png",
                                     "size": len(picture)}]
     assert reply["content"] == "A green square."
+
+
+@pytest.fixture(scope="module")
+def queued(azurite_connection_string: str) -> Iterator[Bench]:
+    with bench(azurite_connection_string, answer_mode="queue") as running:
+        yield running
+
+
+def test_through_the_turn_queue_an_image_is_answered_and_a_pptx_refused(
+        queued: Bench) -> None:
+    # GIVEN the webhook and the answer function apart (CHAT_ANSWER_MODE=queue), a file host, and
+    # a model that suggests one reply
+    files = FakeFileHost()
+    queued.loop.run(files.start())
+    try:
+        buffer = io.BytesIO()
+        Image.new("RGB", (4, 4), (0, 0, 0)).save(buffer, format="PNG")
+        image = files.put("/v3/attachments/9/views/original", buffer.getvalue())
+        deck = files.put("/v3/attachments/10/views/original", b"PK\3\4")
+        queued.model.then(Scripted(content=f"Black.\n{OPEN}\nWhy black?\n{CLOSE}"))
+        calls = queued.model.calls
+        answered, refused = f"a:{uuid.uuid4().hex}", f"a:{uuid.uuid4().hex}"
+        # WHEN an image, then a PowerPoint file, are posted to two personal chats
+        for conversation, attachment in (
+                (answered, {"contentType": "image/*", "contentUrl": image}),
+                (refused, {"contentType": "application/vnd.ms-powerpoint", "name": "deck.pptx",
+                           "contentUrl": deck})):
+            activity = queued.message("look", conversation_id=conversation,
+                                      attachments=[attachment])
+            assert queued.post(activity).status_code == 200
+        # THEN the image's answer ends the stream the webhook opened, with its button
+        (reply,) = queued.replies(answered)
+        assert reply["text"] == "Black." and reply["channelData"]["streamType"] == "final"
+        assert reply["suggestedActions"]["actions"][0]["value"] == "Why black?"
+        # AND the file gets the polite refusal as that stream's end, with no model call for it
+        (refusal,) = queued.replies(refused)
+        assert refusal["text"].startswith("Sorry, ") and "“deck.pptx”" in refusal["text"]
+        assert queued.model.calls == calls + 1 and queued.history(refused) == []
+        assert queued.connector.streams.violations == []
+    finally:
+        queued.loop.run(files.stop())
