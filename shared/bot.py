@@ -344,7 +344,8 @@ class ChatBot:
             await self._mark_delivered(activity, reply_id=None)  # the user saw all there is
             return BotResponse(status=200)
         outgoing = activity.reply(reply.content if reply is not None and reply.content else "",
-                                  ai=True, feedback=self.settings.feedback)
+                                  ai=True, feedback=self.settings.feedback,
+                                  citations=reply.citations if reply is not None else ())
         if activity.expects_replies:
             return BotResponse(status=200, body={"activities": [outgoing]})
         reply_id = await self._send(activity, outgoing, stream=stream)

@@ -17,6 +17,7 @@ from . import logs, telemetry
 from .auth import BotAuthenticator
 from .bot import ChatBot
 from .connector import BotConnector, build_credential
+from .mcp import McpTools
 from .model import build_model
 from .prompt import ChatPrompt
 from .settings import ModelProvider, Settings, load_settings
@@ -29,7 +30,7 @@ __all__ = ["Runtime"]
 
 log = logging.getLogger(__name__)
 # The SDKs log every HTTP request at INFO; keep the operator's log to our own lines.
-for _noisy in ("azure", "httpx2", "openai"):
+for _noisy in ("azure", "httpx2", "openai", "mcp"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 
@@ -47,11 +48,15 @@ class Runtime:
         limits = settings.model
         # OpenAI and Azure OpenAI take a speaker's `name`; other servers get it as a text prefix.
         named = limits.provider is not ModelProvider.OFFLINE and not limits.base_url
+        #: Tools of the MCP servers in CHAT_MCP_SERVERS (none: None), discovered on first use.
+        self.mcp = McpTools(settings.mcp_servers, credential=credential) \
+            if settings.mcp_servers else None
         self.prompt = ChatPrompt(self.model, functions=functions, instructions=limits.instructions,
                                  max_tool_rounds=limits.max_tool_rounds,
                                  tool_timeout_seconds=limits.tool_timeout_seconds,
                                  timeout_seconds=limits.timeout_seconds,
-                                 speaker_style="name" if named else "prefix")
+                                 speaker_style="name" if named else "prefix",
+                                 tool_sources=[self.mcp] if self.mcp is not None else [])
         self.summary_model = None
         summarizer = None
         if settings.summary.enabled:
@@ -83,6 +88,8 @@ class Runtime:
         if self.summary_model is not None:
             await self.summary_model.close()
         await self.connector.close()
+        if self.mcp is not None:
+            await self.mcp.close()
         await self.http.aclose()
 
 
@@ -115,3 +122,6 @@ def _warn_about(settings: Settings) -> None:
     log.info("chatstate: model=%s (%s), table=%s, auth=%s", settings.model.model,
              settings.model.provider.value, settings.storage.table_name,
              "on" if settings.bot.auth_enabled else "off")
+    if settings.mcp_servers:
+        log.info("MCP servers: %s (tools discovered on first use)",
+                 ", ".join(f"{server.name} {server.url}" for server in settings.mcp_servers))
