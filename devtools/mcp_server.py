@@ -32,8 +32,8 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 CORPUS: tuple[tuple[str, str, str], ...] = (
     ("Bot messages with AI-generated content",
      "https://learn.microsoft.com/en-us/microsoftteams/platform/bots/how-to/format-ai-bot-messages",
-     "Teams shows an AI label, citations ([1] with a source card) and feedback buttons on bot "
-     "messages that carry the AI entity."),
+     "Teams shows an AI label, citations (a number with a source card) and feedback buttons on "
+     "bot messages that carry the AI entity."),
     ("Stream bot messages",
      "https://learn.microsoft.com/en-us/microsoftteams/platform/bots/streaming-ux",
      "Informative updates, cumulative streaming updates at most one a second, then a final "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx2
 
@@ -17,7 +17,6 @@ from . import logs, telemetry
 from .auth import BotAuthenticator
 from .bot import ChatBot
 from .connector import BotConnector, build_credential
-from .mcp import McpTools
 from .model import build_model
 from .prompt import ChatPrompt
 from .settings import ModelProvider, Settings, load_settings
@@ -25,6 +24,9 @@ from .store import ConversationStore, TableConversationStore
 from .summary import Summarizer
 from .tokens import tokenizer_name
 from .tools import Function
+
+if TYPE_CHECKING:
+    from .mcp import McpTools
 
 __all__ = ["Runtime"]
 
@@ -49,8 +51,12 @@ class Runtime:
         # OpenAI and Azure OpenAI take a speaker's `name`; other servers get it as a text prefix.
         named = limits.provider is not ModelProvider.OFFLINE and not limits.base_url
         #: Tools of the MCP servers in CHAT_MCP_SERVERS (none: None), discovered on first use.
-        self.mcp = McpTools(settings.mcp_servers, credential=credential) \
-            if settings.mcp_servers else None
+        #: The `mcp` SDK is imported only then: it adds about half a second to a cold start.
+        self.mcp: McpTools | None = None
+        if settings.mcp_servers:
+            from .mcp import McpTools
+
+            self.mcp = McpTools(settings.mcp_servers, credential=credential)
         self.prompt = ChatPrompt(self.model, functions=functions, instructions=limits.instructions,
                                  max_tool_rounds=limits.max_tool_rounds,
                                  tool_timeout_seconds=limits.tool_timeout_seconds,

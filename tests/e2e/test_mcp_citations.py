@@ -43,7 +43,7 @@ def ai_entity(activity: dict[str, Any]) -> dict[str, Any]:
 def expected_claim() -> dict[str, Any]:
     return {"@type": "Claim", "position": 1, "appearance": {
         "@type": "DigitalDocument", "name": "Bot messages with AI-generated content",
-        "abstract": ("Teams shows an AI label, citations ([1] with a source card) and feedback "
+        "abstract": ("Teams shows an AI label, citations (a number with a source card) and feedback "
                      "buttons on bot messages that carry the AI entity."),
         "url": "https://learn.microsoft.com/en-us/microsoftteams/platform/bots/how-to/"
                "format-ai-bot-messages"}}

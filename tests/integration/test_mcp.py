@@ -244,3 +244,29 @@ async def test_headers_come_from_other_settings(model_server: FakeModelServer,
         await tools.close()
     # THEN every request carried the key
     assert mcp_server.headers and all(h.get("x-api-key") == "key-123" for h in mcp_server.headers)
+
+
+async def test_the_offline_stand_in_calls_a_tool_the_message_names_and_cites_it(
+        mcp_server: DemoMcpServer) -> None:
+    # GIVEN no model configured (the offline stand-in) and the demo MCP server
+    tools = McpTools([demo(mcp_server.url)])
+    model = build_model(load_settings({}).model)
+    try:
+        # WHEN a message names the search tool, streamed as in Teams and not
+        streamed: list[str] = []
+
+        async def on_text(text: str) -> None:
+            streamed.append(text)
+
+        results = [await ChatPrompt(model, tool_sources=[tools]).send(
+            "search_docs streaming updates", on_text=listener) for listener in (None, on_text)]
+    finally:
+        await tools.close()
+        await model.close()
+    # THEN each turn is a tool round and a reply citing the first source
+    for result in results:
+        assert [m.role for m in result.messages] == ["user", "assistant", "tool", "assistant"]
+        assert result.messages[1].tool_calls[0].name == "search_docs"
+        assert "[1]" in (result.response.content or "")
+        assert result.response.citations[0].title == "Stream bot messages"
+    assert streamed and "[1]" in streamed[-1]
