@@ -25,6 +25,7 @@ BENCHMARKS: tuple[str, ...] = (
     "long_chat",
     "streaming",
     "telemetry",
+    "mcp_tools",
 )
 
 Benchmark = Callable[[str], Awaitable[dict[str, Any]]]
