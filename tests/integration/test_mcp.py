@@ -270,3 +270,36 @@ async def test_the_offline_stand_in_calls_a_tool_the_message_names_and_cites_it(
         assert "[1]" in (result.response.content or "")
         assert result.response.citations[0].title == "Stream bot messages"
     assert streamed and "[1]" in streamed[-1]
+
+
+class FakeCredential:
+    """The app's identity as azure-identity's async credentials answer: one token per scope."""
+
+    def __init__(self) -> None:
+        self.scopes: list[str] = []
+
+    async def get_token(self, *scopes: str) -> object:
+        from azure.core.credentials import AccessToken
+
+        self.scopes += scopes
+        return AccessToken(f"entra-token-for-{scopes[0]}", int(time.time()) + 3600)
+
+
+async def test_an_entra_audience_sends_a_token_of_the_apps_identity(
+        mcp_server: DemoMcpServer) -> None:
+    # GIVEN a server entry with an Entra audience, and the app's identity
+    settings = load_settings({"CHAT_MCP_SERVERS": json.dumps([{
+        "name": "demo", "url": mcp_server.url, "tools": ["*"], "entraAudience": "api://demo-mcp"}])})
+    credential = FakeCredential()
+    tools = McpTools(settings.mcp_servers, credential=credential)
+    try:
+        # WHEN the tools are discovered and one is called
+        (search,) = await tools.functions()
+        output = await tools.servers[0].call("search_docs", {"query": "tables"})
+    finally:
+        await tools.close()
+    # THEN every request carried a Bearer token for the audience's default scope
+    assert credential.scopes and set(credential.scopes) == {"api://demo-mcp/.default"}
+    assert all(h.get("authorization") == "Bearer entra-token-for-api://demo-mcp/.default"
+               for h in mcp_server.headers)
+    assert search.origin == "mcp:demo" and output.sources
