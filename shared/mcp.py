@@ -5,7 +5,8 @@ allowed tool of every server. A server's tools are discovered on first use and c
 `refresh_seconds` (or a `tools/list_changed` notice seen on an open session) the next turn starts
 a refresh in the background and keeps using the cached list, so no turn pays for discovery once a
 list is cached. Each server has its own time limit: a server that is down or slow costs its own
-tools (it is asked again after `RETRY_SECONDS`), never the turn.
+tools (it is asked again, in the background, after `RETRY_SECONDS`), never the turn; only the
+first use waits, at most the time limit.
 
 Each call opens a short session pinned to the protocol version discovery found (one POST on a
 2026-07-28 server). Tools not in the server's allow-list are left out, and so are tools the server
@@ -80,14 +81,20 @@ class McpServer:
         """The allowed tools: cached; the first use waits for discovery (within the time limit)."""
         now = self._clock()
         if self._fetched_at is None:
-            if self._failed_at is not None and now - self._failed_at < RETRY_SECONDS:
-                return ()
-            await asyncio.shield(self._discover_once())
+            if self._failed_at is None:  # the first use waits; later tries run beside turns
+                await asyncio.shield(self._discover_once())
+            elif now - self._failed_at >= RETRY_SECONDS and self._discovery is None:
+                self._discover_once()
             return self._functions
         if (self._changed or now - self._fetched_at >= self.settings.refresh_seconds) and \
                 self._discovery is None:
             self._discover_once()  # in the background: this turn uses the cached list
         return self._functions
+
+    async def discovered(self) -> None:
+        """Wait for a discovery under way, if any (tests, benchmarks)."""
+        if self._discovery is not None:
+            await asyncio.shield(self._discovery)
 
     def _discover_once(self) -> asyncio.Task[None]:
         if self._discovery is None:

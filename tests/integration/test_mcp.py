@@ -303,3 +303,28 @@ async def test_an_entra_audience_sends_a_token_of_the_apps_identity(
     assert all(h.get("authorization") == "Bearer entra-token-for-api://demo-mcp/.default"
                for h in mcp_server.headers)
     assert search.origin == "mcp:demo" and output.sources
+
+
+async def test_a_server_that_comes_back_is_asked_again_beside_the_turns(
+        model_server: FakeModelServer, mcp_server: DemoMcpServer) -> None:
+    # GIVEN a server that was slow at the first use, and a clock the test moves
+    now = [0.0]
+    mcp_server.delay = 3.0
+    tools = McpTools([demo(mcp_server.url, timeout_seconds=0.3)], clock=lambda: now[0])
+    assert await tools.functions() == ()
+    mcp_server.delay = 0.0
+    # WHEN a turn comes before the retry period, then one after it, then another
+    assert await tools.functions() == ()
+    now[0] += 31
+    started = time.perf_counter()
+    retried = await tools.functions()
+    waited = time.perf_counter() - started
+    server = tools.servers[0]
+    try:
+        await server.discovered()
+        later = [f.name for f in await tools.functions()]
+    finally:
+        await tools.close()
+    # THEN the turn after the period did not wait for the retry, and the next one has the tools
+    assert retried == () and waited < 0.1
+    assert server.discoveries == 2 and later == ["search_docs"]
