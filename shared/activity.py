@@ -24,7 +24,7 @@ __all__ = ["AI_GENERATED", "MAX_BODY_BYTES", "MAX_DEPTH", "Activity", "ai_entity
            "parse_activity"]
 
 MAX_BODY_BYTES = 1_000_000
-#: Teams shows at most this many citations on one message.
+#: A message carries at most this many citations (a reply citing more keeps the first ones).
 MAX_CITATIONS = 20
 MAX_FEEDBACK_CHARS = 5_000
 _CONVERSATION_REFERENCE = ("conversationType", "tenantId", "isGroup")
@@ -213,7 +213,7 @@ def ai_entity(citations: Sequence[Citation] = ()) -> dict[str, Any]:
 
     The shape is Teams' "Bot messages with AI-generated content": each claim's `position` is the
     n of an [n] in the text; its appearance is a `DigitalDocument` (name at most 80 characters,
-    abstract at most 160; a message carries at most 20 claims).
+    abstract at most 160; we send at most `MAX_CITATIONS` claims).
     """
     entity: dict[str, Any] = dict(AI_GENERATED)
     claims = []
