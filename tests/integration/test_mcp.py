@@ -328,3 +328,52 @@ async def test_a_server_that_comes_back_is_asked_again_beside_the_turns(
     # THEN the turn after the period did not wait for the retry, and the next one has the tools
     assert retried == () and waited < 0.1
     assert server.discoveries == 2 and later == ["search_docs"]
+
+
+async def test_each_mcp_call_has_a_span_and_a_duration_and_discovery_a_span(
+        model_server: FakeModelServer, mcp_server: DemoMcpServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN telemetry on, into memory, with message capture off
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from shared import telemetry
+
+    spans, reader = InMemorySpanExporter(), InMemoryMetricReader()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    monkeypatch.setattr(telemetry, "state", telemetry.Telemetry.using(
+        tracer_provider=provider, meter_provider=MeterProvider(metric_readers=[reader])))
+    model_server.then(
+        Scripted(tool_calls=[tool_call("search_docs", {"query": "secret-query-text"}, "s1"),
+                             tool_call("add", {"a": 1, "b": 2}, "s2")]),
+        Scripted(content="Done [1]."))
+    tools = McpTools([demo(mcp_server.url)])
+    try:
+        # WHEN a turn calls the MCP tool and a Python tool
+        await ChatPrompt(model_for(model_server), functions=[add],
+                         tool_sources=[tools]).send("search")
+    finally:
+        await tools.close()
+        provider.shutdown()
+    # THEN discovery and each call have a span, the call's naming where the tool runs
+    finished = {span.name: span for span in spans.get_finished_spans()}
+    discover = finished["chatstate.mcp.discover"].attributes or {}
+    assert discover["chatstate.mcp.server"] == "demo" and discover["chatstate.mcp.tools"] == 1
+    assert (finished["execute_tool search_docs"].attributes or {})["chatstate.tool.origin"] == \
+        "mcp:demo"
+    assert (finished["execute_tool add"].attributes or {})["chatstate.tool.origin"] == "python"
+    # AND the duration metric has a point per tool and origin
+    data = reader.get_metrics_data()
+    assert data is not None
+    points = [point for resource in data.resource_metrics for scope in resource.scope_metrics
+              for metric in scope.metrics if metric.name == "chatstate.tool.duration"
+              for point in metric.data.data_points]
+    assert sorted((p.attributes["gen_ai.tool.name"], p.attributes["chatstate.tool.origin"],
+                   p.count) for p in points) == [("add", "python", 1),
+                                                  ("search_docs", "mcp:demo", 1)]
+    # AND with capture off, no argument reached a span
+    assert "secret-query-text" not in str([dict(s.attributes or {}) for s in finished.values()])
