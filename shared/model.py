@@ -132,7 +132,7 @@ def _status_error(exc: openai.APIStatusError) -> ModelError:
     # message capture is on; otherwise its error code says what went wrong.
     if telemetry.state.capture_content:
         return ModelRejected(f"the model answered {exc.status_code}: {exc.message}")
-    return ModelRejected(f"the model answered {exc.status_code} ({code or 'no error code'})")
+    return ModelRejected(f"the model answered {exc.status_code} ({code[:64] or 'no error code'})")
 
 
 def _usage(raw: Any) -> Usage:

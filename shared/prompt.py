@@ -282,8 +282,9 @@ class ChatPrompt:
                 result = await function.invoke(call, time_limit=self.tool_timeout_seconds)
             if result.failed:  # a failure the model is told of (shared/tools.py)
                 span.set_attribute("error.type", "tool_error")
-            telemetry.tool_result(span, result.text, name=call.name, origin=origin,
-                                  failed=result.failed)
+            # An unknown name is the model's text: the metric counts it as `unknown`.
+            telemetry.tool_result(span, result.text, origin=origin, failed=result.failed,
+                                  name=function.name if function is not None else "unknown")
             return result
 
 

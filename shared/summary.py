@@ -51,7 +51,8 @@ def transcript_line(message: ChatMessage) -> str:
     if message.role == "tool":
         gist = text if len(text) <= TOOL_GIST_CHARS else text[:TOOL_GIST_CHARS] + " …"
         return f"(tool {clean_name(message.name) or 'result'} returned: {gist})"
-    calls = "; ".join(f"{call.name}({call.arguments[:200]})" for call in message.tool_calls)
+    calls = "; ".join(f"{call.name}({' '.join(call.arguments[:200].split())})"
+                      for call in message.tool_calls)
     if calls:
         return f"assistant (calls {calls}){': ' + text if text else ''}"
     return f"assistant: {text}"
