@@ -79,7 +79,8 @@ class Delivery:
         """The activity that carries a committed turn's reply."""
         reply = turn.reply
         return activity.reply(reply.content if reply is not None and reply.content else "",
-                              ai=True, feedback=self.settings.feedback)
+                              ai=True, feedback=self.settings.feedback,
+                              citations=reply.citations if reply is not None else ())
 
     async def reply(self, activity: Activity, turn: StoredTurn, *,
                     progress: Progress | None = None) -> dict[str, Any] | None:
