@@ -162,6 +162,8 @@ def _message_json(message: ChatMessage) -> dict[str, Any]:
     if message.feedback:
         shown["feedback"] = {"reaction": message.feedback.reaction, "text": message.feedback.text,
                              "at": message.feedback.at.isoformat()}
+    if message.citations:
+        shown["citations"] = [citation.to_json() for citation in message.citations]
     if message.usage:
         shown["usage"] = {"promptTokens": message.usage.prompt_tokens,
                           "completionTokens": message.usage.completion_tokens,

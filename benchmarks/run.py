@@ -26,6 +26,7 @@ BENCHMARKS: tuple[str, ...] = (
     "streaming",
     "telemetry",
     "queue",
+    "mcp_tools",
 )
 
 Benchmark = Callable[[str], Awaitable[dict[str, Any]]]

@@ -6,10 +6,13 @@ and none when CHAT_STORAGE_CONNECTION_STRING points elsewhere; then the project'
 (`devtools.host`: the app run by the pinned Functions Python worker library, with the Functions
 host's HTTP rules, timers and queue triggers). A binding mistake stops it at start, naming the
 function. Ctrl-C stops what it started.
+`--mcp demo` (`make run MCP=demo`) also starts the demo MCP server (devtools/mcp_server.py) on
+127.0.0.1:8931 and points CHAT_MCP_SERVERS at it, unless that setting is given.
 """
 
 from __future__ import annotations
 
+import argparse
 import signal
 import subprocess
 import sys
@@ -47,15 +50,44 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+MCP_DEMO_PORT = 8931
+
+
+def _point_at_mcp_demo(env: dict[str, str]) -> bool:
+    """CHAT_MCP_SERVERS for the demo MCP server (a given setting wins): whether to start it."""
+    from devtools.mcp_server import demo_servers_setting
+
+    if env.get("CHAT_MCP_SERVERS", "").strip():
+        print("tools: CHAT_MCP_SERVERS is set; not starting the demo MCP server")
+        return False
+    env["CHAT_MCP_SERVERS"] = demo_servers_setting(f"http://127.0.0.1:{MCP_DEMO_PORT}/mcp")
+    return True
+
+
+def _start_mcp_demo() -> subprocess.Popen[bytes]:
+    print(f"tools: the demo MCP server on http://127.0.0.1:{MCP_DEMO_PORT}/mcp (ask the bot to "
+          "\"search_docs streaming\")")
+    process = subprocess.Popen([sys.executable, "-m", "devtools.mcp_server", "--port",
+                                str(MCP_DEMO_PORT)], cwd=ROOT)
+    from devtools.azurite import wait_for_port
+
+    wait_for_port(MCP_DEMO_PORT)
+    return process
+
+
 def main() -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # stop what we started on `kill` as on Ctrl-C
+    parser = argparse.ArgumentParser(description="serve the bot locally")
+    parser.add_argument("--mcp", choices=["demo"], help="start the demo MCP server too")
+    options = parser.parse_args()
     env = local_environment()
+    mcp_demo = options.mcp == "demo" and _point_at_mcp_demo(env)
     try:
         settings = load_settings(env)
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    children: list[subprocess.Popen[bytes]] = []
+    children: list[subprocess.Popen[bytes]] = [_start_mcp_demo()] if mcp_demo else []
     uses_azurite = settings.storage.table_endpoint is None and \
         settings.storage.connection_string == DEVELOPMENT_STORAGE
     if uses_azurite:

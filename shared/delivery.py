@@ -82,7 +82,8 @@ class Delivery:
         """The activity that carries a committed turn's reply (`suggestions`: its buttons)."""
         reply = turn.reply
         outgoing = activity.reply(reply.content if reply is not None and reply.content else "",
-                                  ai=True, feedback=self.settings.feedback)
+                                  ai=True, feedback=self.settings.feedback,
+                                  citations=reply.citations if reply is not None else ())
         if suggestions:
             outgoing["suggestedActions"] = suggested_actions(suggestions)
         return outgoing

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-__all__ = ["Attachment", "ChatMessage", "Feedback", "Role", "Sender", "StoredTurn", "ToolCall", "Usage", "utc_day",
-           "utc_now"]
+__all__ = ["Attachment", "ChatMessage", "Citation", "Feedback", "Role", "Sender", "StoredTurn", "ToolCall",
+           "Usage", "utc_day", "utc_now"]
 
 Role = Literal["system", "user", "assistant", "tool"]
 
@@ -81,6 +81,26 @@ class Feedback:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Citation:
+    """A source a reply cites as `[position]`: what a tool returned it with (title, URL, snippet)."""
+
+    position: int
+    title: str
+    url: str | None = None
+    snippet: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"position": self.position, "title": self.title, "url": self.url,
+                "snippet": self.snippet}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Citation:
+        return cls(position=int(data["position"]), title=str(data.get("title") or ""),
+                   url=data.get("url") if isinstance(data.get("url"), str) else None,
+                   snippet=str(data.get("snippet") or ""))
+
+
+@dataclass(frozen=True, kw_only=True)
 class Attachment:
     """A file or image that came with a user message, as stored: never its bytes (the text the
     model read of a text file is in the message's content)."""
@@ -114,6 +134,8 @@ class ChatMessage:
     feedback: Feedback | None = None
     #: User messages: who sent it (kept so a user's data can be found and removed on request).
     sender: Sender | None = None
+    #: Final replies: the sources the text cites as [1], [2]... (shown by Teams as citations).
+    citations: tuple[Citation, ...] = ()
     #: User messages: the files and images that came with it (`shared/attachments.py`).
     attachments: tuple[Attachment, ...] = ()
 

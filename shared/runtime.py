@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx2
 
@@ -26,11 +26,14 @@ from .summary import Summarizer
 from .tokens import tokenizer_name
 from .tools import Function
 
+if TYPE_CHECKING:
+    from .mcp import McpTools
+
 __all__ = ["Runtime"]
 
 log = logging.getLogger(__name__)
 # The SDKs log every HTTP request at INFO; keep the operator's log to our own lines.
-for _noisy in ("azure", "httpx2", "openai"):
+for _noisy in ("azure", "httpx2", "openai", "mcp"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 
@@ -48,11 +51,19 @@ class Runtime:
         limits = settings.model
         # OpenAI and Azure OpenAI take a speaker's `name`; other servers get it as a text prefix.
         named = limits.provider is not ModelProvider.OFFLINE and not limits.base_url
+        #: Tools of the MCP servers in CHAT_MCP_SERVERS (none: None), discovered on first use.
+        #: The `mcp` SDK is imported only then: it adds about half a second to a cold start.
+        self.mcp: McpTools | None = None
+        if settings.mcp_servers:
+            from .mcp import McpTools
+
+            self.mcp = McpTools(settings.mcp_servers, credential=credential)
         self.prompt = ChatPrompt(self.model, functions=functions, instructions=limits.instructions,
                                  max_tool_rounds=limits.max_tool_rounds,
                                  tool_timeout_seconds=limits.tool_timeout_seconds,
                                  timeout_seconds=limits.timeout_seconds,
                                  speaker_style="name" if named else "prefix",
+                                 tool_sources=[self.mcp] if self.mcp is not None else [],
                                  suggested_replies=settings.suggested_replies)
         self.summary_model = None
         summarizer = None
@@ -88,6 +99,8 @@ class Runtime:
         if self.summary_model is not None:
             await self.summary_model.close()
         await self.connector.close()
+        if self.mcp is not None:
+            await self.mcp.close()
         await self.http.aclose()
 
 
@@ -141,3 +154,6 @@ def _warn_about(settings: Settings) -> None:
              "on" if settings.bot.auth_enabled else "off",
              f"queue {settings.storage.turn_queue}"
              if settings.answer_mode is AnswerMode.QUEUE else "inline")
+    if settings.mcp_servers:
+        log.info("MCP servers: %s (tools discovered on first use)",
+                 ", ".join(f"{server.name} {server.url}" for server in settings.mcp_servers))

@@ -7,10 +7,11 @@ checks them and returns a frozen `Settings`; a bad value raises `SettingsError` 
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from urllib.parse import urlparse
@@ -23,6 +24,7 @@ __all__ = [
     "AttachmentSettings",
     "BotSettings",
     "DataSettings",
+    "McpServerSettings",
     "ModelProvider",
     "ModelSettings",
     "Setting",
@@ -196,6 +198,14 @@ SETTINGS: tuple[Setting, ...] = (
             deployed=False,
             description="true or false: record message text (prompts, replies, tool arguments "
             "and results) on the model and tool spans. Off, no text is recorded."),
+    # tools from MCP servers (shared/mcp.py)
+    Setting(name="CHAT_MCP_SERVERS", deployed=False,
+            description="JSON list of remote MCP servers (streamable HTTP) whose tools the model "
+            "may call: each {\"name\", \"url\", \"tools\": [allowed tool names, or \"*\"]}, "
+            "optionally \"headers\" (header name -> the name of another app setting holding its "
+            "value; never the secret itself), \"entraAudience\" (send an Entra ID token of the "
+            "app's identity for it), \"allowDestructive\" (tool names), \"timeoutSeconds\" "
+            "(default 10), \"refreshSeconds\" (default 300). Unset: no MCP tools."),
     # hosting
     Setting(name="WEBSITE_SITE_NAME", deployed=False,
             description="Set by Azure App Service/Functions; its presence means 'running in "
@@ -311,6 +321,25 @@ class AttachmentSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class McpServerSettings:
+    """One MCP server of CHAT_MCP_SERVERS."""
+
+    name: str
+    url: str
+    #: Allowed tool names; ("*",): every tool the server lists (destructive ones still need
+    #: `allow_destructive`).
+    tools: tuple[str, ...]
+    #: Header name and value; the values come from other settings (secrets), so never shown.
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    #: The Entra ID scope (`<audience>/.default`) of a token of the app's identity, sent as Bearer.
+    entra_scope: str | None = None
+    allow_destructive: tuple[str, ...] = ()
+    timeout_seconds: float = 10.0
+    refresh_seconds: float = 300.0
+    managed_identity_client_id: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class BotSettings:
     client_id: str | None
     client_secret: str | None
@@ -352,6 +381,7 @@ class Settings:
         """Whether a conversation on `channel_id` gets the welcome message."""
         return self.welcome == "on" or (self.welcome == "outside-teams" and channel_id != "msteams")
     answer_mode: AnswerMode = AnswerMode.QUEUE
+    mcp_servers: tuple[McpServerSettings, ...] = ()
 
 
 class _Reader:
@@ -361,6 +391,10 @@ class _Reader:
     def given(self, name: str) -> bool:
         """Whether the environment sets `name` (a default does not count)."""
         return bool(self._environ.get(name, "").strip())
+
+    def other(self, name: str) -> str | None:
+        """A setting named by another one (an MCP header's value): not in SETTINGS."""
+        return self._environ.get(name, "").strip() or None
 
     def text(self, name: str) -> str | None:
         value = self._environ.get(name, "").strip()
@@ -451,6 +485,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             file_hosts=_host_patterns(read.required_text("CHAT_FILE_HOSTS"), name="CHAT_FILE_HOSTS"),
             model_images=read.flag("CHAT_MODEL_IMAGES")),
         answer_mode=_answer_mode(read),
+        mcp_servers=_mcp_servers(read, identity, in_azure=in_azure),
     )
 
 
@@ -459,6 +494,106 @@ def _welcome(read: _Reader) -> str:
     if value not in ("on", "off", "outside-teams"):
         raise SettingsError("CHAT_WELCOME", f"must be on, off or outside-teams, got {value!r}")
     return value
+
+
+_MCP_KEYS = {"name", "url", "tools", "headers", "entraAudience", "allowDestructive",
+             "timeoutSeconds", "refreshSeconds"}
+_MCP_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+_SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _mcp_servers(read: _Reader, identity: str | None, *,
+                 in_azure: bool) -> tuple[McpServerSettings, ...]:
+    name = "CHAT_MCP_SERVERS"
+    raw = read.text(name)
+    if raw is None:
+        return ()
+    try:
+        entries = json.loads(raw)
+    except ValueError as exc:
+        raise SettingsError(name, f"is not valid JSON: {exc}") from None
+    if not isinstance(entries, list):
+        raise SettingsError(name, "must be a JSON list of servers")
+    servers = tuple(_mcp_server(read, entry, index, identity, in_azure=in_azure)
+                    for index, entry in enumerate(entries))
+    names = [server.name for server in servers]
+    if len(set(names)) != len(names):
+        raise SettingsError(name, f"names a server twice: {sorted(names)}")
+    return servers
+
+
+def _mcp_server(read: _Reader, entry: object, index: int, identity: str | None, *,
+                in_azure: bool) -> McpServerSettings:
+    where = f"server {index}"
+
+    def bad(reason: str) -> SettingsError:
+        return SettingsError("CHAT_MCP_SERVERS", f"{where}: {reason}")
+
+    if not isinstance(entry, dict):
+        raise bad("must be a JSON object")
+    if unknown := sorted(set(entry) - _MCP_KEYS):
+        raise bad(f"unknown key(s) {unknown}; the keys are {sorted(_MCP_KEYS)}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not _MCP_NAME.match(name):
+        raise bad("needs a \"name\" of 1-32 letters, digits, _ or -")
+    where = f"server {name!r}"
+    url = entry.get("url")
+    parsed = urlparse(url) if isinstance(url, str) else None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise bad(f"\"url\" must be an http(s) URL, got {url!r}")
+    if parsed.scheme == "http" and (in_azure or not _loopback(parsed.hostname or "")):
+        raise bad("\"url\" must be https (http only for a loopback server, locally)")
+    tools = _names(entry.get("tools"), "tools", bad, required=True)
+    destructive = _names(entry.get("allowDestructive", []), "allowDestructive", bad)
+    headers = entry.get("headers", {})
+    if not isinstance(headers, dict):
+        raise bad("\"headers\" must be an object of header name -> setting name")
+    resolved: list[tuple[str, str]] = []
+    for header, setting in headers.items():
+        if not isinstance(setting, str) or not _SETTING_NAME.match(setting):
+            raise bad(f"header {header!r} must name another app setting that holds its value "
+                      "(never the value itself)")
+        value = read.other(setting)
+        if value is None:
+            raise bad(f"header {header!r} names the setting {setting}, which is not set")
+        resolved.append((str(header), value))
+    audience = entry.get("entraAudience")
+    if audience is not None and (not isinstance(audience, str) or not audience.strip()):
+        raise bad("\"entraAudience\" must be an application ID URI or client ID")
+    scope = None if audience is None else \
+        audience.strip() if audience.strip().endswith("/.default") else f"{audience.strip()}/.default"
+    return McpServerSettings(
+        name=name, url=str(url), tools=tools, headers=tuple(resolved), entra_scope=scope,
+        allow_destructive=destructive,
+        timeout_seconds=_seconds(entry.get("timeoutSeconds", 10), "timeoutSeconds", bad, 0.05, 120),
+        refresh_seconds=_seconds(entry.get("refreshSeconds", 300), "refreshSeconds", bad, 1, 86_400),
+        managed_identity_client_id=identity)
+
+
+def _names(value: object, key: str, bad: Callable[[str], SettingsError], *,
+           required: bool = False) -> tuple[str, ...]:
+    if value is None and required:
+        raise bad(f"needs \"{key}\": the tool names allowed (or [\"*\"] for all)")
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise bad(f"\"{key}\" must be a list of tool names")
+    return tuple(value)
+
+
+def _seconds(value: object, key: str, bad: Callable[[str], SettingsError], minimum: float,
+             maximum: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or \
+            not minimum <= value <= maximum:
+        raise bad(f"\"{key}\" must be a number of seconds from {minimum:g} to {maximum:g}")
+    return float(value)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _answer_mode(read: _Reader) -> AnswerMode:

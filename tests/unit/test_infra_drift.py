@@ -45,6 +45,8 @@ UNDEPLOYED_WITHOUT_DEFAULT = {
     "CHAT_DAILY_TOKEN_LIMIT": "off unless the operator chooses a limit",
     "OTEL_EXPORTER_OTLP_ENDPOINT": "a local OTLP collector; in Azure, traces and metrics go to "
                                    "Application Insights (APPLICATIONINSIGHTS_CONNECTION_STRING)",
+    "CHAT_MCP_SERVERS": "no MCP servers unless the operator adds some (their URLs and header "
+                        "settings are the operator's)",
 }
 
 _ARRAY_START = re.compile(r"\b\w*[aA]ppSettings\s*(?:=|:)\s*\[")
