@@ -34,6 +34,7 @@ from .errors import (
     InputTooLong,
     MessageTooLarge,
     ModelError,
+    ModelMisconfigured,
     StoreError,
     TurnTooLarge,
     Unauthorized,
@@ -57,6 +58,8 @@ WELCOME = ("Hi! I'm a chat bot that remembers our conversation. Ask me anything;
            "send /reset to make me forget and start over.")
 RESET_DONE = "Done: I have forgotten this conversation. Let's start over."
 APOLOGY = "Sorry, I couldn't get an answer just now. Please try again in a moment."
+SETUP_PROBLEM = ("Sorry, I can't answer: my model is not set up correctly, so trying again will "
+                 "not help. The bot's operator will find what to fix in its log.")
 #: After losing a race, a turn not yet shown asks the model again this many times at most; then
 #: its answer is committed after the turns that won.
 MAX_REASKS = 1
@@ -245,9 +248,11 @@ class ChatBot:
                             on_text=stream.on_text if stream else None,
                             on_tools=self._tools_listener(stream))
                     except ModelError as exc:
-                        log.warning("model failed (%s): %s", type(exc).__name__, exc)
-                        return await self._reply(activity, activity.reply(APOLOGY, ai=False),
-                                                 stream=stream)
+                        setup = isinstance(exc, ModelMisconfigured)
+                        log.log(logging.ERROR if setup else logging.WARNING, "model failed (%s): %s",
+                                type(exc).__name__, exc)
+                        return await self._reply(activity, activity.reply(
+                            SETUP_PROBLEM if setup else APOLOGY, ai=False), stream=stream)
                     messages = _as_seen(result.messages, stream)
                     if (stream is not None and stream.shown) or attempt >= MAX_REASKS:
                         kept = messages

@@ -6,6 +6,7 @@ checks them and returns a frozen `Settings`; a bad value raises `SettingsError` 
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import logging
 import os
@@ -28,8 +29,10 @@ __all__ = [
     "StorageSettings",
     "SummarySettings",
     "TelemetrySettings",
+    "UnknownSetting",
     "load_settings",
     "trigger_setting",
+    "unknown_settings",
 ]
 
 log = logging.getLogger(__name__)
@@ -185,6 +188,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Azure' (stricter start-up checks)."),
     Setting(name="PORT", default="7071", deployed=False,
             description="Local port of `make run` (dev host or func start)."),
+    Setting(name="CHAT_STRICT_SETTINGS", default="off", deployed=False,
+            description="on or off: an unknown setting with one of our prefixes (CHAT_, OPENAI_, "
+            "AZURE_OPENAI_, BOT_: a typo such as OPENAI_BASEURL) stops start-up instead of being "
+            "warned about."),
 )
 
 _BY_NAME = {setting.name: setting for setting in SETTINGS}
@@ -353,9 +360,71 @@ def trigger_setting(name: str) -> str:
     return f"%{name}%"
 
 
+#: Namespaces our setting names share with other software: their first word alone is not ours
+#: (AZURE_TENANT_ID is azure-identity's, OTEL_TRACES_SAMPLER OpenTelemetry's).
+_SHARED_NAMESPACES = ("AZURE", "OTEL", "WEBSITE", "APPLICATIONINSIGHTS", "HTTP", "HTTPS")
+#: Variables within our prefixes that other libraries read themselves (the openai SDK's).
+_NOT_OURS = frozenset({"OPENAI_ORG_ID", "OPENAI_PROJECT_ID", "OPENAI_LOG", "OPENAI_WEBHOOK_SECRET",
+                       "AZURE_OPENAI_AD_TOKEN"})
+
+
+def _our_prefixes() -> tuple[str, ...]:
+    """The name prefixes that are ours, from SETTINGS: a first word two settings share (CHAT_,
+    OPENAI_, BOT_), or, in a shared namespace, first two words two settings share (AZURE_OPENAI_)."""
+    counts: dict[str, int] = {}
+    for setting in SETTINGS:
+        words = setting.name.split("_")
+        depth = 2 if words[0] in _SHARED_NAMESPACES else 1
+        if len(words) > depth:
+            prefix = "_".join(words[:depth]) + "_"
+            counts[prefix] = counts.get(prefix, 0) + 1
+    return tuple(sorted(prefix for prefix, count in counts.items() if count >= 2))
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnknownSetting:
+    """A variable with one of our prefixes that no setting has: most likely a typo."""
+
+    name: str
+    #: The closest real setting's name, if one is close.
+    closest: str | None
+
+    @property
+    def hint(self) -> str:
+        return f"did you mean {self.closest}?" if self.closest else "no setting has a similar name"
+
+    def __str__(self) -> str:
+        return f"{self.name} is not a chatstate setting ({self.hint}); it is ignored"
+
+
+def unknown_settings(environ: Mapping[str, str]) -> list[UnknownSetting]:
+    """The names in `environ` with our prefixes (CHAT_, OPENAI_, ...) that no setting has."""
+    prefixes = _our_prefixes()
+    names = [setting.name for setting in SETTINGS]
+    return [UnknownSetting(name=name, closest=next(iter(difflib.get_close_matches(
+                               name.upper(), names, n=1, cutoff=0.6)), None))
+            for name in sorted(environ)
+            if name.upper().startswith(prefixes) and name not in _BY_NAME and name not in _NOT_OURS]
+
+
+def _check_names(read: _Reader, environ: Mapping[str, str]) -> None:
+    """Warn about each unknown setting; with CHAT_STRICT_SETTINGS on, stop at the first."""
+    strict = read.flag("CHAT_STRICT_SETTINGS")
+    for unknown in unknown_settings(environ):
+        if strict:
+            raise SettingsError(unknown.name, f"is not a chatstate setting ({unknown.hint}); "
+                                "CHAT_STRICT_SETTINGS is on")
+        log.warning("warning: %s (CHAT_STRICT_SETTINGS=on makes this an error)", unknown)
+
+
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
-    """Read and validate every setting; raise `SettingsError` naming the first bad one."""
-    read = _Reader(os.environ if environ is None else environ)
+    """Read and validate every setting; raise `SettingsError` naming the first bad one.
+
+    An unknown name with one of our prefixes (a typo) is logged as a warning naming the closest
+    setting, or raises `SettingsError` when CHAT_STRICT_SETTINGS is on."""
+    environ = os.environ if environ is None else environ
+    read = _Reader(environ)
+    _check_names(read, environ)
     in_azure = read.text("WEBSITE_SITE_NAME") is not None
     identity = read.text("AZURE_CLIENT_ID")
     model = _model(read, identity, in_azure=in_azure)
