@@ -131,40 +131,44 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(name="BOT_SERVICE_URL_HOSTS", default=BOT_SERVICE_URL_HOSTS, deployed=False,
             description="Hosts an activity's serviceUrl may name for replies (the bot's token goes "
             "with them), comma-separated; `*.name` matches any subdomain of name. https only "
-            "(http for a listed loopback host, for tests). The default is the public cloud's; "
+            "(http for a listed loopback host, for tests). The default is the public cloud's "
+            "(Teams, Teams GCC, the Bot Framework channels such as Web Chat and Direct Line); "
             "GCC High adds smba.infra.gov.teams.microsoft.us and *.botframework.azure.us, DoD "
             "smba.infra.dod.teams.microsoft.us and *.botframework.azure.us."),
-    Setting(name="CHAT_STREAMING", default="on", deployed=False,
+    Setting(name="CHAT_STREAMING", default="on",
             description="on or off: stream replies in Teams personal chats (and the Agents "
             "Playground): the first words show while the model writes."),
-    Setting(name="CHAT_STREAMING_INFORMATIVE", default="Thinking…", deployed=False,
+    Setting(name="CHAT_STREAMING_INFORMATIVE", default="Thinking…",
             description="The informative update a streamed turn shows at once (at most 1,000 "
             "characters)."),
-    Setting(name="CHAT_FEEDBACK", default="on", deployed=False,
+    Setting(name="CHAT_FEEDBACK", default="on",
             description="on or off: show Teams' like/dislike buttons on AI replies and store the "
             "ratings with the turn."),
     Setting(name="CHAT_TURN_MAX_ATTEMPTS", default="8",
-            description="Attempts of one turn when another instance commits first (each re-runs "
-            "the prompt after a jittered backoff of up to 1 s)."),
+            description="Attempts to commit one turn when another instance commits first, "
+            "after a jittered backoff (0.05 s doubling, at most 1 s). The model is asked again "
+            "once at most (not when the reply was streamed); later attempts commit the same "
+            "answer after the turns that won."),
     # data: retention and spend limits (docs/operate.md)
-    Setting(name="CHAT_RETENTION_DAYS", deployed=False,
+    Setting(name="CHAT_RETENTION_DAYS",
             description="Delete conversations idle longer than this many days (1-36500), by the "
             "retention timer; unset: keep them for ever."),
     Setting(name="CHAT_RETENTION_SCHEDULE", default=RETENTION_SCHEDULE,
-            description="NCRONTAB schedule (six fields, UTC) of the retention timer; it does "
+            description="NCRONTAB schedule (six fields, UTC) of the retention timer (retention); "
+            "it does "
             "nothing while CHAT_RETENTION_DAYS is unset."),
-    Setting(name="CHAT_MAX_TURNS_PER_MINUTE", deployed=False,
+    Setting(name="CHAT_MAX_TURNS_PER_MINUTE",
             description="At most this many answered turns per conversation per UTC minute; "
             "more get a short polite reply and no model call. Unset: no limit."),
-    Setting(name="CHAT_DAILY_TOKEN_LIMIT", deployed=False,
+    Setting(name="CHAT_DAILY_TOKEN_LIMIT",
             description="At most this many model tokens (prompt + completion) per conversation "
             "per UTC day; past it, a short polite reply and no model call. Unset: no limit."),
     # network
     Setting(name="HTTPS_PROXY", deployed=False,
-            description="Standard proxy variable for outbound HTTPS; with it (or HTTP_PROXY, "
-            "ALL_PROXY, or a lower-case form) set, every outbound request honours the proxy "
-            "variables (NO_PROXY too): storage looks them up per request, the model and "
-            "connector calls use httpx's own transport. Unset, the faster paths are used."),
+            description="Standard proxy variable for outbound HTTPS. The model calls (the openai "
+            "SDK's aiohttp client) always honour the proxy variables, NO_PROXY too; storage and "
+            "the Bot Connector calls honour them only when one (this, HTTP_PROXY, ALL_PROXY, or a "
+            "lower-case form) is set, since aiohttp then looks them up per request."),
     Setting(name="HTTP_PROXY", deployed=False,
             description="Standard proxy variable for outbound plain HTTP (see HTTPS_PROXY)."),
     # telemetry (standard names: the Azure Monitor distro's and OpenTelemetry's own)
