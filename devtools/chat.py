@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"! the bot answered {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
             continue
         except OSError as exc:
-            print(f"! cannot reach {endpoint} ({exc}); is `make run` running? (it notes its port "
+            print(f"! cannot reach {endpoint} ({exc}); is make run running? (it notes its port "
                   "for make chat)", file=sys.stderr)
             continue
         for reply in replies:
