@@ -39,7 +39,7 @@ def check_port_free(port: int) -> None:
         except OSError as exc:
             what = "is taken" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})"
             running = read_run_file()
-            owner = " by another `make run`" if running and running.port == port else ""
+            owner = " by another make run" if running and running.port == port else ""
             raise PreflightError(f"PORT {port} {what}{owner}: stop what listens there, or choose "
                                  f"another port (PORT={port + 1} make run)") from None
 
@@ -96,7 +96,11 @@ def model_banner(settings: ModelSettings) -> str:
             else ""
         return f"{result.state.value} ({result.detail}){advice}"
 
-    return f"model: {settings.provider.value} {model_endpoint(settings)}: {asyncio.run(checked())}"
+    try:
+        result = asyncio.run(checked())
+    except Exception as exc:  # a banner line, not a failed start: the turns will say more
+        result = f"not checked ({type(exc).__name__}: {exc})"
+    return f"model: {settings.provider.value} {model_endpoint(settings)}: {result}"
 
 
 @dataclass(frozen=True, kw_only=True)

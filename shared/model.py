@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import httpx2
 import openai
+from azure.core.exceptions import ClientAuthenticationError
 
 from . import telemetry
 from .errors import (
@@ -141,7 +142,7 @@ class ChatModel:
                 return _completion(response, fallback_model=self.model)
             async with response:
                 return await _streamed(response, on_text, fallback_model=self.model)
-        except openai.OpenAIError as exc:
+        except (openai.OpenAIError, ClientAuthenticationError) as exc:
             raise self._translated(exc) from exc
 
     async def check(self) -> ModelCheck:
@@ -162,7 +163,7 @@ class ChatModel:
                     pass  # answers, but lists no models (not every compatible server does)
             else:
                 await client.models.retrieve(self.model)
-        except openai.OpenAIError as exc:
+        except (openai.OpenAIError, ClientAuthenticationError) as exc:
             error = self._translated(exc)
             self.last_check = _state_of(error) or ModelCheck(state=ModelState.FAILING,
                                                              detail=str(error))
@@ -183,8 +184,13 @@ class ChatModel:
         """An OpenAI-compatible server (Ollama, vLLM...), not OpenAI itself."""
         return "api.openai.com" not in str(self.client.base_url)
 
-    def _translated(self, exc: openai.OpenAIError) -> ModelError:
-        """The `ModelError` for an openai exception."""
+    def _translated(self, exc: openai.OpenAIError | ClientAuthenticationError) -> ModelError:
+        """The `ModelError` for an openai exception, or for azure-identity finding no token."""
+        if isinstance(exc, ClientAuthenticationError):
+            return ModelMisconfigured(
+                "no Entra ID token for Azure OpenAI: locally run `az login` (or set "
+                "AZURE_OPENAI_API_KEY); in Azure check AZURE_CLIENT_ID names the app's identity "
+                f"({type(exc).__name__})", answered=401)
         if isinstance(exc, openai.APITimeoutError):
             if _refused(exc):
                 return ModelUnavailable(f"cannot reach the model: {_refused(exc)}")

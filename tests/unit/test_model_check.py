@@ -98,3 +98,31 @@ async def test_an_unreachable_endpoint_is_checked_again() -> None:
     # THEN a transient state is checked again each time, until it is OK
     assert (await model.known_state()).state is ModelState.UNREACHABLE
     assert (await model.known_state()).state is ModelState.OK
+
+
+async def test_no_entra_id_token_for_azure_openai_is_a_setup_problem() -> None:
+    # GIVEN Azure OpenAI with Entra ID and a credential that finds no token (no `az login`)
+    from azure.core.exceptions import ClientAuthenticationError
+
+    class NoToken:
+        async def get_token(self, *scopes: str, **options: object) -> object:
+            raise ClientAuthenticationError("no credential available")
+
+        async def close(self) -> None: ...
+
+    seen: list[httpx2.Request] = []
+    settings = load_settings({**AZURE, "AZURE_OPENAI_API_KEY": ""}).model
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        seen.append(request)
+        return httpx2.Response(400, json={"error": {}})
+
+    model = build_model(settings, credential=NoToken(),
+                        http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(handler)))
+    # WHEN it is checked, and a turn calls it
+    check = await model.check()
+    with pytest.raises(ModelMisconfigured) as caught:
+        await model.complete([{"role": "user", "content": "hi"}])
+    # THEN both say it is a setup problem and what to do, and nothing was sent
+    assert check.state is ModelState.REFUSED and "az login" in check.detail
+    assert "AZURE_CLIENT_ID" in str(caught.value) and seen == []
