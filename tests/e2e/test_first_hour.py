@@ -197,3 +197,24 @@ def test_the_history_of_an_unknown_conversation_is_a_404(azurite_connection_stri
     assert response.status_code == 404
     assert response.json() == {"error": "conversation_not_found",
                                "reason": "no stored messages for conversation 'never-seen'"}
+
+
+def test_with_no_model_the_offline_stand_in_streams_in_a_personal_chat(
+        azurite_connection_string: str) -> None:
+    # GIVEN the bot with no model setting (the offline stand-in) and Teams' streaming stand-in
+    with bench(azurite_connection_string,
+               extra_env={"OPENAI_BASE_URL": "", "OPENAI_MODEL": ""}) as local:
+        conversation = f"a:{uuid.uuid4().hex}"  # a Teams personal chat
+        # WHEN a message arrives
+        response = local.post(local.message("show me streaming", conversation_id=conversation))
+        # THEN the reply streams: the informative update, then at least one growing text update,
+        # by Teams' rules, and the final message is the stand-in's whole answer
+        assert response.status_code == 200 and local.connector.streams.violations == []
+        (stream,) = local.connector.streams.of(conversation)
+        kinds = [next(e["streamType"] for e in update["entities"] if e.get("type") == "streaminfo")
+                 for update in stream.updates]
+        assert kinds[0] == "informative" and "streaming" in kinds and stream.finished
+        final = [r["activity"] for r in local.connector.requests
+                 if r["conversation_id"] == conversation][-1]
+        assert final["text"].startswith("[offline stand-in: no model is configured]")
+        assert local.model.calls == 0

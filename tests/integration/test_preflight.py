@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import signal
 import socket
@@ -86,14 +87,21 @@ def test_a_program_that_does_not_speak_http_on_azurites_port_is_named() -> None:
            "(it does not speak HTTP" in str(caught.value)
 
 
-def test_the_playground_listens_on_loopback_only(tmp_path: Path) -> None:
-    # GIVEN make playground on a free port
+def test_the_playground_follows_make_run_and_listens_on_loopback_only(tmp_path: Path) -> None:
+    # GIVEN a running make run's run file (this process stands in for it, on port 4321)
+    run_file = tmp_path / "run.json"
+    run_file.write_text(json.dumps({"port": 4321, "pid": os.getpid()}))
+    # AND make playground started on a free port, with no bot port given
     port = free_port()
     playground = subprocess.Popen(
-        [sys.executable, "-m", "devtools.playground", "--port", str(port), "--bot-port", "1",
-         "--run-file", str(tmp_path / "run.json")], cwd=REPO, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
+        [sys.executable, "-m", "devtools.playground", "--port", str(port), "--run-file",
+         str(run_file)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        # THEN it points at make run's port
+        assert playground.stdout is not None
+        assert playground.stdout.readline().strip() == (
+            f"Agents Playground on http://127.0.0.1:{port} -> bot on port 4321 (from the running "
+            f"`make run` (pid {os.getpid()}))")
         # WHEN it listens
         deadline = time.monotonic() + 60
         while not preflight.answers(port):
@@ -115,8 +123,10 @@ def test_a_wrong_python_gets_one_line_naming_3_13_before_anything_installs(tmp_p
                       'exit 1\n')
     python.chmod(0o755)
     # WHEN make deps (as make run does first) is asked to use it
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}  # as from a shell, not within make
     done = subprocess.run(["make", f"PYTHON={python}", "deps"], cwd=REPO, capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "MAKEFLAGS": ""})
+                          text=True, timeout=60, env=env)
     # THEN it stops with one line naming 3.13, and nothing was installed
     assert done.returncode != 0 and done.stdout == ""
     assert done.stderr.splitlines()[0] == (
