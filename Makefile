@@ -6,7 +6,7 @@ PYTHON ?= $(shell for p in python3.13 $$HOME/.pyenv/versions/3.13*/bin/python3.1
 	&& { echo "$$p"; break; }; done)
 VENV := .venv
 PY := $(VENV)/bin/python
-DEV_HOST := $(addprefix devtools/,host.py functions_host.py worker.py rpc.py routes.py http_exchange.py timers.py ncrontab.py)
+DEV_HOST := $(addprefix devtools/,host.py functions_host.py worker.py rpc.py routes.py http_exchange.py timers.py ncrontab.py queues.py azurite.py)
 
 .PHONY: help deps python-version run chat playground test unit pytest lint infra-check bench clean
 

@@ -16,6 +16,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from devtools.azurite import QUEUE_PORT, TABLE_PORT
 from shared.model import build_model
 from shared.settings import ModelProvider, ModelSettings
 
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Written by `make run` while it serves (its port and process), removed when it stops.
 RUN_FILE = ROOT / ".azurite" / "run.json"
 #: Azurite's well-known ports: the table service (the bot's storage) and the queue service.
-STORAGE_PORTS = {10002: "table", 10001: "queue"}
+STORAGE_PORTS = {TABLE_PORT: "table", QUEUE_PORT: "queue"}
 
 
 class PreflightError(Exception):
@@ -42,12 +43,6 @@ def check_port_free(port: int) -> None:
             owner = " by another make run" if running and running.port == port else ""
             raise PreflightError(f"PORT {port} {what}{owner}: stop what listens there, or choose "
                                  f"another port (PORT={port + 1} make run)") from None
-
-
-def answers(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def storage_emulator_on(port: int) -> bool:

@@ -1,11 +1,13 @@
 """`make run`: serve the bot locally on PORT (default 7071), with everything it needs.
 
-Starts Azurite (data kept in .azurite/) unless a storage emulator already answers on
-127.0.0.1:10002 or CHAT_STORAGE_CONNECTION_STRING points elsewhere; then the project's dev host
-(`devtools.host`: the app run by the pinned Functions Python worker library, with the Functions
-host's HTTP rules and timers). Before it serves it checks what a first hour trips over, each with
-one line (devtools/preflight.py): the settings, PORT, Azurite's ports, the model (no tokens). A
-binding mistake stops it at start, naming the function. Ctrl-C stops what it started.
+Starts Azurite's table service on 127.0.0.1:10002 and queue service on 10001 (the ports
+`UseDevelopmentStorage=true` means; data kept in .azurite/), each unless a storage emulator already
+answers there, and none when CHAT_STORAGE_CONNECTION_STRING points elsewhere; then the project's
+dev host (`devtools.host`: the app run by the pinned Functions Python worker library, with the
+Functions host's HTTP rules, timers and queue triggers). Before it serves it checks what a first
+hour trips over, each with one line (devtools/preflight.py): the settings, PORT, Azurite's ports,
+the model (no tokens). A binding mistake stops it at start, naming the function. Ctrl-C stops what
+it started.
 """
 
 from __future__ import annotations
@@ -24,26 +26,28 @@ from shared.errors import SettingsError
 from shared.settings import DEVELOPMENT_STORAGE, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
-AZURITE = ROOT / "node_modules" / ".bin" / "azurite"
 
 
-def _start_azurite() -> subprocess.Popen[bytes] | None:
-    taken = [port for port in preflight.STORAGE_PORTS if preflight.answers(port)]
-    for port in taken:
-        preflight.storage_emulator_on(port)  # raises, naming the port, for anything else
-    if 10002 in taken:
-        print("storage: a storage emulator already answers on 127.0.0.1:10002; using it")
-        return None
+def _start_azurite() -> list[subprocess.Popen[bytes]]:
+    from devtools.azurite import QUEUE_PORT, TABLE_PORT, answers, start_service, stop_process
+
     data = ROOT / ".azurite"
     data.mkdir(exist_ok=True)
-    print(f"storage: starting Azurite, data in {data.relative_to(ROOT)}/")
-    process = subprocess.Popen(
-        [str(AZURITE), "--silent", "--skipApiVersionCheck", "--loose", "--location", str(data),
-         "--blobHost", "127.0.0.1", "--queueHost", "127.0.0.1", "--tableHost", "127.0.0.1"], cwd=ROOT)
-    from devtools.azurite import wait_for_port
-
-    wait_for_port(10002)
-    return process
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        for service, port in (("table", TABLE_PORT), ("queue", QUEUE_PORT)):
+            if answers(port):
+                preflight.storage_emulator_on(port)  # raises, naming the port, for anything else
+                print(f"storage: a storage emulator already answers on 127.0.0.1:{port}; using it")
+                continue
+            print(f"storage: starting Azurite's {service} service on 127.0.0.1:{port}, "
+                  f"data in {data.relative_to(ROOT)}/")
+            started.append(start_service(service, port=port, location=data, quiet=False))
+    except BaseException:
+        for process in started:
+            stop_process(process)
+        raise
+    return started
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -69,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         uses_azurite = settings.storage.table_endpoint is None and \
             settings.storage.connection_string == DEVELOPMENT_STORAGE
         if uses_azurite:
-            azurite = _start_azurite()
-            if azurite is not None:
-                children.append(azurite)
+            children.extend(_start_azurite())
         else:
             print("storage: CHAT_STORAGE_* points elsewhere; not starting Azurite")
         print(f"host: the project's dev host on Python {sys.version.split()[0]} (docs/devhost.md)")

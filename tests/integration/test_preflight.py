@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from devtools import preflight
-from devtools.azurite import Azurite, free_port
+from devtools.azurite import Azurite, answers, free_port
 from devtools.preflight import PreflightError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,7 +104,7 @@ def test_the_playground_follows_make_run_and_listens_on_loopback_only(tmp_path: 
             f"`make run` (pid {os.getpid()}))")
         # WHEN it listens
         deadline = time.monotonic() + 60
-        while not preflight.answers(port):
+        while not answers(port):
             assert time.monotonic() < deadline and playground.poll() is None, "no playground"
             time.sleep(0.2)
         listening = [c.laddr for c in psutil.net_connections("tcp")
