@@ -72,7 +72,7 @@ def _not_storage(port: int, seen: str) -> str:
 def model_endpoint(settings: ModelSettings) -> str:
     """Where the model calls go, for the banner."""
     if settings.provider is ModelProvider.OFFLINE:
-        return "in-process offline stand-in"
+        return "(the in-process stand-in, no network)"
     if settings.provider is ModelProvider.AZURE:
         return f"{settings.azure_endpoint} deployment {settings.model}"
     return f"{settings.base_url or 'https://api.openai.com/v1'} model {settings.model}"
