@@ -484,6 +484,19 @@ def test_a_host_killed_mid_run_runs_the_message_again_once_its_lease_runs_out(qu
     wait_for(lambda: app.queue_length() == 0)
 
 
+def test_a_host_stopped_mid_run_lets_the_run_finish_and_completes_the_message(queue_app: Any) -> None:
+    # GIVEN a message whose run takes 3 s
+    app = queue_app({"maxPollingInterval": "00:00:01"})
+    app.start()
+    app.send("sleep:3")
+    wait_for(lambda: app.runs())
+    # WHEN the host is stopped gracefully (SIGTERM, as Ctrl-C or a scale-in) while it runs
+    app.stop()
+    # THEN the run finished before the host exited, and the message was deleted: it never runs again
+    assert len(app.runs("end")) == 1
+    assert app.queue_length() == 0
+
+
 def test_a_message_whose_runs_died_more_than_max_dequeue_count_times_goes_to_poison_without_a_run(
         queue_app: Any) -> None:
     # GIVEN maxDequeueCount 1 and 3-second leases, and a message whose first run never ends
