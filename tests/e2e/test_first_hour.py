@@ -19,8 +19,8 @@ import pytest
 
 from devtools.azurite import free_port
 from devtools.background import BackgroundLoop
-from devtools.fake_model import FakeModelServer
-from shared.bot import SETUP_PROBLEM
+from devtools.fake_model import FakeModelServer, Scripted
+from shared.bot import APOLOGY, SETUP_PROBLEM
 from tests.e2e.channel import bench
 
 REPO = Path(__file__).resolve().parents[2]
@@ -218,3 +218,23 @@ def test_with_no_model_the_offline_stand_in_streams_in_a_personal_chat(
                  if r["conversation_id"] == conversation][-1]
         assert final["text"].startswith("[offline stand-in: no model is configured]")
         assert local.model.calls == 0
+
+
+def test_a_setup_problem_and_a_passing_failure_get_different_replies(
+        azurite_connection_string: str) -> None:
+    # GIVEN the bot, and a model that answers 404 (no such model), then 503 three times
+    fast = {"retry-after-ms": "5"}
+    with bench(azurite_connection_string, extra_env={"CHAT_MODEL_MAX_RETRIES": "2"}) as local:
+        replies = []
+        for script in ([Scripted(status=404)], [Scripted(status=503, headers=fast)] * 3):
+            local.model.then(*script)
+            conversation = f"setup:{uuid.uuid4().hex}"
+            # WHEN a message arrives
+            assert local.post(local.message("hello?", conversation_id=conversation)).status_code == 200
+            replies.append(local.connector.messages(conversation)[-1]["text"])
+        log = local.host.log_text()
+    # THEN the 404 tells the user it is a setup problem, the 503s keep "try again"
+    assert replies == [SETUP_PROBLEM, APOLOGY]
+    # AND the log says what to fix
+    assert "model failed (ModelMisconfigured): the model answered 404: no such model: check " \
+           "OPENAI_MODEL" in log
