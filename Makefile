@@ -12,6 +12,7 @@ DEV_HOST := $(addprefix devtools/,host.py functions_host.py worker.py rpc.py rou
 
 help:
 	@echo "make run         serve the bot on http://127.0.0.1:$${PORT:-7071}/api/messages (Azurite + offline model by default)"
+	@echo "make run MCP=demo  the same, with the demo MCP server's tools (devtools/mcp_server.py)"
 	@echo "make chat        chat with the running bot from this terminal"
 	@echo "make playground  open the Microsoft 365 Agents Playground against the running bot"
 	@echo "make test        lint, template checks and every test (starts its own Azurite)"
@@ -37,7 +38,7 @@ node_modules/.installed: package.json package-lock.json
 	touch $@
 
 run: deps
-	$(PY) -m devtools.run
+	$(PY) -m devtools.run $(if $(MCP),--mcp $(MCP))
 
 chat: deps
 	$(PY) -m devtools.chat

@@ -8,6 +8,8 @@ Functions host's HTTP rules, timers and queue triggers). Before it serves it che
 hour trips over, each with one line (devtools/preflight.py): the settings, PORT, Azurite's ports,
 the model (no tokens). A binding mistake stops it at start, naming the function. Ctrl-C stops what
 it started.
+`--mcp demo` (`make run MCP=demo`) also starts the demo MCP server (devtools/mcp_server.py) on
+127.0.0.1:8931 and points CHAT_MCP_SERVERS at it, unless that setting is given.
 """
 
 from __future__ import annotations
@@ -54,12 +56,38 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+MCP_DEMO_PORT = 8931
+
+
+def _point_at_mcp_demo(env: dict[str, str]) -> bool:
+    """CHAT_MCP_SERVERS for the demo MCP server (a given setting wins): whether to start it."""
+    from devtools.mcp_server import demo_servers_setting
+
+    if env.get("CHAT_MCP_SERVERS", "").strip():
+        print("tools: CHAT_MCP_SERVERS is set; not starting the demo MCP server")
+        return False
+    env["CHAT_MCP_SERVERS"] = demo_servers_setting(f"http://127.0.0.1:{MCP_DEMO_PORT}/mcp")
+    return True
+
+
+def _start_mcp_demo() -> subprocess.Popen[bytes]:
+    print(f"tools: the demo MCP server on http://127.0.0.1:{MCP_DEMO_PORT}/mcp (ask the bot to "
+          "\"search_docs streaming\")")
+    process = subprocess.Popen([sys.executable, "-m", "devtools.mcp_server", "--port",
+                                str(MCP_DEMO_PORT)], cwd=ROOT)
+    from devtools.azurite import wait_for_port
+
+    wait_for_port(MCP_DEMO_PORT)
+    return process
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Serve the bot locally.")
     parser.add_argument("--settings", type=Path, default=LOCAL_SETTINGS,
                         help="the local.settings.json to read")
     parser.add_argument("--run-file", type=Path, default=preflight.RUN_FILE,
                         help="where to note the port for `make chat` / `make playground`")
+    parser.add_argument("--mcp", choices=["demo"], help="start the demo MCP server too")
     args = parser.parse_args(argv)
     # Settings warnings (an unknown CHAT_... name) print as one line each.
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
@@ -67,9 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     children: list[subprocess.Popen[bytes]] = []
     try:
         env = local_environment(args.settings)
+        mcp_demo = args.mcp == "demo" and _point_at_mcp_demo(env)
         settings = load_settings(env)
         port = settings.port
         preflight.check_port_free(port)
+        if mcp_demo:
+            children.append(_start_mcp_demo())
         uses_azurite = settings.storage.table_endpoint is None and \
             settings.storage.connection_string == DEVELOPMENT_STORAGE
         if uses_azurite:

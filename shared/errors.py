@@ -24,9 +24,9 @@
     │   └── ContentFiltered        502  the endpoint's content filter blocked the prompt or reply
     └── ConnectorError             502  the Bot Connector refused or could not be reached
 
-Only `shared.store` translates Table Storage's azure exceptions, and only `shared.model` openai's
-(and its own azure-identity token errors); `shared.connector` translates the Bot Framework token's
-azure-identity errors into `ConnectorError`.
+Only `shared.store` and `shared.inbox` (its table and queue) translate Storage's azure exceptions,
+and only `shared.model` openai's (and its own azure-identity token errors); `shared.connector`
+translates the Bot Framework token's azure-identity errors into `ConnectorError`.
 """
 
 from __future__ import annotations

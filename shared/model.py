@@ -199,7 +199,7 @@ class ChatModel:
             return ModelUnavailable(f"cannot reach the model: {exc}")
         if isinstance(exc, openai.APIStatusError):
             return _status_error(exc, azure=isinstance(self.client, openai.AsyncAzureOpenAI))
-        return ModelError(f"model call failed: {exc}")
+        return ModelError(f"model call failed: {type(exc).__name__}")
 
     async def close(self) -> None:
         await self.client.close()
@@ -228,7 +228,11 @@ def _status_error(exc: openai.APIStatusError, *, azure: bool) -> ModelError:
         advice = _SETUP_ADVICE[exc.status_code][azure]
         return ModelMisconfigured(f"the model answered {exc.status_code}: {advice}",
                                   answered=exc.status_code)
-    return ModelRejected(f"the model answered {exc.status_code}: {exc.message}")
+    # The provider's message may quote the prompt: it is kept (in logs and spans) only when
+    # message capture is on; otherwise its error code says what went wrong.
+    if telemetry.state.capture_content:
+        return ModelRejected(f"the model answered {exc.status_code}: {exc.message}")
+    return ModelRejected(f"the model answered {exc.status_code} ({code[:64] or 'no error code'})")
 
 
 #: What to fix when the model endpoint answers 401, 403 or 404: (OpenAI or compatible, Azure).

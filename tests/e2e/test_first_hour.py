@@ -20,7 +20,7 @@ import pytest
 from devtools.azurite import free_port
 from devtools.background import BackgroundLoop
 from devtools.fake_model import FakeModelServer, Scripted
-from shared.bot import APOLOGY, SETUP_PROBLEM
+from shared.answer import APOLOGY, SETUP_PROBLEM
 from tests.e2e.channel import bench
 
 REPO = Path(__file__).resolve().parents[2]

@@ -45,7 +45,7 @@ def test_the_editor_runs_each_test_tier() -> None:
 
 def test_the_readme_lists_each_first_hour_message_as_the_code_words_it() -> None:
     # GIVEN the README's "When something is wrong" section, and the messages as the code makes them
-    from shared.bot import APOLOGY, SETUP_PROBLEM
+    from shared.answer import APOLOGY, SETUP_PROBLEM
     from shared.model import _SETUP_ADVICE
     from shared.settings import UnknownSetting
 

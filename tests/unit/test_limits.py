@@ -77,16 +77,15 @@ def test_the_limit_settings_are_read_and_checked() -> None:
 
 @pytest.fixture
 def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The turn and the store read one fixed time: no minute turns over mid-test."""
-    for module in ("shared.bot", "shared.store._memory"):
-        monkeypatch.setattr(f"{module}.utc_now", lambda: NOON)
+    """The store reads one fixed time (the turn's clock is passed in): no minute turns over."""
+    monkeypatch.setattr("shared.store._memory.utc_now", lambda: NOON)
 
 
 async def test_a_turn_over_the_minute_limit_gets_a_polite_reply_and_no_model_call(
         caplog: pytest.LogCaptureFixture, frozen_clock: None) -> None:
     # GIVEN a bot allowing 2 turns a minute per conversation
     store, model = InMemoryConversationStore(), CountingModel()
-    bot = make_bot(store, model, CHAT_MAX_TURNS_PER_MINUTE="2")
+    bot = make_bot(store, model, clock=lambda: NOON, CHAT_MAX_TURNS_PER_MINUTE="2")
     # WHEN three messages arrive in one minute (a fourth to another conversation)
     replies = [await bot.handle(body=activity(f"m{i}", "busy"), headers=HEADERS) for i in range(3)]
     other = await bot.handle(body=activity("hello", "calm"), headers=HEADERS)
@@ -109,7 +108,7 @@ async def test_a_turn_over_the_minute_limit_gets_a_polite_reply_and_no_model_cal
 async def test_a_conversation_past_its_daily_tokens_is_refused(frozen_clock: None) -> None:
     # GIVEN a bot allowing 1,000 tokens a day per conversation, a model spending 400 a turn
     store, model = InMemoryConversationStore(), SpendingModel()
-    bot = make_bot(store, model, CHAT_DAILY_TOKEN_LIMIT="1000")
+    bot = make_bot(store, model, clock=lambda: NOON, CHAT_DAILY_TOKEN_LIMIT="1000")
     # WHEN four messages arrive
     replies = [await bot.handle(body=activity(f"t{i}", "daily"), headers=HEADERS) for i in range(4)]
     # THEN three are answered (the third crosses the limit) and the fourth is refused
