@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(env)
         port = settings.port
         preflight.check_port_free(port)
+        if not env.get("AzureWebJobsStorage", "").strip() and settings.storage.table_endpoint is None:
+            # The host's own storage (the turn queue's trigger reads it), as local.settings.json
+            # would set it: with no such file, the bot's storage.
+            env["AzureWebJobsStorage"] = settings.storage.connection_string
         if mcp_demo:
             children.append(_start_mcp_demo())
         uses_azurite = settings.storage.table_endpoint is None and \

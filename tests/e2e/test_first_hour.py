@@ -25,7 +25,7 @@ from tests.e2e.channel import bench
 
 REPO = Path(__file__).resolve().parents[2]
 #: Variables of the developer's own shell that would change what the scripts see.
-OURS = ("CHAT_", "OPENAI_", "AZURE_", "CLIENT_", "TENANT_", "BOT_", "WEBSITE_", "PORT")
+OURS = ("CHAT_", "OPENAI_", "AZURE_", "CLIENT_", "TENANT_", "BOT_", "WEBSITE_", "PORT", "AzureWebJobs")
 
 
 def clean_env(**values: str) -> dict[str, str]:
@@ -129,6 +129,7 @@ def test_make_run_checks_the_model_and_make_chat_finds_its_port_and_is_told_of_a
     # GIVEN make run on a free port with a wrong model key (and no local.settings.json)
     port, run_file = free_port(), tmp_path / "run.json"
     env = clean_env(PORT=str(port), CHAT_STORAGE_CONNECTION_STRING=azurite_connection_string,
+                    CHAT_TURN_QUEUE="turns-" + uuid.uuid4().hex[:12],
                     CHAT_TABLE_NAME="t" + uuid.uuid4().hex[:16], OPENAI_BASE_URL=keyed_model.base_url,
                     OPENAI_API_KEY="wrong", OPENAI_MODEL="fake-model")
     run = subprocess.Popen([sys.executable, "-m", "devtools.run", "--settings",
@@ -238,3 +239,18 @@ def test_a_setup_problem_and_a_passing_failure_get_different_replies(
     # AND the log says what to fix
     assert "model failed (ModelMisconfigured): the model answered 404: no such model: check " \
            "OPENAI_MODEL" in log
+
+
+def test_through_the_turn_queue_a_setup_problem_is_told_at_once_not_retried(
+        azurite_connection_string: str) -> None:
+    # GIVEN the bot answering from the turn queue, and a model that refuses the key (401)
+    with bench(azurite_connection_string, answer_mode="queue") as queued:
+        queued.model.then(*[Scripted(status=401)] * 5)
+        conversation = f"setup:{uuid.uuid4().hex}"
+        # WHEN a message arrives
+        assert queued.post(queued.message("hello?", conversation_id=conversation)).status_code == 200
+        replies = queued.replies(conversation)
+        time.sleep(1.0)  # room for a retry that should not come
+        # THEN the first answer tells the user it is a setup problem; the queue does not retry it
+        assert [r["text"] for r in replies] == [SETUP_PROBLEM]
+        assert queued.model.calls == 1 and len(queued.connector.messages(conversation)) == 1
