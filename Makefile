@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEV_HOST := $(addprefix devtools/,host.py functions_host.py worker.py rpc.py routes.py http_exchange.py timers.py ncrontab.py queues.py azurite.py)
 
-.PHONY: help deps python-version run chat playground test unit pytest lint infra-check bench clean
+.PHONY: help deps python-version run chat playground test unit pytest lint infra-check bench clean teams-package
 
 help:
 	@echo "make run         serve the bot on http://127.0.0.1:$${PORT:-7071}/api/messages (Azurite + offline model by default)"
@@ -17,6 +17,7 @@ help:
 	@echo "make playground  open the Microsoft 365 Agents Playground against the running bot"
 	@echo "make test        lint, template checks and every test (starts its own Azurite)"
 	@echo "make unit        the unit tier alone (no I/O; about a second)"
+	@echo "make teams-package  the Teams app package appPackage/build/chatstate.zip (needs CLIENT_ID)"
 	@echo "make bench       store and webhook benchmarks; figures go to benchmarks/results.json"
 
 deps: python-version $(VENV)/.installed node_modules/.installed
@@ -63,6 +64,9 @@ test: lint infra-check pytest
 
 infra-check:
 	bash infra/check.sh
+
+teams-package: deps
+	@$(PY) -m devtools.teams_package
 
 bench: deps
 	$(PY) -m devtools.azurite -- $(PY) -m benchmarks.run

@@ -170,6 +170,8 @@ def _message_json(message: ChatMessage) -> dict[str, Any]:
         shown["model"] = message.model
     if message.stopped:
         shown["stopped"] = True
+    if message.attachments:
+        shown["attachments"] = [attachment.to_json() for attachment in message.attachments]
     if message.feedback:
         shown["feedback"] = {"reaction": message.feedback.reaction, "text": message.feedback.text,
                              "at": message.feedback.at.isoformat()}

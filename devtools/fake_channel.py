@@ -2,7 +2,9 @@
 
 `FakeConnector` answers `POST /v3/conversations/{id}/activities` like the Bot Connector and records
 what it got (scriptable statuses); streamed replies must keep Teams' streaming contract
-(`devtools/teams_streams.py`). `FakeIdentity` serves OpenID metadata and JWKS for Bot Framework
+(`devtools/teams_streams.py`), and `suggestedActions` go only on a message that ends a reply (a
+plain message or a stream's final, never an update), as `imBack` buttons, three at most.
+`FakeIdentity` serves OpenID metadata and JWKS for Bot Framework
 and for an Entra tenant, signs tokens with its own RSA keys, and answers client-credentials token
 requests, so tests exercise the real validation code through the metadata-URL override. Its Bot
 Framework metadata can be made slow (`metadata_delay`), malformed (`metadata_body`, `keys_body`)
@@ -56,6 +58,10 @@ class FakeConnector(LocalServer):
                   "conversation_id": request.match_info["conversation_id"],
                   "authorization": request.headers.get("Authorization"), "activity": body}
         self.requests.append(record)
+        if (misplaced := _misplaced_suggestions(body)) is not None:
+            self.streams.violations.append(misplaced)
+            return web.json_response({"error": {"code": "BadArgument", "message": misplaced}},
+                                     status=400)
         streamed = self.streams.begin(record["conversation_id"], body)
         stream_id = streamed[1].get("id") if streamed else None
         self.streams.busy(stream_id)
@@ -74,6 +80,23 @@ class FakeConnector(LocalServer):
             return web.json_response(answer, status=status)
         self.activities.append(body)
         return web.json_response({"id": f"reply-{next(self._ids)}"}, status=201)
+
+
+def _misplaced_suggestions(activity: dict[str, Any]) -> str | None:
+    """Why the activity's `suggestedActions` break the contract; None when they keep it."""
+    suggested = activity.get("suggestedActions")
+    if suggested is None:
+        return None
+    if activity.get("type") != "message":
+        return "suggestedActions go only on a message (a stream's final, never an update)"
+    actions = suggested.get("actions") if isinstance(suggested, dict) else None
+    if not isinstance(actions, list) or not 1 <= len(actions) <= 3:
+        return "suggestedActions hold 1 to 3 actions"
+    for action in actions:
+        if not isinstance(action, dict) or action.get("type") != "imBack" or not all(
+                isinstance(action.get(key), str) and action[key] for key in ("title", "value")):
+            return "each suggested action is an imBack with a title and a value"
+    return None
 
 
 class FakeIdentity(LocalServer):

@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from .activity import Activity, parse_activity
+from .attachments import AttachmentReader, Incoming, Refusal
 from .delivery import Delivery, Progress
 from .errors import (
     BadRequest,
@@ -91,6 +92,7 @@ class Answerer:
         self.inbox = inbox
         self._locks = _KeyedLocks()
         self._background: set[asyncio.Task[bool]] = set()
+        self.attachments = AttachmentReader(settings=settings, token=delivery.connector.token)
 
     async def answer(self, activity: Activity, *, resume: StreamStart | None = None,
                      retried: bool = False, apologize: bool = True) -> dict[str, Any] | None:
@@ -105,6 +107,11 @@ class Answerer:
                 log.info("cleared the conversation on /reset")
                 return await self._say(activity, RESET_DONE, resume=resume)
             budget = self.settings.model.history_token_budget
+            incoming = await self.attachments.read(activity, text, token_budget=budget)
+            if isinstance(incoming, Refusal):
+                log.info("attachments refused: %s", incoming.reason)
+                return await self._say(activity, incoming.reply, resume=resume)
+            text = incoming.text
             try:
                 needed = check_input(text, token_budget=budget)
             except (InputTooLong, MessageTooLarge) as exc:
@@ -114,7 +121,8 @@ class Answerer:
                                        resume=resume)
             progress = self.delivery.progress(activity, resume=resume, updates=not retried)
             try:
-                outgoing, window = await self._turn(activity, text, needed, progress, apologize)
+                outgoing, window = await self._turn(activity, text, needed, progress, apologize,
+                                                    incoming)
             finally:
                 await progress.close()
         if window is not None:
@@ -133,9 +141,11 @@ class Answerer:
             await progress.close()
 
     async def _turn(self, activity: Activity, text: str, needed: int, progress: Progress,
-                    apologize: bool) -> tuple[dict[str, Any] | None, ConversationWindow | None]:
+                    apologize: bool, incoming: Incoming | None = None,
+                    ) -> tuple[dict[str, Any] | None, ConversationWindow | None]:
         try:
-            result = await self.turns.run(activity, text, needed=needed, stream=progress.stream)
+            result = await self.turns.run(activity, text, needed=needed, stream=progress.stream,
+                                          attachments=incoming)
         except ModelError as exc:
             # A setup problem (401/403/404) is told at once: a retry would fail the same way.
             setup = isinstance(exc, ModelMisconfigured)
@@ -146,7 +156,8 @@ class Answerer:
             return await self.delivery.text(activity, SETUP_PROBLEM if setup else APOLOGY,
                                              progress=progress), None
         if isinstance(result, Committed):
-            return await self.delivery.reply(activity, result.turn, progress=progress), result.window
+            return await self.delivery.reply(activity, result.turn, progress=progress,
+                                             suggestions=result.suggestions), result.window
         if isinstance(result, Found):
             return await self._redeliver(activity, result, progress), None
         if isinstance(result, Refused):

@@ -23,6 +23,7 @@ from typing import Any
 
 from .activity import Activity, parse_activity
 from .answer import APOLOGY, RESET_DONE, TOO_LONG, Answerer, Unanswered
+from .attachments import has_attachments
 from .auth import AuthResult, BotAuthenticator
 from .connector import BotConnector
 from .delivery import Delivery
@@ -138,7 +139,7 @@ class ChatBot:
 
     async def _on_message(self, activity: Activity, auth: AuthResult, body: bytes) -> BotResponse:
         self._check_reply_path(activity, auth)
-        if not activity.message_text:
+        if not activity.message_text and not has_attachments(activity):
             return BotResponse(status=200)
         if self._queued and not activity.expects_replies:
             return await self._accept(activity, body)
@@ -184,7 +185,8 @@ class ChatBot:
 
     async def _on_conversation_update(self, activity: Activity, auth: AuthResult) -> BotResponse:
         bot_id = activity.recipient.get("id")
-        if not any(member.get("id") != bot_id for member in activity.members_added()):
+        if not any(member.get("id") != bot_id for member in activity.members_added()) or \
+                not self.settings.welcomes(activity.channel_id):
             return BotResponse(status=200)
         self._check_reply_path(activity, auth)
         outgoing = await self.delivery.text(activity, WELCOME)

@@ -94,6 +94,11 @@ class BotConnector:
             return None
         return (str(answer.get("id") or "") or None) if isinstance(answer, dict) else None
 
+    async def token(self) -> str | None:
+        """The bot's token for the Bot Connector's hosts (attachments there need it); None
+        when the bot has no identity."""
+        return await self._token() if self._credential is not None else None
+
     async def _token(self) -> str:
         assert self._credential is not None
         try:

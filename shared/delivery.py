@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from .messages import StoredTurn
 from .settings import Settings
 from .store import ConversationStore
 from .streaming import ReplyStream, StreamStart
+from .suggestions import suggested_actions
 
 __all__ = ["Delivery", "Progress"]
 
@@ -75,22 +77,27 @@ class Delivery:
 
     # -- replies -----------------------------------------------------------------------------
 
-    def reply_activity(self, activity: Activity, turn: StoredTurn) -> dict[str, Any]:
-        """The activity that carries a committed turn's reply."""
+    def reply_activity(self, activity: Activity, turn: StoredTurn, *,
+                       suggestions: Sequence[str] = ()) -> dict[str, Any]:
+        """The activity that carries a committed turn's reply (`suggestions`: its buttons)."""
         reply = turn.reply
-        return activity.reply(reply.content if reply is not None and reply.content else "",
-                              ai=True, feedback=self.settings.feedback,
-                              citations=reply.citations if reply is not None else ())
+        outgoing = activity.reply(reply.content if reply is not None and reply.content else "",
+                                  ai=True, feedback=self.settings.feedback,
+                                  citations=reply.citations if reply is not None else ())
+        if suggestions:
+            outgoing["suggestedActions"] = suggested_actions(suggestions)
+        return outgoing
 
     async def reply(self, activity: Activity, turn: StoredTurn, *,
-                    progress: Progress | None = None) -> dict[str, Any] | None:
+                    progress: Progress | None = None,
+                    suggestions: Sequence[str] = ()) -> dict[str, Any] | None:
         """Deliver a committed turn's reply and mark it delivered. With expectReplies nothing is
         sent: the activity to put in the response is returned."""
         reply = turn.reply
         if reply is not None and reply.stopped:
             await self._mark_delivered(activity, reply_id=None)  # the user saw all there is
             return None
-        outgoing = self.reply_activity(activity, turn)
+        outgoing = self.reply_activity(activity, turn, suggestions=suggestions)
         if activity.expects_replies:
             return outgoing
         stream = progress.stream if progress is not None else None

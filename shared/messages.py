@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-__all__ = ["ChatMessage", "Citation", "Feedback", "Role", "Sender", "StoredTurn", "ToolCall", "Usage",
-           "utc_day", "utc_now"]
+__all__ = ["Attachment", "ChatMessage", "Citation", "Feedback", "Role", "Sender", "StoredTurn", "ToolCall",
+           "Usage", "utc_day", "utc_now"]
 
 Role = Literal["system", "user", "assistant", "tool"]
 
@@ -101,6 +101,19 @@ class Citation:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Attachment:
+    """A file or image that came with a user message, as stored: never its bytes (the text the
+    model read of a text file is in the message's content)."""
+
+    name: str
+    content_type: str
+    size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "contentType": self.content_type, "size": self.size}
+
+
+@dataclass(frozen=True, kw_only=True)
 class ChatMessage:
     """A message as the model sees it, plus what we keep beside it (activity, time, model, usage)."""
 
@@ -123,6 +136,8 @@ class ChatMessage:
     sender: Sender | None = None
     #: Final replies: the sources the text cites as [1], [2]... (shown by Teams as citations).
     citations: tuple[Citation, ...] = ()
+    #: User messages: the files and images that came with it (`shared/attachments.py`).
+    attachments: tuple[Attachment, ...] = ()
 
     def to_openai(self) -> dict[str, Any]:
         """The Chat Completions form of this message."""

@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx2
 
+from .suggestions import CLOSE, OPEN
 from .summary import SUMMARY_INSTRUCTIONS
 
 #: How the prompt sends the rolling summary (shared/prompt.py's SUMMARY_HEADING starts so).
@@ -60,7 +61,8 @@ def offline_reply(messages: list[dict[str, Any]]) -> str:
     """The stand-in's answer to a Chat Completions `messages` list."""
     summaries = [str(m.get("content") or "") for m in messages[1:2] if _is_summary(m)]
     history = [m for m in messages if m.get("role") != "system" and not _is_summary(m)]
-    said = [str(m.get("content") or "") for m in history if m.get("role") == "user"]
+    said = [_text(m.get("content")) for m in history if m.get("role") == "user"]
+    images = _images(history[-1].get("content")) if history else []
     latest = said[-1] if said else ""
     earlier = len(history) - 1
     parts = [PREFIX, f"You said {_quote(latest)}."]
@@ -73,8 +75,29 @@ def offline_reply(messages: list[dict[str, Any]]) -> str:
     if summaries:
         summary = _unquoted(summaries[0].split("\n", 1)[-1])
         parts.append(f"I also have a summary of what came before: {_quote(summary, 160)}")
+    if images:
+        parts.append(f"With it came {len(images)} image{'s' if len(images) != 1 else ''} as image "
+                     f"input ({', '.join(images)}); I cannot look at images myself.")
     parts.append("Set OPENAI_API_KEY, OPENAI_BASE_URL or AZURE_OPENAI_ENDPOINT for real answers.")
+    if messages and OPEN in str(messages[0].get("content") or ""):  # suggested replies asked for
+        parts.append(f"\n{OPEN}\nWhat did I say before?\nSum up our chat\n{CLOSE}")
     return " ".join(parts)
+
+
+def _text(content: Any) -> str:
+    """A message's text: the content, or its text parts when it has images too."""
+    if isinstance(content, list):
+        return " ".join(str(part.get("text") or "") for part in content
+                        if isinstance(part, dict) and part.get("type") == "text")
+    return str(content or "")
+
+
+def _images(content: Any) -> list[str]:
+    """The media types of a message's image parts (data URLs)."""
+    parts = content if isinstance(content, list) else []
+    urls = [str((part.get("image_url") or {}).get("url") or "") for part in parts
+            if isinstance(part, dict) and part.get("type") == "image_url"]
+    return [url[5:].partition(";")[0] if url.startswith("data:") else "a link" for url in urls]
 
 
 def _is_summary(message: dict[str, Any]) -> bool:

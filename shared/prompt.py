@@ -27,10 +27,11 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from . import telemetry
+from . import suggestions, telemetry
+from .attachments import Incoming
 from .errors import InputTooLong, MessageTooLarge, ModelTimeout, TurnTooLarge
 from .messages import ChatMessage, Citation, Sender, StoredTurn, ToolCall, Usage
 from .model import ChatModel, TextListener
@@ -152,6 +153,8 @@ class PromptResult:
     messages: tuple[ChatMessage, ...]
     usage: Usage
     model: str
+    #: Follow-ups the model suggested at the end of `response` (taken off its text).
+    suggestions: tuple[str, ...] = ()
 
 
 class ChatPrompt:
@@ -159,11 +162,14 @@ class ChatPrompt:
                  instructions: str | None = None, max_tool_rounds: int = 5,
                  tool_timeout_seconds: float = 10.0, timeout_seconds: float = 60.0,
                  speaker_style: SpeakerStyle = "name",
-                 tool_sources: Sequence[ToolSource] = ()) -> None:
+                 tool_sources: Sequence[ToolSource] = (), suggested_replies: bool = False) -> None:
         """`speaker_style`: how a group chat's speaker is sent, `name` (OpenAI, Azure OpenAI) or
         a `prefix` of the text (other compatible servers). `tool_sources`: more tools, asked for
-        on each turn (a name already taken by `functions` stays theirs)."""
+        on each turn (a name already taken by `functions` stays theirs). `suggested_replies`: the
+        model ends its answer with follow-ups (`shared/suggestions.py`), returned in
+        `suggestions`."""
         self.model = model
+        self.suggested_replies = suggested_replies
         self.speaker_style: SpeakerStyle = speaker_style
         self.instructions = instructions
         self.functions: dict[str, Function] = {}
@@ -206,28 +212,42 @@ class ChatPrompt:
                    summary: str | None = None, speaker: str | None = None,
                    sender: Sender | None = None,
                    on_text: TextListener | None = None,
-                   on_tools: ToolListener | None = None) -> PromptResult:
+                   on_tools: ToolListener | None = None,
+                   attachments: Incoming | None = None) -> PromptResult:
         """Ask the model after `summary` and `history` (or `memory`'s, loaded if need be); run
         the tools it calls; return the turn without storing anything. `speaker`: who wrote
         `input`, in a group chat (stored with it and sent as `speaker_style` says); `sender`:
         their IDs, stored with the message only (a user's data requests find it by them).
 
         `on_text`: the model streams, and the listener gets each round's text so far (it may
-        raise `ReplyStopped` to end the reply); `on_tools`: told of each round's tool calls."""
+        raise `ReplyStopped` to end the reply); `on_tools`: told of each round's tool calls.
+        `attachments`: what came with `input` (`shared/attachments.py`): its images go to the
+        model with it, its description is stored with it."""
         if memory is not None:
             window = memory.window or await memory.load(input=input)
             history, summary = window.messages, window.summary
-        user = ChatMessage(role="user", content=input, name=speaker, sender=sender)
+        user = ChatMessage(role="user", content=input, name=speaker, sender=sender,
+                           attachments=attachments.stored if attachments else ())
         system = instructions if instructions is not None else self.instructions
+        if self.suggested_replies:
+            system = ((system or "") + suggestions.INSTRUCTION).lstrip()
+            on_text = suggestions.holding_back(on_text)
         request = ([{"role": "system", "content": system}] if system else []) + \
             ([summary_message(summary)] if summary else []) + \
             [wire_message(message, style=self.speaker_style) for message in [*history, user]]
+        if attachments is not None:
+            request[-1] = attachments.wire(request[-1])
         try:
             async with asyncio.timeout(self.timeout_seconds):
                 turn, usage, model = await self._run(request, user, on_text, on_tools)
         except TimeoutError as exc:
             raise ModelTimeout(f"the model took over {self.timeout_seconds:g} s in all") from exc
-        return PromptResult(response=turn[-1], messages=tuple(turn), usage=usage, model=model)
+        suggested: tuple[str, ...] = ()
+        if self.suggested_replies and turn[-1].content:
+            text, suggested = suggestions.split(turn[-1].content)
+            turn[-1] = replace(turn[-1], content=text)
+        return PromptResult(response=turn[-1], messages=tuple(turn), usage=usage, model=model,
+                            suggestions=suggested)
 
     async def _run(self, request: list[dict[str, Any]], user: ChatMessage,
                    on_text: TextListener | None,

@@ -63,7 +63,8 @@ class Runtime:
                                  tool_timeout_seconds=limits.tool_timeout_seconds,
                                  timeout_seconds=limits.timeout_seconds,
                                  speaker_style="name" if named else "prefix",
-                                 tool_sources=[self.mcp] if self.mcp is not None else [])
+                                 tool_sources=[self.mcp] if self.mcp is not None else [],
+                                 suggested_replies=settings.suggested_replies)
         self.summary_model = None
         summarizer = None
         if settings.summary.enabled:

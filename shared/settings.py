@@ -22,6 +22,7 @@ from .errors import SettingsError
 __all__ = [
     "SETTINGS",
     "AnswerMode",
+    "AttachmentSettings",
     "BotSettings",
     "DataSettings",
     "McpServerSettings",
@@ -46,6 +47,9 @@ BOTFRAMEWORK_OPENID_METADATA = "https://login.botframework.com/v1/.well-known/op
 #: are public-cloud bots, smba.infra.gcc.teams.microsoft.com) and the Bot Framework channels
 #: (webchat., directline., europe.webchat., slack. ... .botframework.com).
 BOT_SERVICE_URL_HOSTS = "smba.trafficmanager.net,smba.infra.gcc.teams.microsoft.com,*.botframework.com"
+#: Where Teams' file attachments (`downloadUrl`) point: SharePoint and OneDrive for Business
+#: (public cloud and GCC; GCC High and DoD add *.sharepoint.us).
+FILE_HOSTS = "*.sharepoint.com"
 DEFAULT_INSTRUCTIONS = "You are a helpful, concise assistant in a chat."
 #: Daily at 03:30 UTC. Function triggers read it as `%CHAT_RETENTION_SCHEDULE%`.
 RETENTION_SCHEDULE = "0 30 3 * * *"
@@ -215,6 +219,26 @@ SETTINGS: tuple[Setting, ...] = (
             "Azure' (stricter start-up checks)."),
     Setting(name="PORT", default="7071", deployed=False,
             description="Local port of `make run` (dev host or func start)."),
+    # the Teams app: suggested replies, welcome, files and images (issue 22)
+    Setting(name="CHAT_SUGGESTED_REPLIES", default="on", deployed=False,
+            description="on or off: the model ends each answer with up to three follow-ups (in "
+            "the same call), shown as buttons under the reply; a tap sends one as a message."),
+    Setting(name="CHAT_WELCOME", default="on", deployed=False,
+            description="on, off or outside-teams: greet people added to a conversation. With "
+            "the Teams app's prompt starters (appPackage/), outside-teams: Teams asks bots not "
+            "to do both."),
+    Setting(name="CHAT_MODEL_IMAGES", default="on", deployed=False,
+            description="on or off: the model takes image input (gpt-4o, gpt-4o-mini do); off, "
+            "an image gets a polite refusal and no model call."),
+    Setting(name="CHAT_FILE_MAX_BYTES", default="4000000", deployed=False,
+            description="The largest file or image a message may bring, in bytes (a larger "
+            "one gets a polite refusal and no model call)."),
+    Setting(name="CHAT_FILE_MAX_COUNT", default="4", deployed=False,
+            description="At most this many files and images in one message."),
+    Setting(name="CHAT_FILE_HOSTS", default=FILE_HOSTS, deployed=False,
+            description="Hosts files may be downloaded from without the bot's token (Teams' "
+            "file links point at SharePoint), written as in BOT_SERVICE_URL_HOSTS "
+            "(whose hosts get downloads with the token). Any other host is refused."),
     Setting(name="CHAT_STRICT_SETTINGS", default="off", deployed=False,
             description="on or off: an unknown setting with one of our prefixes (CHAT_, OPENAI_, "
             "AZURE_OPENAI_, BOT_: a typo such as OPENAI_BASEURL) stops start-up instead of being "
@@ -296,6 +320,18 @@ class TelemetrySettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AttachmentSettings:
+    """Files and images in messages (`shared/attachments.py`)."""
+
+    max_files: int = 4
+    max_bytes: int = 4_000_000
+    #: Host patterns files may come from without the bot's token.
+    file_hosts: tuple[str, ...] = (FILE_HOSTS,)
+    #: The model takes image input.
+    model_images: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
 class McpServerSettings:
     """One MCP server of CHAT_MCP_SERVERS."""
 
@@ -347,6 +383,14 @@ class Settings:
     port: int
     data: DataSettings = field(default_factory=DataSettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+    suggested_replies: bool = True
+    #: on, off or outside-teams (no welcome in Teams, where the app's prompt starters greet).
+    welcome: str = "on"
+    attachments: AttachmentSettings = field(default_factory=AttachmentSettings)
+
+    def welcomes(self, channel_id: str) -> bool:
+        """Whether a conversation on `channel_id` gets the welcome message."""
+        return self.welcome == "on" or (self.welcome == "outside-teams" and channel_id != "msteams")
     answer_mode: AnswerMode = AnswerMode.QUEUE
     mcp_servers: tuple[McpServerSettings, ...] = ()
 
@@ -506,9 +550,23 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             daily_token_limit=read.optional_integer("CHAT_DAILY_TOKEN_LIMIT", minimum=1,
                                                     maximum=10**12)),
         telemetry=_telemetry(read),
+        suggested_replies=read.flag("CHAT_SUGGESTED_REPLIES"),
+        welcome=_welcome(read),
+        attachments=AttachmentSettings(
+            max_files=read.integer("CHAT_FILE_MAX_COUNT", minimum=1, maximum=20),
+            max_bytes=read.integer("CHAT_FILE_MAX_BYTES", minimum=1_000, maximum=50_000_000),
+            file_hosts=_host_patterns(read.required_text("CHAT_FILE_HOSTS"), name="CHAT_FILE_HOSTS"),
+            model_images=read.flag("CHAT_MODEL_IMAGES")),
         answer_mode=_answer_mode(read),
         mcp_servers=_mcp_servers(read, identity, in_azure=in_azure),
     )
+
+
+def _welcome(read: _Reader) -> str:
+    value = read.required_text("CHAT_WELCOME").lower()
+    if value not in ("on", "off", "outside-teams"):
+        raise SettingsError("CHAT_WELCOME", f"must be on, off or outside-teams, got {value!r}")
+    return value
 
 
 _MCP_KEYS = {"name", "url", "tools", "headers", "entraAudience", "allowDestructive",
@@ -768,15 +826,15 @@ def _bot(read: _Reader, identity: str | None) -> BotSettings:
 _HOST = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
-def _host_patterns(raw: str) -> tuple[str, ...]:
+def _host_patterns(raw: str, *, name: str = "BOT_SERVICE_URL_HOSTS") -> tuple[str, ...]:
     patterns = tuple(part.strip().lower() for part in raw.split(",") if part.strip())
     for pattern in patterns:
         host = pattern.removeprefix("*.")
         if not (_HOST.match(host) or host == "localhost" or _is_ip(host)):
-            raise SettingsError("BOT_SERVICE_URL_HOSTS", f"{pattern!r} is not a host name, IP "
+            raise SettingsError(name, f"{pattern!r} is not a host name, IP "
                                 "address or *.domain pattern (no scheme, port or path)")
     if not patterns:
-        raise SettingsError("BOT_SERVICE_URL_HOSTS", "lists no host")
+        raise SettingsError(name, "lists no host")
     return patterns
 
 

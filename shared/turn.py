@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 
 from .activity import Activity
+from .attachments import Incoming
 from .errors import ConversationConflict, DuplicateActivity, MessageTooLarge, TurnTooLarge
 from .limits import LIMIT_REPLIES, limit_reached, over_limit
 from .messages import ChatMessage, StoredTurn, ToolCall, utc_day, utc_now
@@ -44,6 +45,8 @@ class Committed:
 
     turn: StoredTurn
     window: ConversationWindow
+    #: Follow-ups the model suggested (`shared/suggestions.py`), for the reply's buttons.
+    suggestions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,14 +86,16 @@ class TurnRunner:
         self._sleep = sleep
 
     async def run(self, activity: Activity, text: str, *, needed: int,
-                  stream: ReplyStream | None) -> TurnResult:
-        """Answer `text` (`needed` tokens) of `activity`; the model's text goes to `stream`."""
+                  stream: ReplyStream | None, attachments: Incoming | None = None) -> TurnResult:
+        """Answer `text` (`needed` tokens) of `activity`; the model's text goes to `stream`.
+        `attachments`: the files and images that came with it (`shared/attachments.py`)."""
         limits = self.settings.model
         started = time.perf_counter()
         # A turn that is kept once asked: the user has read it as it streamed, or it was asked
         # again once already after losing a race (so a busy conversation cannot starve it).
         kept: tuple[ChatMessage, ...] | None = None
         indexing: asyncio.Task[Indexed | None] | None = None
+        suggestions: tuple[str, ...] = ()
         try:
             for attempt in range(self.settings.turn_max_attempts):
                 window = await self.store.load_window(
@@ -114,8 +119,9 @@ class TurnRunner:
                         text, history=window.messages, summary=window.summary,
                         speaker=activity.speaker, sender=activity.user,
                         on_text=stream.on_text if stream else None,
-                        on_tools=_tools_listener(stream))
+                        on_tools=_tools_listener(stream), attachments=attachments)
                     messages = _as_seen(result.messages, stream)
+                    suggestions = result.suggestions
                     if (stream is not None and stream.shown) or attempt >= MAX_REASKS:
                         kept = messages
                 window = replace(window, indexed=await indexing)
@@ -138,7 +144,7 @@ class TurnRunner:
                 log.info("turn committed attempts=%d rows_read=%d window=%d streamed=%s ms=%.1f",
                          attempt + 1, window.rows_read, len(window.messages),
                          bool(stream and stream.shown), (time.perf_counter() - started) * 1000)
-                return Committed(turn=turn, window=window)
+                return Committed(turn=turn, window=window, suggestions=suggestions)
         finally:
             if indexing is not None:  # a turn that ends before its commit: the rows stay, harmless
                 await asyncio.gather(indexing, return_exceptions=True)

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..keys import encode_key
-from ..messages import ChatMessage, Citation, Feedback, Sender, ToolCall, Usage
+from ..messages import Attachment, ChatMessage, Citation, Feedback, Sender, ToolCall, Usage
 
 HEAD = "h"
 MESSAGE_PREFIX = "m"
@@ -99,6 +99,9 @@ def message_entity(pk: str, seq: int, message: ChatMessage, *, tokens: int, turn
             entity["from_id"] = message.sender.id
         if message.sender.aad_id:
             entity["from_aad"] = message.sender.aad_id
+    if message.attachments:
+        put_text(entity, "attachments", json.dumps([a.to_json() for a in message.attachments],
+                                                   ensure_ascii=False))
     if message.usage is not None:
         entity["prompt_tokens"] = message.usage.prompt_tokens
         entity["completion_tokens"] = message.usage.completion_tokens
@@ -137,6 +140,8 @@ def entity_message(entity: Entity) -> ChatMessage:
         if "from_id" in entity or "from_aad" in entity else None,
         citations=tuple(Citation.from_json(item) for item in json.loads(
             get_text(entity, "citations") or "[]")),
+        attachments=tuple(Attachment(name=a["name"], content_type=a["contentType"], size=a["size"])
+                          for a in json.loads(get_text(entity, "attachments") or "[]")),
     )
 
 

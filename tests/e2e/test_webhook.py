@@ -11,6 +11,7 @@ from urllib.parse import quote
 
 import pytest
 
+from shared import suggestions
 from tests.e2e.channel import CLIENT_ID, Bench, bench, event
 
 
@@ -35,7 +36,7 @@ def test_a_three_turn_conversation_is_remembered_and_replied_to(channel: Bench) 
     third_request = next(r for r in reversed(channel.model.requests)
                          if r["messages"][-1]["content"] == "three")
     assert [m["content"] for m in third_request["messages"]] == [
-        "You are a test bot.", "one", "reply to 'one' after 2 messages", "two",
+        "You are a test bot." + suggestions.INSTRUCTION, "one", "reply to 'one' after 2 messages", "two",
         "reply to 'two' after 4 messages", "three"]
     # AND the connector got three replies, each naming the activity it answers, marked AI-generated
     replies = channel.connector.messages(conversation)
