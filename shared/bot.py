@@ -41,7 +41,7 @@ from .errors import (
 )
 from .limits import LIMIT_REPLIES, limit_reached, over_limit
 from .logs import turn_context
-from .messages import ChatMessage, StoredTurn, ToolCall, utc_day, utc_now
+from .messages import ChatMessage, StoredTurn, ToolCall, Usage, utc_day
 from .prompt import TURN_LIMIT_REPLY, ChatPrompt, ToolListener, check_input
 from .settings import Settings
 from .store import ConversationStore, ConversationWindow, Indexed
@@ -216,6 +216,7 @@ class ChatBot:
         # again once already after losing a race (so a busy conversation cannot starve it).
         kept: tuple[ChatMessage, ...] | None = None
         indexing: asyncio.Task[Indexed | None] | None = None
+        billed, counted, committed = Usage(), False, False  # every model call the turn paid for
         try:
             for attempt in range(self.settings.turn_max_attempts):
                 window = await self.store.load_window(
@@ -226,11 +227,18 @@ class ChatBot:
                     # and delivers it. Found at once: a channel retry, which may need a re-send.
                     turn = await self.store.get_turn(activity.conversation_id, activity.id)
                     return await self._redeliver(activity, turn, send=attempt == 0, stream=stream)
-                now = utc_now()
-                if kept is None and (limit := over_limit(window.spend, self.settings.data, now)):
+                now = self.store.clock()
+                if kept is None and not counted and \
+                        (limit := over_limit(window.spend, self.settings.data, now)):
                     limit_reached(limit, window.spend, now)
                     return await self._reply(activity, activity.reply(LIMIT_REPLIES[limit], ai=False),
                                              stream=stream)
+                if self.settings.data.max_turns_per_minute is not None and not counted:
+                    try:  # the turn takes its place in the minute before the model call
+                        window, counted = await self.store.reserve_turn(window), True
+                    except ConversationConflict:
+                        await self._sleep(random.uniform(0, min(1.0, 0.05 * 2 ** attempt)))
+                        continue
                 if indexing is None:  # index rows, written while the model works
                     indexing = asyncio.create_task(self.store.write_indexes(
                         window, today=utc_day(now), sender=activity.user, shared=activity.in_group))
@@ -248,13 +256,16 @@ class ChatBot:
                         log.warning("model failed (%s): %s", type(exc).__name__, exc)
                         return await self._reply(activity, activity.reply(APOLOGY, ai=False),
                                                  stream=stream)
+                    billed += result.usage
                     messages = _as_seen(result.messages, stream)
                     if (stream is not None and stream.shown) or attempt >= MAX_REASKS:
                         kept = messages
                 window = replace(window, indexed=await indexing)
                 try:
                     turn = await self.store.commit_turn(window, activity_id=activity.id,
-                                                        messages=messages)
+                                                        messages=messages, billed=billed,
+                                                        counted=counted)
+                    committed = True
                 except ConversationConflict:
                     log.info("conflict on attempt %d%s", attempt + 1,
                              "; committing the same answer after the turns that won"
@@ -276,6 +287,8 @@ class ChatBot:
                 self._start_after_reply(activity, window)
                 return response
         finally:
+            if not committed:  # paid for, stored nowhere: the tokens still count
+                await self._charge(activity, billed)
             if indexing is not None:  # a turn that ends before its commit: the rows stay, harmless
                 await asyncio.gather(indexing, return_exceptions=True)
             if typing is not None:
@@ -350,6 +363,12 @@ class ChatBot:
         reply_id = await self._send(activity, outgoing, stream=stream)
         await self._mark_delivered(activity, reply_id=reply_id)
         return BotResponse(status=200)
+
+    async def _charge(self, activity: Activity, billed: Usage) -> None:
+        try:
+            await self.store.charge(activity.conversation_id, billed)
+        except StoreError as exc:
+            log.warning("tokens of a turn that stored nothing not counted: %s", exc)
 
     async def _mark_delivered(self, activity: Activity, *, reply_id: str | None) -> None:
         try:

@@ -11,10 +11,11 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from ..errors import BadRequest, MessageTooLarge, TurnTooLarge
 from ..limits import Spend
-from ..messages import ChatMessage, Feedback, Sender, StoredTurn
+from ..messages import ChatMessage, Feedback, Sender, StoredTurn, Usage
 from ..telemetry import commit, span
 from ..tokens import count_message_tokens
 from ._fold import FoldJob
@@ -50,12 +51,21 @@ REMOVED_MARKER = "[removed at the user's request]"
 
 @dataclass(frozen=True, kw_only=True)
 class Indexed:
-    """Index rows written for a turn before it commits; the commit records them in the head."""
+    """Index rows written for a turn before it commits; the commit records them in the head.
+
+    They hold for the head they were written against (`version`): a commit on another one (after
+    a lost race) writes the rows that head lacks again, from the same request (`today`, `sender`,
+    `shared`), so a head never names a speaker whose row a clear or removal deleted meanwhile."""
 
     #: The day whose day-index row now names the conversation (None: none written).
     day: str | None = None
     #: User IDs whose user-index row now names the conversation.
     speakers: tuple[str, ...] = ()
+    #: The window version (head ETag) the rows were written for.
+    version: str | None = None
+    today: str = ""
+    sender: Sender | None = None
+    shared: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,7 +126,12 @@ class ConversationWindow:
 
 
 class ConversationStore(ABC):
-    """Durable conversation memory, safe when turns of one conversation race."""
+    """Durable conversation memory, safe when turns of one conversation race.
+
+    `clock` is the one clock of the spend counters: a backend sets it (UTC, `utc_now` unless a
+    test passes its own)."""
+
+    clock: Callable[[], datetime]
 
     async def load_window(
         self,
@@ -146,8 +161,14 @@ class ConversationStore(ABC):
         *,
         activity_id: str,
         messages: Sequence[ChatMessage],
+        billed: Usage | None = None,
+        counted: bool = False,
     ) -> StoredTurn:
         """Append `messages` atomically, if nothing was committed since `window` was loaded.
+
+        The spend counters move in the same write: one turn more this minute (unless `counted`:
+        `reserve_turn` counted it already) and `billed`'s tokens today (every model call the turn
+        paid for, whatever ended the reply; None: the usage the messages carry).
 
         Raises `ConversationConflict` when another turn committed first (nothing is written),
         `DuplicateActivity` when `activity_id` was committed before, and `MessageTooLarge` /
@@ -155,11 +176,31 @@ class ConversationStore(ABC):
         """
         _check_activity_id(activity_id)
         check_turn(messages)
+        tokens = billed.total_tokens if billed is not None else \
+            sum(m.usage.total_tokens for m in messages if m.usage is not None)
+        spend = window.spend.after_turn(self.clock(), tokens=tokens, turns=0 if counted else 1)
         with commit() as current:
             current.set_attribute("chatstate.commit.messages", len(messages))
             return await self._commit_turn(window, activity_id=activity_id,
                                            messages=list(messages),
-                                           tokens=[count_message_tokens(m) for m in messages])
+                                           tokens=[count_message_tokens(m) for m in messages],
+                                           spend=spend)
+
+    async def reserve_turn(self, window: ConversationWindow) -> ConversationWindow:
+        """Count the coming turn in this minute's counter now, before its model call, with a write
+        conditioned on `window`'s version: two instances cannot both take the minute's last turn.
+        Returns the window at the new version (commit it with `counted=True`); raises
+        `ConversationConflict` when the conversation changed since `window` was loaded."""
+        _check_conversation_id(window.conversation_id)
+        spend = window.spend.after_turn(self.clock(), tokens=0)
+        return await self._reserve_turn(window, spend)
+
+    async def charge(self, conversation_id: str, billed: Usage) -> None:
+        """Add `billed`'s tokens to today's counter: model calls paid for by a turn that stored
+        nothing (it failed, or another instance committed it) or by a summary."""
+        _check_conversation_id(conversation_id)
+        if billed.total_tokens > 0:
+            await self._charge(conversation_id, billed.total_tokens)
 
     async def write_indexes(self, window: ConversationWindow, *, today: str,
                             sender: Sender | None, shared: bool) -> Indexed | None:
@@ -252,7 +293,14 @@ class ConversationStore(ABC):
 
     @abstractmethod
     async def _commit_turn(self, window: ConversationWindow, *, activity_id: str,
-                           messages: list[ChatMessage], tokens: list[int]) -> StoredTurn: ...
+                           messages: list[ChatMessage], tokens: list[int],
+                           spend: Spend) -> StoredTurn: ...
+
+    @abstractmethod
+    async def _reserve_turn(self, window: ConversationWindow, spend: Spend) -> ConversationWindow: ...
+
+    @abstractmethod
+    async def _charge(self, conversation_id: str, tokens: int) -> None: ...
 
     @abstractmethod
     async def _get_turn(self, conversation_id: str, activity_id: str) -> StoredTurn | None: ...

@@ -25,7 +25,8 @@ from ..errors import (
     TurnTooLarge,
 )
 from ..keys import encode_key
-from ..messages import ChatMessage, Feedback, StoredTurn, utc_now
+from ..limits import Spend
+from ..messages import ChatMessage, Feedback, StoredTurn
 from ..window import WindowPlanner
 from ._base import (
     ConversationWindow,
@@ -145,10 +146,17 @@ class TableConversationStore(SummaryRows, DataRows):
     # -- commit ------------------------------------------------------------------------------
 
     async def _commit_turn(self, window: ConversationWindow, *, activity_id: str,
-                           messages: list[ChatMessage], tokens: list[int]) -> StoredTurn:
+                           messages: list[ChatMessage], tokens: list[int],
+                           spend: Spend) -> StoredTurn:
         basis = window.basis if isinstance(window.basis, Basis) else \
             Basis(head=Head(conversation_id=window.conversation_id))
         head = basis.head
+        indexed = window.indexed
+        if indexed is not None and indexed.version != window.version:
+            # Written for a head this commit is not on (a lost race): a clear or a removal may
+            # have deleted them since, and this head may not name them; write what it lacks.
+            indexed = await self.write_indexes(window, today=indexed.today, sender=indexed.sender,
+                                               shared=indexed.shared)
         pk = encode_key(window.conversation_id)
         first = head.last_seq + 1
         rows = [message_entity(pk, first + offset, message, tokens=count, turn_seq=first,
@@ -156,14 +164,13 @@ class TableConversationStore(SummaryRows, DataRows):
                 for offset, (message, count) in enumerate(zip(messages, tokens, strict=True))]
         after = head.after(basis, rows, activity_id=activity_id, token_budget=basis.token_budget,
                            max_messages=basis.max_messages)
-        if (indexed := window.indexed) is not None:
+        if indexed is not None:
             after = replace(after, day=indexed.day or after.day).with_speakers(indexed.speakers)
-        spent = sum(m.usage.total_tokens for m in messages if m.usage is not None)
-        after = replace(after, spend=head.spend.after_turn(utc_now(), tokens=spent))
+        after = replace(after, spend=spend)
         head_row = after.entity(pk)
         marker = {"PartitionKey": pk, "RowKey": marker_row_key(activity_id),
                   "activity_id": activity_id, "first_seq": first, "last_seq": after.last_seq,
-                  "delivered": False, "committed_at": utc_now()}
+                  "delivered": False, "committed_at": self.clock()}
         operations = [Operation("create", head_row) if head.etag is None
                       else Operation("replace", head_row, etag=head.etag),
                       Operation("create", marker), *(Operation("create", row) for row in rows)]
@@ -173,6 +180,27 @@ class TableConversationStore(SummaryRows, DataRows):
             await self._raise_commit_failure(exc, window, activity_id)
         return StoredTurn(conversation_id=window.conversation_id, activity_id=activity_id,
                           messages=tuple(entity_message(row) for row in rows))
+
+    async def _reserve_turn(self, window: ConversationWindow, spend: Spend) -> ConversationWindow:
+        basis = window.basis if isinstance(window.basis, Basis) else \
+            Basis(head=Head(conversation_id=window.conversation_id))
+        pk = encode_key(window.conversation_id)
+        new = basis.head.etag is None  # a new conversation: its head starts with an empty copy
+        written = await self._run("counting the turn", self._write_head, pk, basis.head,
+                                  replace(basis.head, spend=spend,
+                                          copy=() if new else basis.head.copy))
+        if written is None:
+            raise ConversationConflict(
+                f"conversation {window.conversation_id!r} changed since it was loaded")
+        return replace(window, version=written.etag, spend=spend,
+                       basis=replace(basis, head=written))
+
+    async def _charge(self, conversation_id: str, tokens: int) -> None:
+        now = self.clock()
+        await self._run("counting spent tokens", self._update_head, encode_key(conversation_id),
+                        lambda head: replace(head, spend=head.spend.after_turn(
+                            now, tokens=tokens, turns=0)),
+                        conversation_id=conversation_id, create=True)
 
     async def _raise_commit_failure(self, exc: StorageRejected, window: ConversationWindow,
                                     activity_id: str) -> None:
@@ -195,7 +223,7 @@ class TableConversationStore(SummaryRows, DataRows):
     # -- read a turn, mark delivered ---------------------------------------------------------
 
     async def _get_turn(self, conversation_id: str, activity_id: str) -> StoredTurn | None:
-        return await self._run("reading a turn", self._read_turn, conversation_id, activity_id)  # type: ignore[no-any-return]
+        return await self._run("reading a turn", self._read_turn, conversation_id, activity_id)
 
     async def _read_turn(self, conversation_id: str, activity_id: str) -> StoredTurn | None:
         pk = encode_key(conversation_id)
@@ -225,7 +253,7 @@ class TableConversationStore(SummaryRows, DataRows):
             log.info("the turn was cleared before its delivery was recorded")
 
     async def _rate_reply(self, conversation_id: str, reply_id: str, feedback: Feedback) -> bool:
-        return await self._run("rating a reply", self._merge_feedback,  # type: ignore[no-any-return]
+        return await self._run("rating a reply", self._merge_feedback,
                                encode_key(conversation_id), reply_id, feedback)
 
     async def _merge_feedback(self, pk: str, reply_id: str, feedback: Feedback) -> bool:

@@ -1,20 +1,28 @@
 """The Table backend's plumbing, shared by its parts: the client and its errors, point reads,
-reading and clearing a conversation's rows.
+the one way a head changes, reading and clearing a conversation's rows.
 
 Azure exceptions become `shared.errors` errors here only (`_translated`). Every call goes through
 `_run`: the table is made again if it vanished, the call has a total deadline, and its duration is
 measured.
+
+Every operation that changes a head other than a turn's commit (a clear, a user's removal, a
+summary, the spend counters) goes through `_update_head`: read the head, a pure function of it,
+a conditional write, and one bounded retry policy with jitter (`HEAD_ATTEMPTS`). A clear keeps the
+head as a tombstone (its `last_seq` and spend counters), so sequence numbers never repeat within
+a partition and a clear only ever deletes the rows it hid.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Self
+from datetime import datetime
+from typing import Any, ParamSpec, Self, TypeVar
 
 from azure.core import MatchConditions
 from azure.core.exceptions import (
@@ -37,7 +45,7 @@ from ..errors import (
     StorageUnavailable,
 )
 from ..keys import encode_key
-from ..messages import ChatMessage
+from ..messages import ChatMessage, utc_now
 from ..telemetry import storage_call
 from ._base import (
     ConversationStore,
@@ -47,13 +55,20 @@ from ._codec import (
     MARKER_PREFIX,
     MESSAGES_END,
     entity_message,
+    user_index_key,
 )
 from ._head import Head
 from ._wire import Operation, TableWire, TransactionFailed
 
-__all__ = ["CLIENT_OPTIONS", "TableBase"]
+__all__ = ["CLIENT_OPTIONS", "HEAD_ATTEMPTS", "TableBase"]
 
 log = logging.getLogger(__name__)
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+#: A head change that keeps losing to other writers gives up after this many attempts, waiting a
+#: random 0 to `min(0.5, 0.02 * 2**attempt)` s between them.
+HEAD_ATTEMPTS = 8
 
 #: Fail fast when storage is down: a channel waits about 15 s for the whole turn. The SDK's
 #: timeouts are per connection and per read; `deadline` bounds one call, retries included.
@@ -96,11 +111,12 @@ class TableBase(ConversationStore):
     and clears through it. `summaries`: the conversations keep rolling summaries."""
 
     def __init__(self, *, table: TableClient, create_table: bool = True,
-                 summaries: bool = False) -> None:
+                 summaries: bool = False, clock: Callable[[], datetime] = utc_now) -> None:
         self._table = table
         self._wire = TableWire(table)
         self._table_ready = not create_table
         self.summaries = summaries
+        self.clock = clock
 
     @classmethod
     def from_connection_string(cls, connection_string: str, *, table_name: str,
@@ -125,7 +141,8 @@ class TableBase(ConversationStore):
     async def ping(self) -> None:
         await self._run("checking storage", self._get, "~ping", "~ping")
 
-    async def _run(self, action: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+    async def _run(self, action: str, call: Callable[_P, Awaitable[_T]], *args: _P.args,
+                   **kwargs: _P.kwargs) -> _T:
         """`call(*args)` with the table ready, errors translated; a vanished table is made again."""
         for _ in range(2):
             await self._ready()
@@ -168,7 +185,7 @@ class TableBase(ConversationStore):
     # -- list, clear -------------------------------------------------------------------------
 
     async def _list_messages(self, conversation_id: str) -> list[ChatMessage]:
-        return await self._run("listing messages", self._read_messages, encode_key(conversation_id))  # type: ignore[no-any-return]
+        return await self._run("listing messages", self._read_messages, encode_key(conversation_id))
 
     async def _read_messages(self, pk: str) -> list[ChatMessage]:
         newest_first: list[ChatMessage] = []
@@ -185,49 +202,101 @@ class TableBase(ConversationStore):
         return newest_first[::-1]
 
     async def _clear(self, conversation_id: str) -> int:
-        return await self._run("clearing the conversation", self._clear_rows,  # type: ignore[no-any-return]
+        return await self._run("clearing the conversation", self._clear_rows,
                                encode_key(conversation_id))
 
     async def _clear_rows(self, pk: str) -> int:
         return (await self._clear_if(pk)).removed
 
-    async def _clear_if(self, pk: str, only_if: Callable[[Head], bool] | None = None) -> _Cleared:
+    async def _clear_if(self, pk: str, only_if: Callable[[Head], bool] | None = None, *,
+                        forget: Iterable[str] = ()) -> _Cleared:
         """Clear the conversation if its head passes `only_if` (checked on the head that the hiding
-        write is conditioned on, so a turn committed after the check makes the check run again)."""
-        head_etag, hidden = await self._hide_history(pk, only_if)
-        if head_etag is None or hidden is None:
-            return _Cleared(removed=0, head=hidden, hidden=False, head_deleted=False)
-        removed = await self._delete_rows(pk, up_to_seq=hidden.cleared_seq)
-        try:
-            await self._table.delete_entity(pk, HEAD, etag=head_etag,
-                                            match_condition=MatchConditions.IfNotModified)
-        except ResourceModifiedError:
-            log.info("the conversation got a new turn while it was cleared; kept it")
-            return _Cleared(removed=removed, head=hidden, hidden=True, head_deleted=False)
-        return _Cleared(removed=removed + 1, head=hidden, hidden=True, head_deleted=True)
+        write is conditioned on, so a turn committed after the check makes the check run again).
 
-    async def _hide_history(self, pk: str, only_if: Callable[[Head], bool] | None = None,
-                            ) -> tuple[str | None, Head | None]:
-        """Make every stored message invisible in one conditional write; return the new ETag and
-        the head as it was read (None, head: `only_if` refused it; None, None: nothing stored)."""
-        for _ in range(8):
-            entity = await self._get(pk, HEAD)
-            if entity is None:
-                return None, None
-            read = Head.read(entity, etag=str(entity.metadata["etag"]))
-            if only_if is not None and not only_if(read):
-                return None, read
-            head = read.cleared()
-            try:
-                result = await self._table.update_entity(
-                    head.entity(pk), mode=UpdateMode.REPLACE, etag=head.etag,
-                    match_condition=MatchConditions.IfNotModified)
-            except ResourceModifiedError:
-                continue
-            except ResourceNotFoundError:
-                return None, None  # another clear removed it
-            return str(result["etag"]), replace(read, cleared_seq=head.cleared_seq)
+        The head stays, as a tombstone: its `last_seq` (so the next turn's sequence numbers go on
+        from there and a slower clear cannot take them for the ones it hid) and its spend counters.
+        The user-index rows of the speakers it named and of `forget` are deleted only if no turn
+        rewrote them since they were read, before the hiding write (a turn that rewrote one
+        claims it in a head written after that)."""
+        head = await self._read_head(pk)
+        for attempt in range(HEAD_ATTEMPTS):
+            if head is None or head.etag is None:
+                return _Cleared(removed=0, head=None, hidden=False)
+            if only_if is not None and not only_if(head):
+                return _Cleared(removed=0, head=head, hidden=False)
+            users = tuple(dict.fromkeys((*head.speakers, *forget)))
+            etags = await self._index_etags(pk, users)
+            if head.cleared_seq == head.last_seq and not head.speakers and head.copy == ():
+                hidden: Head | None = head  # a tombstone already: nothing to hide
+            else:
+                hidden = await self._write_head(pk, head, head.cleared())
+            if hidden is not None:
+                removed = await self._delete_rows(pk, up_to_seq=head.last_seq)
+                await self._delete_index_rows(pk, etags)
+                return _Cleared(removed=removed, head=head, hidden=True)
+            await _backoff(attempt)
+            head = await self._read_head(pk)
         raise ConversationConflict("the conversation kept changing while it was cleared")
+
+    async def _read_head(self, pk: str) -> Head | None:
+        entity = await self._get(pk, HEAD)
+        return None if entity is None else Head.read(entity, etag=str(entity.metadata["etag"]))
+
+    async def _write_head(self, pk: str, read: Head, head: Head) -> Head | None:
+        """Write `head` in place of `read` if it is unchanged (created if `read` was never
+        stored); the head as written (with its new ETag), or None when another writer won."""
+        try:
+            if read.etag is None:
+                result = await self._table.create_entity(head.entity(pk))
+            else:
+                result = await self._table.update_entity(
+                    head.entity(pk), mode=UpdateMode.REPLACE, etag=read.etag,
+                    match_condition=MatchConditions.IfNotModified)
+        except (ResourceModifiedError, ResourceExistsError, ResourceNotFoundError) as exc:
+            if getattr(exc, "error_code", None) == "TableNotFound":
+                raise
+            return None
+        return replace(head, etag=str(result["etag"]))
+
+    async def _update_head(self, pk: str, change: Callable[[Head], Head | None], *,
+                           conversation_id: str, create: bool = False) -> Head | None:
+        """The one retry loop of a head change: read the head, `change` it (a pure function; None:
+        leave it as it is), write it under the read's ETag; again, after a jittered wait, when
+        another writer won. `create`: a missing head is made (else None is returned). The head
+        as written, or None when nothing was written."""
+        for attempt in range(HEAD_ATTEMPTS):
+            read = await self._read_head(pk)
+            if read is None:
+                if not create:
+                    return None
+                read = Head(conversation_id=conversation_id, copy=())
+            changed = change(read)
+            if changed is None:
+                return None
+            written = await self._write_head(pk, read, changed)
+            if written is not None:
+                return written
+            await _backoff(attempt)
+        raise ConversationConflict(
+            f"conversation {conversation_id[:200]!r} kept changing; the change was not made")
+
+    async def _index_etags(self, pk: str, users: Iterable[str]) -> dict[str, str]:
+        """The ETags of the user-index rows naming conversation `pk`, by user ID (those stored)."""
+        etags: dict[str, str] = {}
+        for user_id in users:
+            row = await self._get(user_index_key(user_id), pk)
+            if row is not None:
+                etags[user_id] = str(row.metadata["etag"])
+        return etags
+
+    async def _delete_index_rows(self, pk: str, etags: dict[str, str]) -> None:
+        """Delete each user-index row unless a turn rewrote it since its ETag was read."""
+        for user_id, etag in etags.items():
+            try:
+                await self._table.delete_entity(user_index_key(user_id), pk, etag=etag,
+                                                match_condition=MatchConditions.IfNotModified)
+            except ResourceModifiedError:
+                log.info("a user-index row was rewritten by a newer turn; kept it")
 
     async def _delete_rows(self, pk: str, *, up_to_seq: int) -> int:
         """Delete the message and marker rows up to `up_to_seq`, in transactions of 100."""
@@ -257,12 +326,15 @@ class TableBase(ConversationStore):
 
 @dataclass(frozen=True, kw_only=True)
 class _Cleared:
-    """What a clear did: `hidden` the history (then `head` is the head it hid), deleted the head."""
+    """What a clear did: `hidden` the history (then `head` is the head it hid)."""
 
     removed: int
     head: Head | None
     hidden: bool
-    head_deleted: bool
+
+
+async def _backoff(attempt: int) -> None:
+    await asyncio.sleep(random.uniform(0, min(0.5, 0.02 * 2 ** attempt)))
 
 
 def _sdk_options() -> dict[str, Any]:

@@ -10,17 +10,10 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from azure.core import MatchConditions
-from azure.core.exceptions import (
-    ResourceModifiedError,
-    ResourceNotFoundError,
-)
+from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables import UpdateMode
 
-from ..errors import (
-    ConversationConflict,
-    StoreError,
-)
+from ..errors import ConversationConflict, StoreError
 from ..keys import encode_key
 from ..messages import ChatMessage, Sender
 from ._base import (
@@ -32,7 +25,6 @@ from ._base import (
 )
 from ._codec import (
     DAY_INDEX,
-    HEAD,
     MESSAGE_PREFIX,
     MESSAGES_END,
     Entity,
@@ -40,7 +32,7 @@ from ._codec import (
     user_index_key,
 )
 from ._head import Basis, Head
-from ._table_base import TableBase, _translated
+from ._table_base import HEAD_ATTEMPTS, TableBase, _backoff, _translated
 
 __all__ = ["DataRows", "users_messages"]
 
@@ -64,8 +56,9 @@ class DataRows(TableBase):
                             "conversation_id": window.conversation_id, "shared": shared,
                             "user_ids": json.dumps(list(ids))})
                  for user_id in ids if user_id not in head.speakers]
+        request = Indexed(version=window.version, today=today, sender=sender, shared=shared)
         if not rows:
-            return None
+            return request
         results = await asyncio.gather(*(
             self._run("writing an index row", self._table.upsert_entity, row,
                       mode=UpdateMode.REPLACE) for _, row in rows), return_exceptions=True)
@@ -81,7 +74,7 @@ class DataRows(TableBase):
                 day = today
             else:
                 speakers.append(user_id)
-        return Indexed(day=day, speakers=tuple(speakers))
+        return replace(request, day=day, speakers=tuple(speakers))
 
     async def purge_idle(self, *, before: str, deadline: float,
                          clock: Callable[[], float] = time.monotonic) -> PurgeReport:
@@ -110,9 +103,6 @@ class DataRows(TableBase):
         if cleared.hidden and cleared.head is not None:
             log.info("retention: purged conversation=%r (last active %s, %d rows)",
                      cleared.head.conversation_id[:200], cleared.head.day, cleared.removed)
-            if cleared.head_deleted:
-                for user_id in cleared.head.speakers:
-                    await self._table.delete_entity(user_index_key(user_id), pk)
         # Kept (a newer turn): its head's day has its own index row, written before that commit.
         await self._table.delete_entity(index_pk, pk)
         return cleared.hidden
@@ -137,10 +127,7 @@ class DataRows(TableBase):
             if entry.get("shared"):
                 await self._run("removing a user's messages", self._redact, pk, ids, marker)
             else:
-                await self._run("clearing a user's conversation", self._clear_if, pk)
-            for known in ids:
-                await self._run("updating the user index", self._table.delete_entity,
-                                user_index_key(known), pk)
+                await self._run("clearing a user's conversation", self._clear_if, pk, forget=ids)
         return data
 
     async def _user_entries(self, user_id: str) -> list[Entity]:
@@ -149,8 +136,30 @@ class DataRows(TableBase):
 
     async def _redact(self, pk: str, ids: set[str], marker: str) -> int:
         """Replace the user's messages, and the replies to them, by `marker` in place (role, order,
-        turn kept), then rewrite the head without its copy of the newest turns and without a
-        summary that may quote them."""
+        turn kept), then rewrite the head without its copy of the newest turns, without a summary
+        that may quote them and without naming them as speakers, conditioned on the head read
+        before the rows: a turn committed meanwhile fails that write, and its rows are read and
+        replaced too before the head is written again. Their user-index rows go last, unless a
+        turn rewrote them since they were read."""
+        replaced = 0
+        for attempt in range(HEAD_ATTEMPTS):
+            head = await self._read_head(pk)
+            if head is None:
+                return replaced
+            etags = await self._index_etags(pk, ids)
+            replaced += await self._redact_rows(pk, ids, marker)
+            rewritten = replace(
+                head, copy=None, summary=None, pending=None, pending_from=0, pending_to=0,
+                start=head.cleared_seq + 1 if head.start else 0,
+                speakers=tuple(known for known in head.speakers if known not in ids))
+            if await self._write_head(pk, head, rewritten) is not None:
+                await self._delete_index_rows(pk, etags)
+                return replaced
+            await _backoff(attempt)  # a turn committed (its rows, its copy): again
+        raise ConversationConflict("the conversation kept changing while a user's messages "
+                                   "were removed")
+
+    async def _redact_rows(self, pk: str, ids: set[str], marker: str) -> int:
         rows = [row async for row in self._table.query_entities(
             "PartitionKey eq @pk and RowKey ge @first and RowKey lt @end",
             parameters={"pk": pk, "first": MESSAGE_PREFIX, "end": MESSAGES_END})]
@@ -167,29 +176,13 @@ class DataRows(TableBase):
                         if not name.startswith(("content", "feedback_text"))}
             else:
                 continue  # tool calls and results: the bot's working, kept (docs/operate.md)
-            await self._table.update_entity({**kept, "content": marker, "redacted": True},
-                                            mode=UpdateMode.REPLACE)
-            replaced += 1
-        for _ in range(8):
-            entity = await self._get(pk, HEAD)
-            if entity is None:
-                return replaced
-            head = Head.read(entity, etag=str(entity.metadata["etag"]))
-            rewritten = replace(
-                head, copy=None, summary=None, pending=None, pending_from=0, pending_to=0,
-                start=head.cleared_seq + 1 if head.start else 0,
-                speakers=tuple(known for known in head.speakers if known not in ids))
             try:
-                await self._table.update_entity(rewritten.entity(pk), mode=UpdateMode.REPLACE,
-                                                etag=head.etag,
-                                                match_condition=MatchConditions.IfNotModified)
-                return replaced
-            except ResourceModifiedError:
-                continue  # a turn committed (its copy may hold the old text): again
+                await self._table.update_entity({**kept, "content": marker, "redacted": True},
+                                                mode=UpdateMode.REPLACE)
             except ResourceNotFoundError:
-                return replaced
-        raise ConversationConflict("the conversation kept changing while a user's messages "
-                                   "were removed")
+                continue  # cleared meanwhile
+            replaced += 1
+        return replaced
 
 
 #: What a redacted user message row keeps: its place in the conversation, nothing they wrote, not

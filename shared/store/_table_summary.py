@@ -2,16 +2,6 @@
 
 from __future__ import annotations
 
-from azure.core import MatchConditions
-from azure.core.exceptions import (
-    ResourceModifiedError,
-    ResourceNotFoundError,
-)
-from azure.data.tables import UpdateMode
-
-from ..errors import (
-    StorageRejected,
-)
 from ..keys import encode_key
 from ._codec import (
     HEAD,
@@ -66,22 +56,14 @@ class SummaryRows(TableBase):
         return sorted(rows, key=lambda row: int(row["seq"]))
 
     async def update_summary(self, job: FoldJob, summary: str) -> bool:
-        pk = encode_key(job.conversation_id)
-        head: Head | None = job.head
-        for _ in range(3):  # a turn committed meanwhile: the job may still hold for its head
-            if head is None or head.epoch != job.head.epoch or head.window_start != job.start \
+        def pending(head: Head) -> Head | None:
+            """The head with the summary pending, if the job still holds for it."""
+            if head.epoch != job.head.epoch or head.window_start != job.start \
                     or head.ready_step() is not None or head.cleared_seq != job.head.cleared_seq:
-                return False
-            pending = head.with_pending(summary, start=job.start, to=job.to)
-            try:
-                await self._run("storing a summary", self._table.update_entity, pending.entity(pk),
-                                mode=UpdateMode.REPLACE, etag=head.etag,
-                                match_condition=MatchConditions.IfNotModified)
-                return True
-            except StorageRejected as exc:
-                if not isinstance(exc.__cause__, ResourceModifiedError | ResourceNotFoundError):
-                    raise
-            entity = await self._run("reading the conversation for a summary", self._get, pk, HEAD)
-            head = None if entity is None else Head.read(entity, etag=str(entity.metadata["etag"]))
-        return False
+                return None
+            return head.with_pending(summary, start=job.start, to=job.to)
 
+        written = await self._run("storing a summary", self._update_head,
+                                  encode_key(job.conversation_id), pending,
+                                  conversation_id=job.conversation_id)
+        return written is not None
