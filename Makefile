@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEV_HOST := $(addprefix devtools/,host.py functions_host.py worker.py rpc.py routes.py http_exchange.py timers.py ncrontab.py)
 
-.PHONY: help deps run chat playground test unit pytest lint infra-check bench clean
+.PHONY: help deps run chat playground test unit pytest lint infra-check bench clean torture
 
 help:
 	@echo "make run         serve the bot on http://127.0.0.1:$${PORT:-7071}/api/messages (Azurite + offline model by default)"
@@ -17,6 +17,7 @@ help:
 	@echo "make test        lint, template checks and every test (starts its own Azurite)"
 	@echo "make unit        the unit tier alone (no I/O; about a second)"
 	@echo "make bench       store and webhook benchmarks; figures go to benchmarks/results.json"
+	@echo "make torture     the randomized concurrency test (SEED=…, ROUNDS=… or DURATION=… seconds)"
 
 deps: $(VENV)/.installed node_modules/.installed
 
@@ -60,6 +61,12 @@ infra-check:
 
 bench: deps
 	$(PY) -m devtools.azurite -- $(PY) -m benchmarks.run
+
+# Seeded random interleavings of every operation on two instances, storage faults injected,
+# invariants checked (tests/integration/torture.py); a short run is part of `make test`.
+torture: deps
+	$(PY) -m devtools.azurite -- $(PY) -m tests.integration.torture $(if $(SEED),--seed $(SEED)) \
+		$(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(DURATION),--duration $(DURATION))
 
 clean:
 	rm -rf $(VENV) .venv-infra .venv-checkov node_modules .azurite .pytest_cache .ruff_cache

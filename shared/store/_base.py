@@ -206,7 +206,8 @@ class ConversationStore(ABC):
                             sender: Sender | None, shared: bool) -> Indexed | None:
         """Write the index rows this turn needs before it commits (the day index on the
         conversation's first turn of `today`, the user index when `sender` first speaks in it);
-        never raises: a failed write is left for a later turn. None: this store keeps no index."""
+        never raises: a failed write is made again by the commit (which fails if it fails again).
+        None: this store keeps no index."""
         return None
 
     async def purge_idle(self, *, before: str, deadline: float,

@@ -206,8 +206,10 @@ class Head:
         return planner.reached(self.copy_from)
 
     def cleared(self) -> Head:
-        """The head after a clear: every stored message hidden, nothing remembered (summary too)."""
-        return replace(self, cleared_seq=self.last_seq, recent=(), copy=(),
+        """The head after a clear: every stored message hidden, nothing remembered (summary too)
+        but the activities committed lately (a channel's retry of one is not answered again) and
+        the spend counters; it stays as the conversation's tombstone."""
+        return replace(self, cleared_seq=self.last_seq, copy=(),
                        copy_from=self.last_seq + 1, start=self.last_seq + 1, summary=None,
                        pending=None, pending_from=0, pending_to=0, speakers=())
 

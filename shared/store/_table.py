@@ -152,11 +152,14 @@ class TableConversationStore(SummaryRows, DataRows):
             Basis(head=Head(conversation_id=window.conversation_id))
         head = basis.head
         indexed = window.indexed
-        if indexed is not None and indexed.version != window.version:
-            # Written for a head this commit is not on (a lost race): a clear or a removal may
-            # have deleted them since, and this head may not name them; write what it lacks.
-            indexed = await self.write_indexes(window, today=indexed.today, sender=indexed.sender,
-                                               shared=indexed.shared)
+        if indexed is not None and (indexed.version != window.version
+                                    or self._lacks_indexes(head, indexed)):
+            # Written for a head this commit is not on (a lost race: a clear or a removal may
+            # have deleted them since), or a write failed: what this head lacks is written now,
+            # and a failure fails the commit (a stored message is always found by its sender).
+            indexed = await self._write_indexes(
+                window, replace(indexed, version=window.version, day=None, speakers=()),
+                strict=True)
         pk = encode_key(window.conversation_id)
         first = head.last_seq + 1
         rows = [message_entity(pk, first + offset, message, tokens=count, turn_seq=first,
@@ -234,6 +237,8 @@ class TableConversationStore(SummaryRows, DataRows):
         rows = [row async for row in self._table.query_entities(
             "PartitionKey eq @pk and RowKey ge @newest and RowKey le @oldest",
             parameters={"pk": pk, "newest": message_row_key(last), "oldest": message_row_key(first)})]
+        if not rows:
+            return None  # cleared: its marker is about to go too
         messages = tuple(entity_message(row) for row in sorted(rows, key=lambda row: row["seq"]))
         return StoredTurn(conversation_id=conversation_id, activity_id=activity_id,
                           messages=messages, delivered=bool(marker.get("delivered", False)))

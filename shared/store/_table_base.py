@@ -226,10 +226,9 @@ class TableBase(ConversationStore):
                 return _Cleared(removed=0, head=head, hidden=False)
             users = tuple(dict.fromkeys((*head.speakers, *forget)))
             etags = await self._index_etags(pk, users)
-            if head.cleared_seq == head.last_seq and not head.speakers and head.copy == ():
-                hidden: Head | None = head  # a tombstone already: nothing to hide
-            else:
-                hidden = await self._write_head(pk, head, head.cleared())
+            # Written even over a tombstone: the write is what proves no turn committed (and
+            # claimed a user-index row) between the read of the head and the ETags of the rows.
+            hidden = await self._write_head(pk, head, head.cleared())
             if hidden is not None:
                 removed = await self._delete_rows(pk, up_to_seq=head.last_seq)
                 await self._delete_index_rows(pk, etags)

@@ -44,19 +44,26 @@ class DataRows(TableBase):
 
     async def write_indexes(self, window: ConversationWindow, *, today: str,
                             sender: Sender | None, shared: bool) -> Indexed | None:
+        return await self._write_indexes(window, Indexed(version=window.version, today=today,
+                                                         sender=sender, shared=shared))
+
+    async def _write_indexes(self, window: ConversationWindow, request: Indexed, *,
+                             strict: bool = False) -> Indexed:
+        """The index rows `window`'s head lacks for `request`; `strict`: a failed write raises
+        (the commit that needs them fails, nothing stored), else it is left for the commit."""
         head = window.basis.head if isinstance(window.basis, Basis) else \
             Head(conversation_id=window.conversation_id)
         pk = encode_key(window.conversation_id)
+        today, shared = request.today, request.shared
         rows: list[tuple[str | None, Entity]] = []
         if head.day != today:
             rows.append((None, {"PartitionKey": day_index_key(today), "RowKey": pk,
                                 "conversation_id": window.conversation_id}))
-        ids = sender.ids if sender is not None else ()
+        ids = request.sender.ids if request.sender is not None else ()
         rows += [(user_id, {"PartitionKey": user_index_key(user_id), "RowKey": pk,
                             "conversation_id": window.conversation_id, "shared": shared,
                             "user_ids": json.dumps(list(ids))})
                  for user_id in ids if user_id not in head.speakers]
-        request = Indexed(version=window.version, today=today, sender=sender, shared=shared)
         if not rows:
             return request
         results = await asyncio.gather(*(
@@ -65,8 +72,8 @@ class DataRows(TableBase):
         day: str | None = None
         speakers: list[str] = []
         for (user_id, row), result in zip(rows, results, strict=True):
-            if isinstance(result, StoreError):
-                log.warning("index_write_failed partition=%r: %s; a later turn writes it",
+            if isinstance(result, StoreError) and not strict:
+                log.warning("index_write_failed partition=%r: %s; the commit writes it",
                             row["PartitionKey"][:100], result)
             elif isinstance(result, BaseException):
                 raise result
@@ -75,6 +82,12 @@ class DataRows(TableBase):
             else:
                 speakers.append(user_id)
         return replace(request, day=day, speakers=tuple(speakers))
+
+    def _lacks_indexes(self, head: Head, indexed: Indexed) -> bool:
+        """Whether the commit of `head` + `indexed` would leave a speaker or the day unindexed."""
+        ids = indexed.sender.ids if indexed.sender is not None else ()
+        return (head.day != indexed.today and indexed.day is None) or any(
+            user_id not in head.speakers and user_id not in indexed.speakers for user_id in ids)
 
     async def purge_idle(self, *, before: str, deadline: float,
                          clock: Callable[[], float] = time.monotonic) -> PurgeReport:
