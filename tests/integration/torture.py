@@ -163,16 +163,20 @@ class ScriptedModel:
                                               "message": message}]})
 
 
-def history(rng: random.Random, round_id: str, length: int) -> list[Op]:
+#: The operations a history draws from, as often as they are listed.
+KINDS = ("turn",) * 10 + ("loop", "duplicate", "duplicate", "duplicate", "reset", "delete",
+                          "export", "forget", "purge", "summary", "summary", "feedback",
+                          "feedback")
+
+
+def history(rng: random.Random, round_id: str, length: int,
+            kinds: tuple[str, ...] = KINDS) -> list[Op]:
     """A random history of `length` operations on three conversations of one round."""
     conversations = {f"{round_id}-g": None, f"{round_id}-p1": USERS[0], f"{round_id}-p2": USERS[1]}
-    kinds = ["turn"] * 10 + ["loop", "duplicate", "duplicate", "duplicate", "reset", "delete",
-                             "export", "forget", "purge", "summary", "summary", "feedback",
-                             "feedback"]
     ops: list[Op] = []
     activities: list[tuple[str, str, str]] = []
     for index in range(length):
-        kind = rng.choice(kinds)
+        kind = rng.choice(list(kinds))
         conversation = rng.choice(list(conversations))
         owner = conversations[conversation]
         user = owner or rng.choice(USERS)
@@ -437,7 +441,7 @@ async def shrink(connection_string: str, seed: int, ops: list[Op], *, fail_rate:
 
 async def torture(connection_string: str, *, seed: int, rounds: int | None,
                   duration: float | None, length: int = 40, out: Any = sys.stdout,
-                  shrink_seconds: float = 120.0) -> bool:
+                  shrink_seconds: float = 120.0, kinds: tuple[str, ...] = KINDS) -> bool:
     """Run rounds until `rounds` or `duration`; True when every invariant held in every round."""
     print("invariants checked:", file=out)
     for invariant in INVARIANTS:
@@ -448,7 +452,7 @@ async def torture(connection_string: str, *, seed: int, rounds: int | None,
     while (rounds is None or done < rounds) and (duration is None or
                                                  time.monotonic() - started < duration):
         round_seed = master.getrandbits(32)
-        ops = history(random.Random(round_seed), f"r{done}", length)
+        ops = history(random.Random(round_seed), f"r{done}", length, kinds)
         # A third of the rounds fail no storage call (delays only): spend is checked everywhere.
         state = Round(connection_string, round_seed, ops,
                       fail_rate=random.Random(round_seed).choice((0.0, 0.02, 0.05)))
@@ -483,6 +487,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--duration", type=float, default=None, help="seconds")
     parser.add_argument("--length", type=int, default=40, help="operations per round")
+    parser.add_argument("--kinds", default=None,
+                        help=f"comma-separated operations to draw from (default: all of "
+                             f"{','.join(sorted(set(KINDS)))})")
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(2 ** 32)
     rounds = args.rounds if args.rounds is not None or args.duration is not None else 5
@@ -490,7 +497,8 @@ def main() -> None:
     print(f"seed {seed}", flush=True)
     with given_or_started(os.environ.get(STORAGE_ENV)) as connection_string:
         ok = asyncio.run(torture(connection_string, seed=seed, rounds=rounds,
-                                 duration=args.duration, length=args.length))
+                                 duration=args.duration, length=args.length,
+                                 kinds=tuple(args.kinds.split(",")) if args.kinds else KINDS))
     sys.exit(0 if ok else 1)
 
 
