@@ -43,6 +43,7 @@ from ._codec import (
     marker_row_key,
     message_entity,
     message_row_key,
+    whole_turns_newest_first,
 )
 from ._fold import summary_due
 from ._head import Basis, Head
@@ -108,9 +109,8 @@ class TableConversationStore(SummaryRows, DataRows):
             bool(offered) and offered[-1]["seq"] <= head.cleared_seq + 1)
         builder.reached(head.cleared_seq + 1 if reach_start else head.last_seq + 1)
         rows_read += len(offered)
-        if not reach_start:
-            while offered and offered[-1]["role"] != "user":
-                offered.pop()  # the oldest turn was cut short: the copy takes whole turns
+        if not reach_start:  # the oldest turn may be cut short: the copy takes whole turns
+            offered = whole_turns_newest_first(offered)
         return self._window(head, builder, activity_id=activity_id, rows_read=rows_read,
                             round_trips=round_trips, rows=tuple(reversed(offered)),
                             rows_reach_start=reach_start)

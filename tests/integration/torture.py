@@ -423,7 +423,7 @@ async def _check_users(state: Round, store: TableConversationStore, visible: dic
 
 
 async def shrink(connection_string: str, seed: int, ops: list[Op], *, fail_rate: float,
-                 budget_seconds: float) -> list[Op]:
+                 budget_seconds: float, checks: tuple[str, ...] | None = None) -> list[Op]:
     """The shortest history found that still fails: drop one operation at a time (each
     candidate run up to three times: timing varies), within `budget_seconds`."""
     deadline = time.monotonic() + budget_seconds
@@ -432,7 +432,9 @@ async def shrink(connection_string: str, seed: int, ops: list[Op], *, fail_rate:
     while index >= 0 and time.monotonic() < deadline:
         candidate = current[:index] + current[index + 1:]
         for _ in range(3):
-            if await run_round(Round(connection_string, seed, candidate, fail_rate=fail_rate)):
+            problems = await run_round(Round(connection_string, seed, candidate,
+                                             fail_rate=fail_rate))
+            if any(checks is None or p.split(":")[0] in checks for p in problems):
                 current = candidate
                 break
         index -= 1
@@ -441,10 +443,12 @@ async def shrink(connection_string: str, seed: int, ops: list[Op], *, fail_rate:
 
 async def torture(connection_string: str, *, seed: int, rounds: int | None,
                   duration: float | None, length: int = 40, out: Any = sys.stdout,
-                  shrink_seconds: float = 120.0, kinds: tuple[str, ...] = KINDS) -> bool:
+                  shrink_seconds: float = 120.0, kinds: tuple[str, ...] = KINDS,
+                  checks: tuple[str, ...] | None = None) -> bool:
     """Run rounds until `rounds` or `duration`; True when every invariant held in every round."""
+    invariants = [i for i in INVARIANTS if checks is None or i.split(":")[0] in checks]
     print("invariants checked:", file=out)
-    for invariant in INVARIANTS:
+    for invariant in invariants:
         print(f"  - {invariant}", file=out)
     started = time.monotonic()
     master = random.Random(seed)
@@ -456,7 +460,8 @@ async def torture(connection_string: str, *, seed: int, rounds: int | None,
         # A third of the rounds fail no storage call (delays only): spend is checked everywhere.
         state = Round(connection_string, round_seed, ops,
                       fail_rate=random.Random(round_seed).choice((0.0, 0.02, 0.05)))
-        problems = await run_round(state)
+        problems = [p for p in await run_round(state)
+                    if checks is None or p.split(":")[0] in checks]
         done += 1
         operations += len(ops)
         calls += len(state.calls)
@@ -469,7 +474,8 @@ async def torture(connection_string: str, *, seed: int, rounds: int | None,
             for problem in problems:
                 print(f"  {problem}", file=out)
             shortest = await shrink(connection_string, round_seed, ops,
-                                    fail_rate=state.fail_rate, budget_seconds=shrink_seconds)
+                                    fail_rate=state.fail_rate, budget_seconds=shrink_seconds,
+                                    checks=checks)
             print(f"shortest failing history ({len(shortest)} of {len(ops)} operations; "
                   f"re-run: --seed {seed}):", file=out)
             for op in shortest:
@@ -490,6 +496,9 @@ def main() -> None:
     parser.add_argument("--kinds", default=None,
                         help=f"comma-separated operations to draw from (default: all of "
                              f"{','.join(sorted(set(KINDS)))})")
+    parser.add_argument("--check", default=None,
+                        help="comma-separated invariants to check (default: all of "
+                             f"{','.join(i.split(':')[0] for i in INVARIANTS)})")
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(2 ** 32)
     rounds = args.rounds if args.rounds is not None or args.duration is not None else 5
@@ -498,7 +507,8 @@ def main() -> None:
     with given_or_started(os.environ.get(STORAGE_ENV)) as connection_string:
         ok = asyncio.run(torture(connection_string, seed=seed, rounds=rounds,
                                  duration=args.duration, length=args.length,
-                                 kinds=tuple(args.kinds.split(",")) if args.kinds else KINDS))
+                                 kinds=tuple(args.kinds.split(",")) if args.kinds else KINDS,
+                                 checks=tuple(args.check.split(",")) if args.check else None))
     sys.exit(0 if ok else 1)
 
 
