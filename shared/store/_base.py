@@ -1,7 +1,18 @@
 """The conversation-store contract: load a window, commit a turn, read or clear a conversation.
 
 A backend fills in the private hooks; this base class owns what every backend must agree on: the
-size limits, the order of a turn's messages and the checks made before anything is written.
+size limits, the order of a turn's messages, the checks made before anything is written and the
+spend accounting of a commit (one clock, `clock`).
+
+The core every backend has: `load_window`, `commit_turn` (with `reserve_turn` and `charge`, the
+spend counters), `get_turn`, `mark_delivered`, `rate_reply`, `list_messages`, `clear`. Beside it,
+optional capabilities a backend declares in `capabilities` (`Capability`):
+
+    summaries   get_summary, get_fold, update_summary (without: None, None, False)
+    indexes     write_indexes, purge_idle (without: None; purge_idle raises NotImplementedError)
+    user_data   export_user, forget_user (without: NotImplementedError)
+
+A caller that needs one asks `supports(...)` first, so a backend never lacks a feature silently.
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import ClassVar, Literal
 
 from ..errors import BadRequest, MessageTooLarge, TurnTooLarge
 from ..limits import Spend
@@ -22,11 +34,13 @@ from ._fold import FoldJob
 from ._head import Basis
 
 __all__ = [
+    "CAPABILITIES",
     "MAX_CONVERSATION_ID_CHARS",
     "MAX_MESSAGE_CHARS",
     "MAX_TURN_BYTES",
     "MAX_TURN_MESSAGES",
     "REMOVED_MARKER",
+    "Capability",
     "ConversationStore",
     "ConversationWindow",
     "FoldJob",
@@ -35,6 +49,9 @@ __all__ = [
     "UserConversation",
     "UserData",
 ]
+
+Capability = Literal["summaries", "indexes", "user_data"]
+CAPABILITIES: frozenset[Capability] = frozenset({"summaries", "indexes", "user_data"})
 
 #: A message's content (or tool-call JSON) may hold at most this many characters.
 MAX_MESSAGE_CHARS = 100_000
@@ -132,6 +149,11 @@ class ConversationStore(ABC):
     test passes its own)."""
 
     clock: Callable[[], datetime]
+    #: The optional capabilities this backend has (the module docstring lists them).
+    capabilities: ClassVar[frozenset[Capability]] = frozenset()
+
+    def supports(self, capability: Capability) -> bool:
+        return capability in self.capabilities
 
     async def load_window(
         self,

@@ -48,6 +48,7 @@ from ..keys import encode_key
 from ..messages import ChatMessage, utc_now
 from ..telemetry import storage_call
 from ._base import (
+    CAPABILITIES,
     ConversationStore,
 )
 from ._codec import (
@@ -109,6 +110,8 @@ async def _translated(action: str) -> AsyncIterator[None]:
 class TableBase(ConversationStore):
     """One Azure table of conversations: the client, and what every part of the backend reads
     and clears through it. `summaries`: the conversations keep rolling summaries."""
+
+    capabilities = CAPABILITIES
 
     def __init__(self, *, table: TableClient, create_table: bool = True,
                  summaries: bool = False, clock: Callable[[], datetime] = utc_now) -> None:
