@@ -12,7 +12,11 @@ from dataclasses import replace
 
 import httpx2
 
+from devtools.fake_model import FakeModelServer, Scripted
 from shared.messages import ChatMessage, Sender, Usage, utc_now
+from shared.model import build_model
+from shared.prompt import ChatPrompt, ReplyStopped
+from shared.settings import load_settings
 from shared.store import REMOVED_MARKER, TableConversationStore
 from tests.integration.storage_faults import Gate, faulty_store
 from tests.unit.test_turns import HEADERS, CountingModel, activity, make_bot
@@ -231,3 +235,25 @@ async def test_finding_4_a_users_removal_racing_their_turn_removes_that_turn_too
     finally:
         await remover.close()
         await store.close()
+
+
+async def test_finding_3_a_reply_stopped_mid_stream_still_counts_its_round() -> None:
+    # GIVEN a model streaming a long answer word by word
+    async with FakeModelServer(word_interval=0.005) as server:
+        settings = load_settings({"OPENAI_BASE_URL": server.base_url, "OPENAI_MODEL": "m"})
+        model = build_model(settings.model)
+        server.then(Scripted(content=" ".join(f"word{index}" for index in range(200))))
+
+        async def stop_after_five_words(text: str) -> None:
+            if len(text.split()) >= 5:
+                raise ReplyStopped(text, stopped=True)
+
+        try:
+            # WHEN the user stops it after five words (its usage never arrives)
+            result = await ChatPrompt(model).send("tell me a long story",
+                                                  on_text=stop_after_five_words)
+        finally:
+            await model.close()
+    # THEN the reply is stored as stopped, and the round counts: the request and the text read
+    assert result.messages[-1].stopped
+    assert result.usage.prompt_tokens > 0 and result.usage.completion_tokens >= 5
