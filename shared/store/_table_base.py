@@ -1,12 +1,12 @@
-"""The Table backend's plumbing, shared by its parts: the client and its errors, point reads,
-the one way a head changes, reading and clearing a conversation's rows.
+"""The Table backend's one typed client (`TableRows`), shared by its parts: the client and its
+errors, point reads, the one way a head changes, reading and clearing a conversation's rows.
 
 Azure exceptions become `shared.errors` errors here only (`_translated`). Every call goes through
-`_run`: the table is made again if it vanished, the call has a total deadline, and its duration is
-measured.
+`TableRows.run` (typed by `ParamSpec`): the table is made again if it vanished, the call has a
+total deadline, and its duration is measured.
 
 Every operation that changes a head other than a turn's commit (a clear, a user's removal, a
-summary, the spend counters) goes through `_update_head`: read the head, a pure function of it,
+summary, the spend counters) goes through `TableRows.update_head`: read the head, a pure function of it,
 a conditional write, and one bounded retry policy with jitter (`HEAD_ATTEMPTS`). A clear keeps the
 head as a tombstone (its `last_seq` and spend counters), so sequence numbers never repeat within
 a partition and a clear only ever deletes the rows it hid.
@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, ParamSpec, Self, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from azure.core import MatchConditions
 from azure.core.exceptions import (
@@ -44,13 +44,8 @@ from ..errors import (
     StorageRejected,
     StorageUnavailable,
 )
-from ..keys import encode_key
 from ..messages import ChatMessage, utc_now
 from ..telemetry import storage_call
-from ._base import (
-    CAPABILITIES,
-    ConversationStore,
-)
 from ._codec import (
     HEAD,
     MARKER_PREFIX,
@@ -61,7 +56,7 @@ from ._codec import (
 from ._head import Head
 from ._wire import Operation, TableWire, TransactionFailed
 
-__all__ = ["CLIENT_OPTIONS", "HEAD_ATTEMPTS", "TableBase"]
+__all__ = ["CLIENT_OPTIONS", "HEAD_ATTEMPTS", "TableRows", "sdk_options", "transport"]
 
 log = logging.getLogger(__name__)
 
@@ -107,65 +102,43 @@ async def _translated(action: str) -> AsyncIterator[None]:
 
 
 
-class TableBase(ConversationStore):
-    """One Azure table of conversations: the client, and what every part of the backend reads
-    and clears through it. `summaries`: the conversations keep rolling summaries."""
+class TableRows:
+    """One Azure table of conversations behind one typed client: every storage call of the
+    backend's parts goes through `run` (errors translated, a deadline, the table made again if it
+    vanished), and the row work they share (point reads, the head's one update path, clearing)."""
 
-    capabilities = CAPABILITIES
-
-    def __init__(self, *, table: TableClient, create_table: bool = True,
-                 summaries: bool = False, clock: Callable[[], datetime] = utc_now) -> None:
-        self._table = table
-        self._wire = TableWire(table)
+    def __init__(self, table: TableClient, *, create_table: bool = True,
+                 clock: Callable[[], datetime] = utc_now) -> None:
+        self.table = table
+        self.wire = TableWire(table)
         self._table_ready = not create_table
-        self.summaries = summaries
         self.clock = clock
 
-    @classmethod
-    def from_connection_string(cls, connection_string: str, *, table_name: str,
-                               env_proxy: bool = False,
-                               summaries: bool = False) -> Self:
-        """`env_proxy`: honour HTTP(S)_PROXY (aiohttp then looks them up on a thread per request).
-        `UseDevelopmentStorage=true` is Azurite, as the SDK reads it."""
-        return cls(table=TableClient.from_connection_string(
-            connection_string, table_name=table_name, transport=_transport(env_proxy=env_proxy),
-            **_sdk_options()), summaries=summaries)
-
-    @classmethod
-    def from_endpoint(cls, endpoint: str, *, table_name: str, credential: Any,
-                      env_proxy: bool = False, summaries: bool = False) -> Self:
-        return cls(table=TableClient(endpoint=endpoint, table_name=table_name, credential=credential,
-                                     transport=_transport(env_proxy=env_proxy), **_sdk_options()),
-                   summaries=summaries)
-
     async def close(self) -> None:
-        await self._table.close()
+        await self.table.close()
 
-    async def ping(self) -> None:
-        await self._run("checking storage", self._get, "~ping", "~ping")
-
-    async def _run(self, action: str, call: Callable[_P, Awaitable[_T]], *args: _P.args,
-                   **kwargs: _P.kwargs) -> _T:
+    async def run(self, action: str, call: Callable[_P, Awaitable[_T]], *args: _P.args,
+                  **kwargs: _P.kwargs) -> _T:
         """`call(*args)` with the table ready, errors translated; a vanished table is made again."""
         for _ in range(2):
-            await self._ready()
+            await self.ready()
             started = time.perf_counter()
             try:
                 async with _translated(action), asyncio.timeout(CLIENT_OPTIONS["deadline"]):
                     return await call(*args, **kwargs)
             except _TableMissing:
-                log.warning("the table %s is missing; creating it again", self._table.table_name)
+                log.warning("the table %s is missing; creating it again", self.table.table_name)
                 self._table_ready = False
             finally:
                 storage_call(action, time.perf_counter() - started)
-        raise StorageUnavailable(f"the table {self._table.table_name} keeps vanishing")
+        raise StorageUnavailable(f"the table {self.table.table_name} keeps vanishing")
 
-    async def _ready(self) -> None:
+    async def ready(self) -> None:
         if self._table_ready:
             return
         async with _translated("creating the table"):
             try:
-                await self._table.create_table()
+                await self.table.create_table()
             except ResourceExistsError:
                 pass
             except HttpResponseError as exc:
@@ -173,27 +146,23 @@ class TableBase(ConversationStore):
                     raise
                 # An identity with a role on the table alone may not create tables: the
                 # deployment made it (infra/), so go on; a missing table would say so next.
-                log.info("may not create tables (403); using %s as it is", self._table.table_name)
+                log.info("may not create tables (403); using %s as it is", self.table.table_name)
         self._table_ready = True
 
-    async def _get(self, pk: str, row_key: str) -> TableEntity | None:
+    async def get(self, pk: str, row_key: str) -> TableEntity | None:
         """A row by its keys (a point read), or None; its ETag is in `.metadata["etag"]`."""
         try:
-            return await self._table.get_entity(pk, row_key)
+            return await self.table.get_entity(pk, row_key)
         except ResourceNotFoundError as exc:
             if getattr(exc, "error_code", None) == "TableNotFound":
                 raise
             return None
 
-    # -- list, clear -------------------------------------------------------------------------
-
-    async def _list_messages(self, conversation_id: str) -> list[ChatMessage]:
-        return await self._run("listing messages", self._read_messages, encode_key(conversation_id))
-
-    async def _read_messages(self, pk: str) -> list[ChatMessage]:
+    async def read_messages(self, pk: str) -> list[ChatMessage]:
+        """Every visible message of the conversation `pk`, oldest first."""
         newest_first: list[ChatMessage] = []
         cleared: int | None = None
-        async for row in self._table.query_entities(
+        async for row in self.table.query_entities(
                 "PartitionKey eq @pk and RowKey ge @head and RowKey lt @end",
                 parameters={"pk": pk, "head": HEAD, "end": MESSAGES_END}):
             if row["RowKey"] == HEAD:
@@ -204,14 +173,7 @@ class TableBase(ConversationStore):
             newest_first.append(entity_message(row))
         return newest_first[::-1]
 
-    async def _clear(self, conversation_id: str) -> int:
-        return await self._run("clearing the conversation", self._clear_rows,
-                               encode_key(conversation_id))
-
-    async def _clear_rows(self, pk: str) -> int:
-        return (await self._clear_if(pk)).removed
-
-    async def _clear_if(self, pk: str, only_if: Callable[[Head], bool] | None = None, *,
+    async def clear_if(self, pk: str, only_if: Callable[[Head], bool] | None = None, *,
                         forget: Iterable[str] = ()) -> _Cleared:
         """Clear the conversation if its head passes `only_if` (checked on the head that the hiding
         write is conditioned on, so a turn committed after the check makes the check run again).
@@ -221,37 +183,37 @@ class TableBase(ConversationStore):
         The user-index rows of the speakers it named and of `forget` are deleted only if no turn
         rewrote them since they were read, before the hiding write (a turn that rewrote one
         claims it in a head written after that)."""
-        head = await self._read_head(pk)
+        head = await self.read_head(pk)
         for attempt in range(HEAD_ATTEMPTS):
             if head is None or head.etag is None:
                 return _Cleared(removed=0, head=None, hidden=False)
             if only_if is not None and not only_if(head):
                 return _Cleared(removed=0, head=head, hidden=False)
             users = tuple(dict.fromkeys((*head.speakers, *forget)))
-            etags = await self._index_etags(pk, users)
+            etags = await self.index_etags(pk, users)
             # Written even over a tombstone: the write is what proves no turn committed (and
             # claimed a user-index row) between the read of the head and the ETags of the rows.
-            hidden = await self._write_head(pk, head, head.cleared())
+            hidden = await self.write_head(pk, head, head.cleared())
             if hidden is not None:
-                removed = await self._delete_rows(pk, up_to_seq=head.last_seq)
-                await self._delete_index_rows(pk, etags)
+                removed = await self.delete_rows(pk, up_to_seq=head.last_seq)
+                await self.delete_index_rows(pk, etags)
                 return _Cleared(removed=removed, head=head, hidden=True)
             await _backoff(attempt)
-            head = await self._read_head(pk)
+            head = await self.read_head(pk)
         raise ConversationConflict("the conversation kept changing while it was cleared")
 
-    async def _read_head(self, pk: str) -> Head | None:
-        entity = await self._get(pk, HEAD)
+    async def read_head(self, pk: str) -> Head | None:
+        entity = await self.get(pk, HEAD)
         return None if entity is None else Head.read(entity, etag=str(entity.metadata["etag"]))
 
-    async def _write_head(self, pk: str, read: Head, head: Head) -> Head | None:
+    async def write_head(self, pk: str, read: Head, head: Head) -> Head | None:
         """Write `head` in place of `read` if it is unchanged (created if `read` was never
         stored); the head as written (with its new ETag), or None when another writer won."""
         try:
             if read.etag is None:
-                result = await self._table.create_entity(head.entity(pk))
+                result = await self.table.create_entity(head.entity(pk))
             else:
-                result = await self._table.update_entity(
+                result = await self.table.update_entity(
                     head.entity(pk), mode=UpdateMode.REPLACE, etag=read.etag,
                     match_condition=MatchConditions.IfNotModified)
         except (ResourceModifiedError, ResourceExistsError, ResourceNotFoundError) as exc:
@@ -260,14 +222,14 @@ class TableBase(ConversationStore):
             return None
         return replace(head, etag=str(result["etag"]))
 
-    async def _update_head(self, pk: str, change: Callable[[Head], Head | None], *,
+    async def update_head(self, pk: str, change: Callable[[Head], Head | None], *,
                            conversation_id: str, create: bool = False) -> Head | None:
         """The one retry loop of a head change: read the head, `change` it (a pure function; None:
         leave it as it is), write it under the read's ETag; again, after a jittered wait, when
         another writer won. `create`: a missing head is made (else None is returned). The head
         as written, or None when nothing was written."""
         for attempt in range(HEAD_ATTEMPTS):
-            read = await self._read_head(pk)
+            read = await self.read_head(pk)
             if read is None:
                 if not create:
                     return None
@@ -275,35 +237,35 @@ class TableBase(ConversationStore):
             changed = change(read)
             if changed is None:
                 return None
-            written = await self._write_head(pk, read, changed)
+            written = await self.write_head(pk, read, changed)
             if written is not None:
                 return written
             await _backoff(attempt)
         raise ConversationConflict(
             f"conversation {conversation_id[:200]!r} kept changing; the change was not made")
 
-    async def _index_etags(self, pk: str, users: Iterable[str]) -> dict[str, str]:
+    async def index_etags(self, pk: str, users: Iterable[str]) -> dict[str, str]:
         """The ETags of the user-index rows naming conversation `pk`, by user ID (those stored)."""
         etags: dict[str, str] = {}
         for user_id in users:
-            row = await self._get(user_index_key(user_id), pk)
+            row = await self.get(user_index_key(user_id), pk)
             if row is not None:
                 etags[user_id] = str(row.metadata["etag"])
         return etags
 
-    async def _delete_index_rows(self, pk: str, etags: dict[str, str]) -> None:
+    async def delete_index_rows(self, pk: str, etags: dict[str, str]) -> None:
         """Delete each user-index row unless a turn rewrote it since its ETag was read."""
         for user_id, etag in etags.items():
             try:
-                await self._table.delete_entity(user_index_key(user_id), pk, etag=etag,
+                await self.table.delete_entity(user_index_key(user_id), pk, etag=etag,
                                                 match_condition=MatchConditions.IfNotModified)
             except ResourceModifiedError:
                 log.info("a user-index row was rewritten by a newer turn; kept it")
 
-    async def _delete_rows(self, pk: str, *, up_to_seq: int) -> int:
+    async def delete_rows(self, pk: str, *, up_to_seq: int) -> int:
         """Delete the message and marker rows up to `up_to_seq`, in transactions of 100."""
         doomed: list[str] = []
-        async for row in self._table.query_entities(
+        async for row in self.table.query_entities(
                 "PartitionKey eq @pk", parameters={"pk": pk}, select=["RowKey", "seq", "last_seq"]):
             key = row["RowKey"]
             if key == HEAD:
@@ -314,14 +276,14 @@ class TableBase(ConversationStore):
         for start in range(0, len(doomed), 100):
             keys = doomed[start:start + 100]
             try:
-                await self._wire.transact(
+                await self.wire.transact(
                     [Operation("delete", {"PartitionKey": pk, "RowKey": key}) for key in keys])
             except TransactionFailed as exc:
                 if exc.status_code != 404:
                     raise
                 # A concurrent clear deleted some of them: delete the rest one by one.
                 for key in keys:
-                    await self._table.delete_entity(pk, key)
+                    await self.table.delete_entity(pk, key)
         return len(doomed)
 
 
@@ -339,11 +301,11 @@ async def _backoff(attempt: int) -> None:
     await asyncio.sleep(random.uniform(0, min(0.5, 0.02 * 2 ** attempt)))
 
 
-def _sdk_options() -> dict[str, Any]:
+def sdk_options() -> dict[str, Any]:
     return {name: value for name, value in CLIENT_OPTIONS.items() if name != "deadline"}
 
 
-def _transport(*, env_proxy: bool) -> AioHttpTransport:
+def transport(*, env_proxy: bool) -> AioHttpTransport:
     # A transport given to a client keeps its own timeouts: CLIENT_OPTIONS' would be ignored.
     return AioHttpTransport(use_env_settings=env_proxy,
                             connection_timeout=CLIENT_OPTIONS["connection_timeout"],

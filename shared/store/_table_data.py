@@ -32,22 +32,26 @@ from ._codec import (
     user_index_key,
 )
 from ._head import Basis, Head
-from ._table_base import HEAD_ATTEMPTS, TableBase, _backoff, _translated
+from ._table_base import HEAD_ATTEMPTS, TableRows, _backoff, _translated
 
-__all__ = ["DataRows", "users_messages"]
+__all__ = ["Indexes", "users_messages"]
 
 log = logging.getLogger(__name__)
 
 
-class DataRows(TableBase):
-    """Index rows in their own partitions (`~idx-day-…`, `~idx-user-…`) and what reads them."""
+class Indexes:
+    """Index rows in their own partitions (`~idx-day-…`, `~idx-user-…`) and what reads them: the
+    retention purge, a user's export and removal."""
+
+    def __init__(self, rows: TableRows) -> None:
+        self._rows = rows
 
     async def write_indexes(self, window: ConversationWindow, *, today: str,
                             sender: Sender | None, shared: bool) -> Indexed | None:
-        return await self._write_indexes(window, Indexed(version=window.version, today=today,
+        return await self.write_for(window, Indexed(version=window.version, today=today,
                                                          sender=sender, shared=shared))
 
-    async def _write_indexes(self, window: ConversationWindow, request: Indexed, *,
+    async def write_for(self, window: ConversationWindow, request: Indexed, *,
                              strict: bool = False) -> Indexed:
         """The index rows `window`'s head lacks for `request`; `strict`: a failed write raises
         (the commit that needs them fails, nothing stored), else it is left for the commit."""
@@ -67,7 +71,7 @@ class DataRows(TableBase):
         if not rows:
             return request
         results = await asyncio.gather(*(
-            self._run("writing an index row", self._table.upsert_entity, row,
+            self._rows.run("writing an index row", self._rows.table.upsert_entity, row,
                       mode=UpdateMode.REPLACE) for _, row in rows), return_exceptions=True)
         day: str | None = None
         speakers: list[str] = []
@@ -83,7 +87,7 @@ class DataRows(TableBase):
                 speakers.append(user_id)
         return replace(request, day=day, speakers=tuple(speakers))
 
-    def _lacks_indexes(self, head: Head, indexed: Indexed) -> bool:
+    def lacks(self, head: Head, indexed: Indexed) -> bool:
         """Whether the commit of `head` + `indexed` would leave a speaker or the day unindexed."""
         ids = indexed.sender.ids if indexed.sender is not None else ()
         return (head.day != indexed.today and indexed.day is None) or any(
@@ -94,16 +98,16 @@ class DataRows(TableBase):
         """Walk the day-index partitions before `before`, oldest first (one range query over the
         index partitions, never a message row), and clear each conversation still idle."""
         purged = kept = 0
-        await self._ready()
+        await self._rows.ready()
         async with _translated("listing idle conversations"):
-            rows = self._table.query_entities(
+            rows = self._rows.table.query_entities(
                 "PartitionKey ge @first and PartitionKey lt @end",
                 parameters={"first": DAY_INDEX, "end": day_index_key(before)},
                 select=["PartitionKey", "RowKey"])
             async for row in rows:
                 if clock() >= deadline:
                     return PurgeReport(purged=purged, kept=kept, finished=False)
-                if await self._run("purging an idle conversation", self._expire,
+                if await self._rows.run("purging an idle conversation", self._expire,
                                    row["PartitionKey"], row["RowKey"], before):
                     purged += 1
                 else:
@@ -112,19 +116,19 @@ class DataRows(TableBase):
 
     async def _expire(self, index_pk: str, pk: str, before: str) -> bool:
         """Clear the conversation `pk` if its head says it is still idle, then drop the index row."""
-        cleared = await self._clear_if(pk, lambda head: bool(head.day) and head.day < before)
+        cleared = await self._rows.clear_if(pk, lambda head: bool(head.day) and head.day < before)
         if cleared.hidden and cleared.head is not None:
             log.info("retention: purged conversation=%r (last active %s, %d rows)",
                      cleared.head.conversation_id[:200], cleared.head.day, cleared.removed)
         # Kept (a newer turn): its head's day has its own index row, written before that commit.
-        await self._table.delete_entity(index_pk, pk)
+        await self._rows.table.delete_entity(index_pk, pk)
         return cleared.hidden
 
-    async def _export_user(self, user_id: str) -> UserData:
-        entries = await self._run("reading the user index", self._user_entries, user_id)
+    async def export_user(self, user_id: str) -> UserData:
+        entries = await self._rows.run("reading the user index", self._user_entries, user_id)
         found: list[UserConversation] = []
         for entry in entries:
-            messages = await self._run("exporting a user's messages", self._read_messages,
+            messages = await self._rows.run("exporting a user's messages", self._rows.read_messages,
                                        entry["RowKey"])
             mine = users_messages(str(entry["conversation_id"]), messages, user_id,
                                   shared=bool(entry.get("shared")))
@@ -132,19 +136,19 @@ class DataRows(TableBase):
                 found.append(mine)
         return UserData(user_id=user_id, conversations=tuple(found))
 
-    async def _forget_user(self, user_id: str, *, marker: str) -> UserData:
-        data = await self._export_user(user_id)
-        for entry in await self._run("reading the user index", self._user_entries, user_id):
+    async def forget_user(self, user_id: str, *, marker: str) -> UserData:
+        data = await self.export_user(user_id)
+        for entry in await self._rows.run("reading the user index", self._user_entries, user_id):
             pk = str(entry["RowKey"])
             ids = {user_id, *json.loads(entry.get("user_ids", "[]"))}
             if entry.get("shared"):
-                await self._run("removing a user's messages", self._redact, pk, ids, marker)
+                await self._rows.run("removing a user's messages", self._redact, pk, ids, marker)
             else:
-                await self._run("clearing a user's conversation", self._clear_if, pk, forget=ids)
+                await self._rows.run("clearing a user's conversation", self._rows.clear_if, pk, forget=ids)
         return data
 
     async def _user_entries(self, user_id: str) -> list[Entity]:
-        return [dict(row) async for row in self._table.query_entities(
+        return [dict(row) async for row in self._rows.table.query_entities(
             "PartitionKey eq @pk", parameters={"pk": user_index_key(user_id)})]
 
     async def _redact(self, pk: str, ids: set[str], marker: str) -> int:
@@ -156,24 +160,24 @@ class DataRows(TableBase):
         turn rewrote them since they were read."""
         replaced = 0
         for attempt in range(HEAD_ATTEMPTS):
-            head = await self._read_head(pk)
+            head = await self._rows.read_head(pk)
             if head is None:
                 return replaced
-            etags = await self._index_etags(pk, ids)
+            etags = await self._rows.index_etags(pk, ids)
             replaced += await self._redact_rows(pk, ids, marker)
             rewritten = replace(
                 head, copy=None, summary=None, pending=None, pending_from=0, pending_to=0,
                 start=head.cleared_seq + 1 if head.start else 0,
                 speakers=tuple(known for known in head.speakers if known not in ids))
-            if await self._write_head(pk, head, rewritten) is not None:
-                await self._delete_index_rows(pk, etags)
+            if await self._rows.write_head(pk, head, rewritten) is not None:
+                await self._rows.delete_index_rows(pk, etags)
                 return replaced
             await _backoff(attempt)  # a turn committed (its rows, its copy): again
         raise ConversationConflict("the conversation kept changing while a user's messages "
                                    "were removed")
 
     async def _redact_rows(self, pk: str, ids: set[str], marker: str) -> int:
-        rows = [row async for row in self._table.query_entities(
+        rows = [row async for row in self._rows.table.query_entities(
             "PartitionKey eq @pk and RowKey ge @first and RowKey lt @end",
             parameters={"pk": pk, "first": MESSAGE_PREFIX, "end": MESSAGES_END})]
         theirs = {row["turn_seq"] for row in rows
@@ -190,7 +194,7 @@ class DataRows(TableBase):
             else:
                 continue  # tool calls and results: the bot's working, kept (docs/operate.md)
             try:
-                await self._table.update_entity({**kept, "content": marker, "redacted": True},
+                await self._rows.table.update_entity({**kept, "content": marker, "redacted": True},
                                                 mode=UpdateMode.REPLACE)
             except ResourceNotFoundError:
                 continue  # cleared meanwhile

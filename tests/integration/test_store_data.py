@@ -137,13 +137,14 @@ async def test_a_turn_racing_a_purge_keeps_that_turn(
     await turn(table_store, "racy", "old news", day="2020-01-01")
     other = TableConversationStore.from_connection_string(azurite_connection_string,
                                                           table_name=table_name)
-    delete_rows = table_store._delete_rows
+    table_rows = table_store._rows
+    delete_rows = table_rows.delete_rows
 
     async def a_turn_arrives_first(pk: str, *, up_to_seq: int) -> int:
         await turn(other, "racy", "fresh news")
         return await delete_rows(pk, up_to_seq=up_to_seq)
 
-    table_store._delete_rows = a_turn_arrives_first  # type: ignore[method-assign]
+    table_rows.delete_rows = a_turn_arrives_first  # type: ignore[method-assign]
     try:
         # WHEN the purge runs
         report = await table_store.purge_idle(before="2020-06-01", deadline=float("inf"))
