@@ -1,12 +1,12 @@
-"""The Azure Table Storage backend of the conversation store (async, `azure.data.tables.aio`): a turn.
+"""The Azure Table Storage backend of the conversation store (async, `azure.data.tables.aio`).
 
-Composed, not inherited: `_table_base.py`'s `TableRows` is the one typed client (its errors, the
-head's one update path, reading and clearing rows) that the parts share, `_table_summary.py`'s
+Composed, not inherited: `_table_base.py`'s `TableRows` is the one typed client (its errors,
+the head's one update path, reading and clearing rows) that the parts share: `_table_summary.py`'s
 `Summaries` (rolling summaries) and `_table_data.py`'s `Indexes` (indexes, retention, a user's
-data); this module is the store itself and a turn's reads and writes. Per turn: one point read of the head, whose copy of the newest turns
-answers the window (when it cannot, one range query over the message rows), and one entity-group
-transaction (`_wire.py`) that commits the turn, conditioned on the head's ETag (or on its
-absence for a new conversation).
+data); this module is the store itself and a turn's reads and writes. Per turn: one point read of
+the head, whose copy of the newest turns answers the window (when it cannot, one range query over
+the message rows), and one entity-group transaction (`_wire.py`) that commits the turn,
+conditioned on the head's ETag (or on its absence for a new conversation).
 """
 
 from __future__ import annotations
