@@ -279,7 +279,9 @@ class ConversationStore(ABC):
         return await self._list_messages(conversation_id)
 
     async def clear(self, conversation_id: str) -> int:
-        """Forget the conversation: every row of it is removed. Returns the rows removed."""
+        """Forget the conversation: every message (and turn marker) row of it is removed; the head
+        stays as a tombstone with no text (its sequence number, recent activity IDs and spend
+        counters). Returns the rows removed."""
         _check_conversation_id(conversation_id)
         return await self._clear(conversation_id)
 
