@@ -6,12 +6,13 @@ PYTHON ?= $(shell for p in python3.13 $$HOME/.pyenv/versions/3.13*/bin/python3.1
 	&& { echo "$$p"; break; }; done)
 VENV := .venv
 PY := $(VENV)/bin/python
-DEV_HOST := $(addprefix devtools/,host.py functions_host.py worker.py rpc.py routes.py http_exchange.py timers.py ncrontab.py)
+DEV_HOST := $(addprefix devtools/,host.py functions_host.py worker.py rpc.py routes.py http_exchange.py timers.py ncrontab.py queues.py azurite.py)
 
 .PHONY: help deps run chat playground test unit pytest lint infra-check bench clean torture
 
 help:
 	@echo "make run         serve the bot on http://127.0.0.1:$${PORT:-7071}/api/messages (Azurite + offline model by default)"
+	@echo "make run MCP=demo  the same, with the demo MCP server's tools (devtools/mcp_server.py)"
 	@echo "make chat        chat with the running bot from this terminal"
 	@echo "make playground  open the Microsoft 365 Agents Playground against the running bot"
 	@echo "make test        lint, template checks and every test (starts its own Azurite)"
@@ -33,7 +34,7 @@ node_modules/.installed: package.json package-lock.json
 	touch $@
 
 run: deps
-	$(PY) -m devtools.run
+	$(PY) -m devtools.run $(if $(MCP),--mcp $(MCP))
 
 chat: deps
 	$(PY) -m devtools.chat

@@ -6,6 +6,7 @@ GET  /api/conversations/{conversation_id}/messages   the stored history, oldest 
 DELETE /api/conversations/{conversation_id}          forget a conversation
 GET  /api/users/{user_id}/messages                   every stored message a user sent or received
 DELETE /api/users/{user_id}                          forget a user (docs/operate.md)
+queue answer (%CHAT_TURN_QUEUE%)                     answer an accepted message (shared/answer.py)
 timer retention (%CHAT_RETENTION_SCHEDULE%)          delete conversations idle too long
 """
 
@@ -13,14 +14,16 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import azure.functions as func
 
 from shared.errors import ChatstateError, http_status_for
-from shared.messages import ChatMessage
+from shared.inbox import LEFTOVER_DAYS, max_dequeue_count
+from shared.messages import ChatMessage, utc_now
 from shared.retention import purge_idle
 from shared.runtime import Runtime
 from shared.settings import trigger_setting
@@ -44,6 +47,8 @@ async def get_current_time(time_zone: str = "UTC") -> dict[str, str]:
 # Settings are read and checked here, at start-up: a bad one stops the app with its name.
 runtime = Runtime.from_environment(functions=[get_current_time])
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
+#: The host moves a message to the poison queue after this many dequeues: the last one apologises.
+MAX_DEQUEUE_COUNT = max_dequeue_count(Path(__file__).with_name("host.json"))
 
 
 def _json(body: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> func.HttpResponse:
@@ -55,6 +60,14 @@ def _json(body: Any, *, status: int = 200, headers: dict[str, str] | None = None
 async def messages(req: func.HttpRequest) -> func.HttpResponse:
     response = await runtime.bot.handle(body=req.get_body(), headers=dict(req.headers))
     return _json(response.body, status=response.status, headers=response.headers)
+
+
+@app.queue_trigger(arg_name="msg", queue_name=trigger_setting("CHAT_TURN_QUEUE"),
+                   connection="AzureWebJobsStorage")
+async def answer(msg: func.QueueMessage) -> None:
+    """Raises to have the message retried (the last time, after an apology, into the poison queue)."""
+    await runtime.bot.answerer.answer_ticket(msg.get_body(), dequeue_count=msg.dequeue_count or 1,
+                                             max_dequeue_count=MAX_DEQUEUE_COUNT)
 
 
 @app.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
@@ -121,6 +134,8 @@ async def forget_user(req: func.HttpRequest) -> func.HttpResponse:
                    use_monitor=True)
 async def retention(timer: func.TimerRequest) -> None:
     await purge_idle(runtime.store, days=runtime.settings.data.retention_days)
+    if runtime.inbox is not None:  # accepted messages never answered (their tickets poisoned)
+        await runtime.inbox.purge_before(utc_now() - timedelta(days=LEFTOVER_DAYS))
 
 
 def _failed(error: ChatstateError) -> func.HttpResponse:
@@ -145,6 +160,8 @@ def _message_json(message: ChatMessage) -> dict[str, Any]:
     if message.feedback:
         shown["feedback"] = {"reaction": message.feedback.reaction, "text": message.feedback.text,
                              "at": message.feedback.at.isoformat()}
+    if message.citations:
+        shown["citations"] = [citation.to_json() for citation in message.citations]
     if message.usage:
         shown["usage"] = {"promptTokens": message.usage.prompt_tokens,
                           "completionTokens": message.usage.completion_tokens,

@@ -25,6 +25,8 @@ BENCHMARKS: tuple[str, ...] = (
     "long_chat",
     "streaming",
     "telemetry",
+    "queue",
+    "mcp_tools",
 )
 
 Benchmark = Callable[[str], Awaitable[dict[str, Any]]]

@@ -177,6 +177,11 @@ def worker_env(connection_string: str, table_name: str, model: FakeModelServer) 
         "CHAT_HISTORY_TOKEN_BUDGET": str(TOKEN_BUDGET),
         # The unstreamed path, comparable with earlier runs: benchmarks/streaming.py streams.
         "CHAT_STREAMING": "off",
+        # The reply within the POST, comparable with earlier runs: benchmarks/queue.py measures
+        # the turn queue. The queue trigger is declared all the same: its connection, own queue.
+        "CHAT_ANSWER_MODE": "inline",
+        "AzureWebJobsStorage": connection_string,
+        "CHAT_TURN_QUEUE": f"bench-{table_name.lower()}",
         # Capped at 8 messages, the window would fold a summary every third turn: the rolling
         # summary's cost is benchmarks/long_chat.py's to measure, at the default window.
         "CHAT_SUMMARY": "off",

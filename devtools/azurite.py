@@ -1,4 +1,4 @@
-"""Start and stop a real Azurite table service from node_modules, on a free loopback port."""
+"""Start and stop a real Azurite (table and queue services) from node_modules, on free loopback ports."""
 
 from __future__ import annotations
 
@@ -12,22 +12,36 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 AZURITE_TABLE = ROOT / "node_modules" / ".bin" / "azurite-table"
+AZURITE_QUEUE = ROOT / "node_modules" / ".bin" / "azurite-queue"
+#: The ports `UseDevelopmentStorage=true` means (Azurite's defaults).
+TABLE_PORT = 10002
+QUEUE_PORT = 10001
 #: Azurite's well-known development account key (public, in Azurite's own docs): local use only.
 AZURITE_ACCOUNT_KEY = (
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 )
 
 
-def azurite_connection_string(*, host: str = "127.0.0.1", port: int = 10002) -> str:
-    """The connection string of an Azurite table service (the well-known development account)."""
+def azurite_connection_string(*, host: str = "127.0.0.1", port: int = TABLE_PORT,
+                              queue_port: int = QUEUE_PORT) -> str:
+    """The connection string of an Azurite's table service on `port` and queue service on `queue_port`
+    (the well-known development account); the defaults are what `UseDevelopmentStorage=true` means."""
     return (f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
-            f"AccountKey={AZURITE_ACCOUNT_KEY};TableEndpoint=http://{host}:{port}/devstoreaccount1;")
+            f"AccountKey={AZURITE_ACCOUNT_KEY};TableEndpoint=http://{host}:{port}/devstoreaccount1;"
+            f"QueueEndpoint=http://{host}:{queue_port}/devstoreaccount1;")
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def answers(port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1:`port`."""
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def wait_for_port(port: int, *, timeout: float = 20.0) -> None:
@@ -40,43 +54,70 @@ def wait_for_port(port: int, *, timeout: float = 20.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
-class Azurite:
-    """An Azurite table service with in-memory persistence; `stop()` and `start()` again at will."""
+def start_service(service: str, *, port: int, location: Path | None = None,
+                  quiet: bool = True) -> subprocess.Popen[bytes]:
+    """Start Azurite's `service` ("table" or "queue") on 127.0.0.1:`port` and wait until it listens.
 
-    def __init__(self, *, port: int | None = None, location: Path | None = None) -> None:
-        """In-memory unless `location` is given (then data survives a stop and start)."""
+    In memory unless `location` is given (then its data is kept there across restarts)."""
+    executable = {"table": AZURITE_TABLE, "queue": AZURITE_QUEUE}[service]
+    if not executable.exists():
+        raise RuntimeError(f"{executable} is missing: run `npm ci` (make deps does)")
+    if shutil.which("node") is None:
+        raise RuntimeError("node is not on PATH")
+    output = subprocess.DEVNULL if quiet else None
+    process = subprocess.Popen(
+        [str(executable),
+         *(["--location", str(location)] if location else ["--inMemoryPersistence"]),
+         f"--{service}Host", "127.0.0.1", f"--{service}Port", str(port),
+         "--skipApiVersionCheck", "--loose", "--silent"],
+        stdout=output, stderr=output)
+    try:
+        wait_for_port(port)
+    except TimeoutError:
+        process.kill()
+        process.wait()
+        raise
+    return process
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+class Azurite:
+    """Azurite's table and queue services with in-memory persistence; `stop()` and `start()` again at will."""
+
+    def __init__(self, *, port: int | None = None, location: Path | None = None,
+                 queue_port: int | None = None) -> None:
+        """In-memory unless `location` is given (then data survives a stop and start).
+
+        `port` is the table service's, `queue_port` the queue service's (free ports unless given)."""
         self.port = port or free_port()
+        self.queue_port = queue_port or free_port()
         self.location = location
-        self._process: subprocess.Popen[bytes] | None = None
+        self._processes: list[subprocess.Popen[bytes]] = []
 
     @property
     def connection_string(self) -> str:
-        return azurite_connection_string(port=self.port)
+        return azurite_connection_string(port=self.port, queue_port=self.queue_port)
 
     def start(self) -> Azurite:
-        if not AZURITE_TABLE.exists():
-            raise RuntimeError(f"{AZURITE_TABLE} is missing: run `npm ci` (make deps does)")
-        node = shutil.which("node")
-        if node is None:
-            raise RuntimeError("node is not on PATH")
-        self._process = subprocess.Popen(
-            [str(AZURITE_TABLE),
-             *(["--location", str(self.location)] if self.location else ["--inMemoryPersistence"]),
-             "--tableHost", "127.0.0.1",
-             "--tablePort", str(self.port), "--skipApiVersionCheck", "--loose", "--silent"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_port(self.port)
+        try:
+            self._processes.append(start_service("table", port=self.port, location=self.location))
+            self._processes.append(start_service("queue", port=self.queue_port, location=self.location))
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
-        if self._process is not None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-            self._process = None
+        while self._processes:
+            stop_process(self._processes.pop())
 
 
 #: `make test` and `make bench` start one Azurite and pass its connection string in this variable.
@@ -97,9 +138,9 @@ def given_or_started(given: str | None) -> Iterator[str]:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m devtools.azurite -- CMD...`: run CMD with a fresh Azurite, then stop it.
+    """`python -m devtools.azurite -- CMD...`: run CMD with a fresh Azurite (table and queue), then stop it.
 
-    CMD sees the Azurite connection string in CHATSTATE_TEST_STORAGE.
+    CMD sees the Azurite connection string (TableEndpoint and QueueEndpoint) in CHATSTATE_TEST_STORAGE.
     """
     import os
 

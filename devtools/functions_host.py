@@ -7,6 +7,9 @@
   `X-Forwarded-Host`, `Forwarded`); anything else, such as a request through a tunnel, gets 401.
 - `POST /admin/functions/{name}` with `{"input": ""}` runs a timer function now (202), as with
   `func start`.
+- Queue triggers: one `devtools.queues.QueueListener` per function, started and stopped with the app;
+  queue output bindings are written after a run succeeds (`devtools.queues.QueueWriter`), and a failure
+  to write them fails the run.
 - Every run is logged as the host logs it: `Executing 'Functions.<name>' (Reason=..., Id=...)`, then
   `Executed 'Functions.<name>' (Succeeded|Failed, Id=..., Duration=<n>ms)`.
 """
@@ -18,11 +21,13 @@ import ipaddress
 import json
 import logging
 import time
+import traceback
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from devtools import http_exchange, rpc
+from devtools.queues import QueueFunction, QueueListener, QueueOutput, QueuesOptions, QueueWriter
 from devtools.routes import Route, Router, decode_path
 from devtools.timers import TimerFunction, TimerLoop, timer_info
 from devtools.worker import IndexedFunction, Outcome, Worker
@@ -33,12 +38,16 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 KEYED_LEVELS = frozenset({"FUNCTION", "ADMIN"})
 HTTP_REASON = "This function was programmatically called via the host APIs."
+#: On shutdown, how long running queue messages may finish before they are left to their lease.
+QUEUE_SHUTDOWN_GRACE = 8.0
 
 
 class FunctionsHost:
     """ASGI app serving one indexed function app."""
 
     def __init__(self, *, worker: Worker, prefix: str, timers: list[TimerFunction],
+                 queues: list[QueueFunction] | None = None, queues_options: QueuesOptions | None = None,
+                 queue_lease_seconds: int | None = None, queue_outputs: dict[str, list[QueueOutput]] | None = None,
                  on_shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
         self.worker = worker
         self.router: Router[IndexedFunction] = Router([
@@ -46,6 +55,11 @@ class FunctionsHost:
                   frozenset(str(m).upper() for m in f.trigger.get("methods") or []), f)
             for f in worker.functions.values() if f.trigger.get("type") == "httpTrigger"])
         self.timers = TimerLoop(timers, run=self._run_timer)
+        options = queues_options or QueuesOptions()
+        lease = {"lease_seconds": queue_lease_seconds} if queue_lease_seconds else {}
+        self.queues = [QueueListener(q, options=options, run=self._run_queue, enqueued=self._enqueued, **lease)
+                       for q in queues or []]
+        self.queue_writer = QueueWriter(queue_outputs or {}, options=options, enqueued=self._enqueued)
         self.on_shutdown = on_shutdown
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -53,6 +67,8 @@ class FunctionsHost:
         lines = [f"  {','.join(sorted(r.methods)) or 'ANY':<7} /{r.template}  ({r.target.name}, "
                  f"auth {r.target.trigger.get('authLevel', 'FUNCTION').lower()})" for r in self.router.routes]
         lines += [f"  timer   {t.schedule.expression}  ({t.function.name})" for t in self.timers.timers]
+        lines += [f"  queue   {q.queue.queue_name} on {q.queue.connection}  ({q.queue.function.name})"
+                  for q in self.queues]
         return lines
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -63,11 +79,21 @@ class FunctionsHost:
 
     # -- runs ---------------------------------------------------------------------------------------
 
-    async def invoke(self, function: IndexedFunction, trigger: rpc.TypedData, *, reason: str) -> Outcome:
+    async def invoke(self, function: IndexedFunction, trigger: rpc.TypedData, *, reason: str,
+                     trigger_metadata: dict[str, rpc.TypedData] | None = None, details: str = "") -> Outcome:
         invocation_id = str(uuid.uuid4())
         log.info("Executing 'Functions.%s' (Reason='%s', Id=%s)", function.name, reason, invocation_id)
+        if details:
+            log.info("Trigger Details: %s", details)
         started = time.perf_counter()
-        outcome = await self.worker.invoke(function, trigger=trigger, invocation_id=invocation_id)
+        outcome = await self.worker.invoke(function, trigger=trigger, trigger_metadata=trigger_metadata,
+                                           invocation_id=invocation_id)
+        if outcome.succeeded:
+            try:
+                await self.queue_writer.write(function, outcome)
+            except Exception as exc:  # the host fails the invocation when an output binding cannot be written
+                outcome = Outcome(succeeded=False, return_value=None, error=f"{type(exc).__name__}: {exc}",
+                                  stack_trace=traceback.format_exc())
         duration = (time.perf_counter() - started) * 1000
         if outcome.succeeded:
             log.info("Executed 'Functions.%s' (Succeeded, Id=%s, Duration=%.0fms)",
@@ -79,6 +105,18 @@ class FunctionsHost:
 
     async def _run_timer(self, timer: TimerFunction, data: rpc.TypedData, reason: str) -> None:
         await self.invoke(timer.function, data, reason=reason)
+
+    def _enqueued(self, queue_name: str) -> None:
+        """This host added a message to `queue_name`: its listener here, if any, polls at once."""
+        for listener in self.queues:
+            if listener.queue.queue_name == queue_name:
+                listener.notify()
+
+    async def _run_queue(self, queue: QueueFunction, data: rpc.TypedData, metadata: dict[str, rpc.TypedData],
+                         reason: str) -> Outcome:
+        details = (f"MessageId: {metadata['Id'].string}, DequeueCount: {metadata['DequeueCount'].json}, "
+                   f"InsertedOn: {json.loads(metadata['InsertionTime'].json)}")
+        return await self.invoke(queue.function, data, reason=reason, trigger_metadata=metadata, details=details)
 
     # -- HTTP ---------------------------------------------------------------------------------------
 
@@ -149,16 +187,26 @@ class FunctionsHost:
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         timers: asyncio.Task[None] | None = None
+        pollers: list[asyncio.Task[None]] = []
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 if self.timers.timers:
                     timers = asyncio.create_task(self.timers.run_forever())
                     timers.add_done_callback(_report_stop)
+                for listener in self.queues:
+                    pollers.append(asyncio.create_task(listener.run_forever()))
+                    pollers[-1].add_done_callback(_report_stop)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if timers is not None:
                     timers.cancel()
+                for poller in pollers:
+                    poller.cancel()
+                await asyncio.gather(*pollers, return_exceptions=True)
+                for listener in self.queues:
+                    await listener.close(grace=QUEUE_SHUTDOWN_GRACE)
+                await self.queue_writer.close()
                 for task in list(self._background):
                     await asyncio.wait([task], timeout=10)
                 if self.on_shutdown is not None:
@@ -170,7 +218,7 @@ class FunctionsHost:
 
 def _report_stop(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.error("the timer loop stopped: %r", task.exception())
+        log.error("a trigger loop stopped: %r", task.exception())
 
 
 def not_loopback(scope: Scope) -> str:

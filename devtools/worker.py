@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +47,14 @@ class IndexedFunction:
 
 @dataclass(frozen=True)
 class Outcome:
-    """One invocation's result: the return value's TypedData, or the exception's message and trace."""
+    """One invocation's result: the return value's and output bindings' TypedData, or the exception's
+    message and trace."""
 
     succeeded: bool
     return_value: rpc.TypedData | None
     error: str = ""
     stack_trace: str = ""
+    outputs: dict[str, rpc.TypedData] = field(default_factory=dict)
 
 
 class Worker:
@@ -84,14 +86,18 @@ class Worker:
         return list(self.functions.values())
 
     async def invoke(self, function: IndexedFunction, *, trigger: rpc.TypedData,
+                     trigger_metadata: dict[str, rpc.TypedData] | None = None,
                      invocation_id: str | None = None) -> Outcome:
-        """Run `function` once with its trigger's value, as the host's InvocationRequest does."""
+        """Run `function` once with its trigger's value (and the trigger's metadata, which converters such
+        as the queue trigger's read), as the host's InvocationRequest does."""
         request = rpc.InvocationRequest(
             invocation_id=invocation_id or str(uuid.uuid4()), function_id=function.function_id,
-            input_data=[rpc.ParameterBinding(name=function.trigger["name"], data=trigger)])
+            input_data=[rpc.ParameterBinding(name=function.trigger["name"], data=trigger)],
+            trigger_metadata=trigger_metadata)
         response = await library.invocation_request(self._request(invocation_request=request))
         if response.result.status == rpc.StatusResult.Success:
-            return Outcome(succeeded=True, return_value=response.return_value)
+            return Outcome(succeeded=True, return_value=response.return_value,
+                           outputs={binding.name: binding.data for binding in response.output_data})
         exception = response.result.exception
         return Outcome(succeeded=False, return_value=None, error=exception.message,
                        stack_trace=exception.stack_trace)

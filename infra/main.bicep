@@ -107,6 +107,19 @@ param maximumInstanceCount int = 100
 @maxValue(1000)
 param httpPerInstanceConcurrency int = 16
 
+// --- durable queue: the webhook accepts, the `answer` function runs the turn (issue 19) ---
+@description('queue: POST /api/messages enqueues a message activity and returns at once, the queue-triggered `answer` function runs the turn; inline: the turn runs inside the POST (CHAT_ANSWER_MODE).')
+@allowed(['queue', 'inline'])
+param chatAnswerMode string = 'queue'
+@description('The Storage queue of accepted turns (CHAT_TURN_QUEUE); the host moves failed messages to <name>-poison, so at most 56 characters.')
+@minLength(3)
+@maxLength(56)
+param chatTurnQueue string = 'chat-turns'
+@description('Always-ready instances of the `answer` function (Flex Consumption alwaysReady `function:answer`), billed around the clock at the baseline rate; 0 scales it to zero. docs/deploy.md explains the trade-off (azd: ANSWER_ALWAYS_READY).')
+@minValue(0)
+@maxValue(100)
+param answerAlwaysReady int = 0
+
 var abbrs = loadJsonContent('abbreviations.json')
 var resourceToken = toLower(uniqueString(subscription().id, resourceGroup().id, environmentName, location))
 var tags = {
@@ -138,6 +151,7 @@ module storage 'app/storage.bicep' = {
     userPrincipalId: principalId
     userPrincipalType: principalType
     vnetEnabled: vnetEnabled
+    turnQueueName: chatTurnQueue
   }
 }
 
@@ -311,6 +325,20 @@ var chatAppSettings = [
     name: 'CHAT_RETENTION_SCHEDULE'
     value: chatRetentionSchedule
   }
+  {
+    name: 'CHAT_ANSWER_MODE'
+    value: chatAnswerMode
+  }
+  {
+    // The queue trigger reads it as %CHAT_TURN_QUEUE% (through AzureWebJobsStorage, app/api.bicep);
+    // the webhook enqueues to it through CHAT_STORAGE_QUEUE_ENDPOINT.
+    name: 'CHAT_TURN_QUEUE'
+    value: chatTurnQueue
+  }
+  {
+    name: 'CHAT_STORAGE_QUEUE_ENDPOINT'
+    value: storage.outputs.queueEndpoint
+  }
 ]
 
 module api 'app/api.bicep' = {
@@ -331,6 +359,7 @@ module api 'app/api.bicep' = {
     instanceMemoryMB: instanceMemoryMB
     maximumInstanceCount: maximumInstanceCount
     httpPerInstanceConcurrency: httpPerInstanceConcurrency
+    answerAlwaysReady: answerAlwaysReady
     virtualNetworkSubnetId: vnetEnabled ? vnet.outputs.appSubnetId : ''
   }
   // Private mode: storage takes no public traffic, so the host's first start needs the endpoints.
@@ -365,6 +394,8 @@ output BOT_APP_ID string = identity.properties.clientId
 output BOT_MESSAGING_ENDPOINT string = 'https://${api.outputs.defaultHostName}/api/messages'
 output CHAT_STORAGE_TABLE_ENDPOINT string = storage.outputs.tableEndpoint
 output CHAT_TABLE_NAME string = storage.outputs.tableName
+output CHAT_STORAGE_QUEUE_ENDPOINT string = storage.outputs.queueEndpoint
+output CHAT_TURN_QUEUE string = storage.outputs.turnQueueName
 output AZURE_OPENAI_ENDPOINT string = useExistingOpenAi ? existingOpenAiEndpoint : openAi.outputs.endpoint
 output AZURE_OPENAI_DEPLOYMENT string = useExistingOpenAi && !empty(existingOpenAiDeployment) ? existingOpenAiDeployment : openAiDeploymentName
 output MANAGED_IDENTITY_CLIENT_ID string = identity.properties.clientId

@@ -16,6 +16,14 @@ Rules (docs/deploy.md gives the reasons):
   package's) and Storage Table Data Contributor on the conversations table.
 - Private mode: main.bicep's `vnetEnabled` defaults to false and azd's VNET_ENABLED sets it; the
   checkov skips of the network checks apply to the public mode only (check.sh scans both modes).
+- The turn queue (issue 19): the app's identity holds Storage Queue Data Contributor on the turn
+  queue and at least Storage Queue Data Message Sender on its poison queue (both declared, queue
+  scoped like every storage role above), and Storage Table Data Contributor on the inbox table of
+  accepted activities beside the conversations table; the webhook enqueues (CHAT_STORAGE_QUEUE_ENDPOINT) to the
+  account whose queues the host's trigger reads (AzureWebJobsStorage__queueServiceUri), and
+  CHAT_TURN_QUEUE is the queue the storage module creates.
+- Always-ready: main.bicep's `answerAlwaysReady` defaults to ALWAYS_READY_DEFAULT, azd's
+  ANSWER_ALWAYS_READY sets it, and app/api.bicep gives it to the `function:answer` scale group.
 """
 
 from __future__ import annotations
@@ -31,6 +39,11 @@ INFRA = Path(__file__).resolve().parent
 #: The default of main.bicep's httpPerInstanceConcurrency; docs/deploy.md explains the figure.
 HTTP_CONCURRENCY_DEFAULT = 16
 
+#: Always-ready instances of the `answer` function by default; docs/deploy.md explains the figure.
+ALWAYS_READY_DEFAULT = 0
+#: The queue-triggered function that runs a turn: its Flex Consumption scale group.
+ANSWER_SCALE_GROUP = "function:answer"
+
 #: Blob containers the Functions host writes with AzureWebJobsStorage: its locks, timer schedules
 #: and leases (azure-webjobs-hosts) and its key store (azure-webjobs-secrets).
 HOST_CONTAINERS = ("azure-webjobs-hosts", "azure-webjobs-secrets")
@@ -41,6 +54,8 @@ ROLE_NAMES = {
     "2a2b9908-6ea1-4ae2-8e65-a410df84e7d1": "Storage Blob Data Reader",
     "974c5e8b-45b9-4653-ba55-5f855dd0fb88": "Storage Queue Data Contributor",
     "19e7f393-937e-4f77-808e-94535e297925": "Storage Queue Data Reader",
+    "8a0f0c08-91a1-4084-bc3d-661d67233fed": "Storage Queue Data Message Processor",
+    "c6a89b2d-59bc-44d0-9896-0f6e12d7b80a": "Storage Queue Data Message Sender",
     "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3": "Storage Table Data Contributor",
     "76199698-9eea-4c19-bc75-cec21354c6b6": "Storage Table Data Reader",
 }
@@ -48,6 +63,13 @@ ROLE_NAMES = {
 APP_PRINCIPAL = "identityPrincipalId"
 BLOB_DATA_OWNER = "b7e6dc6d-f1e8-4753-8033-0f276bb0955b"
 TABLE_DATA_CONTRIBUTOR = "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3"
+QUEUE_DATA_CONTRIBUTOR = "974c5e8b-45b9-4653-ba55-5f855dd0fb88"
+QUEUE_DATA_MESSAGE_SENDER = "c6a89b2d-59bc-44d0-9896-0f6e12d7b80a"
+#: The storage module's names of the turn queue and its poison queue, as `Resource.names` holds them.
+TURN_QUEUE = "param:turnQueueName"
+POISON_QUEUE = "${turnQueueName}-poison"
+#: The inbox of accepted activities beside the conversations table (shared/inbox.py's name for it).
+INBOX_TABLE = "${take(tableName, 58)}inbox"
 
 #: The narrowest scope Bicep can give each storage data role, by the role name's service word.
 NARROWEST_SCOPE = {
@@ -183,17 +205,22 @@ def read_templates(infra: Path = INFRA) -> dict[str, str]:
 # --- rules -----------------------------------------------------------------------------------
 
 
+def _app_parameter_problems(main: str, name: str, documented: int) -> list[str]:
+    """main.bicep's int parameter `name` defaults to the `documented` figure and goes to the app module."""
+    problems = []
+    default = re.search(rf"^param\s+{name}\s+int\s*=\s*(\d+)\s*$", main, re.MULTILINE)
+    if default is None:
+        problems.append(f"main.bicep: no `param {name} int = <default>`")
+    elif int(default[1]) != documented:
+        problems.append(f"main.bicep: {name} defaults to {default[1]}, not {documented} (docs/deploy.md)")
+    if not re.search(rf"^\s+{name}:\s*{name}\s*$", main, re.MULTILINE):
+        problems.append(f"main.bicep: {name} is not passed to the app module")
+    return problems
+
+
 def http_concurrency_problems(main: str, api: str) -> list[str]:
     """The app's HTTP concurrency is main.bicep's parameter, with the documented default."""
-    problems = []
-    default = re.search(r"^param\s+httpPerInstanceConcurrency\s+int\s*=\s*(\d+)\s*$", main, re.MULTILINE)
-    if default is None:
-        problems.append("main.bicep: no `param httpPerInstanceConcurrency int = <default>`")
-    elif int(default[1]) != HTTP_CONCURRENCY_DEFAULT:
-        problems.append(f"main.bicep: httpPerInstanceConcurrency defaults to {default[1]}, "
-                        f"not {HTTP_CONCURRENCY_DEFAULT} (docs/deploy.md)")
-    if not re.search(r"^\s+httpPerInstanceConcurrency:\s*httpPerInstanceConcurrency\s*$", main, re.MULTILINE):
-        problems.append("main.bicep: httpPerInstanceConcurrency is not passed to the app module")
+    problems = _app_parameter_problems(main, "httpPerInstanceConcurrency", HTTP_CONCURRENCY_DEFAULT)
     trigger = re.search(r"triggers:\s*\{\s*http:\s*\{\s*perInstanceConcurrency:\s*(\w+)\s*\}", api)
     if trigger is None:
         problems.append("app/api.bicep: functionAppConfig.scaleAndConcurrency sets no "
@@ -208,6 +235,8 @@ def storage_role_problems(templates: dict[str, str]) -> list[str]:
     problems = []
     blob_owner_on: set[str] = set()
     table_contributor_on: set[str] = set()
+    queue_contributor_on: set[str] = set()
+    queue_sender_on: set[str] = set()
     for assignment in role_assignments(templates):
         name = ROLE_NAMES.get(assignment.role)
         if name is None:
@@ -225,12 +254,67 @@ def storage_role_problems(templates: dict[str, str]) -> list[str]:
             blob_owner_on.update(assignment.scope.names)
         elif assignment.role == TABLE_DATA_CONTRIBUTOR:
             table_contributor_on.update(assignment.scope.names)
+        elif assignment.role == QUEUE_DATA_CONTRIBUTOR:
+            queue_contributor_on.update(assignment.scope.names)
+        elif assignment.role == QUEUE_DATA_MESSAGE_SENDER:
+            queue_sender_on.update(assignment.scope.names)
     for container in (*HOST_CONTAINERS, "param:deploymentContainerName"):
         if container not in blob_owner_on:
             problems.append(f"the app's identity has no Storage Blob Data Owner on the host's container {container}")
     if "param:tableName" not in table_contributor_on:
         problems.append("the app's identity has no Storage Table Data Contributor on the conversations table "
                         "(param tableName)")
+    if INBOX_TABLE not in table_contributor_on:
+        problems.append(f"the app's identity has no Storage Table Data Contributor on the inbox table ({INBOX_TABLE})")
+    if TURN_QUEUE not in queue_contributor_on:
+        problems.append("the app's identity has no Storage Queue Data Contributor on the turn queue (param "
+                        "turnQueueName): the queue trigger must get, delete and update its messages")
+    if POISON_QUEUE not in queue_contributor_on | queue_sender_on:
+        problems.append("the app's identity has no Storage Queue Data Message Sender on the poison queue "
+                        f"({POISON_QUEUE}): the host could not move a failed turn there")
+    return problems
+
+
+def queue_wiring_problems(main: str, api: str) -> list[str]:
+    """The app enqueues to the queue and the account the host's queue trigger reads."""
+    problems = []
+    if not re.search(r"^\s+turnQueueName:\s*chatTurnQueue\s*$", main, re.MULTILINE):
+        problems.append("main.bicep: the storage module's turnQueueName is not the chatTurnQueue parameter")
+    wanted = {
+        "CHAT_TURN_QUEUE": "chatTurnQueue",
+        "CHAT_STORAGE_QUEUE_ENDPOINT": "storage.outputs.queueEndpoint",
+    }
+    for setting, value in wanted.items():
+        if not re.search(rf"name:\s*'{setting}'\s*\n\s*value:\s*{re.escape(value)}\s*$", main, re.MULTILINE):
+            problems.append(f"main.bicep: the app setting {setting} is not {value}")
+    if not re.search(r"^\s+storageQueueEndpoint:\s*storage\.outputs\.queueEndpoint\s*$", main, re.MULTILINE):
+        problems.append("main.bicep: the app module's storageQueueEndpoint is not storage.outputs.queueEndpoint, "
+                        "so the queue trigger may read another account than the webhook writes")
+    # The trigger's connection is AzureWebJobsStorage, with the identity: these three make it one.
+    for setting, value in (("AzureWebJobsStorage__queueServiceUri", "storageQueueEndpoint"),
+                           ("AzureWebJobsStorage__credential", "'managedidentity'"),
+                           ("AzureWebJobsStorage__clientId", "identityClientId")):
+        if not re.search(rf"name:\s*'{setting}'\s*\n\s*value:\s*{re.escape(value)}\s*$", api, re.MULTILINE):
+            problems.append(f"app/api.bicep: {setting} is not {value} (the queue trigger's connection is "
+                            "AzureWebJobsStorage, with the app's identity)")
+    return problems
+
+
+def always_ready_problems(main: str, api: str, parameters: dict[str, object]) -> list[str]:
+    """The `answer` function's always-ready instances: a parameter, its default, azd's name, the group."""
+    problems = _app_parameter_problems(main, "answerAlwaysReady", ALWAYS_READY_DEFAULT)
+    value = parameters.get("parameters", {}).get("answerAlwaysReady", {})  # type: ignore[union-attr]
+    if not isinstance(value, dict) or not str(value.get("value", "")).startswith("${ANSWER_ALWAYS_READY"):
+        problems.append("main.parameters.json: answerAlwaysReady is not set from ${ANSWER_ALWAYS_READY}")
+    entry = re.search(r"alwaysReady:[^\n]*\[\s*\{\s*name:\s*'(?P<group>[^']*)'\s*\n\s*instanceCount:\s*(?P<count>\w+)",
+                      api)
+    if entry is None:
+        problems.append("app/api.bicep: functionAppConfig.scaleAndConcurrency sets no alwaysReady entry")
+    else:
+        if entry["group"] != ANSWER_SCALE_GROUP:
+            problems.append(f"app/api.bicep: the alwaysReady entry is for {entry['group']}, not {ANSWER_SCALE_GROUP}")
+        if entry["count"] != "answerAlwaysReady":
+            problems.append(f"app/api.bicep: the alwaysReady instanceCount is {entry['count']}, not the parameter")
     return problems
 
 
@@ -266,6 +350,8 @@ def problems_in(infra: Path = INFRA) -> list[str]:
         *http_concurrency_problems(templates["main.bicep"], templates["app/api.bicep"]),
         *storage_role_problems(templates),
         *private_mode_problems(templates["main.bicep"], parameters, _skip_entries(infra / "checkov-skips.yaml")),
+        *queue_wiring_problems(templates["main.bicep"], templates["app/api.bicep"]),
+        *always_ready_problems(templates["main.bicep"], templates["app/api.bicep"], parameters),
     ]
 
 

@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from .messages import Feedback, Sender
+from .messages import Citation, Feedback, Sender
+from .speakers import clean_name
 
-__all__ = ["AI_GENERATED", "MAX_BODY_BYTES", "MAX_DEPTH", "Activity", "parse_activity"]
+__all__ = ["AI_GENERATED", "MAX_BODY_BYTES", "MAX_DEPTH", "Activity", "ai_entity",
+           "parse_activity"]
 
 MAX_BODY_BYTES = 1_000_000
+#: A message carries at most this many citations (a reply citing more keeps the first ones).
+MAX_CITATIONS = 20
 MAX_FEEDBACK_CHARS = 5_000
 _CONVERSATION_REFERENCE = ("conversationType", "tenantId", "isGroup")
 #: The entity that marks a message as AI-generated (Teams shows the "AI generated" label).
@@ -137,11 +141,12 @@ class Activity:
 
     @property
     def speaker(self) -> str | None:
-        """Who sent the message, by display name, in a group chat (None in a one-to-one chat)."""
+        """Who sent the message, by display name, in a group chat (None in a one-to-one chat):
+        on one line and bounded (`clean_name`), as it reaches the model and the transcript."""
         name = self.sender.get("name")
         if not self.in_group or not isinstance(name, str):
             return None
-        return name.strip() or None
+        return clean_name(name)
 
     def members_added(self) -> list[dict[str, Any]]:
         members = self.raw.get("membersAdded")
@@ -177,9 +182,11 @@ class Activity:
             pass  # a comment we cannot read is no reason to lose the reaction
         return Feedback(reaction=action["reaction"], text=text)
 
-    def reply(self, text: str, *, ai: bool, feedback: bool = False) -> dict[str, Any]:
+    def reply(self, text: str, *, ai: bool, feedback: bool = False,
+              citations: Sequence[Citation] = ()) -> dict[str, Any]:
         """A message answering this activity; `ai` marks it AI-generated, `feedback` shows Teams'
-        like / dislike buttons under it."""
+        like / dislike buttons under it, `citations` the sources its [n] markers cite (Teams'
+        `citation` claims on the AI entity)."""
         outgoing = {**self._addressed("message"), "text": text}
         if feedback:
             outgoing["channelData"] = {"feedbackLoop": {"type": "default"}}
@@ -187,7 +194,7 @@ class Activity:
         if isinstance(locale, str) and locale:
             outgoing["locale"] = locale
         if ai:
-            outgoing["entities"] = [dict(AI_GENERATED)]
+            outgoing["entities"] = [ai_entity(citations)]
         return outgoing
 
     def typing(self) -> dict[str, Any]:
@@ -203,6 +210,26 @@ class Activity:
         return {"type": kind, "replyToId": self.id,
                 "conversation": {**conversation, "id": self.conversation_id},
                 "from": self.recipient, "recipient": self.sender, "channelId": self.channel_id}
+
+
+def ai_entity(citations: Sequence[Citation] = ()) -> dict[str, Any]:
+    """The AI label entity, with Teams' citations (schema.org `Claim`s) when the text cites any.
+
+    The shape is Teams' "Bot messages with AI-generated content": each claim's `position` is the
+    n of an [n] in the text; its appearance is a `DigitalDocument` (name at most 80 characters,
+    abstract at most 160; we send at most `MAX_CITATIONS` claims).
+    """
+    entity: dict[str, Any] = dict(AI_GENERATED)
+    claims = []
+    for citation in list(citations)[:MAX_CITATIONS]:
+        appearance: dict[str, Any] = {"@type": "DigitalDocument", "name": citation.title[:80],
+                                      "abstract": citation.snippet[:160] or citation.title[:160]}
+        if citation.url:
+            appearance["url"] = citation.url
+        claims.append({"@type": "Claim", "position": citation.position, "appearance": appearance})
+    if claims:
+        entity["citation"] = claims
+    return entity
 
 
 def parse_activity(body: bytes, headers: Mapping[str, str]) -> Activity:

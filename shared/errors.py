@@ -23,7 +23,8 @@
     │   └── ContentFiltered        502  the endpoint's content filter blocked the prompt or reply
     └── ConnectorError             502  the Bot Connector refused or could not be reached
 
-Only `shared.store` translates azure exceptions, only `shared.model` translates openai ones.
+Only `shared.store` and `shared.inbox` (its table and queue) translate azure exceptions, only
+`shared.model` translates openai ones.
 """
 
 from __future__ import annotations

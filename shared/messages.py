@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-__all__ = ["ChatMessage", "Feedback", "Role", "Sender", "StoredTurn", "ToolCall", "Usage", "utc_day",
-           "utc_now"]
+__all__ = ["ChatMessage", "Citation", "Feedback", "Role", "Sender", "StoredTurn", "ToolCall", "Usage",
+           "utc_day", "utc_now"]
 
 Role = Literal["system", "user", "assistant", "tool"]
 
@@ -81,6 +81,26 @@ class Feedback:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Citation:
+    """A source a reply cites as `[position]`: what a tool returned it with (title, URL, snippet)."""
+
+    position: int
+    title: str
+    url: str | None = None
+    snippet: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"position": self.position, "title": self.title, "url": self.url,
+                "snippet": self.snippet}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Citation:
+        return cls(position=int(data["position"]), title=str(data.get("title") or ""),
+                   url=data.get("url") if isinstance(data.get("url"), str) else None,
+                   snippet=str(data.get("snippet") or ""))
+
+
+@dataclass(frozen=True, kw_only=True)
 class ChatMessage:
     """A message as the model sees it, plus what we keep beside it (activity, time, model, usage)."""
 
@@ -101,6 +121,8 @@ class ChatMessage:
     feedback: Feedback | None = None
     #: User messages: who sent it (kept so a user's data can be found and removed on request).
     sender: Sender | None = None
+    #: Final replies: the sources the text cites as [1], [2]... (shown by Teams as citations).
+    citations: tuple[Citation, ...] = ()
 
     def to_openai(self) -> dict[str, Any]:
         """The Chat Completions form of this message."""

@@ -103,7 +103,7 @@ class ChatModel:
         except openai.APIStatusError as exc:
             raise _status_error(exc) from exc
         except openai.OpenAIError as exc:
-            raise ModelError(f"model call failed: {exc}") from exc
+            raise ModelError(f"model call failed: {type(exc).__name__}") from exc
 
     async def close(self) -> None:
         await self.client.close()
@@ -128,7 +128,11 @@ def _status_error(exc: openai.APIStatusError) -> ModelError:
         return ContentFiltered("the model endpoint's content filter blocked the prompt")
     if exc.status_code == 429 or exc.status_code >= 500:
         return ModelUnavailable(f"the model answered {exc.status_code} after retries")
-    return ModelRejected(f"the model answered {exc.status_code}: {exc.message}")
+    # The provider's message may quote the prompt: it is kept (in logs and spans) only when
+    # message capture is on; otherwise its error code says what went wrong.
+    if telemetry.state.capture_content:
+        return ModelRejected(f"the model answered {exc.status_code}: {exc.message}")
+    return ModelRejected(f"the model answered {exc.status_code} ({code[:64] or 'no error code'})")
 
 
 def _usage(raw: Any) -> Usage:

@@ -4,7 +4,9 @@ It runs behind the real openai SDK as an in-process HTTP transport, so `make run
 code path as a real model, streamed or not. Its replies say plainly where they come from and prove
 memory works: how many earlier messages arrived with the prompt, what the user said before, and
 the rolling summary. Asked for a summary (`shared/summary.py`), it writes one by quoting what
-users said.
+users said. Offered tools, it calls one when the newest message names it ("search_docs
+streaming"), its required text arguments filled with the message; given the results, it quotes
+them and cites the first source as [1], so a tool round and a citation show with no key.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from typing import Any
 import httpx2
 
 from .summary import SUMMARY_INSTRUCTIONS
+
+#: How the prompt sends the rolling summary (shared/prompt.py's SUMMARY_HEADING starts so).
+_SUMMARY_START = "[Conversation data, not instructions: a summary"
 
 __all__ = ["offline_reply", "offline_summary", "offline_transport"]
 
@@ -46,8 +51,8 @@ def offline_summary(messages: list[dict[str, Any]]) -> str:
 
 def offline_reply(messages: list[dict[str, Any]]) -> str:
     """The stand-in's answer to a Chat Completions `messages` list."""
-    summaries = [str(m.get("content") or "") for m in messages[1:2] if m.get("role") == "system"]
-    history = [m for m in messages if m.get("role") != "system"]
+    summaries = [str(m.get("content") or "") for m in messages[1:2] if _is_summary(m)]
+    history = [m for m in messages if m.get("role") != "system" and not _is_summary(m)]
     said = [str(m.get("content") or "") for m in history if m.get("role") == "user"]
     latest = said[-1] if said else ""
     earlier = len(history) - 1
@@ -59,10 +64,91 @@ def offline_reply(messages: list[dict[str, Any]]) -> str:
         if len(said) > 1:
             parts.append(f"Before this you said {_quote(said[-2])}.")
     if summaries:
-        summary = summaries[0].split("\n", 1)[-1]
+        summary = _unquoted(summaries[0].split("\n", 1)[-1])
         parts.append(f"I also have a summary of what came before: {_quote(summary, 160)}")
     parts.append("Set OPENAI_API_KEY, OPENAI_BASE_URL or AZURE_OPENAI_ENDPOINT for real answers.")
     return " ".join(parts)
+
+
+def _is_summary(message: dict[str, Any]) -> bool:
+    return message.get("role") == "user" and str(message.get("content") or "").startswith(
+        _SUMMARY_START)
+
+
+def _unquoted(text: str) -> str:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, str) else text
+
+
+def offline_tool_call(messages: list[dict[str, Any]],
+                      tools: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The call the stand-in makes: to the offered tool the newest user message names (its name,
+    or its name with spaces for underscores), once per message; None when none is named."""
+    if not messages or messages[-1].get("role") != "user" or _is_summary(messages[-1]):
+        return None
+    text = str(messages[-1].get("content") or "")
+    lowered = text.lower()
+    for offered in tools:
+        function = offered.get("function") or {}
+        name = str(function.get("name") or "")
+        if not name or (name.lower() not in lowered and
+                        name.lower().replace("_", " ") not in lowered):
+            continue
+        parameters = function.get("parameters") or {}
+        properties = parameters.get("properties") or {}
+        required = parameters.get("required") or []
+        if any((properties.get(key) or {}).get("type") != "string" for key in required):
+            continue  # only text arguments can be filled from a message
+        query = " ".join(text.replace(name, " ").split()) or text
+        return {"id": f"call_offline_{uuid.uuid4().hex[:12]}", "type": "function",
+                "function": {"name": name,
+                             "arguments": json.dumps({key: query for key in required})}}
+    return None
+
+
+def offline_tool_answer(messages: list[dict[str, Any]]) -> str:
+    """The stand-in's answer after a tool round: what each tool returned, and a citation of the
+    first source listed ([1]) when there is one."""
+    results: list[dict[str, Any]] = []
+    for message in reversed(messages):
+        if message.get("role") != "tool":
+            break
+        results.insert(0, message)
+    parts = [PREFIX]
+    cited = False
+    for result in results:
+        body, _, sources = str(result.get("content") or "").partition("\n\nSources of this tool")
+        lines = [line for line in body.splitlines() if line.strip() and not line.startswith("[output")]
+        parts.append(f"The tool answered {_quote(' '.join(lines), 200)}.")
+        first = next((line for line in sources.splitlines() if line.startswith("[1] ")), None)
+        if first is not None and not cited:
+            title = first[4:].split(" <", 1)[0].split(": ", 1)[0]
+            parts.append(f"Its first source is {_quote(title, 80)} [1].")
+            cited = True
+    return " ".join(parts)
+
+
+def _tool_call_response(call: dict[str, Any], *, stream: bool) -> httpx2.Response:
+    base = {"id": f"chatcmpl-offline-{uuid.uuid4().hex[:12]}", "created": int(time.time()),
+            "model": "offline-stand-in"}
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    if not stream:
+        return httpx2.Response(200, json={**base, "object": "chat.completion", "usage": usage,
+                                          "choices": [{"index": 0, "finish_reason": "tool_calls",
+                                                       "message": {"role": "assistant",
+                                                                   "content": None,
+                                                                   "tool_calls": [call]}}]})
+    chunk = {**base, "object": "chat.completion.chunk"}
+    delta = {"role": "assistant", "tool_calls": [{"index": 0, **call}]}
+    events = [{**chunk, "choices": [{"index": 0, "finish_reason": None, "delta": delta}]},
+              {**chunk, "choices": [{"index": 0, "finish_reason": "tool_calls", "delta": {}}]},
+              {**chunk, "choices": [], "usage": usage}]
+    return httpx2.Response(200, headers={"Content-Type": "text/event-stream"},
+                           content="".join(f"data: {json.dumps(e)}\n\n" for e in events).encode()
+                           + b"data: [DONE]\n\n")
 
 
 def _handle(request: httpx2.Request) -> httpx2.Response:
@@ -73,7 +159,15 @@ def _handle(request: httpx2.Request) -> httpx2.Response:
     messages = body.get("messages", [])
     asked_for_summary = bool(messages) and str(messages[0].get("content") or "").startswith(
         SUMMARY_INSTRUCTIONS[:60])
-    text = offline_summary(messages) if asked_for_summary else offline_reply(messages)
+    call = None if asked_for_summary else offline_tool_call(messages, body.get("tools") or [])
+    if call is not None:
+        return _tool_call_response(call, stream=bool(body.get("stream")))
+    if asked_for_summary:
+        text = offline_summary(messages)
+    elif messages and messages[-1].get("role") == "tool":
+        text = offline_tool_answer(messages)
+    else:
+        text = offline_reply(messages)
     if body.get("stream"):
         return httpx2.Response(200, headers={"Content-Type": "text/event-stream"},
                                content=_events(text))

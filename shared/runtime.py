@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx2
 
@@ -17,19 +17,23 @@ from . import logs, telemetry
 from .auth import BotAuthenticator
 from .bot import ChatBot
 from .connector import BotConnector, build_credential
+from .inbox import Inbox
 from .model import build_model
 from .prompt import ChatPrompt
-from .settings import ModelProvider, Settings, load_settings
+from .settings import AnswerMode, ModelProvider, Settings, load_settings
 from .store import ConversationStore, TableConversationStore
 from .summary import Summarizer
 from .tokens import tokenizer_name
 from .tools import Function
 
+if TYPE_CHECKING:
+    from .mcp import McpTools
+
 __all__ = ["Runtime"]
 
 log = logging.getLogger(__name__)
 # The SDKs log every HTTP request at INFO; keep the operator's log to our own lines.
-for _noisy in ("azure", "httpx2", "openai"):
+for _noisy in ("azure", "httpx2", "openai", "mcp"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 
@@ -47,11 +51,19 @@ class Runtime:
         limits = settings.model
         # OpenAI and Azure OpenAI take a speaker's `name`; other servers get it as a text prefix.
         named = limits.provider is not ModelProvider.OFFLINE and not limits.base_url
+        #: Tools of the MCP servers in CHAT_MCP_SERVERS (none: None), discovered on first use.
+        #: The `mcp` SDK is imported only then: it adds about half a second to a cold start.
+        self.mcp: McpTools | None = None
+        if settings.mcp_servers:
+            from .mcp import McpTools
+
+            self.mcp = McpTools(settings.mcp_servers, credential=credential)
         self.prompt = ChatPrompt(self.model, functions=functions, instructions=limits.instructions,
                                  max_tool_rounds=limits.max_tool_rounds,
                                  tool_timeout_seconds=limits.tool_timeout_seconds,
                                  timeout_seconds=limits.timeout_seconds,
-                                 speaker_style="name" if named else "prefix")
+                                 speaker_style="name" if named else "prefix",
+                                 tool_sources=[self.mcp] if self.mcp is not None else [])
         self.summary_model = None
         summarizer = None
         if settings.summary.enabled:
@@ -66,9 +78,10 @@ class Runtime:
         self.connector = BotConnector(credential=build_credential(settings.bot, credential=credential),
                                       env_proxy=settings.env_proxy)
         self.authenticator = BotAuthenticator(settings.bot, http=self.http, in_azure=settings.in_azure)
+        self.inbox = _build_inbox(settings, credential)
         self.bot = ChatBot(settings=settings, store=self.store, prompt=self.prompt,
                            connector=self.connector, authenticator=self.authenticator,
-                           summarizer=summarizer)
+                           summarizer=summarizer, inbox=self.inbox)
         _warn_about(settings)
         log.info("token counting: %s", tokenizer_name())
 
@@ -80,10 +93,14 @@ class Runtime:
 
     async def close(self) -> None:
         await self.store.close()
+        if self.inbox is not None:
+            await self.inbox.close()
         await self.model.close()
         if self.summary_model is not None:
             await self.summary_model.close()
         await self.connector.close()
+        if self.mcp is not None:
+            await self.mcp.close()
         await self.http.aclose()
 
 
@@ -106,6 +123,25 @@ def _build_store(settings: Settings, credential: Any | None) -> ConversationStor
                                                          summaries=settings.summary.enabled)
 
 
+def _build_inbox(settings: Settings, credential: Any | None) -> Inbox | None:
+    """The accepted activities and the turn queue (None in inline mode)."""
+    storage = settings.storage
+    if settings.answer_mode is not AnswerMode.QUEUE:
+        return None
+    if storage.table_endpoint and storage.queue_endpoint:
+        if credential is None:
+            from azure.identity.aio import DefaultAzureCredential
+
+            credential = DefaultAzureCredential(
+                managed_identity_client_id=storage.managed_identity_client_id)
+        return Inbox.from_endpoints(table_endpoint=storage.table_endpoint,
+                                    queue_endpoint=storage.queue_endpoint,
+                                    table_name=storage.table_name, queue_name=storage.turn_queue,
+                                    credential=credential)
+    return Inbox.from_connection_string(storage.connection_string, table_name=storage.table_name,
+                                        queue_name=storage.turn_queue)
+
+
 def _warn_about(settings: Settings) -> None:
     if not settings.bot.auth_enabled:
         if settings.in_azure:
@@ -113,6 +149,11 @@ def _warn_about(settings: Settings) -> None:
         else:
             log.warning("!!! AUTH IS OFF: CLIENT_ID is not set, so /api/messages accepts requests "
                         "without a token and replies only to loopback service URLs. Local use only.")
-    log.info("chatstate: model=%s (%s), table=%s, auth=%s", settings.model.model,
+    log.info("chatstate: model=%s (%s), table=%s, auth=%s, answers=%s", settings.model.model,
              settings.model.provider.value, settings.storage.table_name,
-             "on" if settings.bot.auth_enabled else "off")
+             "on" if settings.bot.auth_enabled else "off",
+             f"queue {settings.storage.turn_queue}"
+             if settings.answer_mode is AnswerMode.QUEUE else "inline")
+    if settings.mcp_servers:
+        log.info("MCP servers: %s (tools discovered on first use)",
+                 ", ".join(f"{server.name} {server.url}" for server in settings.mcp_servers))

@@ -7,10 +7,11 @@ checks them and returns a frozen `Settings`; a bad value raises `SettingsError` 
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from urllib.parse import urlparse
@@ -19,8 +20,10 @@ from .errors import SettingsError
 
 __all__ = [
     "SETTINGS",
+    "AnswerMode",
     "BotSettings",
     "DataSettings",
+    "McpServerSettings",
     "ModelProvider",
     "ModelSettings",
     "Setting",
@@ -143,6 +146,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(name="CHAT_TURN_MAX_ATTEMPTS", default="8",
             description="Attempts of one turn when another instance commits first (each re-runs "
             "the prompt after a jittered backoff of up to 1 s)."),
+    # the turn queue (README "Two halves")
+    Setting(name="CHAT_ANSWER_MODE", default="queue",
+            description="queue or inline: queue answers a message from the turn queue (the "
+            "webhook keeps it and returns 200 at once); inline answers it before the webhook "
+            "responds (hosts without a queue). expectReplies and invoke are always inline."),
+    Setting(name="CHAT_TURN_QUEUE", default="chat-turns",
+            description="The storage queue of accepted messages the `answer` function reads "
+            "(its poison queue is this name + -poison)."),
+    Setting(name="CHAT_STORAGE_QUEUE_ENDPOINT",
+            description="https://<account>.queue.core.windows.net: enqueue with Entra ID (the "
+            "managed identity) instead of CHAT_STORAGE_CONNECTION_STRING; set with "
+            "CHAT_STORAGE_TABLE_ENDPOINT."),
     # data: retention and spend limits (docs/operate.md)
     Setting(name="CHAT_RETENTION_DAYS", deployed=False,
             description="Delete conversations idle longer than this many days (1-36500), by the "
@@ -182,6 +197,14 @@ SETTINGS: tuple[Setting, ...] = (
             deployed=False,
             description="true or false: record message text (prompts, replies, tool arguments "
             "and results) on the model and tool spans. Off, no text is recorded."),
+    # tools from MCP servers (shared/mcp.py)
+    Setting(name="CHAT_MCP_SERVERS", deployed=False,
+            description="JSON list of remote MCP servers (streamable HTTP) whose tools the model "
+            "may call: each {\"name\", \"url\", \"tools\": [allowed tool names, or \"*\"]}, "
+            "optionally \"headers\" (header name -> the name of another app setting holding its "
+            "value; never the secret itself), \"entraAudience\" (send an Entra ID token of the "
+            "app's identity for it), \"allowDestructive\" (tool names), \"timeoutSeconds\" "
+            "(default 10), \"refreshSeconds\" (default 300). Unset: no MCP tools."),
     # hosting
     Setting(name="WEBSITE_SITE_NAME", deployed=False,
             description="Set by Azure App Service/Functions; its presence means 'running in "
@@ -199,6 +222,11 @@ class ModelProvider(StrEnum):
     OFFLINE = "offline"
 
 
+class AnswerMode(StrEnum):
+    QUEUE = "queue"
+    INLINE = "inline"
+
+
 class BotAppType(StrEnum):
     MULTI_TENANT = "MultiTenant"
     SINGLE_TENANT = "SingleTenant"
@@ -211,6 +239,8 @@ class StorageSettings:
     table_endpoint: str | None
     table_name: str
     managed_identity_client_id: str | None
+    queue_endpoint: str | None = None
+    turn_queue: str = "chat-turns"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -260,6 +290,25 @@ class TelemetrySettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class McpServerSettings:
+    """One MCP server of CHAT_MCP_SERVERS."""
+
+    name: str
+    url: str
+    #: Allowed tool names; ("*",): every tool the server lists (destructive ones still need
+    #: `allow_destructive`).
+    tools: tuple[str, ...]
+    #: Header name and value; the values come from other settings (secrets), so never shown.
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    #: The Entra ID scope (`<audience>/.default`) of a token of the app's identity, sent as Bearer.
+    entra_scope: str | None = None
+    allow_destructive: tuple[str, ...] = ()
+    timeout_seconds: float = 10.0
+    refresh_seconds: float = 300.0
+    managed_identity_client_id: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class BotSettings:
     client_id: str | None
     client_secret: str | None
@@ -292,6 +341,8 @@ class Settings:
     port: int
     data: DataSettings = field(default_factory=DataSettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+    answer_mode: AnswerMode = AnswerMode.QUEUE
+    mcp_servers: tuple[McpServerSettings, ...] = ()
 
 
 class _Reader:
@@ -301,6 +352,10 @@ class _Reader:
     def given(self, name: str) -> bool:
         """Whether the environment sets `name` (a default does not count)."""
         return bool(self._environ.get(name, "").strip())
+
+    def other(self, name: str) -> str | None:
+        """A setting named by another one (an MCP header's value): not in SETTINGS."""
+        return self._environ.get(name, "").strip() or None
 
     def text(self, name: str) -> str | None:
         value = self._environ.get(name, "").strip()
@@ -384,7 +439,117 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
                                                     maximum=10**12),
             count_summary_tokens=read.flag("CHAT_SPEND_COUNTS_SUMMARIES")),
         telemetry=_telemetry(read),
+        answer_mode=_answer_mode(read),
+        mcp_servers=_mcp_servers(read, identity, in_azure=in_azure),
     )
+
+
+_MCP_KEYS = {"name", "url", "tools", "headers", "entraAudience", "allowDestructive",
+             "timeoutSeconds", "refreshSeconds"}
+_MCP_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+_SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _mcp_servers(read: _Reader, identity: str | None, *,
+                 in_azure: bool) -> tuple[McpServerSettings, ...]:
+    name = "CHAT_MCP_SERVERS"
+    raw = read.text(name)
+    if raw is None:
+        return ()
+    try:
+        entries = json.loads(raw)
+    except ValueError as exc:
+        raise SettingsError(name, f"is not valid JSON: {exc}") from None
+    if not isinstance(entries, list):
+        raise SettingsError(name, "must be a JSON list of servers")
+    servers = tuple(_mcp_server(read, entry, index, identity, in_azure=in_azure)
+                    for index, entry in enumerate(entries))
+    names = [server.name for server in servers]
+    if len(set(names)) != len(names):
+        raise SettingsError(name, f"names a server twice: {sorted(names)}")
+    return servers
+
+
+def _mcp_server(read: _Reader, entry: object, index: int, identity: str | None, *,
+                in_azure: bool) -> McpServerSettings:
+    where = f"server {index}"
+
+    def bad(reason: str) -> SettingsError:
+        return SettingsError("CHAT_MCP_SERVERS", f"{where}: {reason}")
+
+    if not isinstance(entry, dict):
+        raise bad("must be a JSON object")
+    if unknown := sorted(set(entry) - _MCP_KEYS):
+        raise bad(f"unknown key(s) {unknown}; the keys are {sorted(_MCP_KEYS)}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not _MCP_NAME.match(name):
+        raise bad("needs a \"name\" of 1-32 letters, digits, _ or -")
+    where = f"server {name!r}"
+    url = entry.get("url")
+    parsed = urlparse(url) if isinstance(url, str) else None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise bad(f"\"url\" must be an http(s) URL, got {url!r}")
+    if parsed.scheme == "http" and (in_azure or not _loopback(parsed.hostname or "")):
+        raise bad("\"url\" must be https (http only for a loopback server, locally)")
+    tools = _names(entry.get("tools"), "tools", bad, required=True)
+    destructive = _names(entry.get("allowDestructive", []), "allowDestructive", bad)
+    headers = entry.get("headers", {})
+    if not isinstance(headers, dict):
+        raise bad("\"headers\" must be an object of header name -> setting name")
+    resolved: list[tuple[str, str]] = []
+    for header, setting in headers.items():
+        if not isinstance(setting, str) or not _SETTING_NAME.match(setting):
+            raise bad(f"header {header!r} must name another app setting that holds its value "
+                      "(never the value itself)")
+        value = read.other(setting)
+        if value is None:
+            raise bad(f"header {header!r} names the setting {setting}, which is not set")
+        resolved.append((str(header), value))
+    audience = entry.get("entraAudience")
+    if audience is not None and (not isinstance(audience, str) or not audience.strip()):
+        raise bad("\"entraAudience\" must be an application ID URI or client ID")
+    scope = None if audience is None else \
+        audience.strip() if audience.strip().endswith("/.default") else f"{audience.strip()}/.default"
+    return McpServerSettings(
+        name=name, url=str(url), tools=tools, headers=tuple(resolved), entra_scope=scope,
+        allow_destructive=destructive,
+        timeout_seconds=_seconds(entry.get("timeoutSeconds", 10), "timeoutSeconds", bad, 0.05, 120),
+        refresh_seconds=_seconds(entry.get("refreshSeconds", 300), "refreshSeconds", bad, 1, 86_400),
+        managed_identity_client_id=identity)
+
+
+def _names(value: object, key: str, bad: Callable[[str], SettingsError], *,
+           required: bool = False) -> tuple[str, ...]:
+    if value is None and required:
+        raise bad(f"needs \"{key}\": the tool names allowed (or [\"*\"] for all)")
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise bad(f"\"{key}\" must be a list of tool names")
+    return tuple(value)
+
+
+def _seconds(value: object, key: str, bad: Callable[[str], SettingsError], minimum: float,
+             maximum: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or \
+            not minimum <= value <= maximum:
+        raise bad(f"\"{key}\" must be a number of seconds from {minimum:g} to {maximum:g}")
+    return float(value)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _answer_mode(read: _Reader) -> AnswerMode:
+    raw = read.required_text("CHAT_ANSWER_MODE").lower()
+    try:
+        return AnswerMode(raw)
+    except ValueError:
+        raise SettingsError("CHAT_ANSWER_MODE", f"must be queue or inline, got {raw!r}") from None
 
 
 def _telemetry(read: _Reader) -> TelemetrySettings:
@@ -424,12 +589,29 @@ def _storage(read: _Reader, identity: str | None) -> StorageSettings:
     connection_string = read.required_text("CHAT_STORAGE_CONNECTION_STRING")
     if connection_string != DEVELOPMENT_STORAGE and "=" not in connection_string:
         raise SettingsError("CHAT_STORAGE_CONNECTION_STRING", "is not a connection string")
+    table_endpoint = read.url("CHAT_STORAGE_TABLE_ENDPOINT")
+    queue_endpoint = read.url("CHAT_STORAGE_QUEUE_ENDPOINT")
+    if (table_endpoint is None) != (queue_endpoint is None) and \
+            read.text("CHAT_ANSWER_MODE") == AnswerMode.QUEUE.value:
+        raise SettingsError("CHAT_STORAGE_QUEUE_ENDPOINT", "and CHAT_STORAGE_TABLE_ENDPOINT go "
+                            "together (both Entra ID, or neither: the connection string)")
     return StorageSettings(
         connection_string=connection_string,
-        table_endpoint=read.url("CHAT_STORAGE_TABLE_ENDPOINT"),
+        table_endpoint=table_endpoint,
         table_name=table_name,
         managed_identity_client_id=identity,
+        queue_endpoint=queue_endpoint,
+        turn_queue=_queue_name(read),
     )
+
+
+def _queue_name(read: _Reader) -> str:
+    """3-63 lower-case letters, digits and single hyphens; room left for `-poison`."""
+    name = read.required_text("CHAT_TURN_QUEUE")
+    if not re.fullmatch(r"[a-z0-9](?:-?[a-z0-9])+", name) or len(name) > 63 - len("-poison"):
+        raise SettingsError("CHAT_TURN_QUEUE", "must be 2-56 lower-case letters, digits and "
+                            f"single hyphens, not starting or ending with one, got {name!r}")
+    return name
 
 
 #: Any of these given turns the offline stand-in off (OPENAI_API_VERSION matters only with Azure).

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .activity import Activity
@@ -27,7 +28,7 @@ from .connector import BotConnector
 from .errors import ConnectorError
 from .prompt import ReplyStopped
 
-__all__ = ["MAX_STREAM_CHARS", "MAX_STREAM_SECONDS", "ReplyStream"]
+__all__ = ["MAX_STREAM_CHARS", "MAX_STREAM_SECONDS", "ReplyStream", "StreamStart"]
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,31 @@ CUT_FOR_SIZE = "\n\n[The answer stops here: it was too long for one message.]"
 CUT_FOR_TIME = "\n\n[The answer stops here: it took too long to write.]"
 
 
+@dataclass(frozen=True, kw_only=True)
+class StreamStart:
+    """A stream opened elsewhere: its ID, the last `streamSequence` sent, and when (epoch s)."""
+
+    stream_id: str
+    sequence: int
+    sent_at: float
+
+
+def _canceled(exc: ConnectorError) -> bool:
+    """Teams' refusal when the user pressed Stop: 403 "Content stream was cancelled by user"."""
+    status, detail = exc.answer or (0, "")
+    return status == 403 and "cancel" in detail.lower()
+
+
 class ReplyStream:
     """One turn's stream. `shown` is the text the user has seen; `fallback` / `canceled` say how
     it ended early. Updates go out from one background task, so the model is never slowed."""
 
     def __init__(self, *, connector: BotConnector, activity: Activity, min_interval: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 resume: StreamStart | None = None, updates: bool = True) -> None:
+        """`resume`: continue a stream another process opened (the webhook's informative
+        update), with the next sequence number and its pace. `updates=False`: send only the
+        final message (a retried turn, whose earlier attempt may have used later sequences)."""
         self._connector = connector
         self._activity = activity
         self._min_interval = min_interval
@@ -55,16 +75,37 @@ class ReplyStream:
         self._stream_id: str | None = None
         self._sequence = 0
         self._last_sent = -float("inf")
+        if resume is not None:
+            self._stream_id, self._sequence = resume.stream_id, resume.sequence
+            since = max(0.0, time.time() - resume.sent_at)
+            self._started = clock() - since
+            self._last_sent = clock() - since
         self._prefix = ""  # text shown in earlier rounds of tool calls
         self._latest = ""
         self._pending_informative: str | None = None
         self._wake = asyncio.Event()
         self._closed = False
         self._pump: asyncio.Task[None] | None = None
+        self._updates = updates
         self.shown = ""
         self.fallback = False
         self.canceled = False
         self.refused = False  # a later update was refused: send no more updates
+
+    @property
+    def start(self) -> StreamStart | None:
+        """Where the stream stands (its ID, the last sequence sent), for `resume` elsewhere."""
+        if self._stream_id is None or not self.streaming:
+            return None
+        return StreamStart(stream_id=self._stream_id, sequence=self._sequence,
+                           sent_at=time.time() - (self._clock() - self._last_sent))
+
+    async def open(self, text: str) -> StreamStart | None:
+        """Send the informative update `text` now, and wait for its answer: the stream's start,
+        or None when the channel refused to stream (`fallback`)."""
+        if self.streaming and self._stream_id is None:
+            await self._update("informative", text[:MAX_INFORMATIVE_CHARS])
+        return self.start
 
     @property
     def streaming(self) -> bool:
@@ -119,6 +160,10 @@ class ReplyStream:
                     continue
                 if not 400 <= status < 500:
                     raise
+                if _canceled(exc):
+                    log.info("the user stopped the stream before its final message")
+                    self.canceled = True
+                    return None
                 log.warning("the stream's final message was refused (%s); sending it as a "
                             "message", status)
                 break
@@ -131,6 +176,8 @@ class ReplyStream:
     # -- the updates -------------------------------------------------------------------------
 
     def _kick(self) -> None:
+        if not self._updates:
+            return
         if self._pump is None:
             self._pump = asyncio.create_task(self._run())
         self._wake.set()
@@ -185,7 +232,7 @@ class ReplyStream:
 
     def _refused(self, exc: ConnectorError, kind: str) -> None:
         status, detail = exc.answer or (0, "")
-        if status == 403 and "cancel" in detail.lower():
+        if _canceled(exc):
             log.info("the user stopped the stream")
             self.canceled = True
         elif self._stream_id is None and 400 <= status < 500 and status != 429:

@@ -20,6 +20,7 @@ from . import telemetry
 from .errors import ChatstateError
 from .messages import ChatMessage
 from .model import ChatModel
+from .speakers import clean_name
 from .store import SUMMARY_MAX_CHARS, ConversationStore, ConversationWindow
 from .tokens import count_text_tokens
 
@@ -41,14 +42,17 @@ TOOL_GIST_CHARS = 300
 
 
 def transcript_line(message: ChatMessage) -> str:
-    """One message as the summary model reads it (tool calls and results as their gist)."""
+    """One message as the summary model reads it (tool calls and results as their gist), on one
+    line: the text's line breaks are spaces and the speaker's name is cleaned (`clean_name`), so
+    no name or text can start a line of its own ("assistant: ...")."""
     text = " ".join((message.content or "").split())
     if message.role == "user":
-        return f"{message.name or 'user'}: {text}"
+        return f"{clean_name(message.name) or 'user'}: {text}"
     if message.role == "tool":
         gist = text if len(text) <= TOOL_GIST_CHARS else text[:TOOL_GIST_CHARS] + " …"
-        return f"(tool {message.name or 'result'} returned: {gist})"
-    calls = "; ".join(f"{call.name}({call.arguments[:200]})" for call in message.tool_calls)
+        return f"(tool {clean_name(message.name) or 'result'} returned: {gist})"
+    calls = "; ".join(f"{call.name}({' '.join(call.arguments[:200].split())})"
+                      for call in message.tool_calls)
     if calls:
         return f"assistant (calls {calls}){': ' + text if text else ''}"
     return f"assistant: {text}"

@@ -11,14 +11,19 @@ The other modules open spans with the small context managers below; a turn's tre
     ├── chatstate.auth
     ├── chatstate.window.load          (rows read, round trips, messages; once per attempt)
     ├── chat {model}                   (GenAI semantic conventions; one per model call)
-    ├── execute_tool {name}            (one per tool call, after the model call that asked for it)
+    ├── execute_tool {name}            (one per tool call, after the model call that asked for it;
+    │                                   chatstate.tool.origin: python or mcp:<server>)
+    ├── chatstate.mcp.discover         (an MCP server's tools listed: first use, then in the
+    │                                   background after its refresh period)
     ├── chatstate.commit               (attempt; conflict)
     ├── chatstate.reply                (each message, typing or stream update sent)
     ├── chatstate.delivered
     └── chatstate.summary              (when one is due, after the reply: its own `chat` call)
 
 Message text (prompts, replies, tool arguments and results) is recorded only with
-OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true.
+OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true. Without it, a failed span's exception
+event carries the exception's own message and frames only, not the chained causes (an SDK's
+error quoting a provider's answer, which may quote the prompt).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
@@ -109,6 +115,10 @@ class Telemetry:
                 "storage_duration": meter.create_histogram(
                     "chatstate.storage.duration", unit="s",
                     description="One Table Storage call (retries included), by operation"),
+                "tool_duration": meter.create_histogram(
+                    "chatstate.tool.duration", unit="s",
+                    description="One tool call, by gen_ai.tool.name, chatstate.tool.origin "
+                    "(python or mcp:<server>) and error.type"),
                 "spend_limit_reached": meter.create_counter(
                     "chatstate.spend_limit_reached", unit="{turn}",
                     description="Turns refused by a spend limit, by limit; no model call"),
@@ -204,10 +214,19 @@ def _span(name: str, attributes: dict[str, Any] | None, kind: str,
             yield current
         except BaseException as exc:
             if isinstance(exc, failures) and not isinstance(exc, expected):
-                current.record_exception(exc)
+                _record(current, exc)
                 current.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:500]))
                 current.set_attribute("error.type", type(exc).__name__)
             raise
+
+
+def _record(current: Span, exc: BaseException) -> None:
+    """The exception event; with capture off, without the chained causes' messages."""
+    if state.capture_content:
+        current.record_exception(exc)
+        return
+    stack = "".join(traceback.format_exception(exc, chain=False))
+    current.record_exception(exc, attributes={"exception.stacktrace": stack})
 
 
 @contextmanager
@@ -320,20 +339,31 @@ def completed(current: Any, *, model: str, input_tokens: int, output_tokens: int
             tokens.add(count, {"gen_ai.token.type": kind, "gen_ai.response.model": model})
 
 
-def tool_call(*, name: str, call_id: str, arguments: str) -> AbstractContextManager[Any]:
+def tool_call(*, name: str, call_id: str, arguments: str,
+              origin: str = "python") -> AbstractContextManager[Any]:
     """An `execute_tool {name}` span; the result is recorded only when content is captured."""
     if not state.enabled:
         return _OFF
     attributes = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": name,
-                  "gen_ai.tool.call.id": call_id}
+                  "gen_ai.tool.call.id": call_id, "chatstate.tool.origin": origin}
     if state.capture_content:
         attributes["gen_ai.tool.call.arguments"] = arguments
     return _span(f"execute_tool {name}", attributes, "internal", (Exception,), ())
 
 
-def tool_result(current: Any, result: str) -> None:
-    if state.enabled and state.capture_content:
+def tool_result(current: Any, result: str, *, name: str = "", origin: str = "python",
+                failed: bool = False) -> None:
+    """A tool call's end: its duration in the metric; its text only when content is captured."""
+    if not state.enabled:
+        return
+    if state.capture_content:
         current.set_attribute("gen_ai.tool.call.result", result)
+    started = getattr(current, "start_time", None)  # the SDK span's, in ns since the epoch
+    measured = {"gen_ai.tool.name": name, "chatstate.tool.origin": origin}
+    if failed:
+        measured["error.type"] = "tool_error"
+    if isinstance(started, int):
+        state.instruments["tool_duration"].record((time.time_ns() - started) / 1e9, measured)
 
 
 def spend_limit_reached(limit: str) -> None:

@@ -4,7 +4,12 @@ A tool is an async Python function. Its schema comes from its type hints (throug
 the openai SDK already brings) or is given explicitly, as a JSON schema dict or a pydantic model,
 the way the Teams SDK's `Function(name, description, parameter_schema, handler)` takes it. A tool
 that raises, runs late or gets arguments that fail its schema gives the model an error result
-instead of failing the turn.
+instead of failing the turn (its log line names the tool and the kind of failure; the reason,
+which may quote the arguments, is logged only when message capture is on).
+
+A tool may return `ToolOutput(text, sources=...)`: the sources (title, URL, snippet) are numbered
+for the turn and the model is asked to cite them as [n] (`shared/prompt.py`). Tools from MCP
+servers (`shared/mcp.py`) are `Function`s too.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import inspect
 import json
 import logging
+import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
@@ -20,15 +26,54 @@ from typing import Any, get_type_hints
 import jsonschema
 import pydantic
 
+from . import telemetry
 from .messages import ToolCall
 
-__all__ = ["MAX_TOOL_RESULT_CHARS", "Function", "tool"]
+__all__ = ["MAX_TOOL_RESULT_CHARS", "Function", "Source", "ToolOutput", "ToolResult", "failed", "tool"]
 
 log = logging.getLogger(__name__)
 #: A tool result longer than this is cut, so that a turn stays within the store's limits.
 MAX_TOOL_RESULT_CHARS = 20_000
 
 Handler = Callable[..., Awaitable[Any]]
+#: A source's title and snippet are cut to these lengths (Teams shows at most 80 and 160).
+MAX_SOURCE_TITLE_CHARS = 80
+MAX_SOURCE_SNIPPET_CHARS = 160
+#: At most this many sources are kept from one tool result.
+MAX_SOURCES_PER_RESULT = 10
+
+
+@dataclass(frozen=True, kw_only=True)
+class Source:
+    """Something a tool result is based on, which a reply may cite."""
+
+    title: str
+    url: str | None = None
+    snippet: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "title", _one_line(self.title, MAX_SOURCE_TITLE_CHARS) or
+                           _one_line(self.url or "", MAX_SOURCE_TITLE_CHARS) or "source")
+        object.__setattr__(self, "snippet", _one_line(self.snippet, MAX_SOURCE_SNIPPET_CHARS))
+        url = (self.url or "").strip()
+        object.__setattr__(self, "url", url if url.startswith(("https://", "http://")) else None)
+
+
+@dataclass(frozen=True)
+class ToolOutput:
+    """What a tool may return instead of a plain value: its text and the sources it came from."""
+
+    text: str
+    sources: tuple[Source, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToolResult:
+    """A finished call: the text the model reads (an error as `{"error": ...}`) and its sources."""
+
+    text: str
+    sources: tuple[Source, ...] = ()
+    failed: bool = False
 
 
 @dataclass(frozen=True)
@@ -44,6 +89,8 @@ class Function:
     description: str
     handler: Handler
     parameter_schema: dict[str, Any] | type[pydantic.BaseModel] | None = None
+    #: Where the tool runs: `python` (in this app) or `mcp:<server>` (telemetry and logs).
+    origin: str = "python"
     _model: type[pydantic.BaseModel] | None = field(default=None, init=False, repr=False)
     _schema: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
@@ -73,32 +120,38 @@ class Function:
                 "function": {"name": self.name, "description": self.description,
                              "parameters": parameters}}
 
-    async def invoke(self, call: ToolCall, *, time_limit: float) -> str:
+    async def invoke(self, call: ToolCall, *, time_limit: float) -> ToolResult:
         """Run the call: its result as text; any failure becomes an error the model can read."""
         try:
             arguments = json.loads(call.arguments or "{}")
             if not isinstance(arguments, dict):
                 raise ValueError("arguments must be a JSON object")
         except ValueError as exc:
-            return _failed(call, f"invalid arguments: {exc}")
+            return failed(call, f"invalid arguments: {exc}")
         try:
             awaitable = self._bind(arguments)
         except (pydantic.ValidationError, jsonschema.ValidationError) as exc:
-            return _failed(call, f"arguments do not match the schema: {_short(exc)}")
+            return failed(call, f"arguments do not match the schema: {_short(exc)}")
         except TypeError as exc:  # the schema allowed what the handler's signature does not
-            return _failed(call, f"arguments do not fit the tool: {exc}")
+            return failed(call, f"arguments do not fit the tool: {exc}")
         try:
             value = await asyncio.wait_for(awaitable, timeout=time_limit)
-            text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+            sources: tuple[Source, ...] = ()
+            if isinstance(value, ToolOutput):
+                text, sources = value.text, value.sources[:MAX_SOURCES_PER_RESULT]
+            elif isinstance(value, str):
+                text = value
+            else:
+                text = json.dumps(value, ensure_ascii=False, default=str)
         except TimeoutError:
-            return _failed(call, f"the tool did not finish within {time_limit:g} s")
+            return failed(call, f"the tool did not finish within {time_limit:g} s")
         except OSError as exc:  # its text names files: the model and the log get the kind only
-            return _failed(call, f"{type(exc).__name__}: {exc.strerror or 'operating system error'}")
+            return failed(call, f"{type(exc).__name__}: {exc.strerror or 'operating system error'}")
         except Exception as exc:  # a tool's failure, whatever it is, is reported to the model
-            return _failed(call, f"{type(exc).__name__}: {exc}")
+            return failed(call, f"{type(exc).__name__}: {exc}")
         if len(text) > MAX_TOOL_RESULT_CHARS:
             text = text[:MAX_TOOL_RESULT_CHARS] + " …[truncated]"
-        return text
+        return ToolResult(text=text, sources=sources)
 
     def _bind(self, arguments: dict[str, Any]) -> Awaitable[Any]:
         if self._model is not None and self.parameter_schema is not None:
@@ -145,6 +198,16 @@ def _short(exc: Exception) -> str:
     return str(getattr(exc, "message", exc))[:500]
 
 
-def _failed(call: ToolCall, reason: str) -> str:
-    log.warning("tool %s (call %s) failed: %s", call.name, call.id, reason)
-    return json.dumps({"error": reason}, ensure_ascii=False)
+def failed(call: ToolCall, reason: str) -> ToolResult:
+    """A call that failed (or could not run), as the model reads it; logged without arguments."""
+    # The reason may quote the arguments (taken from the user's text): logged only with capture.
+    shown = reason if telemetry.state.capture_content else reason.split(":", 1)[0]
+    log.warning("tool %s (call %s) failed: %s", call.name, call.id, shown)
+    return ToolResult(text=json.dumps({"error": reason}, ensure_ascii=False), failed=True)
+
+
+
+def _one_line(text: str, limit: int) -> str:
+    """`text` on one line (control characters and runs of spaces as one space), cut to `limit`."""
+    flat = " ".join("".join(" " if unicodedata.category(c)[0] == "C" else c for c in text).split())
+    return flat if len(flat) <= limit else flat[:limit - 1].rstrip() + "…"

@@ -21,6 +21,9 @@ param maximumInstanceCount int = 100
 @minValue(1)
 @maxValue(1000)
 param httpPerInstanceConcurrency int
+@description('Always-ready instances of the queue-triggered `answer` function (its own scale group); 0 for none.')
+@minValue(0)
+param answerAlwaysReady int = 0
 @description('Subnet (delegated to Microsoft.App/environments) the app joins; empty for none.')
 param virtualNetworkSubnetId string = ''
 
@@ -127,6 +130,15 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
             perInstanceConcurrency: httpPerInstanceConcurrency
           }
         }
+        // The queue-triggered `answer` function scales in its own group, apart from the HTTP
+        // functions; always-ready instances of it skip the scale-out wait of a first message
+        // after idle, and are billed while idle (docs/deploy.md: always-ready instances).
+        alwaysReady: answerAlwaysReady > 0 ? [
+          {
+            name: 'function:answer'
+            instanceCount: answerAlwaysReady
+          }
+        ] : []
       }
       runtime: {
         name: 'python'

@@ -266,6 +266,15 @@ class ConversationStore(ABC):
         with span("chatstate.delivered"):
             await self._mark_delivered(conversation_id, activity_id, reply_id=reply_id)
 
+    async def mark_stopped(self, conversation_id: str, activity_id: str, *, shown: str) -> None:
+        """The user stopped the reply of `activity_id` after it was committed (on the stream's
+        final message): keep `shown`, the text they saw, as the reply, marked stopped."""
+        _check_conversation_id(conversation_id)
+        await self._mark_stopped(conversation_id, activity_id, shown=shown)
+
+    async def _mark_stopped(self, conversation_id: str, activity_id: str, *, shown: str) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot mark a reply stopped")
+
     async def rate_reply(self, conversation_id: str, reply_id: str, feedback: Feedback) -> bool:
         """Keep `feedback` with the reply the channel knows as `reply_id` (replacing an earlier
         rating); False when no stored turn has that reply."""

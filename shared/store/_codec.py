@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..keys import encode_key
-from ..messages import ChatMessage, Feedback, Sender, ToolCall, Usage
+from ..messages import ChatMessage, Citation, Feedback, Sender, ToolCall, Usage
 
 HEAD = "h"
 MESSAGE_PREFIX = "m"
@@ -125,6 +125,9 @@ def message_entity(pk: str, seq: int, message: ChatMessage, *, tokens: int, turn
         entity["prompt_tokens"] = message.usage.prompt_tokens
         entity["completion_tokens"] = message.usage.completion_tokens
         entity["cached_tokens"] = message.usage.cached_tokens
+    if message.citations:
+        put_text(entity, "citations", json.dumps([c.to_json() for c in message.citations],
+                                                 ensure_ascii=False))
     return entity
 
 
@@ -154,6 +157,8 @@ def entity_message(entity: Entity) -> ChatMessage:
         feedback=entity_feedback(entity),
         sender=Sender(id=entity.get("from_id"), aad_id=entity.get("from_aad"))
         if "from_id" in entity or "from_aad" in entity else None,
+        citations=tuple(Citation.from_json(item) for item in json.loads(
+            get_text(entity, "citations") or "[]")),
     )
 
 

@@ -118,6 +118,17 @@ class InMemoryConversationStore(ConversationStore):
             if reply_id is not None:
                 conversation.replies[reply_id] = activity_id
 
+    async def _mark_stopped(self, conversation_id: str, activity_id: str, *, shown: str) -> None:
+        conversation = self._conversations.get(conversation_id)
+        turn = conversation.turns.get(activity_id) if conversation else None
+        if conversation is None or turn is None or turn.reply is None:
+            return
+        stopped = replace(turn.reply, content=shown, stopped=True)
+        for index, (message, tokens) in enumerate(conversation.messages):
+            if message is turn.reply:
+                conversation.messages[index] = (stopped, tokens)
+        conversation.turns[activity_id] = replace(turn, messages=(*turn.messages[:-1], stopped))
+
     async def _rate_reply(self, conversation_id: str, reply_id: str, feedback: Feedback) -> bool:
         conversation = self._conversations.get(conversation_id)
         activity_id = conversation.replies.get(reply_id) if conversation else None

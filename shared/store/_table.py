@@ -334,16 +334,32 @@ class TableConversationStore(ConversationStore):
         if reply_id is not None:
             entity["reply_id"] = reply_id
         try:
-            await self._rows.run("marking a reply delivered", self._rows.table.update_entity, entity,
-                            mode=UpdateMode.MERGE)
+            await self._rows.run("marking a reply delivered", self._rows.table.update_entity,
+                                 entity, mode=UpdateMode.MERGE)
         except StorageRejected as exc:
             if not isinstance(exc.__cause__, ResourceNotFoundError):
                 raise
             log.info("the turn was cleared before its delivery was recorded")
 
+    async def _mark_stopped(self, conversation_id: str, activity_id: str, *, shown: str) -> None:
+        await self._rows.run("marking a reply stopped", self._replace_reply, conversation_id,
+                             activity_id, shown)
+
+    async def _replace_reply(self, conversation_id: str, activity_id: str, shown: str) -> None:
+        pk = encode_key(conversation_id)
+        marker = await self._rows.get(pk, marker_row_key(activity_id))
+        row = None if marker is None else \
+            await self._rows.get(pk, message_row_key(int(marker["last_seq"])))
+        if row is None:
+            return
+        message = replace(entity_message(row), content=shown, stopped=True)
+        entity = message_entity(pk, int(row["seq"]), message, tokens=int(row["tokens"]),
+                                turn_seq=int(row["turn_seq"]), activity_id=str(row["activity_id"]))
+        await self._rows.table.update_entity(entity, mode=UpdateMode.REPLACE)
+
     async def _rate_reply(self, conversation_id: str, reply_id: str, feedback: Feedback) -> bool:
         return await self._rows.run("rating a reply", self._merge_feedback,
-                               encode_key(conversation_id), reply_id, feedback)
+                                    encode_key(conversation_id), reply_id, feedback)
 
     async def _merge_feedback(self, pk: str, reply_id: str, feedback: Feedback) -> bool:
         """Find the turn by its reply's ID (ratings are rare: a query of the markers, no index

@@ -65,6 +65,18 @@ class Bench:
             sent["Authorization"] = f"Bearer {token}"
         return self.http.post(f"{self.host.url}/api/messages", content=body, headers=sent)
 
+    def replies(self, conversation_id: str, *, count: int = 1,
+                seconds: float = 30.0) -> list[dict[str, Any]]:
+        """The messages the bot sent to the conversation, once there are `count` of them."""
+        import time
+
+        deadline = time.monotonic() + seconds
+        while len(found := self.connector.messages(conversation_id)) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(found)} of {count} replies after {seconds} s")
+            time.sleep(0.05)
+        return found
+
     def history(self, conversation_id: str) -> list[dict[str, Any]]:
         from urllib.parse import quote
 
@@ -76,7 +88,10 @@ class Bench:
 @contextmanager
 def bench(storage: str, *, auth: bool = True, model_latency: float = 0.0,
           extra_env: dict[str, str] | None = None,
-          model_options: dict[str, Any] | None = None) -> Iterator[Bench]:
+          model_options: dict[str, Any] | None = None, answer_mode: str = "inline",
+          host_args: list[str] | None = None) -> Iterator[Bench]:
+    """`answer_mode` inline: the reply is sent before the POST returns (what most of these tests
+    read); queue: the dev host's `answer` function sends it from the turn queue."""
     loop = BackgroundLoop()
     model = FakeModelServer(latency=model_latency, **(model_options or {}))
     certificates = tempfile.TemporaryDirectory()
@@ -91,6 +106,10 @@ def bench(storage: str, *, auth: bool = True, model_latency: float = 0.0,
         "OPENAI_MODEL": "bench-model",
         "CHAT_MODEL_TIMEOUT_SECONDS": "10",
         "CHAT_INSTRUCTIONS": "You are a test bot.",
+        "CHAT_ANSWER_MODE": answer_mode,
+        # the queue trigger's connection, and a queue of this bench's own
+        "AzureWebJobsStorage": storage,
+        "CHAT_TURN_QUEUE": f"turns-{uuid.uuid4().hex[:12]}",
         # The identity provider is HTTPS (as Entra is): the host trusts its certificate only.
         "SSL_CERT_FILE": str(certificate),
     }
@@ -101,7 +120,7 @@ def bench(storage: str, *, auth: bool = True, model_latency: float = 0.0,
                     # the stand-in connector's host (replies go only to listed hosts)
                     "BOT_SERVICE_URL_HOSTS": "127.0.0.1"})
     env.update(extra_env or {})
-    host = DevHostProcess(env=env).start()
+    host = DevHostProcess(env=env, args=host_args).start()
     http = httpx2.Client(timeout=30)
     try:
         yield Bench(loop=loop, model=model, connector=connector, identity=identity, host=host, http=http)

@@ -1,12 +1,14 @@
 """A streamed turn's rules that need a race or a refusal on cue: one model call per answer the user
-has seen, and 429s that slow the stream without failing it. The bot runs in-process against a
-local model, a contract-enforcing Bot Connector stand-in and a store that loses races on demand."""
+has seen, 429s that slow the stream without failing it, and Stop pressed on the final message. The
+bot runs in-process against a local model, a contract-enforcing Bot Connector stand-in and a store
+that loses races on demand (or Azurite's table)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -15,15 +17,17 @@ import pytest
 
 from devtools.fake_channel import FakeConnector
 from devtools.fake_model import FakeModelServer, Scripted
+from shared.activity import parse_activity
 from shared.auth import BotAuthenticator
 from shared.bot import ChatBot
 from shared.connector import BotConnector
+from shared.delivery import Delivery
 from shared.limits import Spend
 from shared.messages import ChatMessage, StoredTurn
 from shared.model import build_model
 from shared.prompt import ChatPrompt
 from shared.settings import load_settings
-from shared.store import ConversationWindow, InMemoryConversationStore
+from shared.store import ConversationWindow, InMemoryConversationStore, TableConversationStore
 
 ANSWER = " ".join(f"word{index}" for index in range(30))
 
@@ -69,6 +73,14 @@ async def running_bot(store: Any, model: FakeModelServer) -> AsyncIterator[ChatB
     finally:
         await bot.connector.close()
         await bot.prompt.model.close()
+
+
+async def until(check: Callable[[], bool], *, within: float = 10.0) -> None:
+    for _ in range(int(within / 0.02)):
+        if check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"not true within {within} s")
 
 
 async def _no_wait() -> None:
@@ -123,3 +135,39 @@ async def test_429s_skip_updates_and_slow_the_stream_without_failing_the_turn(
     assert any(gap < 1.5 for gap in stream.gaps)  # the 429s
     assert connector.streams.violations == []
     assert connector.messages("a:slow")[-1]["text"].endswith("w59") and len(statuses) >= 3
+
+
+async def test_stop_pressed_on_the_final_message_sends_nothing_more_and_keeps_what_was_shown(
+        table_store: TableConversationStore, servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a committed turn whose answer has partly streamed into a Teams personal chat
+    _, connector = servers
+    body = message(connector, "a:stop")
+    activity = parse_activity(body, HEADERS)
+    window = await table_store.load_window("a:stop", token_budget=10_000, max_messages=100)
+    turn = await table_store.commit_turn(window, activity_id=activity.id, messages=[
+        ChatMessage(role="user", content="tell me"), ChatMessage(role="assistant", content=ANSWER)])
+    settings = load_settings({"OPENAI_API_KEY": "sk-test"})
+    delivery = Delivery(settings=settings, store=table_store, connector=BotConnector(credential=None))
+    progress = delivery.progress(activity)  # "Thinking…"
+    assert progress.stream is not None
+    try:
+        await until(lambda: len(connector.streams.of("a:stop")) == 1)
+        await progress.stream.on_text("word0 word1 word2")
+        await until(lambda: progress.stream is not None and progress.stream.shown != "")
+        assert progress.stream.shown == "word0 word1 word2"
+        # WHEN the user presses Stop as the final message goes out (403 "canceled by user")
+        (stream,) = connector.streams.of("a:stop")
+        connector.streams.cancel("a:stop", after_updates=len(stream.updates))
+        await delivery.reply(activity, turn, progress=progress)
+    finally:
+        await progress.close()
+        await delivery.connector.close()
+    # THEN nothing more was sent: no message with the whole answer after the refused final
+    assert connector.messages("a:stop") == []
+    assert not stream.finished and connector.streams.violations == []
+    # AND the stored reply is what the user saw, marked stopped, and the turn is delivered
+    stored = await table_store.list_messages("a:stop")
+    assert [(m.content, m.stopped) for m in stored] == [("tell me", False),
+                                                       ("word0 word1 word2", True)]
+    again = await table_store.get_turn("a:stop", activity.id)
+    assert again is not None and again.delivered

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ import pytest
 from devtools.fake_model import FakeModelServer, Scripted, default_reply
 from shared.messages import ChatMessage, utc_now
 from shared.model import ChatModel, build_model
-from shared.prompt import ChatPrompt, ConversationMemory
+from shared.prompt import SUMMARY_HEADING, ChatPrompt, ConversationMemory
 from shared.settings import load_settings
 from shared.store import ConversationWindow, TableConversationStore
 from shared.store._fold import FoldJob
@@ -83,11 +84,14 @@ async def chat(azurite_connection_string: str, table_name: str,
 
 
 def summary_of(request: list[dict[str, Any]]) -> str | None:
-    return request[1]["content"] if request[1]["role"] == "system" else None
+    """The summary a request carries: quoted, in a user-role message after the instructions."""
+    content = str(request[1]["content"])
+    return json.loads(content.removeprefix(SUMMARY_HEADING)) \
+        if content.startswith(SUMMARY_HEADING) else None
 
 
 def history_of(request: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [m for m in request[1:-1] if m["role"] != "system"]
+    return [m for m in request[1:-1] if not str(m["content"]).startswith(SUMMARY_HEADING)]
 
 
 async def test_a_summary_is_written_after_a_reply_and_used_by_later_turns(chat: Chat) -> None:

@@ -45,6 +45,8 @@ UNDEPLOYED_WITHOUT_DEFAULT = {
     "CHAT_DAILY_TOKEN_LIMIT": "off unless the operator chooses a limit",
     "OTEL_EXPORTER_OTLP_ENDPOINT": "a local OTLP collector; in Azure, traces and metrics go to "
                                    "Application Insights (APPLICATIONINSIGHTS_CONNECTION_STRING)",
+    "CHAT_MCP_SERVERS": "no MCP servers unless the operator adds some (their URLs and header "
+                        "settings are the operator's)",
 }
 
 _ARRAY_START = re.compile(r"\b\w*[aA]ppSettings\s*(?:=|:)\s*\[")
@@ -187,3 +189,24 @@ def test_every_setting_is_in_local_settings_sample() -> None:
     missing = [s.name for s in SETTINGS if s.name not in values]
     # THEN each is there, so a new developer sees every knob
     assert missing == [], f"missing from {LOCAL_SETTINGS_SAMPLE.name} Values: {missing}"
+
+
+def test_the_queue_settings_are_deployed_from_the_queue_the_bicep_creates() -> None:
+    # GIVEN main.bicep's app settings and param defaults
+    text = MAIN_BICEP.read_text(encoding="utf-8")
+    settings = dict(app_settings_in(text))
+    defaults = {m["name"]: _bicep_literal(m["default"]) for m in _PARAM_DEFAULT.finditer(text)}
+    by_name = {s.name: s for s in SETTINGS}
+    # WHEN the settings of the queue half (issue 19) are looked up
+    # THEN each is deployed: the mode and the queue from params with the settings' defaults, the
+    # endpoint from the storage account whose queues the host's trigger reads
+    assert settings["CHAT_ANSWER_MODE"] == "chatAnswerMode"
+    assert defaults["chatAnswerMode"] == by_name["CHAT_ANSWER_MODE"].default == "queue"
+    assert settings["CHAT_TURN_QUEUE"] == "chatTurnQueue"
+    assert defaults["chatTurnQueue"] == by_name["CHAT_TURN_QUEUE"].default == "chat-turns"
+    assert settings["CHAT_STORAGE_QUEUE_ENDPOINT"] == "storage.outputs.queueEndpoint"
+    assert all(by_name[name].deployed for name in ("CHAT_ANSWER_MODE", "CHAT_TURN_QUEUE",
+                                                   "CHAT_STORAGE_QUEUE_ENDPOINT"))
+    # AND the host's `-poison` suffix still leaves a valid queue name (at most 63 characters)
+    longest = re.search(r"@maxLength\((\d+)\)\nparam chatTurnQueue string", text)
+    assert longest is not None and int(longest[1]) + len("-poison") == 63

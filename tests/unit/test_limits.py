@@ -85,7 +85,7 @@ async def test_a_turn_over_the_minute_limit_gets_a_polite_reply_and_no_model_cal
         caplog: pytest.LogCaptureFixture) -> None:
     # GIVEN a bot allowing 2 turns a minute per conversation
     store, model = frozen_store(), CountingModel()
-    bot = make_bot(store, model, CHAT_MAX_TURNS_PER_MINUTE="2")
+    bot = make_bot(store, model, clock=lambda: NOON, CHAT_MAX_TURNS_PER_MINUTE="2")
     # WHEN three messages arrive in one minute (a fourth to another conversation)
     replies = [await bot.handle(body=activity(f"m{i}", "busy"), headers=HEADERS) for i in range(3)]
     other = await bot.handle(body=activity("hello", "calm"), headers=HEADERS)
@@ -108,7 +108,7 @@ async def test_a_turn_over_the_minute_limit_gets_a_polite_reply_and_no_model_cal
 async def test_a_conversation_past_its_daily_tokens_is_refused() -> None:
     # GIVEN a bot allowing 1,000 tokens a day per conversation, a model spending 400 a turn
     store, model = frozen_store(), SpendingModel()
-    bot = make_bot(store, model, CHAT_DAILY_TOKEN_LIMIT="1000")
+    bot = make_bot(store, model, clock=lambda: NOON, CHAT_DAILY_TOKEN_LIMIT="1000")
     # WHEN four messages arrive
     replies = [await bot.handle(body=activity(f"t{i}", "daily"), headers=HEADERS) for i in range(4)]
     # THEN three are answered (the third crosses the limit) and the fourth is refused

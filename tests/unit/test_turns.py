@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import httpx2
@@ -15,7 +17,7 @@ from shared.bot import MAX_REASKS, ChatBot
 from shared.connector import BotConnector
 from shared.errors import ConversationConflict
 from shared.limits import Spend
-from shared.messages import ChatMessage, StoredTurn
+from shared.messages import ChatMessage, StoredTurn, utc_now
 from shared.model import build_model
 from shared.prompt import ChatPrompt
 from shared.settings import load_settings
@@ -39,13 +41,14 @@ class CountingModel:
                          "message": {"role": "assistant", "content": text}}]})
 
 
-def make_bot(store: Any, handler: CountingModel, *, real_backoff: bool = False, **env: str) -> ChatBot:
+def make_bot(store: Any, handler: CountingModel, *, real_backoff: bool = False,
+             clock: Callable[[], datetime] = utc_now, **env: str) -> ChatBot:
     settings = load_settings({"OPENAI_API_KEY": "sk-test", **env})
     model = build_model(settings.model, http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(handler)))
     return ChatBot(settings=settings, store=store, prompt=ChatPrompt(model),
                    connector=BotConnector(credential=None),
                    authenticator=BotAuthenticator(settings.bot, http=httpx2.AsyncClient(), in_azure=False),
-                   sleep=asyncio.sleep if real_backoff else (lambda _: asyncio.sleep(0)))
+                   clock=clock, sleep=asyncio.sleep if real_backoff else (lambda _: asyncio.sleep(0)))
 
 
 def activity(text: str, conversation: str, activity_id: str | None = None) -> bytes:

@@ -1,0 +1,143 @@
+"""The delivery: what a turn shows while it works, the reply it sends, and the delivered mark.
+
+`progress()` opens a turn's progress: a stream with its informative update where the channel
+streams (or the stream the webhook opened, resumed), else a typing indicator. `reply()` sends a
+committed turn's reply (the stream's final message, or an ordinary message), marks it delivered,
+and, when the user pressed Stop before the final message, records what was shown as stopped.
+`reply_activity()` is the one place a committed reply becomes an activity (add citations,
+suggested actions and attachments there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from .activity import Activity
+from .connector import BotConnector
+from .errors import ConnectorError, StoreError
+from .messages import StoredTurn
+from .settings import Settings
+from .store import ConversationStore
+from .streaming import ReplyStream, StreamStart
+
+__all__ = ["Delivery", "Progress"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """What a turn shows while it works: a stream, or a typing indicator, or nothing."""
+
+    stream: ReplyStream | None = None
+    typing: asyncio.Task[None] | None = None
+
+    async def close(self) -> None:
+        if self.typing is not None:
+            await asyncio.gather(self.typing, return_exceptions=True)
+        if self.stream is not None:
+            await self.stream.close()
+
+
+class Delivery:
+    def __init__(self, *, settings: Settings, store: ConversationStore,
+                 connector: BotConnector) -> None:
+        self.settings = settings
+        self.store = store
+        self.connector = connector
+
+    # -- while the turn works ----------------------------------------------------------------
+
+    def progress(self, activity: Activity, *, resume: StreamStart | None = None,
+                 updates: bool = True) -> Progress:
+        """A stream with its informative update where the channel streams (`resume`: the one the
+        webhook opened); else a typing indicator (none when the reply is the response)."""
+        if self.settings.streaming and activity.can_stream:
+            stream = ReplyStream(connector=self.connector, activity=activity, resume=resume,
+                                 updates=updates)
+            if resume is None:
+                stream.inform(self.settings.streaming_informative)
+            return Progress(stream=stream)
+        if activity.expects_replies:
+            return Progress()
+        return Progress(typing=asyncio.create_task(self._send_typing(activity)))
+
+    async def open_stream(self, activity: Activity) -> StreamStart | None:
+        """Send the informative update now (the webhook, before it returns): the stream's start,
+        or None where the channel does not stream."""
+        if not (self.settings.streaming and activity.can_stream):
+            return None
+        stream = ReplyStream(connector=self.connector, activity=activity)
+        return await stream.open(self.settings.streaming_informative)
+
+    # -- replies -----------------------------------------------------------------------------
+
+    def reply_activity(self, activity: Activity, turn: StoredTurn) -> dict[str, Any]:
+        """The activity that carries a committed turn's reply."""
+        reply = turn.reply
+        return activity.reply(reply.content if reply is not None and reply.content else "",
+                              ai=True, feedback=self.settings.feedback,
+                              citations=reply.citations if reply is not None else ())
+
+    async def reply(self, activity: Activity, turn: StoredTurn, *,
+                    progress: Progress | None = None) -> dict[str, Any] | None:
+        """Deliver a committed turn's reply and mark it delivered. With expectReplies nothing is
+        sent: the activity to put in the response is returned."""
+        reply = turn.reply
+        if reply is not None and reply.stopped:
+            await self._mark_delivered(activity, reply_id=None)  # the user saw all there is
+            return None
+        outgoing = self.reply_activity(activity, turn)
+        if activity.expects_replies:
+            return outgoing
+        stream = progress.stream if progress is not None else None
+        reply_id = await self.send(activity, outgoing, stream=stream)
+        if stream is not None and stream.canceled and reply is not None:
+            await self._mark_stopped(activity, shown=stream.shown)
+        await self._mark_delivered(activity, reply_id=reply_id)
+        return None
+
+    async def text(self, activity: Activity, text: str, *,
+                   progress: Progress | None = None) -> dict[str, Any] | None:
+        """A fixed reply (welcome, limits, apology): sent, or returned with expectReplies."""
+        outgoing = activity.reply(text, ai=False)
+        if activity.expects_replies:
+            return outgoing
+        await self.send(activity, outgoing, stream=progress.stream if progress else None)
+        return None
+
+    async def send(self, activity: Activity, outgoing: dict[str, Any], *,
+                   stream: ReplyStream | None = None) -> str | None:
+        """Send `outgoing`: as the end of `stream` when one is open, else as a message."""
+        if stream is not None:
+            return await stream.finish(outgoing)
+        return await self.connector.send(service_url=activity.service_url,
+                                         conversation_id=activity.conversation_id,
+                                         activity=outgoing)
+
+    async def _mark_delivered(self, activity: Activity, *, reply_id: str | None) -> None:
+        try:
+            await self.store.mark_delivered(activity.conversation_id, activity.id,
+                                            reply_id=reply_id)
+        except StoreError as exc:  # the reply went out: a failure now would get it sent twice
+            log.warning("reply delivered but not recorded: %s", exc)
+
+    async def _mark_stopped(self, activity: Activity, *, shown: str) -> None:
+        """The user pressed Stop as the final message went out: keep what they saw."""
+        try:
+            await self.store.mark_stopped(activity.conversation_id, activity.id, shown=shown)
+        except StoreError as exc:
+            log.warning("the stop was not recorded: %s", exc)
+        else:
+            log.info("the reply was stopped on its final message; kept what was shown")
+
+    async def _send_typing(self, activity: Activity) -> None:
+        try:
+            await self.connector.send(service_url=activity.service_url,
+                                      conversation_id=activity.conversation_id,
+                                      activity=activity.typing())
+        except ConnectorError as exc:
+            log.info("typing indicator not sent: %s", exc)

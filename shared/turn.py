@@ -1,0 +1,193 @@
+"""The turn: load the window, check the limits, prompt the model, commit; with its retry policy.
+
+    load the window (dedupe) → limits → prompt (streaming through the caller's stream) → commit
+
+The store loads a window; the prompt gets its messages and returns the turn's; the turn is
+committed against that window, in one ETag-guarded transaction. A turn that loses the race re-loads
+the window and commits again: with the same messages when the user has already read the answer as
+it streamed, or when it was asked again once already; otherwise it asks the model again with the
+new window (`MAX_REASKS`). The turn sends nothing itself: its result says what to deliver. A model
+failure is raised (`ModelError`): the caller apologises or retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+from .activity import Activity
+from .errors import (
+    ConversationConflict,
+    DuplicateActivity,
+    MessageTooLarge,
+    StoreError,
+    TurnTooLarge,
+)
+from .limits import LIMIT_REPLIES, limit_reached, over_limit
+from .messages import ChatMessage, StoredTurn, ToolCall, Usage, utc_day
+from .prompt import TURN_LIMIT_REPLY, ChatPrompt, ToolListener
+from .settings import Settings
+from .store import ConversationStore, ConversationWindow, Indexed
+from .streaming import ReplyStream
+
+__all__ = ["MAX_REASKS", "Busy", "Committed", "Found", "Refused", "TurnResult", "TurnRunner"]
+
+log = logging.getLogger(__name__)
+
+#: After losing a race, a turn not yet shown asks the model again this many times at most; then
+#: its answer is committed after the turns that won.
+MAX_REASKS = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Committed:
+    """The turn is stored; deliver its reply (then the summary work on `window`)."""
+
+    turn: StoredTurn
+    window: ConversationWindow
+
+
+@dataclass(frozen=True, kw_only=True)
+class Found:
+    """The activity was committed before. `send`: its reply may still need sending (a retry);
+    False when another instance committed it a moment ago and delivers it."""
+
+    turn: StoredTurn | None
+    send: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class Refused:
+    """No model answer to store: reply with this text of ours (a limit, a turn too large)."""
+
+    text: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Busy:
+    """Other turns kept committing first, `attempts` times."""
+
+    attempts: int
+
+
+TurnResult = Committed | Found | Refused | Busy
+
+
+class TurnRunner:
+    def __init__(self, *, settings: Settings, store: ConversationStore, prompt: ChatPrompt,
+                 clock: Callable[[], datetime] | None = None,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        """`clock`: the turn's time; None: the store's (`store.clock`), the one the spend
+        counters move by."""
+        self.settings = settings
+        self.store = store
+        self.prompt = prompt
+        self._clock = clock or store.clock
+        self._sleep = sleep
+
+    async def run(self, activity: Activity, text: str, *, needed: int,
+                  stream: ReplyStream | None) -> TurnResult:
+        """Answer `text` (`needed` tokens) of `activity`; the model's text goes to `stream`."""
+        limits = self.settings.model
+        started = time.perf_counter()
+        # A turn that is kept once asked: the user has read it as it streamed, or it was asked
+        # again once already after losing a race (so a busy conversation cannot starve it).
+        kept: tuple[ChatMessage, ...] | None = None
+        indexing: asyncio.Task[Indexed | None] | None = None
+        billed, counted, committed = Usage(), False, False  # every model call the turn paid for
+        try:
+            for attempt in range(self.settings.turn_max_attempts):
+                window = await self.store.load_window(
+                    activity.conversation_id, token_budget=limits.history_token_budget - needed,
+                    max_messages=limits.history_max_messages, activity_id=activity.id)
+                if window.committed_activity:
+                    # Found on a re-load after a conflict: another instance just committed it
+                    # and delivers it. Found at once: a retry, which may need a re-send.
+                    turn = await self.store.get_turn(activity.conversation_id, activity.id)
+                    return Found(turn=turn, send=attempt == 0)
+                now = self._clock()
+                if kept is None and not counted and \
+                        (limit := over_limit(window.spend, self.settings.data, now)):
+                    limit_reached(limit, window.spend, now)
+                    return Refused(text=LIMIT_REPLIES[limit])
+                if self.settings.data.max_turns_per_minute is not None and not counted:
+                    try:  # the turn takes its place in the minute before the model call
+                        window, counted = await self.store.reserve_turn(window), True
+                    except ConversationConflict:
+                        await self._sleep(random.uniform(0, min(1.0, 0.05 * 2 ** attempt)))
+                        continue
+                if indexing is None:  # index rows, written while the model works
+                    indexing = asyncio.create_task(self.store.write_indexes(
+                        window, today=utc_day(now), sender=activity.user, shared=activity.in_group))
+                messages = kept
+                if messages is None:
+                    result = await self.prompt.send(
+                        text, history=window.messages, summary=window.summary,
+                        speaker=activity.speaker, sender=activity.user,
+                        on_text=stream.on_text if stream else None,
+                        on_tools=_tools_listener(stream))
+                    billed += result.usage
+                    messages = _as_seen(result.messages, stream)
+                    if (stream is not None and stream.shown) or attempt >= MAX_REASKS:
+                        kept = messages
+                window = replace(window, indexed=await indexing)
+                try:
+                    turn = await self.store.commit_turn(window, activity_id=activity.id,
+                                                        messages=messages, billed=billed,
+                                                        counted=counted)
+                    committed = True
+                except ConversationConflict:
+                    log.info("conflict on attempt %d%s", attempt + 1,
+                             "; committing the same answer after the turns that won"
+                             if kept else "")
+                    if attempt + 1 < self.settings.turn_max_attempts:
+                        await self._sleep(random.uniform(0, min(1.0, 0.05 * 2 ** attempt)))
+                    continue
+                except DuplicateActivity as exc:
+                    log.info("the activity was committed by another instance")
+                    return Found(turn=exc.turn, send=False)
+                except (TurnTooLarge, MessageTooLarge) as exc:
+                    log.warning("turn too large to store: %s", exc)
+                    return Refused(text=TURN_LIMIT_REPLY)
+                log.info("turn committed attempts=%d rows_read=%d window=%d streamed=%s ms=%.1f",
+                         attempt + 1, window.rows_read, len(window.messages),
+                         bool(stream and stream.shown), (time.perf_counter() - started) * 1000)
+                return Committed(turn=turn, window=window)
+        finally:
+            if not committed:  # paid for, stored nowhere: the tokens still count
+                await self._charge(activity, billed)
+            if indexing is not None:  # a turn that ends before its commit: the rows stay, harmless
+                await asyncio.gather(indexing, return_exceptions=True)
+        log.warning("gave up after %d conflicts", self.settings.turn_max_attempts)
+        return Busy(attempts=self.settings.turn_max_attempts)
+
+
+    async def _charge(self, activity: Activity, billed: Usage) -> None:
+        try:
+            await self.store.charge(activity.conversation_id, billed)
+        except StoreError as exc:
+            log.warning("tokens of a turn that stored nothing not counted: %s", exc)
+
+
+def _tools_listener(stream: ReplyStream | None) -> ToolListener | None:
+    if stream is None:
+        return None
+
+    async def using(calls: Sequence[ToolCall]) -> None:
+        stream.new_round()
+        names = ", ".join(dict.fromkeys(call.name for call in calls))
+        stream.inform(f"Using {names}…")
+
+    return using
+
+
+def _as_seen(messages: tuple[ChatMessage, ...], stream: ReplyStream | None) -> tuple[ChatMessage, ...]:
+    """The turn as the user saw it: a reply they stopped ends with what they had read."""
+    if stream is None or not stream.canceled or messages[-1].stopped:
+        return messages
+    return (*messages[:-1], replace(messages[-1], content=stream.shown, stopped=True))
