@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEV_HOST := $(addprefix devtools/,host.py functions_host.py worker.py rpc.py routes.py http_exchange.py timers.py ncrontab.py queues.py azurite.py)
 
-.PHONY: help deps run chat playground test unit pytest lint infra-check bench clean torture
+.PHONY: help deps python-version run chat playground test unit pytest lint infra-check bench clean torture
 
 help:
 	@echo "make run         serve the bot on http://127.0.0.1:$${PORT:-7071}/api/messages (Azurite + offline model by default)"
@@ -20,10 +20,15 @@ help:
 	@echo "make bench       store and webhook benchmarks; figures go to benchmarks/results.json"
 	@echo "make torture     the randomized concurrency test (SEED=…, ROUNDS=… or DURATION=… seconds)"
 
-deps: $(VENV)/.installed node_modules/.installed
+deps: python-version $(VENV)/.installed node_modules/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+# Before anything installs: PYTHON must be a Python 3.13 (one line naming it otherwise).
+python-version:
 	@test -n "$(PYTHON)" || { echo "error: Python 3.13 not found (install it, or make PYTHON=/path/to/python3.13)" >&2; exit 1; }
+	@"$(PYTHON)" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 13))' 2>/dev/null || { \
+		echo "error: PYTHON=$(PYTHON) is $$("$(PYTHON)" --version 2>/dev/null || echo 'not runnable'); chatstate needs Python 3.13 (make PYTHON=/path/to/python3.13 ...)" >&2; exit 1; }
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt | python-version
 	@$(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 13))' 2>/dev/null || \
 		{ rm -rf $(VENV) && echo "creating $(VENV) with $(PYTHON)" && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt

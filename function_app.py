@@ -3,6 +3,7 @@
 POST /api/messages                                   the Bot Framework messaging endpoint
 GET  /api/health                                     200 when storage answers, 503 when not
 GET  /api/conversations/{conversation_id}/messages   the stored history, oldest first, and summary
+                                                     (404 for a conversation never stored)
 DELETE /api/conversations/{conversation_id}          forget a conversation
 GET  /api/users/{user_id}/messages                   every stored message a user sent or received
 DELETE /api/users/{user_id}                          forget a user (docs/operate.md)
@@ -21,7 +22,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import azure.functions as func
 
-from shared.errors import ChatstateError, http_status_for
+from shared.errors import ChatstateError, StorageForbidden, http_status_for
 from shared.inbox import LEFTOVER_DAYS, max_dequeue_count
 from shared.messages import ChatMessage, utc_now
 from shared.retention import purge_idle
@@ -72,23 +73,35 @@ async def answer(msg: func.QueueMessage) -> None:
 
 @app.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 async def health(req: func.HttpRequest) -> func.HttpResponse:
+    """200 when storage answers, else 503; the model's last known state beside it (no tokens)."""
+    check = await runtime.model.known_state()
+    model = {"model": check.state.value, "modelDetail": check.detail}
     try:
         await runtime.store.ping()
+    except StorageForbidden as exc:
+        logging.warning("health check: storage refused our credentials: %s", exc)
+        return _json({"status": "unhealthy", "storage": "refused: check the key / role", **model},
+                     status=503, headers={"Retry-After": "5"})
     except ChatstateError as exc:
         logging.warning("health check: storage unreachable: %s", exc)
-        return _json({"status": "unhealthy", "storage": "unreachable"}, status=503,
+        return _json({"status": "unhealthy", "storage": "unreachable", **model}, status=503,
                      headers={"Retry-After": "5"})
-    return _json({"status": "healthy", "storage": "reachable"})
+    return _json({"status": "healthy", "storage": "reachable", **model})
 
 
 @app.route(route="conversations/{conversation_id}/messages", methods=["GET"])
 async def conversation_messages(req: func.HttpRequest) -> func.HttpResponse:
+    """404 for a conversation with no stored message and no summary (never seen, or cleared)."""
     conversation_id = req.route_params["conversation_id"]
     try:
         messages = await runtime.store.list_messages(conversation_id)
         summary = await runtime.store.get_summary(conversation_id)
     except ChatstateError as exc:
         return _failed(exc)
+    if not messages and summary is None:
+        return _json({"error": "conversation_not_found",
+                      "reason": f"no stored messages for conversation {conversation_id!r}"},
+                     status=404)
     return _json({"conversationId": conversation_id, "summary": summary,
                   "messages": [_message_json(message) for message in messages]})
 

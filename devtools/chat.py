@@ -12,8 +12,11 @@ import sys
 import urllib.error
 import urllib.request
 import uuid
+from pathlib import Path
 
-from devtools.local_settings import local_environment
+from devtools import preflight
+from devtools.local_settings import LOCAL_SETTINGS, LocalSettingsError, local_environment
+from shared.errors import SettingsError
 from shared.settings import load_settings
 
 
@@ -35,11 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Chat with the local bot.")
     parser.add_argument("--port", type=int, default=None)
     parser.add_argument("--conversation", default=None, help="a conversation ID to continue")
+    parser.add_argument("--settings", type=Path, default=LOCAL_SETTINGS, help=argparse.SUPPRESS)
+    parser.add_argument("--run-file", type=Path, default=preflight.RUN_FILE, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    port = args.port or load_settings(local_environment()).port
+    try:
+        configured = load_settings(local_environment(args.settings)).port
+    except (LocalSettingsError, SettingsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    port, found = preflight.bot_port(given=args.port, configured=configured, path=args.run_file)
     endpoint = f"http://127.0.0.1:{port}/api/messages"
     conversation_id = args.conversation or f"terminal:{uuid.uuid4().hex[:12]}"
-    print(f"chatting with {endpoint} as conversation {conversation_id}\n"
+    print(f"chatting with {endpoint} (port from {found}) as conversation {conversation_id}\n"
           "type a message; /reset clears the conversation; Ctrl-D leaves")
     while True:
         try:
@@ -55,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"! the bot answered {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
             continue
         except OSError as exc:
-            print(f"! cannot reach {endpoint} ({exc}); is `make run` running?", file=sys.stderr)
+            print(f"! cannot reach {endpoint} ({exc}); is make run running? (it notes its port "
+                  "for make chat)", file=sys.stderr)
             continue
         for reply in replies:
             print(f"bot> {reply}")

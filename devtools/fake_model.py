@@ -94,7 +94,10 @@ def tool_call(name: str, arguments: dict[str, Any], call_id: str | None = None) 
 class FakeModelServer(LocalServer):
     def __init__(self, *, latency: float = 0.0,
                  reply: Callable[[dict[str, Any]], str] = default_reply,
-                 first_token_after: float = 0.0, word_interval: float = 0.0) -> None:
+                 first_token_after: float = 0.0, word_interval: float = 0.0,
+                 api_key: str | None = None) -> None:
+        """With `api_key`, a request without `Authorization: Bearer <api_key>` gets OpenAI's 401."""
+        self.api_key = api_key
         self.latency = latency
         self.reply = reply
         self.first_token_after = first_token_after
@@ -125,9 +128,25 @@ class FakeModelServer(LocalServer):
         return self
 
     def routes(self, app: web.Application) -> None:
+        app.router.add_get("/{tail:.*}/models", self._models)
         app.router.add_post("/{tail:.*}", self._handle)
 
+    def _refused(self, request: web.Request) -> web.Response | None:
+        if self.api_key is None or request.headers.get("Authorization") == f"Bearer {self.api_key}":
+            return None
+        return web.json_response({"error": {"message": "Incorrect API key provided.",
+                                            "type": "invalid_request_error",
+                                            "code": "invalid_api_key"}}, status=401)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        """GET /models, as a compatible server lists what it serves (no tokens)."""
+        self.paths.append(request.path)
+        return self._refused(request) or web.json_response(
+            {"object": "list", "data": [{"id": "fake-model", "object": "model", "owned_by": "test"}]})
+
     async def _handle(self, request: web.Request) -> web.Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
         body = await request.json()
         self.requests.append(body)
         self.headers.append(dict(request.headers))

@@ -1,11 +1,13 @@
 """`make run`: serve the bot locally on PORT (default 7071), with everything it needs.
 
 Starts Azurite's table service on 127.0.0.1:10002 and queue service on 10001 (the ports
-`UseDevelopmentStorage=true` means; data kept in .azurite/), each unless one already answers there,
-and none when CHAT_STORAGE_CONNECTION_STRING points elsewhere; then the project's dev host
-(`devtools.host`: the app run by the pinned Functions Python worker library, with the Functions
-host's HTTP rules, timers and queue triggers). A binding mistake stops it at start, naming the
-function. Ctrl-C stops what it started.
+`UseDevelopmentStorage=true` means; data kept in .azurite/), each unless a storage emulator already
+answers there, and none when CHAT_STORAGE_CONNECTION_STRING points elsewhere; then the project's
+dev host (`devtools.host`: the app run by the pinned Functions Python worker library, with the
+Functions host's HTTP rules, timers and queue triggers). Before it serves it checks what a first
+hour trips over, each with one line (devtools/preflight.py): the settings, PORT, Azurite's ports,
+the model (no tokens). A binding mistake stops it at start, naming the function. Ctrl-C stops what
+it started.
 `--mcp demo` (`make run MCP=demo`) also starts the demo MCP server (devtools/mcp_server.py) on
 127.0.0.1:8931 and points CHAT_MCP_SERVERS at it, unless that setting is given.
 """
@@ -13,12 +15,15 @@ function. Ctrl-C stops what it started.
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from devtools.local_settings import local_environment
+from devtools import preflight
+from devtools.local_settings import LOCAL_SETTINGS, LocalSettingsError, local_environment
+from devtools.preflight import PreflightError
 from shared.errors import SettingsError
 from shared.settings import DEVELOPMENT_STORAGE, load_settings
 
@@ -34,7 +39,8 @@ def _start_azurite() -> list[subprocess.Popen[bytes]]:
     try:
         for service, port in (("table", TABLE_PORT), ("queue", QUEUE_PORT)):
             if answers(port):
-                print(f"storage: an Azurite (or emulator) already answers on 127.0.0.1:{port}; using it")
+                preflight.storage_emulator_on(port)  # raises, naming the port, for anything else
+                print(f"storage: a storage emulator already answers on 127.0.0.1:{port}; using it")
                 continue
             print(f"storage: starting Azurite's {service} service on 127.0.0.1:{port}, "
                   f"data in {data.relative_to(ROOT)}/")
@@ -75,50 +81,70 @@ def _start_mcp_demo() -> subprocess.Popen[bytes]:
     return process
 
 
-def main() -> int:
-    signal.signal(signal.SIGTERM, _interrupt)  # stop what we started on `kill` as on Ctrl-C
-    parser = argparse.ArgumentParser(description="serve the bot locally")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Serve the bot locally.")
+    parser.add_argument("--settings", type=Path, default=LOCAL_SETTINGS,
+                        help="the local.settings.json to read")
+    parser.add_argument("--run-file", type=Path, default=preflight.RUN_FILE,
+                        help="where to note the port for `make chat` / `make playground`")
     parser.add_argument("--mcp", choices=["demo"], help="start the demo MCP server too")
-    options = parser.parse_args()
-    env = local_environment()
-    mcp_demo = options.mcp == "demo" and _point_at_mcp_demo(env)
+    args = parser.parse_args(argv)
+    # Settings warnings (an unknown CHAT_... name) print as one line each.
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    signal.signal(signal.SIGTERM, _interrupt)  # stop what we started on `kill` as on Ctrl-C
+    children: list[subprocess.Popen[bytes]] = []
     try:
+        env = local_environment(args.settings)
+        mcp_demo = args.mcp == "demo" and _point_at_mcp_demo(env)
         settings = load_settings(env)
-    except SettingsError as exc:
+        port = settings.port
+        preflight.check_port_free(port)
+        if not env.get("AzureWebJobsStorage", "").strip() and settings.storage.table_endpoint is None:
+            # The host's own storage (the turn queue's trigger reads it), as local.settings.json
+            # would set it: with no such file, the bot's storage.
+            env["AzureWebJobsStorage"] = settings.storage.connection_string
+        if mcp_demo:
+            children.append(_start_mcp_demo())
+        uses_azurite = settings.storage.table_endpoint is None and \
+            settings.storage.connection_string == DEVELOPMENT_STORAGE
+        if uses_azurite:
+            children.extend(_start_azurite())
+        else:
+            print("storage: CHAT_STORAGE_* points elsewhere; not starting Azurite")
+        print(f"host: the project's dev host on Python {sys.version.split()[0]} (docs/devhost.md)")
+        print(preflight.model_banner(settings.model))
+        if settings.model.provider.value == "offline":
+            print("  <- offline stand-in: set OPENAI_API_KEY, OPENAI_BASE_URL or "
+                  "AZURE_OPENAI_ENDPOINT for real answers")
+    except (LocalSettingsError, SettingsError, PreflightError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        _stop(children)
         return 2
-    children: list[subprocess.Popen[bytes]] = [_start_mcp_demo()] if mcp_demo else []
-    uses_azurite = settings.storage.table_endpoint is None and \
-        settings.storage.connection_string == DEVELOPMENT_STORAGE
-    if uses_azurite:
-        children.extend(_start_azurite())
-    else:
-        print("storage: CHAT_STORAGE_* points elsewhere; not starting Azurite")
-    port = settings.port
     command = [sys.executable, "-m", "devtools.host", "--port", str(port)]
-    print(f"host: the project's dev host on Python {sys.version.split()[0]} (docs/devhost.md)")
-    model = settings.model
-    print(f"model: {model.model} ({model.provider.value})"
-          + ("  <- offline stand-in: set OPENAI_API_KEY, OPENAI_BASE_URL or AZURE_OPENAI_ENDPOINT"
-             if model.provider.value == "offline" else ""))
     print(f"\n  messaging endpoint: http://127.0.0.1:{port}/api/messages"
           f"\n  health:             http://127.0.0.1:{port}/api/health"
           "\n  chat from a terminal:  make chat"
-          "\n  Agents Playground:     make playground\n")
+          "\n  Agents Playground:     make playground\n", flush=True)
     children.append(subprocess.Popen(command, cwd=ROOT, env=env))
+    preflight.write_run_file(port, path=args.run_file)
     try:
         return children[-1].wait()
     except KeyboardInterrupt:
         return 0
     finally:
-        for child in reversed(children):
-            if child.poll() is None:
-                child.send_signal(signal.SIGINT)
-                try:
-                    child.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    child.kill()
+        preflight.remove_run_file(path=args.run_file)
+        _stop(children)
         print("stopped.")
+
+
+def _stop(children: list[subprocess.Popen[bytes]]) -> None:
+    for child in reversed(children):
+        if child.poll() is None:
+            child.send_signal(signal.SIGINT)
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
 
 
 if __name__ == "__main__":

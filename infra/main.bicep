@@ -88,6 +88,23 @@ param chatSummaryTokenBudget int = 1000
 @description('NCRONTAB schedule of the retention timer (CHAT_RETENTION_SCHEDULE); retention itself is off until CHAT_RETENTION_DAYS is set.')
 param chatRetentionSchedule string = '0 30 3 * * *'
 
+// --- retention, spend limits, streaming and feedback (azd: the app settings' own names) ---
+@description('CHAT_RETENTION_DAYS: delete conversations idle longer than this many days (1-36500); empty: keep them.')
+param chatRetentionDays string = ''
+@description('CHAT_MAX_TURNS_PER_MINUTE: answered turns per conversation per UTC minute; empty: no limit.')
+param chatMaxTurnsPerMinute string = ''
+@description('CHAT_DAILY_TOKEN_LIMIT: model tokens per conversation per UTC day; empty: no limit.')
+param chatDailyTokenLimit string = ''
+@description('CHAT_STREAMING: stream replies in Teams personal chats.')
+@allowed(['on', 'off'])
+param chatStreaming string = 'on'
+@description('CHAT_STREAMING_INFORMATIVE: the update a streamed turn shows at once.')
+@maxLength(1000)
+param chatStreamingInformative string = 'Thinking…'
+@description('CHAT_FEEDBACK: like/dislike buttons on AI replies, ratings stored with the turn.')
+@allowed(['on', 'off'])
+param chatFeedback string = 'on'
+
 // --- bot and hosting ---
 @allowed(['F0', 'S1'])
 param botSku string = 'F0'
@@ -338,6 +355,31 @@ var chatAppSettings = [
   {
     name: 'CHAT_STORAGE_QUEUE_ENDPOINT'
     value: storage.outputs.queueEndpoint
+  }
+  // retention, spend limits, streaming and feedback: empty means off (shared/settings.py)
+  {
+    name: 'CHAT_RETENTION_DAYS'
+    value: chatRetentionDays
+  }
+  {
+    name: 'CHAT_MAX_TURNS_PER_MINUTE'
+    value: chatMaxTurnsPerMinute
+  }
+  {
+    name: 'CHAT_DAILY_TOKEN_LIMIT'
+    value: chatDailyTokenLimit
+  }
+  {
+    name: 'CHAT_STREAMING'
+    value: chatStreaming
+  }
+  {
+    name: 'CHAT_STREAMING_INFORMATIVE'
+    value: chatStreamingInformative
+  }
+  {
+    name: 'CHAT_FEEDBACK'
+    value: chatFeedback
   }
 ]
 

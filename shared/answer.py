@@ -22,7 +22,14 @@ from typing import Any
 
 from .activity import Activity, parse_activity
 from .delivery import Delivery, Progress
-from .errors import BadRequest, InputTooLong, MessageTooLarge, ModelError, StoreError
+from .errors import (
+    BadRequest,
+    InputTooLong,
+    MessageTooLarge,
+    ModelError,
+    ModelMisconfigured,
+    StoreError,
+)
 from .inbox import Inbox, TurnTicket
 from .logs import turn_context
 from .prompt import check_input
@@ -33,12 +40,14 @@ from .summary import Summarizer
 from .telemetry import turn
 from .turn import Busy, Committed, Found, Refused, TurnRunner
 
-__all__ = ["APOLOGY", "BUSY", "RESET_DONE", "TOO_LONG", "Answerer", "Unanswered"]
+__all__ = ["APOLOGY", "BUSY", "RESET_DONE", "SETUP_PROBLEM", "TOO_LONG", "Answerer", "Unanswered"]
 
 log = logging.getLogger(__name__)
 
 RESET_DONE = "Done: I have forgotten this conversation. Let's start over."
 APOLOGY = "Sorry, I couldn't get an answer just now. Please try again in a moment."
+SETUP_PROBLEM = ("Sorry, I can't answer: my model is not set up correctly, so trying again will "
+                 "not help. The bot's operator will find what to fix in its log.")
 BUSY = "Sorry, this conversation is very busy right now. Please send that again in a moment."
 TOO_LONG = ("Sorry, that message is too long for me (about {tokens:,} tokens; I can take "
             "{budget:,}). Could you shorten it?")
@@ -128,10 +137,14 @@ class Answerer:
         try:
             result = await self.turns.run(activity, text, needed=needed, stream=progress.stream)
         except ModelError as exc:
-            log.warning("model failed (%s): %s", type(exc).__name__, exc)
-            if not apologize:
+            # A setup problem (401/403/404) is told at once: a retry would fail the same way.
+            setup = isinstance(exc, ModelMisconfigured)
+            log.log(logging.ERROR if setup else logging.WARNING, "model failed (%s): %s",
+                    type(exc).__name__, exc)
+            if not (apologize or setup):
                 raise
-            return await self.delivery.text(activity, APOLOGY, progress=progress), None
+            return await self.delivery.text(activity, SETUP_PROBLEM if setup else APOLOGY,
+                                             progress=progress), None
         if isinstance(result, Committed):
             return await self.delivery.reply(activity, result.turn, progress=progress), result.window
         if isinstance(result, Found):

@@ -20,11 +20,13 @@
     │   ├── ModelTimeout           504
     │   ├── ModelUnavailable       502  connection refused, or 429/5xx after the SDK's retries
     │   ├── ModelRejected          502  the model endpoint answered 4xx
+    │   │   └── ModelMisconfigured 502  401/403/404: a wrong key, role, model or deployment (setup)
     │   └── ContentFiltered        502  the endpoint's content filter blocked the prompt or reply
     └── ConnectorError             502  the Bot Connector refused or could not be reached
 
-Only `shared.store` and `shared.inbox` (its table and queue) translate azure exceptions, only
-`shared.model` translates openai ones.
+Only `shared.store` and `shared.inbox` (its table and queue) translate Storage's azure exceptions,
+and only `shared.model` openai's (and its own azure-identity token errors); `shared.connector`
+translates the Bot Framework token's azure-identity errors into `ConnectorError`.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ __all__ = [
     "InputTooLong",
     "MessageTooLarge",
     "ModelError",
+    "ModelMisconfigured",
     "ModelRejected",
     "ModelTimeout",
     "ModelUnavailable",
@@ -185,6 +188,18 @@ class ModelUnavailable(ModelError):
 
 class ModelRejected(ModelError):
     code = "model_rejected"
+
+
+class ModelMisconfigured(ModelRejected):
+    """The model endpoint refused us (401, 403) or has no such model or deployment (404): our
+    setup is wrong and a retry will fail the same way. The message says what to fix."""
+
+    code = "model_misconfigured"
+
+    def __init__(self, message: str, *, answered: int) -> None:
+        super().__init__(message)
+        #: The endpoint's HTTP status: 401, 403 or 404.
+        self.answered = answered
 
 
 class ContentFiltered(ModelError):

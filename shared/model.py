@@ -9,23 +9,64 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import aiohttp
 import httpx2
 import openai
+from azure.core.exceptions import ClientAuthenticationError
 
 from . import telemetry
-from .errors import ContentFiltered, ModelError, ModelRejected, ModelTimeout, ModelUnavailable
+from .errors import (
+    ContentFiltered,
+    ModelError,
+    ModelMisconfigured,
+    ModelRejected,
+    ModelTimeout,
+    ModelUnavailable,
+)
 from .messages import ChatMessage, ToolCall, Usage
 from .settings import ModelProvider, ModelSettings
 
-__all__ = ["AZURE_OPENAI_SCOPE", "ChatModel", "Completion", "TextListener", "build_model"]
+__all__ = ["AZURE_OPENAI_SCOPE", "ChatModel", "Completion", "ModelCheck", "ModelState",
+           "TextListener", "build_model"]
 
 log = logging.getLogger(__name__)
 #: Called with a streamed reply's text so far.
 TextListener = Callable[[str], Awaitable[None]]
 AZURE_OPENAI_SCOPE = "https://cognitiveservices.azure.com/.default"
+
+
+class ModelState(StrEnum):
+    """What is known of the model endpoint: from the start-up check, then from each call."""
+
+    UNCHECKED = "unchecked"
+    OK = "ok"
+    #: 401/403: the key, the identity's role or the endpoint is wrong (permanent).
+    REFUSED = "refused"
+    #: 404: no such model or deployment (permanent).
+    MISSING = "missing"
+    #: refused connection, timeout, 429 or 5xx (transient).
+    UNREACHABLE = "unreachable"
+    #: it answered the check, but not as expected (another 4xx, an odd body).
+    FAILING = "failing"
+
+
+#: How long the start-up check waits for the model endpoint.
+CHECK_TIMEOUT_SECONDS = 5.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelCheck:
+    state: ModelState
+    #: One line: what was seen and, when it is wrong, what to fix.
+    detail: str
+
+    @property
+    def permanent(self) -> bool:
+        """A setup problem: retrying will fail the same way until a setting or role is fixed."""
+        return self.state in (ModelState.REFUSED, ModelState.MISSING)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +86,8 @@ class ChatModel:
         self.model = model
         self._max_reply_tokens = max_reply_tokens
         self._reply_tokens_field = reply_tokens_field
+        #: The last known state of the endpoint (health shows it).
+        self.last_check = ModelCheck(state=ModelState.UNCHECKED, detail="not checked yet")
 
     async def complete(self, messages: list[dict[str, Any]], *,
                        tools: list[dict[str, Any]] | None = None,
@@ -58,7 +101,12 @@ class ChatModel:
         with telemetry.model_call(model=self.model, provider=self._provider,
                                   max_tokens=self._max_reply_tokens, messages=messages,
                                   failures=(ModelError,)) as current:
-            completion = await self._complete(messages, tools=tools, on_text=on_text)
+            try:
+                completion = await self._complete(messages, tools=tools, on_text=on_text)
+            except ModelError as exc:
+                self.last_check = _state_of(exc) or self.last_check
+                raise
+            self.last_check = ModelCheck(state=ModelState.OK, detail="the last call answered")
             usage = completion.usage
             telemetry.completed(current, model=completion.model,
                                 input_tokens=usage.prompt_tokens,
@@ -94,16 +142,64 @@ class ChatModel:
                 return _completion(response, fallback_model=self.model)
             async with response:
                 return await _streamed(response, on_text, fallback_model=self.model)
-        except openai.APITimeoutError as exc:
+        except (openai.OpenAIError, ClientAuthenticationError) as exc:
+            raise self._translated(exc) from exc
+
+    async def check(self) -> ModelCheck:
+        """Whether the endpoint knows our key and model, spending no tokens: OpenAI's
+        GET /models/{model}; a compatible server's GET /models; Azure OpenAI's chat completions of
+        the deployment with no messages (a 400 then means key and deployment are right)."""
+        client = self.client.with_options(timeout=CHECK_TIMEOUT_SECONDS, max_retries=0)
+        try:
+            if isinstance(client, openai.AsyncAzureOpenAI):
+                try:
+                    await client.chat.completions.create(model=self.model, messages=[])
+                except openai.BadRequestError:
+                    pass  # the deployment exists and took our credentials; it wants messages
+            elif self._compatible:
+                try:
+                    await client.models.list()
+                except openai.NotFoundError:
+                    pass  # answers, but lists no models (not every compatible server does)
+            else:
+                await client.models.retrieve(self.model)
+        except (openai.OpenAIError, ClientAuthenticationError) as exc:
+            error = self._translated(exc)
+            self.last_check = _state_of(error) or ModelCheck(state=ModelState.FAILING,
+                                                             detail=str(error))
+            return self.last_check
+        self.last_check = ModelCheck(state=ModelState.OK,
+                                     detail=f"{self.model} answers (no tokens spent)")
+        return self.last_check
+
+    async def known_state(self) -> ModelCheck:
+        """The last known state; checked again (no tokens) unless it is OK or a setup problem,
+        which only a restart with new settings changes."""
+        if self.last_check.state is ModelState.OK or self.last_check.permanent:
+            return self.last_check
+        return await self.check()
+
+    @property
+    def _compatible(self) -> bool:
+        """An OpenAI-compatible server (Ollama, vLLM...), not OpenAI itself."""
+        return "api.openai.com" not in str(self.client.base_url)
+
+    def _translated(self, exc: openai.OpenAIError | ClientAuthenticationError) -> ModelError:
+        """The `ModelError` for an openai exception, or for azure-identity finding no token."""
+        if isinstance(exc, ClientAuthenticationError):
+            return ModelMisconfigured(
+                "no Entra ID token for Azure OpenAI: locally run `az login` (or set "
+                "AZURE_OPENAI_API_KEY); in Azure check AZURE_CLIENT_ID names the app's identity "
+                f"({type(exc).__name__})", answered=401)
+        if isinstance(exc, openai.APITimeoutError):
             if _refused(exc):
-                raise ModelUnavailable(f"cannot reach the model: {_refused(exc)}") from exc
-            raise ModelTimeout("the model did not answer in time") from exc
-        except openai.APIConnectionError as exc:
-            raise ModelUnavailable(f"cannot reach the model: {exc}") from exc
-        except openai.APIStatusError as exc:
-            raise _status_error(exc) from exc
-        except openai.OpenAIError as exc:
-            raise ModelError(f"model call failed: {type(exc).__name__}") from exc
+                return ModelUnavailable(f"cannot reach the model: {_refused(exc)}")
+            return ModelTimeout("the model did not answer in time")
+        if isinstance(exc, openai.APIConnectionError):
+            return ModelUnavailable(f"cannot reach the model: {exc}")
+        if isinstance(exc, openai.APIStatusError):
+            return _status_error(exc, azure=isinstance(self.client, openai.AsyncAzureOpenAI))
+        return ModelError(f"model call failed: {type(exc).__name__}")
 
     async def close(self) -> None:
         await self.client.close()
@@ -121,18 +217,44 @@ def _refused(exc: BaseException) -> BaseException | None:
     return None
 
 
-def _status_error(exc: openai.APIStatusError) -> ModelError:
+def _status_error(exc: openai.APIStatusError, *, azure: bool) -> ModelError:
     body = exc.body if isinstance(exc.body, dict) else {}
     code = str(body.get("code") or (body.get("error") or {}).get("code") or "")
     if code == "content_filter" or "content_filter" in str(exc.message):
         return ContentFiltered("the model endpoint's content filter blocked the prompt")
     if exc.status_code == 429 or exc.status_code >= 500:
         return ModelUnavailable(f"the model answered {exc.status_code} after retries")
+    if exc.status_code in _SETUP_ADVICE:
+        advice = _SETUP_ADVICE[exc.status_code][azure]
+        return ModelMisconfigured(f"the model answered {exc.status_code}: {advice}",
+                                  answered=exc.status_code)
     # The provider's message may quote the prompt: it is kept (in logs and spans) only when
     # message capture is on; otherwise its error code says what went wrong.
     if telemetry.state.capture_content:
         return ModelRejected(f"the model answered {exc.status_code}: {exc.message}")
     return ModelRejected(f"the model answered {exc.status_code} ({code[:64] or 'no error code'})")
+
+
+#: What to fix when the model endpoint answers 401, 403 or 404: (OpenAI or compatible, Azure).
+_SETUP_ADVICE = {
+    401: ("the key was refused: check OPENAI_API_KEY (and OPENAI_BASE_URL)",
+          "the key or token was refused: check AZURE_OPENAI_API_KEY, or unset it to use Entra ID"),
+    403: ("the key may not use this model or project: check OPENAI_API_KEY and OPENAI_MODEL",
+          "access denied: give the identity (AZURE_CLIENT_ID) the Cognitive Services OpenAI User "
+          "role, or check the resource's network rules"),
+    404: ("no such model: check OPENAI_MODEL (and OPENAI_BASE_URL, which should end in /v1)",
+          "no such deployment: check AZURE_OPENAI_DEPLOYMENT and AZURE_OPENAI_ENDPOINT"),
+}
+
+
+def _state_of(error: ModelError) -> ModelCheck | None:
+    """The endpoint's state as one failed call shows it (None: the call says nothing of it)."""
+    if isinstance(error, ModelMisconfigured):
+        return ModelCheck(state=ModelState.MISSING if error.answered == 404 else ModelState.REFUSED,
+                          detail=str(error))
+    if isinstance(error, (ModelUnavailable, ModelTimeout)):
+        return ModelCheck(state=ModelState.UNREACHABLE, detail=str(error))
+    return None
 
 
 def _usage(raw: Any) -> Usage:

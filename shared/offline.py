@@ -7,13 +7,18 @@ the rolling summary. Asked for a summary (`shared/summary.py`), it writes one by
 users said. Offered tools, it calls one when the newest message names it ("search_docs
 streaming"), its required text arguments filled with the message; given the results, it quotes
 them and cites the first source as [1], so a tool round and a citation show with no key.
+Streamed, it sends a few words every `STREAM_PACE_SECONDS` (about four seconds a reply), so a
+channel that streams (the Agents Playground, Teams) shows the reply growing.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx2
@@ -27,6 +32,8 @@ __all__ = ["offline_reply", "offline_summary", "offline_transport"]
 
 PREFIX = "[offline stand-in: no model is configured]"
 _SUMMARY_CHARS = 1_200
+#: Seconds between the streamed pieces (four words each): Teams shows at most one update a second.
+STREAM_PACE_SECONDS = 0.3
 
 
 def _quote(text: str, limit: int = 80) -> str:
@@ -151,7 +158,7 @@ def _tool_call_response(call: dict[str, Any], *, stream: bool) -> httpx2.Respons
                            + b"data: [DONE]\n\n")
 
 
-def _handle(request: httpx2.Request) -> httpx2.Response:
+def _handle(request: httpx2.Request, *, pace: float) -> httpx2.Response:
     if not request.url.path.endswith("/chat/completions"):
         return httpx2.Response(404, json={"error": {"message": "the offline stand-in serves only "
                                                     "/chat/completions", "code": "not_found"}})
@@ -170,7 +177,7 @@ def _handle(request: httpx2.Request) -> httpx2.Response:
         text = offline_reply(messages)
     if body.get("stream"):
         return httpx2.Response(200, headers={"Content-Type": "text/event-stream"},
-                               content=_events(text))
+                               content=_paced(_events(text), pace=pace))
     return httpx2.Response(200, json={
         "id": f"chatcmpl-offline-{uuid.uuid4().hex[:12]}",
         "object": "chat.completion",
@@ -182,7 +189,14 @@ def _handle(request: httpx2.Request) -> httpx2.Response:
     })
 
 
-def _events(text: str) -> bytes:
+async def _paced(events: list[bytes], *, pace: float) -> AsyncIterator[bytes]:
+    for index, event in enumerate(events):
+        if index and pace:
+            await asyncio.sleep(pace)
+        yield event
+
+
+def _events(text: str) -> list[bytes]:
     """`text` as a stream of server-sent events, a few words each, then its usage."""
     words = text.split(" ")
     pieces = [" ".join(words[start:start + 4]) for start in range(0, len(words), 4)]
@@ -194,8 +208,9 @@ def _events(text: str) -> bytes:
     chunks.append({**base, "choices": [{"index": 0, "finish_reason": "stop", "delta": {}}]})
     chunks.append({**base, "choices": [], "usage": {"prompt_tokens": 0, "completion_tokens": 0,
                                                     "total_tokens": 0}})
-    return "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks).encode() + b"data: [DONE]\n\n"
+    return [f"data: {json.dumps(chunk)}\n\n".encode() for chunk in chunks] + [b"data: [DONE]\n\n"]
 
 
-def offline_transport() -> httpx2.MockTransport:
-    return httpx2.MockTransport(_handle)
+def offline_transport(*, pace: float = STREAM_PACE_SECONDS) -> httpx2.MockTransport:
+    """The stand-in as an httpx transport; `pace`: seconds between streamed pieces (0: at once)."""
+    return httpx2.MockTransport(functools.partial(_handle, pace=pace))

@@ -6,6 +6,7 @@ checks them and returns a frozen `Settings`; a bad value raises `SettingsError` 
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import json
 import logging
@@ -31,8 +32,10 @@ __all__ = [
     "StorageSettings",
     "SummarySettings",
     "TelemetrySettings",
+    "UnknownSetting",
     "load_settings",
     "trigger_setting",
+    "unknown_settings",
 ]
 
 log = logging.getLogger(__name__)
@@ -131,21 +134,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(name="BOT_SERVICE_URL_HOSTS", default=BOT_SERVICE_URL_HOSTS, deployed=False,
             description="Hosts an activity's serviceUrl may name for replies (the bot's token goes "
             "with them), comma-separated; `*.name` matches any subdomain of name. https only "
-            "(http for a listed loopback host, for tests). The default is the public cloud's; "
+            "(http for a listed loopback host, for tests). The default is the public cloud's "
+            "(Teams, Teams GCC, the Bot Framework channels such as Web Chat and Direct Line); "
             "GCC High adds smba.infra.gov.teams.microsoft.us and *.botframework.azure.us, DoD "
             "smba.infra.dod.teams.microsoft.us and *.botframework.azure.us."),
-    Setting(name="CHAT_STREAMING", default="on", deployed=False,
+    Setting(name="CHAT_STREAMING", default="on",
             description="on or off: stream replies in Teams personal chats (and the Agents "
             "Playground): the first words show while the model writes."),
-    Setting(name="CHAT_STREAMING_INFORMATIVE", default="Thinking…", deployed=False,
+    Setting(name="CHAT_STREAMING_INFORMATIVE", default="Thinking…",
             description="The informative update a streamed turn shows at once (at most 1,000 "
             "characters)."),
-    Setting(name="CHAT_FEEDBACK", default="on", deployed=False,
+    Setting(name="CHAT_FEEDBACK", default="on",
             description="on or off: show Teams' like/dislike buttons on AI replies and store the "
             "ratings with the turn."),
     Setting(name="CHAT_TURN_MAX_ATTEMPTS", default="8",
-            description="Attempts of one turn when another instance commits first (each re-runs "
-            "the prompt after a jittered backoff of up to 1 s)."),
+            description="Attempts to commit one turn when another instance commits first, "
+            "after a jittered backoff (0.05 s doubling, at most 1 s). The model is asked again "
+            "once at most (not when the reply was streamed); later attempts commit the same "
+            "answer after the turns that won."),
     # the turn queue (README "Two halves")
     Setting(name="CHAT_ANSWER_MODE", default="queue",
             description="queue or inline: queue answers a message from the turn queue (the "
@@ -159,16 +165,17 @@ SETTINGS: tuple[Setting, ...] = (
             "managed identity) instead of CHAT_STORAGE_CONNECTION_STRING; set with "
             "CHAT_STORAGE_TABLE_ENDPOINT."),
     # data: retention and spend limits (docs/operate.md)
-    Setting(name="CHAT_RETENTION_DAYS", deployed=False,
+    Setting(name="CHAT_RETENTION_DAYS",
             description="Delete conversations idle longer than this many days (1-36500), by the "
             "retention timer; unset: keep them for ever."),
     Setting(name="CHAT_RETENTION_SCHEDULE", default=RETENTION_SCHEDULE,
-            description="NCRONTAB schedule (six fields, UTC) of the retention timer; it does "
+            description="NCRONTAB schedule (six fields, UTC) of the retention timer (retention); "
+            "it does "
             "nothing while CHAT_RETENTION_DAYS is unset."),
-    Setting(name="CHAT_MAX_TURNS_PER_MINUTE", deployed=False,
+    Setting(name="CHAT_MAX_TURNS_PER_MINUTE",
             description="At most this many answered turns per conversation per UTC minute; "
             "more get a short polite reply and no model call. Unset: no limit."),
-    Setting(name="CHAT_DAILY_TOKEN_LIMIT", deployed=False,
+    Setting(name="CHAT_DAILY_TOKEN_LIMIT",
             description="At most this many model tokens (prompt + completion) per conversation "
             "per UTC day; past it, a short polite reply and no model call. Unset: no limit."),
     Setting(name="CHAT_SPEND_COUNTS_SUMMARIES", default="off", deployed=False,
@@ -176,10 +183,10 @@ SETTINGS: tuple[Setting, ...] = (
             "conversation's daily token limit too."),
     # network
     Setting(name="HTTPS_PROXY", deployed=False,
-            description="Standard proxy variable for outbound HTTPS; with it (or HTTP_PROXY, "
-            "ALL_PROXY, or a lower-case form) set, every outbound request honours the proxy "
-            "variables (NO_PROXY too): storage looks them up per request, the model and "
-            "connector calls use httpx's own transport. Unset, the faster paths are used."),
+            description="Standard proxy variable for outbound HTTPS. The model calls (the openai "
+            "SDK's aiohttp client) always honour the proxy variables, NO_PROXY too; storage and "
+            "the Bot Connector calls honour them only when one (this, HTTP_PROXY, ALL_PROXY, or a "
+            "lower-case form) is set, since aiohttp then looks them up per request."),
     Setting(name="HTTP_PROXY", deployed=False,
             description="Standard proxy variable for outbound plain HTTP (see HTTPS_PROXY)."),
     # telemetry (standard names: the Azure Monitor distro's and OpenTelemetry's own)
@@ -211,6 +218,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Azure' (stricter start-up checks)."),
     Setting(name="PORT", default="7071", deployed=False,
             description="Local port of `make run` (dev host or func start)."),
+    Setting(name="CHAT_STRICT_SETTINGS", default="off", deployed=False,
+            description="on or off: an unknown setting with one of our prefixes (CHAT_, OPENAI_, "
+            "AZURE_OPENAI_, BOT_: a typo such as OPENAI_BASEURL) stops start-up instead of being "
+            "warned about."),
 )
 
 _BY_NAME = {setting.name: setting for setting in SETTINGS}
@@ -413,9 +424,71 @@ def trigger_setting(name: str) -> str:
     return f"%{name}%"
 
 
+#: Namespaces our setting names share with other software: their first word alone is not ours
+#: (AZURE_TENANT_ID is azure-identity's, OTEL_TRACES_SAMPLER OpenTelemetry's).
+_SHARED_NAMESPACES = ("AZURE", "OTEL", "WEBSITE", "APPLICATIONINSIGHTS", "HTTP", "HTTPS")
+#: Variables within our prefixes that other libraries read themselves (the openai SDK's).
+_NOT_OURS = frozenset({"OPENAI_ORG_ID", "OPENAI_PROJECT_ID", "OPENAI_LOG", "OPENAI_WEBHOOK_SECRET",
+                       "AZURE_OPENAI_AD_TOKEN"})
+
+
+def _our_prefixes() -> tuple[str, ...]:
+    """The name prefixes that are ours, from SETTINGS: a first word two settings share (CHAT_,
+    OPENAI_, BOT_), or, in a shared namespace, first two words two settings share (AZURE_OPENAI_)."""
+    counts: dict[str, int] = {}
+    for setting in SETTINGS:
+        words = setting.name.split("_")
+        depth = 2 if words[0] in _SHARED_NAMESPACES else 1
+        if len(words) > depth:
+            prefix = "_".join(words[:depth]) + "_"
+            counts[prefix] = counts.get(prefix, 0) + 1
+    return tuple(sorted(prefix for prefix, count in counts.items() if count >= 2))
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnknownSetting:
+    """A variable with one of our prefixes that no setting has: most likely a typo."""
+
+    name: str
+    #: The closest real setting's name, if one is close.
+    closest: str | None
+
+    @property
+    def hint(self) -> str:
+        return f"did you mean {self.closest}?" if self.closest else "no setting has a similar name"
+
+    def __str__(self) -> str:
+        return f"{self.name} is not a chatstate setting ({self.hint}); it is ignored"
+
+
+def unknown_settings(environ: Mapping[str, str]) -> list[UnknownSetting]:
+    """The names in `environ` with our prefixes (CHAT_, OPENAI_, ...) that no setting has."""
+    prefixes = _our_prefixes()
+    names = [setting.name for setting in SETTINGS]
+    return [UnknownSetting(name=name, closest=next(iter(difflib.get_close_matches(
+                               name.upper(), names, n=1, cutoff=0.6)), None))
+            for name in sorted(environ)
+            if name.upper().startswith(prefixes) and name not in _BY_NAME and name not in _NOT_OURS]
+
+
+def _check_names(read: _Reader, environ: Mapping[str, str]) -> None:
+    """Warn about each unknown setting; with CHAT_STRICT_SETTINGS on, stop at the first."""
+    strict = read.flag("CHAT_STRICT_SETTINGS")
+    for unknown in unknown_settings(environ):
+        if strict:
+            raise SettingsError(unknown.name, f"is not a chatstate setting ({unknown.hint}); "
+                                "CHAT_STRICT_SETTINGS is on")
+        log.warning("warning: %s (CHAT_STRICT_SETTINGS=on makes this an error)", unknown)
+
+
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
-    """Read and validate every setting; raise `SettingsError` naming the first bad one."""
-    read = _Reader(os.environ if environ is None else environ)
+    """Read and validate every setting; raise `SettingsError` naming the first bad one.
+
+    An unknown name with one of our prefixes (a typo) is logged as a warning naming the closest
+    setting, or raises `SettingsError` when CHAT_STRICT_SETTINGS is on."""
+    environ = os.environ if environ is None else environ
+    read = _Reader(environ)
+    _check_names(read, environ)
     in_azure = read.text("WEBSITE_SITE_NAME") is not None
     identity = read.text("AZURE_CLIENT_ID")
     model = _model(read, identity, in_azure=in_azure)

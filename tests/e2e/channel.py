@@ -81,6 +81,8 @@ class Bench:
         from urllib.parse import quote
 
         response = self.http.get(f"{self.host.url}/api/conversations/{quote(conversation_id, safe='')}/messages")
+        if response.status_code == 404:  # nothing stored (never, or cleared)
+            return []
         response.raise_for_status()
         return list(response.json()["messages"])
 

@@ -48,10 +48,11 @@ def test_history_shows_the_summary_and_reset_clears_it(channel: Bench) -> None:
     shown = history(channel, conversation)
     assert shown["summary"] and len(shown["messages"]) == 60
     assert shown["messages"][-1]["usage"]["cachedTokens"] >= 0
-    # AND /reset clears it with the messages
+    # AND /reset clears it with the messages: nothing is left to show (404)
     channel.post(channel.message("/reset", conversation_id=conversation))
-    assert history(channel, conversation) == {"conversationId": conversation, "summary": None,
-                                              "messages": []}
+    cleared = channel.http.get(
+        f"{channel.host.url}/api/conversations/{quote(conversation, safe='')}/messages")
+    assert cleared.status_code == 404 and cleared.json()["error"] == "conversation_not_found"
 
 
 def test_in_a_group_chat_each_message_reaches_the_model_with_its_speaker(channel: Bench) -> None:

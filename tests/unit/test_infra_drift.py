@@ -39,10 +39,6 @@ UNDEPLOYED_WITHOUT_DEFAULT = {
                           "deployment writes summaries",
     "HTTPS_PROXY": "a network's outbound proxy, if any; the deployed app goes out directly",
     "HTTP_PROXY": "a network's outbound proxy, if any; the deployed app goes out directly",
-    "CHAT_RETENTION_DAYS": "off unless the operator chooses a retention (a policy decision, "
-                           "not a template default)",
-    "CHAT_MAX_TURNS_PER_MINUTE": "off unless the operator chooses a limit",
-    "CHAT_DAILY_TOKEN_LIMIT": "off unless the operator chooses a limit",
     "OTEL_EXPORTER_OTLP_ENDPOINT": "a local OTLP collector; in Azure, traces and metrics go to "
                                    "Application Insights (APPLICATIONINSIGHTS_CONNECTION_STRING)",
     "CHAT_MCP_SERVERS": "no MCP servers unless the operator adds some (their URLs and header "
@@ -210,3 +206,108 @@ def test_the_queue_settings_are_deployed_from_the_queue_the_bicep_creates() -> N
     # AND the host's `-poison` suffix still leaves a valid queue name (at most 63 characters)
     longest = re.search(r"@maxLength\((\d+)\)\nparam chatTurnQueue string", text)
     assert longest is not None and int(longest[1]) + len("-poison") == 63
+
+
+# --- the docs' setting rows and figures -----------------------------------------------------------
+
+README = REPO / "README.md"
+DEPLOY_DOC = REPO / "docs" / "deploy.md"
+PARAMETERS = INFRA / "main.parameters.json"
+RESULTS = REPO / "benchmarks" / "results.json"
+
+_README_ROW = re.compile(r"^\| `(?P<name>[A-Z0-9_]+)` \| (?P<default>.*?) \| (?P<description>.*) \|$",
+                         re.MULTILINE)
+_AZD_NAME = re.compile(r"\$\{(?P<name>[A-Z0-9_]+)(?:=[^}]*)?\}")
+_DOC_ROW = re.compile(r"^\| `(?P<name>[A-Z0-9_]+)` \|", re.MULTILINE)
+#: A figure quoted from results.json: `8.5 ms` (results.json `webhook.peak_rss_mb`).
+_FIGURE = re.compile(r"`(?P<value>[\d,.]+)(?: ?(?:ms|s|MB))?`\s+\(results\.json\s+`(?P<key>[\w.]+)`\)")
+
+
+def _plain(markdown: str) -> str:
+    """A README cell as the code's description would say it: links, code marks and the secret
+    note taken out, spaces collapsed."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", markdown)
+    text = re.sub(r"\*\*Secret:\*\*.*$", "", text).replace("`", "")
+    return " ".join(text.split())
+
+
+def readme_row_problems(readme: str, settings: tuple[Setting, ...]) -> list[str]:
+    """Each setting whose README row is missing, or whose default or description differs from the
+    code (the row may add a link or a note after the code's description)."""
+    rows = {m["name"]: m for m in _README_ROW.finditer(readme)}
+    problems = []
+    for setting in settings:
+        row = rows.get(setting.name)
+        if row is None:
+            problems.append(f"{setting.name}: no row")
+            continue
+        default = "(unset)" if setting.default is None else f"`{setting.default}`"
+        if row["default"] != default:
+            problems.append(f"{setting.name}: default {row['default']} in the README, {default} in code")
+        if not _plain(row["description"]).startswith(_plain(setting.description)):
+            problems.append(f"{setting.name}: the README's description is not the code's")
+    return problems
+
+
+def test_every_readme_setting_row_matches_the_code() -> None:
+    # GIVEN the README's settings table and SETTINGS
+    readme = README.read_text(encoding="utf-8")
+    # WHEN each row's default and description are compared with the code's
+    # THEN they agree
+    assert readme_row_problems(readme, SETTINGS) == []
+
+
+def test_a_stale_readme_row_is_reported() -> None:
+    # GIVEN the README with one default and one description changed
+    readme = README.read_text(encoding="utf-8")
+    stale = readme.replace("| `CHAT_TURN_MAX_ATTEMPTS` | `8` |", "| `CHAT_TURN_MAX_ATTEMPTS` | `5` |")
+    stale = stale.replace("| `CHAT_TABLE_NAME` | `conversations` | The table holding",
+                          "| `CHAT_TABLE_NAME` | `conversations` | The tables holding")
+    assert stale.count("`5` |") > readme.count("`5` |")
+    # WHEN the rows are compared with the code
+    problems = readme_row_problems(stale, SETTINGS)
+    # THEN both drifts are caught
+    assert problems == ["CHAT_TABLE_NAME: the README's description is not the code's",
+                        "CHAT_TURN_MAX_ATTEMPTS: default `5` in the README, `8` in code"]
+
+
+def test_every_azd_environment_name_has_a_row_in_deploy_md_and_back() -> None:
+    # GIVEN the azd environment names main.parameters.json reads, and docs/deploy.md's table
+    builtin = {"AZURE_ENV_NAME", "AZURE_LOCATION", "AZURE_PRINCIPAL_ID"}  # azd sets these itself
+    names = {m["name"] for m in _AZD_NAME.finditer(PARAMETERS.read_text(encoding="utf-8"))} - builtin
+    rows = {m["name"] for m in _DOC_ROW.finditer(DEPLOY_DOC.read_text(encoding="utf-8"))}
+    # THEN each name has a row, and each row is a name
+    assert sorted(names - rows) == [] and sorted(rows - names) == []
+
+
+def test_every_azd_chat_parameter_sets_the_app_setting_of_its_name() -> None:
+    # GIVEN main.parameters.json's entries read from a CHAT_* azd name, and the Bicep app settings
+    parameters = json.loads(PARAMETERS.read_text(encoding="utf-8"))["parameters"]
+    settings = dict(app_settings_in(MAIN_BICEP.read_text(encoding="utf-8")))
+    chat = {param: m["name"] for param, entry in parameters.items()
+            if (m := _AZD_NAME.search(str(entry["value"]))) and m["name"].startswith("CHAT_")}
+    assert len(chat) >= 6
+    # THEN each sets the app setting of the same name straight from the parameter
+    assert {name: settings.get(name) for name in chat.values()} == {
+        name: param for param, name in chat.items()}
+
+
+def _result(results: dict[str, object], key: str) -> object:
+    value: object = results
+    for part in key.split("."):
+        assert isinstance(value, dict) and part in value, f"results.json has no {key}"
+        value = value[part]
+    return value
+
+
+def test_the_figures_of_deploy_md_are_those_of_results_json() -> None:
+    # GIVEN docs/deploy.md's figures quoted from benchmarks/results.json, and the file
+    doc = DEPLOY_DOC.read_text(encoding="utf-8")
+    results = json.loads(RESULTS.read_text(encoding="utf-8"))
+    figures = [(m["value"], m["key"]) for m in _FIGURE.finditer(doc)]
+    assert len(figures) >= 6, figures
+    # WHEN each is looked up
+    # THEN the doc quotes the value results.json holds, and none of the stale figures is left
+    assert [(value, key) for value, key in figures
+            if float(value.replace(",", "")) != _result(results, key)] == []
+    assert not re.search(r"\b12\.1 ms|\b2\.67 s|\b110 MB", doc)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shared.errors import SettingsError
-from shared.settings import SETTINGS, ModelProvider, load_settings
+from shared.settings import SETTINGS, ModelProvider, Setting, load_settings, unknown_settings
 
 
 def test_defaults_run_locally_on_azurite_and_the_offline_stand_in() -> None:
@@ -118,3 +118,69 @@ def test_a_bad_summary_setting_is_named() -> None:
         load_settings({"CHAT_SUMMARY": "maybe"})
     with pytest.raises(SettingsError, match="CHAT_SUMMARY_TOKEN_BUDGET"):
         load_settings({"CHAT_SUMMARY_TOKEN_BUDGET": "10"})
+
+
+# --- mistyped names ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("typo", "meant"), [
+    ("OPENAI_BASEURL", "OPENAI_BASE_URL"),
+    ("CHAT_HISTORY_TOKEN_BUGDET", "CHAT_HISTORY_TOKEN_BUDGET"),
+    ("AZURE_OPENAI_DEPLOYMNET", "AZURE_OPENAI_DEPLOYMENT"),
+    ("BOT_APPTYPE", "BOT_APP_TYPE"),
+])
+def test_a_mistyped_setting_is_warned_about_naming_the_real_one(
+        typo: str, meant: str, caplog: pytest.LogCaptureFixture) -> None:
+    # GIVEN an environment with a misspelled setting name
+    # WHEN the settings are read
+    with caplog.at_level("WARNING", logger="shared.settings"):
+        settings = load_settings({typo: "x"})
+    # THEN start-up goes on, with one warning naming the typo and the closest real setting
+    assert settings.model.provider is ModelProvider.OFFLINE
+    [line] = caplog.messages
+    assert line == (f"warning: {typo} is not a chatstate setting (did you mean {meant}?); it is "
+                    "ignored (CHAT_STRICT_SETTINGS=on makes this an error)")
+
+
+def test_under_strict_settings_a_mistyped_setting_stops_start_up() -> None:
+    # GIVEN CHAT_STRICT_SETTINGS on and a misspelled name
+    # WHEN the settings are read
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"CHAT_STRICT_SETTINGS": "on", "OPENAI_BASEURL": "http://x/v1"})
+    # THEN the error names the typo and the real setting
+    assert caught.value.setting == "OPENAI_BASEURL"
+    assert str(caught.value) == ("setting OPENAI_BASEURL: is not a chatstate setting (did you mean "
+                                 "OPENAI_BASE_URL?); CHAT_STRICT_SETTINGS is on")
+
+
+def test_names_outside_our_prefixes_and_other_libraries_names_are_left_alone(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # GIVEN the Azure SDK's, OpenTelemetry's, the platform's and the openai SDK's own variables
+    env = {"AZURE_TENANT_ID": "t", "OTEL_TRACES_SAMPLER": "always_on", "WEBSITE_HOSTNAME": "h",
+           "OPENAI_LOG": "debug", "CHATSTATE_TEST_STORAGE": "x", "FUNCTIONS_WORKER_RUNTIME": "python"}
+    # WHEN the settings are read
+    with caplog.at_level("WARNING", logger="shared.settings"):
+        load_settings({**env, "CHAT_STRICT_SETTINGS": "on"})
+    # THEN nothing is warned about or refused
+    assert unknown_settings(env) == [] and caplog.messages == []
+
+
+def test_a_setting_added_to_the_registry_is_known_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN a new setting in SETTINGS (as another engineer would add one), in a new family too
+    from shared import settings as module
+
+    added = (Setting(name="CHAT_NEW_KNOB", description="new"),
+             Setting(name="MCP_SERVER_URL", description="new"), Setting(name="MCP_TOKEN", description="new"))
+    monkeypatch.setattr(module, "SETTINGS", module.SETTINGS + added)
+    monkeypatch.setattr(module, "_BY_NAME", {s.name: s for s in module.SETTINGS})
+    # WHEN names are checked
+    unknown = unknown_settings({"CHAT_NEW_KNOB": "1", "MCP_SERVER_URL": "u", "MCP_TOKNE": "t"})
+    # THEN the new names are known, and a typo of the new family is caught
+    assert [(u.name, u.closest) for u in unknown] == [("MCP_TOKNE", "MCP_TOKEN")]
+
+
+def test_our_prefixes_come_from_the_registry() -> None:
+    from shared.settings import _our_prefixes
+
+    assert {"CHAT_", "OPENAI_", "AZURE_OPENAI_", "BOT_"} <= set(_our_prefixes())
+    assert "AZURE_" not in _our_prefixes() and "OTEL_" not in _our_prefixes()
