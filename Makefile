@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEV_HOST := $(addprefix devtools/,host.py functions_host.py worker.py rpc.py routes.py http_exchange.py timers.py ncrontab.py queues.py azurite.py)
 
-.PHONY: help deps python-version run chat playground test unit pytest lint infra-check bench clean teams-package
+.PHONY: help deps python-version run chat playground test unit pytest lint infra-check bench clean teams-package torture
 
 help:
 	@echo "make run         serve the bot on http://127.0.0.1:$${PORT:-7071}/api/messages (Azurite + offline model by default)"
@@ -19,6 +19,7 @@ help:
 	@echo "make unit        the unit tier alone (no I/O; about a second)"
 	@echo "make teams-package  the Teams app package appPackage/build/chatstate.zip (needs CLIENT_ID)"
 	@echo "make bench       store and webhook benchmarks; figures go to benchmarks/results.json"
+	@echo "make torture     the randomized concurrency test (SEED=…, ROUNDS=… or DURATION=… seconds)"
 
 deps: python-version $(VENV)/.installed node_modules/.installed
 
@@ -70,6 +71,12 @@ teams-package: deps
 
 bench: deps
 	$(PY) -m devtools.azurite -- $(PY) -m benchmarks.run
+
+# Seeded random interleavings of every operation on two instances, storage faults injected,
+# invariants checked (tests/integration/torture.py); a short run is part of `make test`.
+torture: deps
+	$(PY) -m devtools.azurite -- $(PY) -m tests.integration.torture $(if $(SEED),--seed $(SEED)) \
+		$(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(DURATION),--duration $(DURATION))
 
 clean:
 	rm -rf $(VENV) .venv-infra .venv-checkov node_modules .azurite .pytest_cache .ruff_cache

@@ -35,6 +35,10 @@ AI_GENERATED = {"type": "https://schema.org/Message", "@type": "Message",
 MAX_DEPTH = 64
 #: Optional top-level fields the bot reads as text: when given (not null), they must be strings.
 _TEXT_FIELDS = ("text", "locale", "serviceUrl", "channelId", "deliveryMode")
+#: A sender ID names a user-index partition (the store keeps at most this many characters of it):
+#: a longer one is refused when the activity is read, before any model call is paid for.
+MAX_SENDER_ID_CHARS = 1_024
+_SENDER_IDS = ("id", "aadObjectId")
 #: An opening `<at>` (attributes allowed) or a closing `</at>`. `[^<>]*` stops at the next tag, so
 #: a scan never runs past it: linear in the text, unlike `<at[^>]*>.*?</at>` (quadratic when
 #: the tags never close: 224 KB of `<at>` held a worker for 46 s).
@@ -254,6 +258,7 @@ def parse_activity(body: bytes, headers: Mapping[str, str]) -> Activity:
              and not isinstance(data[name], str)]
     if wrong:
         raise BadRequest(f"{', '.join(wrong)} must be a string")
+    _check_sender_ids(data.get("from"))
     text = data.get("text")
     return Activity(
         raw=data,
@@ -265,6 +270,17 @@ def parse_activity(body: bytes, headers: Mapping[str, str]) -> Activity:
         text=text if isinstance(text, str) else "",
         delivery_mode=str(data.get("deliveryMode") or "normal"),
     )
+
+
+def _check_sender_ids(sender: object) -> None:
+    """Refuse a sender ID the store could not keep (`MAX_SENDER_ID_CHARS`), naming the field."""
+    if not isinstance(sender, dict):
+        return
+    for name in _SENDER_IDS:
+        value = sender.get(name)
+        if isinstance(value, str) and len(value) > MAX_SENDER_ID_CHARS:
+            raise BadRequest(f"from.{name} must have at most {MAX_SENDER_ID_CHARS} characters, "
+                             f"got {len(value):,}")
 
 
 def _check_tree(data: dict[str, Any]) -> None:

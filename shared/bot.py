@@ -38,7 +38,6 @@ from .errors import (
 )
 from .inbox import Inbox, TurnTicket
 from .logs import turn_context
-from .messages import utc_now
 from .prompt import ChatPrompt
 from .settings import AnswerMode, Settings
 from .store import ConversationStore
@@ -65,10 +64,10 @@ class ChatBot:
     def __init__(self, *, settings: Settings, store: ConversationStore, prompt: ChatPrompt,
                  connector: BotConnector, authenticator: BotAuthenticator,
                  summarizer: Summarizer | None = None, inbox: Inbox | None = None,
-                 clock: Callable[[], datetime] = utc_now,
+                 clock: Callable[[], datetime] | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         """`inbox`: the accepted activities and the turn queue (without one, answers are inline).
-        `clock`, `sleep`: the turn's time and its backoff (test seams)."""
+        `clock`, `sleep`: the turn's time (None: the store's) and its backoff (test seams)."""
         self.settings = settings
         self.store = store
         self.prompt = prompt

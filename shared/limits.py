@@ -49,9 +49,10 @@ class Spend:
     def tokens_on_day(self, now: datetime) -> int:
         return self.day_tokens if self.day == _day(now) else 0
 
-    def after_turn(self, now: datetime, *, tokens: int) -> Spend:
-        """The counters once a turn that spent `tokens` commits at `now`."""
-        return Spend(minute=_minute(now), minute_turns=self.turns_in_minute(now) + 1,
+    def after_turn(self, now: datetime, *, tokens: int, turns: int = 1) -> Spend:
+        """The counters once a turn that spent `tokens` commits at `now` (`turns`: 0 when the
+        turn was counted already, when it reserved its place)."""
+        return Spend(minute=_minute(now), minute_turns=self.turns_in_minute(now) + turns,
                      day=_day(now), day_tokens=self.tokens_on_day(now) + max(0, tokens))
 
 

@@ -37,7 +37,7 @@ from .messages import ChatMessage, Citation, Sender, StoredTurn, ToolCall, Usage
 from .model import ChatModel, TextListener
 from .speakers import SpeakerStyle, wire_message
 from .store import MAX_MESSAGE_CHARS, ConversationStore, ConversationWindow, check_turn
-from .tokens import count_message_tokens
+from .tokens import count_message_tokens, count_text_tokens
 from .tools import Function, Source, ToolResult, failed
 
 __all__ = ["ROUND_LIMIT_REPLY", "TURN_LIMIT_REPLY", "ChatPrompt", "ConversationMemory",
@@ -264,7 +264,12 @@ class ChatPrompt:
             except ReplyStopped as stop:
                 ended = ChatMessage(role="assistant", content=stop.text, model=model,
                                     stopped=stop.stopped, citations=cited(stop.text, sources))
-                return [*turn, ended], usage, model
+                # The stream was cut before its usage arrived: the round is billed all the same,
+                # so it counts as the request and the text read (an estimate, never nothing).
+                cut = Usage(prompt_tokens=sum(count_text_tokens(json.dumps(item, ensure_ascii=False))
+                                              for item in conversation),
+                            completion_tokens=count_text_tokens(stop.text))
+                return [*turn, ended], usage + cut, model
             usage, model = usage + completion.usage, completion.model
             message = completion.message
             if not message.tool_calls:

@@ -74,7 +74,8 @@ class Runtime:
             summarizer = Summarizer(store=self.store, model=self.summary_model,
                                     token_budget=settings.summary.token_budget,
                                     history_token_budget=limits.history_token_budget,
-                                    history_max_messages=limits.history_max_messages)
+                                    history_max_messages=limits.history_max_messages,
+                                    count_spend=settings.data.count_summary_tokens)
         self.connector = BotConnector(credential=build_credential(settings.bot, credential=credential),
                                       env_proxy=settings.env_proxy)
         self.authenticator = BotAuthenticator(settings.bot, http=self.http, in_azure=settings.in_azure)

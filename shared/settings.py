@@ -182,6 +182,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(name="CHAT_DAILY_TOKEN_LIMIT",
             description="At most this many model tokens (prompt + completion) per conversation "
             "per UTC day; past it, a short polite reply and no model call. Unset: no limit."),
+    Setting(name="CHAT_SPEND_COUNTS_SUMMARIES", default="off", deployed=False,
+            description="on or off: the rolling summary's model tokens count toward the "
+            "conversation's daily token limit too."),
     # network
     Setting(name="HTTPS_PROXY", deployed=False,
             description="Standard proxy variable for outbound HTTPS. The model calls (the openai "
@@ -309,6 +312,8 @@ class DataSettings:
     retention_days: int | None = None
     max_turns_per_minute: int | None = None
     daily_token_limit: int | None = None
+    #: The summary model's tokens count in the daily counter too.
+    count_summary_tokens: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -548,7 +553,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             max_turns_per_minute=read.optional_integer("CHAT_MAX_TURNS_PER_MINUTE", minimum=1,
                                                        maximum=10_000),
             daily_token_limit=read.optional_integer("CHAT_DAILY_TOKEN_LIMIT", minimum=1,
-                                                    maximum=10**12)),
+                                                    maximum=10**12),
+            count_summary_tokens=read.flag("CHAT_SPEND_COUNTS_SUMMARIES")),
         telemetry=_telemetry(read),
         suggested_replies=read.flag("CHAT_SUGGESTED_REPLIES"),
         welcome=_welcome(read),

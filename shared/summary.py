@@ -85,13 +85,16 @@ class Summarizer:
 
     def __init__(self, *, store: ConversationStore, model: ChatModel, token_budget: int,
                  history_token_budget: int, history_max_messages: int | None = None,
-                 deadline_seconds: float = DEADLINE_SECONDS) -> None:
+                 deadline_seconds: float = DEADLINE_SECONDS, count_spend: bool = False) -> None:
+        """`count_spend`: the summary call's tokens count in the conversation's daily counter
+        (`CHAT_SPEND_COUNTS_SUMMARIES`)."""
         self.store = store
         self.model = model
         self.token_budget = token_budget
         self.history_token_budget = history_token_budget
         self.history_max_messages = history_max_messages
         self.deadline_seconds = deadline_seconds
+        self.count_spend = count_spend
 
     async def after_turn(self, window: ConversationWindow) -> bool:
         """Prepare the next step's summary if the turn's `window` says one is due. Never raises;
@@ -120,6 +123,8 @@ class Summarizer:
             return False
         request = summary_request(job.summary, job.messages, token_budget=self.token_budget)
         completion = await self.model.complete(request)
+        if self.count_spend:  # billed whether or not the summary is kept
+            await self.store.charge(conversation_id, completion.usage)
         text = fit_summary(completion.message.content or "", token_budget=self.token_budget)
         if not text:
             log.warning("the summary model answered with no text; a later turn tries again")

@@ -22,9 +22,15 @@ from datetime import datetime
 
 from .activity import Activity
 from .attachments import Incoming
-from .errors import ConversationConflict, DuplicateActivity, MessageTooLarge, TurnTooLarge
+from .errors import (
+    ConversationConflict,
+    DuplicateActivity,
+    MessageTooLarge,
+    StoreError,
+    TurnTooLarge,
+)
 from .limits import LIMIT_REPLIES, limit_reached, over_limit
-from .messages import ChatMessage, StoredTurn, ToolCall, utc_day, utc_now
+from .messages import ChatMessage, StoredTurn, ToolCall, Usage, utc_day
 from .prompt import TURN_LIMIT_REPLY, ChatPrompt, ToolListener
 from .settings import Settings
 from .store import ConversationStore, ConversationWindow, Indexed
@@ -77,12 +83,14 @@ TurnResult = Committed | Found | Refused | Busy
 
 class TurnRunner:
     def __init__(self, *, settings: Settings, store: ConversationStore, prompt: ChatPrompt,
-                 clock: Callable[[], datetime] = utc_now,
+                 clock: Callable[[], datetime] | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        """`clock`: the turn's time; None: the store's (`store.clock`), the one the spend
+        counters move by."""
         self.settings = settings
         self.store = store
         self.prompt = prompt
-        self._clock = clock
+        self._clock = clock or store.clock
         self._sleep = sleep
 
     async def run(self, activity: Activity, text: str, *, needed: int,
@@ -96,6 +104,7 @@ class TurnRunner:
         kept: tuple[ChatMessage, ...] | None = None
         indexing: asyncio.Task[Indexed | None] | None = None
         suggestions: tuple[str, ...] = ()
+        billed, counted, committed = Usage(), False, False  # every model call the turn paid for
         try:
             for attempt in range(self.settings.turn_max_attempts):
                 window = await self.store.load_window(
@@ -107,9 +116,16 @@ class TurnRunner:
                     turn = await self.store.get_turn(activity.conversation_id, activity.id)
                     return Found(turn=turn, send=attempt == 0)
                 now = self._clock()
-                if kept is None and (limit := over_limit(window.spend, self.settings.data, now)):
+                if kept is None and not counted and \
+                        (limit := over_limit(window.spend, self.settings.data, now)):
                     limit_reached(limit, window.spend, now)
                     return Refused(text=LIMIT_REPLIES[limit])
+                if self.settings.data.max_turns_per_minute is not None and not counted:
+                    try:  # the turn takes its place in the minute before the model call
+                        window, counted = await self.store.reserve_turn(window), True
+                    except ConversationConflict:
+                        await self._sleep(random.uniform(0, min(1.0, 0.05 * 2 ** attempt)))
+                        continue
                 if indexing is None:  # index rows, written while the model works
                     indexing = asyncio.create_task(self.store.write_indexes(
                         window, today=utc_day(now), sender=activity.user, shared=activity.in_group))
@@ -120,6 +136,7 @@ class TurnRunner:
                         speaker=activity.speaker, sender=activity.user,
                         on_text=stream.on_text if stream else None,
                         on_tools=_tools_listener(stream), attachments=attachments)
+                    billed += result.usage
                     messages = _as_seen(result.messages, stream)
                     suggestions = result.suggestions
                     if (stream is not None and stream.shown) or attempt >= MAX_REASKS:
@@ -127,7 +144,9 @@ class TurnRunner:
                 window = replace(window, indexed=await indexing)
                 try:
                     turn = await self.store.commit_turn(window, activity_id=activity.id,
-                                                        messages=messages)
+                                                        messages=messages, billed=billed,
+                                                        counted=counted)
+                    committed = True
                 except ConversationConflict:
                     log.info("conflict on attempt %d%s", attempt + 1,
                              "; committing the same answer after the turns that won"
@@ -146,10 +165,19 @@ class TurnRunner:
                          bool(stream and stream.shown), (time.perf_counter() - started) * 1000)
                 return Committed(turn=turn, window=window, suggestions=suggestions)
         finally:
+            if not committed:  # paid for, stored nowhere: the tokens still count
+                await self._charge(activity, billed)
             if indexing is not None:  # a turn that ends before its commit: the rows stay, harmless
                 await asyncio.gather(indexing, return_exceptions=True)
         log.warning("gave up after %d conflicts", self.settings.turn_max_attempts)
         return Busy(attempts=self.settings.turn_max_attempts)
+
+
+    async def _charge(self, activity: Activity, billed: Usage) -> None:
+        try:
+            await self.store.charge(activity.conversation_id, billed)
+        except StoreError as exc:
+            log.warning("tokens of a turn that stored nothing not counted: %s", exc)
 
 
 def _tools_listener(stream: ReplyStream | None) -> ToolListener | None:

@@ -1,10 +1,12 @@
 """Durable conversation memory: the store contract and its Table Storage and in-memory backends."""
 
 from ._base import (
+    CAPABILITIES,
     MAX_MESSAGE_CHARS,
     MAX_TURN_BYTES,
     MAX_TURN_MESSAGES,
     REMOVED_MARKER,
+    Capability,
     ConversationStore,
     ConversationWindow,
     FoldJob,
@@ -19,11 +21,13 @@ from ._memory import InMemoryConversationStore
 from ._table import TableConversationStore
 
 __all__ = [
+    "CAPABILITIES",
     "MAX_MESSAGE_CHARS",
     "MAX_TURN_BYTES",
     "MAX_TURN_MESSAGES",
     "REMOVED_MARKER",
     "SUMMARY_MAX_CHARS",
+    "Capability",
     "ConversationStore",
     "ConversationWindow",
     "FoldJob",

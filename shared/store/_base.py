@@ -1,7 +1,18 @@
 """The conversation-store contract: load a window, commit a turn, read or clear a conversation.
 
 A backend fills in the private hooks; this base class owns what every backend must agree on: the
-size limits, the order of a turn's messages and the checks made before anything is written.
+size limits, the order of a turn's messages, the checks made before anything is written and the
+spend accounting of a commit (one clock, `clock`).
+
+The core every backend has: `load_window`, `commit_turn` (with `reserve_turn` and `charge`, the
+spend counters), `get_turn`, `mark_delivered`, `rate_reply`, `list_messages`, `clear`. Beside it,
+optional capabilities a backend declares in `capabilities` (`Capability`):
+
+    summaries   get_summary, get_fold, update_summary (without: None, None, False)
+    indexes     write_indexes, purge_idle (without: None; purge_idle raises NotImplementedError)
+    user_data   export_user, forget_user (without: NotImplementedError)
+
+A caller that needs one asks `supports(...)` first, so a backend never lacks a feature silently.
 """
 
 from __future__ import annotations
@@ -11,21 +22,25 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import ClassVar, Literal
 
 from ..errors import BadRequest, MessageTooLarge, TurnTooLarge
 from ..limits import Spend
-from ..messages import ChatMessage, Feedback, Sender, StoredTurn
+from ..messages import ChatMessage, Feedback, Sender, StoredTurn, Usage
 from ..telemetry import commit, span
 from ..tokens import count_message_tokens
 from ._fold import FoldJob
 from ._head import Basis
 
 __all__ = [
+    "CAPABILITIES",
     "MAX_CONVERSATION_ID_CHARS",
     "MAX_MESSAGE_CHARS",
     "MAX_TURN_BYTES",
     "MAX_TURN_MESSAGES",
     "REMOVED_MARKER",
+    "Capability",
     "ConversationStore",
     "ConversationWindow",
     "FoldJob",
@@ -34,6 +49,9 @@ __all__ = [
     "UserConversation",
     "UserData",
 ]
+
+Capability = Literal["summaries", "indexes", "user_data"]
+CAPABILITIES: frozenset[Capability] = frozenset({"summaries", "indexes", "user_data"})
 
 #: A message's content (or tool-call JSON) may hold at most this many characters.
 MAX_MESSAGE_CHARS = 100_000
@@ -50,12 +68,21 @@ REMOVED_MARKER = "[removed at the user's request]"
 
 @dataclass(frozen=True, kw_only=True)
 class Indexed:
-    """Index rows written for a turn before it commits; the commit records them in the head."""
+    """Index rows written for a turn before it commits; the commit records them in the head.
+
+    They hold for the head they were written against (`version`): a commit on another one (after
+    a lost race) writes the rows that head lacks again, from the same request (`today`, `sender`,
+    `shared`), so a head never names a speaker whose row a clear or removal deleted meanwhile."""
 
     #: The day whose day-index row now names the conversation (None: none written).
     day: str | None = None
     #: User IDs whose user-index row now names the conversation.
     speakers: tuple[str, ...] = ()
+    #: The window version (head ETag) the rows were written for.
+    version: str | None = None
+    today: str = ""
+    sender: Sender | None = None
+    shared: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,7 +143,17 @@ class ConversationWindow:
 
 
 class ConversationStore(ABC):
-    """Durable conversation memory, safe when turns of one conversation race."""
+    """Durable conversation memory, safe when turns of one conversation race.
+
+    `clock` is the one clock of the spend counters: a backend sets it (UTC, `utc_now` unless a
+    test passes its own)."""
+
+    clock: Callable[[], datetime]
+    #: The optional capabilities this backend has (the module docstring lists them).
+    capabilities: ClassVar[frozenset[Capability]] = frozenset()
+
+    def supports(self, capability: Capability) -> bool:
+        return capability in self.capabilities
 
     async def load_window(
         self,
@@ -146,8 +183,14 @@ class ConversationStore(ABC):
         *,
         activity_id: str,
         messages: Sequence[ChatMessage],
+        billed: Usage | None = None,
+        counted: bool = False,
     ) -> StoredTurn:
         """Append `messages` atomically, if nothing was committed since `window` was loaded.
+
+        The spend counters move in the same write: one turn more this minute (unless `counted`:
+        `reserve_turn` counted it already) and `billed`'s tokens today (every model call the turn
+        paid for, whatever ended the reply; None: the usage the messages carry).
 
         Raises `ConversationConflict` when another turn committed first (nothing is written),
         `DuplicateActivity` when `activity_id` was committed before, and `MessageTooLarge` /
@@ -155,17 +198,38 @@ class ConversationStore(ABC):
         """
         _check_activity_id(activity_id)
         check_turn(messages)
+        tokens = billed.total_tokens if billed is not None else \
+            sum(m.usage.total_tokens for m in messages if m.usage is not None)
+        spend = window.spend.after_turn(self.clock(), tokens=tokens, turns=0 if counted else 1)
         with commit() as current:
             current.set_attribute("chatstate.commit.messages", len(messages))
             return await self._commit_turn(window, activity_id=activity_id,
                                            messages=list(messages),
-                                           tokens=[count_message_tokens(m) for m in messages])
+                                           tokens=[count_message_tokens(m) for m in messages],
+                                           spend=spend)
+
+    async def reserve_turn(self, window: ConversationWindow) -> ConversationWindow:
+        """Count the coming turn in this minute's counter now, before its model call, with a write
+        conditioned on `window`'s version: two instances cannot both take the minute's last turn.
+        Returns the window at the new version (commit it with `counted=True`); raises
+        `ConversationConflict` when the conversation changed since `window` was loaded."""
+        _check_conversation_id(window.conversation_id)
+        spend = window.spend.after_turn(self.clock(), tokens=0)
+        return await self._reserve_turn(window, spend)
+
+    async def charge(self, conversation_id: str, billed: Usage) -> None:
+        """Add `billed`'s tokens to today's counter: model calls paid for by a turn that stored
+        nothing (it failed, or another instance committed it) or by a summary."""
+        _check_conversation_id(conversation_id)
+        if billed.total_tokens > 0:
+            await self._charge(conversation_id, billed.total_tokens)
 
     async def write_indexes(self, window: ConversationWindow, *, today: str,
                             sender: Sender | None, shared: bool) -> Indexed | None:
         """Write the index rows this turn needs before it commits (the day index on the
         conversation's first turn of `today`, the user index when `sender` first speaks in it);
-        never raises: a failed write is left for a later turn. None: this store keeps no index."""
+        never raises: a failed write is made again by the commit (which fails if it fails again).
+        None: this store keeps no index."""
         return None
 
     async def purge_idle(self, *, before: str, deadline: float,
@@ -224,7 +288,9 @@ class ConversationStore(ABC):
         return await self._list_messages(conversation_id)
 
     async def clear(self, conversation_id: str) -> int:
-        """Forget the conversation: every row of it is removed. Returns the rows removed."""
+        """Forget the conversation: every message (and turn marker) row of it is removed; the head
+        stays as a tombstone with no text (its sequence number, recent activity IDs and spend
+        counters). Returns the rows removed."""
         _check_conversation_id(conversation_id)
         return await self._clear(conversation_id)
 
@@ -261,7 +327,14 @@ class ConversationStore(ABC):
 
     @abstractmethod
     async def _commit_turn(self, window: ConversationWindow, *, activity_id: str,
-                           messages: list[ChatMessage], tokens: list[int]) -> StoredTurn: ...
+                           messages: list[ChatMessage], tokens: list[int],
+                           spend: Spend) -> StoredTurn: ...
+
+    @abstractmethod
+    async def _reserve_turn(self, window: ConversationWindow, spend: Spend) -> ConversationWindow: ...
+
+    @abstractmethod
+    async def _charge(self, conversation_id: str, tokens: int) -> None: ...
 
     @abstractmethod
     async def _get_turn(self, conversation_id: str, activity_id: str) -> StoredTurn | None: ...

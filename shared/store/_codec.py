@@ -20,6 +20,7 @@ property holds at most 64 KiB (32,768 UTF-16 code units; `CHUNK_CHARS` code poin
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -55,6 +56,27 @@ def user_index_key(user_id: str) -> str:
 
 def marker_row_key(activity_id: str) -> str:
     return MARKER_PREFIX + encode_key(activity_id)
+
+
+def group_turns(rows: Iterable[Entity]) -> list[list[Entity]]:
+    """Message rows (oldest first) as turns: a turn is a user message and what follows it (the
+    replies, tool calls and results); rows before the first user message make a turn of their
+    own. The one place that says what a turn is, for the copy, the fold and the row reads."""
+    turns: list[list[Entity]] = []
+    for row in rows:
+        if row["role"] == "user" or not turns:
+            turns.append([])
+        turns[-1].append(row)
+    return turns
+
+
+def whole_turns_newest_first(rows: list[Entity]) -> list[Entity]:
+    """`rows` (newest first) without the oldest turn when it was cut short (its user message
+    missing): whole turns only."""
+    end = len(rows)
+    while end and rows[end - 1]["role"] != "user":
+        end -= 1
+    return rows[:end]
 
 
 def put_text(entity: Entity, name: str, text: str | None) -> None:

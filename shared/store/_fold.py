@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ..messages import ChatMessage
 from ..window import WindowPlan
-from ._codec import Entity, entity_message
+from ._codec import Entity, entity_message, group_turns
 from ._head import Head
 
 __all__ = ["FOLD_AT", "FOLD_MAX", "KEEP", "FoldJob", "choose_fold", "fold_job", "summary_due"]
@@ -64,11 +64,7 @@ def choose_fold(rows: Sequence[Entity], *, token_budget: int, reach_newest: bool
     folded (at least one turn). Empty: nothing to fold.
     """
     keep_messages = KEEP * max_messages if max_messages is not None else float("inf")
-    turns: list[list[Entity]] = []
-    for row in rows:
-        if row["role"] == "user" or not turns:
-            turns.append([])
-        turns[-1].append(row)
+    turns = group_turns(rows)
     if reach_newest:
         kept, tokens = 1, _tokens(turns[-1]) if turns else 0
         count = len(turns[-1]) if turns else 0

@@ -46,7 +46,7 @@ from typing import Any
 from ..limits import Spend
 from ..messages import utc_now
 from ..window import WindowPlanner
-from ._codec import HEAD, Entity, entity_message, get_text, put_text
+from ._codec import HEAD, Entity, entity_message, get_text, group_turns, put_text
 
 __all__ = ["COPY_MAX_CHARS", "RECENT_ACTIVITIES", "RECENT_MAX_CHARS", "SUMMARY_MAX_CHARS", "Basis",
            "Head", "Recent"]
@@ -206,8 +206,10 @@ class Head:
         return planner.reached(self.copy_from)
 
     def cleared(self) -> Head:
-        """The head after a clear: every stored message hidden, nothing remembered (summary too)."""
-        return replace(self, cleared_seq=self.last_seq, recent=(), copy=(),
+        """The head after a clear: every stored message hidden, nothing remembered (summary too)
+        but the activities committed lately (a channel's retry of one is not answered again) and
+        the spend counters; it stays as the conversation's tombstone."""
+        return replace(self, cleared_seq=self.last_seq, copy=(),
                        copy_from=self.last_seq + 1, start=self.last_seq + 1, summary=None,
                        pending=None, pending_from=0, pending_to=0, speakers=())
 
@@ -268,11 +270,7 @@ def _next_copy(head: Head, basis: Basis, rows: list[Entity], *, token_budget: in
     else:
         old, covered_from = [row for row in head.copy if row["seq"] > head.cleared_seq], \
             head.copy_from
-    turns: list[list[Entity]] = []  # as the window builder sees them: a user message and what follows
-    for row in [*old, *rows]:
-        if row["role"] == "user" or not turns:
-            turns.append([])
-        turns[-1].append(row)
+    turns = group_turns([*old, *rows])  # as the window builder sees them
     kept: list[list[Entity]] = []
     tokens = count = 0
     chars = 2

@@ -1,14 +1,17 @@
 """An in-memory conversation store with the same contract, for fast unit tests of the turn logic.
 
-It keeps the Table backend's semantics (version check on commit, duplicate markers, clear) without
-I/O, so a test of the turn handler can run thousands of turns in a second.
+It keeps the Table backend's semantics (version check on commit, duplicate markers, clear, spend
+counters that outlive a clear) without I/O, so a test of the turn handler can run thousands of
+turns in a second. It keeps no summaries, no indexes and no user data: those calls say so.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 
 from ..errors import ConversationConflict, DuplicateActivity
 from ..limits import Spend
@@ -31,9 +34,12 @@ class _Conversation:
 
 
 class InMemoryConversationStore(ConversationStore):
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Callable[[], datetime] = utc_now) -> None:
         self._conversations: dict[str, _Conversation] = {}
+        #: The spend counters of cleared conversations (a clear keeps them, as the Table's does).
+        self._spent: dict[str, Spend] = {}
         self._lock = asyncio.Lock()
+        self.clock = clock
 
     async def _load_window(self, conversation_id: str, *, token_budget: int, max_messages: int,
                            activity_id: str | None) -> ConversationWindow:
@@ -53,11 +59,12 @@ class InMemoryConversationStore(ConversationStore):
             rows_read=rows + (1 if conversation else 0),
             round_trips=1,
             committed_activity=bool(conversation and activity_id in conversation.turns),
-            spend=conversation.spend if conversation else Spend(),
+            spend=conversation.spend if conversation else self._spent.get(conversation_id, Spend()),
         )
 
     async def _commit_turn(self, window: ConversationWindow, *, activity_id: str,
-                           messages: list[ChatMessage], tokens: list[int]) -> StoredTurn:
+                           messages: list[ChatMessage], tokens: list[int],
+                           spend: Spend) -> StoredTurn:
         async with self._lock:
             conversation = self._conversations.get(window.conversation_id)
             if conversation is not None and activity_id in conversation.turns:
@@ -68,14 +75,36 @@ class InMemoryConversationStore(ConversationStore):
             if conversation is None:
                 conversation = self._conversations[window.conversation_id] = _Conversation(
                     version=str(next(_versions)))
+            self._spent.pop(window.conversation_id, None)
             conversation.messages.extend(zip(messages, tokens, strict=True))
-            spent = sum(m.usage.total_tokens for m in messages if m.usage is not None)
-            conversation.spend = conversation.spend.after_turn(utc_now(), tokens=spent)
+            conversation.spend = spend
             conversation.version = str(next(_versions))
             turn = StoredTurn(conversation_id=window.conversation_id, activity_id=activity_id,
                               messages=tuple(messages))
             conversation.turns[activity_id] = turn
             return turn
+
+    async def _reserve_turn(self, window: ConversationWindow, spend: Spend) -> ConversationWindow:
+        async with self._lock:
+            conversation = self._conversations.get(window.conversation_id)
+            if (conversation.version if conversation else None) != window.version:
+                raise ConversationConflict(f"conversation {window.conversation_id!r} changed")
+            if conversation is None:
+                conversation = self._conversations[window.conversation_id] = _Conversation(
+                    version="")
+                self._spent.pop(window.conversation_id, None)
+            conversation.spend = spend
+            conversation.version = str(next(_versions))
+            return replace(window, version=conversation.version, spend=spend)
+
+    async def _charge(self, conversation_id: str, tokens: int) -> None:
+        async with self._lock:
+            conversation = self._conversations.get(conversation_id)
+            if conversation is None:
+                conversation = self._conversations[conversation_id] = _Conversation(
+                    version=str(next(_versions)), spend=self._spent.pop(conversation_id, Spend()))
+            conversation.spend = conversation.spend.after_turn(self.clock(), tokens=tokens,
+                                                               turns=0)
 
     async def _get_turn(self, conversation_id: str, activity_id: str) -> StoredTurn | None:
         conversation = self._conversations.get(conversation_id)
@@ -118,6 +147,8 @@ class InMemoryConversationStore(ConversationStore):
     async def _clear(self, conversation_id: str) -> int:
         async with self._lock:
             conversation = self._conversations.pop(conversation_id, None)
+            if conversation is not None:
+                self._spent[conversation_id] = conversation.spend
         if conversation is None:
             return 0
         return len(conversation.messages) + len(conversation.turns) + 1

@@ -1,22 +1,26 @@
-"""The Azure Table Storage backend of the conversation store (async, `azure.data.tables.aio`): a turn.
+"""The Azure Table Storage backend of the conversation store (async, `azure.data.tables.aio`).
 
-Its parts: `_table_base.py` (the client, its errors, reading and clearing rows), `_table_summary.py`
-(rolling summaries), `_table_data.py` (indexes, retention, a user's data); this module is a
-turn's reads and writes. Per turn: one point read of the head, whose copy of the newest turns
-answers the window (when it cannot, one range query over the message rows), and one entity-group
-transaction (`_wire.py`) that commits the turn, conditioned on the head's ETag (or on its
-absence for a new conversation).
+Composed, not inherited: `_table_base.py`'s `TableRows` is the one typed client (its errors,
+the head's one update path, reading and clearing rows) that the parts share: `_table_summary.py`'s
+`Summaries` (rolling summaries) and `_table_data.py`'s `Indexes` (indexes, retention, a user's
+data); this module is the store itself and a turn's reads and writes. Per turn: one point read of
+the head, whose copy of the newest turns answers the window (when it cannot, one range query over
+the message rows), and one entity-group transaction (`_wire.py`) that commits the turn,
+conditioned on the head's ETag (or on its absence for a new conversation).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from typing import Any
+from datetime import datetime
+from typing import Any, Self
 
 from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables import TableEntity, UpdateMode
+from azure.data.tables.aio import TableClient
 
 from ..errors import (
     ConversationConflict,
@@ -25,10 +29,16 @@ from ..errors import (
     TurnTooLarge,
 )
 from ..keys import encode_key
-from ..messages import ChatMessage, Feedback, StoredTurn, utc_now
+from ..limits import Spend
+from ..messages import ChatMessage, Feedback, Sender, StoredTurn, utc_now
 from ..window import WindowPlanner
 from ._base import (
+    CAPABILITIES,
+    ConversationStore,
     ConversationWindow,
+    Indexed,
+    PurgeReport,
+    UserData,
 )
 from ._codec import (
     HEAD,
@@ -42,12 +52,13 @@ from ._codec import (
     marker_row_key,
     message_entity,
     message_row_key,
+    whole_turns_newest_first,
 )
-from ._fold import summary_due
+from ._fold import FoldJob, summary_due
 from ._head import Basis, Head
-from ._table_base import CLIENT_OPTIONS
-from ._table_data import DataRows
-from ._table_summary import SummaryRows
+from ._table_base import CLIENT_OPTIONS, TableRows, sdk_options, transport
+from ._table_data import Indexes
+from ._table_summary import Summaries
 from ._wire import Operation, TransactionFailed
 
 __all__ = ["CLIENT_OPTIONS", "TableConversationStore"]
@@ -58,19 +69,94 @@ _CONDITIONAL_FAILURES = {"UpdateConditionNotSatisfied", "ConditionNotMet", "Enti
                          "ResourceNotFound", "EntityNotFound"}
 
 
-class TableConversationStore(SummaryRows, DataRows):
-    """Conversations in one Azure table, one partition each.
+class TableConversationStore(ConversationStore):
+    """Conversations in one Azure table, one partition each: a turn's reads and writes here, the
+    other capabilities in parts composed around one typed client (`TableRows`): `Summaries`
+    (`_table_summary.py`), `Indexes` (`_table_data.py`: indexes, retention, a user's data).
 
     `summaries`: keep a rolling summary of what left the window, and a window whose start stays
     still between steps (`shared/window.py`); off, the window is the newest turns that fit.
     """
+
+    capabilities = CAPABILITIES
+
+    def __init__(self, *, table: TableClient, create_table: bool = True,
+                 summaries: bool = False, clock: Callable[[], datetime] = utc_now) -> None:
+        self._table = table
+        self._rows = TableRows(table, create_table=create_table, clock=clock)
+        self._summaries = Summaries(self._rows, enabled=summaries)
+        self._indexes = Indexes(self._rows)
+        self.summaries = summaries
+        self.clock = clock
+
+    @classmethod
+    def from_connection_string(cls, connection_string: str, *, table_name: str,
+                               env_proxy: bool = False,
+                               summaries: bool = False) -> Self:
+        """`env_proxy`: honour HTTP(S)_PROXY (aiohttp then looks them up on a thread per request).
+        `UseDevelopmentStorage=true` is Azurite, as the SDK reads it."""
+        return cls(table=TableClient.from_connection_string(
+            connection_string, table_name=table_name, transport=transport(env_proxy=env_proxy),
+            **sdk_options()), summaries=summaries)
+
+    @classmethod
+    def from_endpoint(cls, endpoint: str, *, table_name: str, credential: Any,
+                      env_proxy: bool = False, summaries: bool = False) -> Self:
+        return cls(table=TableClient(endpoint=endpoint, table_name=table_name, credential=credential,
+                                     transport=transport(env_proxy=env_proxy), **sdk_options()),
+                   summaries=summaries)
+
+    async def close(self) -> None:
+        await self._rows.close()
+
+    async def ping(self) -> None:
+        await self._rows.run("checking storage", self._rows.get, "~ping", "~ping")
+
+    # -- the capabilities, by their parts ----------------------------------------------------
+
+    async def write_indexes(self, window: ConversationWindow, *, today: str,
+                            sender: Sender | None, shared: bool) -> Indexed | None:
+        return await self._indexes.write_indexes(window, today=today, sender=sender, shared=shared)
+
+    async def purge_idle(self, *, before: str, deadline: float,
+                         clock: Callable[[], float] = time.monotonic) -> PurgeReport:
+        return await self._indexes.purge_idle(before=before, deadline=deadline, clock=clock)
+
+    async def _export_user(self, user_id: str) -> UserData:
+        return await self._indexes.export_user(user_id)
+
+    async def _forget_user(self, user_id: str, *, marker: str) -> UserData:
+        return await self._indexes.forget_user(user_id, marker=marker)
+
+    async def get_summary(self, conversation_id: str) -> str | None:
+        await super().get_summary(conversation_id)  # the ID's checks
+        return await self._summaries.get_summary(conversation_id)
+
+    async def get_fold(self, conversation_id: str, *, token_budget: int,
+                       max_messages: int | None = None) -> FoldJob | None:
+        return await self._summaries.get_fold(conversation_id, token_budget=token_budget,
+                                              max_messages=max_messages)
+
+    async def update_summary(self, job: FoldJob, summary: str) -> bool:
+        return await self._summaries.update_summary(job, summary)
+
+    # -- list, clear -------------------------------------------------------------------------
+
+    async def _list_messages(self, conversation_id: str) -> list[ChatMessage]:
+        return await self._rows.run("listing messages", self._rows.read_messages,
+                                    encode_key(conversation_id))
+
+    async def _clear(self, conversation_id: str) -> int:
+        cleared = await self._rows.run("clearing the conversation", self._rows.clear_if,
+                                       encode_key(conversation_id))
+        return cleared.removed
 
     # -- load --------------------------------------------------------------------------------
 
     async def _load_window(self, conversation_id: str, *, token_budget: int, max_messages: int,
                            activity_id: str | None) -> ConversationWindow:
         pk = encode_key(conversation_id)
-        entity = await self._run("loading the conversation", self._get, pk, HEAD)
+        entity = await self._rows.run("loading the conversation", self._rows.get, pk, HEAD)
         head = Head(conversation_id=conversation_id) if entity is None else \
             Head.read(entity, etag=str(entity.metadata["etag"]))
 
@@ -84,7 +170,7 @@ class TableConversationStore(SummaryRows, DataRows):
         first = planner()
         if head.fill(first):
             return self._window(head, first, activity_id=activity_id, rows_read=1, round_trips=1)
-        window: ConversationWindow = await self._run(
+        window: ConversationWindow = await self._rows.run(
             "loading the conversation", self._load_rows, pk, head, planner(),
             activity_id=activity_id)
         return window
@@ -94,7 +180,7 @@ class TableConversationStore(SummaryRows, DataRows):
         """The window from the message rows, newest first, when the head's copy cannot answer."""
         offered: list[Entity] = []  # newest first: what the copy after this turn can start from
         rows_read = round_trips = 1  # the head's point read
-        pages = self._table.query_entities(
+        pages = self._rows.table.query_entities(
             "PartitionKey eq @pk and RowKey ge @first and RowKey lt @end",
             parameters={"pk": pk, "first": MESSAGE_PREFIX, "end": MESSAGES_END},
             results_per_page=min(1_000, builder.max_messages + 1)).by_page()
@@ -107,9 +193,8 @@ class TableConversationStore(SummaryRows, DataRows):
             bool(offered) and offered[-1]["seq"] <= head.cleared_seq + 1)
         builder.reached(head.cleared_seq + 1 if reach_start else head.last_seq + 1)
         rows_read += len(offered)
-        if not reach_start:
-            while offered and offered[-1]["role"] != "user":
-                offered.pop()  # the oldest turn was cut short: the copy takes whole turns
+        if not reach_start:  # the oldest turn may be cut short: the copy takes whole turns
+            offered = whole_turns_newest_first(offered)
         return self._window(head, builder, activity_id=activity_id, rows_read=rows_read,
                             round_trips=round_trips, rows=tuple(reversed(offered)),
                             rows_reach_start=reach_start)
@@ -145,10 +230,20 @@ class TableConversationStore(SummaryRows, DataRows):
     # -- commit ------------------------------------------------------------------------------
 
     async def _commit_turn(self, window: ConversationWindow, *, activity_id: str,
-                           messages: list[ChatMessage], tokens: list[int]) -> StoredTurn:
+                           messages: list[ChatMessage], tokens: list[int],
+                           spend: Spend) -> StoredTurn:
         basis = window.basis if isinstance(window.basis, Basis) else \
             Basis(head=Head(conversation_id=window.conversation_id))
         head = basis.head
+        indexed = window.indexed
+        if indexed is not None and (indexed.version != window.version
+                                    or self._indexes.lacks(head, indexed)):
+            # Written for a head this commit is not on (a lost race: a clear or a removal may
+            # have deleted them since), or a write failed: what this head lacks is written now,
+            # and a failure fails the commit (a stored message is always found by its sender).
+            indexed = await self._indexes.write_for(
+                window, replace(indexed, version=window.version, day=None, speakers=()),
+                strict=True)
         pk = encode_key(window.conversation_id)
         first = head.last_seq + 1
         rows = [message_entity(pk, first + offset, message, tokens=count, turn_seq=first,
@@ -156,23 +251,43 @@ class TableConversationStore(SummaryRows, DataRows):
                 for offset, (message, count) in enumerate(zip(messages, tokens, strict=True))]
         after = head.after(basis, rows, activity_id=activity_id, token_budget=basis.token_budget,
                            max_messages=basis.max_messages)
-        if (indexed := window.indexed) is not None:
+        if indexed is not None:
             after = replace(after, day=indexed.day or after.day).with_speakers(indexed.speakers)
-        spent = sum(m.usage.total_tokens for m in messages if m.usage is not None)
-        after = replace(after, spend=head.spend.after_turn(utc_now(), tokens=spent))
+        after = replace(after, spend=spend)
         head_row = after.entity(pk)
         marker = {"PartitionKey": pk, "RowKey": marker_row_key(activity_id),
                   "activity_id": activity_id, "first_seq": first, "last_seq": after.last_seq,
-                  "delivered": False, "committed_at": utc_now()}
+                  "delivered": False, "committed_at": self.clock()}
         operations = [Operation("create", head_row) if head.etag is None
                       else Operation("replace", head_row, etag=head.etag),
                       Operation("create", marker), *(Operation("create", row) for row in rows)]
         try:
-            await self._run("committing the turn", self._wire.transact, operations)
+            await self._rows.run("committing the turn", self._rows.wire.transact, operations)
         except StorageRejected as exc:
             await self._raise_commit_failure(exc, window, activity_id)
         return StoredTurn(conversation_id=window.conversation_id, activity_id=activity_id,
                           messages=tuple(entity_message(row) for row in rows))
+
+    async def _reserve_turn(self, window: ConversationWindow, spend: Spend) -> ConversationWindow:
+        basis = window.basis if isinstance(window.basis, Basis) else \
+            Basis(head=Head(conversation_id=window.conversation_id))
+        pk = encode_key(window.conversation_id)
+        new = basis.head.etag is None  # a new conversation: its head starts with an empty copy
+        written = await self._rows.run("counting the turn", self._rows.write_head, pk, basis.head,
+                                  replace(basis.head, spend=spend,
+                                          copy=() if new else basis.head.copy))
+        if written is None:
+            raise ConversationConflict(
+                f"conversation {window.conversation_id!r} changed since it was loaded")
+        return replace(window, version=written.etag, spend=spend,
+                       basis=replace(basis, head=written))
+
+    async def _charge(self, conversation_id: str, tokens: int) -> None:
+        now = self.clock()
+        await self._rows.run("counting spent tokens", self._rows.update_head, encode_key(conversation_id),
+                        lambda head: replace(head, spend=head.spend.after_turn(
+                            now, tokens=tokens, turns=0)),
+                        conversation_id=conversation_id, create=True)
 
     async def _raise_commit_failure(self, exc: StorageRejected, window: ConversationWindow,
                                     activity_id: str) -> None:
@@ -195,17 +310,19 @@ class TableConversationStore(SummaryRows, DataRows):
     # -- read a turn, mark delivered ---------------------------------------------------------
 
     async def _get_turn(self, conversation_id: str, activity_id: str) -> StoredTurn | None:
-        return await self._run("reading a turn", self._read_turn, conversation_id, activity_id)  # type: ignore[no-any-return]
+        return await self._rows.run("reading a turn", self._read_turn, conversation_id, activity_id)
 
     async def _read_turn(self, conversation_id: str, activity_id: str) -> StoredTurn | None:
         pk = encode_key(conversation_id)
-        marker = await self._get(pk, marker_row_key(activity_id))
+        marker = await self._rows.get(pk, marker_row_key(activity_id))
         if marker is None:
             return None
         first, last = int(marker["first_seq"]), int(marker["last_seq"])
-        rows = [row async for row in self._table.query_entities(
+        rows = [row async for row in self._rows.table.query_entities(
             "PartitionKey eq @pk and RowKey ge @newest and RowKey le @oldest",
             parameters={"pk": pk, "newest": message_row_key(last), "oldest": message_row_key(first)})]
+        if not rows:
+            return None  # cleared: its marker is about to go too
         messages = tuple(entity_message(row) for row in sorted(rows, key=lambda row: row["seq"]))
         return StoredTurn(conversation_id=conversation_id, activity_id=activity_id,
                           messages=messages, delivered=bool(marker.get("delivered", False)))
@@ -217,36 +334,37 @@ class TableConversationStore(SummaryRows, DataRows):
         if reply_id is not None:
             entity["reply_id"] = reply_id
         try:
-            await self._run("marking a reply delivered", self._table.update_entity, entity,
-                            mode=UpdateMode.MERGE)
+            await self._rows.run("marking a reply delivered", self._rows.table.update_entity,
+                                 entity, mode=UpdateMode.MERGE)
         except StorageRejected as exc:
             if not isinstance(exc.__cause__, ResourceNotFoundError):
                 raise
             log.info("the turn was cleared before its delivery was recorded")
 
     async def _mark_stopped(self, conversation_id: str, activity_id: str, *, shown: str) -> None:
-        await self._run("marking a reply stopped", self._replace_reply, conversation_id,
-                        activity_id, shown)
+        await self._rows.run("marking a reply stopped", self._replace_reply, conversation_id,
+                             activity_id, shown)
 
     async def _replace_reply(self, conversation_id: str, activity_id: str, shown: str) -> None:
         pk = encode_key(conversation_id)
-        marker = await self._get(pk, marker_row_key(activity_id))
-        row = None if marker is None else await self._get(pk, message_row_key(int(marker["last_seq"])))
+        marker = await self._rows.get(pk, marker_row_key(activity_id))
+        row = None if marker is None else \
+            await self._rows.get(pk, message_row_key(int(marker["last_seq"])))
         if row is None:
             return
         message = replace(entity_message(row), content=shown, stopped=True)
         entity = message_entity(pk, int(row["seq"]), message, tokens=int(row["tokens"]),
                                 turn_seq=int(row["turn_seq"]), activity_id=str(row["activity_id"]))
-        await self._table.update_entity(entity, mode=UpdateMode.REPLACE)
+        await self._rows.table.update_entity(entity, mode=UpdateMode.REPLACE)
 
     async def _rate_reply(self, conversation_id: str, reply_id: str, feedback: Feedback) -> bool:
-        return await self._run("rating a reply", self._merge_feedback,  # type: ignore[no-any-return]
-                               encode_key(conversation_id), reply_id, feedback)
+        return await self._rows.run("rating a reply", self._merge_feedback,
+                                    encode_key(conversation_id), reply_id, feedback)
 
     async def _merge_feedback(self, pk: str, reply_id: str, feedback: Feedback) -> bool:
         """Find the turn by its reply's ID (ratings are rare: a query of the markers, no index
         written per turn) and merge the rating into the reply's message row."""
-        markers = self._table.query_entities(
+        markers = self._rows.table.query_entities(
             "PartitionKey eq @pk and RowKey ge @first and RowKey lt @end and reply_id eq @reply",
             parameters={"pk": pk, "first": MARKER_PREFIX, "end": MARKERS_END, "reply": reply_id},
             select=["last_seq"])
@@ -254,7 +372,7 @@ class TableConversationStore(SummaryRows, DataRows):
             row = {"PartitionKey": pk, "RowKey": message_row_key(int(marker["last_seq"])),
                    **feedback_properties(feedback)}
             try:
-                await self._table.update_entity(row, mode=UpdateMode.MERGE)
+                await self._rows.table.update_entity(row, mode=UpdateMode.MERGE)
             except ResourceNotFoundError:
                 return False  # cleared meanwhile
             return True

@@ -1,20 +1,28 @@
-"""The Table backend's plumbing, shared by its parts: the client and its errors, point reads,
-reading and clearing a conversation's rows.
+"""The Table backend's one typed client (`TableRows`), shared by its parts: the client and its
+errors, point reads, the one way a head changes, reading and clearing a conversation's rows.
 
 Azure exceptions become `shared.errors` errors here only (`_translated`). Every call goes through
-`_run`: the table is made again if it vanished, the call has a total deadline, and its duration is
-measured.
+`TableRows.run` (typed by `ParamSpec`): the table is made again if it vanished, the call has a
+total deadline, and its duration is measured.
+
+Every operation that changes a head other than a turn's commit (a clear, a user's removal, a
+summary, the spend counters) goes through `TableRows.update_head`: read the head, a pure function of it,
+a conditional write, and one bounded retry policy with jitter (`HEAD_ATTEMPTS`). A clear keeps the
+head as a tombstone (its `last_seq` and spend counters), so sequence numbers never repeat within
+a partition and a clear only ever deletes the rows it hid.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Self
+from datetime import datetime
+from typing import Any, ParamSpec, TypeVar
 
 from azure.core import MatchConditions
 from azure.core.exceptions import (
@@ -36,24 +44,27 @@ from ..errors import (
     StorageRejected,
     StorageUnavailable,
 )
-from ..keys import encode_key
-from ..messages import ChatMessage
+from ..messages import ChatMessage, utc_now
 from ..telemetry import storage_call
-from ._base import (
-    ConversationStore,
-)
 from ._codec import (
     HEAD,
     MARKER_PREFIX,
     MESSAGES_END,
     entity_message,
+    user_index_key,
 )
 from ._head import Head
 from ._wire import Operation, TableWire, TransactionFailed
 
-__all__ = ["CLIENT_OPTIONS", "TableBase"]
+__all__ = ["CLIENT_OPTIONS", "HEAD_ATTEMPTS", "TableRows", "sdk_options", "transport"]
 
 log = logging.getLogger(__name__)
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+#: A head change that keeps losing to other writers gives up after this many attempts, waiting a
+#: random 0 to `min(0.5, 0.02 * 2**attempt)` s between them.
+HEAD_ATTEMPTS = 8
 
 #: Fail fast when storage is down: a channel waits about 15 s for the whole turn. The SDK's
 #: timeouts are per connection and per read; `deadline` bounds one call, retries included.
@@ -91,61 +102,43 @@ async def _translated(action: str) -> AsyncIterator[None]:
 
 
 
-class TableBase(ConversationStore):
-    """One Azure table of conversations: the client, and what every part of the backend reads
-    and clears through it. `summaries`: the conversations keep rolling summaries."""
+class TableRows:
+    """One Azure table of conversations behind one typed client: every storage call of the
+    backend's parts goes through `run` (errors translated, a deadline, the table made again if it
+    vanished), and the row work they share (point reads, the head's one update path, clearing)."""
 
-    def __init__(self, *, table: TableClient, create_table: bool = True,
-                 summaries: bool = False) -> None:
-        self._table = table
-        self._wire = TableWire(table)
+    def __init__(self, table: TableClient, *, create_table: bool = True,
+                 clock: Callable[[], datetime] = utc_now) -> None:
+        self.table = table
+        self.wire = TableWire(table)
         self._table_ready = not create_table
-        self.summaries = summaries
-
-    @classmethod
-    def from_connection_string(cls, connection_string: str, *, table_name: str,
-                               env_proxy: bool = False,
-                               summaries: bool = False) -> Self:
-        """`env_proxy`: honour HTTP(S)_PROXY (aiohttp then looks them up on a thread per request).
-        `UseDevelopmentStorage=true` is Azurite, as the SDK reads it."""
-        return cls(table=TableClient.from_connection_string(
-            connection_string, table_name=table_name, transport=_transport(env_proxy=env_proxy),
-            **_sdk_options()), summaries=summaries)
-
-    @classmethod
-    def from_endpoint(cls, endpoint: str, *, table_name: str, credential: Any,
-                      env_proxy: bool = False, summaries: bool = False) -> Self:
-        return cls(table=TableClient(endpoint=endpoint, table_name=table_name, credential=credential,
-                                     transport=_transport(env_proxy=env_proxy), **_sdk_options()),
-                   summaries=summaries)
+        self.clock = clock
 
     async def close(self) -> None:
-        await self._table.close()
+        await self.table.close()
 
-    async def ping(self) -> None:
-        await self._run("checking storage", self._get, "~ping", "~ping")
-
-    async def _run(self, action: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+    async def run(self, action: str, call: Callable[_P, Awaitable[_T]], *args: _P.args,
+                  **kwargs: _P.kwargs) -> _T:
         """`call(*args)` with the table ready, errors translated; a vanished table is made again."""
         for _ in range(2):
-            await self._ready()
+            await self.ready()
             started = time.perf_counter()
             try:
                 async with _translated(action), asyncio.timeout(CLIENT_OPTIONS["deadline"]):
                     return await call(*args, **kwargs)
             except _TableMissing:
-                log.warning("the table %s is missing; creating it again", self._table.table_name)
+                log.warning("the table %s is missing; creating it again", self.table.table_name)
                 self._table_ready = False
             finally:
                 storage_call(action, time.perf_counter() - started)
-        raise StorageUnavailable(f"the table {self._table.table_name} keeps vanishing")
+        raise StorageUnavailable(f"the table {self.table.table_name} keeps vanishing")
 
-    async def _ready(self) -> None:
+    async def ready(self) -> None:
         if self._table_ready:
             return
         async with _translated("creating the table"):
             try:
-                await self._table.create_table()
+                await self.table.create_table()
             except ResourceExistsError:
                 pass
             except HttpResponseError as exc:
@@ -153,27 +146,23 @@ class TableBase(ConversationStore):
                     raise
                 # An identity with a role on the table alone may not create tables: the
                 # deployment made it (infra/), so go on; a missing table would say so next.
-                log.info("may not create tables (403); using %s as it is", self._table.table_name)
+                log.info("may not create tables (403); using %s as it is", self.table.table_name)
         self._table_ready = True
 
-    async def _get(self, pk: str, row_key: str) -> TableEntity | None:
+    async def get(self, pk: str, row_key: str) -> TableEntity | None:
         """A row by its keys (a point read), or None; its ETag is in `.metadata["etag"]`."""
         try:
-            return await self._table.get_entity(pk, row_key)
+            return await self.table.get_entity(pk, row_key)
         except ResourceNotFoundError as exc:
             if getattr(exc, "error_code", None) == "TableNotFound":
                 raise
             return None
 
-    # -- list, clear -------------------------------------------------------------------------
-
-    async def _list_messages(self, conversation_id: str) -> list[ChatMessage]:
-        return await self._run("listing messages", self._read_messages, encode_key(conversation_id))  # type: ignore[no-any-return]
-
-    async def _read_messages(self, pk: str) -> list[ChatMessage]:
+    async def read_messages(self, pk: str) -> list[ChatMessage]:
+        """Every visible message of the conversation `pk`, oldest first."""
         newest_first: list[ChatMessage] = []
         cleared: int | None = None
-        async for row in self._table.query_entities(
+        async for row in self.table.query_entities(
                 "PartitionKey eq @pk and RowKey ge @head and RowKey lt @end",
                 parameters={"pk": pk, "head": HEAD, "end": MESSAGES_END}):
             if row["RowKey"] == HEAD:
@@ -184,55 +173,99 @@ class TableBase(ConversationStore):
             newest_first.append(entity_message(row))
         return newest_first[::-1]
 
-    async def _clear(self, conversation_id: str) -> int:
-        return await self._run("clearing the conversation", self._clear_rows,  # type: ignore[no-any-return]
-                               encode_key(conversation_id))
-
-    async def _clear_rows(self, pk: str) -> int:
-        return (await self._clear_if(pk)).removed
-
-    async def _clear_if(self, pk: str, only_if: Callable[[Head], bool] | None = None) -> _Cleared:
+    async def clear_if(self, pk: str, only_if: Callable[[Head], bool] | None = None, *,
+                        forget: Iterable[str] = ()) -> _Cleared:
         """Clear the conversation if its head passes `only_if` (checked on the head that the hiding
-        write is conditioned on, so a turn committed after the check makes the check run again)."""
-        head_etag, hidden = await self._hide_history(pk, only_if)
-        if head_etag is None or hidden is None:
-            return _Cleared(removed=0, head=hidden, hidden=False, head_deleted=False)
-        removed = await self._delete_rows(pk, up_to_seq=hidden.cleared_seq)
-        try:
-            await self._table.delete_entity(pk, HEAD, etag=head_etag,
-                                            match_condition=MatchConditions.IfNotModified)
-        except ResourceModifiedError:
-            log.info("the conversation got a new turn while it was cleared; kept it")
-            return _Cleared(removed=removed, head=hidden, hidden=True, head_deleted=False)
-        return _Cleared(removed=removed + 1, head=hidden, hidden=True, head_deleted=True)
+        write is conditioned on, so a turn committed after the check makes the check run again).
 
-    async def _hide_history(self, pk: str, only_if: Callable[[Head], bool] | None = None,
-                            ) -> tuple[str | None, Head | None]:
-        """Make every stored message invisible in one conditional write; return the new ETag and
-        the head as it was read (None, head: `only_if` refused it; None, None: nothing stored)."""
-        for _ in range(8):
-            entity = await self._get(pk, HEAD)
-            if entity is None:
-                return None, None
-            read = Head.read(entity, etag=str(entity.metadata["etag"]))
-            if only_if is not None and not only_if(read):
-                return None, read
-            head = read.cleared()
-            try:
-                result = await self._table.update_entity(
-                    head.entity(pk), mode=UpdateMode.REPLACE, etag=head.etag,
-                    match_condition=MatchConditions.IfNotModified)
-            except ResourceModifiedError:
-                continue
-            except ResourceNotFoundError:
-                return None, None  # another clear removed it
-            return str(result["etag"]), replace(read, cleared_seq=head.cleared_seq)
+        The head stays, as a tombstone: its `last_seq` (so the next turn's sequence numbers go on
+        from there and a slower clear cannot take them for the ones it hid) and its spend counters.
+        The user-index rows of the speakers it named and of `forget` are deleted only if no turn
+        rewrote them since they were read, before the hiding write (a turn that rewrote one
+        claims it in a head written after that)."""
+        head = await self.read_head(pk)
+        for attempt in range(HEAD_ATTEMPTS):
+            if head is None or head.etag is None:
+                return _Cleared(removed=0, head=None, hidden=False)
+            if only_if is not None and not only_if(head):
+                return _Cleared(removed=0, head=head, hidden=False)
+            users = tuple(dict.fromkeys((*head.speakers, *forget)))
+            etags = await self.index_etags(pk, users)
+            # Written even over a tombstone: the write is what proves no turn committed (and
+            # claimed a user-index row) between the read of the head and the ETags of the rows.
+            hidden = await self.write_head(pk, head, head.cleared())
+            if hidden is not None:
+                removed = await self.delete_rows(pk, up_to_seq=head.last_seq)
+                await self.delete_index_rows(pk, etags)
+                return _Cleared(removed=removed, head=head, hidden=True)
+            await _backoff(attempt)
+            head = await self.read_head(pk)
         raise ConversationConflict("the conversation kept changing while it was cleared")
 
-    async def _delete_rows(self, pk: str, *, up_to_seq: int) -> int:
+    async def read_head(self, pk: str) -> Head | None:
+        entity = await self.get(pk, HEAD)
+        return None if entity is None else Head.read(entity, etag=str(entity.metadata["etag"]))
+
+    async def write_head(self, pk: str, read: Head, head: Head) -> Head | None:
+        """Write `head` in place of `read` if it is unchanged (created if `read` was never
+        stored); the head as written (with its new ETag), or None when another writer won."""
+        try:
+            if read.etag is None:
+                result = await self.table.create_entity(head.entity(pk))
+            else:
+                result = await self.table.update_entity(
+                    head.entity(pk), mode=UpdateMode.REPLACE, etag=read.etag,
+                    match_condition=MatchConditions.IfNotModified)
+        except (ResourceModifiedError, ResourceExistsError, ResourceNotFoundError) as exc:
+            if getattr(exc, "error_code", None) == "TableNotFound":
+                raise
+            return None
+        return replace(head, etag=str(result["etag"]))
+
+    async def update_head(self, pk: str, change: Callable[[Head], Head | None], *,
+                           conversation_id: str, create: bool = False) -> Head | None:
+        """The one retry loop of a head change: read the head, `change` it (a pure function; None:
+        leave it as it is), write it under the read's ETag; again, after a jittered wait, when
+        another writer won. `create`: a missing head is made (else None is returned). The head
+        as written, or None when nothing was written."""
+        for attempt in range(HEAD_ATTEMPTS):
+            read = await self.read_head(pk)
+            if read is None:
+                if not create:
+                    return None
+                read = Head(conversation_id=conversation_id, copy=())
+            changed = change(read)
+            if changed is None:
+                return None
+            written = await self.write_head(pk, read, changed)
+            if written is not None:
+                return written
+            await _backoff(attempt)
+        raise ConversationConflict(
+            f"conversation {conversation_id[:200]!r} kept changing; the change was not made")
+
+    async def index_etags(self, pk: str, users: Iterable[str]) -> dict[str, str]:
+        """The ETags of the user-index rows naming conversation `pk`, by user ID (those stored)."""
+        etags: dict[str, str] = {}
+        for user_id in users:
+            row = await self.get(user_index_key(user_id), pk)
+            if row is not None:
+                etags[user_id] = str(row.metadata["etag"])
+        return etags
+
+    async def delete_index_rows(self, pk: str, etags: dict[str, str]) -> None:
+        """Delete each user-index row unless a turn rewrote it since its ETag was read."""
+        for user_id, etag in etags.items():
+            try:
+                await self.table.delete_entity(user_index_key(user_id), pk, etag=etag,
+                                                match_condition=MatchConditions.IfNotModified)
+            except ResourceModifiedError:
+                log.info("a user-index row was rewritten by a newer turn; kept it")
+
+    async def delete_rows(self, pk: str, *, up_to_seq: int) -> int:
         """Delete the message and marker rows up to `up_to_seq`, in transactions of 100."""
         doomed: list[str] = []
-        async for row in self._table.query_entities(
+        async for row in self.table.query_entities(
                 "PartitionKey eq @pk", parameters={"pk": pk}, select=["RowKey", "seq", "last_seq"]):
             key = row["RowKey"]
             if key == HEAD:
@@ -243,33 +276,36 @@ class TableBase(ConversationStore):
         for start in range(0, len(doomed), 100):
             keys = doomed[start:start + 100]
             try:
-                await self._wire.transact(
+                await self.wire.transact(
                     [Operation("delete", {"PartitionKey": pk, "RowKey": key}) for key in keys])
             except TransactionFailed as exc:
                 if exc.status_code != 404:
                     raise
                 # A concurrent clear deleted some of them: delete the rest one by one.
                 for key in keys:
-                    await self._table.delete_entity(pk, key)
+                    await self.table.delete_entity(pk, key)
         return len(doomed)
 
 
 
 @dataclass(frozen=True, kw_only=True)
 class _Cleared:
-    """What a clear did: `hidden` the history (then `head` is the head it hid), deleted the head."""
+    """What a clear did: `hidden` the history (then `head` is the head it hid)."""
 
     removed: int
     head: Head | None
     hidden: bool
-    head_deleted: bool
 
 
-def _sdk_options() -> dict[str, Any]:
+async def _backoff(attempt: int) -> None:
+    await asyncio.sleep(random.uniform(0, min(0.5, 0.02 * 2 ** attempt)))
+
+
+def sdk_options() -> dict[str, Any]:
     return {name: value for name, value in CLIENT_OPTIONS.items() if name != "deadline"}
 
 
-def _transport(*, env_proxy: bool) -> AioHttpTransport:
+def transport(*, env_proxy: bool) -> AioHttpTransport:
     # A transport given to a client keeps its own timeouts: CLIENT_OPTIONS' would be ignored.
     return AioHttpTransport(use_env_settings=env_proxy,
                             connection_timeout=CLIENT_OPTIONS["connection_timeout"],

@@ -57,6 +57,14 @@ async def raw_rows(connection_string: str, table_name: str, conversation_id: str
             "PartitionKey eq @pk", parameters={"pk": encode_key(conversation_id)})]
 
 
+def assert_tombstone(rows: list[dict], *, last_seq: int) -> None:
+    """A cleared conversation keeps its head only: where its sequence numbers go on from, and
+    nothing of what was said."""
+    (head,) = rows
+    assert head["RowKey"] == "h" and head["last_seq"] == head["cleared_seq"] == last_seq
+    assert head["cache"] == "[]" and "summary" not in head and "speakers" not in head
+
+
 async def test_a_conversation_round_trips(table_store: TableConversationStore) -> None:
     # GIVEN two committed turns
     await commit(table_store, "conv-1", "act-1", turn("hello", "hi there"))
@@ -232,9 +240,10 @@ async def test_clear_removes_every_row_of_one_conversation_only(
     neighbour_rows = await raw_rows(azurite_connection_string, table_name, "neighbour")
     # WHEN the first is cleared
     removed = await table_store.clear("doomed")
-    # THEN none of its rows remain, and the neighbour is untouched
+    # THEN none of its message rows remain, only its head as a tombstone (no text, the counters),
+    # and the neighbour is untouched
     assert removed >= 250
-    assert await raw_rows(azurite_connection_string, table_name, "doomed") == []
+    assert_tombstone(await raw_rows(azurite_connection_string, table_name, "doomed"), last_seq=250)
     assert await raw_rows(azurite_connection_string, table_name, "neighbour") == neighbour_rows
     # AND the cleared conversation starts afresh
     await commit(table_store, "doomed", "again", turn("new", "start"))
@@ -369,7 +378,7 @@ async def test_concurrent_clears_both_succeed_and_remove_everything(
     await seed(table_store, "twice", 250)
     results = await asyncio.gather(table_store.clear("twice"), table_store.clear("twice"))
     assert sum(results) >= 250
-    assert await raw_rows(azurite_connection_string, table_name, "twice") == []
+    assert_tombstone(await raw_rows(azurite_connection_string, table_name, "twice"), last_seq=250)
     assert await table_store.clear("never-stored") == 0
 
 

@@ -22,6 +22,7 @@ from shared.auth import BotAuthenticator
 from shared.bot import ChatBot
 from shared.connector import BotConnector
 from shared.delivery import Delivery
+from shared.limits import Spend
 from shared.messages import ChatMessage, StoredTurn
 from shared.model import build_model
 from shared.prompt import ChatPrompt
@@ -39,16 +40,18 @@ class LosesTheFirstRace(InMemoryConversationStore):
         self.commits = 0
 
     async def _commit_turn(self, window: ConversationWindow, *, activity_id: str,
-                           messages: list[ChatMessage], tokens: list[int]) -> StoredTurn:
+                           messages: list[ChatMessage], tokens: list[int],
+                           spend: Spend) -> StoredTurn:
         self.commits += 1
         if self.commits == 1:
             rival = await self.load_window(window.conversation_id, token_budget=10_000,
                                            max_messages=100)
             await super()._commit_turn(rival, activity_id="rival", messages=[
                 ChatMessage(role="user", content="rival question"),
-                ChatMessage(role="assistant", content="rival answer")], tokens=[5, 5])
+                ChatMessage(role="assistant", content="rival answer")], tokens=[5, 5],
+                spend=rival.spend)
         return await super()._commit_turn(window, activity_id=activity_id, messages=messages,
-                                          tokens=tokens)
+                                          tokens=tokens, spend=spend)
 
 
 @pytest.fixture

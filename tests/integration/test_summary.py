@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from devtools.fake_model import FakeModelServer, Scripted, default_reply
-from shared.messages import ChatMessage
+from shared.messages import ChatMessage, utc_now
 from shared.model import ChatModel, build_model
 from shared.prompt import SUMMARY_HEADING, ChatPrompt, ConversationMemory
 from shared.settings import load_settings
@@ -226,3 +226,17 @@ async def test_with_summaries_off_the_window_slides_as_before(
     assert window.tokens <= BUDGET and len(window.messages) < 2 * 39
     newest = [ChatMessage(role=m["role"], content=m["content"]) for m in history_of(request)]
     assert [m.content for m in newest] == [m.content for m in window.messages]
+
+
+async def test_with_the_setting_on_summary_tokens_count_in_the_daily_counter(chat: Chat) -> None:
+    # GIVEN summary calls counted as spend (CHAT_SPEND_COUNTS_SUMMARIES=on)
+    chat.summarizer.count_spend = True
+    # WHEN turns run until a summary is written
+    summarized = False
+    while not summarized:
+        _, _, summarized = await chat.turn()
+    # THEN the daily counter holds every token billed: the turns' and the summary call's
+    window = await chat.store.load_window("c", token_budget=BUDGET, max_messages=100)
+    billed = sum(usage["prompt_tokens"] + usage["completion_tokens"] for usage in chat.server.usages)
+    assert len(chat.server.usages) > chat.turns
+    assert window.spend.tokens_on_day(utc_now()) == billed

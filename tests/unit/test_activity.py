@@ -148,3 +148,16 @@ def test_absent_or_null_optional_fields_are_fine() -> None:
     data["text"] = None
     activity = parsed(data)
     assert activity.text == "" and activity.message_text == ""
+
+
+@pytest.mark.parametrize("field", ["id", "aadObjectId"])
+def test_a_sender_id_the_store_cannot_keep_is_refused_before_any_model_call(field: str) -> None:
+    # GIVEN a message whose sender ID has 40,000 characters (a user index row key holds 1,024)
+    data = message("hello")
+    data["from"] = {**data.get("from", {}), field: "x" * 40_000}
+    # WHEN it is parsed THEN it is a 400 naming the field, before any model call
+    with pytest.raises(BadRequest, match=f"from.{field} must have at most 1024 characters"):
+        parsed(data)
+    # AND one at the bound is taken
+    data["from"][field] = "x" * 1_024
+    assert parsed(data).user.ids

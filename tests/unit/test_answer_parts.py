@@ -51,11 +51,9 @@ async def test_the_turn_commits_then_finds_its_activity_committed_on_a_retry() -
     assert isinstance(second, Found) and second.send and model.calls == 1
 
 
-async def test_the_turn_reads_its_limits_with_the_clock_it_is_given(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_turn_reads_its_limits_with_the_clock_it_is_given() -> None:
     # GIVEN a limit of one turn a minute, a store whose clock says noon, and one turn at noon
-    monkeypatch.setattr("shared.store._memory.utc_now", lambda: NOON)
-    store, model = InMemoryConversationStore(), CountingModel()
+    store, model = InMemoryConversationStore(clock=lambda: NOON), CountingModel()
     first = await runner(store, model, CHAT_MAX_TURNS_PER_MINUTE="1").run(
         parse_activity(activity("m0", "c2"), HEADERS), "m0", needed=1, stream=None)
     # WHEN a second message is run by a turn whose clock says noon, and by one two minutes later

@@ -75,16 +75,16 @@ def test_the_limit_settings_are_read_and_checked() -> None:
         load_settings({"CHAT_RETENTION_DAYS": "0"})
 
 
-@pytest.fixture
-def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The store reads one fixed time (the turn's clock is passed in): no minute turns over."""
-    monkeypatch.setattr("shared.store._memory.utc_now", lambda: NOON)
+def frozen_store() -> InMemoryConversationStore:
+    """A store whose clock (the turn reads the store's) stands still: no minute turns over
+    mid-test."""
+    return InMemoryConversationStore(clock=lambda: NOON)
 
 
 async def test_a_turn_over_the_minute_limit_gets_a_polite_reply_and_no_model_call(
-        caplog: pytest.LogCaptureFixture, frozen_clock: None) -> None:
+        caplog: pytest.LogCaptureFixture) -> None:
     # GIVEN a bot allowing 2 turns a minute per conversation
-    store, model = InMemoryConversationStore(), CountingModel()
+    store, model = frozen_store(), CountingModel()
     bot = make_bot(store, model, clock=lambda: NOON, CHAT_MAX_TURNS_PER_MINUTE="2")
     # WHEN three messages arrive in one minute (a fourth to another conversation)
     replies = [await bot.handle(body=activity(f"m{i}", "busy"), headers=HEADERS) for i in range(3)]
@@ -105,9 +105,9 @@ async def test_a_turn_over_the_minute_limit_gets_a_polite_reply_and_no_model_cal
     assert refusals[0].levelno == logging.WARNING
 
 
-async def test_a_conversation_past_its_daily_tokens_is_refused(frozen_clock: None) -> None:
+async def test_a_conversation_past_its_daily_tokens_is_refused() -> None:
     # GIVEN a bot allowing 1,000 tokens a day per conversation, a model spending 400 a turn
-    store, model = InMemoryConversationStore(), SpendingModel()
+    store, model = frozen_store(), SpendingModel()
     bot = make_bot(store, model, clock=lambda: NOON, CHAT_DAILY_TOKEN_LIMIT="1000")
     # WHEN four messages arrive
     replies = [await bot.handle(body=activity(f"t{i}", "daily"), headers=HEADERS) for i in range(4)]

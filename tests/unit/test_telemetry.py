@@ -22,6 +22,7 @@ from shared.auth import BotAuthenticator
 from shared.bot import ChatBot
 from shared.connector import BotConnector
 from shared.errors import ConversationConflict
+from shared.limits import Spend
 from shared.messages import ChatMessage, StoredTurn
 from shared.model import build_model
 from shared.prompt import ChatPrompt
@@ -84,12 +85,13 @@ class ConflictOnce(InMemoryConversationStore):
         self.conflicted = False
 
     async def _commit_turn(self, window: ConversationWindow, *, activity_id: str,
-                           messages: list[ChatMessage], tokens: list[int]) -> StoredTurn:
+                           messages: list[ChatMessage], tokens: list[int],
+                           spend: Spend) -> StoredTurn:
         if not self.conflicted:
             self.conflicted = True
             raise ConversationConflict("someone else won")
         return await super()._commit_turn(window, activity_id=activity_id, messages=messages,
-                                          tokens=tokens)
+                                          tokens=tokens, spend=spend)
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from shared.auth import BotAuthenticator
 from shared.bot import MAX_REASKS, ChatBot
 from shared.connector import BotConnector
 from shared.errors import ConversationConflict
+from shared.limits import Spend
 from shared.messages import ChatMessage, StoredTurn, utc_now
 from shared.model import build_model
 from shared.prompt import ChatPrompt
@@ -78,7 +79,8 @@ async def test_two_workers_racing_on_one_conversation_store_every_turn_once() ->
 
 class AlwaysConflicting(InMemoryConversationStore):
     async def _commit_turn(self, window: ConversationWindow, *, activity_id: str,
-                           messages: list[ChatMessage], tokens: list[int]) -> StoredTurn:
+                           messages: list[ChatMessage], tokens: list[int],
+                           spend: Spend) -> StoredTurn:
         raise ConversationConflict("someone else always wins")
 
 

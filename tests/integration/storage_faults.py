@@ -1,0 +1,95 @@
+"""Storage calls held or failed on cue: an azure-core per-call policy on a real `TableClient`.
+
+The race tests and the randomized concurrency test build their stores with `faulty_store`: the
+policy sees every request the store sends to Azurite, and a `Gate` can hold one (until the test
+lets it go) or a `Faults` plan can delay or fail it, so an interleaving is made, not hoped for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from azure.core.exceptions import ServiceRequestError
+from azure.core.pipeline import PipelineRequest, PipelineResponse
+from azure.core.pipeline.policies import AsyncHTTPPolicy
+from azure.data.tables.aio import TableClient
+
+from shared.store import TableConversationStore
+
+__all__ = ["Faults", "Gate", "StoragePolicy", "faulty_store"]
+
+Match = Callable[[str, str], bool]  # (method, URL) → whether this request is the one
+
+
+@dataclass
+class Gate:
+    """Hold the `nth` request that `match`es until `release()`; `reached` is set when it arrives."""
+
+    match: Match
+    nth: int = 1
+    seen: int = 0
+    reached: asyncio.Event = field(default_factory=asyncio.Event)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def release(self) -> None:
+        self.released.set()
+
+
+@dataclass
+class Faults:
+    """A seeded plan of delays and failures: each request is delayed up to `max_delay` s with
+    probability `delay_rate`, and fails before it is sent with probability `fail_rate` (or after
+    it was sent, its answer lost, with probability `lose_rate`)."""
+
+    rng: random.Random
+    delay_rate: float = 0.0
+    max_delay: float = 0.0
+    fail_rate: float = 0.0
+    lose_rate: float = 0.0
+    injected: int = 0
+
+
+class StoragePolicy(AsyncHTTPPolicy):  # type: ignore[type-arg]
+    """Runs each request past the gates and the fault plan, then sends it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates: list[Gate] = []
+        self.faults: Faults | None = None
+        self.requests: list[tuple[str, str]] = []
+
+    async def send(self, request: PipelineRequest) -> PipelineResponse:  # type: ignore[type-arg]
+        method, url = request.http_request.method, request.http_request.url
+        self.requests.append((method, url))
+        for gate in self.gates:
+            if not gate.released.is_set() and gate.match(method, url):
+                gate.seen += 1
+                if gate.seen == gate.nth:
+                    gate.reached.set()
+                    await gate.released.wait()
+        faults = self.faults
+        if faults is not None:
+            if faults.delay_rate and faults.rng.random() < faults.delay_rate:
+                await asyncio.sleep(faults.rng.uniform(0, faults.max_delay))
+            if faults.fail_rate and faults.rng.random() < faults.fail_rate:
+                faults.injected += 1
+                raise ServiceRequestError("injected: the request was not sent")
+            lose = bool(faults.lose_rate) and faults.rng.random() < faults.lose_rate
+        response = await self.next.send(request)
+        if faults is not None and lose:
+            faults.injected += 1
+            raise ServiceRequestError("injected: the answer was lost")
+        return response
+
+
+def faulty_store(connection_string: str, table_name: str, *, summaries: bool = False,
+                 retries: bool = True) -> tuple[TableConversationStore, StoragePolicy]:
+    """A Table store on `table_name` whose every storage call passes a `StoragePolicy`."""
+    policy = StoragePolicy()
+    options = {} if retries else {"retry_total": 0}
+    table = TableClient.from_connection_string(connection_string, table_name=table_name,
+                                               per_call_policies=[policy], **options)
+    return TableConversationStore(table=table, summaries=summaries), policy
