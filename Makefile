@@ -19,7 +19,7 @@ help:
 	@echo "make unit        the unit tier alone (no I/O; about a second)"
 	@echo "make teams-package  the Teams app package appPackage/build/chatstate.zip (needs CLIENT_ID)"
 	@echo "make bench       store and webhook benchmarks; figures go to benchmarks/results.json"
-	@echo "make torture     the randomized concurrency test (SEED=…, ROUNDS=… or DURATION=… seconds)"
+	@echo "make torture     the randomized concurrency test (SEED=…, ROUNDS=… or DURATION=… seconds, KINDS=…)"
 
 deps: python-version $(VENV)/.installed node_modules/.installed
 
@@ -76,7 +76,8 @@ bench: deps
 # invariants checked (tests/integration/torture.py); a short run is part of `make test`.
 torture: deps
 	$(PY) -m devtools.azurite -- $(PY) -m tests.integration.torture $(if $(SEED),--seed $(SEED)) \
-		$(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(DURATION),--duration $(DURATION))
+		$(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(DURATION),--duration $(DURATION)) \
+		$(if $(KINDS),--kinds $(KINDS))
 
 clean:
 	rm -rf $(VENV) .venv-infra .venv-checkov node_modules .azurite .pytest_cache .ruff_cache

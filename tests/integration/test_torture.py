@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 from tests.integration.torture import INVARIANTS, torture
 
@@ -18,3 +19,7 @@ async def test_a_short_seeded_run_keeps_every_invariant(azurite_connection_strin
     assert passed, report
     assert all(invariant in report for invariant in INVARIANTS)
     assert "passed: seed 20, 3 rounds, " in report
+    # AND replies streamed into Teams personal chats, and the user stopped some of them midway
+    figures = re.search(r"(\d+) replies streamed, (\d+) stopped by the user", report)
+    assert figures is not None, report
+    assert int(figures[1]) > 0 and int(figures[2]) > 0, report

@@ -5,13 +5,15 @@
 
 Each round: two bot instances (two `ChatBot`s, each on its own `TableConversationStore`) on one
 Azurite table; a seeded random history of turns (new, duplicate deliveries, tool loops cut by the
-round limit, replies over the daily token limit), /reset, DELETE conversation, a user's export and
-removal, retention purges, summary preparation and feedback, started at random moments so they
-overlap; storage calls delayed and failed at random (a per-call policy on each real TableClient,
-`storage_faults.py`). Then the invariants (`INVARIANTS`) are checked against a model of what was
-acknowledged, with moments taken from the storage calls themselves: when a clear's hiding write
-was answered, when a turn's commit was sent. A failing round prints its seed and the shortest
-history that still fails (operations dropped one at a time and the round run again).
+round limit, replies over the daily token limit, replies streamed into a Teams personal chat
+through the contract-enforcing Bot Connector stand-in, and streams the user stops midway), /reset,
+DELETE conversation, a user's export and removal, retention purges, summary preparation and
+feedback, started at random moments so they overlap; storage calls delayed and failed at random
+(a per-call policy on each real TableClient, `storage_faults.py`). Then the invariants
+(`INVARIANTS`) are checked against a model of what was acknowledged, with moments taken from the
+storage calls themselves: when a clear's hiding write was answered, when a turn's commit was sent.
+A failing round prints its seed and the shortest history that still fails (operations dropped one
+at a time and the round run again).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextvars
+import functools
 import itertools
 import json
 import logging
@@ -28,9 +31,11 @@ import sys
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
+from urllib.parse import unquote
 
 import httpx2
 from azure.core.exceptions import ServiceRequestError
@@ -39,12 +44,14 @@ from azure.core.pipeline.policies import AsyncHTTPPolicy
 from azure.data.tables.aio import TableClient
 
 from devtools.azurite import STORAGE_ENV, given_or_started
+from devtools.fake_channel import FakeConnector
 from shared.bot import APOLOGY, RESET_DONE, ChatBot
 from shared.errors import ChatstateError
 from shared.keys import encode_key
 from shared.limits import LIMIT_REPLIES
 from shared.messages import Feedback, utc_day, utc_now
 from shared.store import REMOVED_MARKER, TableConversationStore
+from shared.tokens import count_text_tokens
 from tests.unit.test_turns import make_bot
 
 __all__ = ["INVARIANTS", "Op", "run_round", "torture"]
@@ -58,14 +65,25 @@ INVARIANTS = (
     "once: each activity is stored at most once, and every delivery of it gets the same answer",
     "exportable: every stored message of a user is in their export, until removed; and gone or "
     "redacted after their removal if it was acknowledged before the removal's head write",
-    "spend: the spend counters equal the tokens billed by the model (conversations whose "
-    "spend-carrying writes met no injected failure)",
+    "spend: the spend counters equal the tokens billed by the model, a stopped stream's as "
+    "the request and the text the user read (conversations whose spend-carrying writes met no "
+    "injected failure)",
+    "stopped: a reply the user stopped midway is stored as the text they saw, marked stopped, "
+    "and no stream broke Teams' streaming contract",
 )
 
 USERS = ("29:u1", "29:u2", "29:u3")
 TOKENS_PER_CALL = 400
 DAILY_LIMIT = 40 * TOKENS_PER_CALL
 _tick = itertools.count()
+#: A streamed answer: this many words, one SSE chunk each, `STREAM_PACE` seconds apart (the
+#: reply stream sends at most one update a second: an answer of ~1.4 s shows the informative
+#: update and one of text; one that is stopped lasts ~2.8 s, past its third update).
+STREAM_WORDS = {"streamed": 5, "stopped": 12}
+STREAM_PACE = 0.2
+#: Stop is pressed once the stream has taken this many updates (the informative one and one of
+#: text): the next update is refused as canceled, before the answer ends.
+STOP_AFTER_UPDATES = 2
 #: Replies that are not an answer the turn stored.
 _NOT_ANSWERS = {APOLOGY, RESET_DONE, *LIMIT_REPLIES.values()}
 _current_op: contextvars.ContextVar[int] = contextvars.ContextVar("torture_op", default=-1)
@@ -109,6 +127,8 @@ class Outcome:
     status: int = 0
     reply: str | None = None
     error: str | None = None
+    #: A streamed turn the user stopped: `reply` is the text they saw.
+    stopped: bool = False
 
 
 class Recorder(AsyncHTTPPolicy):  # type: ignore[type-arg]
@@ -136,12 +156,54 @@ class Recorder(AsyncHTTPPolicy):  # type: ignore[type-arg]
         return response
 
 
+@dataclass
+class CutStream:
+    """A streamed call the bot closed before its usage arrived (the user pressed Stop)."""
+
+    conversation: str
+    activity_id: str
+    #: The request as shared/prompt.py estimates it: each message's JSON, counted.
+    request_tokens: int
+
+
+class _SSE(httpx2.AsyncByteStream):
+    """A streamed completion's SSE chunks, paced; bills the call once its usage was read, or
+    records it cut when the reader closes it first."""
+
+    def __init__(self, model: ScriptedModel, chunks: list[bytes], done_at: int,
+                 cut: CutStream, *, stop: Callable[[], None] | None) -> None:
+        self.model, self.chunks, self.done_at, self.cut = model, chunks, done_at, cut
+        self.stop = stop
+        self.billed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for index, chunk in enumerate(self.chunks):
+            if index == 2 and self.stop is not None:  # the user, reading the first words
+                self.stop()
+            if index == self.done_at:  # the reader asked past the usage chunk: it has it
+                self.billed = True
+                self.model.billed[self.cut.conversation] += TOKENS_PER_CALL
+            elif 0 < index < self.done_at - 1:
+                await asyncio.sleep(STREAM_PACE)
+            yield chunk
+
+    async def aclose(self) -> None:
+        if not self.billed:
+            self.billed = True
+            self.model.cut.append(self.cut)
+
+
 class ScriptedModel:
     """The model at the transport: bills `TOKENS_PER_CALL` a call, by conversation; answers
-    `re <activity> #<call>` (a tool call for a `loop` turn, until the round limit cuts it)."""
+    `re <activity> #<call>` (a tool call for a `loop` turn, until the round limit cuts it). A
+    streamed request is answered in SSE chunks, `STREAM_PACE` apart, usage last; a stream the
+    bot closes before reading its usage is recorded in `cut` (billed as the code estimates it)."""
 
     def __init__(self) -> None:
         self.billed: dict[str, int] = defaultdict(int)
+        self.cut: list[CutStream] = []
+        #: Called as a `stopped` turn's answer begins to stream (conversation, activity).
+        self.press_stop: Callable[[str, str], None] | None = None
         self.calls = 0
 
     async def __call__(self, request: httpx2.Request) -> httpx2.Response:
@@ -149,8 +211,14 @@ class ScriptedModel:
         body = json.loads(request.content)
         users = [m for m in body["messages"] if m.get("role") == "user"]
         conversation, activity_id, variant = str(users[-1]["content"]).split("|")[:3]
-        self.billed[conversation] += TOKENS_PER_CALL
         usage = {"prompt_tokens": 300, "completion_tokens": 100, "total_tokens": TOKENS_PER_CALL}
+        if body.get("stream"):
+            stop = None
+            if variant == "stopped" and (press := self.press_stop) is not None:
+                stop = functools.partial(press, conversation, activity_id)
+            return self._streamed(body, conversation, activity_id, usage, stop=stop,
+                                  words=STREAM_WORDS.get(variant, STREAM_WORDS["streamed"]))
+        self.billed[conversation] += TOKENS_PER_CALL
         if variant == "loop":
             message: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": [{
                 "id": f"c{self.calls}", "type": "function",
@@ -162,37 +230,66 @@ class ScriptedModel:
                                               "index": 0, "finish_reason": "stop",
                                               "message": message}]})
 
+    def _streamed(self, body: dict[str, Any], conversation: str, activity_id: str,
+                  usage: dict[str, int], *, stop: Callable[[], None] | None,
+                  words: int) -> httpx2.Response:
+        def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+            chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                     "choices": choices, **extra}
+            return f"data: {json.dumps(chunk)}\n\n".encode()
+
+        pieces = [f"re {activity_id} #{self.calls}", *(f" w{i}" for i in range(words))]
+        chunks = [event([{"index": 0, "delta": {"role": "assistant", "content": ""}}])]
+        chunks += [event([{"index": 0, "delta": {"content": piece}}]) for piece in pieces]
+        chunks.append(event([{"index": 0, "delta": {}, "finish_reason": "stop"}]))
+        chunks.append(event([], usage=usage))
+        chunks.append(b"data: [DONE]\n\n")
+        request_tokens = sum(count_text_tokens(json.dumps(item, ensure_ascii=False))
+                             for item in body["messages"])
+        stream = _SSE(self, chunks, len(chunks) - 1,  # billed as [DONE] is asked for
+                      CutStream(conversation, activity_id, request_tokens), stop=stop)
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"},
+                               stream=stream)
+
 
 #: The operations a history draws from, as often as they are listed.
 KINDS = ("turn",) * 10 + ("loop", "duplicate", "duplicate", "duplicate", "reset", "delete",
                           "export", "forget", "purge", "summary", "summary", "feedback",
-                          "feedback")
+                          "feedback", "streamed", "streamed", "stopped")
+#: Turns that stream into a Teams personal chat (`a:` conversations only), and the user's Stop.
+STREAMED = ("streamed", "stopped")
 
 
 def history(rng: random.Random, round_id: str, length: int,
             kinds: tuple[str, ...] = KINDS) -> list[Op]:
     """A random history of `length` operations on three conversations of one round."""
-    conversations = {f"{round_id}-g": None, f"{round_id}-p1": USERS[0], f"{round_id}-p2": USERS[1]}
+    conversations = {f"{round_id}-g": None, f"a:{round_id}-p1": USERS[0],
+                     f"a:{round_id}-p2": USERS[1]}
     ops: list[Op] = []
-    activities: list[tuple[str, str, str]] = []
+    activities: list[tuple[str, str, str, str]] = []
     for index in range(length):
         kind = rng.choice(list(kinds))
         conversation = rng.choice(list(conversations))
         owner = conversations[conversation]
         user = owner or rng.choice(USERS)
         instance, delay = rng.randrange(2), rng.uniform(0, 0.4)
-        if kind == "duplicate" and activities:
-            conversation, user, activity_id = rng.choice(activities)
-            ops.append(Op(index, "turn", conversation, user, activity_id, instance, delay))
+        if kind == "duplicate" and activities:  # delivered again the way it first came
+            conversation, user, activity_id, variant = rng.choice(activities)
+            ops.append(Op(index, "turn", conversation, user, activity_id, instance, delay,
+                          variant if variant in STREAMED else ""))
             continue
-        if kind in ("turn", "loop", "duplicate", "reset"):
+        if kind in STREAMED and owner is None:  # Teams streams in personal chats only
+            conversation = rng.choice([c for c, o in conversations.items() if o is not None])
+            user = conversations[conversation] or user
+        if kind in ("turn", "loop", "duplicate", "reset", *STREAMED):
             activity_id = uuid.UUID(int=rng.getrandbits(128)).hex[:12]
+            variant = kind if kind in ("loop", *STREAMED) else ""
             if kind != "reset":
-                activities.append((conversation, user, activity_id))
+                activities.append((conversation, user, activity_id, variant))
             ops.append(Op(index, "reset" if kind == "reset" else "turn", conversation, user,
-                          activity_id, instance, delay, "loop" if kind == "loop" else ""))
+                          activity_id, instance, delay, variant))
         elif kind == "feedback" and activities:
-            conversation, user, activity_id = rng.choice(activities)
+            conversation, user, activity_id, _ = rng.choice(activities)
             ops.append(Op(index, "feedback", conversation, user, activity_id, instance, delay))
         elif kind in ("export", "forget"):
             ops.append(Op(index, kind, user=rng.choice(USERS), instance=instance, delay=delay))
@@ -203,7 +300,12 @@ def history(rng: random.Random, round_id: str, length: int,
     return ops
 
 
-def _activity(op: Op, text: str) -> bytes:
+def _activity(op: Op, text: str, *, service_url: str) -> bytes:
+    if op.variant in STREAMED:  # a Teams personal chat: the reply streams, then goes out
+        return json.dumps({"type": "message", "id": op.activity_id, "text": text,
+                           "channelId": "msteams", "serviceUrl": service_url,
+                           "conversation": {"id": op.conversation, "conversationType": "personal"},
+                           "from": {"id": op.user}, "recipient": {"id": "28:bot"}}).encode()
     return json.dumps({"type": "message", "id": op.activity_id, "text": text,
                        "conversation": {"id": op.conversation, "isGroup": op.conversation.endswith("-g")},
                        "from": {"id": op.user}, "recipient": {"id": "28:bot"},
@@ -222,6 +324,7 @@ class Round:
     outcomes: dict[int, Outcome] = field(default_factory=dict)
     model: ScriptedModel = field(default_factory=ScriptedModel)
     spend_checked: int = 0
+    connector: FakeConnector = field(default_factory=FakeConnector)
 
 
 async def run_round(state: Round) -> list[str]:
@@ -243,8 +346,10 @@ async def run_round(state: Round) -> list[str]:
         bots.append(make_bot(store, state.model, CHAT_TURN_MAX_ATTEMPTS="4",
                              CHAT_DAILY_TOKEN_LIMIT=str(DAILY_LIMIT),
                              CHAT_MAX_TURNS_PER_MINUTE="10000",
-                             CHAT_HISTORY_TOKEN_BUDGET="200"))
+                             CHAT_HISTORY_TOKEN_BUDGET="200", CHAT_ANSWER_MODE="inline"))
     day = utc_day(utc_now())
+    await state.connector.__aenter__()
+    state.model.press_stop = functools.partial(_press_stop, state)
     try:
         for store in stores:
             await store.ping()  # the table made, before any fault
@@ -261,6 +366,7 @@ async def run_round(state: Round) -> list[str]:
             await bot.connector.close()
         for store in stores:
             await store.close()
+        await state.connector.__aexit__(None, None, None)
 
 
 async def _run_op(op: Op, state: Round, bot: ChatBot, store: TableConversationStore) -> None:
@@ -271,11 +377,13 @@ async def _run_op(op: Op, state: Round, bot: ChatBot, store: TableConversationSt
         if op.kind in ("turn", "reset"):
             text = "/reset" if op.kind == "reset" else \
                 f"{op.conversation}|{op.activity_id}|{op.variant or 'answer'}"
-            response = await bot.handle(body=_activity(op, text), headers={
-                "Content-Type": "application/json"})
+            response = await bot.handle(body=_activity(op, text, service_url=state.connector.url),
+                                        headers={"Content-Type": "application/json"})
             outcome.status = response.status
             replies = (response.body or {}).get("activities") or []
             outcome.reply = replies[-1].get("text") if replies else None
+            if op.variant in STREAMED:
+                _streamed_reply(state, op, outcome)
         elif op.kind == "delete":
             await store.clear(op.conversation)
             outcome.status = 200
@@ -304,8 +412,35 @@ async def _run_op(op: Op, state: Round, bot: ChatBot, store: TableConversationSt
         outcome.end = next(_tick)
 
 
+def _press_stop(state: Round, conversation: str, activity_id: str) -> None:
+    """The user presses Stop on this turn's stream, if it streams (one stream a chat at a time:
+    another turn's may hold the chat, and this one answers with a message), to take effect after
+    `STOP_AFTER_UPDATES` updates."""
+    if any(not s.finished for s in _streams_of(state, activity_id)):
+        state.connector.streams.cancel(conversation, after_updates=STOP_AFTER_UPDATES)
+
+
+def _streamed_reply(state: Round, op: Op, outcome: Outcome) -> None:
+    """What the user saw of a streamed turn: the message sent in reply to it (a stream's final,
+    or an ordinary message), else the text of its stream that they stopped."""
+    sent = [a for a in state.connector.messages(op.conversation)
+            if a.get("replyToId") == op.activity_id]
+    if sent:
+        outcome.reply = str(sent[-1].get("text"))
+        return
+    stopped = [s for s in _streams_of(state, op.activity_id) if s.cancel]
+    if stopped:
+        outcome.reply, outcome.stopped = stopped[-1].text, True
+
+
+def _streams_of(state: Round, activity_id: str) -> list[Any]:
+    return [s for s in state.connector.streams.streams.values()
+            if s.updates and s.updates[0].get("replyToId") == activity_id]
+
+
 def _on_head(call: Call, pk: str) -> bool:
-    return f"PartitionKey='{pk}'" in call.url and "RowKey='h'" in call.url
+    url = unquote(call.url)
+    return f"PartitionKey='{pk}'" in url and "RowKey='h'" in url
 
 
 def _moment_of_hiding(state: Round, op: Op, pk: str) -> int | None:
@@ -328,8 +463,8 @@ async def check(state: Round, store: TableConversationStore, *, day: str) -> lis
         outcome = state.outcomes[op.index]
         if op.kind == "turn" and outcome.status == 200 and outcome.reply is not None \
                 and outcome.reply not in _NOT_ANSWERS:
-            if outcome.reply != REMOVED_MARKER:  # the answer, redacted by the user's removal
-                answers[op.activity_id].add(str(outcome.reply))
+            if outcome.reply != REMOVED_MARKER and not outcome.stopped:
+                answers[op.activity_id].add(str(outcome.reply))  # (else redacted, or cut)
             first = acknowledged.get(op.activity_id)
             if first is None or outcome.end < first[1].end:
                 acknowledged[op.activity_id] = (op, outcome)
@@ -371,18 +506,49 @@ async def check(state: Round, store: TableConversationStore, *, day: str) -> lis
                     problems.append(f"visible: activity {activity_id} (op #{op.index}) is "
                                     f"visible after clear op #{clear.index} hid it")
     problems += await _check_users(state, store, visible, acknowledged)
+    faulted = {ops[c.op].conversation for c in state.calls if c.injected and c.op in ops}
+    problems += _check_stopped(state, visible, answers, faulted)
     now = utc_now()
     if utc_day(now) == day:
-        faulted = {ops[c.op].conversation for c in state.calls if c.injected and c.op in ops}
+        billed = dict(state.model.billed)
+        for cut in state.model.cut:  # shared/prompt.py's rule: the request and the text read
+            shown = [s.text for s in _streams_of(state, cut.activity_id) if s.cancel]
+            billed[cut.conversation] = billed.get(cut.conversation, 0) + cut.request_tokens + \
+                count_text_tokens(shown[-1] if shown else "")
         for conversation in conversations:
             if conversation in faulted:
                 continue  # a failed spend write may have lost tokens: logged, not counted here
             state.spend_checked += 1
             window = await store.load_window(conversation, token_budget=100, max_messages=1)
-            counted, billed = window.spend.tokens_on_day(now), state.model.billed[conversation]
-            if counted != billed:
+            counted, paid = window.spend.tokens_on_day(now), billed.get(conversation, 0)
+            if counted != paid:
                 problems.append(f"spend: {conversation} counts {counted} tokens, the model "
-                                f"billed {billed}")
+                                f"billed {paid}")
+    return problems
+
+
+def _check_stopped(state: Round, visible: dict[str, list[Any]], answers: dict[str, set[str]],
+                   faulted: set[str]) -> list[str]:
+    """A stopped reply is stored as what the user saw, marked stopped (where no other delivery
+    of it got a whole answer and no storage call of its conversation failed on purpose)."""
+    problems = [f"stopped: the stream broke the contract: {v}"
+                for v in state.connector.streams.violations]
+    for op in state.ops:
+        outcome = state.outcomes[op.index]
+        if not outcome.stopped or answers.get(op.activity_id) or op.conversation in faulted:
+            continue
+        rows = visible.get(op.conversation, [])
+        at = [i for i, m in enumerate(rows) if m.role == "user" and m.activity_id == op.activity_id]
+        if not at:
+            continue  # not stored, or cleared: the other invariants judge that
+        following = list(itertools.takewhile(lambda m: m.role != "user", rows[at[0] + 1:]))
+        reply = following[-1] if following else None
+        if reply is None or reply.content == REMOVED_MARKER:
+            continue
+        if (reply.content, reply.stopped) != (outcome.reply, True):
+            problems.append(f"stopped: activity {op.activity_id} (op #{op.index}) showed "
+                            f"{outcome.reply!r} and was stopped; stored {reply.content!r}, "
+                            f"stopped={reply.stopped}")
     return problems
 
 
@@ -453,6 +619,7 @@ async def torture(connection_string: str, *, seed: int, rounds: int | None,
     started = time.monotonic()
     master = random.Random(seed)
     done = operations = calls = injected = acknowledged = spend_checked = 0
+    streamed = stopped = 0
     while (rounds is None or done < rounds) and (duration is None or
                                                  time.monotonic() - started < duration):
         round_seed = master.getrandbits(32)
@@ -467,6 +634,8 @@ async def torture(connection_string: str, *, seed: int, rounds: int | None,
         calls += len(state.calls)
         injected += sum(c.injected for c in state.calls)
         spend_checked += state.spend_checked
+        streamed += len(state.connector.streams.streams)
+        stopped += sum(1 for o in state.outcomes.values() if o.stopped)
         acknowledged += sum(1 for o in state.outcomes.values() if o.reply is not None
                             and o.reply not in _NOT_ANSWERS)
         if problems:
@@ -482,7 +651,8 @@ async def torture(connection_string: str, *, seed: int, rounds: int | None,
                 print(f"  {op}", file=out)
             return False
     print(f"passed: seed {seed}, {done} rounds, {operations} operations ({acknowledged} answers "
-          f"acknowledged), {calls} storage calls ({injected} failed on purpose), spend checked "
+          f"acknowledged; {streamed} replies streamed, {stopped} stopped by the user), {calls} "
+          f"storage calls ({injected} failed on purpose), spend checked "
           f"in {spend_checked} conversations, {time.monotonic() - started:.0f} s", file=out)
     return True
 
