@@ -19,7 +19,6 @@ whatever the token said; with auth off, only to loopback.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -32,7 +31,7 @@ import jwt
 
 from .activity import Activity
 from .errors import AuthUnavailable, Unauthorized
-from .settings import BotSettings
+from .settings import BotSettings, is_loopback_host
 
 __all__ = ["AuthResult", "BotAuthenticator", "OpenIdKeys", "SigningKey", "is_loopback_url",
            "service_url_allowed"]
@@ -272,7 +271,7 @@ def is_loopback_url(url: str) -> bool:
     """Whether `url` is a well-formed http(s) URL of this machine (where replies may go with auth
     off). A malformed URL is not."""
     parts = _scheme_and_host(url)
-    return parts is not None and _is_loopback_host(parts[1])
+    return parts is not None and is_loopback_host(parts[1])
 
 
 def service_url_allowed(url: str, hosts: Sequence[str]) -> bool:
@@ -283,7 +282,7 @@ def service_url_allowed(url: str, hosts: Sequence[str]) -> bool:
     if parts is None:
         return False
     scheme, host = parts
-    if scheme != "https" and not _is_loopback_host(host):
+    if scheme != "https" and not is_loopback_host(host):
         return False
     return any(host.endswith(pattern[1:]) if pattern.startswith("*.") else host == pattern
                for pattern in hosts)
@@ -304,12 +303,3 @@ def _scheme_and_host(url: str) -> tuple[str, str] | None:
             host.startswith(".") or ".." in host):
         return None
     return parts.scheme, host
-
-
-def _is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

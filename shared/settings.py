@@ -34,6 +34,7 @@ __all__ = [
     "SummarySettings",
     "TelemetrySettings",
     "UnknownSetting",
+    "is_loopback_host",
     "load_settings",
     "trigger_setting",
     "unknown_settings",
@@ -620,7 +621,7 @@ def _mcp_server(read: _Reader, entry: object, index: int, identity: str | None, 
     parsed = urlparse(url) if isinstance(url, str) else None
     if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise bad(f"\"url\" must be an http(s) URL, got {url!r}")
-    if parsed.scheme == "http" and (in_azure or not _loopback(parsed.hostname or "")):
+    if parsed.scheme == "http" and (in_azure or not is_loopback_host(parsed.hostname or "")):
         raise bad("\"url\" must be https (http only for a loopback server, locally)")
     tools = _names(entry.get("tools"), "tools", bad, required=True)
     destructive = _names(entry.get("allowDestructive", []), "allowDestructive", bad)
@@ -666,7 +667,8 @@ def _seconds(value: object, key: str, bad: Callable[[str], SettingsError], minim
     return float(value)
 
 
-def _loopback(host: str) -> bool:
+def is_loopback_host(host: str) -> bool:
+    """`localhost` or a loopback IP address (the hosts a local-only setting or reply may name)."""
     if host == "localhost":
         return True
     try:
