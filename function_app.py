@@ -136,6 +136,8 @@ async def forget_user(req: func.HttpRequest) -> func.HttpResponse:
     user_id = req.route_params["user_id"]
     try:
         data = await runtime.store.forget_user(user_id)
+        if runtime.signin is not None:  # the sign-ins asked of them (never a token: none is kept)
+            await runtime.signin.store.forget_user(user_id)
     except ChatstateError as exc:
         return _failed(exc)
     body = _forget_json(data)
@@ -149,6 +151,8 @@ async def retention(timer: func.TimerRequest) -> None:
     await purge_idle(runtime.store, days=runtime.settings.data.retention_days)
     if runtime.inbox is not None:  # accepted messages never answered (their tickets poisoned)
         await runtime.inbox.purge_before(utc_now() - timedelta(days=LEFTOVER_DAYS))
+    if runtime.signin is not None:  # sign-ins asked for and exchanges claimed, long over
+        await runtime.signin.store.purge_before(utc_now() - timedelta(days=1))
 
 
 def _failed(error: ChatstateError) -> func.HttpResponse:

@@ -3,11 +3,16 @@
 Its tools: `search_docs(query)` finds pages of a small built-in corpus about the things this
 project uses and returns them as text and as resource links (title, URL, snippet), which the bot
 turns into citations; `delete_notes()` is marked destructive (MCP tool annotations), so the bot
-leaves it out unless CHAT_MCP_SERVERS allows it by name. A test may add tools through `.mcp`,
-slow every request (`delay`) and read the requests' headers (`headers`).
+leaves it out unless CHAT_MCP_SERVERS allows it by name. Given a `BearerCheck`, it also offers
+`whoami()`, a tool that needs the user: it checks the request's bearer token (signature, audience,
+expiry) and answers with the name of the person it was issued for, so a test (or a person) sees
+whose token the bot sent. A test may add tools through `.mcp`, slow every request (`delay`) and
+read the requests' headers (`headers`).
 
     python -m devtools.mcp_server --port 8931     # then CHAT_MCP_SERVERS=[{"name": "demo",
                                                   #   "url": "http://127.0.0.1:8931/mcp", "tools": ["*"]}]
+    python -m devtools.mcp_server --port 8931 --audience api://chatstate-demo \
+        --jwks-url http://127.0.0.1:8932/keys     # whoami too, for tokens the keys there signed
 """
 
 from __future__ import annotations
@@ -15,14 +20,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
+import httpx2
+import jwt
 import uvicorn
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, ResourceLink, TextContent, ToolAnnotations
 
-__all__ = ["CORPUS", "DemoMcpServer", "demo_servers_setting"]
+__all__ = ["CORPUS", "BearerCheck", "DemoMcpServer", "demo_servers_setting"]
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -57,7 +66,43 @@ def search(query: str, *, limit: int = 2) -> list[tuple[str, str, str]]:
     return scored[:limit]
 
 
-def build() -> MCPServer:
+@dataclass(frozen=True, kw_only=True)
+class BearerCheck:
+    """How `whoami` checks a bearer token: RS256, for `audience`, signed by one of `keys` (public
+    keys) or by a key `jwks_url` serves."""
+
+    audience: str
+    keys: tuple[Any, ...] = ()
+    jwks_url: str | None = None
+
+    async def claims(self, headers: Mapping[str, str] | None) -> dict[str, Any]:
+        """The verified claims of the request's bearer token; `ToolError` saying what is wrong."""
+        authorization = (headers or {}).get("authorization", "")
+        if not authorization.startswith("Bearer "):
+            raise ToolError("this tool needs the user's own token (no bearer token came)")
+        token = authorization.removeprefix("Bearer ")
+        for key in await self._keys(token):
+            try:
+                claims: dict[str, Any] = jwt.decode(token, key, algorithms=["RS256"],
+                                                    audience=self.audience)
+                return claims
+            except jwt.InvalidSignatureError:
+                continue
+            except jwt.PyJWTError as exc:
+                raise ToolError(f"the bearer token is refused: {type(exc).__name__}") from None
+        raise ToolError("the bearer token is refused: no key of ours signed it")
+
+    async def _keys(self, token: str) -> tuple[Any, ...]:
+        if self.jwks_url is None:
+            return self.keys
+        async with httpx2.AsyncClient(timeout=5) as http:
+            found = (await http.get(self.jwks_url)).json().get("keys", [])
+        kid = jwt.get_unverified_header(token).get("kid")
+        return self.keys + tuple(jwt.PyJWK(key).key for key in found
+                                 if kid is None or key.get("kid") == kid)
+
+
+def build(*, bearer: BearerCheck | None = None) -> MCPServer:
     server = MCPServer("chatstate-demo", instructions="Search the docs behind chatstate.")
 
     @server.tool(annotations=ToolAnnotations(read_only_hint=True))
@@ -75,14 +120,25 @@ def build() -> MCPServer:
         """Delete every stored note (destructive: a demo of a tool the bot leaves out)."""
         return "every note was deleted"
 
+    if bearer is not None:
+        @server.tool(annotations=ToolAnnotations(read_only_hint=True))
+        async def whoami(ctx: Context) -> str:
+            """Who is asking: the signed-in person the bot acts for (needs their own token)."""
+            claims = await bearer.claims(ctx.headers)
+            return (f"You are {claims.get('name', 'someone')} "
+                    f"({claims.get('preferred_username', 'no user name')}); the token was issued "
+                    f"for {claims['aud']}.")
+
     return server
 
 
 class DemoMcpServer:
     """The demo server on 127.0.0.1 (`port` 0: a free one), run by uvicorn in this event loop."""
 
-    def __init__(self, *, port: int = 0, delay: float = 0.0) -> None:
-        self.mcp = build()
+    def __init__(self, *, port: int = 0, delay: float = 0.0,
+                 bearer: BearerCheck | None = None) -> None:
+        """`bearer`: offer `whoami`, checking tokens so."""
+        self.mcp = build(bearer=bearer)
         self.delay = delay
         self.headers: list[dict[str, str]] = []
         self.port = port or _free_port()
@@ -135,11 +191,16 @@ def _free_port() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, default=8931)
-    port = parser.parse_args().port
+    parser.add_argument("--audience", help="offer whoami, for tokens issued for this audience")
+    parser.add_argument("--jwks-url", help="where the keys that sign those tokens are")
+    args = parser.parse_args()
+    bearer = BearerCheck(audience=args.audience, jwks_url=args.jwks_url) \
+        if args.audience and args.jwks_url else None
 
     async def serve() -> None:
-        server = await DemoMcpServer(port=port).start()
-        print(f"MCP demo server: {server.url} (search_docs, delete_notes)", flush=True)
+        server = await DemoMcpServer(port=args.port, bearer=bearer).start()
+        print(f"MCP demo server: {server.url} (search_docs, delete_notes"
+              f"{', whoami' if bearer else ''})", flush=True)
         await asyncio.Event().wait()
 
     try:

@@ -40,10 +40,12 @@ from .inbox import Inbox, TurnTicket
 from .logs import turn_context
 from .prompt import ChatPrompt
 from .settings import AnswerMode, Settings
+from .signin import SignIn
 from .store import ConversationStore
 from .summary import Summarizer
 from .telemetry import span, turn
 from .turn import MAX_REASKS, TurnRunner
+from .user_tokens import UserTokens
 
 __all__ = ["APOLOGY", "MAX_REASKS", "RESET_DONE", "TOO_LONG", "WELCOME", "BotResponse", "ChatBot"]
 
@@ -65,20 +67,24 @@ class ChatBot:
                  connector: BotConnector, authenticator: BotAuthenticator,
                  summarizer: Summarizer | None = None, inbox: Inbox | None = None,
                  clock: Callable[[], datetime] | None = None,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 signin: SignIn | None = None, users: UserTokens | None = None) -> None:
         """`inbox`: the accepted activities and the turn queue (without one, answers are inline).
-        `clock`, `sleep`: the turn's time (None: the store's) and its backoff (test seams)."""
+        `clock`, `sleep`: the turn's time (None: the store's) and its backoff (test seams).
+        `signin`, `users`: signing users in, and their tokens for tools (None: no tool acts as
+        the user)."""
         self.settings = settings
         self.store = store
         self.prompt = prompt
         self.connector = connector
         self.authenticator = authenticator
         self.inbox = inbox
+        self.signin = signin
         self.delivery = Delivery(settings=settings, store=store, connector=connector)
         self.answerer = Answerer(
             settings=settings, store=store, delivery=self.delivery, summarizer=summarizer,
             inbox=inbox, turns=TurnRunner(settings=settings, store=store, prompt=prompt,
-                                          clock=clock, sleep=sleep))
+                                          clock=clock, sleep=sleep, users=users))
         self._in_flight: set[tuple[str, str]] = set()
         self._queued = settings.answer_mode is AnswerMode.QUEUE and inbox is not None
 
@@ -112,7 +118,7 @@ class ChatBot:
             if activity.type == "conversationUpdate":
                 return await self._on_conversation_update(activity, auth)
             if activity.type == "invoke":
-                return await self._on_invoke(activity)
+                return await self._on_invoke(activity, auth)
             return BotResponse(status=200)
         except Unanswered as exc:
             log.warning("gave up: %s", exc)
@@ -140,6 +146,9 @@ class ChatBot:
         self._check_reply_path(activity, auth)
         if not activity.message_text and not has_attachments(activity):
             return BotResponse(status=200)
+        if self.signin is not None and (said := await self.signin.on_message(activity)):
+            outgoing = await self.delivery.text(activity, said)  # /signout, a magic code
+            return BotResponse(status=200, body={"activities": [outgoing]} if outgoing else None)
         if self._queued and not activity.expects_replies:
             return await self._accept(activity, body)
         key = (activity.conversation_id, activity.id)
@@ -199,7 +208,11 @@ class ChatBot:
         if not auth.service_url_trusted:
             raise BadRequest(auth.service_url_refusal or "the serviceUrl is not trusted for replies")
 
-    async def _on_invoke(self, activity: Activity) -> BotResponse:
+    async def _on_invoke(self, activity: Activity, auth: AuthResult) -> BotResponse:
+        if self.signin is not None and self.signin.handles(activity):
+            self._check_reply_path(activity, auth)
+            answer = await self.signin.on_invoke(activity)
+            return BotResponse(status=answer.status, body=answer.body)
         feedback = activity.feedback()
         if feedback is None:
             return BotResponse(status=200)

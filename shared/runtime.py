@@ -21,10 +21,14 @@ from .inbox import Inbox
 from .model import build_model
 from .prompt import ChatPrompt
 from .settings import AnswerMode, ModelProvider, Settings, load_settings
+from .signin import SignIn
+from .signin_store import SignInStore
 from .store import ConversationStore, TableConversationStore
 from .summary import Summarizer
+from .token_service import TokenService
 from .tokens import tokenizer_name
 from .tools import Function
+from .user_tokens import UserTokens
 
 if TYPE_CHECKING:
     from .mcp import McpTools
@@ -80,9 +84,20 @@ class Runtime:
                                       env_proxy=settings.env_proxy)
         self.authenticator = BotAuthenticator(settings.bot, http=self.http, in_azure=settings.in_azure)
         self.inbox = _build_inbox(settings, credential)
+        #: Signing users in, for tools that act as the user (None when no tool does).
+        self.signin: SignIn | None = None
+        self.users: UserTokens | None = None
+        connections = frozenset(
+            access.connection for access in [*(f.as_user for f in functions),
+                                             *(s.as_user for s in settings.mcp_servers)]
+            if access is not None)
+        if connections:
+            self.signin, self.users = _build_signin(settings, credential, self.connector,
+                                                    connections)
         self.bot = ChatBot(settings=settings, store=self.store, prompt=self.prompt,
                            connector=self.connector, authenticator=self.authenticator,
-                           summarizer=summarizer, inbox=self.inbox)
+                           summarizer=summarizer, inbox=self.inbox, signin=self.signin,
+                           users=self.users)
         _warn_about(settings)
         log.info("token counting: %s", tokenizer_name())
 
@@ -102,6 +117,9 @@ class Runtime:
         await self.connector.close()
         if self.mcp is not None:
             await self.mcp.close()
+        if self.users is not None and self.signin is not None:
+            await self.users.close()
+            await self.signin.store.close()
         await self.http.aclose()
 
 
@@ -122,6 +140,44 @@ def _build_store(settings: Settings, credential: Any | None) -> ConversationStor
                                                          table_name=storage.table_name,
                                                          env_proxy=settings.env_proxy,
                                                          summaries=settings.summary.enabled)
+
+
+def _build_signin(settings: Settings, credential: Any | None, connector: BotConnector,
+                  connections: frozenset[str]) -> tuple[SignIn, UserTokens]:
+    """The token service client, the sign-in flow and users' tokens for `connections`."""
+    storage, bot = settings.storage, settings.bot
+    service = TokenService(settings.signin.token_service_url, bot_token=connector.token,
+                           timeout_seconds=settings.signin.timeout_seconds,
+                           env_proxy=settings.env_proxy)
+    if storage.table_endpoint:
+        credential = credential or _default_credential(storage.managed_identity_client_id)
+        store = SignInStore.from_endpoint(storage.table_endpoint, table_name=storage.table_name,
+                                          credential=credential, env_proxy=settings.env_proxy)
+    else:
+        store = SignInStore.from_connection_string(storage.connection_string,
+                                                   table_name=storage.table_name,
+                                                   env_proxy=settings.env_proxy)
+    signin = SignIn(service=service, store=store, connector=connector, connections=connections,
+                    app_id=bot.client_id or "local-bot")
+    # Without an app secret, the managed identity signs the on-behalf-of exchange (Azure).
+    identity = None
+    if settings.signin.app_id and not settings.signin.app_secret and \
+            bot.managed_identity_client_id:
+        from azure.identity.aio import ManagedIdentityCredential
+
+        identity = ManagedIdentityCredential(client_id=bot.managed_identity_client_id)
+    users = UserTokens(service=service, settings=settings.signin, tenant_id=bot.tenant_id,
+                       authority_host=bot.authority_host, ask=signin.ask,
+                       managed_identity=identity)
+    log.info("signing users in: OAuth connections %s, token service %s", ", ".join(
+        sorted(connections)), settings.signin.token_service_url)
+    return signin, users
+
+
+def _default_credential(client_id: str | None) -> Any:
+    from azure.identity.aio import DefaultAzureCredential
+
+    return DefaultAzureCredential(managed_identity_client_id=client_id)
 
 
 def _build_inbox(settings: Settings, credential: Any | None) -> Inbox | None:

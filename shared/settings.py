@@ -30,10 +30,12 @@ __all__ = [
     "ModelSettings",
     "Setting",
     "Settings",
+    "SignInSettings",
     "StorageSettings",
     "SummarySettings",
     "TelemetrySettings",
     "UnknownSetting",
+    "UserAccess",
     "is_loopback_host",
     "load_settings",
     "trigger_setting",
@@ -52,6 +54,8 @@ BOT_SERVICE_URL_HOSTS = "smba.trafficmanager.net,smba.infra.gcc.teams.microsoft.
 #: (public cloud and GCC; GCC High and DoD add *.sharepoint.us).
 FILE_HOSTS = "*.sharepoint.com"
 DEFAULT_INSTRUCTIONS = "You are a helpful, concise assistant in a chat."
+#: The public cloud's Bot Service token service (users' tokens for the bot's OAuth connections).
+TOKEN_SERVICE_URL = "https://token.botframework.com"
 #: Daily at 03:30 UTC. Function triggers read it as `%CHAT_RETENTION_SCHEDULE%`.
 RETENTION_SCHEDULE = "0 30 3 * * *"
 
@@ -216,7 +220,28 @@ SETTINGS: tuple[Setting, ...] = (
             "optionally \"headers\" (header name -> the name of another app setting holding its "
             "value; never the secret itself), \"entraAudience\" (send an Entra ID token of the "
             "app's identity for it), \"allowDestructive\" (tool names), \"timeoutSeconds\" "
-            "(default 10), \"refreshSeconds\" (default 300). Unset: no MCP tools."),
+            "(default 10), \"refreshSeconds\" (default 300), \"asUser\" ({\"connection\": the "
+            "bot's OAuth connection, \"audience\": an Entra audience to exchange the user's "
+            "token for}: its tool calls carry the signed-in user's own token). Unset: no MCP "
+            "tools."),
+    # signing users in: tools that act as the user (shared/signin.py, shared/user_tokens.py)
+    Setting(name="CHAT_TOKEN_SERVICE_URL", default=TOKEN_SERVICE_URL,
+            description="The Bot Service token service that keeps users' tokens for the bot's "
+            "OAuth connections (regional: https://europe.token.botframework.com, ...; Azure "
+            "Government: https://token.botframework.azure.us). https, or http to a loopback "
+            "stand-in locally (devtools/fake_token_service.py)."),
+    Setting(name="CHAT_TOKEN_SERVICE_TIMEOUT_SECONDS", default="5", deployed=False,
+            description="Deadline of one call to the token service (or one on-behalf-of "
+            "exchange), the bot's own token included."),
+    Setting(name="CHAT_SIGNIN_APP_ID",
+            description="Client ID of the Entra app registration users sign in to (the OAuth "
+            "connection's app, Teams SSO's webApplicationInfo): tools with an \"audience\" get "
+            "the user's token exchanged for it on-behalf-of this app. Unset: no on-behalf-of "
+            "exchange (a tool gets its connection's token as it is)."),
+    Setting(name="CHAT_SIGNIN_APP_SECRET", secret=True, deployed=False,
+            description="A client secret of CHAT_SIGNIN_APP_ID, for on-behalf-of exchanges "
+            "locally; in Azure the managed identity signs them instead (a federated credential "
+            "on the app registration, docs/deploy.md)."),
     # hosting
     Setting(name="WEBSITE_SITE_NAME", deployed=False,
             description="Set by Azure App Service/Functions; its presence means 'running in "
@@ -338,6 +363,26 @@ class AttachmentSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class UserAccess:
+    """What a tool that acts as the user needs: the user's token from the bot's OAuth connection
+    `connection`, exchanged on-behalf-of for `scope` (an Entra audience's `/.default`) when given."""
+
+    connection: str
+    scope: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SignInSettings:
+    """Signing users in through the Bot Service token service (shared/signin.py)."""
+
+    token_service_url: str = TOKEN_SERVICE_URL
+    timeout_seconds: float = 5.0
+    #: The Entra app registration users sign in to; None: no on-behalf-of exchange.
+    app_id: str | None = None
+    app_secret: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, kw_only=True)
 class McpServerSettings:
     """One MCP server of CHAT_MCP_SERVERS."""
 
@@ -354,6 +399,8 @@ class McpServerSettings:
     timeout_seconds: float = 10.0
     refresh_seconds: float = 300.0
     managed_identity_client_id: str | None = None
+    #: Its tool calls carry the user's own token (`asUser`), for this server only.
+    as_user: UserAccess | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -399,6 +446,7 @@ class Settings:
         return self.welcome == "on" or (self.welcome == "outside-teams" and channel_id != "msteams")
     answer_mode: AnswerMode = AnswerMode.QUEUE
     mcp_servers: tuple[McpServerSettings, ...] = ()
+    signin: SignInSettings = field(default_factory=SignInSettings)
 
 
 class _Reader:
@@ -566,7 +614,22 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             model_images=read.flag("CHAT_MODEL_IMAGES")),
         answer_mode=_answer_mode(read),
         mcp_servers=_mcp_servers(read, identity, in_azure=in_azure),
+        signin=_signin(read, in_azure=in_azure),
     )
+
+
+def _signin(read: _Reader, *, in_azure: bool) -> SignInSettings:
+    name = "CHAT_TOKEN_SERVICE_URL"
+    url = read.url(name) or TOKEN_SERVICE_URL
+    parsed = urlparse(url)
+    if parsed.scheme == "http" and (in_azure or not is_loopback_host(parsed.hostname or "")):
+        raise SettingsError(name, "must be https (http only for a loopback stand-in, locally)")
+    return SignInSettings(
+        token_service_url=url,
+        timeout_seconds=read.number("CHAT_TOKEN_SERVICE_TIMEOUT_SECONDS", minimum=0.05,
+                                    maximum=60),
+        app_id=read.text("CHAT_SIGNIN_APP_ID"),
+        app_secret=read.text("CHAT_SIGNIN_APP_SECRET"))
 
 
 def _welcome(read: _Reader) -> str:
@@ -577,7 +640,10 @@ def _welcome(read: _Reader) -> str:
 
 
 _MCP_KEYS = {"name", "url", "tools", "headers", "entraAudience", "allowDestructive",
-             "timeoutSeconds", "refreshSeconds"}
+             "timeoutSeconds", "refreshSeconds", "asUser"}
+_AS_USER_KEYS = {"connection", "audience"}
+#: A Bot Service OAuth connection's name (letters, digits, spaces, _ . -; the portal's rule).
+_CONNECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}$")
 _MCP_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 _SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -640,14 +706,42 @@ def _mcp_server(read: _Reader, entry: object, index: int, identity: str | None, 
     audience = entry.get("entraAudience")
     if audience is not None and (not isinstance(audience, str) or not audience.strip()):
         raise bad("\"entraAudience\" must be an application ID URI or client ID")
-    scope = None if audience is None else \
-        audience.strip() if audience.strip().endswith("/.default") else f"{audience.strip()}/.default"
+    scope = None if audience is None else entra_scope(audience)
     return McpServerSettings(
         name=name, url=str(url), tools=tools, headers=tuple(resolved), entra_scope=scope,
         allow_destructive=destructive,
         timeout_seconds=_seconds(entry.get("timeoutSeconds", 10), "timeoutSeconds", bad, 0.05, 120),
         refresh_seconds=_seconds(entry.get("refreshSeconds", 300), "refreshSeconds", bad, 1, 86_400),
-        managed_identity_client_id=identity)
+        managed_identity_client_id=identity,
+        as_user=_as_user(entry.get("asUser"), bad, obo=read.text("CHAT_SIGNIN_APP_ID") is not None))
+
+
+def entra_scope(audience: str) -> str:
+    """The `.default` scope of an Entra audience (an application ID URI or client ID)."""
+    audience = audience.strip()
+    return audience if audience.endswith("/.default") else f"{audience}/.default"
+
+
+def _as_user(value: object, bad: Callable[[str], SettingsError], *, obo: bool) -> UserAccess | None:
+    """An MCP server's `asUser`: {"connection": <OAuth connection name>, "audience"?: <Entra>}."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - _AS_USER_KEYS:
+        raise bad("\"asUser\" must be {\"connection\": <the bot's OAuth connection name>, "
+                  "\"audience\": <optional Entra audience to exchange the user's token for>}")
+    connection = value.get("connection")
+    if not isinstance(connection, str) or not _CONNECTION_NAME.match(connection):
+        raise bad("\"asUser\" needs a \"connection\": the name of one of the bot's OAuth "
+                  "connections (letters, digits, spaces, _ . -)")
+    audience = value.get("audience")
+    if audience is None:
+        return UserAccess(connection=connection)
+    if not isinstance(audience, str) or not audience.strip():
+        raise bad("\"asUser\".\"audience\" must be an application ID URI or client ID")
+    if not obo:
+        raise bad("\"asUser\".\"audience\" needs CHAT_SIGNIN_APP_ID (the app registration "
+                  "the on-behalf-of exchange runs as)")
+    return UserAccess(connection=connection, scope=entra_scope(audience))
 
 
 def _names(value: object, key: str, bad: Callable[[str], SettingsError], *,

@@ -17,8 +17,10 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Any
 
 from .activity import Activity
 from .attachments import Incoming
@@ -35,6 +37,7 @@ from .prompt import TURN_LIMIT_REPLY, ChatPrompt, ToolListener
 from .settings import Settings
 from .store import ConversationStore, ConversationWindow, Indexed
 from .streaming import ReplyStream
+from .user_tokens import UserTokens
 
 __all__ = ["MAX_REASKS", "Busy", "Committed", "Found", "Refused", "TurnResult", "TurnRunner"]
 
@@ -84,14 +87,16 @@ TurnResult = Committed | Found | Refused | Busy
 class TurnRunner:
     def __init__(self, *, settings: Settings, store: ConversationStore, prompt: ChatPrompt,
                  clock: Callable[[], datetime] | None = None,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 users: UserTokens | None = None) -> None:
         """`clock`: the turn's time; None: the store's (`store.clock`), the one the spend
-        counters move by."""
+        counters move by. `users`: tools that act as the user get their tokens there."""
         self.settings = settings
         self.store = store
         self.prompt = prompt
         self._clock = clock or store.clock
         self._sleep = sleep
+        self._users = users
 
     async def run(self, activity: Activity, text: str, *, needed: int,
                   stream: ReplyStream | None, attachments: Incoming | None = None) -> TurnResult:
@@ -131,11 +136,12 @@ class TurnRunner:
                         window, today=utc_day(now), sender=activity.user, shared=activity.in_group))
                 messages = kept
                 if messages is None:
-                    result = await self.prompt.send(
-                        text, history=window.messages, summary=window.summary,
-                        speaker=activity.speaker, sender=activity.user,
-                        on_text=stream.on_text if stream else None,
-                        on_tools=_tools_listener(stream), attachments=attachments)
+                    with self._acting(activity):
+                        result = await self.prompt.send(
+                            text, history=window.messages, summary=window.summary,
+                            speaker=activity.speaker, sender=activity.user,
+                            on_text=stream.on_text if stream else None,
+                            on_tools=_tools_listener(stream), attachments=attachments)
                     billed += result.usage
                     messages = _as_seen(result.messages, stream)
                     suggestions = result.suggestions
@@ -172,6 +178,10 @@ class TurnRunner:
         log.warning("gave up after %d conflicts", self.settings.turn_max_attempts)
         return Busy(attempts=self.settings.turn_max_attempts)
 
+
+    def _acting(self, activity: Activity) -> AbstractContextManager[Any]:
+        """Tools that act as the user act for this activity's sender (shared/user_tokens.py)."""
+        return self._users.acting(activity) if self._users is not None else nullcontext()
 
     async def _charge(self, activity: Activity, billed: Usage) -> None:
         try:
