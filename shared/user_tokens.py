@@ -111,15 +111,18 @@ class UserTokens:
 
     def __init__(self, *, service: TokenService, settings: SignInSettings,
                  tenant_id: str | None, authority_host: str, ask: Ask | None = None,
-                 managed_identity: Any | None = None) -> None:
+                 managed_identity: Any | None = None,
+                 credential_options: dict[str, Any] | None = None) -> None:
         """`ask`: sends the sign-in card. `managed_identity`: an async credential whose token for
-        `api://AzureADTokenExchange` signs the exchange when there is no app secret (Azure)."""
+        `api://AzureADTokenExchange` signs the exchange when there is no app secret (Azure).
+        `credential_options`: more keywords for the exchange's credential (a test's CA file)."""
         self.service = service
         self.settings = settings
         self.tenant_id = tenant_id
         self.authority_host = authority_host
         self.ask = ask
         self._managed_identity = managed_identity
+        self._credential_options = credential_options or {}
 
     @contextmanager
     def acting(self, activity: Activity) -> Iterator[ActingUser]:
@@ -148,7 +151,7 @@ class UserTokens:
                     signing = {"client_assertion_func": lambda: assertion}
                 credential = OnBehalfOfCredential(
                     self._tenant_of(user_token), app_id, user_assertion=user_token,
-                    authority=self.authority_host, **signing)
+                    authority=self.authority_host, **signing, **self._credential_options)
                 async with credential:
                     return (await credential.get_token(scope)).token
         except TimeoutError:

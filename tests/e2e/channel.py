@@ -35,6 +35,22 @@ def event(name: str, **fields: Any) -> dict[str, Any]:
     return copy.deepcopy(data)
 
 
+def invoke(name: str, value: dict[str, Any], *, conversation_id: str, **fields: Any) -> dict[str, Any]:
+    """A Teams invoke (`signin/tokenExchange`, ...) from the message fixture's user."""
+    data = event("message", conversation_id=conversation_id, id=uuid.uuid4().hex, **fields)
+    for key in ("text", "textFormat"):
+        data.pop(key)
+    data.update(type="invoke", name=name, value=value)
+    return data
+
+
+def in_group(activity: dict[str, Any], *, user: str = "29:user-1", name: str = "Ada") -> dict[str, Any]:
+    """`activity` as sent in a Teams group chat, by `user`."""
+    activity["conversation"].update(conversationType="groupChat", isGroup=True)
+    activity["from"] = {**activity["from"], "id": user, "name": name}
+    return activity
+
+
 @dataclass
 class Bench:
     loop: BackgroundLoop
