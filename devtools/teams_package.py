@@ -5,8 +5,9 @@ appPackage/manifest.json, and, when users sign in (`CHAT_SIGNIN_APP_ID`, the app
 the bot's OAuth connection), Teams single sign-on's `webApplicationInfo` (that app and its
 `api://botid-<app ID>` URI) and the token service's host (`CHAT_TOKEN_SERVICE_URL`) in
 `validDomains`, where the sign-in button's page opens; without it both are left out. It checks
-the result against the official JSON schema of its manifest version (from the `@microsoft/app-manifest` npm package, installed by `make deps`: no network) and
-the icons' sizes, and zips the manifest and the two icons at the zip's root, as Teams wants them.
+the result against the official JSON schema of its manifest version (from the
+`@microsoft/app-manifest` npm package, installed by `make deps`: no network) and the icons'
+sizes, and zips the manifest and the two icons at the zip's root, as Teams wants them.
 Upload the zip in Teams: Apps → Manage your apps → Upload an app → Upload a custom app.
 """
 
