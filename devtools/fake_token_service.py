@@ -19,7 +19,8 @@ records each request (`requests`, the magic code left out), each exchange (`exch
 every token it issued (`issued`, for the canary tests). `fail_next` answers the next calls with
 the given statuses; `consent_required` names users whose exchanges fail as consent would.
 
-    python -m devtools.fake_token_service --port 8932 --connection demo=api://chatstate-demo
+    python -m devtools.fake_token_service --port 8932 --connection demo=api://chatstate-demo \
+        --anonymous-bot          # make run: the bot runs with auth off, so it has no token
 """
 
 from __future__ import annotations
@@ -90,10 +91,12 @@ class FakeTokenService(LocalServer):
 
     def __init__(self, connections: list[Connection], *, app_id: str | None = None,
                  tenant_id: str = "tenant-1", signing_key: Any = None, kid: str = "fts-key-1",
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, bot_token_required: bool = True) -> None:
         """`app_id`: the bot's, which a sign-in state must name (None: any). `signing_key`, `kid`:
-        sign users' tokens with another stand-in's key (the identity provider's)."""
+        sign users' tokens with another stand-in's key (the identity provider's).
+        `bot_token_required` False: serve a bot with no identity (auth off, `make run`)."""
         super().__init__()
+        self.bot_token_required = bot_token_required
         self.connections = {connection.name: connection for connection in connections}
         self.app_id = app_id
         self.tenant_id = tenant_id
@@ -170,7 +173,8 @@ class FakeTokenService(LocalServer):
             await asyncio.sleep(self.delay)
         if self.fail_next:
             return _error(self.fail_next.popleft(), "ServiceError", "scripted failure")
-        if not (request.headers.get("Authorization") or "").startswith("Bearer "):
+        if self.bot_token_required and \
+                not (request.headers.get("Authorization") or "").startswith("Bearer "):
             return _error(401, "Unauthorized", "the bot's token is missing")
         missing = [name for name in required if not request.query.get(name)]
         if missing:
@@ -303,6 +307,8 @@ def main() -> None:
     parser.add_argument("--connection", action="append", default=[],
                         metavar="NAME=AUDIENCE[,EXCHANGE_URI]",
                         help="an OAuth connection: its name, the audience of its tokens")
+    parser.add_argument("--anonymous-bot", action="store_true",
+                        help="serve a bot that sends no token (auth off, as make run runs it)")
     args = parser.parse_args()
     connections = []
     for spec in args.connection or ["demo=api://chatstate-demo"]:
@@ -311,7 +317,8 @@ def main() -> None:
         connections.append(Connection(name=name, audience=audience, exchange_uri=exchange or None))
 
     async def serve() -> None:
-        service = await FakeTokenService(connections).start(args.port)
+        service = await FakeTokenService(
+            connections, bot_token_required=not args.anonymous_bot).start(args.port)
         print(f"token service stand-in: {service.url} (connections: "
               f"{', '.join(c.name for c in connections)})", flush=True)
         await asyncio.Event().wait()

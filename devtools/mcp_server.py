@@ -175,11 +175,17 @@ class DemoMcpServer:
             await asyncio.gather(self._task, return_exceptions=True)
 
 
-def demo_servers_setting(url: str, **options: Any) -> str:
-    """CHAT_MCP_SERVERS for the demo server at `url` (every tool; destructive ones left out)."""
+def demo_servers_setting(url: str, *, as_user: dict[str, str] | None = None,
+                         **options: Any) -> str:
+    """CHAT_MCP_SERVERS for the demo server at `url` (every tool; destructive ones left out).
+    `as_user`: its `whoami` too, as a second server entry ("me") that acts as the user."""
     import json
 
-    return json.dumps([{"name": "demo", "url": url, "tools": ["*"], **options}])
+    if as_user is None:
+        return json.dumps([{"name": "demo", "url": url, "tools": ["*"], **options}])
+    return json.dumps([{"name": "demo", "url": url, "tools": ["search_docs", "delete_notes"],
+                        **options},
+                       {"name": "me", "url": url, "tools": ["whoami"], "asUser": as_user}])
 
 
 def _free_port() -> int:
