@@ -212,9 +212,8 @@ class McpServer:
     def _client(self) -> httpx2.AsyncClient:
         if self._http is None:
             app = self._identity() if self.settings.entra_scope else None
-            auth = _ServerAuth(app, self.settings.entra_scope) \
-                if app is not None or self.settings.as_user is not None else None
-            self._http = httpx2.AsyncClient(headers=dict(self.settings.headers), auth=auth,
+            self._http = httpx2.AsyncClient(headers=dict(self.settings.headers),
+                                            auth=_ServerAuth(app, self.settings.entra_scope),
                                             timeout=httpx2.Timeout(self.settings.timeout_seconds))
         return self._http
 
