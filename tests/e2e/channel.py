@@ -22,6 +22,7 @@ from devtools.fake_token_service import Connection, FakeTokenService
 from devtools.host import DevHostProcess
 from devtools.local_server import loopback_certificate
 from devtools.mcp_server import BearerCheck, DemoMcpServer
+from devtools.otlp_collector import OtlpCollector
 
 EVENTS = Path(__file__).parents[1] / "events"
 CLIENT_ID = "bot-app-id"
@@ -41,6 +42,18 @@ def event(name: str, **fields: Any) -> dict[str, Any]:
         else:
             data[key] = value
     return copy.deepcopy(data)
+
+
+@contextmanager
+def otlp_collector() -> Iterator[OtlpCollector]:
+    """An OTLP collector stand-in on its own loop (point OTEL_EXPORTER_OTLP_ENDPOINT at it)."""
+    loop = BackgroundLoop()
+    running = loop.run(OtlpCollector().start())
+    try:
+        yield running
+    finally:
+        loop.run(running.stop())
+        loop.close()
 
 
 def invoke(name: str, value: dict[str, Any], *, conversation_id: str, **fields: Any) -> dict[str, Any]:

@@ -17,23 +17,25 @@ from typing import Any
 import pytest
 from azure.data.tables import TableServiceClient
 
-from devtools.background import BackgroundLoop
 from devtools.fake_model import Scripted, tool_call
 from devtools.fake_token_service import FakeTokenService
 from devtools.otlp_collector import OtlpCollector
 from shared.signin import OAUTH_CARD, SIGNED_IN, SIGNED_OUT
-from tests.e2e.channel import MCP_AUDIENCE, SSO_CONNECTION, Bench, bench, in_group, invoke
+from tests.e2e.channel import (
+    MCP_AUDIENCE,
+    SSO_CONNECTION,
+    Bench,
+    bench,
+    in_group,
+    invoke,
+    otlp_collector,
+)
 
 
 @pytest.fixture(scope="module")
 def collector() -> Iterator[OtlpCollector]:
-    loop = BackgroundLoop()
-    running = loop.run(OtlpCollector().start())
-    try:
+    with otlp_collector() as running:
         yield running
-    finally:
-        loop.run(running.stop())
-        loop.close()
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +94,24 @@ def link_of(card: dict[str, Any]) -> str:
     return str(card["attachments"][0]["content"]["buttons"][0]["value"])
 
 
+def carded(channel: Bench) -> tuple[str, str, dict[str, Any]]:
+    """A new user who asked while not signed in: (user, conversation, the card they got)."""
+    user, conversation = person(channel), f"a:{uuid.uuid4().hex}"
+    whoami_then_answer(channel)
+    channel.post(said(channel, user, "who am I?", conversation=conversation))
+    (card,) = cards(channel, conversation)
+    return user, conversation, card
+
+
+def exchange(channel: Bench, user: str, card: dict[str, Any], *,
+             conversation: str) -> dict[str, Any]:
+    """The signin/tokenExchange invoke Teams sends for `card`, with the user's SSO token."""
+    return sign_in_invoke(channel, user, "signin/tokenExchange", {
+        "id": card["attachments"][0]["content"]["tokenExchangeResource"]["id"],
+        "connectionName": SSO_CONNECTION, "token": tokens_of(channel).sso_token(user)},
+        conversation=conversation)
+
+
 def test_a_signed_in_users_tool_call_carries_their_token_for_its_audience(channel: Bench) -> None:
     # GIVEN Ada, signed in to the connection already
     user, conversation = person(channel), f"a:{uuid.uuid4().hex}"
@@ -134,16 +154,10 @@ def test_a_user_who_is_not_signed_in_gets_the_card_signs_in_and_asks_again(chann
 
 def test_teams_sso_exchanges_the_token_and_answers_200(channel: Bench) -> None:
     # GIVEN Ada with a card (she asked while not signed in)
-    user, conversation = person(channel), f"a:{uuid.uuid4().hex}"
-    whoami_then_answer(channel)
-    channel.post(said(channel, user, "who am I?", conversation=conversation))
-    (card,) = cards(channel, conversation)
+    user, conversation, card = carded(channel)
     exchange_id = card["attachments"][0]["content"]["tokenExchangeResource"]["id"]
     # WHEN her Teams client exchanges its SSO token silently
-    response = channel.post(sign_in_invoke(
-        channel, user, "signin/tokenExchange",
-        {"id": exchange_id, "connectionName": SSO_CONNECTION,
-         "token": tokens_of(channel).sso_token(user)}, conversation=conversation))
+    response = channel.post(exchange(channel, user, card, conversation=conversation))
     # THEN the invoke is answered 200 with the exchange's ID, and she is signed in
     assert response.status_code == 200
     assert response.json() == {"id": exchange_id, "connectionName": SSO_CONNECTION}
@@ -152,17 +166,11 @@ def test_teams_sso_exchanges_the_token_and_answers_200(channel: Bench) -> None:
 
 def test_a_refused_exchange_answers_412_and_the_cards_button_still_signs_in(channel: Bench) -> None:
     # GIVEN Ada, who has not consented, with a card
-    user, conversation = person(channel), f"a:{uuid.uuid4().hex}"
+    user, conversation, card = carded(channel)
     tokens_of(channel).consent_required.add(user)
-    whoami_then_answer(channel)
-    channel.post(said(channel, user, "who am I?", conversation=conversation))
-    (card,) = cards(channel, conversation)
     exchange_id = card["attachments"][0]["content"]["tokenExchangeResource"]["id"]
     # WHEN Teams' silent exchange is refused
-    response = channel.post(sign_in_invoke(
-        channel, user, "signin/tokenExchange",
-        {"id": exchange_id, "connectionName": SSO_CONNECTION,
-         "token": tokens_of(channel).sso_token(user)}, conversation=conversation))
+    response = channel.post(exchange(channel, user, card, conversation=conversation))
     # THEN the invoke is answered 412 PreconditionFailed with a TokenExchangeInvokeResponse
     assert response.status_code == 412
     body = response.json()
@@ -179,17 +187,10 @@ def test_a_refused_exchange_answers_412_and_the_cards_button_still_signs_in(chan
 def test_duplicate_exchange_invokes_from_several_teams_clients_make_one_exchange(
         channel: Bench) -> None:
     # GIVEN Ada with a card, and Teams open on three devices
-    user, conversation = person(channel), f"a:{uuid.uuid4().hex}"
-    whoami_then_answer(channel)
-    channel.post(said(channel, user, "who am I?", conversation=conversation))
-    (card,) = cards(channel, conversation)
-    exchange_id = card["attachments"][0]["content"]["tokenExchangeResource"]["id"]
+    user, conversation, card = carded(channel)
     exchanges_before = len(tokens_of(channel).exchanges)
     told_before = len(channel.connector.messages(conversation))
-    token = tokens_of(channel).sso_token(user)
-    invokes = [sign_in_invoke(channel, user, "signin/tokenExchange",
-                              {"id": exchange_id, "connectionName": SSO_CONNECTION,
-                               "token": token}, conversation=conversation) for _ in range(3)]
+    invokes = [exchange(channel, user, card, conversation=conversation) for _ in range(3)]
     # WHEN the three clients' invokes arrive at once
     with ThreadPoolExecutor(3) as pool:
         statuses = [r.status_code for r in pool.map(channel.post, invokes)]
@@ -201,10 +202,7 @@ def test_duplicate_exchange_invokes_from_several_teams_clients_make_one_exchange
 
 def test_a_magic_code_typed_in_the_chat_signs_in(channel: Bench) -> None:
     # GIVEN Ada on a channel without verifyState (she types the code), with a card
-    user, conversation = person(channel), f"a:{uuid.uuid4().hex}"
-    whoami_then_answer(channel)
-    channel.post(said(channel, user, "who am I?", conversation=conversation))
-    (card,) = cards(channel, conversation)
+    user, conversation, card = carded(channel)
     code = tokens_of(channel).open_sign_in_link(link_of(card))
     calls_before = channel.model.calls
     # WHEN she sends the six digits the sign-in page showed
@@ -262,16 +260,10 @@ def test_the_canary_no_token_or_code_in_logs_spans_history_or_storage(
         channel: Bench, collector: OtlpCollector) -> None:
     # GIVEN a full round: a card, a refused exchange, a magic code, a tool call with an exchanged
     # token, a sign-out
-    user, conversation = person(channel), f"a:{uuid.uuid4().hex}"
+    user, conversation, card = carded(channel)
     tokens = tokens_of(channel)
     tokens.consent_required.add(user)
-    whoami_then_answer(channel)
-    channel.post(said(channel, user, "who am I?", conversation=conversation))
-    (card,) = cards(channel, conversation)
-    channel.post(sign_in_invoke(channel, user, "signin/tokenExchange", {
-        "id": card["attachments"][0]["content"]["tokenExchangeResource"]["id"],
-        "connectionName": SSO_CONNECTION, "token": tokens.sso_token(user)},
-        conversation=conversation))
+    assert channel.post(exchange(channel, user, card, conversation=conversation)).status_code == 412
     code = tokens.open_sign_in_link(link_of(card))
     channel.post(said(channel, user, code, conversation=conversation))
     whoami_then_answer(channel)
