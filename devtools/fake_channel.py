@@ -204,8 +204,7 @@ class FakeIdentity(LocalServer):
 
     async def _token(self, request: web.Request) -> web.Response:
         form = {k: str(v) for k, v in (await request.post()).items()}
-        self.token_requests.append({k: v for k, v in form.items()
-                                    if k not in ("assertion", "client_secret")})
+        self.token_requests.append({k: v for k, v in form.items() if k != "assertion"})
         if form.get("grant_type") == "urn:ietf:params:oauth:grant-type:jwt-bearer":
             return self._on_behalf_of(form)
         if form.get("grant_type") != "client_credentials":
