@@ -117,7 +117,7 @@ class ChatBot:
                 return await self._on_message(activity, auth, body)
             if activity.type == "conversationUpdate":
                 return await self._on_conversation_update(activity, auth)
-            if activity.type == "invoke":
+            if activity.type == "invoke" or (self.signin is not None and self.signin.handles(activity)):
                 return await self._on_invoke(activity, auth)
             return BotResponse(status=200)
         except Unanswered as exc:

@@ -13,6 +13,8 @@
     signin/verifyState         → the magic code of the button's sign-in page: GetToken with it
     a six-digit message        → the same code, typed (Web Chat), while a sign-in is pending
     signin/failure             → Teams got no SSO token (a setup problem): logged, 200
+    a tokens/response event    → Direct Line's enhanced authentication signed the user in (its
+                                 token is not read: the token service is asked, as for a code)
     /signout                   → SignOut of every connection; answered with no model call
 
 Group chats: the card goes to a one-to-one chat so that only the person asked sees it, and so that
@@ -151,7 +153,10 @@ class SignIn:
 
     @staticmethod
     def handles(activity: Activity) -> bool:
-        return activity.type == "invoke" and str(activity.raw.get("name", "")).startswith("signin/")
+        """A sign-in invoke (`signin/...`), or Direct Line's `tokens/response` event."""
+        name = str(activity.raw.get("name", ""))
+        return (activity.type == "invoke" and name.startswith("signin/")) or \
+            (activity.type == "event" and name == "tokens/response")
 
     async def on_invoke(self, activity: Activity) -> InvokeAnswer:
         name = activity.raw.get("name")
@@ -161,6 +166,8 @@ class SignIn:
             return await self._token_exchange(activity, value)
         if name == "signin/verifyState":
             return await self._verify_state(activity, value)
+        if name == "tokens/response":
+            return await self._token_response(activity, value)
         if name == "signin/failure":
             code = str(value.get("code") or "unknown")[:64]
             log.warning("Teams could not get a single sign-on token (%s): check the app "
@@ -243,6 +250,17 @@ class SignIn:
             return InvokeAnswer(status=404, body={})
         await self._signed_in(activity, connection)
         return InvokeAnswer(status=200, body={})
+
+    async def _token_response(self, activity: Activity, value: dict[str, Any]) -> InvokeAnswer:
+        """The token service says the user signed in (Direct Line): check with it, not the event."""
+        connection = value.get("connectionName")
+        if connection not in self.connections:
+            raise BadRequest("the tokens/response event names no OAuth connection of ours")
+        found = await self.service.get_token(user_id=_user_id(activity), connection=connection,
+                                             channel_id=activity.channel_id)
+        if found is not None:
+            await self._signed_in(activity, connection)
+        return InvokeAnswer(status=200)
 
     async def _redeem(self, activity: Activity, code: str, connections: list[str]) -> str | None:
         """The connection `code` (a magic code) signed the user in to, or None."""

@@ -278,3 +278,22 @@ async def test_a_forged_or_broken_invoke_is_refused(parts: Parts,
     with caplog.at_level(logging.WARNING):
         assert (await parts.signin.on_invoke(failure)).status == 200
     assert "resourcematchfailed" in caplog.text
+
+
+async def test_direct_lines_tokens_response_event_counts_only_when_the_service_agrees(
+        parts: Parts) -> None:
+    # GIVEN a card asked for on Web Chat (Direct Line with enhanced authentication)
+    await parts.signin.ask(parsed(message(parts)), "graph")
+    event_body = invoke("tokens/response", {"connectionName": "graph", "token": "forged"},
+                        conversation_id="a:conv-1", serviceUrl=parts.connector.url)
+    event_body["type"] = "event"
+    told = len(parts.connector.messages("a:conv-1"))
+    # WHEN the event comes before the token service has a token THEN nothing happens
+    assert SignIn.handles(parsed(event_body))
+    assert (await parts.signin.on_invoke(parsed(event_body))).status == 200
+    assert len(parts.connector.messages("a:conv-1")) == told
+    # WHEN it comes once the user signed in THEN they are told, and nothing is pending
+    parts.tokens.sign_in(USER, "graph")
+    assert (await parts.signin.on_invoke(parsed(event_body))).status == 200
+    assert parts.connector.messages("a:conv-1")[-1]["text"] == SIGNED_IN.format(connection="graph")
+    assert await parts.store.pending(user_id=USER, channel_id="msteams") == []
