@@ -1,5 +1,9 @@
 """The Bot Service token service client: users' tokens for the bot's OAuth connections.
 
+Written here (four calls over aiohttp, as the connector's) rather than taken from the Agents SDK
+or botbuilder: their user-token clients log each call's parameters and body at INFO, a Teams SSO
+token and a magic code among them, which no log of ours may hold.
+
     GET    api/usertoken/GetToken          userId connectionName channelId [code]  200 token, 404 none
     POST   api/usertoken/exchange          userId connectionName channelId {token}
                                                                  200 token, 400/404 not exchanged
