@@ -13,6 +13,7 @@ import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from azure.data.tables import TableServiceClient
@@ -307,3 +308,14 @@ def stored_text(channel: Bench) -> str:
                     value = value.decode("utf-8", "replace")
                 parts.append(str(value))
     return "\n".join(parts)
+
+
+def test_a_users_removal_deletes_the_sign_ins_asked_of_them(channel: Bench) -> None:
+    # GIVEN Ada with a card (a sign-in asked of her, kept in the sign-in table)
+    user, conversation, _ = carded(channel)
+    assert user in stored_text(channel)
+    # WHEN she is removed through the operator API
+    removed = channel.http.delete(f"{channel.host.url}/api/users/{quote(user, safe='')}")
+    # THEN no row of the sign-in table names her any more
+    assert removed.status_code == 200
+    assert user not in stored_text(channel)

@@ -9,6 +9,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -297,3 +298,33 @@ async def test_direct_lines_tokens_response_event_counts_only_when_the_service_a
     assert (await parts.signin.on_invoke(parsed(event_body))).status == 200
     assert parts.connector.messages("a:conv-1")[-1]["text"] == SIGNED_IN.format(connection="graph")
     assert await parts.store.pending(user_id=USER, channel_id="msteams") == []
+
+
+async def test_a_users_removal_and_the_retention_purge_leave_no_sign_in_row(parts: Parts) -> None:
+    # GIVEN sign-ins asked of two users, and an exchange each claimed
+    await parts.signin.ask(parsed(message(parts)), "graph")
+    other = message(parts, conversation_id="a:conv-2")
+    other["from"]["id"] = "29:other"
+    await parts.signin.ask(parsed(other), "graph")
+    for user, conversation in ((USER, "a:conv-1"), ("29:other", "a:conv-2")):
+        assert await parts.store.claim_exchange(conversation_id=conversation, exchange_id="x",
+                                                user_id=user)
+    # WHEN the first user is removed THEN their rows (2) go, the other's stay
+    assert await parts.store.forget_user(USER) == 2
+    assert await parts.store.pending(user_id=USER, channel_id="msteams") == []
+    assert await parts.store.exchange_outcome(conversation_id="a:conv-1", exchange_id="x") is None
+    assert len(await parts.store.pending(user_id="29:other", channel_id="msteams")) == 1
+    # WHEN the retention timer purges rows older than a cut-off in the future THEN the rest go
+    assert await parts.store.purge_before(datetime.now(UTC) + timedelta(minutes=1)) == 2
+    assert await parts.store.pending(user_id="29:other", channel_id="msteams") == []
+    assert await parts.store.exchange_outcome(conversation_id="a:conv-2", exchange_id="x") is None
+
+
+async def test_an_expired_sign_in_no_longer_makes_six_digits_a_code(parts: Parts) -> None:
+    # GIVEN a card asked for, and a clock past its 15 minutes
+    await parts.signin.ask(parsed(message(parts)), "graph")
+    later = datetime.now(UTC) + timedelta(minutes=16)
+    # WHEN the user's pending sign-ins are read then THEN there is none
+    assert await parts.store.pending(user_id=USER, channel_id="msteams", now=later) == []
+    # AND another channel's are not this channel's
+    assert await parts.store.pending(user_id=USER, channel_id="webchat") == []
