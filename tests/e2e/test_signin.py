@@ -312,7 +312,7 @@ def stored_text(channel: Bench) -> str:
 
 def test_a_users_removal_deletes_the_sign_ins_asked_of_them(channel: Bench) -> None:
     # GIVEN Ada with a card (a sign-in asked of her, kept in the sign-in table)
-    user, conversation, _ = carded(channel)
+    user, _, _ = carded(channel)
     assert user in stored_text(channel)
     # WHEN she is removed through the operator API
     removed = channel.http.delete(f"{channel.host.url}/api/users/{quote(user, safe='')}")
