@@ -33,7 +33,7 @@ from .errors import SignInRequired, TokenServiceError
 from .settings import SignInSettings, UserAccess
 from .token_service import TokenService
 
-__all__ = ["ActingUser", "UserTokens", "current_access", "user_token"]
+__all__ = ["ActingUser", "UserTokens", "acting_user", "current_access", "user_token"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,18 @@ class ActingUser:
     @property
     def user_id(self) -> str:
         return str(self.activity.sender.get("id") or "")
+
+    async def signed_in(self, connection: str) -> bool:
+        """Whether the user has a token for `connection` (fetched now, kept for the turn); asks
+        nothing of the user: a turn that can wait for them pauses before the call instead."""
+        if (connection, None) not in self._tokens:
+            found = await self.users.service.get_token(
+                user_id=self.user_id, connection=connection,
+                channel_id=self.activity.channel_id) if self.user_id else None
+            if found is None:
+                return False
+            self._tokens[(connection, None)] = found.token
+        return True
 
     async def token(self, access: UserAccess) -> str:
         key = (access.connection, access.scope)
@@ -94,6 +106,11 @@ async def user_token(access: UserAccess | None = None) -> str:
     if acting is None:
         raise SignInRequired(access.connection)
     return await acting.token(access)
+
+
+def acting_user() -> ActingUser | None:
+    """The user the running turn acts for (None outside a turn that acts for one)."""
+    return _acting.get()
 
 
 @contextmanager

@@ -223,3 +223,17 @@ async def test_a_python_tool_that_acts_as_the_user_gets_the_token_or_tells_the_m
     # THEN the model was told the user must sign in (a card was sent), then got the answer
     assert "not signed in" in first and "sign-in card" in first and parts.asked == ["graph"]
     assert second == str(len(raw))
+
+
+async def test_whether_the_user_is_signed_in_is_asked_without_a_card(parts: Parts) -> None:
+    # GIVEN a turn acting for a user who is not signed in
+    with parts.users.acting(activity()) as acting:
+        # WHEN the turn asks whether they are THEN no, and no card was asked for
+        assert not await acting.signed_in("graph")
+        assert parts.asked == []
+        # WHEN they sign in meanwhile THEN yes, and the token is kept for the turn's tools
+        raw = parts.tokens.sign_in(USER, "graph")
+        assert await acting.signed_in("graph")
+        requests = len(parts.tokens.requests)
+        assert await user_token(UserAccess(connection="graph")) == raw
+        assert len(parts.tokens.requests) == requests
