@@ -250,6 +250,9 @@ class FakeTokenService(LocalServer):
             return _error(400, "BadArgument", "the state names no known connection")
         if self.app_id is not None and state.get("msAppId") != self.app_id:
             return _error(400, "BadArgument", "the state's msAppId is not this bot's")
+        name = reference["user"].get("name")
+        if isinstance(name, str) and name and session.user_id not in self.profiles:
+            self.user(session.user_id, name)  # who signs in, as the identity provider knows them
         session_id = uuid.uuid4().hex
         self._sessions[session_id] = session
         answer: dict[str, Any] = {"signInLink": f"{self.url}/signin?session={session_id}"}
