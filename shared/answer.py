@@ -42,6 +42,7 @@ from .pending import Pending
 from .prompt import UserInput, check_input
 from .settings import Settings
 from .store import ConversationStore, ConversationWindow
+from .streaming import StreamStart
 from .summary import Summarizer
 from .telemetry import turn
 from .turn import Busy, Committed, Found, Refused, TurnRunner, Withdrawn
@@ -158,7 +159,7 @@ class Answerer:
         async with self._locks.hold(activity.conversation_id):
             if activity.message_text.lower() == "/reset":
                 return await self._reset(activity, None)
-            checked, outgoing = await self._check([activity], None)
+            checked, outgoing, _ = await self._check([activity], None)
             if not checked:
                 return outgoing
             progress = self.delivery.progress(activity)
@@ -183,11 +184,14 @@ class Answerer:
             stats.status = 500  # until done
             log.info("picked up after %.0f ms (%s)", (time.time() - ticket.enqueued_at) * 1000,
                      ticket.kind)
+            failed = ""
             try:
                 await self.conductor.wake(ticket)
             except Exception as exc:
-                log.warning("the wake-up failed; the queue retries it: %s", type(exc).__name__)
-                raise TurnFailed(type(exc).__name__) from None
+                failed = type(exc).__name__
+                log.warning("the wake-up failed; the queue retries it: %s", failed)
+            if failed:  # raised out here: no chained exception carries its text along
+                raise TurnFailed(failed)
             stats.status = 200
 
     async def answer_unit(self, unit: Unit) -> UnitOutcome:
@@ -199,17 +203,27 @@ class Answerer:
         with turn_context(unit.conversation_id, activities[-1].id):
             if unit.kind == "parked":
                 return await self._parked(unit, activities)
-            # The stream the webhook opened (for the unit's first message, if it was idle), and
-            # the message whose reply ends it: the turn's reply goes there.
-            stream, reply_to = next(((kept.stream, activity) for activity, kept in read
-                                     if kept.stream is not None), (None, activities[-1]))
+            # The stream the webhook opened (for the unit's first message, if it went first),
+            # and the message whose reply ends it: the turn's reply goes there.
+            stream, owner = next(((kept.stream, activity) for activity, kept in read
+                                  if kept.stream is not None), (None, None))
             if unit.kind == "reset":
                 await self._reset(activities[0], stream)
                 return Answered()
             try:
-                checked, _ = await self._check(activities, stream)
+                checked, _, stream = await self._check(activities, stream)
                 if not checked:
                     return Answered()
+                reply_to = owner if stream is not None and owner is not None \
+                    else checked[-1].activity
+                if stream is None:
+                    # It waited behind another turn: its stream starts now, kept with its
+                    # message so a worker that takes over after a crash ends it.
+                    stream = await self.delivery.open_stream(reply_to,
+                                                             paced_after=unit.streamed_at)
+                    if stream is not None:
+                        assert self.inbox is not None
+                        await self.inbox.keep_stream(unit.conversation_id, reply_to.id, stream)
                 progress = self.delivery.progress(reply_to, resume=stream, updates=not unit.retried,
                                                   paced_after=unit.streamed_at)
                 try:
@@ -286,15 +300,17 @@ class Answerer:
 
     # -- the steps ---------------------------------------------------------------------------
 
-    async def _reset(self, activity: Activity, stream: Any) -> dict[str, Any] | None:
+    async def _reset(self, activity: Activity,
+                     stream: StreamStart | None) -> dict[str, Any] | None:
         await self.store.clear(activity.conversation_id)
         log.info("cleared the conversation on /reset")
         return await self._say(activity, RESET_DONE, resume=stream)
 
-    async def _check(self, activities: Sequence[Activity],
-                     stream: Any) -> tuple[list[_Message], dict[str, Any] | None]:
+    async def _check(self, activities: Sequence[Activity], stream: StreamStart | None,
+                     ) -> tuple[list[_Message], dict[str, Any] | None, StreamStart | None]:
         """Each message with its files read and its size checked; those refused are answered
-        here (in order), the rest returned. The refusal's outgoing activity, for expectReplies."""
+        here (in order; the first refusal ends `stream`), the rest returned, with the refusal's
+        outgoing activity (for expectReplies) and the stream if it is still open."""
         budget = self.settings.model.history_token_budget
         passed: list[_Message] = []
         outgoing: dict[str, Any] | None = None
@@ -319,9 +335,10 @@ class Answerer:
             used += needed
             passed.append(_Message(activity=activity, text=incoming.text, needed=needed,
                                    incoming=incoming))
-        return passed, outgoing
+        return passed, outgoing, stream
 
-    async def _say(self, activity: Activity, text: str, *, resume: Any) -> dict[str, Any] | None:
+    async def _say(self, activity: Activity, text: str, *,
+                   resume: StreamStart | None) -> dict[str, Any] | None:
         """A reply of ours without a turn: it ends the stream the webhook opened, if any."""
         if resume is None:
             return await self.delivery.text(activity, text)

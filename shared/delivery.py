@@ -86,12 +86,15 @@ class Delivery:
             del self._streamed[old]  # past Teams' pace: nothing left to keep
         self._streamed[conversation_id] = at
 
-    async def open_stream(self, activity: Activity) -> StreamStart | None:
-        """Send the informative update now (the webhook, before it returns): the stream's start,
-        or None where the channel does not stream."""
+    async def open_stream(self, activity: Activity, *,
+                          paced_after: float = 0.0) -> StreamStart | None:
+        """Send the informative update now (the webhook, before it returns; a queued turn
+        before it works, to keep the stream's start with its message): the stream's start, or
+        None where the channel does not stream."""
         if not (self.settings.streaming and activity.can_stream):
             return None
-        stream = ReplyStream(connector=self.connector, activity=activity)
+        paced = max(paced_after, self._streamed.get(activity.conversation_id, 0.0)) or None
+        stream = ReplyStream(connector=self.connector, activity=activity, paced_after=paced)
         return await stream.open(self.settings.streaming_informative)
 
     # -- replies -----------------------------------------------------------------------------

@@ -446,6 +446,15 @@ class Inbox:
                      "attempts": item.attempts + 1, "not_before": not_before},
                     mode=UpdateMode.MERGE)
 
+    async def keep_stream(self, conversation_id: str, activity_id: str,
+                          stream: StreamStart) -> None:
+        """Record the stream a queued turn opened for its message, so a worker that takes over
+        after a crash ends it rather than opening a second one."""
+        async with _translated("keeping the stream's start"):
+            await self._table.update_entity(
+                {"PartitionKey": encode_key(conversation_id), "RowKey": _row_key(activity_id),
+                 "stream": _stream_text(stream)}, mode=UpdateMode.MERGE)
+
     async def save_turn(self, conversation_id: str, activity_id: str, state: bytes) -> None:
         """Keep a paused turn's state with its activity's row (replacing what was saved)."""
         packed = zlib.compress(state, 6)

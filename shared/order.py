@@ -57,6 +57,8 @@ class Unit:
     superseded: bool = False
     #: When (epoch s) the conversation's last stream request may have gone out (pacing).
     streamed_at: float = 0.0
+    #: The first unit after a dead worker's hold expired: it may have been started already.
+    resumed: bool = False
 
     @property
     def activity_ids(self) -> tuple[str, ...]:
@@ -65,7 +67,7 @@ class Unit:
     @property
     def retried(self) -> bool:
         """An earlier attempt at this unit may have shown something (send only the final)."""
-        return any(kept.attempts for kept in self.kept)
+        return self.resumed or any(kept.attempts for kept in self.kept)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,16 +175,21 @@ class Conductor:
         head = look.head or OrderHead(conversation_id=ticket.conversation_id)
         if head.held(now) and head.holder != me:
             return await self._later(ticket, head)
-        taken = await self.inbox.change_head(
-            ticket.conversation_id,
-            lambda current: None if current.held(self.clock()) else
-            replace(current, holder=me, held_until=self.clock() + self.hold_seconds),
-            read=look.head)
+        crashed: list[bool] = []
+
+        def take(current: OrderHead) -> OrderHead | None:
+            if current.held(self.clock()):
+                return None
+            crashed[:] = [bool(current.holder)]  # an expired hold: its worker died mid-drain
+            return replace(current, holder=me, held_until=self.clock() + self.hold_seconds)
+
+        taken = await self.inbox.change_head(ticket.conversation_id, take, read=look.head)
         if taken is None:
             current = await self.inbox.read_head(ticket.conversation_id)
             return await self._later(ticket, current or head)
-        log.info("holding the conversation")
-        await self._drain(taken, me)
+        log.info("holding the conversation%s", " (taken over from a worker that died)"
+                 if crashed and crashed[0] else "")
+        await self._drain(taken, me, after_crash=bool(crashed and crashed[0]))
 
     async def _later(self, ticket: TurnTicket, head: OrderHead) -> None:
         """Another worker holds the conversation: it answers this message, or, if it dies, the
@@ -192,7 +199,7 @@ class Conductor:
         await self.inbox.enqueue(replace(ticket, kind="wake", enqueued_at=time.time()),
                                  delay=delay)
 
-    async def _drain(self, head: OrderHead, me: str) -> None:
+    async def _drain(self, head: OrderHead, me: str, *, after_crash: bool) -> None:
         started = self.clock()
         hold = _Hold(self, head, me)
         renewing = asyncio.create_task(hold.renew_until_done())
@@ -211,6 +218,8 @@ class Conductor:
                     if await hold.release(kept, step, listed_up_to=head.last_seq):
                         return
                     continue  # something arrived as we let go: drain on
+                if after_crash:  # its stream may have gone further than the row says
+                    step, after_crash = replace(step, resumed=True), False
                 await self._answer(step, hold)
         except HoldLost:
             log.warning("another worker took the conversation over; stopping here")

@@ -109,6 +109,7 @@ class ReplyStream:
         """Send the informative update `text` now, and wait for its answer: the stream's start,
         or None when the channel refused to stream (`fallback`)."""
         if self.streaming and self._stream_id is None:
+            await self._pace()  # the chat's previous stream may have sent a moment ago
             await self._update("informative", text[:MAX_INFORMATIVE_CHARS])
         return self.start
 
@@ -168,7 +169,7 @@ class ReplyStream:
             except ConnectorError as exc:
                 status = exc.answer[0] if exc.answer else 0
                 if status == 429 and attempt < 2:
-                    self._last_sent, self._interval = self._clock(), self._interval * 2
+                    self._interval *= 2
                     continue
                 if not 400 <= status < 500:
                     raise
@@ -179,6 +180,8 @@ class ReplyStream:
                 log.warning("the stream's final message was refused (%s); sending it as a "
                             "message", status)
                 break
+            finally:  # the chat's next stream request keeps Teams' pace after this one
+                self._last_sent = self._clock()
         return await self._send(final)
 
     async def close(self) -> None:

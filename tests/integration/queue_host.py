@@ -56,6 +56,17 @@ class QueueHost:
         await self.queue.close()
         await self.poison.close()
 
+    async def kill(self) -> None:
+        """The worker dies: it takes no more messages, and what it was handling stops where it
+        is (those messages stay hidden for the lease; a hold it had stays until it expires)."""
+        if self._task is not None:
+            self._task.cancel()
+        for task in list(self._running):
+            task.cancel()
+        await asyncio.gather(*self._running, *([self._task] if self._task else []),
+                             return_exceptions=True)
+        self._running.clear()
+
     async def poisoned(self) -> list[bytes]:
         return [bytes(m.content) async for m in self.poison.receive_messages(
             visibility_timeout=1, max_messages=32)]

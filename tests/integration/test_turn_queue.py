@@ -10,128 +10,19 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-import httpx2
 import pytest
-from azure.core.exceptions import ResourceNotFoundError
 
 from devtools.fake_channel import FakeConnector
 from devtools.fake_model import FakeModelServer, Scripted, default_reply
 from shared.answer import APOLOGY
-from shared.auth import BotAuthenticator
-from shared.bot import ChatBot
-from shared.connector import BotConnector
-from shared.inbox import Inbox, TurnTicket, max_dequeue_count
-from shared.model import build_model
-from shared.prompt import ChatPrompt
-from shared.settings import load_settings
-from shared.store import TableConversationStore
-from shared.summary import SUMMARY_INSTRUCTIONS, Summarizer
-from tests.integration.queue_host import QueueHost
+from shared.inbox import Inbox, TurnTicket
+from shared.summary import SUMMARY_INSTRUCTIONS
+from tests.integration.halves import MAX_DEQUEUE, eventually, halves, servers
 
-HEADERS = {"Content-Type": "application/json"}
-MAX_DEQUEUE = max_dequeue_count(Path(__file__).parents[2] / "host.json")
-#: A failed turn's retry waits this long here (host.json's visibilityTimeout, 5 s, in Azure).
-RETRY_SECONDS = 0.3
-
-
-@dataclass
-class Halves:
-    bot: ChatBot
-    store: TableConversationStore
-    inbox: Inbox
-    model: FakeModelServer
-    connector: FakeConnector
-    host: QueueHost
-
-    async def settled(self, *, within: float = 30.0) -> None:
-        """Wait until every accepted activity is answered (the inbox keeps none) and the queue
-        host is idle (a wake-up for later may still wait in the queue: it finds nothing)."""
-        async with asyncio.timeout(within):
-            while True:
-                await self.host.idle(visible_only=True)
-                if not await self.kept() and not self.host.busy:
-                    return
-                await asyncio.sleep(0.05)
-
-    async def kept(self) -> list[str]:
-        """The activity rows the inbox keeps, in any conversation."""
-        table = self.inbox._table  # the test peeks at the table it made
-        try:
-            return [str(row["RowKey"]) async for row in table.query_entities(
-                "RowKey ge 'a' and RowKey lt 'b'", select=["RowKey"])]
-        except ResourceNotFoundError:  # nothing was ever accepted
-            return []
-
-    async def post(self, body: bytes) -> tuple[int, float]:
-        """The webhook's status and how long it took (s)."""
-        started = time.perf_counter()
-        response = await self.bot.handle(body=body, headers=HEADERS)
-        return response.status, time.perf_counter() - started
-
-    def message(self, text: str, conversation_id: str, **fields: Any) -> bytes:
-        return json.dumps({
-            "type": "message", "id": fields.pop("id", uuid.uuid4().hex), "text": text,
-            "channelId": "msteams", "serviceUrl": self.connector.url,
-            "from": {"id": "29:u", "name": "Ada"}, "recipient": {"id": "28:bot"},
-            "conversation": {"id": conversation_id, "conversationType": "personal"},
-            **fields}).encode()
-
-
-@pytest.fixture
-async def servers() -> AsyncIterator[tuple[FakeModelServer, FakeConnector]]:
-    async with FakeModelServer(word_interval=0.02) as model, FakeConnector() as connector:
-        yield model, connector
-
-
-@asynccontextmanager
-async def halves(connection_string: str, table_name: str, model: FakeModelServer,
-                 connector: FakeConnector, **env: str) -> AsyncIterator[Halves]:
-    queue = f"q{uuid.uuid4().hex[:12]}"
-    settings = load_settings({"OPENAI_BASE_URL": model.base_url, "OPENAI_MODEL": "m",
-                              "CHAT_MODEL_MAX_RETRIES": "0", "CHAT_TURN_QUEUE": queue,
-                              "CHAT_SUMMARY": "off", **env})
-    store = TableConversationStore.from_connection_string(connection_string, table_name=table_name,
-                                                          summaries=settings.summary.enabled)
-    inbox = Inbox.from_connection_string(connection_string, table_name=table_name, queue_name=queue)
-    chat = build_model(settings.model)
-    summarizer = Summarizer(store=store, model=chat, token_budget=200,
-                            history_token_budget=settings.model.history_token_budget,
-                            history_max_messages=settings.model.history_max_messages) \
-        if settings.summary.enabled else None
-    bot = ChatBot(settings=settings, store=store, prompt=ChatPrompt(chat), summarizer=summarizer,
-                  connector=BotConnector(credential=None), inbox=inbox,
-                  authenticator=BotAuthenticator(settings.bot, http=httpx2.AsyncClient(),
-                                                 in_azure=False),
-                  max_attempts=MAX_DEQUEUE, retry_seconds=RETRY_SECONDS)
-
-    async def answer(body: bytes, dequeue_count: int) -> None:
-        await bot.answerer.answer_ticket(body)
-
-    try:
-        async with QueueHost(connection_string=connection_string, queue_name=queue,
-                             handler=answer, max_dequeue_count=MAX_DEQUEUE) as host:
-            yield Halves(bot=bot, store=store, inbox=inbox, model=model, connector=connector,
-                         host=host)
-    finally:
-        await bot.connector.close()
-        await bot.prompt.model.close()
-        await inbox.close()
-        await store.close()
-
-
-async def eventually(check: Any, *, within: float = 20.0) -> None:
-    for _ in range(int(within / 0.02)):
-        if check():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"not true within {within} s")
+__all__ = ["servers"]  # the fixture
 
 
 async def test_a_message_is_answered_200_while_the_model_is_still_working(
