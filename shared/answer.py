@@ -45,7 +45,7 @@ from .store import ConversationStore, ConversationWindow
 from .streaming import StreamStart
 from .summary import Summarizer
 from .telemetry import turn
-from .turn import Busy, Committed, Found, Refused, TurnRunner, Withdrawn
+from .turn import Busy, Committed, Found, Refused, TurnResult, TurnRunner, Withdrawn
 
 __all__ = ["APOLOGY", "BUSY", "RESET_DONE", "SETUP_PROBLEM", "TOO_LONG", "Answerer", "TurnFailed",
            "Unanswered", "Waiter"]
@@ -348,13 +348,16 @@ class Answerer:
         finally:
             await progress.close()
 
-    async def _run(self, messages: Sequence[_Message], progress: Progress) -> Any:
+    async def _run(self, messages: Sequence[_Message], progress: Progress, *,
+                   kept: bool = False) -> TurnResult:
+        """The turn of `messages`; `kept`: they are kept in the inbox (queued), and a turn whose
+        messages were withdrawn meanwhile (a user's removal) stores nothing."""
         last = messages[-1]
         earlier = [UserInput(text=m.text, speaker=m.activity.speaker, sender=m.activity.user,
                              attachments=m.incoming, activity_id=m.activity.id)
                    for m in messages[:-1]]
         still_wanted = None
-        if self.inbox is not None and self.conductor is not None:
+        if kept and self.inbox is not None:
             inbox, conversation = self.inbox, last.activity.conversation_id
             ids = [m.activity.id for m in messages]
 
@@ -388,7 +391,7 @@ class Answerer:
                            progress: Progress) -> tuple[UnitOutcome, ConversationWindow | None]:
         """The turn in the drain: a transient failure is `Failed` (the drain tries again)."""
         try:
-            result = await self._run(messages, progress)
+            result = await self._run(messages, progress, kept=True)
         except ModelMisconfigured as exc:
             log.error("model failed (%s): %s", type(exc).__name__, exc)
             await self.delivery.text(reply_to, SETUP_PROBLEM, progress=progress)

@@ -146,6 +146,9 @@ class TurnRunner:
                         await self._sleep(random.uniform(0, min(1.0, 0.05 * 2 ** attempt)))
                         continue
                 wanted = asyncio.create_task(still_wanted()) if still_wanted else None
+                if attempt and kept is None and wanted is not None and not await wanted:
+                    log.info("the messages were withdrawn (a user's removal); nothing stored")
+                    return Withdrawn()  # found before asking the model again
                 if indexing is None:  # index rows, written while the model works
                     indexing = asyncio.create_task(self.store.write_indexes(
                         window, today=utc_day(now), sender=activity.user, shared=activity.in_group))
