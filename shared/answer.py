@@ -47,8 +47,8 @@ from .summary import Summarizer
 from .telemetry import turn
 from .turn import Busy, Committed, Found, Refused, TurnResult, TurnRunner, Withdrawn
 
-__all__ = ["APOLOGY", "BUSY", "RESET_DONE", "SETUP_PROBLEM", "TOO_LONG", "Answerer", "TurnFailed",
-           "Unanswered", "Waiter"]
+__all__ = ["APOLOGY", "BUSY", "RESET_DONE", "SETUP_PROBLEM", "TOO_LONG", "WITHDRAWN", "Answerer",
+           "TurnFailed", "Unanswered", "Waiter"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ APOLOGY = "Sorry, I couldn't get an answer just now. Please try again in a momen
 SETUP_PROBLEM = ("Sorry, I can't answer: my model is not set up correctly, so trying again will "
                  "not help. The bot's operator will find what to fix in its log.")
 BUSY = "Sorry, this conversation is very busy right now. Please send that again in a moment."
+#: Ends the stream of a turn whose messages were removed at the user's request while it ran.
+WITHDRAWN = "This message was removed at the sender's request, so it was not answered."
 TOO_LONG = ("Sorry, that message is too long for me (about {tokens:,} tokens; I can take "
             "{budget:,}). Could you shorten it?")
 _HEADERS = {"Content-Type": "application/json"}
@@ -405,6 +407,8 @@ class Answerer:
         if isinstance(result, Busy):
             return Failed(reason="Busy"), None
         if isinstance(result, Withdrawn):
+            if progress.stream is not None and progress.stream.start is not None:
+                await self.delivery.text(reply_to, WITHDRAWN, progress=progress)  # end it
             return Answered(), None
         if isinstance(result, Found):
             await self._redeliver(reply_to, result, progress)

@@ -22,7 +22,7 @@ import pytest
 
 from devtools.fake_channel import FakeConnector
 from devtools.fake_model import Scripted
-from shared.answer import RESET_DONE
+from shared.answer import RESET_DONE, WITHDRAWN
 from shared.inbox import Inbox, TurnTicket
 from tests.e2e.channel import Bench, bench
 
@@ -91,10 +91,9 @@ def test_message_then_reset_ten_trials_nothing_stored_after_the_confirmation(
             assert texts[-1] == RESET_DONE and len(texts) == 2, texts
             # AND nothing was stored after it: the next turn sends no "forgotten" secret
             assert queued.history(conversation) == []
-            assert queued.connector.streams.open(conversation) == []
     finally:
         queued.model.latency = 0.0
-    assert queued.connector.streams.violations == [] and queued.connector.streams.throttled == []
+    assert queued.connector.streams.broken() == []
 
 
 def test_two_messages_ten_trials_are_stored_in_the_order_they_came(queued: Bench) -> None:
@@ -116,7 +115,7 @@ def test_two_messages_ten_trials_are_stored_in_the_order_they_came(queued: Bench
         assert [m["content"] for m in history if m["role"] == "user"] == ["first", "second"]
         assert len(queued.connector.messages(conversation)) == \
             len([m for m in history if m["role"] == "assistant"])
-    assert queued.connector.streams.violations == [] and queued.connector.streams.throttled == []
+    assert queued.connector.streams.broken() == []
 
 
 def test_a_burst_of_four_behind_a_running_answer_is_one_turn_one_stream_at_a_time(
@@ -147,7 +146,7 @@ def test_a_burst_of_four_behind_a_running_answer_is_one_turn_one_stream_at_a_tim
     streams = queued.connector.streams.of(conversation)
     assert len(streams) == 2 and all(stream.finished for stream in streams)
     assert streams[0].updates[0]["text"] == streams[1].updates[0]["text"] == "Thinking…"
-    assert queued.connector.streams.violations == [] and queued.connector.streams.throttled == []
+    assert queued.connector.streams.broken() == []
 
 
 def test_burst_each_answers_every_message_in_order(azurite_connection_string: str) -> None:
@@ -169,8 +168,7 @@ def test_burst_each_answers_every_message_in_order(azurite_connection_string: st
             "one", "two", "three", "four"]
         assert [m["role"] for m in history] == ["user", "assistant"] * 4
         assert running.model.calls == 4
-        assert running.connector.streams.violations == []
-        assert running.connector.streams.open(conversation) == []
+        assert running.connector.streams.broken() == []
 
 
 def test_a_worker_killed_while_holding_a_conversation_the_next_message_after_the_hold(
@@ -199,8 +197,7 @@ def test_a_worker_killed_while_holding_a_conversation_the_next_message_after_the
         assert waited < 30, f"answered only after {waited:.0f} s"
         assert stored_users(running, conversation) == ["first", "second"]
         time.sleep(1.0)
-        assert running.connector.streams.violations == []
-        assert running.connector.streams.open(conversation) == []
+        assert running.connector.streams.broken() == []
 
 
 def test_a_kept_activity_naming_a_refused_service_url_gets_no_answer_and_no_token(
@@ -276,6 +273,9 @@ def test_a_users_removal_covers_their_messages_in_flight(queued: Bench) -> None:
     exported = queued.http.get(f"{queued.host.url}/api/users/{quote(user, safe='')}/messages")
     assert exported.json()["conversations"] == []
     assert queued.model.calls == calls + 1  # the waiting one was never asked
+    # AND the running turn's "Thinking…" was ended, with no answer in it
+    assert [r["text"] for r in queued.connector.messages(conversation)] == [WITHDRAWN]
+    assert queued.connector.streams.broken(conversation) == []
 
 
 def test_a_provider_error_quoting_the_prompt_never_reaches_the_hosts_log(

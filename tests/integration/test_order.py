@@ -66,8 +66,7 @@ async def test_two_messages_close_together_are_stored_in_arrival_order_over_two_
         stored = {c: users(await running.store.list_messages(c)) for c in conversations}
     # THEN every conversation stored them in the order they came, each once
     assert all(texts == ["first", "second"] for texts in stored.values()), stored
-    assert connector.streams.violations == [] and connector.streams.throttled == []
-    assert connector.streams.open() == []
+    assert connector.streams.broken() == []
 
 
 async def test_a_message_then_reset_is_answered_before_the_confirmation_and_then_forgotten(
@@ -91,7 +90,7 @@ async def test_a_message_then_reset_is_answered_before_the_confirmation_and_then
         sent = running.user_texts(conversation)
         assert sent[-1] == RESET_DONE and sent.count(RESET_DONE) == 1, sent
         assert stored[conversation] == []
-    assert connector.streams.violations == [] and connector.streams.open() == []
+    assert connector.streams.broken() == []
 
 
 async def test_a_burst_behind_a_running_answer_is_one_turn_with_one_stream_at_a_time(
@@ -122,7 +121,7 @@ async def test_a_burst_behind_a_running_answer_is_one_turn_with_one_stream_at_a_
     assert len(connector.messages("a:burst")) == 2
     streams = connector.streams.of("a:burst")
     assert len(streams) == 2 and all(stream.finished for stream in streams)
-    assert connector.streams.violations == [] and connector.streams.throttled == []
+    assert connector.streams.broken() == []
 
 
 async def test_each_answers_a_burst_one_message_at_a_time_in_order(
@@ -143,7 +142,7 @@ async def test_each_answers_a_burst_one_message_at_a_time_in_order(
     assert model.calls == 4
     assert [m.content for m in history if m.role == "user"] == ["one", "two", "three", "four"]
     assert [m.role for m in history] == ["user", "assistant"] * 4
-    assert connector.streams.violations == [] and connector.streams.open() == []
+    assert connector.streams.broken() == []
 
 
 async def test_a_retry_of_any_message_of_a_burst_is_answered_once(
@@ -191,7 +190,7 @@ async def test_a_worker_killed_while_holding_a_conversation_is_taken_over_after_
     # answered both, in order (the first as a burst with the second, or before it)
     assert waiting == []
     assert history == ["first", "second"]
-    assert connector.streams.violations == [] and connector.streams.open() == []
+    assert connector.streams.broken() == []
 
 
 async def test_a_kept_activity_with_a_refused_service_url_is_dropped_unanswered(
