@@ -101,7 +101,7 @@ class Runtime:
             if access is not None)
         if connections:
             self.signin, self.users = _build_signin(settings, credential, self.connector,
-                                                    connections)
+                                                    connections, inbox=self.inbox)
         # A failing queued turn is tried as often, and as far apart, as host.json has the host
         # retry a failing queue message.
         self.bot = ChatBot(settings=settings, store=self.store, prompt=self.prompt,
@@ -163,7 +163,7 @@ def _build_store(settings: Settings, credential: Any | None) -> ConversationStor
 
 
 def _build_signin(settings: Settings, credential: Any | None, connector: BotConnector,
-                  connections: frozenset[str]) -> tuple[SignIn, UserTokens]:
+                  connections: frozenset[str], *, inbox: Inbox | None) -> tuple[SignIn, UserTokens]:
     """The token service client, the sign-in flow and users' tokens for `connections`."""
     storage, bot = settings.storage, settings.bot
     service = TokenService(settings.signin.token_service_url, bot_token=connector.token,
@@ -178,7 +178,7 @@ def _build_signin(settings: Settings, credential: Any | None, connector: BotConn
                                                    table_name=storage.table_name,
                                                    env_proxy=settings.env_proxy)
     signin = SignIn(service=service, store=store, connector=connector, connections=connections,
-                    app_id=bot.client_id or "local-bot")
+                    app_id=bot.client_id or "local-bot", inbox=inbox)
     # Without an app secret, the managed identity signs the on-behalf-of exchange (Azure).
     identity = None
     if settings.signin.app_id and not settings.signin.app_secret and \

@@ -17,6 +17,12 @@
                                  token is not read: the token service is asked, as for a code)
     /signout                   → SignOut of every connection; answered with no model call
 
+A turn that paused for the sign-in (its tool call held, the turn parked in its conversation's
+order, `Pending` kind `signin`, shared/order.py) is noted with the sign-in it waits for. Whichever
+way the user signs in, the webhook decides that parked turn (`signed_in`, one conditional write
+of the conversation's order head: a second sign-in finds it decided) and queues a wake-up: the
+drain resumes the turn, on any instance, with no worker having waited.
+
 Group chats: the card goes to a one-to-one chat so that only the person asked sees it, and so that
 the other members' Teams clients do not each start a silent exchange of their own tokens (Teams
 SSO also works in one-to-one and group chats, not in channels). When the bot may not open that
@@ -38,16 +44,19 @@ from typing import Any
 from .activity import Activity
 from .connector import BotConnector
 from .errors import BadRequest, ConnectorError, TokenServiceError
+from .inbox import Inbox, OrderHead, TurnTicket
 from .messages import utc_now
 from .signin_store import ExchangeOutcome, PendingSignIn, SignInStore
 from .speakers import clean_name
 from .token_service import SignInResource, TokenService, sign_in_state
 
-__all__ = ["OAUTH_CARD", "InvokeAnswer", "SignIn", "oauth_card"]
+__all__ = ["OAUTH_CARD", "SIGN_IN", "InvokeAnswer", "SignIn", "oauth_card"]
 
 log = logging.getLogger(__name__)
 
 OAUTH_CARD = "application/vnd.microsoft.card.oauth"
+#: The kind of a turn parked until its user signs in (`Pending.kind`).
+SIGN_IN = "signin"
 #: A sign-in asked for stays pending (a magic code or an invoke counts for it) this long.
 PENDING_MINUTES = 15
 #: A duplicate exchange invoke waits at most this long for the claimed exchange's outcome.
@@ -59,6 +68,7 @@ ASK_IN_GROUP = "{mention}, to do that I need you to sign in to {connection}: I s
     "sign-in card in our one-to-one chat."
 ASK_HERE = "{mention}, to do that I need you to sign in to {connection}."
 SIGNED_IN = "You're signed in to {connection}. Send your question again and I'll use it."
+SIGNED_IN_GOING_ON = "You're signed in to {connection}. Going on with your request."
 CODE_REFUSED = "That code didn't work. Use the Sign in button again to get a new one."
 SIGNED_OUT = "You're signed out. Tools that act as you will ask you to sign in again."
 _FAILURE_DETAIL = "The bot could not exchange the token; sign in with the button."
@@ -90,22 +100,26 @@ def oauth_card(resource: SignInResource, *, connection: str, text: str) -> dict[
 
 class SignIn:
     def __init__(self, *, service: TokenService, store: SignInStore, connector: BotConnector,
-                 connections: frozenset[str], app_id: str,
+                 connections: frozenset[str], app_id: str, inbox: Inbox | None = None,
                  clock: Callable[[], datetime] = utc_now,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
-        """`connections`: the OAuth connections tools use; `app_id`: the bot's (the state)."""
+        """`connections`: the OAuth connections tools use; `app_id`: the bot's (the state).
+        `inbox`: the conversations' order, where turns wait parked (None: inline answers)."""
         self.service = service
         self.store = store
         self.connector = connector
         self.connections = connections
         self.app_id = app_id
+        self.inbox = inbox
         self._clock = clock
         self._sleep = sleep
 
     # -- asking -------------------------------------------------------------------------------
 
-    async def ask(self, activity: Activity, connection: str) -> None:
-        """Send the user of `activity` the card to sign in to `connection`; note it pending."""
+    async def ask(self, activity: Activity, connection: str, *, parked_id: str = "",
+                  expires_at: datetime | None = None) -> None:
+        """Send the user of `activity` the card to sign in to `connection`; note it pending
+        (`parked_id`: the turn parked until then, waiting until `expires_at`)."""
         where, note = activity, None
         if activity.in_group:
             personal = await self._personal_chat(activity)
@@ -122,8 +136,8 @@ class SignIn:
         await self._send(where, card)
         await self.store.note_pending(PendingSignIn(
             user_id=_user_id(activity), channel_id=activity.channel_id, connection=connection,
-            conversation_id=activity.conversation_id,
-            expires_at=self._clock() + timedelta(minutes=PENDING_MINUTES)))
+            conversation_id=activity.conversation_id, parked_id=parked_id,
+            expires_at=expires_at or self._clock() + timedelta(minutes=PENDING_MINUTES)))
         log.info("asked the user to sign in to %s%s", connection,
                  " in a one-to-one chat" if where is not activity else "")
 
@@ -193,7 +207,8 @@ class SignIn:
         if not pending:
             return None
         connection = await self._redeem(activity, text, [p.connection for p in pending])
-        return CODE_REFUSED if connection is None else SIGNED_IN.format(connection=connection)
+        return CODE_REFUSED if connection is None else await self._signed_in(activity, connection,
+                                                                              tell=False)
 
     async def _token_exchange(self, activity: Activity, value: dict[str, Any]) -> InvokeAnswer:
         exchange_id, connection, token = value.get("id"), value.get("connectionName"), \
@@ -269,20 +284,50 @@ class SignIn:
                                                  connection=connection,
                                                  channel_id=activity.channel_id, code=code)
             if found is not None:
-                await self.store.clear_pending(user_id=_user_id(activity), connection=connection)
-                log.info("signed in to %s with a magic code", connection)
+                log.info("a magic code redeemed")
                 return connection
         return None
 
-    async def _signed_in(self, activity: Activity, connection: str) -> None:
-        """The user signed in: the sign-ins asked for are done; tell them."""
-        await self.store.clear_pending(user_id=_user_id(activity), connection=connection)
-        log.info("signed in to %s", connection)
-        try:
-            await self._send(activity, activity.reply(SIGNED_IN.format(connection=connection),
-                                                      ai=False))
-        except ConnectorError as exc:
-            log.warning("signed in, but not told so: %s", exc)
+    async def _signed_in(self, activity: Activity, connection: str, *, tell: bool = True) -> str:
+        """The user signed in: each turn parked for it is decided and woken, the sign-ins asked
+        for are done; tell them (`tell` False: the words, for the caller to send)."""
+        user = _user_id(activity)
+        asked = await self.store.pending(user_id=user, channel_id=activity.channel_id,
+                                         now=self._clock())
+        woken = [await self._wake(pending) for pending in asked
+                 if pending.connection == connection and pending.parked_id]
+        await self.store.clear_pending(user_id=user, connection=connection)
+        log.info("signed in to %s; %d parked turn(s) resume", connection, sum(woken))
+        said = (SIGNED_IN_GOING_ON if any(woken) else SIGNED_IN).format(connection=connection)
+        if tell:
+            try:
+                await self._send(activity, activity.reply(said, ai=False))
+            except ConnectorError as exc:
+                log.warning("signed in, but not told so: %s", exc)
+        return said
+
+    async def _wake(self, pending: PendingSignIn) -> bool:
+        """Decide the turn parked for `pending` (it was this user's, for this sign-in, waiting and
+        not expired: checked on the head as written) and queue its wake-up; False when it is no
+        longer waiting (a duplicate sign-in, expired, superseded, removed)."""
+        if self.inbox is None:
+            return False
+        now = self._clock().timestamp()
+
+        def decided(head: OrderHead) -> OrderHead | None:
+            parked = head.parked
+            if parked is None or parked.id != pending.parked_id or parked.kind != SIGN_IN or \
+                    parked.asked != pending.user_id or not parked.waiting or parked.expired(now):
+                return None
+            return replace(head, parked=parked.decide("signed_in", by=pending.user_id, at=now))
+
+        written = await self.inbox.change_head(pending.conversation_id, decided)
+        if written is None or written.parked is None:
+            return False
+        await self.inbox.enqueue(TurnTicket(conversation_id=pending.conversation_id,
+                                            activity_id=written.parked.activity_ids[-1],
+                                            enqueued_at=now, kind="wake"))
+        return True
 
 
 def _exchanged(exchange_id: str, connection: str) -> InvokeAnswer:

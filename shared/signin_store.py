@@ -54,6 +54,8 @@ class PendingSignIn:
     connection: str
     conversation_id: str
     expires_at: datetime
+    #: The parked turn waiting for this sign-in (its `Pending.id`); empty: none waits.
+    parked_id: str = ""
 
 
 class SignInStore:
@@ -119,7 +121,7 @@ class SignInStore:
                   "RowKey": _pending_row(pending.connection, pending.conversation_id),
                   "user": pending.user_id, "channel": pending.channel_id,
                   "connection": pending.connection, "conversation": pending.conversation_id,
-                  "expires": pending.expires_at.astimezone(UTC)}
+                  "expires": pending.expires_at.astimezone(UTC), "parked": pending.parked_id}
         await self._rows.run("noting a sign-in asked for", self._rows.table.upsert_entity,
                              entity, mode=UpdateMode.REPLACE)
 
@@ -149,7 +151,7 @@ class SignInStore:
             yield PendingSignIn(user_id=str(row["user"]), channel_id=str(row["channel"]),
                                 connection=str(row["connection"]),
                                 conversation_id=str(row["conversation"]),
-                                expires_at=row["expires"])
+                                expires_at=row["expires"], parked_id=str(row.get("parked") or ""))
 
     # -- removal ----------------------------------------------------------------------------
 

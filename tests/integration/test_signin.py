@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,11 +19,15 @@ from devtools.fake_channel import FakeConnector
 from devtools.fake_token_service import Connection, FakeTokenService
 from shared.activity import Activity, parse_activity
 from shared.connector import BotConnector
+from shared.inbox import Inbox, TurnTicket
+from shared.pending import Pending
 from shared.errors import BadRequest
 from shared.signin import (
     CODE_REFUSED,
     OAUTH_CARD,
+    SIGN_IN,
     SIGNED_IN,
+    SIGNED_IN_GOING_ON,
     SIGNED_OUT,
     SignIn,
 )
@@ -41,12 +46,13 @@ class Parts:
     connector: FakeConnector
     store: SignInStore
     signin: SignIn
+    inbox: Inbox
 
     def other_instance(self) -> SignIn:
         """A second instance of the bot: its own clients, the same table."""
         return SignIn(service=TokenService(self.tokens.url, bot_token=_bot_token),
                       store=self.store, connector=BotConnector(credential=None),
-                      connections=self.signin.connections, app_id=APP_ID)
+                      connections=self.signin.connections, app_id=APP_ID, inbox=self.inbox)
 
 
 async def _bot_token() -> str:
@@ -61,13 +67,16 @@ async def parts(azurite_connection_string: str, table_name: str) -> AsyncIterato
     await tokens.start()
     await connector.start()
     store = SignInStore.from_connection_string(azurite_connection_string, table_name=table_name)
+    inbox = Inbox.from_connection_string(azurite_connection_string, table_name=table_name,
+                                         queue_name=f"q{table_name}")
     service = TokenService(tokens.url, bot_token=_bot_token)
     bot_connector = BotConnector(credential=None)
     signin = SignIn(service=service, store=store, connector=bot_connector,
-                    connections=frozenset({"graph"}), app_id=APP_ID)
+                    connections=frozenset({"graph"}), app_id=APP_ID, inbox=inbox)
     try:
-        yield Parts(tokens=tokens, connector=connector, store=store, signin=signin)
+        yield Parts(tokens=tokens, connector=connector, store=store, signin=signin, inbox=inbox)
     finally:
+        await inbox.close()
         await service.close()
         await bot_connector.close()
         await store.close()
@@ -328,3 +337,67 @@ async def test_an_expired_sign_in_no_longer_makes_six_digits_a_code(parts: Parts
     assert await parts.store.pending(user_id=USER, channel_id="msteams", now=later) == []
     # AND another channel's are not this channel's
     assert await parts.store.pending(user_id=USER, channel_id="webchat") == []
+
+
+async def park(parts: Parts, *, conversation_id: str = "a:conv-1", user: str = USER,
+               seconds: float = 600) -> Pending:
+    """A turn of `user` parked in the conversation's order until they sign in to "graph"."""
+    pending = Pending(kind=SIGN_IN, activity_ids=("m1",), asked=user, asked_name="Ada",
+                      expires_at=time.time() + seconds, detail={"connection": "graph"})
+    await parts.inbox.change_head(conversation_id, lambda head: replace(head, parked=pending))
+    return pending
+
+
+async def wake_ups(parts: Parts) -> list[TurnTicket]:
+    return [TurnTicket.from_json(m.content) for m in
+            await parts.inbox.queue.peek_messages(max_messages=32)]
+
+
+async def test_signing_in_decides_the_parked_turn_once_and_wakes_its_conversation(
+        parts: Parts) -> None:
+    # GIVEN Ada's turn parked until she signs in, and the card sent for it
+    pending = await park(parts)
+    await parts.signin.ask(parsed(message(parts)), "graph", parked_id=pending.id)
+    # WHEN her Teams client's silent exchange signs her in
+    answer = await parts.signin.on_invoke(exchange_invoke(parts, "x-p",
+                                                          parts.tokens.sso_token(USER)))
+    # THEN the parked turn is decided (signed in, by her), and one wake-up names it
+    assert answer.status == 200
+    head = await parts.inbox.read_head("a:conv-1")
+    assert head is not None and head.parked is not None
+    assert (head.parked.id, head.parked.state, head.parked.decided_by) == (
+        pending.id, "signed_in", USER)
+    (ticket,) = await wake_ups(parts)
+    assert (ticket.conversation_id, ticket.activity_id, ticket.kind) == ("a:conv-1", "m1", "wake")
+    # AND she is told the request goes on
+    assert parts.connector.messages("a:conv-1")[-1]["text"] == \
+        SIGNED_IN_GOING_ON.format(connection="graph")
+    # WHEN she signs in again (another card's code) THEN nothing more is woken
+    await parts.signin.ask(parsed(message(parts)), "graph", parked_id=pending.id)
+    (card, *_) = reversed(cards(parts.connector))
+    code = parts.tokens.open_sign_in_link(card["attachments"][0]["content"]["buttons"][0]["value"])
+    assert await parts.signin.on_message(parsed(message(parts, code))) == \
+        SIGNED_IN.format(connection="graph")
+    assert len(await wake_ups(parts)) == 1
+
+
+async def test_a_parked_turn_is_woken_only_for_its_own_user_and_while_it_waits(
+        parts: Parts) -> None:
+    # GIVEN Grace's turn parked in a group chat, noted for Ada by a forged row, and an expired one
+    group = await park(parts, conversation_id="19:group", user="29:grace")
+    await parts.signin.ask(parsed(message(parts, conversation_id="19:group")), "graph",
+                           parked_id=group.id)
+    expired = await park(parts, conversation_id="a:old", seconds=-1)
+    await parts.signin.ask(parsed(message(parts, conversation_id="a:old")), "graph",
+                           parked_id=expired.id)
+    # WHEN Ada signs in
+    parts.tokens.sign_in(USER, "graph")
+    verify = parsed(invoke("signin/tokenExchange", {"id": "x-q", "connectionName": "graph",
+                                                     "token": parts.tokens.sso_token(USER)},
+                           conversation_id="a:conv-1", serviceUrl=parts.connector.url))
+    assert (await parts.signin.on_invoke(verify)).status == 200
+    # THEN neither turn is decided: one was Grace's, the other had expired
+    for conversation in ("19:group", "a:old"):
+        head = await parts.inbox.read_head(conversation)
+        assert head is not None and head.parked is not None and head.parked.waiting
+    assert await wake_ups(parts) == []
