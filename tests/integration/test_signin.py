@@ -19,9 +19,9 @@ from devtools.fake_channel import FakeConnector
 from devtools.fake_token_service import Connection, FakeTokenService
 from shared.activity import Activity, parse_activity
 from shared.connector import BotConnector
+from shared.errors import BadRequest
 from shared.inbox import Inbox, TurnTicket
 from shared.pending import Pending
-from shared.errors import BadRequest
 from shared.signin import (
     CODE_REFUSED,
     OAUTH_CARD,
