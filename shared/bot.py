@@ -25,6 +25,7 @@ from .activity import Activity, parse_activity
 from .answer import APOLOGY, RESET_DONE, TOO_LONG, Answerer, Unanswered
 from .attachments import has_attachments
 from .auth import AuthResult, BotAuthenticator
+from .budgets import Budgets
 from .connector import BotConnector
 from .delivery import Delivery
 from .errors import (
@@ -65,9 +66,12 @@ class ChatBot:
                  connector: BotConnector, authenticator: BotAuthenticator,
                  summarizer: Summarizer | None = None, inbox: Inbox | None = None,
                  clock: Callable[[], datetime] | None = None,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 budgets: Budgets | None = None) -> None:
         """`inbox`: the accepted activities and the turn queue (without one, answers are inline).
-        `clock`, `sleep`: the turn's time (None: the store's) and its backoff (test seams)."""
+        `clock`, `sleep`: the turn's time (None: the store's) and its backoff (test seams).
+        `budgets`: the users' and tenants' (None: built from the settings, on a store that keeps
+        them)."""
         self.settings = settings
         self.store = store
         self.prompt = prompt
@@ -75,10 +79,11 @@ class ChatBot:
         self.authenticator = authenticator
         self.inbox = inbox
         self.delivery = Delivery(settings=settings, store=store, connector=connector)
+        self.budgets = budgets or Budgets.build(settings, store, clock)
         self.answerer = Answerer(
             settings=settings, store=store, delivery=self.delivery, summarizer=summarizer,
             inbox=inbox, turns=TurnRunner(settings=settings, store=store, prompt=prompt,
-                                          clock=clock, sleep=sleep))
+                                          clock=clock, sleep=sleep, budgets=self.budgets))
         self._in_flight: set[tuple[str, str]] = set()
         self._queued = settings.answer_mode is AnswerMode.QUEUE and inbox is not None
 

@@ -16,6 +16,7 @@ import httpx2
 from . import logs, telemetry
 from .auth import BotAuthenticator
 from .bot import ChatBot
+from .budgets import Budgets
 from .connector import BotConnector, build_credential
 from .inbox import Inbox
 from .model import build_model
@@ -80,9 +81,11 @@ class Runtime:
                                       env_proxy=settings.env_proxy)
         self.authenticator = BotAuthenticator(settings.bot, http=self.http, in_azure=settings.in_azure)
         self.inbox = _build_inbox(settings, credential)
+        #: Users' and tenants' budgets and usage (shared/budgets.py).
+        self.budgets = Budgets.build(settings, self.store)
         self.bot = ChatBot(settings=settings, store=self.store, prompt=self.prompt,
                            connector=self.connector, authenticator=self.authenticator,
-                           summarizer=summarizer, inbox=self.inbox)
+                           summarizer=summarizer, inbox=self.inbox, budgets=self.budgets)
         _warn_about(settings)
         log.info("token counting: %s", tokenizer_name())
 

@@ -1,13 +1,16 @@
 """The turn: load the window, check the limits, prompt the model, commit; with its retry policy.
 
-    load the window (dedupe) → limits → prompt (streaming through the caller's stream) → commit
+    load the window (dedupe) → limits → prompt (streaming through the caller's stream; each model
+    call reserved in the user's and tenant's budgets first, shared/budgets.py) → commit
 
 The store loads a window; the prompt gets its messages and returns the turn's; the turn is
 committed against that window, in one ETag-guarded transaction. A turn that loses the race re-loads
 the window and commits again: with the same messages when the user has already read the answer as
 it streamed, or when it was asked again once already; otherwise it asks the model again with the
 new window (`MAX_REASKS`). The turn sends nothing itself: its result says what to deliver. A model
-failure is raised (`ModelError`): the caller apologises or retries.
+failure is raised (`ModelError`): the caller apologises or retries. Whatever ends the turn, every
+model call it paid for is counted: in the conversation's counters (the commit, or `charge`) and
+in the user's and tenant's ledgers (the budgets' hook, then `finish`).
 """
 
 from __future__ import annotations
@@ -22,10 +25,13 @@ from datetime import datetime
 
 from .activity import Activity
 from .attachments import Incoming
+from .budgets import Budgets
 from .errors import (
+    BudgetExhausted,
     ConversationConflict,
     DuplicateActivity,
     MessageTooLarge,
+    ModelError,
     StoreError,
     TurnTooLarge,
 )
@@ -84,12 +90,14 @@ TurnResult = Committed | Found | Refused | Busy
 class TurnRunner:
     def __init__(self, *, settings: Settings, store: ConversationStore, prompt: ChatPrompt,
                  clock: Callable[[], datetime] | None = None,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 budgets: Budgets | None = None) -> None:
         """`clock`: the turn's time; None: the store's (`store.clock`), the one the spend
-        counters move by."""
+        counters move by. `budgets`: the users' and tenants' (None: none kept)."""
         self.settings = settings
         self.store = store
         self.prompt = prompt
+        self.budgets = budgets
         self._clock = clock or store.clock
         self._sleep = sleep
 
@@ -105,6 +113,8 @@ class TurnRunner:
         indexing: asyncio.Task[Indexed | None] | None = None
         suggestions: tuple[str, ...] = ()
         billed, counted, committed = Usage(), False, False  # every model call the turn paid for
+        spend = self.budgets.for_turn(activity) if self.budgets is not None else None
+        asked: tuple[ChatMessage, ...] | None = None  # the last answer, if asking again is refused
         try:
             for attempt in range(self.settings.turn_max_attempts):
                 window = await self.store.load_window(
@@ -131,16 +141,26 @@ class TurnRunner:
                         window, today=utc_day(now), sender=activity.user, shared=activity.in_group))
                 messages = kept
                 if messages is None:
-                    result = await self.prompt.send(
-                        text, history=window.messages, summary=window.summary,
-                        speaker=activity.speaker, sender=activity.user,
-                        on_text=stream.on_text if stream else None,
-                        on_tools=_tools_listener(stream), attachments=attachments)
-                    billed += result.usage
-                    messages = _as_seen(result.messages, stream)
-                    suggestions = result.suggestions
-                    if (stream is not None and stream.shown) or attempt >= MAX_REASKS:
-                        kept = messages
+                    try:
+                        result = await self.prompt.send(
+                            text, history=window.messages, summary=window.summary,
+                            speaker=activity.speaker, sender=activity.user,
+                            on_text=stream.on_text if stream else None,
+                            on_tools=_tools_listener(stream), attachments=attachments,
+                            spend=spend)
+                    except BudgetExhausted as exhausted:
+                        if asked is None:  # before any model call: the budget reply
+                            return Refused(text=exhausted.reply)
+                        messages = kept = asked  # no room to ask again: the one paid for
+                    except ModelError as exc:
+                        billed += exc.billed or Usage()
+                        raise
+                    else:
+                        billed += result.usage
+                        messages = asked = _as_seen(result.messages, stream)
+                        suggestions = result.suggestions
+                        if (stream is not None and stream.shown) or attempt >= MAX_REASKS:
+                            kept = messages
                 window = replace(window, indexed=await indexing)
                 try:
                     turn = await self.store.commit_turn(window, activity_id=activity.id,
@@ -167,6 +187,8 @@ class TurnRunner:
         finally:
             if not committed:  # paid for, stored nowhere: the tokens still count
                 await self._charge(activity, billed)
+            if spend is not None:  # the ledgers no limit reserved in
+                await spend.finish()
             if indexing is not None:  # a turn that ends before its commit: the rows stay, harmless
                 await asyncio.gather(indexing, return_exceptions=True)
         log.warning("gave up after %d conflicts", self.settings.turn_max_attempts)
