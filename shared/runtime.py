@@ -30,7 +30,7 @@ from .tools import Function
 if TYPE_CHECKING:
     from .mcp import McpTools
 
-__all__ = ["Runtime"]
+__all__ = ["Runtime", "build_store"]
 
 log = logging.getLogger(__name__)
 # The SDKs log every HTTP request at INFO; keep the operator's log to our own lines.
@@ -47,7 +47,7 @@ class Runtime:
         self.settings = settings
         # Signing keys only: a few requests a day, so httpx's own client is plenty.
         self.http = httpx2.AsyncClient(timeout=httpx2.Timeout(10.0))
-        self.store = store or _build_store(settings, credential)
+        self.store = store or build_store(settings, credential)
         self.model = build_model(settings.model, credential=credential)
         limits = settings.model
         # OpenAI and Azure OpenAI take a speaker's `name`; other servers get it as a text prefix.
@@ -108,7 +108,8 @@ class Runtime:
         await self.http.aclose()
 
 
-def _build_store(settings: Settings, credential: Any | None) -> ConversationStore:
+def build_store(settings: Settings, credential: Any | None = None) -> ConversationStore:
+    """The conversation store the settings name (`credential`: the managed identity, a test seam)."""
     storage = settings.storage
     if storage.table_endpoint:
         if credential is None:
