@@ -3,9 +3,10 @@ reserved before each model call, settled after it; and the usage they record, by
 
     the turn's `TurnSpend` (the prompt's `SpendHook`):
       before each model call   reserve its worst case (prompt + the reply's maximum) in the ledger
-                               of every account with a limit, all at once (one conditional write
-                               each); the first call also takes the turn's place (turns a minute).
-                               No room anywhere: the others are given back, `BudgetExhausted`
+                               of every account with a limit, the user's then the tenant's (one
+                               conditional write each); the first call also takes the turn's
+                               place (turns a minute). No room in one: what the others took is
+                               given back, `BudgetExhausted`
       after it                 settle what it cost (what the provider reported, else the estimate)
       at the turn's end        record the turn in the ledgers no limit reserved in (usage only)
 
@@ -201,7 +202,11 @@ class TurnSpend:
 
     async def before_call(self, prompt_tokens: int) -> None:
         """Reserve the call's worst case in every ledger with a daily limit (and, the first time,
-        take the turn's place); `BudgetExhausted` if one has no room, with nothing kept."""
+        take the turn's place); `BudgetExhausted` if one has no room, with nothing kept.
+
+        One ledger after the other, the user's before the tenant's: a turn the user's budget
+        refuses never holds the tenant's room, even for a moment (at once, six turns of one user
+        with room for one could all be refused by the tenant's, full of their brief holds)."""
         now = self._budgets.clock()
         limited = [b for b in self._accounts
                    if b.reserves or (b.admits and b.account not in self._admitted)]
@@ -210,21 +215,19 @@ class TurnSpend:
         day, at = utc_day(now), now.timestamp()
         reservation = Reservation(uuid.uuid4().hex[:12], prompt_tokens + self._max_reply,
                                   math.ceil(at + self._budgets.settings.reservation_seconds))
-        outcomes = await asyncio.gather(*(self._take(b, day, at, reservation) for b in limited),
-                                        return_exceptions=True)
-        taken = [b for b, outcome in zip(limited, outcomes, strict=True) if outcome is None]
-        failed = next(((b, o) for b, o in zip(limited, outcomes, strict=True) if o is not None),
-                      None)
-        if failed is None:
-            self._admitted.update(b.account for b in limited)
-            self._open = (tuple(b.account for b in limited if b.reserves), day, reservation)
-            return
-        await self._give_back(taken, day, at, reservation)
-        budget, outcome = failed
-        if isinstance(outcome, BaseException):
-            raise outcome
-        assert isinstance(outcome, Shortfall)
-        raise self._exhausted(budget, outcome, now, reservation.tokens)
+        taken: list[_Budget] = []
+        for budget in limited:
+            try:
+                shortfall = await self._take(budget, day, at, reservation)
+            except StoreError:
+                await self._give_back(taken, day, at, reservation)
+                raise
+            if shortfall is not None:
+                await self._give_back(taken, day, at, reservation)
+                raise self._exhausted(budget, shortfall, now, reservation.tokens)
+            taken.append(budget)
+        self._admitted.update(b.account for b in limited)
+        self._open = (tuple(b.account for b in limited if b.reserves), day, reservation)
 
     async def after_call(self, usage: Usage, *, model: str) -> None:
         """Settle what the call cost where it reserved; keep it for `finish` elsewhere. Never

@@ -45,7 +45,9 @@ class HonestModel:
     would: the prompt as the estimate counts it, and up to `MAX_REPLY` reply tokens; it notes
     what it billed by user. A `fail` message gets a tool call, then a 500."""
 
-    def __init__(self, *, seed: int = 1, latency: float = 0.02) -> None:
+    def __init__(self, *, seed: int = 1, latency: float = 0.02, full: bool = False) -> None:
+        """`full`: every reply bills the reply's maximum."""
+        self.full = full
         self.rng = random.Random(seed)
         self.latency = latency
         self.billed: dict[str, int] = {}
@@ -62,7 +64,7 @@ class HonestModel:
         if text.endswith("|fail") and body["messages"][-1]["role"] == "tool":
             return httpx2.Response(500, json={"error": {"message": "down"}})
         prompt = count_request_tokens(body["messages"], body.get("tools"))
-        completion = self.rng.randint(1, MAX_REPLY)
+        completion = MAX_REPLY if self.full else self.rng.randint(1, MAX_REPLY)
         self.billed[user] = self.billed.get(user, 0) + prompt + completion
         message: dict[str, Any] = {"role": "assistant", "content": f"answer {self.calls}"}
         if text.endswith("|fail"):
@@ -111,6 +113,7 @@ async def instances(azurite_connection_string: str,
 
 
 def text_of(response: Any) -> str:
+    assert "activities" in (response.body or {}), (response.status, response.body)
     return str(response.body["activities"][-1]["text"])
 
 
@@ -142,6 +145,40 @@ async def test_parallel_turns_on_three_instances_never_pass_the_budgets(
     answered = [r for r in replies if r.startswith("answer")]
     assert 0 < len(answered) == model.calls < 60
     assert all("usage limit" in r for r in replies if r not in answered)
+
+
+async def test_fifty_first_calls_at_once_of_one_tenant_are_all_reserved_and_counted(
+        instances: Callable[..., list[ChatBot]]) -> None:
+    # GIVEN three instances and a tenant budget with room for all (its row is every call's to
+    # change, twice), and a model that takes up to 0.2 s
+    model = HonestModel(latency=0.2)
+    bots = instances(3, model, CHAT_TENANT_DAILY_TOKEN_LIMIT="100000000")
+    # WHEN fifty users of the tenant write at once
+    responses = await asyncio.gather(*(
+        bots[i % 3].handle(body=activity("hi", f"c{i}", user=f"u{i}"), headers=HEADERS)
+        for i in range(50)))
+    # THEN every one is answered (no change of the row gave up after losing its races: the
+    # changes of one instance go together), and the tenant's day counts every call and turn
+    assert [text_of(r).startswith("answer") for r in responses] == [True] * 50
+    (day,) = await bots[0].store.list_ledgers(Account("tenant", "tenant-a"),
+                                              since=utc_day(TODAY))
+    assert (day.calls, day.turns, day.tokens) == (50, 50, sum(model.billed.values()))
+
+
+async def test_a_user_refused_at_once_never_holds_the_tenants_room(
+        instances: Callable[..., list[ChatBot]]) -> None:
+    # GIVEN two instances, a user with room for one answer, and a tenant with room for three
+    # calls' worst cases (the user's turns would fill it if each held it while being refused)
+    model = HonestModel(full=True)
+    bots = instances(2, model, CHAT_USER_DAILY_TOKEN_LIMIT=str(2 * MAX_REPLY - 1),
+                     CHAT_TENANT_DAILY_TOKEN_LIMIT=str(4 * MAX_REPLY))
+    # WHEN the user sends 20 messages at once in four conversations, over both instances
+    replies = [text_of(r) for r in await asyncio.gather(*(
+        bots[i % 2].handle(body=activity(f"m{i}", f"c{i % 4}", user="ann"), headers=HEADERS)
+        for i in range(20)))]
+    # THEN exactly one is answered, and the 19 others are told the user's budget ran out
+    assert model.calls == 1 and sum(r.startswith("answer") for r in replies) == 1
+    assert sum(r.startswith("You've reached your daily usage limit") for r in replies) == 19
 
 
 async def test_a_dead_workers_reservation_holds_the_budget_until_it_expires(
