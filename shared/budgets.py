@@ -198,7 +198,9 @@ class TurnSpend:
         self._open: tuple[tuple[Account, ...], str, Reservation] | None = None
         #: Calls not yet recorded in the ledgers that reserve nothing: (model, usage).
         self._unrecorded: list[tuple[str, Usage]] = []
-        self._finished = False
+        #: Settles under way (the turn goes on meanwhile; `finish` waits for them).
+        self._settling: list[asyncio.Task[None]] = []
+        self._turn_recorded = False
 
     async def before_call(self, prompt_tokens: int) -> None:
         """Reserve the call's worst case in every ledger with a daily limit (and, the first time,
@@ -230,30 +232,36 @@ class TurnSpend:
         self._open = (tuple(b.account for b in limited if b.reserves), day, reservation)
 
     async def after_call(self, usage: Usage, *, model: str) -> None:
-        """Settle what the call cost where it reserved; keep it for `finish` elsewhere. Never
-        raises: a settle that fails leaves its reservation to expire."""
+        """Settle what the call cost where it reserved (in the background: the turn goes on, and
+        a next call's reservation waits for it in the same write), keep it for `finish`
+        elsewhere. Never raises: a settle that fails leaves its reservation to expire."""
         held, day, reservation = self._open or ((), "", None)
         self._open = None
         if any(not b.reserves for b in self._accounts):
             self._unrecorded.append((model, usage))
         if reservation is None or not held:
             return
-        await self._write_all(held, day, lambda ledger: ledger.settle(
-            usage, model=model, reservation_id=reservation.id), "a call's usage not settled")
+        self._settling.append(asyncio.create_task(self._write_all(
+            held, day, lambda ledger: ledger.settle(usage, model=model,
+                                                    reservation_id=reservation.id),
+            "a call's usage not settled")))
         self._measure(held, usage)
 
     async def finish(self) -> None:
-        """Record the turn in the ledgers no limit reserved in: its calls' usage, and the turn
-        itself unless its place was taken. Never raises."""
-        if self._finished:
-            return
-        self._finished = True
+        """Wait for the settles under way, and record in the ledgers no limit reserved in the
+        calls not recorded yet (and the turn, unless its place was taken). Never raises; called
+        again, it records only what is new (the turn runs it beside its commit, then once more
+        whatever ended it)."""
+        settling, self._settling = self._settling, []
+        await asyncio.gather(*settling)
         unreserved = [b for b in self._accounts if not b.reserves]
-        if not self._unrecorded or not unreserved:
+        unrecorded, self._unrecorded = self._unrecorded, []
+        if not unrecorded or not unreserved:
             return
-        total = sum((usage for _, usage in self._unrecorded), Usage())
-        model = self._unrecorded[-1][0]
-        calls = len(self._unrecorded)
+        total = sum((usage for _, usage in unrecorded), Usage())
+        model = unrecorded[-1][0]
+        calls = len(unrecorded)
+        counted, self._turn_recorded = self._turn_recorded, True
         day, at = utc_day(self._budgets.clock()), self._budgets.clock().timestamp()
 
         def record(admitted: bool) -> Callable[[Ledger], Ledger]:
@@ -266,7 +274,8 @@ class TurnSpend:
                 return counted
             return change
 
-        await asyncio.gather(*(self._write(b.account, day, record(b.account in self._admitted),
+        await asyncio.gather(*(self._write(b.account, day,
+                                           record(counted or b.account in self._admitted),
                                            "a turn's usage not recorded") for b in unreserved))
         self._measure(tuple(b.account for b in unreserved), total)
 

@@ -162,10 +162,11 @@ class TurnRunner:
                         if (stream is not None and stream.shown) or attempt >= MAX_REASKS:
                             kept = messages
                 window = replace(window, indexed=await indexing)
-                try:
-                    turn = await self.store.commit_turn(window, activity_id=activity.id,
-                                                        messages=messages, billed=billed,
-                                                        counted=counted)
+                try:  # the ledgers' records are written beside the commit
+                    turn = await _alongside(
+                        self.store.commit_turn(window, activity_id=activity.id,
+                                               messages=messages, billed=billed, counted=counted),
+                        spend.finish() if spend is not None else None)
                     committed = True
                 except ConversationConflict:
                     log.info("conflict on attempt %d%s", attempt + 1,
@@ -187,7 +188,7 @@ class TurnRunner:
         finally:
             if not committed:  # paid for, stored nowhere: the tokens still count
                 await self._charge(activity, billed)
-            if spend is not None:  # the ledgers no limit reserved in
+            if spend is not None:  # what the ledgers have not recorded yet
                 await spend.finish()
             if indexing is not None:  # a turn that ends before its commit: the rows stay, harmless
                 await asyncio.gather(indexing, return_exceptions=True)
@@ -200,6 +201,17 @@ class TurnRunner:
             await self.store.charge(activity.conversation_id, billed)
         except StoreError as exc:
             log.warning("tokens of a turn that stored nothing not counted: %s", exc)
+
+
+async def _alongside[T](main: Awaitable[T], beside: Awaitable[None] | None) -> T:
+    """`main`'s result, with `beside` (which never raises) run at the same time."""
+    if beside is None:
+        return await main
+    task = asyncio.ensure_future(beside)
+    try:
+        return await main
+    finally:
+        await task
 
 
 def _tools_listener(stream: ReplyStream | None) -> ToolListener | None:

@@ -231,23 +231,32 @@ class TableRows:
         return str(result["etag"])
 
     async def update_row(self, pk: str, row_key: str,
-                         change: Callable[[TableEntity | None], Entity | None], *,
-                         what: str) -> str | None:
-        """The one retry loop of a conditional row change: read the row (None: not there),
-        `change` it (a pure function; None: leave it as it is), write it under the read's ETag
-        (or create it); again, after a jittered wait, when another writer won. The new ETag, or
-        None when nothing was written. The head's changes (`update_head`) and a budget's
-        ledger rows (`_table_budgets.py`) both come this way."""
+                         change: Callable[[Entity | None, str | None], Entity | None], *,
+                         what: str, known: tuple[Entity, str] | None = None) -> str | None:
+        """The one retry loop of a conditional row change: read the row and its ETag (None: not
+        there), `change` it (a pure function; None: leave it as it is), write it under the
+        read's ETag (or create it); again, after a jittered wait, when another writer won. The
+        new ETag, or None when nothing was written. `known`: the row and ETag this process last
+        wrote, tried first without a read (a stale one just loses the first race). The head's
+        changes (`update_head`) and a budget's ledger rows (`_table_budgets.py`) both come this
+        way."""
         for attempt in range(HEAD_ATTEMPTS):
-            read = await self.get(pk, row_key)
-            changed = change(read)
+            read: Entity | None
+            etag: str | None
+            if attempt == 0 and known is not None:
+                read, etag = known
+            else:
+                entity = await self.get(pk, row_key)
+                read, etag = (None, None) if entity is None else \
+                    (entity, str(entity.metadata["etag"]))
+            changed = change(read, etag)
             if changed is None:
                 return None
-            etag = await self.write_row(changed, etag=None if read is None
-                                        else str(read.metadata["etag"]))
-            if etag is not None:
-                return etag
-            await _backoff(attempt)
+            written = await self.write_row(changed, etag=etag)
+            if written is not None:
+                return written
+            if attempt > 0 or known is None:
+                await _backoff(attempt)
         raise ConversationConflict(f"{what} kept changing; the change was not made")
 
     async def update_head(self, pk: str, change: Callable[[Head], Head | None], *,
@@ -257,12 +266,12 @@ class TableRows:
         as written, or None when nothing was written."""
         written: Head | None = None
 
-        def changed(entity: TableEntity | None) -> Entity | None:
+        def changed(entity: Entity | None, etag: str | None) -> Entity | None:
             nonlocal written
             if entity is None and not create:
                 return None
             read = Head(conversation_id=conversation_id, copy=()) if entity is None else \
-                Head.read(entity, etag=str(entity.metadata["etag"]))
+                Head.read(entity, etag=str(etag))
             written = change(read)
             return None if written is None else written.entity(pk)
 
