@@ -136,13 +136,19 @@ async def user_messages(req: func.HttpRequest) -> func.HttpResponse:
 
 @app.route(route="users/{user_id}", methods=["DELETE"])
 async def forget_user(req: func.HttpRequest) -> func.HttpResponse:
-    """{"userId", "personalConversationsDeleted", "sharedConversations", "messagesReplaced"}"""
+    """{"userId", "personalConversationsDeleted", "sharedConversations", "messagesReplaced",
+    "usageDaysDeleted"}"""
     user_id = req.route_params["user_id"]
     try:
         data = await runtime.store.forget_user(user_id)
+        usage_days = 0
+        if runtime.budgets is not None:  # under each ID their messages were sent with
+            usage_days = await runtime.budgets.forget_user([user_id, *(
+                known for found in data.conversations for message in found.sent
+                if message.sender is not None for known in message.sender.ids)])
     except ChatstateError as exc:
         return _failed(exc)
-    body = _forget_json(data)
+    body = {**_forget_json(data), "usageDaysDeleted": usage_days}
     logging.info("forgot a user through the API: %s", {k: v for k, v in body.items() if k != "userId"})
     return _json(body)
 

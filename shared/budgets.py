@@ -133,6 +133,14 @@ class Budgets:
                         turns=ledger.turns, reserved=ledger.reserved(now.timestamp()),
                         estimated_cost=estimated_cost(ledger, self.settings.prices))
 
+    async def forget_user(self, user_ids: Sequence[str]) -> int:
+        """Delete a user's usage (their ID and daily counts), under each of their IDs (a ledger
+        is kept under the Entra object ID when the channel gives one); the days deleted."""
+        deleted = 0
+        for user_id in dict.fromkeys(user_ids):
+            deleted += await self.store.delete_ledgers(Account("user", user_id))
+        return deleted
+
     async def purge(self, *, days: int) -> int:
         """Delete the ledgers older than `days` days (the retention period)."""
         return await self.store.purge_ledgers(

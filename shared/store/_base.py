@@ -11,8 +11,9 @@ optional capabilities a backend declares in `capabilities` (`Capability`):
     summaries   get_summary, get_fold, update_summary (without: None, None, False)
     indexes     write_indexes, purge_idle (without: None; purge_idle raises NotImplementedError)
     user_data   export_user, forget_user (without: NotImplementedError)
-    budgets     update_ledger, list_ledgers, list_level_ledgers, purge_ledgers: a user's or
-                tenant's spend by UTC day (`shared/ledger.py`; without: NotImplementedError)
+    budgets     update_ledger, list_ledgers, list_level_ledgers, purge_ledgers, delete_ledgers: a
+                user's or tenant's spend by UTC day (`shared/ledger.py`; without:
+                NotImplementedError)
 
 A caller that needs one asks `supports(...)` first, so a backend never lacks a feature silently.
 """
@@ -277,6 +278,10 @@ class ConversationStore(ABC):
 
     async def purge_ledgers(self, *, before: str) -> int:
         """Delete the ledgers of the days before `before` (retention); how many."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no budgets")
+
+    async def delete_ledgers(self, account: Account) -> int:
+        """Delete every ledger of the account (a user's removal); how many."""
         raise NotImplementedError(f"{type(self).__name__} keeps no budgets")
 
     async def _update_ledger(self, account: Account, day: str,

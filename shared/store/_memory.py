@@ -132,6 +132,13 @@ class InMemoryConversationStore(ConversationStore):
                        if ledger.account.level == level and since <= ledger.day <= until),
                       key=lambda ledger: (ledger.account.key, ledger.day))
 
+    async def delete_ledgers(self, account: Account) -> int:
+        async with self._lock:
+            doomed = [key for key in self._ledgers if key[0] == account.key]
+            for key in doomed:
+                del self._ledgers[key]
+        return len(doomed)
+
     async def purge_ledgers(self, *, before: str) -> int:
         async with self._lock:
             doomed = [key for key in self._ledgers if key[1] < before]

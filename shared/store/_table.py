@@ -145,6 +145,9 @@ class TableConversationStore(ConversationStore):
     async def purge_ledgers(self, *, before: str) -> int:
         return await self._ledgers.purge(before=before)
 
+    async def delete_ledgers(self, account: Account) -> int:
+        return await self._ledgers.delete(account)
+
     async def get_summary(self, conversation_id: str) -> str | None:
         await super().get_summary(conversation_id)  # the ID's checks
         return await self._summaries.get_summary(conversation_id)

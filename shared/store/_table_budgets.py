@@ -141,14 +141,22 @@ class Ledgers:
 
     async def purge(self, *, before: str) -> int:
         """Delete every ledger of a day before `before` (retention); the rows deleted."""
-        return await self._rows.run("deleting old usage", self._purge, before)
+        return await self._rows.run(
+            "deleting old usage", self._delete,
+            "PartitionKey gt @first and PartitionKey lt @end and RowKey lt @before",
+            {"first": BUDGET_PREFIX, "end": _BUDGETS_END, "before": before})
 
-    async def _purge(self, before: str) -> int:
+    async def delete(self, account: Account) -> int:
+        """Delete every ledger of the account (its partition); the rows deleted."""
+        self._known = OrderedDict((key, known) for key, known in self._known.items()
+                                  if key[0] != account.key)
+        return await self._rows.run("deleting usage", self._delete, "PartitionKey eq @pk",
+                                    {"pk": account.key})
+
+    async def _delete(self, query: str, parameters: dict[str, str]) -> int:
         doomed: dict[str, list[str]] = {}
-        async for row in self._rows.table.query_entities(
-                "PartitionKey gt @first and PartitionKey lt @end and RowKey lt @before",
-                parameters={"first": BUDGET_PREFIX, "end": _BUDGETS_END, "before": before},
-                select=["PartitionKey", "RowKey"]):
+        async for row in self._rows.table.query_entities(query, parameters=parameters,
+                                                         select=["PartitionKey", "RowKey"]):
             doomed.setdefault(str(row["PartitionKey"]), []).append(str(row["RowKey"]))
         for pk, keys in doomed.items():
             for start in range(0, len(keys), 100):

@@ -13,8 +13,9 @@ import httpx2
 import pytest
 from PIL import Image
 
-from shared.budgets import BUDGET_REPLIES, budget_reply, estimated_cost
-from shared.errors import ModelUnavailable
+from shared.activity import parse_activity
+from shared.budgets import BUDGET_REPLIES, Budgets, budget_reply, estimated_cost
+from shared.errors import ModelUnavailable, SettingsError
 from shared.ledger import MAX_RESERVATIONS, Account, Ledger, Reservation, Shortfall
 from shared.messages import Usage, utc_day
 from shared.model import build_model
@@ -300,3 +301,43 @@ async def test_the_usage_of_earlier_rounds_rides_on_the_model_error() -> None:
     assert failure.value.billed == Usage(
         prompt_tokens=900 + count_request_tokens(failed["messages"], failed["tools"]),
         completion_tokens=100)
+
+
+# -- settings and who the budgets are for ------------------------------------------------------
+
+
+def test_a_reservation_that_would_expire_before_the_model_deadline_is_refused_at_start() -> None:
+    # GIVEN reservations of 20 s and a model deadline of 30 s
+    # WHEN the settings are read
+    # THEN start-up stops, naming the setting and why
+    with pytest.raises(SettingsError, match="CHAT_BUDGET_RESERVATION_SECONDS: must be more than "
+                                            "CHAT_MODEL_TIMEOUT_SECONDS"):
+        load_settings({"CHAT_BUDGET_RESERVATION_SECONDS": "20",
+                       "CHAT_MODEL_TIMEOUT_SECONDS": "30"})
+
+
+@pytest.mark.parametrize("raw", ['["gpt-4o"]', '{"gpt-4o": {"input": 1}}',
+                                 '{"gpt-4o": {"input": 1, "output": -2}}', "{nope"])
+def test_a_malformed_price_list_is_refused_naming_the_setting(raw: str) -> None:
+    # GIVEN a price list that is not {model: {"input", "output"[, "cachedInput"]}} of numbers
+    # WHEN the settings are read THEN start-up stops, naming CHAT_MODEL_PRICES
+    with pytest.raises(SettingsError, match="CHAT_MODEL_PRICES"):
+        load_settings({"CHAT_MODEL_PRICES": raw})
+
+
+def test_the_budgets_are_the_senders_entra_id_and_the_conversations_tenant() -> None:
+    # GIVEN a Teams activity (Entra object ID, tenant in channelData only) and a Web Chat one
+    teams = parse_activity(json.dumps({
+        "type": "message", "id": "a", "conversation": {"id": "c"},
+        "from": {"id": "29:x", "aadObjectId": "aad-x"},
+        "channelData": {"tenant": {"id": "tenant-x"}}}).encode(), HEADERS)
+    webchat = parse_activity(json.dumps({"type": "message", "id": "b", "conversation": {"id": "d"},
+                                         "from": {"id": "dl_123"}}).encode(), HEADERS)
+    store = InMemoryConversationStore()
+    budgets = Budgets.build(load_settings({"CHAT_USER_DAILY_TOKEN_LIMIT": "10"}), store)
+    assert budgets is not None
+    # WHEN their turns' budgets are made
+    # THEN the Teams user is counted by Entra ID and in its tenant; Web Chat's by channel ID only
+    assert [b.account for b in budgets.for_turn(teams)._accounts] == [
+        Account("user", "aad-x"), Account("tenant", "tenant-x")]
+    assert [b.account for b in budgets.for_turn(webchat)._accounts] == [Account("user", "dl_123")]
