@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from shared.activity import parse_activity
+from shared.attachments import ImageInput, Incoming
 from shared.budgets import BUDGET_REPLIES, Budgets, budget_reply, estimated_cost
 from shared.errors import ModelUnavailable, SettingsError
 from shared.ledger import MAX_RESERVATIONS, Account, Ledger, Reservation, Shortfall
@@ -24,6 +25,7 @@ from shared.settings import ModelPrice, load_settings
 from shared.store import InMemoryConversationStore
 from shared.tokens import count_request_tokens, count_text_tokens, image_size, image_tokens
 from shared.tools import tool
+from tests.unit.test_telemetry import metric_points, recorded  # noqa: F401 (a fixture)
 from tests.unit.test_turns import HEADERS, make_bot
 
 NOON = datetime(2026, 12, 2, 12, 0, 30, tzinfo=UTC)
@@ -341,3 +343,38 @@ def test_the_budgets_are_the_senders_entra_id_and_the_conversations_tenant() -> 
     assert [b.account for b in budgets.for_turn(teams)._accounts] == [
         Account("user", "aad-x"), Account("tenant", "tenant-x")]
     assert [b.account for b in budgets.for_turn(webchat)._accounts] == [Account("user", "dl_123")]
+
+
+async def test_the_metrics_count_tokens_by_level_with_the_tenant_and_never_the_user(
+        request: pytest.FixtureRequest) -> None:
+    _, reader = request.getfixturevalue("recorded")  # telemetry into memory (test_telemetry)
+    # GIVEN a user budget with room for one call, telemetry on
+    store, model = InMemoryConversationStore(clock=lambda: NOON), BillingModel()
+    bot = make_bot(store, model, clock=lambda: NOON, CHAT_USER_DAILY_TOKEN_LIMIT="300",
+                   CHAT_MAX_REPLY_TOKENS="100")
+    # WHEN the user is answered once, then refused
+    await bot.handle(body=message("hello", "c1", user="29:secret-person"), headers=HEADERS)
+    await bot.handle(body=message("again", "c2", user="29:secret-person"), headers=HEADERS)
+    # THEN the budget tokens are counted by level with the tenant, the refusal by limit with the
+    # tenant, and no metric attribute holds the user's ID
+    points = metric_points(reader)
+    tokens = {(p.attributes["chatstate.budget.level"], p.attributes["gen_ai.token.type"]): p.value
+              for p in points["chatstate.budget.tokens"]}
+    assert tokens == {("user", "input"): 900, ("user", "output"): 100,
+                      ("tenant", "input"): 900, ("tenant", "output"): 100}
+    assert {p.attributes["chatstate.tenant.id"] for p in points["chatstate.budget.tokens"]} == \
+        {"t-1"}
+    (refused,) = points["chatstate.spend_limit_reached"]
+    assert dict(refused.attributes) == {"chatstate.limit": "user_daily_tokens",
+                                        "chatstate.tenant.id": "t-1"}
+    assert "secret-person" not in json.dumps(
+        [dict(p.attributes) for found in points.values() for p in found])
+
+
+def test_an_images_context_tokens_count_in_the_history_budget() -> None:
+    # GIVEN a message with a 1024 x 1024 image
+    incoming = Incoming(text="what is this?", images=(
+        ImageInput(name="a.png", media_type="image/png", data=png(1024, 1024)),))
+    # WHEN its tokens for the history budget are counted
+    # THEN the image counts as the model's context sees it (gpt-4o's tiles), not as bytes
+    assert incoming.image_tokens == 765
