@@ -210,7 +210,13 @@ class TurnSpend:
         self._settling: list[asyncio.Task[None]] = []
         self._turn_recorded = False
 
-    async def before_call(self, prompt_tokens: int) -> None:
+    @property
+    def accounts(self) -> tuple[Account, ...]:
+        """Whose budgets the turn's calls count in: the user's, then the tenant's (either may be
+        missing: a channel that names no user or no tenant)."""
+        return tuple(budget.account for budget in self._accounts)
+
+    async def before_call(self, prompt_tokens: Callable[[], int]) -> None:
         """Reserve the call's worst case in every ledger with a daily limit (and, the first time,
         take the turn's place); `BudgetExhausted` if one has no room, with nothing kept.
 
@@ -223,7 +229,7 @@ class TurnSpend:
         if not limited:
             return
         day, at = utc_day(now), now.timestamp()
-        reservation = Reservation(uuid.uuid4().hex[:12], prompt_tokens + self._max_reply,
+        reservation = Reservation(uuid.uuid4().hex[:12], prompt_tokens() + self._max_reply,
                                   math.ceil(at + self._budgets.settings.reservation_seconds))
         taken: list[_Budget] = []
         for budget in limited:

@@ -27,6 +27,7 @@ so a `ModelError` carries the usage of the rounds before it (`billed`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -88,10 +89,11 @@ _CITED = re.compile(r"\[(\d{1,3})\]")
 
 class SpendHook(Protocol):
     """Told of each model call (`shared/budgets.py`'s `TurnSpend`): `before_call` reserves its
-    worst case (`prompt_tokens`, plus the reply's maximum) and raises `BudgetExhausted` when a
-    budget has no room; `after_call` settles what the call cost."""
+    worst case (`prompt_tokens()`, the request's estimate, counted only if a budget needs it,
+    plus the reply's maximum) and raises `BudgetExhausted` when a budget has no room;
+    `after_call` settles what the call cost."""
 
-    async def before_call(self, prompt_tokens: int) -> None: ...
+    async def before_call(self, prompt_tokens: Callable[[], int]) -> None: ...
 
     async def after_call(self, usage: Usage, *, model: str) -> None: ...
 
@@ -101,7 +103,7 @@ class _Tally:
     """What a turn's model calls billed so far, and the estimate of the one under way."""
 
     usage: Usage = field(default_factory=Usage)
-    pending: int | None = None
+    pending: Callable[[], int] | None = None
 
 
 class ToolSource(Protocol):
@@ -278,7 +280,7 @@ class ChatPrompt:
         except TimeoutError as exc:
             timeout = ModelTimeout(f"the model took over {self.timeout_seconds:g} s in all")
             if tally.pending is not None:  # a call cut by the deadline: billed as its request
-                await self._settle(spend, tally, Usage(prompt_tokens=tally.pending), None)
+                await self._settle(spend, tally, Usage(prompt_tokens=tally.pending()), None)
             timeout.billed = tally.usage
             raise timeout from exc
         except ModelError as exc:
@@ -345,19 +347,23 @@ class ChatPrompt:
         """One model call, its worst case reserved first (`spend`) and what it cost settled
         after; billed in `tally` however it ends. A call cut (`ReplyStopped`) or failed before
         its usage arrived counts as its request (an estimate, never nothing) and the text read."""
-        estimate = count_request_tokens(conversation, tools, model=self.model.model)
+        # Counted only when needed (a budget's reservation, a call that ends without its usage):
+        # tokenizing the whole request costs CPU a turn without budgets need not pay.
+        request = list(conversation)
+        estimate = functools.cache(
+            lambda: count_request_tokens(request, tools, model=self.model.model))
         if spend is not None:
             await spend.before_call(estimate)
         tally.pending = estimate
         try:
             completion = await self.model.complete(conversation, tools=tools, on_text=on_text)
         except ReplyStopped as stop:
-            await self._settle(spend, tally, Usage(prompt_tokens=estimate,
+            await self._settle(spend, tally, Usage(prompt_tokens=estimate(),
                                                    completion_tokens=count_text_tokens(stop.text)),
                                None)
             raise
         except ModelError:
-            await self._settle(spend, tally, Usage(prompt_tokens=estimate), None)
+            await self._settle(spend, tally, Usage(prompt_tokens=estimate()), None)
             raise
         await self._settle(spend, tally, completion.usage, completion.model)
         return completion

@@ -127,7 +127,7 @@ class Summarizer:
         request = summary_request(job.summary, job.messages, token_budget=self.token_budget)
         estimate = count_request_tokens(request, model=self.model.model)
         if spend is not None:
-            await spend.before_call(estimate)
+            await spend.before_call(lambda: estimate)
         try:
             completion = await self.model.complete(request)
         except ModelError:  # billed as its request, as the prompt counts a failed call

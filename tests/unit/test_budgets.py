@@ -340,9 +340,9 @@ def test_the_budgets_are_the_senders_entra_id_and_the_conversations_tenant() -> 
     assert budgets is not None
     # WHEN their turns' budgets are made
     # THEN the Teams user is counted by Entra ID and in its tenant; Web Chat's by channel ID only
-    assert [b.account for b in budgets.for_turn(teams)._accounts] == [
-        Account("user", "aad-x"), Account("tenant", "tenant-x")]
-    assert [b.account for b in budgets.for_turn(webchat)._accounts] == [Account("user", "dl_123")]
+    assert budgets.for_turn(teams).accounts == (Account("user", "aad-x"),
+                                                Account("tenant", "tenant-x"))
+    assert budgets.for_turn(webchat).accounts == (Account("user", "dl_123"),)
 
 
 async def test_the_metrics_count_tokens_by_level_with_the_tenant_and_never_the_user(
