@@ -614,12 +614,17 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     )
 
 
+#: The after-reply summary's work ends within this many seconds (`shared/summary.py`).
+SUMMARY_DEADLINE_SECONDS = 10.0
+
+
 def _budgets(read: _Reader, model: ModelSettings) -> BudgetSettings:
     reservation = read.number("CHAT_BUDGET_RESERVATION_SECONDS", minimum=1, maximum=86_400)
-    if reservation <= model.timeout_seconds:
+    if reservation <= max(model.timeout_seconds, SUMMARY_DEADLINE_SECONDS):
         raise SettingsError("CHAT_BUDGET_RESERVATION_SECONDS", f"must be more than "
-                            f"CHAT_MODEL_TIMEOUT_SECONDS ({model.timeout_seconds:g} s): a call "
-                            "still running when its reservation expires could pass the budget")
+                            f"CHAT_MODEL_TIMEOUT_SECONDS ({model.timeout_seconds:g} s) and the "
+                            f"summary's deadline ({SUMMARY_DEADLINE_SECONDS:g} s): a call still "
+                            "running when its reservation expires could pass the budget")
     return BudgetSettings(
         user_daily_tokens=read.optional_integer("CHAT_USER_DAILY_TOKEN_LIMIT", minimum=1,
                                                 maximum=10**12),

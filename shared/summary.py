@@ -21,6 +21,7 @@ from .budgets import TurnSpend
 from .errors import ChatstateError, ModelError
 from .messages import ChatMessage, Usage
 from .model import ChatModel
+from .settings import SUMMARY_DEADLINE_SECONDS
 from .speakers import clean_name
 from .store import SUMMARY_MAX_CHARS, ConversationStore, ConversationWindow
 from .tokens import count_request_tokens, count_text_tokens
@@ -30,8 +31,9 @@ __all__ = ["DEADLINE_SECONDS", "SUMMARY_INSTRUCTIONS", "Summarizer", "fit_summar
 
 log = logging.getLogger(__name__)
 
-#: The summary work after a reply (read, model call, write) ends within this many seconds.
-DEADLINE_SECONDS = 10.0
+#: The summary work after a reply (read, model call, write) ends within this many seconds (a
+#: budget's reservation must outlast it: shared/settings.py checks).
+DEADLINE_SECONDS = SUMMARY_DEADLINE_SECONDS
 SUMMARY_INSTRUCTIONS = (
     "You keep the running summary of a chat between people and an AI assistant. Rewrite the "
     "summary so far so that it also covers the new messages. Keep every fact, name, number, date, "
