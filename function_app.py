@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
@@ -26,7 +25,7 @@ import azure.functions as func
 
 from shared.budgets import MAX_REPORT_DAYS, DayUsage, UsageReport
 from shared.errors import BadRequest, ChatstateError, StorageForbidden, http_status_for
-from shared.inbox import LEFTOVER_DAYS, max_dequeue_count
+from shared.inbox import LEFTOVER_DAYS
 from shared.ledger import Account, Level
 from shared.messages import ChatMessage, utc_now
 from shared.retention import purge_idle
@@ -52,8 +51,6 @@ async def get_current_time(time_zone: str = "UTC") -> dict[str, str]:
 # Settings are read and checked here, at start-up: a bad one stops the app with its name.
 runtime = Runtime.from_environment(functions=[get_current_time])
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
-#: The host moves a message to the poison queue after this many dequeues: the last one apologises.
-MAX_DEQUEUE_COUNT = max_dequeue_count(Path(__file__).with_name("host.json"))
 
 
 def _json(body: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> func.HttpResponse:
@@ -70,9 +67,9 @@ async def messages(req: func.HttpRequest) -> func.HttpResponse:
 @app.queue_trigger(arg_name="msg", queue_name=trigger_setting("CHAT_TURN_QUEUE"),
                    connection="AzureWebJobsStorage")
 async def answer(msg: func.QueueMessage) -> None:
-    """Raises to have the message retried (the last time, after an apology, into the poison queue)."""
-    await runtime.bot.answerer.answer_ticket(msg.get_body(), dequeue_count=msg.dequeue_count or 1,
-                                             max_dequeue_count=MAX_DEQUEUE_COUNT)
+    """Wakes the conversation's drain (shared/order.py). Raises (`TurnFailed`, naming only the
+    failure's kind) to have the message retried; a failing turn is retried by the drain itself."""
+    await runtime.bot.answerer.answer_ticket(msg.get_body())
 
 
 @app.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
@@ -140,7 +137,7 @@ async def forget_user(req: func.HttpRequest) -> func.HttpResponse:
     "usageDaysDeleted"}"""
     user_id = req.route_params["user_id"]
     try:
-        data = await runtime.store.forget_user(user_id)
+        data = await runtime.forget_user(user_id)
         usage_days = 0
         if runtime.budgets is not None:  # under each ID their messages were sent with
             usage_days = await runtime.budgets.forget_user([user_id, *(
