@@ -30,6 +30,9 @@ Rules (docs/deploy.md gives the reasons):
   (SIGNIN_PROVIDER: no client secret, and no secret parameter in its file), made only when
   `signInAppId` is given, with Teams SSO's Token Exchange URL `api://botid-<app ID>`; main.bicep
   passes `signInAppId` (azd: SIGNIN_APP_ID) to the bot and sets CHAT_SIGNIN_APP_ID from it.
+- Budgets (issue 28): each of BUDGET_PARAMETERS is a string parameter of main.bicep that is empty
+  by default (no limit: a deployment never refuses anyone unasked), azd sets it from the app
+  setting's own name, and it is the app setting of that name.
 """
 
 from __future__ import annotations
@@ -383,6 +386,27 @@ def private_mode_problems(main: str, parameters: dict[str, object], skips: list[
     return problems
 
 
+#: main.bicep's budget parameters and the app settings (and azd names) they set.
+BUDGET_PARAMETERS = {"chatUserDailyTokenLimit": "CHAT_USER_DAILY_TOKEN_LIMIT",
+                     "chatUserTurnsPerMinute": "CHAT_USER_TURNS_PER_MINUTE",
+                     "chatTenantDailyTokenLimit": "CHAT_TENANT_DAILY_TOKEN_LIMIT"}
+
+
+def budget_problems(main: str, parameters: dict[str, object]) -> list[str]:
+    """The budgets: off by default, set by azd under the setting's name, passed to the app."""
+    problems = []
+    given = parameters.get("parameters", {})
+    for param, setting in BUDGET_PARAMETERS.items():
+        if not re.search(rf"^param\s+{param}\s+string\s*=\s*''\s*$", main, re.MULTILINE):
+            problems.append(f"main.bicep: no `param {param} string = ''` (a budget is off unless set)")
+        value = given.get(param, {}) if isinstance(given, dict) else {}
+        if not isinstance(value, dict) or value.get("value") != f"${{{setting}}}":
+            problems.append(f"main.parameters.json: {param} is not set from ${{{setting}}}")
+        if not re.search(rf"name:\s*'{setting}'\s*\n\s*value:\s*{param}\s*$", main, re.MULTILINE):
+            problems.append(f"main.bicep: the app setting {setting} is not set from {param}")
+    return problems
+
+
 def render(text: str, *, vnet_enabled: bool) -> str:
     """`text` with each `vnetEnabled ? <literal> : <literal>` replaced by the operand of one mode.
 
@@ -403,6 +427,7 @@ def problems_in(infra: Path = INFRA) -> list[str]:
         *queue_wiring_problems(templates["main.bicep"], templates["app/api.bicep"]),
         *always_ready_problems(templates["main.bicep"], templates["app/api.bicep"], parameters),
         *signin_connection_problems(templates, parameters),
+        *budget_problems(templates["main.bicep"], parameters),
     ]
 
 

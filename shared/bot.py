@@ -29,6 +29,7 @@ from .activity import Activity, parse_activity
 from .answer import APOLOGY, RESET_DONE, TOO_LONG, Answerer, Unanswered
 from .attachments import has_attachments
 from .auth import AuthResult, BotAuthenticator, reply_policy
+from .budgets import Budgets
 from .connector import BotConnector
 from .delivery import Delivery
 from .errors import (
@@ -73,12 +74,14 @@ class ChatBot:
                  clock: Callable[[], datetime] | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  max_attempts: int = 5, retry_seconds: float = 5.0,
+                 budgets: Budgets | None = None,
                  signin: SignIn | None = None, users: UserTokens | None = None) -> None:
         """`inbox`: the accepted activities and the turn queue (without one, answers are inline).
         `clock`, `sleep`: the turn's time (None: the store's) and its backoff (test seams).
         `max_attempts`, `retry_seconds`: a failing queued turn's tries and their spacing.
-        `signin`, `users`: signing users in, and their tokens for tools (None: no tool acts as
-        the user)."""
+        `budgets`: the users' and tenants' (None: built from the settings, on a store that keeps
+        them). `signin`, `users`: signing users in, and their tokens for tools (None: no tool acts
+        as the user)."""
         self.settings = settings
         self.store = store
         self.prompt = prompt
@@ -87,10 +90,12 @@ class ChatBot:
         self.inbox = inbox
         self.signin = signin
         self.delivery = Delivery(settings=settings, store=store, connector=connector)
+        self.budgets = budgets or Budgets.build(settings, store, clock)
         self.answerer = Answerer(
             settings=settings, store=store, delivery=self.delivery, summarizer=summarizer,
             inbox=inbox, turns=TurnRunner(settings=settings, store=store, prompt=prompt,
-                                          clock=clock, sleep=sleep, users=users),
+                                          clock=clock, sleep=sleep, budgets=self.budgets,
+                                          users=users),
             reply_allowed=reply_policy(settings.bot), max_attempts=max_attempts,
             retry_seconds=retry_seconds)
         self._in_flight: set[tuple[str, str]] = set()
