@@ -7,7 +7,6 @@ or the offline stand-in. This is the only module that sees openai exceptions.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -26,6 +25,7 @@ from .errors import (
     ModelTimeout,
     ModelUnavailable,
 )
+from .listeners import TextListener
 from .messages import ChatMessage, ToolCall, Usage
 from .settings import ModelProvider, ModelSettings
 
@@ -33,8 +33,6 @@ __all__ = ["AZURE_OPENAI_SCOPE", "ChatModel", "Completion", "ModelCheck", "Model
            "TextListener", "build_model"]
 
 log = logging.getLogger(__name__)
-#: Called with a streamed reply's text so far.
-TextListener = Callable[[str], Awaitable[None]]
 AZURE_OPENAI_SCOPE = "https://cognitiveservices.azure.com/.default"
 
 
