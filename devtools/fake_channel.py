@@ -2,8 +2,9 @@
 
 `FakeConnector` answers `POST /v3/conversations/{id}/activities` like the Bot Connector and records
 what it got (scriptable statuses); streamed replies must keep Teams' streaming contract
-(`devtools/teams_streams.py`), and `suggestedActions` go only on a message that ends a reply (a
-plain message or a stream's final, never an update), as `imBack` buttons, three at most.
+(`devtools/teams_streams.py`), an activity over Teams' size (`max_bytes` of JSON) is refused with
+413, and `suggestedActions` go only on a message that ends a reply (a plain message or a stream's
+final, never an update), as `imBack` buttons, three at most. Every such refusal is a violation.
 `FakeIdentity` serves OpenID metadata and JWKS for Bot Framework
 and for an Entra tenant, signs tokens with its own RSA keys, and answers client-credentials token
 requests, so tests exercise the real validation code through the metadata-URL override. Its Bot
@@ -19,6 +20,7 @@ import json
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +34,23 @@ from devtools.teams_streams import StreamContract
 __all__ = ["FakeConnector", "FakeIdentity"]
 
 
+#: Teams refuses a message over about 28 KB (the activity's JSON).
+MAX_ACTIVITY_BYTES = 28_000
+
+
 class FakeConnector(LocalServer):
     """The Bot Connector's activities endpoint; `activities` holds what the bot sent."""
 
-    def __init__(self, *, latency: float = 0.0) -> None:
+    def __init__(self, *, latency: float = 0.0, clock: Callable[[], float] = time.monotonic,
+                 max_bytes: int = MAX_ACTIVITY_BYTES) -> None:
+        """`clock`: the time the streaming limits are measured in (`StreamContract`)."""
         super().__init__()
         self.latency = latency
+        self.max_bytes = max_bytes
         self.activities: list[dict[str, Any]] = []
         self.requests: list[dict[str, Any]] = []
         self.statuses: deque[int] = deque()
-        self.streams = StreamContract()
+        self.streams = StreamContract(clock=clock)
         self._ids = itertools.count(1)
 
     def routes(self, app: web.Application) -> None:
@@ -53,11 +62,18 @@ class FakeConnector(LocalServer):
                 (conversation_id is None or a["conversation"]["id"] == conversation_id)]
 
     async def _post(self, request: web.Request) -> web.Response:
-        body = await request.json()
+        raw = await request.read()
+        body = json.loads(raw)
         record = {"at": time.perf_counter(), "path": request.path, "raw_path": request.raw_path,
                   "conversation_id": request.match_info["conversation_id"],
-                  "authorization": request.headers.get("Authorization"), "activity": body}
+                  "authorization": request.headers.get("Authorization"), "activity": body,
+                  "bytes": len(raw)}
         self.requests.append(record)
+        if len(raw) > self.max_bytes:
+            message = f"an activity of {len(raw):,} bytes (Teams takes about {self.max_bytes:,})"
+            self.streams.violations.append(message)
+            return web.json_response({"error": {"code": "MessageSizeTooBig", "message": message}},
+                                     status=413)
         if (misplaced := _misplaced_suggestions(body)) is not None:
             self.streams.violations.append(misplaced)
             return web.json_response({"error": {"code": "BadArgument", "message": misplaced}},

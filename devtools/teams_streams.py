@@ -2,19 +2,27 @@
 
 From the Teams platform docs ("Stream bot messages"): only in personal chats (conversation IDs
 that start with `a:`; the Agents Playground also reads the activity's `conversationType`), one
-stream per chat at a time, over within 2 minutes; updates are `typing`
+stream per chat at a time (one that ended, was stopped or ran out of time is over), over within
+2 minutes; updates are `typing`
 activities with a `streaminfo` entity (`informative` or `streaming`, `streamSequence` from 1,
 increasing); the first answers 201 with the stream's ID, the others carry it and answer 202;
 streamed text is cumulative; informative text holds at most 1,000 characters; at most one request
 a second, each after the previous one answered (429 otherwise); the final `message` carries
 `streamType: final`, the stream ID and no sequence; nothing after the final. Refusals are 403
 `ContentStreamNotAllowed` with the reason in the message, as Teams words them.
+
+What the bot must never do is recorded in `violations` (a test asserts there are none): a request
+Teams would answer 400, and one after the stream's two minutes. A second stream opened while the
+chat's stream is live is refused and recorded in `overlaps`. `clock` is the time the limits are
+measured in: a test may run it faster than real time (`shared.streaming.StreamClock`), the bot's
+streams on the same clock, so a 130 s answer takes 13 s.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +42,8 @@ class Stream:
     last_request: float = 0.0
     finished: bool = False
     cancel: bool = False
+    #: When the final message was taken (the stream's clock).
+    ended: float | None = None
     updates: list[dict[str, Any]] = field(default_factory=list)
     #: Seconds between consecutive requests of the stream, as they arrived.
     gaps: list[float] = field(default_factory=list)
@@ -42,20 +52,31 @@ class Stream:
 class StreamContract:
     """Checks each streamed activity; `answer()` gives the status and body the connector sends."""
 
-    def __init__(self, *, min_interval: float = 1.0) -> None:
+    def __init__(self, *, min_interval: float = 1.0, max_seconds: float = MAX_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.min_interval = min_interval
+        self.max_seconds = max_seconds
+        self.clock = clock
         self.streams: dict[str, Stream] = {}
         self.violations: list[str] = []
+        #: Streams refused because the chat's stream was still live, as "conversation: reason".
+        self.overlaps: list[str] = []
         self._busy: set[str] = set()
-        self._cancel_after: dict[str, int] = {}
+        self._cancel_after: dict[str, tuple[int, int]] = {}
 
-    def cancel(self, conversation_id: str, *, after_updates: int = 0) -> None:
-        """The user presses Stop once the conversation's stream has taken `after_updates`
-        updates: the next one is refused as canceled, and so is everything after it."""
-        self._cancel_after[conversation_id] = after_updates
+    def cancel(self, conversation_id: str, *, after_updates: int = 0, stream: int = 1) -> None:
+        """The user presses Stop once the conversation's `stream`-th stream (1: its first) has
+        taken `after_updates` updates: the next request is refused as canceled, and so is
+        everything after it."""
+        self._cancel_after[conversation_id] = (after_updates, stream)
 
     def of(self, conversation_id: str) -> list[Stream]:
         return [s for s in self.streams.values() if s.conversation_id == conversation_id]
+
+    def live(self, stream: Stream) -> bool:
+        """Not ended, not stopped, and within its two minutes."""
+        return not (stream.finished or stream.cancel or
+                    self.clock() - stream.started > self.max_seconds)
 
     def begin(self, conversation_id: str, activity: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
         """The answer to a streamed activity, or None if it is not one (an ordinary activity)."""
@@ -63,7 +84,7 @@ class StreamContract:
                      and e.get("type") == "streaminfo"), None)
         if info is None:
             return None
-        now = time.monotonic()
+        now = self.clock()
         conversation = activity.get("conversation") or {}
         if not conversation_id.startswith("a:") or conversation.get("conversationType") != "personal":
             # Teams knows personal chats by their ID; the Agents Playground reads the activity's
@@ -81,10 +102,13 @@ class StreamContract:
             stream.last_request = now
             if stream.finished:
                 return self._refuse(403, "Content stream has already completed.")
-            if now - stream.started > MAX_SECONDS:
+            if now - stream.started > self.max_seconds:
+                self.violations.append(f"a request {now - stream.started:.1f} s into a stream "
+                                       f"(at most {self.max_seconds:g} s)")
                 return self._refuse(403, "Content stream exceeded streaming time.")
-            after = self._cancel_after.get(conversation_id)
-            if stream.cancel or (after is not None and len(stream.updates) >= after):
+            after, nth = self._cancel_after.get(conversation_id, (None, 0))
+            if stream.cancel or (after is not None and self.of(conversation_id).index(stream) + 1 == nth
+                                 and len(stream.updates) >= after):
                 self._cancel_after.pop(conversation_id, None)
                 stream.cancel = True
                 return self._refuse(403, "Content stream was cancelled by user.")
@@ -101,7 +125,8 @@ class StreamContract:
         if stream is None:
             if "streamId" in info:
                 return self._refuse(400, "unknown streamId")
-            if any(not s.finished for s in self.of(conversation_id)):
+            if any(self.live(s) for s in self.of(conversation_id)):
+                self.overlaps.append(f"{conversation_id}: a stream opened while another was live")
                 return self._refuse(403, "Content stream is not allowed: another is in progress.")
             if sequence != 1:
                 return self._refuse(400, "the first update's streamSequence must be 1")
@@ -138,6 +163,7 @@ class StreamContract:
         if "streamSequence" in info:
             return self._refuse(400, "the final message carries no streamSequence")
         stream.finished = True
+        stream.ended = self.clock()
         return 200, {"id": stream.id}
 
     def _refuse(self, status: int, message: str) -> tuple[int, dict[str, Any]]:
