@@ -21,6 +21,7 @@ from shared.model import build_model
 from shared.prompt import ChatPrompt
 from shared.settings import load_settings
 from shared.store import ConversationStore
+from shared.streaming import StreamClock
 
 HEADERS = {"Content-Type": "application/json"}
 
@@ -30,9 +31,10 @@ async def _no_wait(_: float) -> None:
 
 
 @asynccontextmanager
-async def running_bot(store: ConversationStore, model: FakeModelServer,
-                      **environment: str) -> AsyncIterator[ChatBot]:
-    """A bot whose settings are the model's plus `environment`."""
+async def running_bot(store: ConversationStore, model: FakeModelServer, *,
+                      clock: StreamClock | None = None, **environment: str) -> AsyncIterator[ChatBot]:
+    """A bot whose settings are the model's plus `environment`; `clock`: its streams' time (a
+    test gives the connector stand-in the same)."""
     settings = load_settings({"OPENAI_BASE_URL": model.base_url, "OPENAI_MODEL": "m",
                               **environment})
     prompt = ChatPrompt(build_model(settings.model), instructions=settings.model.instructions,
@@ -42,6 +44,8 @@ async def running_bot(store: ConversationStore, model: FakeModelServer,
                   connector=BotConnector(credential=None),
                   authenticator=BotAuthenticator(settings.bot, http=http, in_azure=False),
                   sleep=_no_wait)
+    if clock is not None:
+        bot.delivery.clock = clock
     try:
         yield bot
     finally:
