@@ -23,6 +23,7 @@ is asked to cite them as [n], and the reply keeps the ones it cites as `citation
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -175,11 +176,14 @@ class ChatPrompt:
             if function.name in self.functions:
                 raise ValueError(f"a tool named {function.name!r} is registered already")
             self.functions[function.name] = function
-        self._tools = [function.spec() for function in self.functions.values()] or None
         self.tool_sources = tuple(tool_sources)
         self._found: tuple[tuple[Function, ...], ...] = ()
-        self._all: tuple[dict[str, Function], list[dict[str, Any]] | None] = \
-            (self.functions, self._tools)
+        self._all: tuple[dict[str, Function], list[dict[str, Any]] | None] = (self.functions, None)
+
+    @functools.cached_property
+    def _tools(self) -> list[dict[str, Any]] | None:
+        """The specs of `functions`, made on the first turn (pydantic is not loaded before)."""
+        return [function.spec() for function in self.functions.values()] or None
 
     async def current_tools(self) -> tuple[dict[str, Function], list[dict[str, Any]] | None]:
         """This turn's tools by name, and their specs (rebuilt only when a source's list changed)."""

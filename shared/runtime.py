@@ -11,8 +11,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-import httpx2
-
 from . import logs, telemetry
 from .auth import BotAuthenticator
 from .bot import ChatBot
@@ -27,6 +25,8 @@ from .tokens import tokenizer_name
 from .tools import Function
 
 if TYPE_CHECKING:
+    import httpx2
+
     from .mcp import McpTools
 
 __all__ = ["Runtime"]
@@ -44,8 +44,7 @@ class Runtime:
         logs.install()
         telemetry.setup(settings.telemetry)
         self.settings = settings
-        # Signing keys only: a few requests a day, so httpx's own client is plenty.
-        self.http = httpx2.AsyncClient(timeout=httpx2.Timeout(10.0))
+        self._http: httpx2.AsyncClient | None = None
         self.store = store or _build_store(settings, credential)
         self.model = build_model(settings.model, credential=credential)
         limits = settings.model
@@ -78,13 +77,23 @@ class Runtime:
                                     count_spend=settings.data.count_summary_tokens)
         self.connector = BotConnector(credential=build_credential(settings.bot, credential=credential),
                                       env_proxy=settings.env_proxy)
-        self.authenticator = BotAuthenticator(settings.bot, http=self.http, in_azure=settings.in_azure)
+        self.authenticator = BotAuthenticator(settings.bot, http=self.keys_http,
+                                              in_azure=settings.in_azure)
         self.inbox = _build_inbox(settings, credential)
         self.bot = ChatBot(settings=settings, store=self.store, prompt=self.prompt,
                            connector=self.connector, authenticator=self.authenticator,
                            summarizer=summarizer, inbox=self.inbox)
         _warn_about(settings)
         log.info("token counting: %s", tokenizer_name())
+
+    def keys_http(self) -> httpx2.AsyncClient:
+        """The HTTP client for signing keys (a few requests a day: httpx's own client is plenty),
+        made when the first token is checked."""
+        if self._http is None:
+            import httpx2
+
+            self._http = httpx2.AsyncClient(timeout=httpx2.Timeout(10.0))
+        return self._http
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None, *,
@@ -102,7 +111,8 @@ class Runtime:
         await self.connector.close()
         if self.mcp is not None:
             await self.mcp.close()
-        await self.http.aclose()
+        if self._http is not None:
+            await self._http.aclose()
 
 
 def _build_store(settings: Settings, credential: Any | None) -> ConversationStore:
