@@ -13,23 +13,24 @@ timer retention (%CHAT_RETENTION_SCHEDULE%)          delete conversations idle t
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import azure.functions as func
 
 from shared.errors import ChatstateError, StorageForbidden, http_status_for
-from shared.inbox import LEFTOVER_DAYS, max_dequeue_count
 from shared.messages import ChatMessage, utc_now
-from shared.retention import purge_idle
 from shared.runtime import Runtime
 from shared.settings import trigger_setting
-from shared.store import UserConversation, UserData
 from shared.tools import tool
+
+if TYPE_CHECKING:
+    from shared.store import UserConversation, UserData
 
 
 @tool
@@ -45,11 +46,19 @@ async def get_current_time(time_zone: str = "UTC") -> dict[str, str]:
             "weekday": now.strftime("%A")}
 
 
-# Settings are read and checked here, at start-up: a bad one stops the app with its name.
+# Settings are read and checked here, at start-up: a bad one stops the app with its name. The
+# runtime's parts (and the SDKs under them) are built on first use (shared/runtime.py).
 runtime = Runtime.from_environment(functions=[get_current_time])
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
-#: The host moves a message to the poison queue after this many dequeues: the last one apologises.
-MAX_DEQUEUE_COUNT = max_dequeue_count(Path(__file__).with_name("host.json"))
+
+
+@functools.cache
+def max_dequeue_count() -> int:
+    """The host moves a message to the poison queue after this many dequeues: the last one
+    apologises."""
+    from shared.inbox import max_dequeue_count
+
+    return max_dequeue_count(Path(__file__).with_name("host.json"))
 
 
 def _json(body: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> func.HttpResponse:
@@ -68,7 +77,7 @@ async def messages(req: func.HttpRequest) -> func.HttpResponse:
 async def answer(msg: func.QueueMessage) -> None:
     """Raises to have the message retried (the last time, after an apology, into the poison queue)."""
     await runtime.bot.answerer.answer_ticket(msg.get_body(), dequeue_count=msg.dequeue_count or 1,
-                                             max_dequeue_count=MAX_DEQUEUE_COUNT)
+                                             max_dequeue_count=max_dequeue_count())
 
 
 @app.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
@@ -146,6 +155,9 @@ async def forget_user(req: func.HttpRequest) -> func.HttpResponse:
 @app.timer_trigger(schedule=trigger_setting("CHAT_RETENTION_SCHEDULE"), arg_name="timer",
                    use_monitor=True)
 async def retention(timer: func.TimerRequest) -> None:
+    from shared.inbox import LEFTOVER_DAYS
+    from shared.retention import purge_idle
+
     await purge_idle(runtime.store, days=runtime.settings.data.retention_days)
     if runtime.inbox is not None:  # accepted messages never answered (their tickets poisoned)
         await runtime.inbox.purge_before(utc_now() - timedelta(days=LEFTOVER_DAYS))

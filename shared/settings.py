@@ -837,6 +837,15 @@ def _bot(read: _Reader, identity: str | None) -> BotSettings:
     )
 
 
+def check_credential_settings(settings: BotSettings) -> None:
+    """`SettingsError` when the bot's settings cannot make its credential (checked at start-up,
+    before the connector and azure-identity are loaded)."""
+    if settings.client_id and settings.app_type is not BotAppType.USER_ASSIGNED_MSI and \
+            not settings.client_secret:
+        raise SettingsError("CLIENT_SECRET", f"is required when BOT_APP_TYPE is "
+                            f"{settings.app_type.value} (or use UserAssignedMSI)")
+
+
 #: A host name of at least two labels (so `*.com` is refused): letters, digits, hyphens.
 _HOST = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
