@@ -13,7 +13,7 @@ DEV_HOST := $(addprefix devtools/,host.py functions_host.py worker.py rpc.py rou
 help:
 	@echo "make run         serve the bot on http://127.0.0.1:$${PORT:-7071}/api/messages (Azurite + offline model by default)"
 	@echo "make run MCP=demo  the same, with the demo MCP server's tools (devtools/mcp_server.py)"
-	@echo "make chat        chat with the running bot from this terminal"
+	@echo "make chat        chat with the running bot from this terminal, as Teams shows it (INLINE=1: inline replies)"
 	@echo "make playground  open the Microsoft 365 Agents Playground against the running bot"
 	@echo "make test        lint, template checks and every test (starts its own Azurite)"
 	@echo "make unit        the unit tier alone (no I/O; about a second)"
@@ -43,7 +43,7 @@ run: deps
 	$(PY) -m devtools.run $(if $(MCP),--mcp $(MCP))
 
 chat: deps
-	$(PY) -m devtools.chat
+	$(PY) -m devtools.chat $(if $(INLINE),--inline)
 
 playground: deps
 	$(PY) -m devtools.playground

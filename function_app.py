@@ -1,7 +1,8 @@
 """The Azure Functions app (Python v2 model): thin HTTP handlers over the chatstate runtime.
 
 POST /api/messages                                   the Bot Framework messaging endpoint
-GET  /api/health                                     200 when storage answers, 503 when not
+GET  /api/health                                     healthy, or degraded naming what fails (503:
+                                                     storage)
 GET  /api/conversations/{conversation_id}/messages   the stored history, oldest first, and summary
                                                      (404 for a conversation never stored)
 DELETE /api/conversations/{conversation_id}          forget a conversation
@@ -23,7 +24,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import azure.functions as func
 
-from shared.errors import ChatstateError, StorageForbidden, http_status_for
+from shared.errors import ChatstateError, http_status_for
 from shared.messages import ChatMessage, utc_now
 from shared.runtime import Runtime
 from shared.settings import trigger_setting
@@ -82,20 +83,17 @@ async def answer(msg: func.QueueMessage) -> None:
 
 @app.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 async def health(req: func.HttpRequest) -> func.HttpResponse:
-    """200 when storage answers, else 503; the model's last known state beside it (no tokens)."""
-    check = await runtime.model.known_state()
-    model = {"model": check.state.value, "modelDetail": check.detail}
-    try:
-        await runtime.store.ping()
-    except StorageForbidden as exc:
-        logging.warning("health check: storage refused our credentials: %s", exc)
-        return _json({"status": "unhealthy", "storage": "refused: check the key / role", **model},
-                     status=503, headers={"Retry-After": "5"})
-    except ChatstateError as exc:
-        logging.warning("health check: storage unreachable: %s", exc)
-        return _json({"status": "unhealthy", "storage": "unreachable", **model}, status=503,
-                     headers={"Retry-After": "5"})
-    return _json({"status": "healthy", "storage": "reachable", **model})
+    """healthy (200); degraded when the model or storage refuses us or is unreachable, `failing`
+    naming which: 200 with storage up (messages are still accepted and answered with an apology),
+    503 with storage down (nothing can be). No tokens spent (docs/operate.md)."""
+    from shared.health import check_health
+
+    found = await check_health(runtime.store, runtime.model)
+    body = {"status": found.status, "failing": list(found.failing), "storage": found.storage,
+            "model": found.model.state.value, "modelDetail": found.model.detail}
+    if "storage" in found.failing:
+        return _json(body, status=503, headers={"Retry-After": "5"})
+    return _json(body)
 
 
 @app.route(route="conversations/{conversation_id}/messages", methods=["GET"])

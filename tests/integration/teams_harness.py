@@ -4,9 +4,10 @@ a dict, as the runtime builds them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -52,6 +53,15 @@ async def running_bot(store: ConversationStore, model: FakeModelServer, *,
         await bot.connector.close()
         await prompt.model.close()
         await http.aclose()
+
+
+async def until(check: Callable[[], bool], *, within: float = 10.0) -> None:
+    """Wait until `check()` holds (polled), or fail after `within` seconds."""
+    for _ in range(int(within / 0.02)):
+        if check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"not true within {within} s")
 
 
 def activity(connector: FakeConnector, conversation_id: str, text: str = "tell me", *,

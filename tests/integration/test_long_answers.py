@@ -11,7 +11,7 @@ real time: its word interval is chosen to make the answer last the scaled second
 
 from __future__ import annotations
 
-import asyncio
+import itertools
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,7 +23,7 @@ from devtools.fake_model import FakeModelServer, Scripted
 from shared.parts import wire_size
 from shared.store import InMemoryConversationStore
 from shared.streaming import StreamClock
-from tests.integration.teams_harness import HEADERS, activity, running_bot
+from tests.integration.teams_harness import HEADERS, activity, running_bot, until
 
 SCALE = 10.0
 CLOCK = StreamClock(scale=SCALE)
@@ -57,7 +57,7 @@ def assert_kept_the_contract(connector: FakeConnector, conversation: str) -> Non
     contract = connector.streams
     assert contract.violations == [] and contract.overlaps == []
     streams = contract.of(conversation)
-    for earlier, later in zip(streams, streams[1:], strict=False):
+    for earlier, later in itertools.pairwise(streams):
         assert earlier.ended is not None and later.started >= earlier.ended
     assert all(s.ended is None or s.ended - s.started <= 120 for s in streams)
     assert all(r["bytes"] <= 28_000 for r in connector.requests)
@@ -150,7 +150,7 @@ async def test_stop_during_the_second_part_keeps_the_first_and_what_was_shown_of
         await bot.handle(body=activity(connector, "a:stop2"), headers=HEADERS)
     # THEN the model's stream was closed, and nothing went out after the Stop
     first, second = connector.streams.of("a:stop2")
-    await asyncio.wait_for(_until(lambda: model.hung_up > hung_up), 5)
+    await until(lambda: model.hung_up > hung_up)
     assert first.finished and not second.finished and second.cancel
     (message,) = connector.messages("a:stop2")
     assert connector.streams.violations == []
@@ -159,11 +159,6 @@ async def test_stop_during_the_second_part_keeps_the_first_and_what_was_shown_of
     assert reply.stopped and reply.content is not None
     assert words(reply.content) == words(message["text"]) + words(second.text)
     assert answer.startswith(reply.content[:200]) and len(words(reply.content)) < len(words(answer))
-
-
-async def _until(check: Any) -> None:
-    while not check():
-        await asyncio.sleep(0.02)
 
 
 async def test_a_silent_model_keeps_the_stream_alive_every_30_seconds(
