@@ -44,6 +44,8 @@ from shared.settings import load_settings
 QUIET_SECONDS = 1.5
 #: How long `make chat` waits for a reply before it gives the prompt back.
 REPLY_SECONDS = 600.0
+#: ...and how long when Azurite's data folder is gone (the turn queue fails silently then).
+BROKEN_STORAGE_SECONDS = 10.0
 BOT = {"id": "28:chatstate-bot", "name": "bot"}
 USER = {"id": "29:terminal-user", "name": "you", "aadObjectId": "00000000-0000-0000-0000-00000000c4a7"}
 
@@ -163,9 +165,9 @@ class TerminalChannel:
         elif int(body.get("statusCode") or 200) >= 400:
             self.view.said(f"! the card's action was refused: {body.get('value')}")
 
-    def turn(self, text: str) -> None:
+    def turn(self, text: str, *, seconds: float = REPLY_SECONDS) -> None:
         """The user's line: a choice's number picks it, anything else is a message; then the
-        reply, whole, and any rule of Teams' it broke."""
+        reply, whole (waited for `seconds` at most), and any rule of Teams' it broke."""
         view = self.view
         messages, finished = view.messages, view.finished
         broken = len(self.connector.streams.violations)
@@ -180,7 +182,8 @@ class TerminalChannel:
         # A card's invoke is answered in its response: wait on only if the bot goes on talking.
         invoked = choice is not None and choice.kind == "Action.Execute"
         waiting = taken and (not invoked or self._heard_since(sent, within=QUIET_SECONDS))
-        if waiting and not self.wait_for_reply(since_messages=messages, since_finished=finished):
+        if waiting and not self.wait_for_reply(since_messages=messages, since_finished=finished,
+                                               seconds=seconds):
             view.said("(no reply yet; it will show here when it comes)")
         for violation in self.connector.streams.violations[broken:]:
             view.said(f"! Teams would refuse what the bot sent: {violation}")
@@ -280,11 +283,13 @@ def chat(endpoint: str, conversation_id: str, *, welcome: bool,
                 view.at_prompt = False
             if not text:
                 continue
-            if storage_gone(running) and not warned:
+            broken = storage_gone(running)
+            if broken and not warned:
                 assert running is not None and running.azurite_data is not None
                 view.said(_truth(running.azurite_data))
                 warned = True
-            channel.turn(text)
+            # With its storage gone the bot may take a message it will never answer.
+            channel.turn(text, seconds=BROKEN_STORAGE_SECONDS if broken else REPLY_SECONDS)
 
 
 def _reach(channel: TerminalChannel, act: Callable[[], bool]) -> bool:

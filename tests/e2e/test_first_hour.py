@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from devtools.azurite import free_port
+from devtools.azurite import Azurite, free_port
 from devtools.background import BackgroundLoop
 from devtools.fake_model import FakeModelServer, Scripted
 from shared.answer import APOLOGY, SETUP_PROBLEM
@@ -245,3 +246,47 @@ def test_through_the_turn_queue_a_setup_problem_is_told_at_once_not_retried(
         # THEN the first answer tells the user it is a setup problem; the queue does not retry it
         assert [r["text"] for r in replies] == [SETUP_PROBLEM]
         assert queued.model.calls == 1 and len(queued.connector.messages(conversation)) == 1
+
+
+def test_make_chat_says_the_truth_when_azurites_data_folder_is_removed_under_the_bot(
+        tmp_path: Path) -> None:
+    # GIVEN a bot answering from the turn queue, on an Azurite that keeps its data in a folder as
+    # make run starts it (make run's note of its port lives in that folder too), and make chat
+    data = tmp_path / "azurite"
+    data.mkdir()
+    azurite = Azurite(location=data).start()
+    try:
+        with bench(azurite.connection_string, auth=False, answer_mode="queue") as local:
+            port = local.host.url.rsplit(":", 1)[1]
+            run_file = data / "run.json"
+            run_file.write_text(json.dumps({"port": int(port), "pid": os.getpid(),
+                                            "azuriteData": str(data)}))
+            chat = subprocess.Popen([sys.executable, "-m", "devtools.chat", "--settings",
+                                     str(tmp_path / "none.json"), "--run-file", str(run_file)],
+                                    cwd=REPO, env=clean_env(), stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            assert chat.stdin is not None
+            try:
+                chat.stdin.write("hello\n")
+                chat.stdin.flush()
+                before = wait_for_line(chat, "bot> reply to 'hello'")
+                # WHEN the folder is removed while both run, and the user writes again
+                shutil.rmtree(data)
+                rest, _ = chat.communicate(input="hello again\n", timeout=60)
+            finally:
+                chat.kill()
+            # AND make chat is started afresh (the run file went with the folder)
+            after = script("devtools.chat", "--settings", str(tmp_path / "none.json"),
+                           "--run-file", str(run_file), env=clean_env(PORT=port), stdin="")
+    finally:
+        azurite.stop()
+    # THEN the first message was answered as Teams shows it
+    assert any("bot> Thinking…" in line for line in before)
+    # AND then make chat said what happened and what to do, and did not wait long for the answer
+    # (the message was taken, but the queue can no longer hand it to the answer function)
+    during = " ".join(rest.split())  # the line as one, wherever the terminal would wrap it
+    truth = f"Azurite's data folder {data} was removed while `make run` runs"
+    assert truth in during and "Stop `make run` (Ctrl-C) and start it again" in during
+    assert "(no reply yet" in during
+    # AND a make chat started later says the same, not that no make run is running
+    assert truth in " ".join(after.stderr.split()) and "no `make run` is running" not in after.stdout
