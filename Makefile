@@ -17,7 +17,7 @@ help:
 	@echo "make playground  open the Microsoft 365 Agents Playground against the running bot"
 	@echo "make test        lint, template checks and every test (starts its own Azurite)"
 	@echo "make unit        the unit tier alone (no I/O; about a second)"
-	@echo "make teams-package  the Teams app package appPackage/build/chatstate.zip (needs CLIENT_ID)"
+	@echo "make teams-package  the Teams app package appPackage/build/chatstate.zip (needs CLIENT_ID; COPILOT=off: not a Copilot agent)"
 	@echo "make bench       store and webhook benchmarks; figures go to benchmarks/results.json"
 	@echo "make torture     the randomized concurrency test (SEED=…, ROUNDS=… or DURATION=… seconds, KINDS=…)"
 
@@ -67,7 +67,7 @@ infra-check:
 	bash infra/check.sh
 
 teams-package: deps
-	@$(PY) -m devtools.teams_package
+	@$(PY) -m devtools.teams_package $(if $(COPILOT),--copilot $(COPILOT))
 
 bench: deps
 	$(PY) -m devtools.azurite -- $(PY) -m benchmarks.run
