@@ -256,6 +256,14 @@ class ReplyStream:
             except ConnectorError as exc:  # a part's final not delivered: the finish sends it
                 log.warning("a part of the answer was not delivered (%s); no more updates", exc)
                 self.refused = True
+            if self._pending():
+                self._wake.set()  # more to send: at the next pace, not at the next kick
+
+    def _pending(self) -> bool:
+        """Something is waiting to be shown: an informative update, or new text."""
+        part = self._reopen + self._display[self._offset:]
+        return (self._pending_informative is not None and not self._part_shown) or \
+            (len(part) > len(self._reopen) and part != self._part_shown)
 
     def _next_due(self) -> float:
         """Stream seconds until the pump must act unasked: a keep-alive, or the part's end."""

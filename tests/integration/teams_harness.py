@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,6 +23,7 @@ from shared.prompt import ChatPrompt
 from shared.settings import load_settings
 from shared.store import ConversationStore
 from shared.streaming import StreamClock
+from shared.tools import Function
 
 HEADERS = {"Content-Type": "application/json"}
 
@@ -33,13 +34,16 @@ async def _no_wait(_: float) -> None:
 
 @asynccontextmanager
 async def running_bot(store: ConversationStore, model: FakeModelServer, *,
-                      clock: StreamClock | None = None, **environment: str) -> AsyncIterator[ChatBot]:
+                      clock: StreamClock | None = None, functions: Sequence[Function] = (),
+                      **environment: str) -> AsyncIterator[ChatBot]:
     """A bot whose settings are the model's plus `environment`; `clock`: its streams' time (a
-    test gives the connector stand-in the same)."""
+    test gives the connector stand-in the same); `functions`: its tools."""
     settings = load_settings({"OPENAI_BASE_URL": model.base_url, "OPENAI_MODEL": "m",
                               **environment})
     prompt = ChatPrompt(build_model(settings.model), instructions=settings.model.instructions,
-                        suggested_replies=settings.suggested_replies)
+                        suggested_replies=settings.suggested_replies, functions=functions,
+                        tool_timeout_seconds=settings.model.tool_timeout_seconds,
+                        timeout_seconds=settings.model.timeout_seconds)
     http = httpx2.AsyncClient()
     bot = ChatBot(settings=settings, store=store, prompt=prompt,
                   connector=BotConnector(credential=None),

@@ -19,10 +19,11 @@ from typing import Any
 import pytest
 
 from devtools.fake_channel import FakeConnector
-from devtools.fake_model import FakeModelServer, Scripted
+from devtools.fake_model import FakeModelServer, Scripted, tool_call
 from shared.parts import wire_size
 from shared.store import InMemoryConversationStore
 from shared.streaming import StreamClock
+from shared.tools import tool
 from tests.integration.teams_harness import HEADERS, activity, running_bot, until
 
 SCALE = 10.0
@@ -203,3 +204,33 @@ async def test_a_stream_the_webhook_opened_is_kept_alive_by_the_answer(
     (stream,) = connector.streams.of(conversation)
     assert len(stream.updates) >= 2 and max(stream.gaps) <= 31
     assert stream.finished and connector.streams.violations == []
+
+
+@tool
+async def slow_lookup(topic: str) -> str:
+    """Look a topic up (slowly: 50 s of the stream's scaled time)."""
+    await CLOCK.sleep(50)
+    return f"{topic}: found"
+
+
+async def test_copilots_rules_hold_through_a_silent_tool_round_after_text_was_shown(
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a model that writes a few words, then calls a tool that runs for 50 s
+    model, connector = servers
+    model.then(Scripted(content="Let me look that up.",
+                        tool_calls=[tool_call("slow_lookup", {"topic": "streams"})]),
+               Scripted(content="Found it."))
+    conversation = f"a:{uuid.uuid4().hex}"
+    # WHEN a message is answered
+    async with running_bot(InMemoryConversationStore(), model, clock=CLOCK, functions=[slow_lookup],
+                           CHAT_TOOL_TIMEOUT_SECONDS="30", **ENVIRONMENT) as bot:
+        posted = CLOCK.now()
+        await bot.handle(body=activity(connector, conversation), headers=HEADERS)
+    # THEN Microsoft 365 Copilot's rules held: a first update within 15 s, then no 45 s without
+    # one (the text shown is sent again while the tool runs), by the contract
+    (stream,) = connector.streams.of(conversation)
+    assert stream.started - posted < 15 and max(stream.gaps) <= 31
+    streamed = [u["text"] for u in stream.updates if stream_kind(u) == "streaming"]
+    assert streamed[:2] == ["Let me look that up."] * 2
+    assert connector.streams.violations == [] and stream.finished
+
