@@ -27,6 +27,8 @@ BENCHMARKS: tuple[str, ...] = (
     "telemetry",
     "queue",
     "mcp_tools",
+    "cold_start",
+    "long_answers",
 )
 
 Benchmark = Callable[[str], Awaitable[dict[str, Any]]]

@@ -42,8 +42,9 @@ class Stream:
     last_request: float = 0.0
     finished: bool = False
     cancel: bool = False
-    #: When the final message was taken (the stream's clock).
+    #: When the final message was taken, and each update (the stream's clock).
     ended: float | None = None
+    update_times: list[float] = field(default_factory=list)
     updates: list[dict[str, Any]] = field(default_factory=list)
     #: Seconds between consecutive requests of the stream, as they arrived.
     gaps: list[float] = field(default_factory=list)
@@ -144,6 +145,7 @@ class StreamContract:
             stream.text = text
         stream.sequence = sequence
         stream.updates.append(activity)
+        stream.update_times.append(now)
         return status, {"id": stream.id}
 
     def answered(self, stream_id: str | None) -> None:
