@@ -220,7 +220,7 @@ class TerminalView:
         if choice is None:
             return
         self.choices.append(choice)
-        self._write(f"  [{len(self.choices)}] {choice.label}\n")
+        self._write(f"  {len(self.choices)}) {choice.label}\n")
 
 
 def _card_choice(action: dict[str, Any], reply_to: str | None) -> Choice | None:

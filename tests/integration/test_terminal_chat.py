@@ -175,7 +175,7 @@ def test_the_answer_grows_after_thinking_and_suggestions_are_picked_by_number() 
         # updates, each only what was new), then the suggestions as numbered choices
         assert shown.startswith("bot> Thinking…\nbot> ")
         assert f"bot> {answer}\n" in shown and shown.count("word0") == 1
-        assert shown.endswith("  [1] Tell me more\n  [2] And then?\n")
+        assert shown.endswith("  1) Tell me more\n  2) And then?\n")
         updates = [r for r in chat.channel.connector.requests
                    if r["activity"].get("type") == "typing"]
         assert len(updates) >= 3
@@ -223,7 +223,7 @@ def test_a_card_is_a_prompt_whose_buttons_send_the_invoke_back() -> None:
         shown = chat.type("clean up the demo database")
         # THEN the card's text shows, and its buttons as numbered choices
         assert "  │ May I run wipe_database on demo?\n  │ table: orders\n" in shown
-        assert shown.endswith("  [1] Approve\n  [2] Deny\n")
+        assert shown.endswith("  1) Approve\n  2) Deny\n")
         # WHEN the user types 1
         shown = chat.type("1")
         # THEN the adaptiveCard/action invoke went back, on the card's message, with the
