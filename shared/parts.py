@@ -48,6 +48,8 @@ class Cut:
     end: int
     start: int
     fence: str | None = None
+    #: At a paragraph, line, sentence or word (False: mid-word, nothing better fitted).
+    clean: bool = True
 
 
 def _fits(text: str, limit: int) -> int:
@@ -90,14 +92,15 @@ def _inside(position: int, blocks: list[tuple[int, int, str]]) -> str | None:
 
 def cut(text: str, *, limit: int, floor: float = 0.5) -> Cut:
     """Where the first part of `text` ends when it may hold `limit` bytes (`wire_size`), four of
-    them kept to close a code block. `floor`: a cut is looked for in the last part of what fits,
+    them kept to close a code block if it has one. `floor`: a cut is looked for in the last part of what fits,
     from this share of it on, so parts are not small."""
     fit = _fits(text, limit)
     if fit == len(text):
         return Cut(end=len(text), start=len(text))
-    fit = _fits(text[:fit], limit - 4)  # room for a closing fence
-    lowest = int(fit * floor)
     blocks = _fences(text)
+    if blocks:
+        fit = _fits(text[:fit], limit - 4)  # room for a closing fence
+    lowest = int(fit * floor)
     inside_code: Cut | None = None
     for pattern in (_PARAGRAPH, _LINE, _SENTENCE, _WORD):
         places = [m for m in pattern.finditer(text, lowest, fit + 1) if lowest < m.start() <= fit]
@@ -109,7 +112,7 @@ def cut(text: str, *, limit: int, floor: float = 0.5) -> Cut:
                 inside_code = Cut(end=place.start(), start=place.start() + 1, fence=fence)
     if inside_code is not None:  # no place outside code: a line inside it
         return inside_code
-    return Cut(end=fit, start=fit, fence=_inside(fit, blocks))
+    return Cut(end=fit, start=fit, fence=_inside(fit, blocks), clean=False)
 
 
 def split_text(text: str, *, limit: int) -> list[str]:

@@ -307,9 +307,10 @@ class ReplyStream:
         """End this part's stream with a final holding the answer so far, cut where
         `shared/parts.py` says (some text always left for the next part, which opens at once),
         and go on in a new stream when the pump next runs."""
-        size = wire_size(part)
-        place = cut(part, limit=min(self._limits.part_bytes, size - 1),
-                    floor=0.75 if for_time else 0.5)
+        limit = min(self._limits.part_bytes, wire_size(part) - 1)
+        place = cut(part, limit=limit, floor=0.75 if for_time else 0.5)
+        if not place.clean:  # nothing to end at near the end: anywhere rather than mid-word
+            place = cut(part, limit=limit, floor=0.0)
         if place.end <= len(self._reopen):  # no text in this part yet
             text, advance, reopen = STILL_WORKING, 0, self._reopen
             self._pending_informative = self._informative or WORKING

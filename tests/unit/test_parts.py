@@ -50,7 +50,7 @@ def test_one_long_word_is_cut_where_it_must_be() -> None:
     text = "x" * 5_000
     # WHEN it is split THEN the parts are as long as they may be
     parts = split_text(text, limit=1_002)
-    assert "".join(parts) == text and [len(part) for part in parts[:-1]] == [996] * 5
+    assert "".join(parts) == text and [len(part) for part in parts] == [1000] * 5
 
 
 def test_sizes_are_bytes_on_the_wire_not_characters() -> None:
@@ -102,6 +102,9 @@ def test_a_cut_for_time_looks_near_the_end_only() -> None:
     # THEN it ends at the last sentence, not the early paragraph
     assert text[:place.end].endswith("dog.") and place.end > len(text) * 0.75
     assert text[place.start:] == "and then some words"
+    # AND a short text with no sentence end is cut at a word, anywhere, rather than mid-word
+    assert cut("just two", limit=wire_size("just two") - 1, floor=0.0).end == len("just")
+    assert not cut("oneword", limit=wire_size("oneword") - 1).clean
 
 
 def test_each_part_is_an_activity_with_the_label_and_the_buttons_on_the_last() -> None:
