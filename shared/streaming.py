@@ -301,7 +301,9 @@ class ReplyStream:
         else:
             waited = now - self._started if self._stream_id is not None else 0.0
             text = self._informative or WORKING
-            await self._update("informative", f"{text} ({waited:.0f} s)" if waited >= 1 else text)
+            if waited >= 1:  # how long, within the 1,000 characters an informative text holds
+                text = f"{text[:MAX_INFORMATIVE_CHARS - 16]} ({waited:.0f} s)"
+            await self._update("informative", text)
 
     async def _end_part(self, part: str, *, for_time: bool) -> None:
         """End this part's stream with a final holding the answer so far, cut where
