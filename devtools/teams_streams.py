@@ -66,10 +66,13 @@ class StreamContract:
         self._cancel_after: dict[str, tuple[int, int]] = {}
 
     def cancel(self, conversation_id: str, *, after_updates: int = 0, stream: int = 1) -> None:
-        """The user presses Stop once the conversation's `stream`-th stream (1: its first) has
-        taken `after_updates` updates: the next request is refused as canceled, and so is
-        everything after it."""
-        self._cancel_after[conversation_id] = (after_updates, stream)
+        """The user presses Stop once a stream of the conversation has taken `after_updates`
+        updates: the next request is refused as canceled, and so is everything after it.
+        `stream`: which one, counting from the stream live now (or, with none, the next one) as 1
+        (2: the one after it, as the second part of a long answer)."""
+        streams = self.of(conversation_id)
+        live = next((index for index, s in enumerate(streams) if self.live(s)), len(streams))
+        self._cancel_after[conversation_id] = (after_updates, live + stream - 1)
 
     def of(self, conversation_id: str) -> list[Stream]:
         return [s for s in self.streams.values() if s.conversation_id == conversation_id]
@@ -107,8 +110,8 @@ class StreamContract:
                 self.violations.append(f"a request {now - stream.started:.1f} s into a stream "
                                        f"(at most {self.max_seconds:g} s)")
                 return self._refuse(403, "Content stream exceeded streaming time.")
-            after, nth = self._cancel_after.get(conversation_id, (None, 0))
-            if stream.cancel or (after is not None and self.of(conversation_id).index(stream) + 1 == nth
+            after, index = self._cancel_after.get(conversation_id, (None, 0))
+            if stream.cancel or (after is not None and self.of(conversation_id).index(stream) >= index
                                  and len(stream.updates) >= after):
                 self._cancel_after.pop(conversation_id, None)
                 stream.cancel = True
