@@ -14,11 +14,9 @@ timer retention (%CHAT_RETENTION_SCHEDULE%)          delete conversations idle t
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
@@ -53,15 +51,6 @@ runtime = Runtime.from_environment(functions=[get_current_time])
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 
 
-@functools.cache
-def max_dequeue_count() -> int:
-    """The host moves a message to the poison queue after this many dequeues: the last one
-    apologises."""
-    from shared.inbox import max_dequeue_count
-
-    return max_dequeue_count(Path(__file__).with_name("host.json"))
-
-
 def _json(body: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> func.HttpResponse:
     return func.HttpResponse(json.dumps(body, ensure_ascii=False) if body is not None else None,
                              status_code=status, headers=headers or {}, mimetype="application/json")
@@ -76,9 +65,9 @@ async def messages(req: func.HttpRequest) -> func.HttpResponse:
 @app.queue_trigger(arg_name="msg", queue_name=trigger_setting("CHAT_TURN_QUEUE"),
                    connection="AzureWebJobsStorage")
 async def answer(msg: func.QueueMessage) -> None:
-    """Raises to have the message retried (the last time, after an apology, into the poison queue)."""
-    await runtime.bot.answerer.answer_ticket(msg.get_body(), dequeue_count=msg.dequeue_count or 1,
-                                             max_dequeue_count=max_dequeue_count())
+    """Wakes the conversation's drain (shared/order.py). Raises (`TurnFailed`, naming only the
+    failure's kind) to have the message retried; a failing turn is retried by the drain itself."""
+    await runtime.bot.answerer.answer_ticket(msg.get_body())
 
 
 @app.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
@@ -142,7 +131,7 @@ async def forget_user(req: func.HttpRequest) -> func.HttpResponse:
     """{"userId", "personalConversationsDeleted", "sharedConversations", "messagesReplaced"}"""
     user_id = req.route_params["user_id"]
     try:
-        data = await runtime.store.forget_user(user_id)
+        data = await runtime.forget_user(user_id)
     except ChatstateError as exc:
         return _failed(exc)
     body = _forget_json(data)

@@ -118,7 +118,8 @@ async def run(connection_string: str) -> dict[str, Any]:
         "parts": [t["parts"] for t in turns],
         "largest_request_bytes": max(t["largest_request_bytes"] for t in turns),
         "violations": list(connector.streams.violations),
-        "overlaps": list(connector.streams.overlaps),
+        "overlapping": list(connector.streams.overlapping),
+        "throttled": list(connector.streams.throttled),
         "whole_in_order": all(t["whole"] for t in turns),
         "pause_at_break_s": {"median": round(statistics.median(pauses), 2),
                              "max": round(max(pauses), 2), "n": len(pauses)},
@@ -137,7 +138,7 @@ def _print(section: dict[str, Any]) -> None:
           f"{section['stream_seconds']:.0f} s: {section['parts']} messages, the largest request "
           f"{section['largest_request_bytes']:,} bytes (Teams: about 28,000); whole and in order: "
           f"{section['whole_in_order']}; violations {section['violations']}, overlapping streams "
-          f"{section['overlaps']}")
+          f"{section['overlapping']}, throttled {section['throttled']}")
     pause, final = section["pause_at_break_s"], section["final_to_next_stream_s"]
     print(f"  pause at a break (a part's last update → the next's first): median "
           f"{pause['median']:.2f} s, max {pause['max']:.2f} s over {pause['n']} breaks")

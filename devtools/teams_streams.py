@@ -2,20 +2,22 @@
 
 From the Teams platform docs ("Stream bot messages"): only in personal chats (conversation IDs
 that start with `a:`; the Agents Playground also reads the activity's `conversationType`), one
-stream per chat at a time (one that ended, was stopped or ran out of time is over), over within
-2 minutes; updates are `typing`
+stream per chat at a time, over within 2 minutes; updates are `typing`
 activities with a `streaminfo` entity (`informative` or `streaming`, `streamSequence` from 1,
 increasing); the first answers 201 with the stream's ID, the others carry it and answer 202;
-streamed text is cumulative; informative text holds at most 1,000 characters; at most one request
-a second, each after the previous one answered (429 otherwise); the final `message` carries
-`streamType: final`, the stream ID and no sequence; nothing after the final. Refusals are 403
-`ContentStreamNotAllowed` with the reason in the message, as Teams words them.
+streamed text is cumulative; informative text holds at most 1,000 characters; at most one
+streaming request a second in a chat (across its streams), each after the previous one answered
+(429 otherwise); the final `message` carries `streamType: final`, the stream ID and no sequence;
+nothing after the final. Refusals are 403 `ContentStreamNotAllowed` with the reason in the message,
+as Teams words them.
 
-What the bot must never do is recorded in `violations` (a test asserts there are none): a request
-Teams would answer 400, and one after the stream's two minutes. A second stream opened while the
-chat's stream is live is refused and recorded in `overlaps`. `clock` is the time the limits are
-measured in: a test may run it faster than real time (`shared.streaming.StreamClock`), the bot's
-streams on the same clock, so a 130 s answer takes 13 s.
+What the bot must never do is recorded for the tests to assert on: `violations` (a request Teams
+would refuse as malformed, or one after the stream's two minutes), `overlapping` (a second stream
+begun while one is live in the chat: Teams refuses it) and `throttled` (a request that tripped the
+one-a-second limit); `open()` lists the streams that never got their final message (a stream the
+user stopped has ended). `clock` is the time the limits are measured in: a test may run it faster
+than real time (`shared.streaming.StreamClock`), the bot's streams on the same clock, so a 130 s
+answer takes 13 s.
 """
 
 from __future__ import annotations
@@ -60,8 +62,11 @@ class StreamContract:
         self.clock = clock
         self.streams: dict[str, Stream] = {}
         self.violations: list[str] = []
-        #: Streams refused because the chat's stream was still live, as "conversation: reason".
-        self.overlaps: list[str] = []
+        #: Requests refused with 429: our pace broke Teams' one streaming request a second.
+        self.throttled: list[str] = []
+        #: Chats where a second stream was begun while one was active (refused with 403).
+        self.overlapping: list[str] = []
+        self._last_request: dict[str, float] = {}
         self._busy: set[str] = set()
         self._cancel_after: dict[str, tuple[int, int]] = {}
 
@@ -74,13 +79,30 @@ class StreamContract:
         live = next((index for index, s in enumerate(streams) if self.live(s)), len(streams))
         self._cancel_after[conversation_id] = (after_updates, live + stream - 1)
 
+    def live(self, stream: Stream) -> bool:
+        """Not ended, not stopped by the user, and within its two minutes."""
+        return not (stream.finished or stream.cancel or
+                    self.clock() - stream.started > self.max_seconds)
+
     def of(self, conversation_id: str) -> list[Stream]:
         return [s for s in self.streams.values() if s.conversation_id == conversation_id]
 
-    def live(self, stream: Stream) -> bool:
-        """Not ended, not stopped, and within its two minutes."""
-        return not (stream.finished or stream.cancel or
-                    self.clock() - stream.started > self.max_seconds)
+    def broken(self, conversation_id: str | None = None) -> list[str]:
+        """Every rule of Teams the bot broke (in all chats, or one), once its replies are out:
+        malformed requests, overlapping streams, throttled requests, streams never ended."""
+        def ours(text: str) -> bool:
+            return conversation_id is None or text.startswith(conversation_id)
+
+        return [*(f"violation: {v}" for v in self.violations if conversation_id is None),
+                *(f"overlapping stream in {c}" for c in self.overlapping if ours(c)),
+                *(f"throttled: {t}" for t in self.throttled if ours(t)),
+                *(f"never ended: {s.id} in {s.conversation_id}" for s in self.open(conversation_id))]
+
+    def open(self, conversation_id: str | None = None) -> list[Stream]:
+        """Streams that never got their final message (all chats, or one); one the user stopped
+        has ended."""
+        return [s for s in self.streams.values() if not (s.finished or s.cancel)
+                and (conversation_id is None or s.conversation_id == conversation_id)]
 
     def begin(self, conversation_id: str, activity: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
         """The answer to a streamed activity, or None if it is not one (an ordinary activity)."""
@@ -96,14 +118,18 @@ class StreamContract:
             return self._refuse(403, "Content stream is not allowed on this conversation type.")
         kind = info.get("streamType")
         stream = self.streams.get(str(info.get("streamId")))
+        previous = self._last_request.get(conversation_id)
+        self._last_request[conversation_id] = now
         if stream is not None:
             if stream.id in self._busy:
                 return self._refuse(400, "the previous update has not been answered yet")
             stream.gaps.append(now - stream.last_request)
-            if now - stream.last_request < self.min_interval:
-                stream.last_request = now
-                return 429, {"error": {"code": "TooManyRequests", "message": "Too many requests."}}
             stream.last_request = now
+        if previous is not None and now - previous < self.min_interval:
+            self.throttled.append(f"{conversation_id}: {now - previous:.3f} s after the last "
+                                  "streaming request")
+            return 429, {"error": {"code": "TooManyRequests", "message": "Too many requests."}}
+        if stream is not None:
             if stream.finished:
                 return self._refuse(403, "Content stream has already completed.")
             if now - stream.started > self.max_seconds:
@@ -130,7 +156,7 @@ class StreamContract:
             if "streamId" in info:
                 return self._refuse(400, "unknown streamId")
             if any(self.live(s) for s in self.of(conversation_id)):
-                self.overlaps.append(f"{conversation_id}: a stream opened while another was live")
+                self.overlapping.append(conversation_id)
                 return self._refuse(403, "Content stream is not allowed: another is in progress.")
             if sequence != 1:
                 return self._refuse(400, "the first update's streamSequence must be 1")

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,12 +40,16 @@ class Progress:
 
     stream: ReplyStream | None = None
     typing: asyncio.Task[None] | None = None
+    #: Told when the stream's last request went out (epoch s), once it is closed.
+    on_closed: Callable[[float], None] | None = None
 
     async def close(self) -> None:
         if self.typing is not None:
             await asyncio.gather(self.typing, return_exceptions=True)
         if self.stream is not None:
             await self.stream.close()
+            if self.on_closed is not None and (at := self.stream.last_request_at) is not None:
+                self.on_closed(at)
 
 
 class Delivery:
@@ -56,35 +61,54 @@ class Delivery:
         self.connector = connector
         self.clock = clock or StreamClock()
         self.limits = StreamLimits(keepalive_seconds=settings.streaming_keepalive_seconds)
+        #: When each chat's latest stream (of this process) sent its last request, so the next
+        #: stream keeps Teams' pace of one streaming request a second per chat.
+        self._streamed: dict[str, float] = {}
 
     # -- while the turn works ----------------------------------------------------------------
 
     def progress(self, activity: Activity, *, resume: StreamStart | None = None,
-                 updates: bool = True) -> Progress:
+                 updates: bool = True, paced_after: float = 0.0) -> Progress:
         """A stream with its informative update where the channel streams (`resume`: the one the
-        webhook opened); else a typing indicator (none when the reply is the response)."""
+        webhook opened); else a typing indicator (none when the reply is the response).
+        `paced_after`: when (epoch s) the chat's last stream request went out, as far as
+        another process knows (the order head's `streamed_at`)."""
         if self.settings.streaming and activity.can_stream:
-            stream = self._stream(activity, resume=resume, updates=updates)
+            conversation = activity.conversation_id
+            stream = self._stream(activity, resume=resume, updates=updates,
+                                  paced_after=paced_after)
             if resume is None:
                 stream.inform(self.settings.streaming_informative)
-            else:  # the webhook showed "Thinking…": keep it alive while the model thinks
+            else:  # the stream shows "Thinking…" already: keep it alive while the model thinks
                 stream.keep_alive()
-            return Progress(stream=stream)
+            return Progress(stream=stream, on_closed=lambda at: self._paced(conversation, at))
         if activity.expects_replies:
             return Progress()
         return Progress(typing=asyncio.create_task(self._send_typing(activity)))
 
-    async def open_stream(self, activity: Activity) -> StreamStart | None:
-        """Send the informative update now (the webhook, before it returns): the stream's start,
-        or None where the channel does not stream."""
+    def _paced(self, conversation_id: str, at: float) -> None:
+        now = time.time()
+        for old in [key for key, when in self._streamed.items() if now - when > 5.0]:
+            del self._streamed[old]  # past Teams' pace: nothing left to keep
+        self._streamed[conversation_id] = at
+
+    async def open_stream(self, activity: Activity, *,
+                          paced_after: float = 0.0) -> StreamStart | None:
+        """Send the informative update now (the webhook, before it returns; a queued turn
+        before it works, to keep the stream's start with its message): the stream's start, or
+        None where the channel does not stream."""
         if not (self.settings.streaming and activity.can_stream):
             return None
-        return await self._stream(activity).open(self.settings.streaming_informative)
+        stream = self._stream(activity, paced_after=paced_after)
+        return await stream.open(self.settings.streaming_informative)
 
     def _stream(self, activity: Activity, *, resume: StreamStart | None = None,
-                updates: bool = True) -> ReplyStream:
+                updates: bool = True, paced_after: float = 0.0) -> ReplyStream:
+        """A stream paced after the chat's previous one (`paced_after`, or this process's)."""
+        paced = max(paced_after, self._streamed.get(activity.conversation_id, 0.0)) or None
         return ReplyStream(connector=self.connector, activity=activity, resume=resume,
-                           updates=updates, limits=self.limits, clock=self.clock)
+                           updates=updates, paced_after=paced, limits=self.limits,
+                           clock=self.clock)
 
     # -- replies -----------------------------------------------------------------------------
 
@@ -106,7 +130,7 @@ class Delivery:
         sent: the activity to put in the response is returned."""
         reply = turn.reply
         if reply is not None and reply.stopped:
-            await self._mark_delivered(activity, reply_id=None)  # the user saw all there is
+            await self._mark_delivered(activity, turn, reply_id=None)  # the user saw all there is
             return None
         outgoing = self.reply_activity(activity, turn, suggestions=suggestions)
         if activity.expects_replies:
@@ -115,7 +139,7 @@ class Delivery:
         reply_id = await self.send(activity, outgoing, stream=stream)
         if stream is not None and stream.canceled and reply is not None:
             await self._mark_stopped(activity, shown=stream.shown)
-        await self._mark_delivered(activity, reply_id=reply_id)
+        await self._mark_delivered(activity, turn, reply_id=reply_id)
         return None
 
     async def text(self, activity: Activity, text: str, *,
@@ -140,10 +164,13 @@ class Delivery:
                                                  activity=part)
         return reply_id
 
-    async def _mark_delivered(self, activity: Activity, *, reply_id: str | None) -> None:
-        try:
+    async def _mark_delivered(self, activity: Activity, turn: StoredTurn, *,
+                              reply_id: str | None) -> None:
+        try:  # every activity the turn answered (a burst's), the reply's own last
             await self.store.mark_delivered(activity.conversation_id, activity.id,
-                                            reply_id=reply_id)
+                                            reply_id=reply_id,
+                                            more_activity_ids=[a for a in turn.answered
+                                                               if a != activity.id])
         except StoreError as exc:  # the reply went out: a failure now would get it sent twice
             log.warning("reply delivered but not recorded: %s", exc)
 

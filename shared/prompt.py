@@ -44,7 +44,7 @@ from .tokens import count_message_tokens, count_text_tokens
 from .tools import Function, Source, ToolResult, failed
 
 __all__ = ["ROUND_LIMIT_REPLY", "TURN_LIMIT_REPLY", "ChatPrompt", "ConversationMemory",
-           "PromptResult", "ReplyStopped", "ToolListener", "ToolSource", "check_input"]
+           "PromptResult", "ReplyStopped", "ToolListener", "ToolSource", "UserInput", "check_input"]
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,24 @@ class ConversationMemory:
 
 
 @dataclass(frozen=True, kw_only=True)
+class UserInput:
+    """A user message of the turn other than `send`'s `input`: an earlier message of a burst,
+    answered together with it (`shared/order.py`), with who wrote it and what came with it."""
+
+    text: str
+    speaker: str | None = None
+    sender: Sender | None = None
+    attachments: Incoming | None = None
+    #: The message's own activity (a burst stores each with its own).
+    activity_id: str | None = None
+
+    def message(self) -> ChatMessage:
+        return ChatMessage(role="user", content=self.text, name=self.speaker, sender=self.sender,
+                           attachments=self.attachments.stored if self.attachments else (),
+                           activity_id=self.activity_id)
+
+
+@dataclass(frozen=True, kw_only=True)
 class PromptResult:
     """A prompt's turn: `response` is the final reply; `messages` all the turn will store."""
 
@@ -212,7 +230,9 @@ class ChatPrompt:
                    sender: Sender | None = None,
                    on_text: TextListener | None = None,
                    on_tools: ToolListener | None = None,
-                   attachments: Incoming | None = None) -> PromptResult:
+                   attachments: Incoming | None = None,
+                   earlier: Sequence[UserInput] = (),
+                   activity_id: str | None = None) -> PromptResult:
         """Ask the model after `summary` and `history` (or `memory`'s, loaded if need be); run
         the tools it calls; return the turn without storing anything. `speaker`: who wrote
         `input`, in a group chat (stored with it and sent as `speaker_style` says); `sender`:
@@ -221,24 +241,29 @@ class ChatPrompt:
         `on_text`: the model streams, and the listener gets each round's text so far (it may
         raise `ReplyStopped` to end the reply); `on_tools`: told of each round's tool calls.
         `attachments`: what came with `input` (`shared/attachments.py`): its images go to the
-        model with it, its description is stored with it."""
+        model with it, its description is stored with it. `earlier`: the user messages of a
+        burst sent before `input`, answered with it in one reply; `activity_id`: `input`'s
+        activity, when a burst's messages each keep their own."""
         if memory is not None:
             window = memory.window or await memory.load(input=input)
             history, summary = window.messages, window.summary
-        user = ChatMessage(role="user", content=input, name=speaker, sender=sender,
-                           attachments=attachments.stored if attachments else ())
+        inputs = [*earlier, UserInput(text=input, speaker=speaker, sender=sender,
+                                      attachments=attachments,
+                                      activity_id=activity_id if earlier else None)]
+        users = [item.message() for item in inputs]
         system = instructions if instructions is not None else self.instructions
         if self.suggested_replies:
             system = ((system or "") + suggestions.INSTRUCTION).lstrip()
             on_text = suggestions.holding_back(on_text)
         request = ([{"role": "system", "content": system}] if system else []) + \
             ([summary_message(summary)] if summary else []) + \
-            [wire_message(message, style=self.speaker_style) for message in [*history, user]]
-        if attachments is not None:
-            request[-1] = attachments.wire(request[-1])
+            [wire_message(message, style=self.speaker_style) for message in history]
+        for item, message in zip(inputs, users, strict=True):
+            wired = wire_message(message, style=self.speaker_style)
+            request.append(item.attachments.wire(wired) if item.attachments else wired)
         try:
             async with asyncio.timeout(self.timeout_seconds):
-                turn, usage, model = await self._run(request, user, on_text, on_tools)
+                turn, usage, model = await self._run(request, users, on_text, on_tools)
         except TimeoutError as exc:
             raise ModelTimeout(f"the model took over {self.timeout_seconds:g} s in all") from exc
         suggested: tuple[str, ...] = ()
@@ -248,11 +273,11 @@ class ChatPrompt:
         return PromptResult(response=turn[-1], messages=tuple(turn), usage=usage, model=model,
                             suggestions=suggested)
 
-    async def _run(self, request: list[dict[str, Any]], user: ChatMessage,
+    async def _run(self, request: list[dict[str, Any]], users: list[ChatMessage],
                    on_text: TextListener | None,
                    on_tools: ToolListener | None) -> tuple[list[ChatMessage], Usage, str]:
         conversation = list(request)
-        turn: list[ChatMessage] = [user]
+        turn: list[ChatMessage] = list(users)
         usage, model = Usage(), self.model.model
         functions, tools = await self.current_tools()
         sources: list[Source] = []  # the turn's, numbered from 1 as the model cites them

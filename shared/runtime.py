@@ -13,6 +13,7 @@ import functools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import logs, telemetry
@@ -29,11 +30,14 @@ if TYPE_CHECKING:
     from .mcp import McpTools
     from .model import ChatModel
     from .prompt import ChatPrompt
-    from .store import ConversationStore
+    from .store import ConversationStore, UserData
     from .summary import Summarizer
     from .tools import Function
 
-__all__ = ["Runtime"]
+__all__ = ["HOST_JSON", "Runtime"]
+
+#: The Functions host's settings, beside the app (deployed with it).
+HOST_JSON = Path(__file__).resolve().parents[1] / "host.json"
 
 log = logging.getLogger(__name__)
 # The SDKs log every HTTP request at INFO; keep the operator's log to our own lines.
@@ -43,13 +47,16 @@ for _noisy in ("azure", "httpx2", "openai", "mcp"):
 
 class Runtime:
     def __init__(self, settings: Settings, *, functions: Sequence[Function] = (),
-                 store: ConversationStore | None = None, credential: Any | None = None) -> None:
-        """`store` and `credential` (the managed identity) are test seams."""
+                 store: ConversationStore | None = None, credential: Any | None = None,
+                 host_json: Path = HOST_JSON) -> None:
+        """`store` and `credential` (the managed identity) are test seams; `host_json` the
+        Functions host's settings (its queue rules)."""
         logs.install()
         check_credential_settings(settings.bot)
         self.settings = settings
         self._functions = tuple(functions)
         self._credential = credential
+        self._host_json = host_json
         self._http: httpx2.AsyncClient | None = None
         self._telemetry = False
         if store is not None:
@@ -122,9 +129,12 @@ class Runtime:
         from .connector import BotConnector, build_credential
 
         self._set_up()
+        from .auth import reply_policy
+
         return BotConnector(credential=build_credential(self.settings.bot,
                                                         credential=self._credential),
-                            env_proxy=self.settings.env_proxy)
+                            env_proxy=self.settings.env_proxy,
+                            reply_allowed=reply_policy(self.settings.bot))
 
     @functools.cached_property
     def authenticator(self) -> BotAuthenticator:
@@ -136,10 +146,15 @@ class Runtime:
     @functools.cached_property
     def bot(self) -> ChatBot:
         from .bot import ChatBot
+        from .inbox import max_dequeue_count, visibility_timeout
 
+        # A failing queued turn is tried as often, and as far apart, as host.json has the host
+        # retry a failing queue message.
         return ChatBot(settings=self.settings, store=self.store, prompt=self.prompt,
                        connector=self.connector, authenticator=self.authenticator,
-                       summarizer=self._summarizer(), inbox=self.inbox)
+                       summarizer=self._summarizer(), inbox=self.inbox,
+                       max_attempts=max_dequeue_count(self._host_json),
+                       retry_seconds=visibility_timeout(self._host_json))
 
     def _summarizer(self) -> Summarizer | None:
         from .summary import Summarizer
@@ -167,6 +182,12 @@ class Runtime:
                          functions: Sequence[Function] = ()) -> Runtime:
         """Read and validate every setting now: a bad one fails start-up, naming the setting."""
         return cls(load_settings(environ), functions=functions)
+
+    async def forget_user(self, user_id: str) -> UserData:
+        """A user's removal: their waiting messages, then their stored data (`shared/removal.py`)."""
+        from .removal import forget_user
+
+        return await forget_user(self.store, self.inbox, user_id)
 
     async def close(self) -> None:
         """Close the clients that were made."""

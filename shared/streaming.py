@@ -115,10 +115,13 @@ class ReplyStream:
 
     def __init__(self, *, connector: BotConnector, activity: Activity, min_interval: float | None = None,
                  limits: StreamLimits | None = None, clock: StreamClock | None = None,
-                 resume: StreamStart | None = None, updates: bool = True) -> None:
+                 resume: StreamStart | None = None, updates: bool = True,
+                 paced_after: float | None = None) -> None:
         """`resume`: continue a stream another process opened (the webhook's informative
         update), with the next sequence number and its pace. `updates=False`: send only the
-        final message (a retried turn, whose earlier attempt may have used later sequences)."""
+        final message (a retried turn, whose earlier attempt may have used later sequences).
+        `paced_after`: when (epoch s) the chat's previous stream sent its last request: Teams
+        takes one streaming request a second in a chat, across its streams."""
         self._connector = connector
         self._activity = activity
         self._limits = limits or StreamLimits()
@@ -130,9 +133,12 @@ class ReplyStream:
         self._sequence = 0
         self._started = 0.0  # when the current part's stream took its first update
         self._last_sent = -float("inf")
+        if paced_after is not None:
+            self._last_sent = self._clock.now() - self._clock.since(paced_after)
         if resume is not None:
             self._stream_id, self._sequence = resume.stream_id, resume.sequence
-            self._last_sent = self._clock.now() - self._clock.since(resume.sent_at)
+            self._last_sent = max(self._last_sent,
+                                  self._clock.now() - self._clock.since(resume.sent_at))
             self._started = self._clock.now() - self._clock.since(resume.started_at or
                                                                   resume.sent_at)
         self._prefix = ""  # text shown in earlier rounds of tool calls
@@ -172,8 +178,16 @@ class ReplyStream:
         or None when the channel refused to stream (`fallback`)."""
         if self.streaming and self._stream_id is None:
             self._informative = text[:MAX_INFORMATIVE_CHARS]
+            await self._pace()  # the chat's previous stream may have sent a moment ago
             await self._update("informative", self._informative)
         return self.start
+
+    @property
+    def last_request_at(self) -> float | None:
+        """When (epoch s) this stream last sent a request; None: it sent none."""
+        if self._last_sent == -float("inf"):
+            return None
+        return self._clock.epoch(self._clock.now() - self._last_sent)
 
     @property
     def streaming(self) -> bool:
