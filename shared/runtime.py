@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from .auth import BotAuthenticator
     from .bot import ChatBot
+    from .budgets import Budgets
     from .connector import BotConnector
     from .inbox import Inbox
     from .mcp import McpTools
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from .summary import Summarizer
     from .tools import Function
 
-__all__ = ["HOST_JSON", "Runtime"]
+__all__ = ["HOST_JSON", "Runtime", "build_store"]
 
 #: The Functions host's settings, beside the app (deployed with it).
 HOST_JSON = Path(__file__).resolve().parents[1] / "host.json"
@@ -73,7 +74,7 @@ class Runtime:
     @functools.cached_property
     def store(self) -> ConversationStore:
         self._set_up()
-        return _build_store(self.settings, self._credential)
+        return build_store(self.settings, self._credential)
 
     @functools.cached_property
     def inbox(self) -> Inbox | None:
@@ -154,7 +155,14 @@ class Runtime:
                        connector=self.connector, authenticator=self.authenticator,
                        summarizer=self._summarizer(), inbox=self.inbox,
                        max_attempts=max_dequeue_count(self._host_json),
-                       retry_seconds=visibility_timeout(self._host_json))
+                       retry_seconds=visibility_timeout(self._host_json), budgets=self.budgets)
+
+    @functools.cached_property
+    def budgets(self) -> Budgets | None:
+        """Users' and tenants' budgets and usage (shared/budgets.py)."""
+        from .budgets import Budgets
+
+        return Budgets.build(self.settings, self.store)
 
     def _summarizer(self) -> Summarizer | None:
         from .summary import Summarizer
@@ -200,7 +208,8 @@ class Runtime:
             await self._http.aclose()
 
 
-def _build_store(settings: Settings, credential: Any | None) -> ConversationStore:
+def build_store(settings: Settings, credential: Any | None = None) -> ConversationStore:
+    """The conversation store the settings name (`credential`: the managed identity, a test seam)."""
     from .store import TableConversationStore
 
     storage = settings.storage
