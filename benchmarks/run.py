@@ -28,6 +28,8 @@ BENCHMARKS: tuple[str, ...] = (
     "queue",
     "mcp_tools",
     "budgets",
+    "cold_start",
+    "long_answers",
 )
 
 Benchmark = Callable[[str], Awaitable[dict[str, Any]]]
