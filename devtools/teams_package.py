@@ -9,10 +9,16 @@ the result against the official JSON schema of its manifest version (from the
 `@microsoft/app-manifest` npm package, installed by `make deps`: no network) and the icons'
 sizes, and zips the manifest and the two icons at the zip's root, as Teams wants them.
 Upload the zip in Teams: Apps → Manage your apps → Upload an app → Upload a custom app.
+
+The bot is also declared a Microsoft 365 Copilot custom engine agent (`copilotAgents`, manifest
+1.20 on; the `copilot` scope), so it shows among the agents in Copilot Chat: it streams, and keeps
+a silent stream alive, as Copilot asks. `make teams-package COPILOT=off` leaves that out (a tenant
+where custom engine agents, in preview, are not allowed).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import struct
@@ -44,9 +50,10 @@ class PackageError(Exception):
 
 def manifest(client_id: str, *, signin_app_id: str | None = None,
              token_service_url: str = TOKEN_SERVICE_URL,
-             source: Path = APP_PACKAGE / "manifest.json") -> dict[str, Any]:
+             source: Path = APP_PACKAGE / "manifest.json", copilot: bool = True) -> dict[str, Any]:
     """The manifest with the app IDs filled in; a `PackageError` if one is not a GUID. Without
-    `signin_app_id` (no one signs in), no `webApplicationInfo` and no `validDomains`."""
+    `signin_app_id` (no one signs in), no `webApplicationInfo` and no `validDomains`.
+    `copilot=False`: without the Copilot custom engine agent."""
     if not _GUID.match(client_id):
         raise PackageError(f"CLIENT_ID must be the bot's Microsoft App ID (a GUID), got {client_id!r}")
     if signin_app_id is not None and not _GUID.match(signin_app_id):
@@ -59,6 +66,10 @@ def manifest(client_id: str, *, signin_app_id: str | None = None,
     if signin_app_id is None:
         del filled["webApplicationInfo"]
         filled["validDomains"] = []
+    if not copilot:
+        filled.pop("copilotAgents", None)
+        for bot in filled.get("bots", []):
+            bot["scopes"] = [scope for scope in bot.get("scopes", []) if scope != "copilot"]
     return filled
 
 
@@ -87,10 +98,11 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 
 def build(client_id: str, *, signin_app_id: str | None = None,
-          token_service_url: str = TOKEN_SERVICE_URL, output: Path = OUTPUT) -> Path:
+          token_service_url: str = TOKEN_SERVICE_URL, output: Path = OUTPUT,
+          copilot: bool = True) -> Path:
     """Write the package; return its path."""
     document = manifest(client_id, signin_app_id=signin_app_id,
-                        token_service_url=token_service_url)
+                        token_service_url=token_service_url, copilot=copilot)
     validate(document)
     icons: dict[str, bytes] = {}
     for kind, size in ICON_SIZES.items():
@@ -107,8 +119,13 @@ def build(client_id: str, *, signin_app_id: str | None = None,
     return output
 
 
-def main(environ: dict[str, str] | None = None) -> int:
+def main(environ: dict[str, str] | None = None, argv: list[str] | None = None) -> int:
     """Build the package; 1 with one line on stderr saying why not. `environ`: a test seam."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--copilot", choices=["on", "off"], default="on",
+                        help="declare the bot a Microsoft 365 Copilot custom engine agent")
+    parser.add_argument("--output", type=Path, default=OUTPUT, help=argparse.SUPPRESS)
+    args = parser.parse_args([] if argv is None else argv)
     environ = local_environment() if environ is None else environ
     client_id = environ.get("CLIENT_ID", "").strip()
     if not client_id:
@@ -118,13 +135,14 @@ def main(environ: dict[str, str] | None = None) -> int:
     try:
         path = build(client_id, signin_app_id=environ.get("CHAT_SIGNIN_APP_ID", "").strip() or None,
                      token_service_url=environ.get("CHAT_TOKEN_SERVICE_URL", "").strip() or
-                     TOKEN_SERVICE_URL)
+                     TOKEN_SERVICE_URL, copilot=args.copilot == "on", output=args.output)
     except PackageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"{path.relative_to(ROOT)}: upload it in Teams (Apps > Manage your apps > Upload an app)")
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    print(f"{shown}: upload it in Teams (Apps > Manage your apps > Upload an app)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(argv=sys.argv[1:]))
