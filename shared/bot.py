@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .activity import Activity, parse_activity
 from .answer import APOLOGY, RESET_DONE, TOO_LONG, Answerer, Unanswered
@@ -45,12 +45,14 @@ from .inbox import Inbox, TurnTicket
 from .logs import turn_context
 from .prompt import ChatPrompt
 from .settings import AnswerMode, Settings
-from .signin import SignIn
 from .store import ConversationStore
 from .summary import Summarizer
 from .telemetry import span, turn
 from .turn import MAX_REASKS, TurnRunner
-from .user_tokens import UserTokens
+
+if TYPE_CHECKING:
+    from .signin import SignIn
+    from .user_tokens import UserTokens
 
 __all__ = ["APOLOGY", "MAX_REASKS", "RESET_DONE", "TOO_LONG", "WELCOME", "BotResponse", "ChatBot"]
 

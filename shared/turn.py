@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .activity import Activity
 from .attachments import Incoming
@@ -43,7 +43,9 @@ from .prompt import TURN_LIMIT_REPLY, ChatPrompt, ToolListener, UserInput
 from .settings import Settings
 from .store import ConversationStore, ConversationWindow, Indexed
 from .streaming import ReplyStream
-from .user_tokens import UserTokens
+
+if TYPE_CHECKING:
+    from .user_tokens import UserTokens
 
 __all__ = ["MAX_REASKS", "Busy", "Committed", "Found", "Refused", "TurnResult", "TurnRunner",
            "Withdrawn"]

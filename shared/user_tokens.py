@@ -23,15 +23,14 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
-
-import jwt
-from azure.core.exceptions import AzureError
+from typing import TYPE_CHECKING, Any
 
 from .activity import Activity
 from .errors import SignInRequired, TokenServiceError
 from .settings import SignInSettings, UserAccess
-from .token_service import TokenService
+
+if TYPE_CHECKING:  # tools import this module: what it needs at run time is imported when used
+    from .token_service import TokenService
 
 __all__ = ["ActingUser", "UserTokens", "acting_user", "current_access", "user_token"]
 
@@ -153,6 +152,7 @@ class UserTokens:
 
     async def on_behalf_of(self, user_token: str, scope: str) -> str:
         """`user_token` exchanged for `scope` as the app CHAT_SIGNIN_APP_ID (one Entra call)."""
+        from azure.core.exceptions import AzureError
         from azure.identity.aio import OnBehalfOfCredential
 
         app_id = self.settings.app_id
@@ -189,6 +189,8 @@ class UserTokens:
 
     def _tenant_of(self, user_token: str) -> str:
         """The user's tenant (their token's `tid`; the exchange must run there), else TENANT_ID."""
+        import jwt
+
         try:
             tenant = jwt.decode(user_token, options={"verify_signature": False}).get("tid")
         except jwt.PyJWTError:
