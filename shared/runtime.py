@@ -64,7 +64,8 @@ class Runtime:
                                  timeout_seconds=limits.timeout_seconds,
                                  speaker_style="name" if named else "prefix",
                                  tool_sources=[self.mcp] if self.mcp is not None else [],
-                                 suggested_replies=settings.suggested_replies)
+                                 suggested_replies=settings.suggested_replies,
+                                 tools_token_budget=limits.tools_token_budget)
         self.summary_model = None
         summarizer = None
         if settings.summary.enabled:

@@ -105,10 +105,12 @@ class TurnRunner:
         indexing: asyncio.Task[Indexed | None] | None = None
         suggestions: tuple[str, ...] = ()
         billed, counted, committed = Usage(), False, False  # every model call the turn paid for
+        # The tool definitions go with every request: the history window gets what they leave.
+        budget = max(0, limits.history_token_budget - needed - await self.prompt.tools_tokens())
         try:
             for attempt in range(self.settings.turn_max_attempts):
                 window = await self.store.load_window(
-                    activity.conversation_id, token_budget=limits.history_token_budget - needed,
+                    activity.conversation_id, token_budget=budget,
                     max_messages=limits.history_max_messages, activity_id=activity.id)
                 if window.committed_activity:
                     # Found on a re-load after a conflict: another instance just committed it
