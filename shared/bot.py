@@ -1,8 +1,10 @@
 """The webhook: one POST to /api/messages, from request checks to a quick answer.
 
-    parse → authenticate → dispatch: invoke (feedback), conversationUpdate (welcome) and
-    expectReplies are answered inline, their contract being the response; a message is accepted
-    (kept in the inbox, its informative update sent, a ticket queued) and answered 200 at once
+    parse → authenticate → dispatch: invoke (feedback; a card's button, `shared/card_actions.py`),
+    conversationUpdate (welcome) and expectReplies are answered inline, their contract being the
+    response; a message is accepted (kept in the inbox, its informative update sent, a ticket
+    queued) and answered 200 at once; an older client's card button (`Action.Submit`, a message
+    with the button's verb in its `value`) goes to the card's handler, as the invoke does
 
 The answer itself (the turn and its delivery) is shared/answer.py, run by the queue trigger; with
 `CHAT_ANSWER_MODE=inline` (hosts without a queue) the webhook runs it before it responds, as
@@ -25,6 +27,15 @@ from .activity import Activity, parse_activity
 from .answer import APOLOGY, RESET_DONE, TOO_LONG, Answerer, Unanswered
 from .attachments import has_attachments
 from .auth import AuthResult, BotAuthenticator
+from .card_actions import (
+    INVOKE_NAME,
+    CardActions,
+    ShowCard,
+    ShowMessage,
+    card_attachment,
+    invoke_response,
+    submitted_verb,
+)
 from .connector import BotConnector
 from .delivery import Delivery
 from .errors import (
@@ -81,6 +92,8 @@ class ChatBot:
                                           clock=clock, sleep=sleep))
         self._in_flight: set[tuple[str, str]] = set()
         self._queued = settings.answer_mode is AnswerMode.QUEUE and inbox is not None
+        #: The handlers of our cards' buttons, by verb.
+        self.card_actions = CardActions()
 
     async def handle(self, *, body: bytes, headers: Mapping[str, str]) -> BotResponse:
         """Answer one POST to /api/messages. Never raises; every failure has a status and reason."""
@@ -138,6 +151,8 @@ class ChatBot:
 
     async def _on_message(self, activity: Activity, auth: AuthResult, body: bytes) -> BotResponse:
         self._check_reply_path(activity, auth)
+        if submitted_verb(activity) is not None and not activity.message_text:
+            return await self._on_card_submit(activity)
         if not activity.message_text and not has_attachments(activity):
             return BotResponse(status=200)
         if self._queued and not activity.expects_replies:
@@ -199,7 +214,23 @@ class ChatBot:
         if not auth.service_url_trusted:
             raise BadRequest(auth.service_url_refusal or "the serviceUrl is not trusted for replies")
 
+    async def _on_card_submit(self, activity: Activity) -> BotResponse:
+        """An older client's card button: the handler's answer goes back as a message."""
+        reply = await self.card_actions.handle(activity)
+        if isinstance(reply, ShowCard):
+            outgoing = {**activity.reply("", ai=False), "attachments": [card_attachment(reply.card)]}
+        else:
+            outgoing = activity.reply(reply.text if isinstance(reply, ShowMessage) else
+                                      reply.message, ai=False)
+        if activity.expects_replies:
+            return BotResponse(status=200, body={"activities": [outgoing]})
+        await self.delivery.send(activity, outgoing)
+        return BotResponse(status=200)
+
     async def _on_invoke(self, activity: Activity) -> BotResponse:
+        if activity.raw.get("name") == INVOKE_NAME:
+            status, body = invoke_response(await self.card_actions.handle(activity))
+            return BotResponse(status=status, body=body)
         feedback = activity.feedback()
         if feedback is None:
             return BotResponse(status=200)

@@ -21,7 +21,8 @@ raises ValueError for anything else.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -37,6 +38,7 @@ __all__ = [
     "arguments_sha256",
     "decisions_for",
     "declined_reason",
+    "round_sha256",
 ]
 
 #: The version of the JSON form (a later change of form bumps it; an unknown one is refused).
@@ -47,6 +49,13 @@ _ROLES = ("system", "user", "assistant", "tool")
 def arguments_sha256(arguments: str) -> str:
     """The SHA-256 (hex) of a call's arguments exactly as the model wrote them."""
     return hashlib.sha256(arguments.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def round_sha256(calls: Sequence[ToolCall]) -> str:
+    """The SHA-256 (hex) of several calls' names and exact arguments, in order: what one answer
+    to one card approves."""
+    canonical = json.dumps([[call.name, arguments_sha256(call.arguments)] for call in calls])
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -264,3 +264,27 @@ async def test_a_tool_that_asks_refuses_a_call_without_an_approval_wherever_it_i
     # AND with one, it runs
     assert not (await send_invoice.invoke(call, time_limit=1.0, approved=True)).failed
     assert ran == ["send_invoice A 1"]
+
+
+async def test_the_offline_stand_in_calls_the_demo_tool_that_asks_and_reads_its_result(
+        mcp_server: DemoMcpServer) -> None:
+    # GIVEN no model configured (the offline stand-in) and the trusted demo server
+    tools = McpTools([McpServerSettings(name="demo", url=mcp_server.url, tools=("*",),
+                                        trusted=True)])
+    model = build_model(load_settings({}).model)
+    prompt = ChatPrompt(model, tool_sources=[tools])
+    try:
+        # WHEN a message names delete_notes, the turn pauses before it runs
+        with pytest.raises(ToolCallsHeld) as held:
+            await prompt.send("delete notes drafts")
+        paused = held.value.paused
+        ((call, _),) = paused.held_calls()
+        assert call.name == "delete_notes" and json.loads(call.arguments) == {"topic": "drafts"}
+        assert mcp_server.calls == []
+        # AND approved, it runs, and the stand-in quotes what the tool answered
+        result = await prompt.resume(stored_and_read_back(paused), decided("approved", paused))
+    finally:
+        await tools.close()
+        await model.close()
+    assert mcp_server.calls == [("delete_notes", {"topic": "drafts"})]
+    assert "the notes about 'drafts' were deleted" in (result.response.content or "")
