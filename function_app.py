@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 import logging
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import azure.functions as func
 
 from shared.errors import ChatstateError, StorageForbidden, http_status_for
-from shared.inbox import LEFTOVER_DAYS, max_dequeue_count
+from shared.inbox import LEFTOVER_DAYS
 from shared.messages import ChatMessage, utc_now
 from shared.retention import purge_idle
 from shared.runtime import Runtime
@@ -48,8 +47,6 @@ async def get_current_time(time_zone: str = "UTC") -> dict[str, str]:
 # Settings are read and checked here, at start-up: a bad one stops the app with its name.
 runtime = Runtime.from_environment(functions=[get_current_time])
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
-#: The host moves a message to the poison queue after this many dequeues: the last one apologises.
-MAX_DEQUEUE_COUNT = max_dequeue_count(Path(__file__).with_name("host.json"))
 
 
 def _json(body: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> func.HttpResponse:
@@ -66,9 +63,9 @@ async def messages(req: func.HttpRequest) -> func.HttpResponse:
 @app.queue_trigger(arg_name="msg", queue_name=trigger_setting("CHAT_TURN_QUEUE"),
                    connection="AzureWebJobsStorage")
 async def answer(msg: func.QueueMessage) -> None:
-    """Raises to have the message retried (the last time, after an apology, into the poison queue)."""
-    await runtime.bot.answerer.answer_ticket(msg.get_body(), dequeue_count=msg.dequeue_count or 1,
-                                             max_dequeue_count=MAX_DEQUEUE_COUNT)
+    """Wakes the conversation's drain (shared/order.py). Raises (`TurnFailed`, naming only the
+    failure's kind) to have the message retried; a failing turn is retried by the drain itself."""
+    await runtime.bot.answerer.answer_ticket(msg.get_body())
 
 
 @app.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
@@ -135,7 +132,7 @@ async def forget_user(req: func.HttpRequest) -> func.HttpResponse:
     """{"userId", "personalConversationsDeleted", "sharedConversations", "messagesReplaced"}"""
     user_id = req.route_params["user_id"]
     try:
-        data = await runtime.store.forget_user(user_id)
+        data = await runtime.forget_user(user_id)
     except ChatstateError as exc:
         return _failed(exc)
     body = _forget_json(data)

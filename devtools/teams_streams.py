@@ -5,10 +5,16 @@ that start with `a:`; the Agents Playground also reads the activity's `conversat
 stream per chat at a time, over within 2 minutes; updates are `typing`
 activities with a `streaminfo` entity (`informative` or `streaming`, `streamSequence` from 1,
 increasing); the first answers 201 with the stream's ID, the others carry it and answer 202;
-streamed text is cumulative; informative text holds at most 1,000 characters; at most one request
-a second, each after the previous one answered (429 otherwise); the final `message` carries
-`streamType: final`, the stream ID and no sequence; nothing after the final. Refusals are 403
-`ContentStreamNotAllowed` with the reason in the message, as Teams words them.
+streamed text is cumulative; informative text holds at most 1,000 characters; at most one
+streaming request a second in a chat (across its streams), each after the previous one answered
+(429 otherwise); the final `message` carries `streamType: final`, the stream ID and no sequence;
+nothing after the final. Refusals are 403 `ContentStreamNotAllowed` with the reason in the message,
+as Teams words them.
+
+What the bot must never do is recorded for the tests to assert on: `violations` (a request Teams
+would refuse as malformed), `overlapping` (a second stream begun while one is active in the chat:
+Teams refuses it) and `throttled` (a request that tripped the one-a-second limit); `open()` lists
+the streams that never got their final message.
 """
 
 from __future__ import annotations
@@ -46,6 +52,11 @@ class StreamContract:
         self.min_interval = min_interval
         self.streams: dict[str, Stream] = {}
         self.violations: list[str] = []
+        #: Requests refused with 429: our pace broke Teams' one streaming request a second.
+        self.throttled: list[str] = []
+        #: Chats where a second stream was begun while one was active (refused with 403).
+        self.overlapping: list[str] = []
+        self._last_request: dict[str, float] = {}
         self._busy: set[str] = set()
         self._cancel_after: dict[str, int] = {}
 
@@ -56,6 +67,22 @@ class StreamContract:
 
     def of(self, conversation_id: str) -> list[Stream]:
         return [s for s in self.streams.values() if s.conversation_id == conversation_id]
+
+    def broken(self, conversation_id: str | None = None) -> list[str]:
+        """Every rule of Teams the bot broke (in all chats, or one), once its replies are out:
+        malformed requests, overlapping streams, throttled requests, streams never ended."""
+        def ours(text: str) -> bool:
+            return conversation_id is None or text.startswith(conversation_id)
+
+        return [*(f"violation: {v}" for v in self.violations if conversation_id is None),
+                *(f"overlapping stream in {c}" for c in self.overlapping if ours(c)),
+                *(f"throttled: {t}" for t in self.throttled if ours(t)),
+                *(f"never ended: {s.id} in {s.conversation_id}" for s in self.open(conversation_id))]
+
+    def open(self, conversation_id: str | None = None) -> list[Stream]:
+        """Streams that never got their final message (all chats, or one)."""
+        return [s for s in self.streams.values() if not s.finished
+                and (conversation_id is None or s.conversation_id == conversation_id)]
 
     def begin(self, conversation_id: str, activity: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
         """The answer to a streamed activity, or None if it is not one (an ordinary activity)."""
@@ -71,14 +98,18 @@ class StreamContract:
             return self._refuse(403, "Content stream is not allowed on this conversation type.")
         kind = info.get("streamType")
         stream = self.streams.get(str(info.get("streamId")))
+        previous = self._last_request.get(conversation_id)
+        self._last_request[conversation_id] = now
         if stream is not None:
             if stream.id in self._busy:
                 return self._refuse(400, "the previous update has not been answered yet")
             stream.gaps.append(now - stream.last_request)
-            if now - stream.last_request < self.min_interval:
-                stream.last_request = now
-                return 429, {"error": {"code": "TooManyRequests", "message": "Too many requests."}}
             stream.last_request = now
+        if previous is not None and now - previous < self.min_interval:
+            self.throttled.append(f"{conversation_id}: {now - previous:.3f} s after the last "
+                                  "streaming request")
+            return 429, {"error": {"code": "TooManyRequests", "message": "Too many requests."}}
+        if stream is not None:
             if stream.finished:
                 return self._refuse(403, "Content stream has already completed.")
             if now - stream.started > MAX_SECONDS:
@@ -101,7 +132,8 @@ class StreamContract:
         if stream is None:
             if "streamId" in info:
                 return self._refuse(400, "unknown streamId")
-            if any(not s.finished for s in self.of(conversation_id)):
+            if self.open(conversation_id):
+                self.overlapping.append(conversation_id)
                 return self._refuse(403, "Content stream is not allowed: another is in progress.")
             if sequence != 1:
                 return self._refuse(400, "the first update's streamSequence must be 1")

@@ -132,6 +132,17 @@ param chatAnswerMode string = 'queue'
 @minLength(3)
 @maxLength(56)
 param chatTurnQueue string = 'chat-turns'
+@description('together: messages that arrive while a turn of the same conversation runs are answered together in the next turn; each: one by one, in order (CHAT_BURST).')
+@allowed(['together', 'each'])
+param chatBurst string = 'together'
+@description('Seconds a worker holds a conversation unless it renews the hold: what a crashed worker costs its conversation (CHAT_HOLD_SECONDS).')
+@minValue(5)
+@maxValue(600)
+param chatHoldSeconds int = 30
+@description('Seconds a worker answers one conversation before it hands the rest to a new queue message; keep it well under functionTimeout (CHAT_DRAIN_SECONDS).')
+@minValue(5)
+@maxValue(3600)
+param chatDrainSeconds int = 60
 @description('Always-ready instances of the `answer` function (Flex Consumption alwaysReady `function:answer`), billed around the clock at the baseline rate; 0 scales it to zero. docs/deploy.md explains the trade-off (azd: ANSWER_ALWAYS_READY).')
 @minValue(0)
 @maxValue(100)
@@ -355,6 +366,18 @@ var chatAppSettings = [
   {
     name: 'CHAT_STORAGE_QUEUE_ENDPOINT'
     value: storage.outputs.queueEndpoint
+  }
+  {
+    name: 'CHAT_BURST'
+    value: chatBurst
+  }
+  {
+    name: 'CHAT_HOLD_SECONDS'
+    value: string(chatHoldSeconds)
+  }
+  {
+    name: 'CHAT_DRAIN_SECONDS'
+    value: string(chatDrainSeconds)
   }
   // retention, spend limits, streaming and feedback: empty means off (shared/settings.py)
   {

@@ -1,14 +1,16 @@
-"""The answer: one accepted message turned into a delivered reply, inline or from the turn queue.
+"""The answer: accepted messages turned into delivered replies, inline or in their conversation's order.
 
-    (ticket → accepted activity) → progress → the turn → the delivery → the summary work
+    inline:  activity → /reset | checks → the turn → the delivery → the summary work
+    queued:  ticket → the conversation's order (`shared/order.py`) → unit → the same steps
 
-`answer()` runs one message: `/reset`, the input check, the turn (shared/turn.py) with its
-progress and delivery (shared/delivery.py), then the summary work, after the reply went out.
-`answer_ticket()` is the queue trigger's core, at least once and answered once: a ticket whose
-activity is committed and delivered does nothing, one committed but not delivered is re-sent,
-otherwise the turn runs. A failure raises, so the host retries after its visibility timeout; on
-the last dequeue (host.json `maxDequeueCount`) the user first gets one short apology, and the host
-moves the message to the poison queue.
+`answer()` runs one message inline (expectReplies, `CHAT_ANSWER_MODE=inline`). `answer_ticket()`
+is the queue trigger's core: it wakes the conversation's drain, which calls `answer_unit()` for
+each unit in arrival order: a `/reset`, a burst (its messages checked one by one, those that pass
+answered in one turn: one model call, one reply, each message stored with its own activity ID),
+or a parked turn (resumed or closed by the waiter of its kind, `Waiter`). Every activity read back
+from the inbox is checked again before anything is sent for it (its serviceUrl must pass the
+reply allow-list: the bot's token goes there). The exception that leaves the queue trigger carries
+no text from outside: its kind only.
 """
 
 from __future__ import annotations
@@ -16,32 +18,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from .activity import Activity, parse_activity
 from .attachments import AttachmentReader, Incoming, Refusal
 from .delivery import Delivery, Progress
 from .errors import (
     BadRequest,
+    ChatstateError,
+    ConnectorError,
     InputTooLong,
     MessageTooLarge,
     ModelError,
     ModelMisconfigured,
-    StoreError,
 )
-from .inbox import Inbox, TurnTicket
+from .inbox import Inbox, Kept, TurnTicket
 from .logs import turn_context
-from .prompt import check_input
+from .order import Answered, Conductor, Failed, Unit, UnitOutcome
+from .pending import Pending
+from .prompt import UserInput, check_input
 from .settings import Settings
 from .store import ConversationStore, ConversationWindow
 from .streaming import StreamStart
 from .summary import Summarizer
 from .telemetry import turn
-from .turn import Busy, Committed, Found, Refused, TurnRunner
+from .turn import Busy, Committed, Found, Refused, TurnResult, TurnRunner, Withdrawn
 
-__all__ = ["APOLOGY", "BUSY", "RESET_DONE", "SETUP_PROBLEM", "TOO_LONG", "Answerer", "Unanswered"]
+__all__ = ["APOLOGY", "BUSY", "RESET_DONE", "SETUP_PROBLEM", "TOO_LONG", "WITHDRAWN", "Answerer",
+           "TurnFailed", "Unanswered", "Waiter"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +57,8 @@ APOLOGY = "Sorry, I couldn't get an answer just now. Please try again in a momen
 SETUP_PROBLEM = ("Sorry, I can't answer: my model is not set up correctly, so trying again will "
                  "not help. The bot's operator will find what to fix in its log.")
 BUSY = "Sorry, this conversation is very busy right now. Please send that again in a moment."
+#: Ends the stream of a turn whose messages were removed at the user's request while it ran.
+WITHDRAWN = "This message was removed at the sender's request, so it was not answered."
 TOO_LONG = ("Sorry, that message is too long for me (about {tokens:,} tokens; I can take "
             "{budget:,}). Could you shorten it?")
 _HEADERS = {"Content-Type": "application/json"}
@@ -59,8 +68,43 @@ class Unanswered(Exception):
     """Other turns kept committing first: nothing was stored or sent (inline: answer 503)."""
 
 
+class TurnFailed(Exception):
+    """What leaves the queue trigger when a wake-up could not be handled: the failure's kind
+    only (a provider's error text may quote the prompt), so the host retries the message."""
+
+
+class Waiter(Protocol):
+    """One kind of parked turn (an approval, a sign-in): how to ask, resume and close it."""
+
+    kind: str
+
+    async def ask(self, unit: Unit, pending: Pending, activity: Activity) -> Pending:
+        """Send the question (a card); the record with what refreshing it needs (`card_id`)."""
+        ...
+
+    async def resume(self, unit: Unit, pending: Pending, activities: Sequence[Activity],
+                     saved: bytes) -> UnitOutcome:
+        """A person decided: go on with the turn (or park it again)."""
+        ...
+
+    async def close(self, unit: Unit, pending: Pending, activities: Sequence[Activity],
+                    saved: bytes, *, why: str) -> None:
+        """Expired or superseded: nothing runs; the turn so far is stored as declined."""
+        ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Message:
+    """One message of a unit, read and checked."""
+
+    activity: Activity
+    text: str
+    needed: int
+    incoming: Incoming
+
+
 class _KeyedLocks:
-    """One asyncio lock per key, dropped when nobody holds or waits for it."""
+    """One asyncio lock per key, dropped when nobody holds or waits for it (inline answers)."""
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[asyncio.Lock, list[int]]] = {}
@@ -81,53 +125,219 @@ class _KeyedLocks:
 class Answerer:
     def __init__(self, *, settings: Settings, store: ConversationStore, turns: TurnRunner,
                  delivery: Delivery, summarizer: Summarizer | None = None,
-                 inbox: Inbox | None = None) -> None:
+                 inbox: Inbox | None = None, reply_allowed: Callable[[str], bool] | None = None,
+                 max_attempts: int = 5, retry_seconds: float = 5.0) -> None:
         """`summarizer`: prepares rolling summaries after replies (None: no summaries).
-        `inbox`: the accepted activities (None: inline answers only)."""
+        `inbox`: the accepted activities (None: inline answers only). `reply_allowed`: whether
+        replies (and the bot's token) may go to a serviceUrl. `max_attempts`, `retry_seconds`:
+        a failing unit is tried this many times, this far apart (host.json's queue settings)."""
         self.settings = settings
         self.store = store
         self.turns = turns
         self.delivery = delivery
         self.summarizer = summarizer
         self.inbox = inbox
+        self.reply_allowed = reply_allowed or (lambda url: True)
+        self.waiters: dict[str, Waiter] = {}
         self._locks = _KeyedLocks()
         self._background: set[asyncio.Task[bool]] = set()
         self.attachments = AttachmentReader(settings=settings, token=delivery.connector.token)
+        self.conductor = None if inbox is None else Conductor(
+            inbox=inbox, answerer=self, burst=settings.order.burst,
+            max_burst=settings.order.max_burst, hold_seconds=settings.order.hold_seconds,
+            drain_seconds=settings.order.drain_seconds, retry_seconds=retry_seconds,
+            max_attempts=max_attempts)
 
-    async def answer(self, activity: Activity, *, resume: StreamStart | None = None,
-                     retried: bool = False, apologize: bool = True) -> dict[str, Any] | None:
-        """Answer one message; with expectReplies, the reply activity (nothing is sent).
+    def add_waiter(self, waiter: Waiter) -> None:
+        """Handle parked turns of `waiter.kind` (approvals, sign-ins)."""
+        self.waiters[waiter.kind] = waiter
 
-        `apologize`: a model failure ends in the apology (else it is raised, for a retry).
-        `retried`: an earlier attempt may have streamed: send only the final message."""
-        text = activity.message_text
+    # -- inline ------------------------------------------------------------------------------
+
+    async def answer(self, activity: Activity, *,
+                     apologize: bool = True) -> dict[str, Any] | None:
+        """Answer one message now; with expectReplies, the reply activity (nothing is sent).
+        `apologize`: a model failure ends in the apology (else it is raised)."""
         async with self._locks.hold(activity.conversation_id):
-            if text.lower() == "/reset":
-                await self.store.clear(activity.conversation_id)
-                log.info("cleared the conversation on /reset")
-                return await self._say(activity, RESET_DONE, resume=resume)
-            budget = self.settings.model.history_token_budget
-            incoming = await self.attachments.read(activity, text, token_budget=budget)
-            if isinstance(incoming, Refusal):
-                log.info("attachments refused: %s", incoming.reason)
-                return await self._say(activity, incoming.reply, resume=resume)
-            text = incoming.text
+            if activity.message_text.lower() == "/reset":
+                return await self._reset(activity, None)
+            checked, outgoing, _ = await self._check([activity], None)
+            if not checked:
+                return outgoing
+            progress = self.delivery.progress(activity)
             try:
-                needed = check_input(text, token_budget=budget)
-            except (InputTooLong, MessageTooLarge) as exc:
-                log.info("message too long to answer: %s", exc)
-                tokens = exc.tokens if isinstance(exc, InputTooLong) else len(text) // 3
-                return await self._say(activity, TOO_LONG.format(tokens=tokens, budget=budget),
-                                       resume=resume)
-            progress = self.delivery.progress(activity, resume=resume, updates=not retried)
-            try:
-                outgoing, window = await self._turn(activity, text, needed, progress, apologize,
-                                                    incoming)
+                outgoing, window = await self._turn(checked, activity, progress, apologize)
             finally:
                 await progress.close()
         if window is not None:
             await self._after_reply(activity, window)
         return outgoing
+
+    # -- in the conversation's order ---------------------------------------------------------
+
+    async def answer_ticket(self, message: str | bytes) -> None:
+        """Wake the drain of the conversation a queue message names; raise to have it retried
+        (a `TurnFailed` naming only the failure's kind)."""
+        ticket = TurnTicket.from_json(message)
+        assert self.conductor is not None, "the turn queue needs an inbox"
+        # Its own span and metrics, as activity type "answer": the webhook's "message" is the accept.
+        with turn_context(ticket.conversation_id, ticket.activity_id), \
+                turn("answer", ticket.conversation_id) as stats:
+            stats.status = 500  # until done
+            log.info("picked up after %.0f ms (%s)", (time.time() - ticket.enqueued_at) * 1000,
+                     ticket.kind)
+            failed = ""
+            try:
+                await self.conductor.wake(ticket)
+            except Exception as exc:
+                failed = type(exc).__name__
+                log.warning("the wake-up failed; the queue retries it: %s", failed)
+            if failed:  # raised out here: no chained exception carries its text along
+                raise TurnFailed(failed)
+            stats.status = 200
+
+    async def answer_unit(self, unit: Unit) -> UnitOutcome:
+        """Answer one unit of a conversation's order (`shared/order.py`)."""
+        read = await self._read(unit)
+        if not read:
+            return Answered()
+        activities = [activity for activity, _ in read]
+        with turn_context(unit.conversation_id, activities[-1].id):
+            if unit.kind == "parked":
+                return await self._parked(unit, activities)
+            # The stream the webhook opened (for the unit's first message, if it went first),
+            # and the message whose reply ends it: the turn's reply goes there.
+            stream, owner = next(((kept.stream, activity) for activity, kept in read
+                                  if kept.stream is not None), (None, None))
+            if unit.kind == "reset":
+                await self._reset(activities[0], stream)
+                return Answered()
+            try:
+                checked, _, stream = await self._check(activities, stream)
+                if not checked:
+                    return Answered()
+                reply_to = owner if stream is not None and owner is not None \
+                    else checked[-1].activity
+                if stream is None:
+                    # It waited behind another turn: its stream starts now, kept with its
+                    # message so a worker that takes over after a crash ends it.
+                    stream = await self.delivery.open_stream(reply_to,
+                                                             paced_after=unit.streamed_at)
+                    if stream is not None:
+                        assert self.inbox is not None
+                        await self.inbox.keep_stream(unit.conversation_id, reply_to.id, stream)
+                progress = self.delivery.progress(reply_to, resume=stream, updates=not unit.retried,
+                                                  paced_after=unit.streamed_at)
+                try:
+                    outcome, window = await self._queued_turn(checked, reply_to, progress)
+                finally:
+                    await progress.close()
+            except ConnectorError as exc:  # not delivered: the retry re-sends it
+                log.warning("the reply was not delivered: %s", exc)
+                return Failed(reason=type(exc).__name__)
+        if window is not None:
+            await self._after_reply(reply_to, window)
+        return outcome
+
+    async def give_up(self, unit: Unit) -> None:
+        """The unit's last attempt failed: one apology, ending the stream its first message has."""
+        read = await self._read(unit)
+        if not read:
+            return
+        stream, reply_to = next(((kept.stream, activity) for activity, kept in read
+                                 if kept.stream is not None), (None, read[-1][0]))
+        try:
+            await self._say(reply_to, APOLOGY, resume=stream)
+        except Exception as exc:
+            log.error("the apology was not sent either: %s", type(exc).__name__)
+
+    async def parked(self, unit: Unit, pending: Pending) -> Pending:
+        """A turn was parked: ask the person (its waiter sends the card)."""
+        waiter = self.waiters.get(pending.kind)
+        read = await self._read(unit)
+        if waiter is None or not read:
+            return pending
+        return await waiter.ask(unit, pending, read[-1][0])
+
+    async def _parked(self, unit: Unit, activities: list[Activity]) -> UnitOutcome:
+        pending = unit.parked
+        assert pending is not None and self.inbox is not None
+        waiter = self.waiters.get(pending.kind)
+        saved = await self.inbox.load_turn(unit.conversation_id, unit.activity_ids[-1])
+        if waiter is None or saved is None:
+            log.warning("a parked turn (%s) cannot be resumed here; dropped", pending.kind)
+            return Answered()
+        if pending.decided:
+            return await waiter.resume(unit, pending, activities, saved)
+        why = "superseded" if unit.superseded else "expired"
+        await waiter.close(unit, pending, activities, saved, why=why)
+        return Answered()
+
+    async def _read(self, unit: Unit) -> list[tuple[Activity, Kept]]:
+        """The unit's activities as kept, each checked again: one the webhook would refuse now
+        (not a message, or a serviceUrl off the reply allow-list) is dropped, with a log line."""
+        assert self.inbox is not None
+        bodies = await asyncio.gather(*(self.inbox.load(unit.conversation_id, kept.activity_id)
+                                        for kept in unit.kept))
+        activities: list[tuple[Activity, Kept]] = []
+        for kept, body in zip(unit.kept, bodies, strict=True):
+            activity_id = kept.activity_id
+            if body is None:
+                continue
+            try:
+                activity = parse_activity(body, _HEADERS)
+            except BadRequest as exc:
+                log.warning("a kept activity is unreadable (%s); dropped", exc)
+                continue
+            if activity.id != activity_id or activity.conversation_id != unit.conversation_id:
+                log.warning("a kept activity is not the one its row names; dropped")
+                continue
+            if activity.type != "message" or not activity.service_url or \
+                    not self.reply_allowed(activity.service_url):
+                log.warning("a kept activity's serviceUrl is not allowed for replies; dropped "
+                            "unanswered (nothing sent there)")
+                continue
+            activities.append((activity, kept))
+        return activities
+
+    # -- the steps ---------------------------------------------------------------------------
+
+    async def _reset(self, activity: Activity,
+                     stream: StreamStart | None) -> dict[str, Any] | None:
+        await self.store.clear(activity.conversation_id)
+        log.info("cleared the conversation on /reset")
+        return await self._say(activity, RESET_DONE, resume=stream)
+
+    async def _check(self, activities: Sequence[Activity], stream: StreamStart | None,
+                     ) -> tuple[list[_Message], dict[str, Any] | None, StreamStart | None]:
+        """Each message with its files read and its size checked; those refused are answered
+        here (in order; the first refusal ends `stream`), the rest returned, with the refusal's
+        outgoing activity (for expectReplies) and the stream if it is still open."""
+        budget = self.settings.model.history_token_budget
+        passed: list[_Message] = []
+        outgoing: dict[str, Any] | None = None
+        used = 0
+        for activity in activities:
+            text = activity.message_text
+            incoming = await self.attachments.read(activity, text, token_budget=budget - used)
+            if isinstance(incoming, Refusal):
+                log.info("attachments refused: %s", incoming.reason)
+                outgoing = await self._say(activity, incoming.reply, resume=stream)
+                stream = None
+                continue
+            try:
+                needed = check_input(incoming.text, token_budget=budget - used)
+            except (InputTooLong, MessageTooLarge) as exc:
+                log.info("message too long to answer: %s", exc)
+                tokens = exc.tokens if isinstance(exc, InputTooLong) else len(incoming.text) // 3
+                outgoing = await self._say(activity, TOO_LONG.format(tokens=tokens, budget=budget),
+                                           resume=stream)
+                stream = None
+                continue
+            used += needed
+            passed.append(_Message(activity=activity, text=incoming.text, needed=needed,
+                                   incoming=incoming))
+        return passed, outgoing, stream
 
     async def _say(self, activity: Activity, text: str, *,
                    resume: StreamStart | None) -> dict[str, Any] | None:
@@ -140,12 +350,32 @@ class Answerer:
         finally:
             await progress.close()
 
-    async def _turn(self, activity: Activity, text: str, needed: int, progress: Progress,
-                    apologize: bool, incoming: Incoming | None = None,
-                    ) -> tuple[dict[str, Any] | None, ConversationWindow | None]:
+    async def _run(self, messages: Sequence[_Message], progress: Progress, *,
+                   kept: bool = False) -> TurnResult:
+        """The turn of `messages`; `kept`: they are kept in the inbox (queued), and a turn whose
+        messages were withdrawn meanwhile (a user's removal) stores nothing."""
+        last = messages[-1]
+        earlier = [UserInput(text=m.text, speaker=m.activity.speaker, sender=m.activity.user,
+                             attachments=m.incoming, activity_id=m.activity.id)
+                   for m in messages[:-1]]
+        still_wanted = None
+        if kept and self.inbox is not None:
+            inbox, conversation = self.inbox, last.activity.conversation_id
+            ids = [m.activity.id for m in messages]
+
+            async def still_wanted() -> bool:
+                return all(await asyncio.gather(*(inbox.load(conversation, i) for i in ids)))
+
+        return await self.turns.run(last.activity, last.text,
+                                    needed=sum(m.needed for m in messages),
+                                    stream=progress.stream, attachments=last.incoming,
+                                    earlier=earlier, still_wanted=still_wanted)
+
+    async def _turn(self, messages: Sequence[_Message], reply_to: Activity, progress: Progress,
+                    apologize: bool) -> tuple[dict[str, Any] | None, ConversationWindow | None]:
+        """The inline turn: a failure is the apology, or raised."""
         try:
-            result = await self.turns.run(activity, text, needed=needed, stream=progress.stream,
-                                          attachments=incoming)
+            result = await self._run(messages, progress)
         except ModelError as exc:
             # A setup problem (401/403/404) is told at once: a retry would fail the same way.
             setup = isinstance(exc, ModelMisconfigured)
@@ -153,17 +383,51 @@ class Answerer:
                     type(exc).__name__, exc)
             if not (apologize or setup):
                 raise
-            return await self.delivery.text(activity, SETUP_PROBLEM if setup else APOLOGY,
+            return await self.delivery.text(reply_to, SETUP_PROBLEM if setup else APOLOGY,
                                              progress=progress), None
+        if isinstance(result, Busy):
+            raise Unanswered(f"other turns kept committing first ({result.attempts} attempts)")
+        return await self._deliver(result, reply_to, progress)
+
+    async def _queued_turn(self, messages: Sequence[_Message], reply_to: Activity,
+                           progress: Progress) -> tuple[UnitOutcome, ConversationWindow | None]:
+        """The turn in the drain: a transient failure is `Failed` (the drain tries again)."""
+        try:
+            result = await self._run(messages, progress, kept=True)
+        except ModelMisconfigured as exc:
+            log.error("model failed (%s): %s", type(exc).__name__, exc)
+            await self.delivery.text(reply_to, SETUP_PROBLEM, progress=progress)
+            return Answered(), None
+        except ModelError as exc:
+            log.warning("model failed (%s): %s", type(exc).__name__, exc)
+            return Failed(reason=type(exc).__name__), None
+        except ChatstateError as exc:
+            log.warning("the turn failed (%s): %s", type(exc).__name__, exc)
+            return Failed(reason=type(exc).__name__), None
+        if isinstance(result, Busy):
+            return Failed(reason="Busy"), None
+        if isinstance(result, Withdrawn):
+            if progress.stream is not None and progress.stream.start is not None:
+                await self.delivery.text(reply_to, WITHDRAWN, progress=progress)  # end it
+            return Answered(), None
+        if isinstance(result, Found):
+            await self._redeliver(reply_to, result, progress)
+            answered = result.turn.answered if result.turn is not None else None
+            return Answered(activity_ids=answered), None
+        outgoing, window = await self._deliver(result, reply_to, progress)
+        del outgoing
+        return Answered(), window
+
+    async def _deliver(self, result: Committed | Found | Refused | Withdrawn, reply_to: Activity,
+                       progress: Progress) -> tuple[dict[str, Any] | None, ConversationWindow | None]:
         if isinstance(result, Committed):
-            return await self.delivery.reply(activity, result.turn, progress=progress,
+            return await self.delivery.reply(reply_to, result.turn, progress=progress,
                                              suggestions=result.suggestions), result.window
         if isinstance(result, Found):
-            return await self._redeliver(activity, result, progress), None
+            return await self._redeliver(reply_to, result, progress), None
         if isinstance(result, Refused):
-            return await self.delivery.text(activity, result.text, progress=progress), None
-        assert isinstance(result, Busy)
-        raise Unanswered(f"other turns kept committing first ({result.attempts} attempts)")
+            return await self.delivery.text(reply_to, result.text, progress=progress), None
+        return None, None
 
     async def _redeliver(self, activity: Activity, found: Found,
                          progress: Progress) -> dict[str, Any] | None:
@@ -186,51 +450,3 @@ class Answerer:
             return
         self._background.add(work)  # with expectReplies it runs after the response
         work.add_done_callback(self._background.discard)
-
-    # -- the turn queue ----------------------------------------------------------------------
-
-    async def answer_ticket(self, message: str | bytes, *, dequeue_count: int,
-                            max_dequeue_count: int) -> None:
-        """Answer the accepted activity a queue message names; raise to have it retried."""
-        ticket = TurnTicket.from_json(message)
-        last = dequeue_count >= max_dequeue_count
-        # Its own span and metrics, as activity type "answer": the webhook's "message" is the accept.
-        with turn_context(ticket.conversation_id, ticket.activity_id), \
-                turn("answer", ticket.conversation_id) as stats:
-            stats.status = 500  # until answered
-            log.info("picked up after %.0f ms (dequeue %d of %d)",
-                     (time.time() - ticket.enqueued_at) * 1000, dequeue_count, max_dequeue_count)
-            assert self.inbox is not None, "the turn queue needs an inbox"
-            body = await self.inbox.load(ticket.conversation_id, ticket.activity_id)
-            if body is None:
-                log.info("nothing kept for this activity: answered already; nothing to do")
-                stats.status = 200
-                return
-            activity = parse_activity(body, _HEADERS)
-            try:
-                await self.answer(activity, resume=ticket.stream, retried=dequeue_count > 1,
-                                  apologize=False)
-            except Exception as exc:
-                if not last:
-                    log.warning("the turn failed on dequeue %d of %d; the queue retries it: %s",
-                                dequeue_count, max_dequeue_count, _reason(exc))
-                    raise
-                log.error("the turn failed on its last dequeue (%d); apologising; the message "
-                          "goes to the poison queue: %s", dequeue_count, _reason(exc))
-                await self._apologize(activity, ticket)
-                raise
-            stats.status = 200
-            try:
-                await self.inbox.remove(ticket.conversation_id, ticket.activity_id)
-            except StoreError as exc:  # answered: a retry now would only find it done
-                log.warning("answered, but its kept copy not removed (retention will): %s", exc)
-
-    async def _apologize(self, activity: Activity, ticket: TurnTicket) -> None:
-        try:
-            await self._say(activity, APOLOGY, resume=ticket.stream)
-        except Exception as exc:
-            log.error("the apology was not sent either: %s", _reason(exc))
-
-
-def _reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if not isinstance(exc, BadRequest) else str(exc)

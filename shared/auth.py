@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,7 +34,7 @@ from .errors import AuthUnavailable, Unauthorized
 from .settings import BotSettings, is_loopback_host
 
 __all__ = ["AuthResult", "BotAuthenticator", "OpenIdKeys", "SigningKey", "is_loopback_url",
-           "service_url_allowed"]
+           "reply_policy", "service_url_allowed"]
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +272,16 @@ def is_loopback_url(url: str) -> bool:
     off). A malformed URL is not."""
     parts = _scheme_and_host(url)
     return parts is not None and is_loopback_host(parts[1])
+
+
+def reply_policy(settings: BotSettings) -> Callable[[str], bool]:
+    """Where replies (and the bot's token) may go: with auth on, `BOT_SERVICE_URL_HOSTS`; with
+    auth off, loopback only. Checked where the token is used (the connector, the answer of a
+    kept activity), not only when an activity comes in."""
+    if settings.auth_enabled:
+        hosts = settings.service_url_hosts
+        return lambda url: service_url_allowed(url, hosts)
+    return is_loopback_url
 
 
 def service_url_allowed(url: str, hosts: Sequence[str]) -> bool:

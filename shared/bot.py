@@ -2,15 +2,19 @@
 
     parse → authenticate → dispatch: invoke (feedback; a card's button, `shared/card_actions.py`),
     conversationUpdate (welcome) and expectReplies are answered inline, their contract being the
-    response; a message is accepted (kept in the inbox, its informative update sent, a ticket
-    queued) and answered 200 at once; an older client's card button (`Action.Submit`, a message
-    with the button's verb in its `value`) goes to the card's handler, as the invoke does
+    response; a message is accepted (kept in the inbox with its place in the conversation's order,
+    its informative update sent when nothing else is being answered there, a wake-up queued) and
+    answered 200 at once; an older client's card button (`Action.Submit`, a message with the
+    button's verb in its `value`) goes to the card's handler, as the invoke does
 
-The answer itself (the turn and its delivery) is shared/answer.py, run by the queue trigger; with
-`CHAT_ANSWER_MODE=inline` (hosts without a queue) the webhook runs it before it responds, as
-before. A retry of an activity already accepted is acknowledged and dropped (the inbox's
-conditional create), and so is one already answered (its turn committed and delivered); one
-committed but not delivered is queued without a stream, and the answer re-sends it.
+The answer itself (the conversation's order, the turn and its delivery) is shared/order.py and
+shared/answer.py, run by the queue trigger; with `CHAT_ANSWER_MODE=inline` (hosts without a queue)
+the webhook runs it before it responds. A retry of an activity already accepted is acknowledged
+and dropped (the inbox's conditional create), and so is one already answered (its turn committed
+and delivered); one committed but not delivered is kept without a stream, and the answer re-sends
+it. Teams allows one stream per chat: the webhook opens one ("Thinking…") only for a message that
+goes first (the conversation idle, its last stream request a second ago or more); a message that
+waits behind another gets its stream when its turn starts.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 from .activity import Activity, parse_activity
 from .answer import APOLOGY, RESET_DONE, TOO_LONG, Answerer, Unanswered
 from .attachments import has_attachments
-from .auth import AuthResult, BotAuthenticator
+from .auth import AuthResult, BotAuthenticator, reply_policy
 from .card_actions import (
     INVOKE_NAME,
     CardActions,
@@ -76,9 +80,11 @@ class ChatBot:
                  connector: BotConnector, authenticator: BotAuthenticator,
                  summarizer: Summarizer | None = None, inbox: Inbox | None = None,
                  clock: Callable[[], datetime] | None = None,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 max_attempts: int = 5, retry_seconds: float = 5.0) -> None:
         """`inbox`: the accepted activities and the turn queue (without one, answers are inline).
-        `clock`, `sleep`: the turn's time (None: the store's) and its backoff (test seams)."""
+        `clock`, `sleep`: the turn's time (None: the store's) and its backoff (test seams).
+        `max_attempts`, `retry_seconds`: a failing queued turn's tries and their spacing."""
         self.settings = settings
         self.store = store
         self.prompt = prompt
@@ -89,7 +95,9 @@ class ChatBot:
         self.answerer = Answerer(
             settings=settings, store=store, delivery=self.delivery, summarizer=summarizer,
             inbox=inbox, turns=TurnRunner(settings=settings, store=store, prompt=prompt,
-                                          clock=clock, sleep=sleep))
+                                          clock=clock, sleep=sleep),
+            reply_allowed=reply_policy(settings.bot), max_attempts=max_attempts,
+            retry_seconds=retry_seconds)
         self._in_flight: set[tuple[str, str]] = set()
         self._queued = settings.answer_mode is AnswerMode.QUEUE and inbox is not None
         #: The handlers of our cards' buttons, by verb.
@@ -169,32 +177,41 @@ class ChatBot:
         return BotResponse(status=200, body={"activities": [outgoing]} if outgoing else None)
 
     async def _accept(self, activity: Activity, body: bytes) -> BotResponse:
-        """Keep the message, show that it is being answered, queue its ticket; 200 at once."""
+        """Keep the message in its conversation's order, show that it is being answered if it
+        goes first, queue a wake-up; 200 at once."""
         assert self.inbox is not None
-        accepted, committed = await asyncio.gather(
-            self.inbox.accept(body, conversation_id=activity.conversation_id,
-                              activity_id=activity.id),
+        look, committed = await asyncio.gather(
+            self.inbox.look(activity.conversation_id, activity.id),
             self.store.get_turn(activity.conversation_id, activity.id))
-        if not accepted:
+        if look.kept:
             log.info("retry of an activity already accepted; acknowledged")
             return BotResponse(status=200)
         if committed is not None and committed.delivered:
             log.info("retry of an activity already answered; acknowledged")
-            await self.inbox.remove(activity.conversation_id, activity.id)
             return BotResponse(status=200)
+        now = time.time()
+        first = look.head is None or (look.head.idle(now) and now - look.head.streamed_at >= 1.0)
         # A turn committed but not delivered is re-sent by the answer, with no stream to open.
-        stream = await self.delivery.open_stream(activity) if committed is None else None
+        stream = await self.delivery.open_stream(activity) if first and committed is None else None
+        sender = activity.user
+        place = await self.inbox.accept(
+            body, conversation_id=activity.conversation_id, activity_id=activity.id,
+            sender=sender.id or "", aad=sender.aad_id or "",
+            reset=activity.message_text.lower() == "/reset", stream=stream, head=look.head)
+        if place is None:
+            log.info("retry of an activity accepted a moment ago; acknowledged")
+            return BotResponse(status=200)
         ticket = TurnTicket(conversation_id=activity.conversation_id, activity_id=activity.id,
-                            enqueued_at=time.time(), stream=stream)
+                            enqueued_at=time.time())
         try:
             await self.inbox.enqueue(ticket)
         except StoreError:
             try:  # let the channel's retry accept it again
-                await self.inbox.remove(activity.conversation_id, activity.id)
+                await self.inbox.remove(activity.conversation_id, [activity.id])
             except StoreError as exc:
                 log.error("not queued, and its kept copy not removed: %s", exc)
             raise
-        log.info("accepted and queued")
+        log.info("accepted as number %d of the conversation and queued", place)
         return BotResponse(status=200)
 
     async def _on_conversation_update(self, activity: Activity, auth: AuthResult) -> BotResponse:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -57,8 +58,12 @@ def build_credential(settings: BotSettings, *,
 
 class BotConnector:
     def __init__(self, *, credential: AsyncTokenCredential | None, timeout_seconds: float = 10.0,
-                 env_proxy: bool = False) -> None:
+                 env_proxy: bool = False,
+                 reply_allowed: Callable[[str], bool] | None = None) -> None:
+        """`reply_allowed`: whether a service URL may get our activities and token (the reply
+        allow-list, `shared.auth.reply_policy`), checked here, where the token is sent."""
         self._credential = credential
+        self._reply_allowed = reply_allowed
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self._env_proxy = env_proxy
         self._session: aiohttp.ClientSession | None = None
@@ -72,6 +77,9 @@ class BotConnector:
 
     async def _send(self, service_url: str, conversation_id: str,
                     activity: dict[str, Any]) -> str | None:
+        if self._reply_allowed is not None and not self._reply_allowed(service_url):
+            raise ConnectorError("the serviceUrl is not allowed for replies (BOT_SERVICE_URL_HOSTS); "
+                                 "nothing was sent")
         url = f"{service_url.rstrip('/')}/v3/conversations/{quote(conversation_id, safe='')}/activities"
         headers = {"Content-Type": "application/json"}
         if self._credential is not None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,12 +37,16 @@ class Progress:
 
     stream: ReplyStream | None = None
     typing: asyncio.Task[None] | None = None
+    #: Told when the stream's last request went out (epoch s), once it is closed.
+    on_closed: Callable[[float], None] | None = None
 
     async def close(self) -> None:
         if self.typing is not None:
             await asyncio.gather(self.typing, return_exceptions=True)
         if self.stream is not None:
             await self.stream.close()
+            if self.on_closed is not None and (at := self.stream.last_request_at) is not None:
+                self.on_closed(at)
 
 
 class Delivery:
@@ -50,29 +55,46 @@ class Delivery:
         self.settings = settings
         self.store = store
         self.connector = connector
+        #: When each chat's latest stream (of this process) sent its last request, so the next
+        #: stream keeps Teams' pace of one streaming request a second per chat.
+        self._streamed: dict[str, float] = {}
 
     # -- while the turn works ----------------------------------------------------------------
 
     def progress(self, activity: Activity, *, resume: StreamStart | None = None,
-                 updates: bool = True) -> Progress:
+                 updates: bool = True, paced_after: float = 0.0) -> Progress:
         """A stream with its informative update where the channel streams (`resume`: the one the
-        webhook opened); else a typing indicator (none when the reply is the response)."""
+        webhook opened); else a typing indicator (none when the reply is the response).
+        `paced_after`: when (epoch s) the chat's last stream request went out, as far as
+        another process knows (the order head's `streamed_at`)."""
         if self.settings.streaming and activity.can_stream:
+            conversation = activity.conversation_id
             stream = ReplyStream(connector=self.connector, activity=activity, resume=resume,
-                                 updates=updates)
+                                 updates=updates,
+                                 paced_after=max(paced_after, self._streamed.get(conversation, 0.0))
+                                 or None)
             if resume is None:
                 stream.inform(self.settings.streaming_informative)
-            return Progress(stream=stream)
+            return Progress(stream=stream, on_closed=lambda at: self._paced(conversation, at))
         if activity.expects_replies:
             return Progress()
         return Progress(typing=asyncio.create_task(self._send_typing(activity)))
 
-    async def open_stream(self, activity: Activity) -> StreamStart | None:
-        """Send the informative update now (the webhook, before it returns): the stream's start,
-        or None where the channel does not stream."""
+    def _paced(self, conversation_id: str, at: float) -> None:
+        now = time.time()
+        for old in [key for key, when in self._streamed.items() if now - when > 5.0]:
+            del self._streamed[old]  # past Teams' pace: nothing left to keep
+        self._streamed[conversation_id] = at
+
+    async def open_stream(self, activity: Activity, *,
+                          paced_after: float = 0.0) -> StreamStart | None:
+        """Send the informative update now (the webhook, before it returns; a queued turn
+        before it works, to keep the stream's start with its message): the stream's start, or
+        None where the channel does not stream."""
         if not (self.settings.streaming and activity.can_stream):
             return None
-        stream = ReplyStream(connector=self.connector, activity=activity)
+        paced = max(paced_after, self._streamed.get(activity.conversation_id, 0.0)) or None
+        stream = ReplyStream(connector=self.connector, activity=activity, paced_after=paced)
         return await stream.open(self.settings.streaming_informative)
 
     # -- replies -----------------------------------------------------------------------------
@@ -95,7 +117,7 @@ class Delivery:
         sent: the activity to put in the response is returned."""
         reply = turn.reply
         if reply is not None and reply.stopped:
-            await self._mark_delivered(activity, reply_id=None)  # the user saw all there is
+            await self._mark_delivered(activity, turn, reply_id=None)  # the user saw all there is
             return None
         outgoing = self.reply_activity(activity, turn, suggestions=suggestions)
         if activity.expects_replies:
@@ -104,7 +126,7 @@ class Delivery:
         reply_id = await self.send(activity, outgoing, stream=stream)
         if stream is not None and stream.canceled and reply is not None:
             await self._mark_stopped(activity, shown=stream.shown)
-        await self._mark_delivered(activity, reply_id=reply_id)
+        await self._mark_delivered(activity, turn, reply_id=reply_id)
         return None
 
     async def text(self, activity: Activity, text: str, *,
@@ -125,10 +147,13 @@ class Delivery:
                                          conversation_id=activity.conversation_id,
                                          activity=outgoing)
 
-    async def _mark_delivered(self, activity: Activity, *, reply_id: str | None) -> None:
-        try:
+    async def _mark_delivered(self, activity: Activity, turn: StoredTurn, *,
+                              reply_id: str | None) -> None:
+        try:  # every activity the turn answered (a burst's), the reply's own last
             await self.store.mark_delivered(activity.conversation_id, activity.id,
-                                            reply_id=reply_id)
+                                            reply_id=reply_id,
+                                            more_activity_ids=[a for a in turn.answered
+                                                               if a != activity.id])
         except StoreError as exc:  # the reply went out: a failure now would get it sent twice
             log.warning("reply delivered but not recorded: %s", exc)
 

@@ -206,6 +206,13 @@ class StoredTurn:
     activity_id: str
     messages: tuple[ChatMessage, ...]
     delivered: bool = False
+    #: Every activity the turn answered (a burst has several; `activity_id` is among them).
+    activity_ids: tuple[str, ...] = ()
+
+    @property
+    def answered(self) -> tuple[str, ...]:
+        """The activities this turn answered."""
+        return self.activity_ids or (self.activity_id,)
 
     @property
     def reply(self) -> ChatMessage | None:

@@ -50,7 +50,7 @@ from .tools import UNKNOWN_TOOL, Function, Source, ToolResult, failed
 
 __all__ = ["ROUND_LIMIT_REPLY", "TOOL_OVERHEAD", "TURN_LIMIT_REPLY", "ChatPrompt",
            "ConversationMemory", "PromptResult", "ReplyStopped", "ToolListener", "ToolSource",
-           "check_input"]
+           "UserInput", "check_input"]
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,24 @@ class ConversationMemory:
 
 
 @dataclass(frozen=True, kw_only=True)
+class UserInput:
+    """A user message of the turn other than `send`'s `input`: an earlier message of a burst,
+    answered together with it (`shared/order.py`), with who wrote it and what came with it."""
+
+    text: str
+    speaker: str | None = None
+    sender: Sender | None = None
+    attachments: Incoming | None = None
+    #: The message's own activity (a burst stores each with its own).
+    activity_id: str | None = None
+
+    def message(self) -> ChatMessage:
+        return ChatMessage(role="user", content=self.text, name=self.speaker, sender=self.sender,
+                           attachments=self.attachments.stored if self.attachments else (),
+                           activity_id=self.activity_id)
+
+
+@dataclass(frozen=True, kw_only=True)
 class PromptResult:
     """A prompt's turn: `response` is the final reply; `messages` all the turn will store."""
 
@@ -249,7 +267,9 @@ class ChatPrompt:
                    sender: Sender | None = None,
                    on_text: TextListener | None = None,
                    on_tools: ToolListener | None = None,
-                   attachments: Incoming | None = None) -> PromptResult:
+                   attachments: Incoming | None = None,
+                   earlier: Sequence[UserInput] = (),
+                   activity_id: str | None = None) -> PromptResult:
         """Ask the model after `summary` and `history` (or `memory`'s, loaded if need be); run
         the tools it calls; return the turn without storing anything. `speaker`: who wrote
         `input`, in a group chat (stored with it and sent as `speaker_style` says); `sender`:
@@ -258,17 +278,22 @@ class ChatPrompt:
         `on_text`: the model streams, and the listener gets each round's text so far (it may
         raise `ReplyStopped` to end the reply); `on_tools`: told of each round's tool calls.
         `attachments`: what came with `input` (`shared/attachments.py`): its images go to the
-        model with it, its description is stored with it."""
+        model with it, its description is stored with it. `earlier`: the user messages of a
+        burst sent before `input`, answered with it in one reply; `activity_id`: `input`'s
+        activity, when a burst's messages each keep their own."""
         if memory is not None:
             window = memory.window or await memory.load(input=input)
             history, summary = window.messages, window.summary
-        user = ChatMessage(role="user", content=input, name=speaker, sender=sender,
-                           attachments=attachments.stored if attachments else ())
+        inputs = [*earlier, UserInput(text=input, speaker=speaker, sender=sender,
+                                      attachments=attachments,
+                                      activity_id=activity_id if earlier else None)]
+        users = [item.message() for item in inputs]
         system, on_text = self._system(instructions, on_text)
-        request = self._request(system, summary, [*history, user])
-        if attachments is not None:
-            request[-1] = attachments.wire(request[-1])
-        loop = _Loop(conversation=request, turn=[user], usage=Usage(), model=self.model.model)
+        request = self._request(system, summary, history)
+        for item, message in zip(inputs, users, strict=True):
+            wired = wire_message(message, style=self.speaker_style)
+            request.append(item.attachments.wire(wired) if item.attachments else wired)
+        loop = _Loop(conversation=request, turn=users, usage=Usage(), model=self.model.model)
         return await self._finish(loop, on_text, on_tools, None)
 
     async def resume(self, paused: PausedTurn, decisions: Mapping[str, ToolDecision], *,
@@ -278,7 +303,7 @@ class ChatPrompt:
         """Go on with a turn that `send` (or an earlier `resume`) paused (`ToolCallsHeld`), after
         `summary` and `history` as they are now: the held round runs, each held call as its
         decision (by call ID) says (`shared/pause.py`), and the turn continues with the model.
-        Its result holds the whole turn, from the user's message on; it may pause again."""
+        Its result holds the whole turn, from the user's message(s) on; it may pause again."""
         system, on_text = self._system(instructions, on_text)
         loop = _Loop(conversation=self._request(system, summary, [*history, *paused.messages]),
                      turn=list(paused.messages[:-1]), usage=paused.usage, model=paused.model,

@@ -9,19 +9,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx2
 
 from . import logs, telemetry
-from .auth import BotAuthenticator
+from .auth import BotAuthenticator, reply_policy
 from .bot import ChatBot
 from .connector import BotConnector, build_credential
-from .inbox import Inbox
+from .inbox import Inbox, max_dequeue_count, visibility_timeout
 from .model import build_model
 from .prompt import ChatPrompt
+from .removal import forget_user
 from .settings import AnswerMode, ModelProvider, Settings, load_settings
-from .store import ConversationStore, TableConversationStore
+from .store import ConversationStore, TableConversationStore, UserData
 from .summary import Summarizer
 from .tokens import tokenizer_name
 from .tools import Function
@@ -29,7 +31,10 @@ from .tools import Function
 if TYPE_CHECKING:
     from .mcp import McpTools
 
-__all__ = ["Runtime"]
+__all__ = ["HOST_JSON", "Runtime"]
+
+#: The Functions host's settings, beside the app (deployed with it).
+HOST_JSON = Path(__file__).resolve().parents[1] / "host.json"
 
 log = logging.getLogger(__name__)
 # The SDKs log every HTTP request at INFO; keep the operator's log to our own lines.
@@ -39,8 +44,10 @@ for _noisy in ("azure", "httpx2", "openai", "mcp"):
 
 class Runtime:
     def __init__(self, settings: Settings, *, functions: Sequence[Function] = (),
-                 store: ConversationStore | None = None, credential: Any | None = None) -> None:
-        """`store` and `credential` (the managed identity) are test seams."""
+                 store: ConversationStore | None = None, credential: Any | None = None,
+                 host_json: Path = HOST_JSON) -> None:
+        """`store` and `credential` (the managed identity) are test seams; `host_json` the
+        Functions host's settings (its queue rules)."""
         logs.install()
         telemetry.setup(settings.telemetry)
         self.settings = settings
@@ -78,12 +85,17 @@ class Runtime:
                                     history_max_messages=limits.history_max_messages,
                                     count_spend=settings.data.count_summary_tokens)
         self.connector = BotConnector(credential=build_credential(settings.bot, credential=credential),
-                                      env_proxy=settings.env_proxy)
+                                      env_proxy=settings.env_proxy,
+                                      reply_allowed=reply_policy(settings.bot))
         self.authenticator = BotAuthenticator(settings.bot, http=self.http, in_azure=settings.in_azure)
         self.inbox = _build_inbox(settings, credential)
+        # A failing queued turn is tried as often, and as far apart, as host.json has the host
+        # retry a failing queue message.
         self.bot = ChatBot(settings=settings, store=self.store, prompt=self.prompt,
                            connector=self.connector, authenticator=self.authenticator,
-                           summarizer=summarizer, inbox=self.inbox)
+                           summarizer=summarizer, inbox=self.inbox,
+                           max_attempts=max_dequeue_count(host_json),
+                           retry_seconds=visibility_timeout(host_json))
         _warn_about(settings)
         log.info("token counting: %s", tokenizer_name())
 
@@ -92,6 +104,10 @@ class Runtime:
                          functions: Sequence[Function] = ()) -> Runtime:
         """Read and validate every setting now: a bad one fails start-up, naming the setting."""
         return cls(load_settings(environ), functions=functions)
+
+    async def forget_user(self, user_id: str) -> UserData:
+        """A user's removal: their waiting messages, then their stored data (`shared/removal.py`)."""
+        return await forget_user(self.store, self.inbox, user_id)
 
     async def close(self) -> None:
         await self.store.close()

@@ -29,6 +29,7 @@ __all__ = [
     "McpServerSettings",
     "ModelProvider",
     "ModelSettings",
+    "OrderSettings",
     "Setting",
     "Settings",
     "StorageSettings",
@@ -166,6 +167,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(name="CHAT_TURN_QUEUE", default="chat-turns",
             description="The storage queue of accepted messages the `answer` function reads "
             "(its poison queue is this name + -poison)."),
+    # a conversation's order (docs/operate.md "One conversation, one order")
+    Setting(name="CHAT_BURST", default="together",
+            description="together or each: messages that arrive while a turn of the same "
+            "conversation runs or waits are answered together in the next turn (one model call, "
+            "one reply; each stored as its own message), or one by one, in order."),
+    Setting(name="CHAT_HOLD_SECONDS", default="30",
+            description="How long a worker's hold on a conversation lasts unless renewed (every "
+            "third of it): what a crashed worker costs its conversation before another takes "
+            "over (5-600)."),
+    Setting(name="CHAT_DRAIN_SECONDS", default="60",
+            description="A worker answering a conversation's waiting messages hands the rest to "
+            "a fresh queue message after this long, to stay inside the function timeout "
+            "(5-3600)."),
     Setting(name="CHAT_STORAGE_QUEUE_ENDPOINT",
             description="https://<account>.queue.core.windows.net: enqueue with Entra ID (the "
             "managed identity) instead of CHAT_STORAGE_CONNECTION_STRING; set with "
@@ -329,6 +343,17 @@ class DataSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class OrderSettings:
+    """A conversation's order through the turn queue (`shared/order.py`)."""
+
+    #: Messages that wait behind a turn are answered together (False: one by one).
+    burst: bool = True
+    max_burst: int = 8
+    hold_seconds: float = 30.0
+    drain_seconds: float = 60.0
+
+
+@dataclass(frozen=True, kw_only=True)
 class TelemetrySettings:
     applicationinsights_connection_string: str | None = None
     otlp_endpoint: str | None = None
@@ -415,6 +440,7 @@ class Settings:
         return self.welcome == "on" or (self.welcome == "outside-teams" and channel_id != "msteams")
     answer_mode: AnswerMode = AnswerMode.QUEUE
     mcp_servers: tuple[McpServerSettings, ...] = ()
+    order: OrderSettings = field(default_factory=OrderSettings)
 
 
 class _Reader:
@@ -582,7 +608,17 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             model_images=read.flag("CHAT_MODEL_IMAGES")),
         answer_mode=_answer_mode(read),
         mcp_servers=_mcp_servers(read, identity, in_azure=in_azure),
+        order=_order(read),
     )
+
+
+def _order(read: _Reader) -> OrderSettings:
+    burst = read.required_text("CHAT_BURST").lower()
+    if burst not in ("together", "each"):
+        raise SettingsError("CHAT_BURST", f"must be together or each, got {burst!r}")
+    return OrderSettings(burst=burst == "together",
+                         hold_seconds=read.number("CHAT_HOLD_SECONDS", minimum=5, maximum=600),
+                         drain_seconds=read.number("CHAT_DRAIN_SECONDS", minimum=5, maximum=3600))
 
 
 def _welcome(read: _Reader) -> str:

@@ -62,10 +62,13 @@ class ReplyStream:
 
     def __init__(self, *, connector: BotConnector, activity: Activity, min_interval: float = 1.0,
                  clock: Callable[[], float] = time.monotonic,
-                 resume: StreamStart | None = None, updates: bool = True) -> None:
+                 resume: StreamStart | None = None, updates: bool = True,
+                 paced_after: float | None = None) -> None:
         """`resume`: continue a stream another process opened (the webhook's informative
         update), with the next sequence number and its pace. `updates=False`: send only the
-        final message (a retried turn, whose earlier attempt may have used later sequences)."""
+        final message (a retried turn, whose earlier attempt may have used later sequences).
+        `paced_after`: when (epoch s) the chat's previous stream sent its last request: Teams
+        takes one streaming request a second in a chat, across its streams."""
         self._connector = connector
         self._activity = activity
         self._min_interval = min_interval
@@ -75,11 +78,13 @@ class ReplyStream:
         self._stream_id: str | None = None
         self._sequence = 0
         self._last_sent = -float("inf")
+        if paced_after is not None:
+            self._last_sent = clock() - max(0.0, time.time() - paced_after)
         if resume is not None:
             self._stream_id, self._sequence = resume.stream_id, resume.sequence
             since = max(0.0, time.time() - resume.sent_at)
             self._started = clock() - since
-            self._last_sent = clock() - since
+            self._last_sent = max(self._last_sent, clock() - since)
         self._prefix = ""  # text shown in earlier rounds of tool calls
         self._latest = ""
         self._pending_informative: str | None = None
@@ -104,8 +109,16 @@ class ReplyStream:
         """Send the informative update `text` now, and wait for its answer: the stream's start,
         or None when the channel refused to stream (`fallback`)."""
         if self.streaming and self._stream_id is None:
+            await self._pace()  # the chat's previous stream may have sent a moment ago
             await self._update("informative", text[:MAX_INFORMATIVE_CHARS])
         return self.start
+
+    @property
+    def last_request_at(self) -> float | None:
+        """When (epoch s) this stream last sent a request; None: it sent none."""
+        if self._last_sent == -float("inf"):
+            return None
+        return time.time() - (self._clock() - self._last_sent)
 
     @property
     def streaming(self) -> bool:
@@ -156,7 +169,7 @@ class ReplyStream:
             except ConnectorError as exc:
                 status = exc.answer[0] if exc.answer else 0
                 if status == 429 and attempt < 2:
-                    self._last_sent, self._interval = self._clock(), self._interval * 2
+                    self._interval *= 2
                     continue
                 if not 400 <= status < 500:
                     raise
@@ -167,6 +180,8 @@ class ReplyStream:
                 log.warning("the stream's final message was refused (%s); sending it as a "
                             "message", status)
                 break
+            finally:  # the chat's next stream request keeps Teams' pace after this one
+                self._last_sent = self._clock()
         return await self._send(final)
 
     async def close(self) -> None:

@@ -16,9 +16,10 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Any
 
 from .activity import Activity
 from .attachments import Incoming
@@ -31,12 +32,13 @@ from .errors import (
 )
 from .limits import LIMIT_REPLIES, limit_reached, over_limit
 from .messages import ChatMessage, StoredTurn, ToolCall, Usage, utc_day
-from .prompt import TURN_LIMIT_REPLY, ChatPrompt, ToolListener
+from .prompt import TURN_LIMIT_REPLY, ChatPrompt, ToolListener, UserInput
 from .settings import Settings
 from .store import ConversationStore, ConversationWindow, Indexed
 from .streaming import ReplyStream
 
-__all__ = ["MAX_REASKS", "Busy", "Committed", "Found", "Refused", "TurnResult", "TurnRunner"]
+__all__ = ["MAX_REASKS", "Busy", "Committed", "Found", "Refused", "TurnResult", "TurnRunner",
+           "Withdrawn"]
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,12 @@ class Busy:
     attempts: int
 
 
-TurnResult = Committed | Found | Refused | Busy
+@dataclass(frozen=True, kw_only=True)
+class Withdrawn:
+    """The messages were withdrawn while the turn ran (a user's removal): nothing was stored."""
+
+
+TurnResult = Committed | Found | Refused | Busy | Withdrawn
 
 
 class TurnRunner:
@@ -94,9 +101,16 @@ class TurnRunner:
         self._sleep = sleep
 
     async def run(self, activity: Activity, text: str, *, needed: int,
-                  stream: ReplyStream | None, attachments: Incoming | None = None) -> TurnResult:
-        """Answer `text` (`needed` tokens) of `activity`; the model's text goes to `stream`.
-        `attachments`: the files and images that came with it (`shared/attachments.py`)."""
+                  stream: ReplyStream | None, attachments: Incoming | None = None,
+                  earlier: Sequence[UserInput] = (),
+                  still_wanted: Callable[[], Coroutine[Any, Any, bool]] | None = None) -> TurnResult:
+        """Answer `text` (`needed` tokens, with `earlier`'s) of `activity`; the model's text goes
+        to `stream`. `attachments`: the files and images that came with it
+        (`shared/attachments.py`). `earlier`: a burst's messages before it (each with its
+        activity ID), answered in the same turn. `still_wanted`: asked after each load of the
+        window (while the model works) and awaited before the commit: False (a user's removal
+        took the messages: it deletes them, then changes the conversation's head, so a commit on
+        a window loaded before the check fails) ends the turn, unstored."""
         limits = self.settings.model
         started = time.perf_counter()
         # A turn that is kept once asked: the user has read it as it streamed, or it was asked
@@ -105,17 +119,22 @@ class TurnRunner:
         indexing: asyncio.Task[Indexed | None] | None = None
         suggestions: tuple[str, ...] = ()
         billed, counted, committed = Usage(), False, False  # every model call the turn paid for
+        # A burst is committed whole: if its first activity is committed, an earlier attempt
+        # committed it (or the first part of it).
+        first_id = earlier[0].activity_id or activity.id if earlier else activity.id
+        more_ids = tuple(item.activity_id for item in earlier if item.activity_id)
+        wanted: asyncio.Task[bool] | None = None
         # The tool definitions go with every request: the history window gets what they leave.
         budget = max(0, limits.history_token_budget - needed - await self.prompt.tools_tokens())
         try:
             for attempt in range(self.settings.turn_max_attempts):
                 window = await self.store.load_window(
                     activity.conversation_id, token_budget=budget,
-                    max_messages=limits.history_max_messages, activity_id=activity.id)
+                    max_messages=limits.history_max_messages, activity_id=first_id)
                 if window.committed_activity:
                     # Found on a re-load after a conflict: another instance just committed it
                     # and delivers it. Found at once: a retry, which may need a re-send.
-                    turn = await self.store.get_turn(activity.conversation_id, activity.id)
+                    turn = await self.store.get_turn(activity.conversation_id, first_id)
                     return Found(turn=turn, send=attempt == 0)
                 now = self._clock()
                 if kept is None and not counted and \
@@ -128,6 +147,10 @@ class TurnRunner:
                     except ConversationConflict:
                         await self._sleep(random.uniform(0, min(1.0, 0.05 * 2 ** attempt)))
                         continue
+                wanted = asyncio.create_task(still_wanted()) if still_wanted else None
+                if attempt and kept is None and wanted is not None and not await wanted:
+                    log.info("the messages were withdrawn (a user's removal); nothing stored")
+                    return Withdrawn()  # found before asking the model again
                 if indexing is None:  # index rows, written while the model works
                     indexing = asyncio.create_task(self.store.write_indexes(
                         window, today=utc_day(now), sender=activity.user, shared=activity.in_group))
@@ -137,17 +160,21 @@ class TurnRunner:
                         text, history=window.messages, summary=window.summary,
                         speaker=activity.speaker, sender=activity.user,
                         on_text=stream.on_text if stream else None,
-                        on_tools=_tools_listener(stream), attachments=attachments)
+                        on_tools=_tools_listener(stream), attachments=attachments,
+                        earlier=earlier, activity_id=activity.id)
                     billed += result.usage
                     messages = _as_seen(result.messages, stream)
                     suggestions = result.suggestions
                     if (stream is not None and stream.shown) or attempt >= MAX_REASKS:
                         kept = messages
                 window = replace(window, indexed=await indexing)
+                if wanted is not None and not await wanted:
+                    log.info("the messages were withdrawn (a user's removal); nothing stored")
+                    return Withdrawn()
                 try:
                     turn = await self.store.commit_turn(window, activity_id=activity.id,
                                                         messages=messages, billed=billed,
-                                                        counted=counted)
+                                                        counted=counted, more_activity_ids=more_ids)
                     committed = True
                 except ConversationConflict:
                     log.info("conflict on attempt %d%s", attempt + 1,
@@ -171,6 +198,9 @@ class TurnRunner:
                 await self._charge(activity, billed)
             if indexing is not None:  # a turn that ends before its commit: the rows stay, harmless
                 await asyncio.gather(indexing, return_exceptions=True)
+            if wanted is not None:
+                wanted.cancel()
+                await asyncio.gather(wanted, return_exceptions=True)
         log.warning("gave up after %d conflicts", self.settings.turn_max_attempts)
         return Busy(attempts=self.settings.turn_max_attempts)
 

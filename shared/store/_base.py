@@ -35,6 +35,7 @@ from ._head import Basis
 
 __all__ = [
     "CAPABILITIES",
+    "MAX_BURST",
     "MAX_CONVERSATION_ID_CHARS",
     "MAX_MESSAGE_CHARS",
     "MAX_TURN_BYTES",
@@ -55,8 +56,11 @@ CAPABILITIES: frozenset[Capability] = frozenset({"summaries", "indexes", "user_d
 
 #: A message's content (or tool-call JSON) may hold at most this many characters.
 MAX_MESSAGE_CHARS = 100_000
-#: An entity-group transaction holds 100 entities: the head and the activity marker take two.
-MAX_TURN_MESSAGES = 98
+#: A turn answers at most this many activities at once (a burst: `shared/order.py`), each with
+#: its own marker row.
+MAX_BURST = 8
+#: An entity-group transaction holds 100 entities: the head and a burst's markers take the rest.
+MAX_TURN_MESSAGES = 100 - 1 - MAX_BURST
 #: A transaction's body may be 4 MiB; we keep a margin for the batch framing.
 MAX_TURN_BYTES = 3_500_000
 MAX_CONVERSATION_ID_CHARS = 8_192
@@ -185,8 +189,12 @@ class ConversationStore(ABC):
         messages: Sequence[ChatMessage],
         billed: Usage | None = None,
         counted: bool = False,
+        more_activity_ids: Sequence[str] = (),
     ) -> StoredTurn:
         """Append `messages` atomically, if nothing was committed since `window` was loaded.
+
+        `activity_id` is the activity the turn answers; `more_activity_ids` the others of a burst
+        answered with it (each is recorded as committed: a retry of any of them finds the turn).
 
         The spend counters move in the same write: one turn more this minute (unless `counted`:
         `reserve_turn` counted it already) and `billed`'s tokens today (every model call the turn
@@ -196,7 +204,11 @@ class ConversationStore(ABC):
         `DuplicateActivity` when `activity_id` was committed before, and `MessageTooLarge` /
         `TurnTooLarge` before writing anything when the turn is over the limits.
         """
-        _check_activity_id(activity_id)
+        activity_ids = tuple(dict.fromkeys((*more_activity_ids, activity_id)))
+        for each in activity_ids:
+            _check_activity_id(each)
+        if len(activity_ids) > MAX_BURST:
+            raise TurnTooLarge(f"a turn answers at most {MAX_BURST} activities, got {len(activity_ids)}")
         check_turn(messages)
         tokens = billed.total_tokens if billed is not None else \
             sum(m.usage.total_tokens for m in messages if m.usage is not None)
@@ -204,7 +216,7 @@ class ConversationStore(ABC):
         with commit() as current:
             current.set_attribute("chatstate.commit.messages", len(messages))
             return await self._commit_turn(window, activity_id=activity_id,
-                                           messages=list(messages),
+                                           activity_ids=activity_ids, messages=list(messages),
                                            tokens=[count_message_tokens(m) for m in messages],
                                            spend=spend)
 
@@ -261,10 +273,14 @@ class ConversationStore(ABC):
         return await self._get_turn(conversation_id, activity_id)
 
     async def mark_delivered(self, conversation_id: str, activity_id: str, *,
-                             reply_id: str | None = None) -> None:
-        """Record that the reply of `activity_id` reached the channel (as activity `reply_id`)."""
+                             reply_id: str | None = None,
+                             more_activity_ids: Sequence[str] = ()) -> None:
+        """Record that the reply of `activity_id` (and of the burst's `more_activity_ids`)
+        reached the channel (as activity `reply_id`)."""
         with span("chatstate.delivered"):
-            await self._mark_delivered(conversation_id, activity_id, reply_id=reply_id)
+            await self._mark_delivered(conversation_id,
+                                       tuple(dict.fromkeys((*more_activity_ids, activity_id))),
+                                       reply_id=reply_id)
 
     async def mark_stopped(self, conversation_id: str, activity_id: str, *, shown: str) -> None:
         """The user stopped the reply of `activity_id` after it was committed (on the stream's
@@ -293,6 +309,12 @@ class ConversationStore(ABC):
         counters). Returns the rows removed."""
         _check_conversation_id(conversation_id)
         return await self._clear(conversation_id)
+
+    async def touch(self, conversation_id: str) -> None:
+        """Change the conversation's version (its head), nothing else: a turn loaded before
+        fails its commit (a user's removal makes running turns check their messages again)."""
+        _check_conversation_id(conversation_id)
+        await self._touch(conversation_id)
 
     async def get_summary(self, conversation_id: str) -> str | None:
         """The conversation's current rolling summary (None: none, or a store that keeps none)."""
@@ -327,8 +349,8 @@ class ConversationStore(ABC):
 
     @abstractmethod
     async def _commit_turn(self, window: ConversationWindow, *, activity_id: str,
-                           messages: list[ChatMessage], tokens: list[int],
-                           spend: Spend) -> StoredTurn: ...
+                           activity_ids: tuple[str, ...], messages: list[ChatMessage],
+                           tokens: list[int], spend: Spend) -> StoredTurn: ...
 
     @abstractmethod
     async def _reserve_turn(self, window: ConversationWindow, spend: Spend) -> ConversationWindow: ...
@@ -340,7 +362,7 @@ class ConversationStore(ABC):
     async def _get_turn(self, conversation_id: str, activity_id: str) -> StoredTurn | None: ...
 
     @abstractmethod
-    async def _mark_delivered(self, conversation_id: str, activity_id: str, *,
+    async def _mark_delivered(self, conversation_id: str, activity_ids: tuple[str, ...], *,
                               reply_id: str | None) -> None: ...
 
     @abstractmethod
@@ -351,6 +373,9 @@ class ConversationStore(ABC):
 
     @abstractmethod
     async def _clear(self, conversation_id: str) -> int: ...
+
+    @abstractmethod
+    async def _touch(self, conversation_id: str) -> None: ...
 
 
 def check_turn(messages: Sequence[ChatMessage]) -> None:

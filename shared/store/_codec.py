@@ -106,7 +106,8 @@ def message_entity(pk: str, seq: int, message: ChatMessage, *, tokens: int, turn
         "turn_seq": turn_seq,
         "role": message.role,
         "tokens": tokens,
-        "activity_id": activity_id,
+        # A burst's user messages keep their own activity's ID; the rest, the turn's.
+        "activity_id": message.activity_id or activity_id,
         "timestamp": message.timestamp,
     }
     put_text(entity, "content", message.content)

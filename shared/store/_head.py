@@ -217,11 +217,13 @@ class Head:
         """This head with a summary prepared for the step from `start` to `to` + 1."""
         return replace(self, pending=summary[:SUMMARY_MAX_CHARS], pending_from=start, pending_to=to)
 
-    def after(self, basis: Basis, rows: Sequence[Entity], *, activity_id: str, token_budget: int,
-              max_messages: int) -> Head:
-        """The head once the turn `rows` (message rows, oldest first) is committed on `basis`."""
+    def after(self, basis: Basis, rows: Sequence[Entity], *, activity_ids: Sequence[str],
+              token_budget: int, max_messages: int) -> Head:
+        """The head once the turn `rows` (message rows, oldest first) answering `activity_ids`
+        is committed on `basis`."""
         first, last = int(rows[0]["seq"]), int(rows[-1]["seq"])
-        recent = (*self.recent, Recent(activity_id, first, last))[-RECENT_ACTIVITIES:]
+        recent = (*self.recent, *(Recent(activity_id, first, last)
+                                  for activity_id in activity_ids))[-RECENT_ACTIVITIES:]
         while len(recent) > 1 and len(_recent_text(recent)) > RECENT_MAX_CHARS:
             recent = recent[1:]  # the marker rows still catch older duplicates
         copy, copy_from = _next_copy(self, basis, list(rows), token_budget=token_budget,

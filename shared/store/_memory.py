@@ -63,12 +63,13 @@ class InMemoryConversationStore(ConversationStore):
         )
 
     async def _commit_turn(self, window: ConversationWindow, *, activity_id: str,
-                           messages: list[ChatMessage], tokens: list[int],
-                           spend: Spend) -> StoredTurn:
+                           activity_ids: tuple[str, ...], messages: list[ChatMessage],
+                           tokens: list[int], spend: Spend) -> StoredTurn:
         async with self._lock:
             conversation = self._conversations.get(window.conversation_id)
-            if conversation is not None and activity_id in conversation.turns:
-                raise DuplicateActivity(activity_id, conversation.turns[activity_id])
+            for each in activity_ids:
+                if conversation is not None and each in conversation.turns:
+                    raise DuplicateActivity(each, conversation.turns[each])
             current = conversation.version if conversation else None
             if current != window.version:
                 raise ConversationConflict(f"conversation {window.conversation_id!r} changed")
@@ -80,8 +81,9 @@ class InMemoryConversationStore(ConversationStore):
             conversation.spend = spend
             conversation.version = str(next(_versions))
             turn = StoredTurn(conversation_id=window.conversation_id, activity_id=activity_id,
-                              messages=tuple(messages))
-            conversation.turns[activity_id] = turn
+                              messages=tuple(messages), activity_ids=activity_ids)
+            for each in activity_ids:
+                conversation.turns[each] = turn
             return turn
 
     async def _reserve_turn(self, window: ConversationWindow, spend: Spend) -> ConversationWindow:
@@ -110,13 +112,14 @@ class InMemoryConversationStore(ConversationStore):
         conversation = self._conversations.get(conversation_id)
         return conversation.turns.get(activity_id) if conversation else None
 
-    async def _mark_delivered(self, conversation_id: str, activity_id: str, *,
+    async def _mark_delivered(self, conversation_id: str, activity_ids: tuple[str, ...], *,
                               reply_id: str | None) -> None:
         conversation = self._conversations.get(conversation_id)
-        if conversation and (turn := conversation.turns.get(activity_id)):
-            conversation.turns[activity_id] = replace(turn, delivered=True)
-            if reply_id is not None:
-                conversation.replies[reply_id] = activity_id
+        for activity_id in activity_ids:
+            if conversation and (turn := conversation.turns.get(activity_id)):
+                conversation.turns[activity_id] = replace(turn, delivered=True)
+                if reply_id is not None:
+                    conversation.replies[reply_id] = activity_id
 
     async def _mark_stopped(self, conversation_id: str, activity_id: str, *, shown: str) -> None:
         conversation = self._conversations.get(conversation_id)
@@ -143,6 +146,12 @@ class InMemoryConversationStore(ConversationStore):
     async def _list_messages(self, conversation_id: str) -> list[ChatMessage]:
         conversation = self._conversations.get(conversation_id)
         return [message for message, _ in conversation.messages] if conversation else []
+
+    async def _touch(self, conversation_id: str) -> None:
+        async with self._lock:
+            conversation = self._conversations.get(conversation_id)
+            if conversation is not None:
+                conversation.version = str(next(_versions))
 
     async def _clear(self, conversation_id: str) -> int:
         async with self._lock:

@@ -11,6 +11,7 @@ conditioned on the head's ETag (or on its absence for a new conversation).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -151,6 +152,11 @@ class TableConversationStore(ConversationStore):
                                        encode_key(conversation_id))
         return cleared.removed
 
+    async def _touch(self, conversation_id: str) -> None:
+        await self._rows.run("touching the conversation", self._rows.update_head,
+                             encode_key(conversation_id), lambda head: head,
+                             conversation_id=conversation_id, create=True)
+
     # -- load --------------------------------------------------------------------------------
 
     async def _load_window(self, conversation_id: str, *, token_budget: int, max_messages: int,
@@ -230,8 +236,8 @@ class TableConversationStore(ConversationStore):
     # -- commit ------------------------------------------------------------------------------
 
     async def _commit_turn(self, window: ConversationWindow, *, activity_id: str,
-                           messages: list[ChatMessage], tokens: list[int],
-                           spend: Spend) -> StoredTurn:
+                           activity_ids: tuple[str, ...], messages: list[ChatMessage],
+                           tokens: list[int], spend: Spend) -> StoredTurn:
         basis = window.basis if isinstance(window.basis, Basis) else \
             Basis(head=Head(conversation_id=window.conversation_id))
         head = basis.head
@@ -249,24 +255,28 @@ class TableConversationStore(ConversationStore):
         rows = [message_entity(pk, first + offset, message, tokens=count, turn_seq=first,
                                activity_id=activity_id)
                 for offset, (message, count) in enumerate(zip(messages, tokens, strict=True))]
-        after = head.after(basis, rows, activity_id=activity_id, token_budget=basis.token_budget,
-                           max_messages=basis.max_messages)
+        after = head.after(basis, rows, activity_ids=activity_ids,
+                           token_budget=basis.token_budget, max_messages=basis.max_messages)
         if indexed is not None:
             after = replace(after, day=indexed.day or after.day).with_speakers(indexed.speakers)
         after = replace(after, spend=spend)
         head_row = after.entity(pk)
-        marker = {"PartitionKey": pk, "RowKey": marker_row_key(activity_id),
-                  "activity_id": activity_id, "first_seq": first, "last_seq": after.last_seq,
-                  "delivered": False, "committed_at": self.clock()}
+        burst = json.dumps(list(activity_ids)) if len(activity_ids) > 1 else None
+        markers = [{"PartitionKey": pk, "RowKey": marker_row_key(each), "activity_id": each,
+                    "first_seq": first, "last_seq": after.last_seq, "delivered": False,
+                    "committed_at": self.clock(), **({"burst": burst} if burst else {})}
+                   for each in activity_ids]
         operations = [Operation("create", head_row) if head.etag is None
                       else Operation("replace", head_row, etag=head.etag),
-                      Operation("create", marker), *(Operation("create", row) for row in rows)]
+                      *(Operation("create", marker) for marker in markers),
+                      *(Operation("create", row) for row in rows)]
         try:
             await self._rows.run("committing the turn", self._rows.wire.transact, operations)
         except StorageRejected as exc:
-            await self._raise_commit_failure(exc, window, activity_id)
+            await self._raise_commit_failure(exc, window, activity_ids)
         return StoredTurn(conversation_id=window.conversation_id, activity_id=activity_id,
-                          messages=tuple(entity_message(row) for row in rows))
+                          messages=tuple(entity_message(row) for row in rows),
+                          activity_ids=activity_ids)
 
     async def _reserve_turn(self, window: ConversationWindow, spend: Spend) -> ConversationWindow:
         basis = window.basis if isinstance(window.basis, Basis) else \
@@ -290,7 +300,7 @@ class TableConversationStore(ConversationStore):
                         conversation_id=conversation_id, create=True)
 
     async def _raise_commit_failure(self, exc: StorageRejected, window: ConversationWindow,
-                                    activity_id: str) -> None:
+                                    activity_ids: tuple[str, ...]) -> None:
         cause = exc.__cause__
         if not isinstance(cause, TransactionFailed):
             raise exc
@@ -301,9 +311,10 @@ class TableConversationStore(ConversationStore):
             raise exc
         # Whichever row failed (a stale head fails before the marker is reached), the activity
         # may have been committed by another instance meanwhile: then it is a duplicate.
-        turn = await self._get_turn(window.conversation_id, activity_id)
-        if turn is not None:
-            raise DuplicateActivity(activity_id, turn) from cause
+        for activity_id in activity_ids:
+            turn = await self._get_turn(window.conversation_id, activity_id)
+            if turn is not None:
+                raise DuplicateActivity(activity_id, turn) from cause
         raise ConversationConflict(
             f"conversation {window.conversation_id!r} changed since it was loaded ({code})") from cause
 
@@ -325,19 +336,29 @@ class TableConversationStore(ConversationStore):
             return None  # cleared: its marker is about to go too
         messages = tuple(entity_message(row) for row in sorted(rows, key=lambda row: row["seq"]))
         return StoredTurn(conversation_id=conversation_id, activity_id=activity_id,
-                          messages=messages, delivered=bool(marker.get("delivered", False)))
+                          messages=messages, delivered=bool(marker.get("delivered", False)),
+                          activity_ids=_burst(marker, activity_id))
 
-    async def _mark_delivered(self, conversation_id: str, activity_id: str, *,
+    async def _mark_delivered(self, conversation_id: str, activity_ids: tuple[str, ...], *,
                               reply_id: str | None) -> None:
-        entity: dict[str, Any] = {"PartitionKey": encode_key(conversation_id),
-                                  "RowKey": marker_row_key(activity_id), "delivered": True}
-        if reply_id is not None:
-            entity["reply_id"] = reply_id
+        pk = encode_key(conversation_id)
+        # The reply's ID goes on the last marker only: a rating finds the turn by it once.
+        entities: list[dict[str, Any]] = [
+            {"PartitionKey": pk, "RowKey": marker_row_key(activity_id), "delivered": True,
+             **({"reply_id": reply_id} if reply_id is not None and last else {})}
+            for last, activity_id in ((i == len(activity_ids) - 1, a)
+                                      for i, a in enumerate(activity_ids))]
         try:
-            await self._rows.run("marking a reply delivered", self._rows.table.update_entity,
-                                 entity, mode=UpdateMode.MERGE)
+            if len(entities) == 1:
+                await self._rows.run("marking a reply delivered", self._rows.table.update_entity,
+                                     entities[0], mode=UpdateMode.MERGE)
+            else:
+                await self._rows.run("marking a reply delivered", self._rows.wire.transact,
+                                     [Operation("merge", entity) for entity in entities])
         except StorageRejected as exc:
-            if not isinstance(exc.__cause__, ResourceNotFoundError):
+            cause = exc.__cause__
+            if not (isinstance(cause, ResourceNotFoundError) or
+                    (isinstance(cause, TransactionFailed) and cause.status_code == 404)):
                 raise
             log.info("the turn was cleared before its delivery was recorded")
 
@@ -399,3 +420,12 @@ async def _offer_page(page: AsyncIterator[TableEntity], head: Head, builder: Win
     return True
 
 
+def _burst(marker: Entity, activity_id: str) -> tuple[str, ...]:
+    """The activities a marker's turn answered (a burst's, as written; else its own)."""
+    try:
+        ids = json.loads(str(marker["burst"])) if marker.get("burst") else None
+    except ValueError:
+        ids = None
+    if isinstance(ids, list) and activity_id in ids and all(isinstance(i, str) for i in ids):
+        return tuple(ids)
+    return (activity_id,)

@@ -56,16 +56,36 @@ class QueueHost:
         await self.queue.close()
         await self.poison.close()
 
+    async def kill(self) -> None:
+        """The worker dies: it takes no more messages, and what it was handling stops where it
+        is (those messages stay hidden for the lease; a hold it had stays until it expires)."""
+        if self._task is not None:
+            self._task.cancel()
+        for task in list(self._running):
+            task.cancel()
+        await asyncio.gather(*self._running, *([self._task] if self._task else []),
+                             return_exceptions=True)
+        self._running.clear()
+
     async def poisoned(self) -> list[bytes]:
         return [bytes(m.content) async for m in self.poison.receive_messages(
             visibility_timeout=1, max_messages=32)]
 
-    async def idle(self, *, within: float = 30.0) -> None:
-        """Wait until the queue is empty and nothing is being handled."""
+    @property
+    def busy(self) -> bool:
+        """A message is being handled now."""
+        return bool(self._running)
+
+    async def idle(self, *, within: float = 30.0, visible_only: bool = False) -> None:
+        """Wait until the queue is empty and nothing is being handled. `visible_only`: messages
+        queued for later (invisible) do not count."""
         async with asyncio.timeout(within):
             while True:
-                properties = await self.queue.get_queue_properties()
-                if not self._running and not properties.approximate_message_count:
+                if visible_only:
+                    waiting = bool(await self.queue.peek_messages(max_messages=1))
+                else:
+                    waiting = bool((await self.queue.get_queue_properties()).approximate_message_count)
+                if not self._running and not waiting:
                     return
                 await asyncio.sleep(self.poll)
 

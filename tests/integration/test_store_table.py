@@ -25,7 +25,7 @@ from shared.errors import (
 )
 from shared.keys import encode_key
 from shared.messages import ChatMessage, ToolCall
-from shared.store import MAX_MESSAGE_CHARS, ConversationWindow, TableConversationStore
+from shared.store import MAX_MESSAGE_CHARS, MAX_TURN_MESSAGES, ConversationWindow, TableConversationStore
 from shared.store._table import CLIENT_OPTIONS
 
 BIG_BUDGET = 10_000_000
@@ -223,11 +223,12 @@ async def test_a_turn_over_the_transaction_limits_is_refused(table_store: TableC
 
 
 async def seed(store: TableConversationStore, conversation_id: str, messages: int) -> None:
-    """Store `messages` messages as user/assistant pairs, 49 pairs per transaction."""
-    pairs = messages // 2
-    for start in range(0, pairs, 49):
+    """Store `messages` messages as user/assistant pairs, as many pairs per transaction as a
+    turn may hold."""
+    pairs, per_turn = messages // 2, MAX_TURN_MESSAGES // 2
+    for start in range(0, pairs, per_turn):
         batch = []
-        for index in range(start, min(pairs, start + 49)):
+        for index in range(start, min(pairs, start + per_turn)):
             batch += turn(f"question {index}", f"answer {index}")
         await commit(store, conversation_id, f"seed-{start}", batch, window_messages=0)
 

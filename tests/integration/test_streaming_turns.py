@@ -40,17 +40,18 @@ class LosesTheFirstRace(InMemoryConversationStore):
         self.commits = 0
 
     async def _commit_turn(self, window: ConversationWindow, *, activity_id: str,
-                           messages: list[ChatMessage], tokens: list[int],
-                           spend: Spend) -> StoredTurn:
+                           activity_ids: tuple[str, ...], messages: list[ChatMessage],
+                           tokens: list[int], spend: Spend) -> StoredTurn:
         self.commits += 1
         if self.commits == 1:
             rival = await self.load_window(window.conversation_id, token_budget=10_000,
                                            max_messages=100)
-            await super()._commit_turn(rival, activity_id="rival", messages=[
+            await super()._commit_turn(rival, activity_id="rival", activity_ids=("rival",), messages=[
                 ChatMessage(role="user", content="rival question"),
                 ChatMessage(role="assistant", content="rival answer")], tokens=[5, 5],
                 spend=rival.spend)
-        return await super()._commit_turn(window, activity_id=activity_id, messages=messages,
+        return await super()._commit_turn(window, activity_id=activity_id,
+                                          activity_ids=activity_ids, messages=messages,
                                           tokens=tokens, spend=spend)
 
 

@@ -180,7 +180,7 @@ async def test_a_model_that_keeps_calling_tools_stops_at_the_round_limit(
 
 async def test_a_turn_that_would_overflow_the_transaction_is_cut_short(
         table_store: TableConversationStore, server: FakeModelServer) -> None:
-    # GIVEN a model asking for 60 calls per round (two rounds exceed 98 messages)
+    # GIVEN a model asking for 60 calls per round (two rounds exceed what a turn holds)
     calls = [tool_call("add", {"a": i, "b": i}) for i in range(60)]
     server.then(Scripted(tool_calls=calls), Scripted(tool_calls=calls), Scripted(content="done"))
     memory = ConversationMemory(table_store, "wide")

@@ -325,6 +325,8 @@ class Round:
     model: ScriptedModel = field(default_factory=ScriptedModel)
     spend_checked: int = 0
     connector: FakeConnector = field(default_factory=FakeConnector)
+    #: Stop presses waiting for their stream to show.
+    pressing: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 async def run_round(state: Round) -> list[str]:
@@ -413,11 +415,23 @@ async def _run_op(op: Op, state: Round, bot: ChatBot, store: TableConversationSt
 
 
 def _press_stop(state: Round, conversation: str, activity_id: str) -> None:
-    """The user presses Stop on this turn's stream, if it streams (one stream a chat at a time:
-    another turn's may hold the chat, and this one answers with a message), to take effect after
-    `STOP_AFTER_UPDATES` updates."""
-    if any(not s.finished for s in _streams_of(state, activity_id)):
-        state.connector.streams.cancel(conversation, after_updates=STOP_AFTER_UPDATES)
+    """The user presses Stop on this turn's stream once it shows (a stream keeps a second from
+    the chat's previous one, so it may start after the answer did), to take effect after
+    `STOP_AFTER_UPDATES` updates; not if the turn never streams (one stream a chat at a time:
+    another turn's may hold the chat, and this one answers with a message)."""
+    async def press() -> None:
+        for _ in range(40):
+            streams = _streams_of(state, activity_id)
+            if any(not s.finished for s in streams):
+                state.connector.streams.cancel(conversation, after_updates=STOP_AFTER_UPDATES)
+                return
+            if streams:
+                return
+            await asyncio.sleep(0.05)
+
+    task = asyncio.get_running_loop().create_task(press())
+    state.pressing.add(task)
+    task.add_done_callback(state.pressing.discard)
 
 
 def _streamed_reply(state: Round, op: Op, outcome: Outcome) -> None:

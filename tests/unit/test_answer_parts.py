@@ -14,14 +14,13 @@ from shared.activity import parse_activity
 from shared.connector import BotConnector
 from shared.delivery import Delivery
 from shared.errors import BadRequest
-from shared.inbox import TurnTicket, max_dequeue_count
+from shared.inbox import TurnTicket, max_dequeue_count, visibility_timeout
 from shared.limits import LIMIT_REPLIES
 from shared.messages import ChatMessage, StoredTurn
 from shared.model import build_model
 from shared.prompt import ChatPrompt
 from shared.settings import AnswerMode, load_settings
 from shared.store import InMemoryConversationStore
-from shared.streaming import StreamStart
 from shared.turn import Committed, Found, Refused, TurnRunner
 from tests.unit.test_turns import HEADERS, CountingModel, activity
 
@@ -83,9 +82,8 @@ def test_the_delivery_builds_the_reply_activity_in_one_place() -> None:
 
 
 def test_a_ticket_goes_through_the_queue_as_small_json_and_back() -> None:
-    # GIVEN a ticket naming a stream the webhook opened
-    ticket = TurnTicket(conversation_id="a:1", activity_id="act", enqueued_at=1.5,
-                        stream=StreamStart(stream_id="s-1", sequence=1, sent_at=1.25))
+    # GIVEN a wake-up ticket
+    ticket = TurnTicket(conversation_id="a:1", activity_id="act", enqueued_at=1.5, kind="wake")
     # WHEN it is written and read back
     text = ticket.to_json()
     # THEN it is the same ticket, in well under the queue's 64 KiB
@@ -95,7 +93,7 @@ def test_a_ticket_goes_through_the_queue_as_small_json_and_back() -> None:
 @pytest.mark.parametrize("text", ["", "[]", '{"conversationId": "a"}',
                                   '{"conversationId": "", "activityId": "x", "enqueuedAt": 1}',
                                   '{"conversationId": "a", "activityId": "x", "enqueuedAt": 1, '
-                                  '"stream": {"id": "s"}}'])
+                                  '"kind": "later"}'])
 def test_a_malformed_ticket_is_a_bad_request_naming_the_problem(text: str) -> None:
     with pytest.raises(BadRequest, match="not a turn ticket"):
         TurnTicket.from_json(text)
@@ -107,6 +105,7 @@ def test_host_json_queue_settings_fit_a_chat() -> None:
     # THEN the app's last dequeue is the host's, messages are base64 as the app enqueues them,
     # and an idle queue is polled at least once a second
     assert max_dequeue_count(HOST_JSON) == queues["maxDequeueCount"] == 5
+    assert visibility_timeout(HOST_JSON) == 5.0  # a failed turn's retry waits as long
     assert queues["messageEncoding"] == "base64"
     hours, minutes, seconds = queues["maxPollingInterval"].split(":")
     assert int(hours) == int(minutes) == 0 and float(seconds) <= 1.0

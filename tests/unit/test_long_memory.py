@@ -73,11 +73,11 @@ def test_a_commit_makes_the_pending_summary_current_as_the_start_steps() -> None
     turn = [row | {"seq": 25 + i} for i, row in enumerate(rows(0, 0))]
     # WHEN a turn commits with a window that stepped
     after = head.after(Basis(head=head, summaries=True, step=True, first_seq=15), turn,
-                       activity_id="a", token_budget=100, max_messages=200)
+                       activity_ids=["a"], token_budget=100, max_messages=200)
     # THEN the start and the summary moved together, and nothing is pending
     assert (after.start, after.summary, after.pending) == (15, "new", None)
     # AND a commit that did not step changes neither
-    still = head.after(Basis(head=head, summaries=True, first_seq=5), turn, activity_id="a",
+    still = head.after(Basis(head=head, summaries=True, first_seq=5), turn, activity_ids=["a"],
                        token_budget=100, max_messages=200)
     assert (still.start, still.summary, still.pending) == (5, "old", "new")
 

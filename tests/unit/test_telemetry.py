@@ -85,12 +85,13 @@ class ConflictOnce(InMemoryConversationStore):
         self.conflicted = False
 
     async def _commit_turn(self, window: ConversationWindow, *, activity_id: str,
-                           messages: list[ChatMessage], tokens: list[int],
-                           spend: Spend) -> StoredTurn:
+                           activity_ids: tuple[str, ...], messages: list[ChatMessage],
+                           tokens: list[int], spend: Spend) -> StoredTurn:
         if not self.conflicted:
             self.conflicted = True
             raise ConversationConflict("someone else won")
-        return await super()._commit_turn(window, activity_id=activity_id, messages=messages,
+        return await super()._commit_turn(window, activity_id=activity_id,
+                                          activity_ids=activity_ids, messages=messages,
                                           tokens=tokens, spend=spend)
 
 

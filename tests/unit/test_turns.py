@@ -79,8 +79,8 @@ async def test_two_workers_racing_on_one_conversation_store_every_turn_once() ->
 
 class AlwaysConflicting(InMemoryConversationStore):
     async def _commit_turn(self, window: ConversationWindow, *, activity_id: str,
-                           messages: list[ChatMessage], tokens: list[int],
-                           spend: Spend) -> StoredTurn:
+                           activity_ids: tuple[str, ...], messages: list[ChatMessage],
+                           tokens: list[int], spend: Spend) -> StoredTurn:
         raise ConversationConflict("someone else always wins")
 
 

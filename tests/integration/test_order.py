@@ -1,0 +1,279 @@
+"""One conversation, one order, over a real queue (issue 26): arrival order, bursts as one turn,
+`/reset` as a barrier, one stream per chat, a dead worker's hold, and the answer side's checks of
+what it reads back. Azurite, the model and the contract-enforcing connector stand-in, and one or
+two stand-ins of the Functions host's queue trigger (`halves.py`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import traceback
+from typing import Any
+
+import pytest
+
+from devtools.fake_channel import FakeConnector
+from devtools.fake_model import FakeModelServer, Scripted
+from shared.answer import RESET_DONE, TurnFailed
+from shared.errors import ModelUnavailable
+from shared.inbox import TurnTicket
+from shared.removal import forget_user
+from tests.integration.halves import Halves, eventually, halves, servers
+
+__all__ = ["servers"]  # the fixture
+
+SLOW = 0.6  # seconds the model takes over an answer here
+
+
+def users(history: list[Any]) -> list[str]:
+    return [m.content for m in history if m.role == "user"]
+
+
+def slow_model(model: FakeModelServer, seconds: float = SLOW) -> None:
+    model.latency = seconds
+
+
+async def post_all(running: Halves, conversation: str, texts: list[str], *, gaps: list[float],
+                   worker: int | None = None) -> list[bytes]:
+    bodies = []
+    for index, (text, gap) in enumerate(zip(texts, [0.0, *gaps], strict=True)):
+        await asyncio.sleep(gap)
+        body = running.message(text, conversation)
+        bodies.append(body)
+        status, _ = await running.post(body, worker=index % len(running.workers)
+                                       if worker is None else worker)
+        assert status == 200
+    return bodies
+
+
+async def test_two_messages_close_together_are_stored_in_arrival_order_over_two_workers(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN two workers on one queue, and a model that takes a moment over each answer
+    model, connector = servers
+    slow_model(model, 0.3)
+    rng = random.Random(26)
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      workers=2) as running:
+        # WHEN, ten times, "first" and "second" arrive 0.05 to 0.3 s apart (on either instance)
+        conversations = [f"a:pair-{trial}" for trial in range(10)]
+        await asyncio.gather(*(post_all(running, conversation, ["first", "second"],
+                                        gaps=[rng.uniform(0.05, 0.3)])
+                               for conversation in conversations))
+        await running.settled()
+        stored = {c: users(await running.store.list_messages(c)) for c in conversations}
+    # THEN every conversation stored them in the order they came, each once
+    assert all(texts == ["first", "second"] for texts in stored.values()), stored
+    assert connector.streams.broken() == []
+
+
+async def test_a_message_then_reset_is_answered_before_the_confirmation_and_then_forgotten(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a model that takes a moment
+    model, connector = servers
+    slow_model(model)
+    rng = random.Random(7)
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      workers=2) as running:
+        # WHEN, ten times, "my secret is N" is followed 0.05 to 0.3 s later by /reset
+        conversations = [f"a:reset-{trial}" for trial in range(10)]
+        await asyncio.gather(*(post_all(running, conversation, [f"my secret is {i}", "/reset"],
+                                        gaps=[rng.uniform(0.05, 0.3)])
+                               for i, conversation in enumerate(conversations)))
+        await running.settled()
+        stored = {c: await running.store.list_messages(c) for c in conversations}
+    # THEN the confirmation is the last thing each chat got, and nothing was stored after it
+    for conversation in conversations:
+        sent = running.user_texts(conversation)
+        assert sent[-1] == RESET_DONE and sent.count(RESET_DONE) == 1, sent
+        assert stored[conversation] == []
+    assert connector.streams.broken() == []
+
+
+async def test_a_burst_behind_a_running_answer_is_one_turn_with_one_stream_at_a_time(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a personal chat whose first message takes the model 2 s
+    model, connector = servers
+    model.then(Scripted(content="the first answer", delay=2.0))
+    async with halves(azurite_connection_string, table_name, model, connector) as running:
+        await running.post(running.message("one", "a:burst"))
+        await eventually(lambda: model.calls == 1)
+        # WHEN three more arrive 0.3 s apart while it works (one thought in several messages)
+        await post_all(running, "a:burst", ["two", "three", "four"], gaps=[0.3, 0.3])
+        await running.settled()
+        history = await running.store.list_messages("a:burst")
+    # THEN two model calls: the first, and one turn for the three that waited, which saw all
+    # three after the first answer
+    assert model.calls == 2
+    last_request = [m["content"] for m in model.requests[-1]["messages"] if m["role"] == "user"]
+    assert last_request[-3:] == ["two", "three", "four"]
+    # AND each is stored as its own message with its own activity, in order, then one reply
+    assert [(m.role, m.content) for m in history][:2] == [("user", "one"),
+                                                          ("assistant", "the first answer")]
+    assert [m.content for m in history[2:5]] == ["two", "three", "four"]
+    assert len({m.activity_id for m in history[2:5]}) == 3
+    assert [m.role for m in history] == ["user", "assistant", "user", "user", "user", "assistant"]
+    # AND two replies, two streams one after the other, both ended, within Teams' pace
+    assert len(connector.messages("a:burst")) == 2
+    streams = connector.streams.of("a:burst")
+    assert len(streams) == 2 and all(stream.finished for stream in streams)
+    assert connector.streams.broken() == []
+
+
+async def test_each_answers_a_burst_one_message_at_a_time_in_order(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN CHAT_BURST=each
+    model, connector = servers
+    model.then(Scripted(content="the first answer", delay=1.5))
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      CHAT_BURST="each") as running:
+        await running.post(running.message("one", "a:each"))
+        await eventually(lambda: model.calls == 1)
+        # WHEN three more arrive while it works
+        await post_all(running, "a:each", ["two", "three", "four"], gaps=[0.2, 0.2])
+        await running.settled()
+        history = await running.store.list_messages("a:each")
+    # THEN each got its own turn, in order
+    assert model.calls == 4
+    assert [m.content for m in history if m.role == "user"] == ["one", "two", "three", "four"]
+    assert [m.role for m in history] == ["user", "assistant"] * 4
+    assert connector.streams.broken() == []
+
+
+async def test_a_retry_of_any_message_of_a_burst_is_answered_once(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a burst answered in one turn behind a slow first answer
+    model, connector = servers
+    model.then(Scripted(content="first", delay=1.5))
+    async with halves(azurite_connection_string, table_name, model, connector) as running:
+        await running.post(running.message("one", "a:again"))
+        await eventually(lambda: model.calls == 1)
+        bodies = await post_all(running, "a:again", ["two", "three"], gaps=[0.1])
+        await running.settled()
+        calls, replies = model.calls, len(connector.messages("a:again"))
+        # WHEN the channel posts each message of the burst again
+        for body in bodies:
+            assert (await running.post(body))[0] == 200
+        await running.settled()
+    # THEN nothing more was asked or sent
+    assert (calls, replies) == (2, 2)
+    assert model.calls == calls and len(connector.messages("a:again")) == replies
+
+
+async def test_a_worker_killed_while_holding_a_conversation_is_taken_over_after_the_hold(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN two workers, a hold of 5 s, and a model whose first answer takes 3 s
+    model, connector = servers
+    model.then(Scripted(content="never sent", delay=3.0))
+    async with halves(azurite_connection_string, table_name, model, connector, workers=2,
+                      CHAT_HOLD_SECONDS="5") as running:
+        await running.post(running.message("first", "a:kill"))
+        await eventually(lambda: model.calls == 1)
+        busy = next(w for w in running.workers if w.host.busy)
+        # WHEN the worker answering it dies mid-turn, and a second message arrives
+        await busy.host.kill()
+        alive = next(w for w in running.workers if w is not busy)
+        await running.post(running.message("second", "a:kill"),
+                           worker=running.workers.index(alive))
+        await asyncio.sleep(1.0)
+        waiting = users(await running.store.list_messages("a:kill"))
+        await running.settled()
+        history = users(await running.store.list_messages("a:kill"))
+    # THEN nothing moved while the dead worker's hold lasted; after it, the other worker
+    # answered both, in order (the first as a burst with the second, or before it)
+    assert waiting == []
+    assert history == ["first", "second"]
+    assert connector.streams.broken() == []
+
+
+async def test_a_kept_activity_with_a_refused_service_url_is_dropped_unanswered(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN an activity written straight into the inbox, with a ticket, naming a serviceUrl the
+    # webhook would refuse (auth off: loopback only)
+    model, connector = servers
+    async with halves(azurite_connection_string, table_name, model, connector) as running:
+        body = json.loads(running.message("forged", "a:forged"))
+        body["serviceUrl"] = "https://evil.example.com/"
+        await running.inbox.accept(json.dumps(body).encode(), conversation_id="a:forged",
+                                   activity_id=body["id"])
+        await running.inbox.enqueue(TurnTicket(conversation_id="a:forged", activity_id=body["id"],
+                                               enqueued_at=0.0))
+        await running.settled()
+        stored = await running.store.list_messages("a:forged")
+    # THEN it was not answered: no model call, nothing stored, nothing sent
+    assert model.calls == 0 and stored == [] and connector.messages("a:forged") == []
+
+
+@pytest.mark.parametrize("conversation_id", ["a:" + "x" * 1_100, "a:" + "会話" * 75],
+                         ids=["1100-ascii", "150-cjk"])
+async def test_long_conversation_ids_are_answered_through_the_queue(
+        azurite_connection_string: str, table_name: str, conversation_id: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    model, connector = servers
+    async with halves(azurite_connection_string, table_name, model, connector) as running:
+        # WHEN a message with a long conversation ID arrives
+        status, _ = await running.post(running.message("hello", conversation_id))
+        await running.settled()
+        stored = users(await running.store.list_messages(conversation_id))
+    # THEN it is kept, answered and stored like any other
+    assert status == 200 and stored == ["hello"]
+    assert len(connector.messages(conversation_id)) == 1
+
+
+async def test_a_users_removal_covers_their_message_in_flight(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a message being answered by a slow model, and another waiting behind it
+    model, connector = servers
+    model.then(Scripted(content="an answer nobody keeps", delay=2.0))
+    async with halves(azurite_connection_string, table_name, model, connector) as running:
+        await running.post(running.message("remember my card 4242", "a:gone"))
+        await eventually(lambda: model.calls == 1)
+        await running.post(running.message("and my pin 1234", "a:gone"))
+        # WHEN the user asks to be forgotten while both are in flight
+        await forget_user(running.store, running.inbox, "29:u")
+        await running.settled()
+        stored = await running.store.list_messages("a:gone")
+        export = await running.store.export_user("29:u")
+        kept = await running.kept()
+    # THEN nothing of theirs was stored after the removal returned, nor kept, nor asked again
+    assert stored == [] and export.conversations == () and kept == []
+    assert model.calls == 1
+
+
+async def test_no_provider_error_text_leaves_with_the_queue_triggers_exception(
+        azurite_connection_string: str, table_name: str, caplog: pytest.LogCaptureFixture,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a provider whose error text quotes the prompt, and a wake-up that fails with it
+    model, connector = servers
+    model.then(*[Scripted(status=500, error={"message": "you said SECRET-PROMPT"})] * 5)
+    caplog.set_level(logging.INFO)
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      CHAT_STREAMING="off") as running:
+        await running.post(running.message("SECRET-PROMPT", "a:quiet"))
+        await running.settled()
+        answerer = running.bot.answerer
+        assert answerer.conductor is not None
+
+        async def failing(ticket: TurnTicket) -> None:
+            raise ModelUnavailable("the model answered 500: you said SECRET-PROMPT")
+
+        answerer.conductor.wake = failing  # type: ignore[method-assign]
+        ticket = TurnTicket(conversation_id="a:quiet", activity_id="x", enqueued_at=0.0)
+        # WHEN the queue trigger's core runs it
+        with pytest.raises(TurnFailed) as raised:
+            await answerer.answer_ticket(ticket.to_json())
+    # THEN what leaves carries the kind of failure only, with no chained text
+    text = "".join(traceback.format_exception(raised.value))
+    assert "SECRET" not in text and "ModelUnavailable" in text
+    assert raised.value.__context__ is None and raised.value.__cause__ is None
+    # AND no log line quoted the provider's text (capture is off)
+    assert not [r for r in caplog.records if "SECRET" in r.getMessage()]
