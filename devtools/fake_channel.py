@@ -43,10 +43,31 @@ class FakeConnector(LocalServer):
         self.statuses: deque[int] = deque()
         self.streams = StreamContract()
         self._ids = itertools.count(1)
+        #: What each message we answered 201 was sent as, by the ID we gave it (updates replace it).
+        self.sent: dict[str, dict[str, Any]] = {}
+        #: Each update (PUT) the bot made: the activity ID and the new activity.
+        self.updates: list[tuple[str, dict[str, Any]]] = []
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v3/conversations/{conversation_id}/activities", self._post)
         app.router.add_post("/v3/conversations/{conversation_id}/activities/{activity_id}", self._post)
+        app.router.add_put("/v3/conversations/{conversation_id}/activities/{activity_id}",
+                           self._put)
+
+    async def _put(self, request: web.Request) -> web.Response:
+        """Update an activity the bot sent (a message, in the same conversation): 404 otherwise."""
+        body = await request.json()
+        activity_id = request.match_info["activity_id"]
+        sent = self.sent.get(activity_id)
+        if sent is None or sent["conversation"]["id"] != request.match_info["conversation_id"]:
+            return web.json_response({"error": {"code": "ActivityNotFound",
+                                                "message": "no such activity"}}, status=404)
+        if body.get("type") != "message":
+            return web.json_response({"error": {"code": "BadArgument",
+                                                "message": "an update must be a message"}}, status=400)
+        self.updates.append((activity_id, body))
+        self.sent[activity_id] = body
+        return web.json_response({"id": activity_id})
 
     def messages(self, conversation_id: str | None = None) -> list[dict[str, Any]]:
         return [a for a in self.activities if a.get("type") == "message" and
@@ -79,7 +100,9 @@ class FakeConnector(LocalServer):
                 self.activities.append(body)
             return web.json_response(answer, status=status)
         self.activities.append(body)
-        return web.json_response({"id": f"reply-{next(self._ids)}"}, status=201)
+        reply_id = f"reply-{next(self._ids)}"
+        self.sent[reply_id] = body
+        return web.json_response({"id": reply_id}, status=201)
 
 
 def _misplaced_suggestions(activity: dict[str, Any]) -> str | None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
+import threading
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -59,15 +61,16 @@ def search(query: str, *, limit: int = 2) -> list[tuple[str, str, str]]:
     return scored[:limit]
 
 
-def build(calls: list[tuple[str, dict[str, Any]]] | None = None) -> MCPServer:
-    """The demo server; each tool call it runs is added to `calls`."""
+def build(ran: Callable[[str, dict[str, Any]], None] = lambda name, arguments: None,
+          before_delete: Callable[[], Awaitable[None]] | None = None) -> MCPServer:
+    """The demo server; `ran` is told of each tool call as it starts; `before_delete`: awaited by
+    `delete_notes` before it finishes (a test holds it there)."""
     server = MCPServer("chatstate-demo", instructions="Search the docs behind chatstate.")
-    ran = calls if calls is not None else []
 
     @server.tool(annotations=ToolAnnotations(read_only_hint=True))
     async def search_docs(query: str) -> CallToolResult:
         """Search the documentation behind chatstate (Teams, MCP, Azure Table Storage)."""
-        ran.append(("search_docs", {"query": query}))
+        ran("search_docs", {"query": query})
         pages = search(query)
         text = "\n".join(f"- {title}: {snippet}" for title, _, snippet in pages)
         links = [ResourceLink(name=title, title=title, uri=url, description=snippet)
@@ -78,7 +81,9 @@ def build(calls: list[tuple[str, dict[str, Any]]] | None = None) -> MCPServer:
     @server.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True))
     async def delete_notes(topic: str) -> str:
         """Delete the stored notes about a topic (destructive: the bot asks a person first)."""
-        ran.append(("delete_notes", {"topic": topic}))
+        ran("delete_notes", {"topic": topic})
+        if before_delete is not None:
+            await before_delete()
         return f"the notes about {topic!r} were deleted"
 
     return server
@@ -88,14 +93,35 @@ class DemoMcpServer:
     """The demo server on 127.0.0.1 (`port` 0: a free one), run by uvicorn in this event loop."""
 
     def __init__(self, *, port: int = 0, delay: float = 0.0) -> None:
-        #: The tool calls the server ran: (name, arguments).
+        #: The tool calls the server ran: (name, arguments), and when each started (perf_counter).
         self.calls: list[tuple[str, dict[str, Any]]] = []
-        self.mcp = build(self.calls)
+        self.call_times: list[float] = []
+        #: While set, `delete_notes` waits until it is released before it finishes (a call a
+        #: test holds; `hold_deletes` / `release_deletes`, from any thread).
+        self._gate: threading.Event | None = None
+        self.mcp = build(self._ran, self._before_delete)
         self.delay = delay
         self.headers: list[dict[str, str]] = []
         self.port = port or _free_port()
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
+
+    def _ran(self, name: str, arguments: dict[str, Any]) -> None:
+        self.call_times.append(time.perf_counter())
+        self.calls.append((name, arguments))
+
+    def hold_deletes(self) -> None:
+        """From now on, `delete_notes` calls start (they are recorded) but do not finish."""
+        self._gate = threading.Event()
+
+    def release_deletes(self) -> None:
+        if self._gate is not None:
+            self._gate.set()
+            self._gate = None
+
+    async def _before_delete(self) -> None:
+        if (gate := self._gate) is not None:
+            await asyncio.to_thread(gate.wait, 60.0)
 
     @property
     def url(self) -> str:

@@ -3,9 +3,10 @@
 `approval_card(request)` is an Adaptive Card (1.4) naming the tool and where it runs, with the
 arguments the model wants to use as plain text, and **Approve** / **Deny** as `Action.Execute`
 (verbs `APPROVE_VERB` / `DENY_VERB`, data: the decision's ID and the SHA-256 of the exact
-arguments; an `Action.Submit` fallback for older clients). `answered_card` is the same card once
-decided ("Approved by Ada", "Denied by Ada", "Expired", "Not run: you sent a new message", or
-"Already decided …" for a second click), without buttons. `fallback_text` says the same in plain
+arguments; an `Action.Submit` fallback for older clients). `answered_card` is the card once decided
+(the tool and where it runs, then "Approved by Ada", "Denied by Ada", "Expired", "Not run: you
+sent a new message", or "Already decided …" for a second click), without buttons or arguments
+(those rest with the turn, not with the record the webhook reads). `fallback_text` says the same in plain
 text for channels without Adaptive Cards; the person answers it with a message that
 `parse_answer` reads ("approve" or "deny", nothing else).
 
@@ -93,8 +94,8 @@ def answered_card(request: ApprovalRequest, decision: ToolDecision, *,
     outcome = _outcome_line(decision)
     if again:
         outcome = [("Already decided: ", {}), *outcome]
-    return _card([_heading("Approve this action?"), *_calls(request.calls), _rich(*outcome)],
-                 fallback=_outcome_text(decision, again=again))
+    return _card([_heading("Approval request"), *_calls(request.calls, arguments=False),
+                  _rich(*outcome)], fallback=_outcome_text(decision, again=again))
 
 
 def fallback_text(request: ApprovalRequest) -> str:
@@ -132,13 +133,15 @@ def shown_text(text: str, limit: int) -> str:
 # -- the parts ------------------------------------------------------------------------------------
 
 
-def _calls(calls: Sequence[ShownCall]) -> list[dict[str, Any]]:
+def _calls(calls: Sequence[ShownCall], *, arguments: bool = True) -> list[dict[str, Any]]:
     parts: list[dict[str, Any]] = []
     for call in calls:
+        shows = arguments and call.arguments.strip() not in ("", "{}")
         parts.append(_rich(("Run ", {}), (shown_text(call.tool, 64),
                                           {"fontType": "Monospace", "weight": "Bolder"}),
-                           (f" ({_where(call.origin)})", {}),
-                           (" with:" if call.arguments.strip() not in ("", "{}") else "", {})))
+                           (f" ({_where(call.origin)})", {}), (" with:" if shows else "", {})))
+        if not shows:
+            continue
         for name, value in _arguments(call.arguments):
             parts.append(_rich((f"{name}: ", {"weight": "Bolder"}),
                                (value, {"fontType": "Monospace"})))

@@ -29,6 +29,10 @@ from typing import Any
 
 from .activity import Activity, parse_activity
 from .answer import APOLOGY, RESET_DONE, TOO_LONG, Answerer, Unanswered
+from .approval_answers import VERBS as APPROVAL_VERBS
+from .approval_answers import ApprovalAnswers
+from .approval_card import parse_answer
+from .approvals import Approvals
 from .attachments import has_attachments
 from .auth import AuthResult, BotAuthenticator, reply_policy
 from .card_actions import (
@@ -58,6 +62,7 @@ from .settings import AnswerMode, Settings
 from .store import ConversationStore
 from .summary import Summarizer
 from .telemetry import span, turn
+from .tools import Function
 from .turn import MAX_REASKS, TurnRunner
 
 __all__ = ["APOLOGY", "MAX_REASKS", "RESET_DONE", "TOO_LONG", "WELCOME", "BotResponse", "ChatBot"]
@@ -102,6 +107,17 @@ class ChatBot:
         self._queued = settings.answer_mode is AnswerMode.QUEUE and inbox is not None
         #: The handlers of our cards' buttons, by verb.
         self.card_actions = CardActions()
+        #: Answers to approval cards (the turn queue only: only it can wait for a person).
+        self.approval_answers: ApprovalAnswers | None = None
+        if self._queued and inbox is not None:
+            self.approval_answers = ApprovalAnswers(inbox=inbox)
+            self.card_actions.register(*APPROVAL_VERBS, handler=self.approval_answers.on_card)
+            self.answerer.add_waiter(Approvals(
+                settings=settings, store=store, inbox=inbox, connector=connector,
+                tools=self._tools, run_resumed=self.answerer.answer_resumed))
+
+    async def _tools(self) -> dict[str, Function]:
+        return (await self.prompt.current_tools())[0]
 
     async def handle(self, *, body: bytes, headers: Mapping[str, str]) -> BotResponse:
         """Answer one POST to /api/messages. Never raises; every failure has a status and reason."""
@@ -164,6 +180,13 @@ class ChatBot:
         if not activity.message_text and not has_attachments(activity):
             return BotResponse(status=200)
         if self._queued and not activity.expects_replies:
+            if self.approval_answers is not None and parse_answer(activity.message_text):
+                answered = await self.approval_answers.on_text(activity)
+                if answered is not None:  # an answer to a waiting request, not a message
+                    # Plain: the reply may name the person (their display name is theirs).
+                    await self.delivery.send(activity, {**activity.reply(answered, ai=False),
+                                                        "textFormat": "plain"})
+                    return BotResponse(status=200)
             return await self._accept(activity, body)
         key = (activity.conversation_id, activity.id)
         if key in self._in_flight:
@@ -241,6 +264,16 @@ class ChatBot:
                                       reply.message, ai=False)
         if activity.expects_replies:
             return BotResponse(status=200, body={"activities": [outgoing]})
+        card_id = activity.raw.get("replyToId")
+        if isinstance(reply, ShowCard) and isinstance(card_id, str) and card_id:
+            try:  # the pressed card shows its new state, as an invoke's answer would
+                await self.connector.update(service_url=activity.service_url,
+                                            conversation_id=activity.conversation_id,
+                                            activity_id=card_id, activity=outgoing)
+                return BotResponse(status=200)
+            except ConnectorError as exc:
+                log.info("the pressed card was not updated (%s); answering with a new one",
+                         type(exc).__name__)
         await self.delivery.send(activity, outgoing)
         return BotResponse(status=200)
 

@@ -49,8 +49,8 @@ from .tokens import count_message_tokens, count_text_tokens
 from .tools import UNKNOWN_TOOL, Function, Source, ToolResult, failed
 
 __all__ = ["ROUND_LIMIT_REPLY", "TOOL_OVERHEAD", "TURN_LIMIT_REPLY", "ChatPrompt",
-           "ConversationMemory", "PromptResult", "ReplyStopped", "ToolListener", "ToolSource",
-           "UserInput", "check_input"]
+           "ConversationMemory", "PromptResult", "ReplyStopped", "RunOnce", "ToolListener",
+           "ToolSource", "UserInput", "check_input"]
 
 log = logging.getLogger(__name__)
 
@@ -299,15 +299,18 @@ class ChatPrompt:
     async def resume(self, paused: PausedTurn, decisions: Mapping[str, ToolDecision], *,
                      history: Sequence[ChatMessage] = (), summary: str | None = None,
                      instructions: str | None = None, on_text: TextListener | None = None,
-                     on_tools: ToolListener | None = None) -> PromptResult:
+                     on_tools: ToolListener | None = None,
+                     run_once: RunOnce | None = None) -> PromptResult:
         """Go on with a turn that `send` (or an earlier `resume`) paused (`ToolCallsHeld`), after
         `summary` and `history` as they are now: the held round runs, each held call as its
         decision (by call ID) says (`shared/pause.py`), and the turn continues with the model.
-        Its result holds the whole turn, from the user's message(s) on; it may pause again."""
+        Its result holds the whole turn, from the user's message(s) on; it may pause again.
+        `run_once`: runs each call of the held round (given how to run it) at most once, across
+        attempts and workers (`shared/approvals.py` records them)."""
         system, on_text = self._system(instructions, on_text)
         loop = _Loop(conversation=self._request(system, summary, [*history, *paused.messages]),
                      turn=list(paused.messages[:-1]), usage=paused.usage, model=paused.model,
-                     sources=list(paused.sources), rounds=paused.rounds + 1)
+                     sources=list(paused.sources), rounds=paused.rounds + 1, run_once=run_once)
         return await self._finish(loop, on_text, on_tools, (paused.messages[-1], decisions))
 
     def _system(self, instructions: str | None,
@@ -392,8 +395,9 @@ class ChatPrompt:
         the turn's end instead when their results do not fit in it."""
         if on_tools is not None:
             await on_tools(message.tool_calls)
-        done = await asyncio.gather(*(self._invoke(call, functions, decisions.get(call.id))
-                                      for call in message.tool_calls))
+        run_once = loop.run_once if decisions else None  # only a resumed round's calls
+        done = await asyncio.gather(*(self._invoke(call, functions, decisions.get(call.id),
+                                                   run_once) for call in message.tool_calls))
         results = [replace(_result(call, _with_sources(result, loop.sources)),
                            decision=decisions.get(call.id))
                    for call, result in zip(message.tool_calls, done, strict=True)]
@@ -405,8 +409,10 @@ class ChatPrompt:
         return None
 
     async def _invoke(self, call: ToolCall, functions: dict[str, Function],
-                      decision: ToolDecision | None = None) -> ToolResult:
-        """Run one call; a held one only when its decision approved exactly these arguments."""
+                      decision: ToolDecision | None = None,
+                      run_once: RunOnce | None = None) -> ToolResult:
+        """Run one call (through `run_once` when given); a held one only when its decision
+        approved exactly these arguments."""
         function = functions.get(call.name)
         # A name the model invented is its text: logs, spans and metrics call it `unknown`.
         name = function.name if function is not None else UNKNOWN_TOOL
@@ -420,12 +426,13 @@ class ChatPrompt:
             elif declined is not None:
                 result = failed(call, declined)
             else:
-                result = await function.invoke(call, time_limit=self.tool_timeout_seconds,
-                                               approved=decision is not None)
+                def run() -> Awaitable[ToolResult]:
+                    return function.invoke(call, time_limit=self.tool_timeout_seconds,
+                                           approved=decision is not None)
+
+                result = await (run_once(call, run) if run_once is not None else run())
             if decision is not None:
                 span.set_attribute("chatstate.tool.decision", decision.outcome)
-                telemetry.tool_decided(name=name, origin=origin, reason=decision.reason,
-                                       outcome=decision.outcome)
             if result.failed:  # a failure the model is told of (shared/tools.py)
                 span.set_attribute("error.type", "tool_error")
             telemetry.tool_result(span, result.text, origin=origin, failed=result.failed,
@@ -439,6 +446,8 @@ _Offer = tuple[dict[str, Function], list[dict[str, Any]] | None, int]
 _Decided = tuple[ChatMessage, Mapping[str, ToolDecision]]
 #: Tokens of a tool definition's framing in a request, beyond its JSON.
 TOOL_OVERHEAD = 8
+#: Runs a call at most once: given the call and how to run it, its result (recorded or run now).
+RunOnce = Callable[[ToolCall, Callable[[], Awaitable[ToolResult]]], Awaitable[ToolResult]]
 
 
 @dataclass(kw_only=True)
@@ -454,6 +463,8 @@ class _Loop:
     sources: list[Source] = field(default_factory=list)
     #: The index of the next model call (tool rounds run so far).
     rounds: int = 0
+    #: A resumed turn's: runs each call of its held round at most once.
+    run_once: RunOnce | None = None
 
 
 def _held(calls: Sequence[ToolCall], functions: dict[str, Function]) -> tuple[HeldCall, ...]:

@@ -23,6 +23,7 @@ from .policy import ToolPolicy
 __all__ = [
     "SETTINGS",
     "AnswerMode",
+    "ApprovalSettings",
     "AttachmentSettings",
     "BotSettings",
     "DataSettings",
@@ -240,6 +241,14 @@ SETTINGS: tuple[Setting, ...] = (
             description="Tokens the tool definitions of one model request may take; they count "
             "against CHAT_HISTORY_TOKEN_BUDGET (the history window gets the rest), at most half of "
             "it. Tools past the budget are left out, with a warning."),
+    # ask before acting: a person approves a tool call (shared/approvals.py)
+    Setting(name="CHAT_APPROVAL_MINUTES", default="10", deployed=False,
+            description="Minutes (fractions allowed) a person has to approve or deny a tool call "
+            "that asks first; then the request expires, its card says so, and the call does not "
+            "run."),
+    Setting(name="CHAT_APPROVERS", default="requester", deployed=False,
+            description="Who may answer an approval card: requester (the person whose message "
+            "led to the call) or anyone (anyone in the conversation: a group chat's members)."),
     # hosting
     Setting(name="WEBSITE_SITE_NAME", deployed=False,
             description="Set by Azure App Service/Functions; its presence means 'running in "
@@ -354,6 +363,16 @@ class OrderSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ApprovalSettings:
+    """Ask before acting (`shared/approvals.py`)."""
+
+    #: How long a person has to answer.
+    expiry_seconds: float = 600.0
+    #: Only the requester may answer (False: anyone in the conversation).
+    requester_only: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
 class TelemetrySettings:
     applicationinsights_connection_string: str | None = None
     otlp_endpoint: str | None = None
@@ -441,6 +460,7 @@ class Settings:
     answer_mode: AnswerMode = AnswerMode.QUEUE
     mcp_servers: tuple[McpServerSettings, ...] = ()
     order: OrderSettings = field(default_factory=OrderSettings)
+    approvals: ApprovalSettings = field(default_factory=ApprovalSettings)
 
 
 class _Reader:
@@ -609,6 +629,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         answer_mode=_answer_mode(read),
         mcp_servers=_mcp_servers(read, identity, in_azure=in_azure),
         order=_order(read),
+        approvals=_approvals(read),
     )
 
 
@@ -619,6 +640,14 @@ def _order(read: _Reader) -> OrderSettings:
     return OrderSettings(burst=burst == "together",
                          hold_seconds=read.number("CHAT_HOLD_SECONDS", minimum=5, maximum=600),
                          drain_seconds=read.number("CHAT_DRAIN_SECONDS", minimum=5, maximum=3600))
+
+
+def _approvals(read: _Reader) -> ApprovalSettings:
+    approvers = read.required_text("CHAT_APPROVERS").lower()
+    if approvers not in ("requester", "anyone"):
+        raise SettingsError("CHAT_APPROVERS", f"must be requester or anyone, got {approvers!r}")
+    minutes = read.number("CHAT_APPROVAL_MINUTES", minimum=0.05, maximum=24 * 60)
+    return ApprovalSettings(expiry_seconds=minutes * 60, requester_only=approvers == "requester")
 
 
 def _welcome(read: _Reader) -> str:

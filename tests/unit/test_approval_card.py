@@ -126,8 +126,8 @@ def test_an_answered_card_says_what_happened_and_has_no_buttons(outcome: str, by
     # THEN it says so, keeps the call it was about, and offers nothing to click
     assert shown in run_texts(card) and "delete_notes" in run_texts(card)
     assert "actions" not in card and "actions" not in again
-    assert run_texts(again).splitlines() == ["Run delete_notes (MCP server demo) with:",
-                                             "topic: drafts", f"Already decided: {shown}"]
+    assert run_texts(again).splitlines() == ["Run delete_notes (MCP server demo)",
+                                             f"Already decided: {shown}"]
     assert card["fallbackText"] == shown
 
 
