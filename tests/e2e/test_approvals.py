@@ -137,7 +137,8 @@ def test_approve_runs_the_call_once_and_the_turn_goes_on(channel: Bench,
     (updated,) = [a for i, a in channel.connector.updates if i == card_id]
     refreshed = updated["attachments"][0]["content"]
     assert "Approved by Ada" in json.dumps(refreshed) and "actions" not in refreshed
-    assert channel.connector.streams.violations == []
+    # AND Teams' rules held: the paused turn's stream ended (with a note), the resumed one too
+    assert channel.connector.streams.broken(conversation) == []
 
 
 def test_an_older_clients_submit_answers_the_card_too(channel: Bench,
@@ -192,6 +193,7 @@ def test_deny_runs_nothing_and_the_model_is_told(channel: Bench, mcp_server: Dem
     assert "denied this call" in tool_result_sent(channel, "delete_notes")
     history = channel.history(conversation)
     assert history[2]["decision"]["outcome"] == "denied"
+    assert channel.connector.streams.broken(conversation) == []
 
 
 def test_a_second_click_is_told_the_decision_and_nothing_runs_twice(
@@ -289,6 +291,7 @@ def test_a_new_message_supersedes_the_request(channel: Bench, mcp_server: DemoMc
     late = press(channel, conversation, card, APPROVE_VERB)
     assert late.status_code == 404
     assert len(mcp_server.calls) == ran_before
+    assert channel.connector.streams.broken(conversation) == []
 
 
 def test_a_channel_without_cards_gets_plain_text_answered_by_a_reply(
@@ -348,6 +351,7 @@ def test_an_expired_request_runs_nothing_and_its_card_says_so(
     assert press(short, conversation, card, APPROVE_VERB).status_code == 404
     time.sleep(1.0)
     assert len(mcp_server.calls) == ran_before
+    assert short.connector.streams.broken(conversation) == []
     short.model.script.clear()
 
 
@@ -379,3 +383,5 @@ def test_a_worker_killed_between_the_approval_and_the_result_runs_the_call_once(
     assert "not known whether this call ran" in tool_result_sent(short, "delete_notes")
     assert [m["role"] for m in short.history(conversation)] == ["user", "assistant", "tool",
                                                                "assistant"]
+    # AND the stream the dead worker opened for the resumed turn was ended by the next one
+    assert short.connector.streams.broken(conversation) == []
