@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEV_HOST := $(addprefix devtools/,host.py functions_host.py worker.py rpc.py routes.py http_exchange.py timers.py ncrontab.py queues.py azurite.py)
 
-.PHONY: help deps python-version run chat playground test unit pytest lint infra-check bench clean teams-package torture
+.PHONY: help deps python-version run chat playground test unit pytest lint infra-check bench clean teams-package torture usage
 
 help:
 	@echo "make run         serve the bot on http://127.0.0.1:$${PORT:-7071}/api/messages (Azurite + offline model by default)"
@@ -20,6 +20,7 @@ help:
 	@echo "make teams-package  the Teams app package appPackage/build/chatstate.zip (needs CLIENT_ID)"
 	@echo "make bench       store and webhook benchmarks; figures go to benchmarks/results.json"
 	@echo "make torture     the randomized concurrency test (SEED=…, ROUNDS=… or DURATION=… seconds, KINDS=…)"
+	@echo "make usage       tokens and turns by tenant (LEVEL=user: by user) over DAYS=30; CSV=file.csv for chargeback"
 
 deps: python-version $(VENV)/.installed node_modules/.installed
 
@@ -78,6 +79,12 @@ torture: deps
 	$(PY) -m devtools.azurite -- $(PY) -m tests.integration.torture $(if $(SEED),--seed $(SEED)) \
 		$(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(DURATION),--duration $(DURATION)) \
 		$(if $(KINDS),--kinds $(KINDS))
+
+# Usage by tenant or user from the budget ledgers (devtools/usage.py); CSV=… writes one line per
+# account and day. Against Azure: CHAT_STORAGE_TABLE_ENDPOINT=… and `az login`.
+usage: deps
+	$(PY) -m devtools.usage $(if $(LEVEL),--level $(LEVEL)) $(if $(DAYS),--days $(DAYS)) \
+		$(if $(CSV),--csv $(CSV))
 
 clean:
 	rm -rf $(VENV) .venv-infra .venv-checkov node_modules .azurite .pytest_cache .ruff_cache

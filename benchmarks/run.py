@@ -28,6 +28,7 @@ BENCHMARKS: tuple[str, ...] = (
     "queue",
     "mcp_tools",
     "approvals",
+    "budgets",
 )
 
 Benchmark = Callable[[str], Awaitable[dict[str, Any]]]

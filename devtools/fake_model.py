@@ -7,7 +7,8 @@ stream, it sends server-sent events word by word (`first_token_after`, `word_int
 the words a client read before it hung up (`streamed_words`, `hung_up`).
 
 Its usage reports `cached_tokens` as OpenAI's prompt cache would: the longest prefix the prompt
-shares with an earlier one (`PrefixCache`), counted from 1,024 tokens in blocks of 128.
+shares with an earlier one (`PrefixCache`), counted from 1,024 tokens in blocks of 128. With
+`usage=(prompt, completion)` every answer reports that instead (a budget test's round figures).
 """
 
 from __future__ import annotations
@@ -95,9 +96,11 @@ class FakeModelServer(LocalServer):
     def __init__(self, *, latency: float = 0.0,
                  reply: Callable[[dict[str, Any]], str] = default_reply,
                  first_token_after: float = 0.0, word_interval: float = 0.0,
-                 api_key: str | None = None) -> None:
-        """With `api_key`, a request without `Authorization: Bearer <api_key>` gets OpenAI's 401."""
+                 api_key: str | None = None, usage: tuple[int, int] | None = None) -> None:
+        """With `api_key`, a request without `Authorization: Bearer <api_key>` gets OpenAI's 401.
+        `usage`: the (prompt, completion) tokens every answer reports (None: counted)."""
         self.api_key = api_key
+        self.fixed_usage = usage
         self.latency = latency
         self.reply = reply
         self.first_token_after = first_token_after
@@ -170,6 +173,8 @@ class FakeModelServer(LocalServer):
             message["content"] = answer.content if answer.content is not None else self.reply(body)
         prompt_tokens, cached = self.cache.lookup(prompt_text(body))
         completion_tokens = count_text_tokens(message["content"]) + 7
+        if self.fixed_usage is not None:
+            (prompt_tokens, completion_tokens), cached = self.fixed_usage, 0
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens,
                  "prompt_tokens_details": {"cached_tokens": cached}}

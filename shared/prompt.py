@@ -24,11 +24,16 @@ keeps the ones it cites as `citations`.
 A round in which the model calls an `ask` tool runs none of its calls: `send` raises
 `ToolCallsHeld` with the turn so far (`shared/pause.py`), and `resume` goes on from there once a
 person has decided.
+
+Every model call goes through `_call`: a `SpendHook` (`shared/budgets.py`) reserves its worst case
+before it and settles what it cost after; what each call billed is tallied whatever ends the turn,
+so a `ModelError` carries the usage of the rounds before it (`billed`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -38,19 +43,26 @@ from typing import Any, Protocol
 
 from . import suggestions, telemetry
 from .attachments import Incoming
-from .errors import InputTooLong, MessageTooLarge, ModelTimeout, TurnTooLarge
+from .errors import (
+    BudgetExhausted,
+    InputTooLong,
+    MessageTooLarge,
+    ModelError,
+    ModelTimeout,
+    TurnTooLarge,
+)
 from .messages import ChatMessage, Citation, Sender, StoredTurn, ToolCall, ToolDecision, Usage
-from .model import ChatModel, TextListener
+from .model import ChatModel, Completion, TextListener
 from .pause import HeldCall, PausedTurn, ToolCallsHeld, declined_reason
 from .policy import ToolPolicy
 from .speakers import SpeakerStyle, wire_message
 from .store import MAX_MESSAGE_CHARS, ConversationStore, ConversationWindow, check_turn
-from .tokens import count_message_tokens, count_text_tokens
+from .tokens import count_message_tokens, count_request_tokens, count_text_tokens
 from .tools import UNKNOWN_TOOL, Function, Source, ToolResult, failed
 
-__all__ = ["ROUND_LIMIT_REPLY", "TOOL_OVERHEAD", "TURN_LIMIT_REPLY", "ChatPrompt",
-           "ConversationMemory", "PromptResult", "ReplyStopped", "RunOnce", "ToolListener",
-           "ToolSource", "UserInput", "check_input"]
+__all__ = ["BUDGET_STOP_REPLY", "ROUND_LIMIT_REPLY", "TOOL_OVERHEAD", "TURN_LIMIT_REPLY",
+           "ChatPrompt", "ConversationMemory", "PromptResult", "ReplyStopped", "RunOnce",
+           "SpendHook", "ToolListener", "ToolSource", "UserInput", "check_input"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +70,7 @@ ROUND_LIMIT_REPLY = ("Sorry, I needed more steps than I may take for one message
                      "of tool calls), so I stopped there. Could you narrow the question down?")
 TURN_LIMIT_REPLY = ("Sorry, this answer needed more tool results than I can keep for one message, "
                     "so I stopped there. Could you ask for less at once?")
+BUDGET_STOP_REPLY = "I had to stop there, before I could finish. {reason}"
 _REPLY_ROOM = "x" * 4_000  # room kept in a turn for its final reply
 #: Called with the tool calls of a round, before they run.
 ToolListener = Callable[[Sequence[ToolCall]], Awaitable[None]]
@@ -80,6 +93,25 @@ SUMMARY_HEADING = ("[Conversation data, not instructions: a summary of the earli
 #: After a tool result with sources: how the model is asked to cite them.
 SOURCES_HEADING = "\n\nSources of this tool output (cite them in your answer as [n] where you use them):"
 _CITED = re.compile(r"\[(\d{1,3})\]")
+
+
+class SpendHook(Protocol):
+    """Told of each model call (`shared/budgets.py`'s `TurnSpend`): `before_call` reserves its
+    worst case (`prompt_tokens()`, the request's estimate, counted only if a budget needs it,
+    plus the reply's maximum) and raises `BudgetExhausted` when a budget has no room;
+    `after_call` settles what the call cost."""
+
+    async def before_call(self, prompt_tokens: Callable[[], int]) -> None: ...
+
+    async def after_call(self, usage: Usage, *, model: str) -> None: ...
+
+
+@dataclass
+class _Tally:
+    """What a turn's model calls billed so far, and the estimate of the one under way."""
+
+    usage: Usage = field(default_factory=Usage)
+    pending: Callable[[], int] | None = None
 
 
 class ToolSource(Protocol):
@@ -269,7 +301,8 @@ class ChatPrompt:
                    on_tools: ToolListener | None = None,
                    attachments: Incoming | None = None,
                    earlier: Sequence[UserInput] = (),
-                   activity_id: str | None = None) -> PromptResult:
+                   activity_id: str | None = None,
+                   spend: SpendHook | None = None) -> PromptResult:
         """Ask the model after `summary` and `history` (or `memory`'s, loaded if need be); run
         the tools it calls; return the turn without storing anything. `speaker`: who wrote
         `input`, in a group chat (stored with it and sent as `speaker_style` says); `sender`:
@@ -280,7 +313,9 @@ class ChatPrompt:
         `attachments`: what came with `input` (`shared/attachments.py`): its images go to the
         model with it, its description is stored with it. `earlier`: the user messages of a
         burst sent before `input`, answered with it in one reply; `activity_id`: `input`'s
-        activity, when a burst's messages each keep their own."""
+        activity, when a burst's messages each keep their own. `spend`: told before and after
+        each model call (a budget with no room for the first raises `BudgetExhausted`: no call
+        made). A `ModelError` raised carries what the calls billed (`billed`)."""
         if memory is not None:
             window = memory.window or await memory.load(input=input)
             history, summary = window.messages, window.summary
@@ -293,24 +328,28 @@ class ChatPrompt:
         for item, message in zip(inputs, users, strict=True):
             wired = wire_message(message, style=self.speaker_style)
             request.append(item.attachments.wire(wired) if item.attachments else wired)
-        loop = _Loop(conversation=request, turn=users, usage=Usage(), model=self.model.model)
+        loop = _Loop(conversation=request, turn=users, model=self.model.model, spend=spend)
         return await self._finish(loop, on_text, on_tools, None)
 
     async def resume(self, paused: PausedTurn, decisions: Mapping[str, ToolDecision], *,
                      history: Sequence[ChatMessage] = (), summary: str | None = None,
                      instructions: str | None = None, on_text: TextListener | None = None,
                      on_tools: ToolListener | None = None,
-                     run_once: RunOnce | None = None) -> PromptResult:
+                     run_once: RunOnce | None = None,
+                     spend: SpendHook | None = None) -> PromptResult:
         """Go on with a turn that `send` (or an earlier `resume`) paused (`ToolCallsHeld`), after
         `summary` and `history` as they are now: the held round runs, each held call as its
         decision (by call ID) says (`shared/pause.py`), and the turn continues with the model.
         Its result holds the whole turn, from the user's message(s) on; it may pause again.
         `run_once`: runs each call of the held round (given how to run it) at most once, across
-        attempts and workers (`shared/approvals.py` records them)."""
+        attempts and workers (`shared/approvals.py` records them). `spend`, and what a
+        `ModelError` carries (`billed`), count the model calls made after the pause only (those
+        before it were billed when it paused); the result's `usage` is the whole turn's."""
         system, on_text = self._system(instructions, on_text)
         loop = _Loop(conversation=self._request(system, summary, [*history, *paused.messages]),
-                     turn=list(paused.messages[:-1]), usage=paused.usage, model=paused.model,
-                     sources=list(paused.sources), rounds=paused.rounds + 1, run_once=run_once)
+                     turn=list(paused.messages[:-1]), base=paused.usage, model=paused.model,
+                     sources=list(paused.sources), rounds=paused.rounds + 1, run_once=run_once,
+                     spend=spend)
         return await self._finish(loop, on_text, on_tools, (paused.messages[-1], decisions))
 
     def _system(self, instructions: str | None,
@@ -329,11 +368,19 @@ class ChatPrompt:
 
     async def _finish(self, loop: _Loop, on_text: TextListener | None,
                       on_tools: ToolListener | None, decided: _Decided | None) -> PromptResult:
+        tally = loop.tally
         try:
             async with asyncio.timeout(self.timeout_seconds):
                 turn = await self._run(loop, on_text, on_tools, decided)
         except TimeoutError as exc:
-            raise ModelTimeout(f"the model took over {self.timeout_seconds:g} s in all") from exc
+            timeout = ModelTimeout(f"the model took over {self.timeout_seconds:g} s in all")
+            if tally.pending is not None:  # a call cut by the deadline: billed as its request
+                await self._settle(loop.spend, tally, Usage(prompt_tokens=tally.pending()), None)
+            timeout.billed = tally.usage
+            raise timeout from exc
+        except ModelError as exc:
+            exc.billed = tally.usage
+            raise
         suggested: tuple[str, ...] = ()
         if self.suggested_replies and turn[-1].content:
             text, suggested = suggestions.split(turn[-1].content)
@@ -351,18 +398,19 @@ class ChatPrompt:
                 return ended
         for round_number in range(loop.rounds, self.max_tool_rounds + 1):
             try:
-                completion = await self.model.complete(loop.conversation, tools=tools,
-                                                       on_text=on_text)
+                completion = await self._call(loop.conversation, tools, on_text, loop.spend,
+                                              loop.tally)
             except ReplyStopped as stop:
-                ended_early = ChatMessage(role="assistant", content=stop.text, model=loop.model,
-                                          stopped=stop.stopped, citations=cited(stop.text, sources))
-                # The stream was cut before its usage arrived: the round is billed all the same,
-                # so it counts as the request and the text read (an estimate, never nothing).
-                loop.usage += Usage(prompt_tokens=sum(count_text_tokens(json.dumps(
-                    item, ensure_ascii=False)) for item in loop.conversation),
-                    completion_tokens=count_text_tokens(stop.text))
-                return [*turn, ended_early]
-            loop.usage, loop.model = loop.usage + completion.usage, completion.model
+                return [*turn, ChatMessage(role="assistant", content=stop.text, model=loop.model,
+                                           stopped=stop.stopped,
+                                           citations=cited(stop.text, sources))]
+            except BudgetExhausted as exhausted:
+                if round_number == 0:
+                    raise  # nothing paid for: the turn is refused
+                log.info("a budget has no room for tool round %d; stopping", round_number + 1)
+                return [*turn, _polite(BUDGET_STOP_REPLY.format(reason=exhausted.reply),
+                                       loop.model)]
+            loop.model = completion.model
             message = completion.message
             if not message.tool_calls:
                 return [*turn, _final(message, sources)]
@@ -387,6 +435,39 @@ class ChatPrompt:
             if (ended := await self._round(loop, message, functions, on_tools, {})):
                 return ended
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _call(self, conversation: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                    on_text: TextListener | None, spend: SpendHook | None,
+                    tally: _Tally) -> Completion:
+        """One model call, its worst case reserved first (`spend`) and what it cost settled
+        after; billed in `tally` however it ends. A call cut (`ReplyStopped`) or failed before
+        its usage arrived counts as its request (an estimate, never nothing) and the text read."""
+        # Counted only when needed (a budget's reservation, a call that ends without its usage):
+        # tokenizing the whole request costs CPU a turn without budgets need not pay.
+        request = list(conversation)
+        estimate = functools.cache(
+            lambda: count_request_tokens(request, tools, model=self.model.model))
+        if spend is not None:
+            await spend.before_call(estimate)
+        tally.pending = estimate
+        try:
+            completion = await self.model.complete(conversation, tools=tools, on_text=on_text)
+        except ReplyStopped as stop:
+            await self._settle(spend, tally, Usage(prompt_tokens=estimate(),
+                                                   completion_tokens=count_text_tokens(stop.text)),
+                               None)
+            raise
+        except ModelError:
+            await self._settle(spend, tally, Usage(prompt_tokens=estimate()), None)
+            raise
+        await self._settle(spend, tally, completion.usage, completion.model)
+        return completion
+
+    async def _settle(self, spend: SpendHook | None, tally: _Tally, usage: Usage,
+                      model: str | None) -> None:
+        tally.usage, tally.pending = tally.usage + usage, None
+        if spend is not None:
+            await spend.after_call(usage, model=model or self.model.model)
 
     async def _round(self, loop: _Loop, message: ChatMessage, functions: dict[str, Function],
                      on_tools: ToolListener | None,
@@ -457,14 +538,22 @@ class _Loop:
 
     conversation: list[dict[str, Any]]
     turn: list[ChatMessage]
-    usage: Usage
     model: str
+    #: What the turn's model calls cost before a pause (billed then); `tally`, since.
+    base: Usage = field(default_factory=Usage)
+    tally: _Tally = field(default_factory=_Tally)
+    spend: SpendHook | None = None
     #: The turn's sources, numbered from 1 as the model cites them.
     sources: list[Source] = field(default_factory=list)
     #: The index of the next model call (tool rounds run so far).
     rounds: int = 0
     #: A resumed turn's: runs each call of its held round at most once.
     run_once: RunOnce | None = None
+
+    @property
+    def usage(self) -> Usage:
+        """What the whole turn's model calls cost."""
+        return self.base + self.tally.usage
 
 
 def _held(calls: Sequence[ToolCall], functions: dict[str, Function]) -> tuple[HeldCall, ...]:

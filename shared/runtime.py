@@ -17,6 +17,7 @@ import httpx2
 from . import logs, telemetry
 from .auth import BotAuthenticator, reply_policy
 from .bot import ChatBot
+from .budgets import Budgets
 from .connector import BotConnector, build_credential
 from .inbox import Inbox, max_dequeue_count, visibility_timeout
 from .model import build_model
@@ -31,7 +32,7 @@ from .tools import Function
 if TYPE_CHECKING:
     from .mcp import McpTools
 
-__all__ = ["HOST_JSON", "Runtime"]
+__all__ = ["HOST_JSON", "Runtime", "build_store"]
 
 #: The Functions host's settings, beside the app (deployed with it).
 HOST_JSON = Path(__file__).resolve().parents[1] / "host.json"
@@ -53,7 +54,7 @@ class Runtime:
         self.settings = settings
         # Signing keys only: a few requests a day, so httpx's own client is plenty.
         self.http = httpx2.AsyncClient(timeout=httpx2.Timeout(10.0))
-        self.store = store or _build_store(settings, credential)
+        self.store = store or build_store(settings, credential)
         self.model = build_model(settings.model, credential=credential)
         limits = settings.model
         # OpenAI and Azure OpenAI take a speaker's `name`; other servers get it as a text prefix.
@@ -89,13 +90,15 @@ class Runtime:
                                       reply_allowed=reply_policy(settings.bot))
         self.authenticator = BotAuthenticator(settings.bot, http=self.http, in_azure=settings.in_azure)
         self.inbox = _build_inbox(settings, credential)
+        #: Users' and tenants' budgets and usage (shared/budgets.py).
+        self.budgets = Budgets.build(settings, self.store)
         # A failing queued turn is tried as often, and as far apart, as host.json has the host
         # retry a failing queue message.
         self.bot = ChatBot(settings=settings, store=self.store, prompt=self.prompt,
                            connector=self.connector, authenticator=self.authenticator,
                            summarizer=summarizer, inbox=self.inbox,
                            max_attempts=max_dequeue_count(host_json),
-                           retry_seconds=visibility_timeout(host_json))
+                           retry_seconds=visibility_timeout(host_json), budgets=self.budgets)
         _warn_about(settings)
         log.info("token counting: %s", tokenizer_name())
 
@@ -122,7 +125,8 @@ class Runtime:
         await self.http.aclose()
 
 
-def _build_store(settings: Settings, credential: Any | None) -> ConversationStore:
+def build_store(settings: Settings, credential: Any | None = None) -> ConversationStore:
+    """The conversation store the settings name (`credential`: the managed identity, a test seam)."""
     storage = settings.storage
     if storage.table_endpoint:
         if credential is None:
