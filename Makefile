@@ -13,11 +13,11 @@ DEV_HOST := $(addprefix devtools/,host.py functions_host.py worker.py rpc.py rou
 help:
 	@echo "make run         serve the bot on http://127.0.0.1:$${PORT:-7071}/api/messages (Azurite + offline model by default)"
 	@echo "make run MCP=demo  the same, with the demo MCP server's tools (devtools/mcp_server.py)"
-	@echo "make chat        chat with the running bot from this terminal"
+	@echo "make chat        chat with the running bot from this terminal, as Teams shows it (INLINE=1: inline replies)"
 	@echo "make playground  open the Microsoft 365 Agents Playground against the running bot"
 	@echo "make test        lint, template checks and every test (starts its own Azurite)"
 	@echo "make unit        the unit tier alone (no I/O; about a second)"
-	@echo "make teams-package  the Teams app package appPackage/build/chatstate.zip (needs CLIENT_ID)"
+	@echo "make teams-package  the Teams app package appPackage/build/chatstate.zip (needs CLIENT_ID; COPILOT=off: not a Copilot agent)"
 	@echo "make bench       store and webhook benchmarks; figures go to benchmarks/results.json"
 	@echo "make torture     the randomized concurrency test (SEED=…, ROUNDS=… or DURATION=… seconds, KINDS=…)"
 	@echo "make usage       tokens and turns by tenant (LEVEL=user: by user) over DAYS=30; CSV=file.csv for chargeback"
@@ -44,7 +44,7 @@ run: deps
 	$(PY) -m devtools.run $(if $(MCP),--mcp $(MCP))
 
 chat: deps
-	$(PY) -m devtools.chat
+	$(PY) -m devtools.chat $(if $(INLINE),--inline)
 
 playground: deps
 	$(PY) -m devtools.playground
@@ -68,7 +68,7 @@ infra-check:
 	bash infra/check.sh
 
 teams-package: deps
-	@$(PY) -m devtools.teams_package
+	@$(PY) -m devtools.teams_package $(if $(COPILOT),--copilot $(COPILOT))
 
 bench: deps
 	$(PY) -m devtools.azurite -- $(PY) -m benchmarks.run

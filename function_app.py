@@ -1,7 +1,8 @@
 """The Azure Functions app (Python v2 model): thin HTTP handlers over the chatstate runtime.
 
 POST /api/messages                                   the Bot Framework messaging endpoint
-GET  /api/health                                     200 when storage answers, 503 when not
+GET  /api/health                                     healthy, or degraded naming what fails (503:
+                                                     storage)
 GET  /api/conversations/{conversation_id}/messages   the stored history, oldest first, and summary
                                                      (404 for a conversation never stored)
 DELETE /api/conversations/{conversation_id}          forget a conversation
@@ -18,21 +19,21 @@ from __future__ import annotations
 import json
 import logging
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import azure.functions as func
 
-from shared.budgets import MAX_REPORT_DAYS, DayUsage, UsageReport
-from shared.errors import BadRequest, ChatstateError, StorageForbidden, http_status_for
-from shared.inbox import LEFTOVER_DAYS
+from shared.errors import BadRequest, ChatstateError, http_status_for
 from shared.ledger import Account, Level
 from shared.messages import ChatMessage, utc_now
-from shared.retention import purge_idle
 from shared.runtime import Runtime
 from shared.settings import trigger_setting
-from shared.store import UserConversation, UserData
 from shared.tools import tool
+
+if TYPE_CHECKING:
+    from shared.budgets import DayUsage, UsageReport
+    from shared.store import UserConversation, UserData
 
 
 @tool
@@ -48,7 +49,8 @@ async def get_current_time(time_zone: str = "UTC") -> dict[str, str]:
             "weekday": now.strftime("%A")}
 
 
-# Settings are read and checked here, at start-up: a bad one stops the app with its name.
+# Settings are read and checked here, at start-up: a bad one stops the app with its name. The
+# runtime's parts (and the SDKs under them) are built on first use (shared/runtime.py).
 runtime = Runtime.from_environment(functions=[get_current_time])
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 
@@ -74,20 +76,17 @@ async def answer(msg: func.QueueMessage) -> None:
 
 @app.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 async def health(req: func.HttpRequest) -> func.HttpResponse:
-    """200 when storage answers, else 503; the model's last known state beside it (no tokens)."""
-    check = await runtime.model.known_state()
-    model = {"model": check.state.value, "modelDetail": check.detail}
-    try:
-        await runtime.store.ping()
-    except StorageForbidden as exc:
-        logging.warning("health check: storage refused our credentials: %s", exc)
-        return _json({"status": "unhealthy", "storage": "refused: check the key / role", **model},
-                     status=503, headers={"Retry-After": "5"})
-    except ChatstateError as exc:
-        logging.warning("health check: storage unreachable: %s", exc)
-        return _json({"status": "unhealthy", "storage": "unreachable", **model}, status=503,
-                     headers={"Retry-After": "5"})
-    return _json({"status": "healthy", "storage": "reachable", **model})
+    """healthy (200); degraded when the model or storage refuses us or is unreachable, `failing`
+    naming which: 200 with storage up (messages are still accepted and answered with an apology),
+    503 with storage down (nothing can be). No tokens spent (docs/operate.md)."""
+    from shared.health import check_health
+
+    found = await check_health(runtime.store, runtime.model)
+    body = {"status": found.status, "failing": list(found.failing), "storage": found.storage,
+            "model": found.model.state.value, "modelDetail": found.model.detail}
+    if "storage" in found.failing:
+        return _json(body, status=503, headers={"Retry-After": "5"})
+    return _json(body)
 
 
 @app.route(route="conversations/{conversation_id}/messages", methods=["GET"])
@@ -174,6 +173,8 @@ async def _usage(req: func.HttpRequest, level: Level, account_id: str) -> func.H
 
 
 def _days_asked(raw: str | None) -> int:
+    from shared.budgets import MAX_REPORT_DAYS
+
     if raw is None or raw == "":
         return 7
     if not raw.isdigit() or not 1 <= int(raw) <= MAX_REPORT_DAYS:
@@ -184,6 +185,9 @@ def _days_asked(raw: str | None) -> int:
 @app.timer_trigger(schedule=trigger_setting("CHAT_RETENTION_SCHEDULE"), arg_name="timer",
                    use_monitor=True)
 async def retention(timer: func.TimerRequest) -> None:
+    from shared.inbox import LEFTOVER_DAYS
+    from shared.retention import purge_idle
+
     days = runtime.settings.data.retention_days
     await purge_idle(runtime.store, days=days)
     if days is not None and runtime.budgets is not None:  # usage rows: the same period

@@ -29,6 +29,8 @@ BENCHMARKS: tuple[str, ...] = (
     "mcp_tools",
     "approvals",
     "budgets",
+    "cold_start",
+    "long_answers",
 )
 
 Benchmark = Callable[[str], Awaitable[dict[str, Any]]]

@@ -167,12 +167,13 @@ class FakeModelServer(LocalServer):
                                      "code": None}
             return web.json_response({"error": error}, status=answer.status, headers=answer.headers)
         message: dict[str, Any] = {"role": "assistant", "content": None}
-        if answer.tool_calls:
+        if answer.tool_calls:  # with words before them, if the script has content too
             message["tool_calls"] = answer.tool_calls
+            message["content"] = answer.content
         else:
             message["content"] = answer.content if answer.content is not None else self.reply(body)
         prompt_tokens, cached = self.cache.lookup(prompt_text(body))
-        completion_tokens = count_text_tokens(message["content"]) + 7
+        completion_tokens = count_text_tokens(message["content"] or "") + 7
         if self.fixed_usage is not None:
             (prompt_tokens, completion_tokens), cached = self.fixed_usage, 0
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -206,6 +207,9 @@ class FakeModelServer(LocalServer):
             if self.first_token_after:
                 await asyncio.sleep(self.first_token_after)
             await event({"role": "assistant", "content": ""})
+            if answer.tool_calls and text:  # words first, then the calls
+                for index, word in enumerate(text.split(" ")):
+                    await event({"content": word if index == 0 else f" {word}"})
             if answer.tool_calls:
                 for index, call in enumerate(answer.tool_calls):
                     arguments = call["function"]["arguments"]

@@ -154,6 +154,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(name="CHAT_STREAMING_INFORMATIVE", default="Thinking…",
             description="The informative update a streamed turn shows at once (at most 1,000 "
             "characters)."),
+    Setting(name="CHAT_STREAMING_KEEPALIVE_SECONDS", default="30", deployed=False,
+            description="While no text flows (the model thinks, tools run), a streamed turn "
+            "sends an update at least this often, 2 to 40 seconds (Microsoft 365 Copilot ends a "
+            "response silent for 45 s); it counts against the stream's two minutes."),
     Setting(name="CHAT_FEEDBACK", default="on",
             description="on or off: show Teams' like/dislike buttons on AI replies and store the "
             "ratings with the turn."),
@@ -486,6 +490,7 @@ class Settings:
     turn_max_attempts: int
     streaming: bool = True
     streaming_informative: str = "Thinking…"
+    streaming_keepalive_seconds: float = 30.0
     feedback: bool = True
     #: A proxy variable is set: outbound clients must honour the environment's proxy settings.
     env_proxy: bool = False
@@ -652,6 +657,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         turn_max_attempts=read.integer("CHAT_TURN_MAX_ATTEMPTS", minimum=1, maximum=20),
         streaming=read.flag("CHAT_STREAMING"),
         streaming_informative=_informative(read),
+        streaming_keepalive_seconds=read.number("CHAT_STREAMING_KEEPALIVE_SECONDS", minimum=2,
+                                                maximum=40),
         feedback=read.flag("CHAT_FEEDBACK"),
         env_proxy=any(read.given(name) for name in _PROXY_VARIABLES),
         port=read.integer("PORT", minimum=1, maximum=65535),
@@ -1046,6 +1053,15 @@ def _bot(read: _Reader, identity: str | None) -> BotSettings:
         managed_identity_client_id=identity,
         service_url_hosts=_host_patterns(read.required_text("BOT_SERVICE_URL_HOSTS")),
     )
+
+
+def check_credential_settings(settings: BotSettings) -> None:
+    """`SettingsError` when the bot's settings cannot make its credential (checked at start-up,
+    before the connector and azure-identity are loaded)."""
+    if settings.client_id and settings.app_type is not BotAppType.USER_ASSIGNED_MSI and \
+            not settings.client_secret:
+        raise SettingsError("CLIENT_SECRET", f"is required when BOT_APP_TYPE is "
+                            f"{settings.app_type.value} (or use UserAssignedMSI)")
 
 
 #: A host name of at least two labels (so `*.com` is refused): letters, digits, hyphens.

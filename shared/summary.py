@@ -19,6 +19,7 @@ from typing import Any
 from . import telemetry
 from .budgets import TurnSpend
 from .errors import ChatstateError, ModelError
+from .instructions import SUMMARY_INSTRUCTIONS
 from .messages import ChatMessage, Usage
 from .model import ChatModel
 from .settings import SUMMARY_DEADLINE_SECONDS
@@ -34,12 +35,6 @@ log = logging.getLogger(__name__)
 #: The summary work after a reply (read, model call, write) ends within this many seconds (a
 #: budget's reservation must outlast it: shared/settings.py checks).
 DEADLINE_SECONDS = SUMMARY_DEADLINE_SECONDS
-SUMMARY_INSTRUCTIONS = (
-    "You keep the running summary of a chat between people and an AI assistant. Rewrite the "
-    "summary so far so that it also covers the new messages. Keep every fact, name, number, date, "
-    "decision, preference, promise and open question a later answer could need, and who said "
-    "it; drop greetings and small talk. Write short plain sentences, at most {words} words. "
-    "Answer with the summary only.")
 #: A tool result reaches the summary as its gist: at most this many characters.
 TOOL_GIST_CHARS = 300
 

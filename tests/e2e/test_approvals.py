@@ -134,7 +134,7 @@ def test_approve_runs_the_call_once_and_the_turn_goes_on(channel: Bench,
     assert [m["role"] for m in history] == ["user", "assistant", "tool", "assistant"]
     assert history[2]["decision"]["outcome"] == "approved" and history[2]["decision"]["by"] == "Ada"
     # AND everyone's card shows the decision, its buttons gone (the message updated in place)
-    (updated,) = [a for i, a in channel.connector.updates if i == card_id]
+    (updated,) = [a for a in channel.connector.updates if a["id"] == card_id]
     refreshed = updated["attachments"][0]["content"]
     assert "Approved by Ada" in json.dumps(refreshed) and "actions" not in refreshed
     # AND Teams' rules held: the paused turn's stream ended (with a note), the resumed one too
@@ -156,8 +156,8 @@ def test_an_older_clients_submit_answers_the_card_too(channel: Bench,
     # THEN the card is updated in place, and the call runs once
     the_answer(channel, conversation, "Deleted by submit.")
     assert mcp_server.calls[ran_before:] == [("delete_notes", {"topic": "submitted"})]
-    assert any(i == card_id and "Approved by Ada" in json.dumps(a)
-               for i, a in channel.connector.updates)
+    assert any(a["id"] == card_id and "Approved by Ada" in json.dumps(a)
+               for a in channel.connector.updates)
 
 
 def the_answer(channel: Bench, conversation: str, text: str) -> dict[str, Any]:
@@ -280,7 +280,7 @@ def test_a_new_message_supersedes_the_request(channel: Bench, mcp_server: DemoMc
     # THEN the new message is answered, the call never runs, and the card says why
     the_answer(channel, conversation, "Fine, I kept them.")
     assert len(mcp_server.calls) == ran_before
-    updated = [a for i, a in channel.connector.updates if i == card_id]
+    updated = [a for a in channel.connector.updates if a["id"] == card_id]
     assert updated and "Not run: you sent a new message" in json.dumps(updated[-1])
     # AND the model read that the call was not run before the new message
     assert "sent a new message" in tool_result_sent(channel, "delete_notes")
@@ -339,7 +339,7 @@ def test_an_expired_request_runs_nothing_and_its_card_says_so(
     ask_to_delete(short, conversation, topic="late", then="unused")
     card_id, card = the_card(short, conversation)
     # WHEN it expires (3 s)
-    updated = wait_for(lambda: [a for i, a in short.connector.updates if i == card_id],
+    updated = wait_for(lambda: [a for a in short.connector.updates if a["id"] == card_id],
                        what="the card's update")
     # THEN the card says so, nothing ran, and the turn so far is stored with the call declined
     assert "Expired" in json.dumps(updated[-1])
