@@ -28,6 +28,7 @@ BENCHMARKS: tuple[str, ...] = (
     "queue",
     "mcp_tools",
     "signin",
+    "approvals",
     "budgets",
     "cold_start",
     "long_answers",

@@ -70,6 +70,8 @@ class FakeConnector(LocalServer):
         #: One-to-one chats opened (user ID -> conversation ID), and users it refuses one.
         self.personal: dict[str, str] = {}
         self.personal_refused: set[str] = set()
+        #: What each message we answered 201 was sent as, by the ID we gave it.
+        self.sent: dict[str, dict[str, Any]] = {}
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v3/conversations", self._create_conversation)
@@ -140,6 +142,7 @@ class FakeConnector(LocalServer):
             return web.json_response(answer, status=status)
         self.activities.append(body)
         reply_id = f"reply-{next(self._ids)}"
+        self.sent[reply_id] = body
         self._heard("sent", body, reply_id)
         return web.json_response({"id": reply_id}, status=201)
 

@@ -2,15 +2,17 @@
 
 Its tools: `search_docs(query)` finds pages of a small built-in corpus about the things this
 project uses and returns them as text and as resource links (title, URL, snippet), which the bot
-turns into citations; `delete_notes()` is marked destructive (MCP tool annotations), so the bot
-leaves it out unless CHAT_MCP_SERVERS allows it by name. Given a `BearerCheck`, it also offers
-`whoami()`, a tool that needs the user: it checks the request's bearer token (signature, audience,
-expiry) and answers with the name of the person it was issued for, so a test (or a person) sees
-whose token the bot sent. A test may add tools through `.mcp`, slow every request (`delay`) and
-read the requests' headers (`headers`).
+turns into citations (annotated read-only); `delete_notes(topic)` is annotated destructive, so on
+a trusted server (`demo_servers_setting`) the bot asks a person before it runs. Given a
+`BearerCheck`, it also offers `whoami()`, a tool that needs the user: it checks the request's
+bearer token (signature, audience, expiry) and answers with the name of the person it was issued
+for, so a test (or a person) sees whose token the bot sent. A test may add tools through `.mcp`,
+slow every request (`delay`), read the requests' headers (`headers`) and the tool calls the server
+ran (`calls`: name and arguments).
 
     python -m devtools.mcp_server --port 8931     # then CHAT_MCP_SERVERS=[{"name": "demo",
-                                                  #   "url": "http://127.0.0.1:8931/mcp", "tools": ["*"]}]
+                                                  #   "url": "http://127.0.0.1:8931/mcp",
+                                                  #   "tools": ["*"], "trusted": true}]
     python -m devtools.mcp_server --port 8931 --audience api://chatstate-demo \
         --jwks-url http://127.0.0.1:8932/keys     # whoami too, for tokens the keys there signed
 """
@@ -20,6 +22,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
+import threading
+import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -102,12 +106,18 @@ class BearerCheck:
                                  if kid is None or key.get("kid") == kid)
 
 
-def build(*, bearer: BearerCheck | None = None) -> MCPServer:
+def build(ran: Callable[[str, dict[str, Any]], None] = lambda name, arguments: None,
+          before_delete: Callable[[], Awaitable[None]] | None = None, *,
+          bearer: BearerCheck | None = None) -> MCPServer:
+    """The demo server; `ran` is told of each tool call as it starts; `before_delete`: awaited by
+    `delete_notes` before it finishes (a test holds it there); `bearer`: offer `whoami`, checking
+    tokens so."""
     server = MCPServer("chatstate-demo", instructions="Search the docs behind chatstate.")
 
     @server.tool(annotations=ToolAnnotations(read_only_hint=True))
     async def search_docs(query: str) -> CallToolResult:
         """Search the documentation behind chatstate (Teams, MCP, Azure Table Storage)."""
+        ran("search_docs", {"query": query})
         pages = search(query)
         text = "\n".join(f"- {title}: {snippet}" for title, _, snippet in pages)
         links = [ResourceLink(name=title, title=title, uri=url, description=snippet)
@@ -115,15 +125,19 @@ def build(*, bearer: BearerCheck | None = None) -> MCPServer:
         return CallToolResult(content=[TextContent(text=f"{len(pages)} pages found:\n{text}"),
                                        *links])
 
-    @server.tool(annotations=ToolAnnotations(destructive_hint=True))
-    async def delete_notes() -> str:
-        """Delete every stored note (destructive: a demo of a tool the bot leaves out)."""
-        return "every note was deleted"
+    @server.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True))
+    async def delete_notes(topic: str) -> str:
+        """Delete the stored notes about a topic (destructive: the bot asks a person first)."""
+        ran("delete_notes", {"topic": topic})
+        if before_delete is not None:
+            await before_delete()
+        return f"the notes about {topic!r} were deleted"
 
     if bearer is not None:
         @server.tool(annotations=ToolAnnotations(read_only_hint=True))
         async def whoami(ctx: Context) -> str:
             """Who is asking: the signed-in person the bot acts for (needs their own token)."""
+            ran("whoami", {})
             claims = await bearer.claims(ctx.headers)
             return (f"You are {claims.get('name', 'someone')} "
                     f"({claims.get('preferred_username', 'no user name')}); the token was issued "
@@ -138,12 +152,35 @@ class DemoMcpServer:
     def __init__(self, *, port: int = 0, delay: float = 0.0,
                  bearer: BearerCheck | None = None) -> None:
         """`bearer`: offer `whoami`, checking tokens so."""
-        self.mcp = build(bearer=bearer)
+        #: The tool calls the server ran: (name, arguments), and when each started (perf_counter).
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.call_times: list[float] = []
+        #: While set, `delete_notes` waits until it is released before it finishes (a call a
+        #: test holds; `hold_deletes` / `release_deletes`, from any thread).
+        self._gate: threading.Event | None = None
+        self.mcp = build(self._ran, self._before_delete, bearer=bearer)
         self.delay = delay
         self.headers: list[dict[str, str]] = []
         self.port = port or _free_port()
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
+
+    def _ran(self, name: str, arguments: dict[str, Any]) -> None:
+        self.call_times.append(time.perf_counter())
+        self.calls.append((name, arguments))
+
+    def hold_deletes(self) -> None:
+        """From now on, `delete_notes` calls start (they are recorded) but do not finish."""
+        self._gate = threading.Event()
+
+    def release_deletes(self) -> None:
+        if self._gate is not None:
+            self._gate.set()
+            self._gate = None
+
+    async def _before_delete(self) -> None:
+        if (gate := self._gate) is not None:
+            await asyncio.to_thread(gate.wait, 60.0)
 
     @property
     def url(self) -> str:
@@ -177,15 +214,18 @@ class DemoMcpServer:
 
 def demo_servers_setting(url: str, *, as_user: dict[str, str] | None = None,
                          **options: Any) -> str:
-    """CHAT_MCP_SERVERS for the demo server at `url` (every tool; destructive ones left out).
-    `as_user`: its `whoami` too, as a second server entry ("me") that acts as the user."""
+    """CHAT_MCP_SERVERS for the demo server at `url`: every tool, the server trusted (it is ours),
+    so its annotations count: `search_docs` runs, `delete_notes` asks first. `as_user`: its
+    `whoami` too, as a second server entry ("me") that acts as the user."""
     import json
 
     if as_user is None:
-        return json.dumps([{"name": "demo", "url": url, "tools": ["*"], **options}])
+        return json.dumps([{"name": "demo", "url": url, "tools": ["*"], "trusted": True,
+                            **options}])
     return json.dumps([{"name": "demo", "url": url, "tools": ["search_docs", "delete_notes"],
-                        **options},
-                       {"name": "me", "url": url, "tools": ["whoami"], "asUser": as_user}])
+                        "trusted": True, **options},
+                       {"name": "me", "url": url, "tools": ["whoami"], "trusted": True,
+                        "asUser": as_user}])
 
 
 def _free_port() -> int:
@@ -205,8 +245,8 @@ def main() -> None:
 
     async def serve() -> None:
         server = await DemoMcpServer(port=args.port, bearer=bearer).start()
-        print(f"MCP demo server: {server.url} (search_docs, delete_notes"
-              f"{', whoami' if bearer else ''})", flush=True)
+        print(f"MCP demo server: {server.url} (search_docs; delete_notes, which asks first"
+              f"{'; whoami, which acts as the user' if bearer else ''})", flush=True)
         await asyncio.Event().wait()
 
     try:

@@ -97,7 +97,8 @@ def _start_mcp_demo(env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
              *([] if env.get("CLIENT_ID", "").strip() else ["--anonymous-bot"])], cwd=ROOT))
         wait_for_port(TOKEN_SERVICE_PORT)
     print(f"tools: the demo MCP server on http://127.0.0.1:{MCP_DEMO_PORT}/mcp (ask the bot to "
-          "\"search_docs streaming\", or \"whoami\": it acts as you, so you sign in first)")
+          "\"search_docs streaming\", to \"delete_notes drafts\": that one asks you first, or "
+          "\"whoami\": it acts as you, so you sign in first)")
     started.append(subprocess.Popen(
         [sys.executable, "-m", "devtools.mcp_server", "--port", str(MCP_DEMO_PORT),
          "--audience", DEMO_AUDIENCE, "--jwks-url", f"{token_service}/keys"], cwd=ROOT))
