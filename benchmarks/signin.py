@@ -78,8 +78,9 @@ async def run(connection_string: str) -> dict[str, Any]:
                                                                 app_secret="secret"),
                        tenant_id="tenant-1", authority_host=identity.url,
                        credential_options={"connection_verify": str(certificate)})
-    tools = McpTools([McpServerSettings(name="docs", url=mcp.url, tools=("search_docs",)),
-                      McpServerSettings(name="me", url=mcp.url, tools=("whoami",),
+    tools = McpTools([McpServerSettings(name="docs", url=mcp.url, tools=("search_docs",),
+                                        trusted=True),
+                      McpServerSettings(name="me", url=mcp.url, tools=("whoami",), trusted=True,
                                         as_user=UserAccess(connection="sso",
                                                            scope=f"{AUDIENCE}/.default"))])
     model = build_model(load_settings({"OPENAI_BASE_URL": model_server.base_url,

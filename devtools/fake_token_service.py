@@ -17,7 +17,7 @@ Every /api call needs the bot's bearer token (401 without) and the query fields 
 give it the identity stand-in's key, so that an on-behalf-of exchange there accepts them. It
 records each request (`requests`, the magic code left out), each exchange (`exchanges`) and
 every token it issued (`issued`, for the canary tests). `fail_next` answers the next calls with
-the given statuses; `consent_required` names users whose exchanges fail as consent would.
+the given statuses (`fail_on`: one operation's); `consent_required` names users whose exchanges fail as consent would.
 
     python -m devtools.fake_token_service --port 8932 --connection demo=api://chatstate-demo \
         --anonymous-bot          # make run: the bot runs with auth off, so it has no token
@@ -109,6 +109,9 @@ class FakeTokenService(LocalServer):
         self.exchanges: list[dict[str, str]] = []
         self.issued: list[str] = []
         self.fail_next: deque[int] = deque()
+        #: Statuses the next calls of one operation answer (by its path's last part, e.g.
+        #: "GetSignInResource").
+        self.fail_on: dict[str, deque[int]] = {}
         self.consent_required: set[str] = set()
         #: Seconds every /api call waits before it answers.
         self.delay = 0.0
@@ -173,6 +176,8 @@ class FakeTokenService(LocalServer):
             await asyncio.sleep(self.delay)
         if self.fail_next:
             return _error(self.fail_next.popleft(), "ServiceError", "scripted failure")
+        if failing := self.fail_on.get(request.path.rsplit("/", 1)[-1]):
+            return _error(failing.popleft(), "ServiceError", "scripted failure")
         if self.bot_token_required and \
                 not (request.headers.get("Authorization") or "").startswith("Bearer "):
             return _error(401, "Unauthorized", "the bot's token is missing")

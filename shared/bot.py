@@ -60,6 +60,7 @@ from .inbox import Inbox, TurnTicket
 from .logs import turn_context
 from .prompt import ChatPrompt
 from .settings import AnswerMode, Settings
+from .signins import SignIns
 from .store import ConversationStore
 from .summary import Summarizer
 from .telemetry import span, turn
@@ -128,6 +129,10 @@ class ChatBot:
             self.answerer.add_waiter(Approvals(
                 settings=settings, store=store, inbox=inbox, connector=connector,
                 tools=self._tools, run_resumed=self.answerer.answer_resumed))
+            if signin is not None:  # turns that wait for their user to sign in
+                self.answerer.add_waiter(SignIns(
+                    settings=settings, store=store, inbox=inbox, signin=signin,
+                    tools=self._tools, run_resumed=self.answerer.answer_resumed))
 
     async def _tools(self) -> dict[str, Function]:
         return (await self.prompt.current_tools())[0]

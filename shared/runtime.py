@@ -300,7 +300,7 @@ def _build_signin(settings: Settings, credential: Any | None, connector: BotConn
         identity = ManagedIdentityCredential(client_id=bot.managed_identity_client_id)
     users = UserTokens(service=service, settings=settings.signin, tenant_id=bot.tenant_id,
                        authority_host=bot.authority_host, ask=signin.ask,
-                       managed_identity=identity)
+                       managed_identity=identity, can_wait=inbox is not None)
     log.info("signing users in: OAuth connections %s, token service %s", ", ".join(
         sorted(connections)), settings.signin.token_service_url)
     return signin, users

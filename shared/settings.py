@@ -294,6 +294,10 @@ SETTINGS: tuple[Setting, ...] = (
             "connection's app, Teams SSO's webApplicationInfo): tools with an \"audience\" get "
             "the user's token exchanged for it on-behalf-of this app. Unset: no on-behalf-of "
             "exchange (a tool gets its connection's token as it is)."),
+    Setting(name="CHAT_SIGNIN_MINUTES", default="10", deployed=False,
+            description="Minutes (fractions allowed) a turn waits for its user to sign in when a "
+            "tool that acts as them is called (the turn queue only); then it is closed, the call "
+            "not run, and a sign-in later asks them to send the question again."),
     Setting(name="CHAT_SIGNIN_APP_SECRET", secret=True, deployed=False,
             description="A client secret of CHAT_SIGNIN_APP_ID, for on-behalf-of exchanges "
             "locally; in Azure the managed identity signs them instead (a federated credential "
@@ -481,6 +485,8 @@ class SignInSettings:
     #: The Entra app registration users sign in to; None: no on-behalf-of exchange.
     app_id: str | None = None
     app_secret: str | None = field(default=None, repr=False)
+    #: How long a turn waits, parked, for its user to sign in.
+    wait_seconds: float = 600.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -801,7 +807,8 @@ def _signin(read: _Reader, *, in_azure: bool) -> SignInSettings:
         timeout_seconds=read.number("CHAT_TOKEN_SERVICE_TIMEOUT_SECONDS", minimum=0.05,
                                     maximum=60),
         app_id=read.text("CHAT_SIGNIN_APP_ID"),
-        app_secret=read.text("CHAT_SIGNIN_APP_SECRET"))
+        app_secret=read.text("CHAT_SIGNIN_APP_SECRET"),
+        wait_seconds=read.number("CHAT_SIGNIN_MINUTES", minimum=0.05, maximum=24 * 60) * 60)
 def _approvals(read: _Reader) -> ApprovalSettings:
     approvers = read.required_text("CHAT_APPROVERS").lower()
     if approvers not in ("requester", "anyone"):

@@ -50,6 +50,9 @@ class ActingUser:
 
     activity: Activity
     users: UserTokens
+    #: The turn can wait for the user to sign in (parked in the turn queue's order); else a tool
+    #: that needs them sends the card and tells the model.
+    can_wait: bool = False
     _tokens: dict[tuple[str, str | None], str] = field(default_factory=dict, repr=False)
     _asked: set[str] = field(default_factory=set)
 
@@ -128,10 +131,12 @@ class UserTokens:
     def __init__(self, *, service: TokenService, settings: SignInSettings,
                  tenant_id: str | None, authority_host: str, ask: Ask | None = None,
                  managed_identity: Any | None = None,
-                 credential_options: dict[str, Any] | None = None) -> None:
+                 credential_options: dict[str, Any] | None = None, can_wait: bool = False) -> None:
         """`ask`: sends the sign-in card. `managed_identity`: an async credential whose token for
         `api://AzureADTokenExchange` signs the exchange when there is no app secret (Azure).
-        `credential_options`: more keywords for the exchange's credential (a test's CA file)."""
+        `credential_options`: more keywords for the exchange's credential (a test's CA file).
+        `can_wait`: turns may pause until the user signs in (the turn queue answers them; an
+        activity with expectReplies is answered inline, so it never waits)."""
         self.service = service
         self.settings = settings
         self.tenant_id = tenant_id
@@ -139,11 +144,13 @@ class UserTokens:
         self.ask = ask
         self._managed_identity = managed_identity
         self._credential_options = credential_options or {}
+        self.can_wait = can_wait
 
     @contextmanager
     def acting(self, activity: Activity) -> Iterator[ActingUser]:
         """The turn of `activity` acts for its sender until the block ends."""
-        acting = ActingUser(activity=activity, users=self)
+        acting = ActingUser(activity=activity, users=self,
+                            can_wait=self.can_wait and not activity.expects_replies)
         token = _acting.set(acting)
         try:
             yield acting

@@ -7,6 +7,7 @@ import copy
 import json
 import tempfile
 import uuid
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
+from azure.data.tables import TableServiceClient
 
 from devtools.background import BackgroundLoop
 from devtools.fake_channel import FakeConnector, FakeIdentity
@@ -191,8 +193,8 @@ def bench(storage: str, *, auth: bool = True, model_latency: float = 0.0,
             "CHAT_TOKEN_SERVICE_URL": tokens.url, "CHAT_SIGNIN_APP_ID": SSO_APP,
             "CHAT_SIGNIN_APP_SECRET": "sso-secret",
             "CHAT_MCP_SERVERS": json.dumps([
-                {"name": "docs", "url": mcp.url, "tools": ["search_docs"]},
-                {"name": "me", "url": mcp.url, "tools": ["whoami"],
+                {"name": "docs", "url": mcp.url, "tools": ["search_docs"], "trusted": True},
+                {"name": "me", "url": mcp.url, "tools": ["whoami"], "trusted": True,
                  "asUser": {"connection": SSO_CONNECTION, "audience": MCP_AUDIENCE}}])})
     env.update(extra_env or {})
     host = DevHostProcess(env=env, args=host_args).start()
@@ -207,3 +209,23 @@ def bench(storage: str, *, auth: bool = True, model_latency: float = 0.0,
             loop.run(server.stop())
         loop.close()
         certificates.cleanup()
+
+
+def stored_text(channel: Bench) -> str:
+    """Every row of every table of the bench's storage, as text (compressed bodies unpacked)."""
+    service = TableServiceClient.from_connection_string(channel.host.env["CHAT_STORAGE_CONNECTION_STRING"])
+    prefix = channel.host.env["CHAT_TABLE_NAME"]
+    parts: list[str] = []
+    for table in service.list_tables():
+        if not table.name.startswith(prefix):
+            continue
+        for row in service.get_table_client(table.name).list_entities():
+            for value in row.values():
+                if isinstance(value, bytes):
+                    try:
+                        value = zlib.decompress(value)
+                    except zlib.error:
+                        pass
+                    value = value.decode("utf-8", "replace")
+                parts.append(str(value))
+    return "\n".join(parts)

@@ -9,14 +9,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
-import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import quote
 
 import pytest
-from azure.data.tables import TableServiceClient
 
 from devtools.fake_model import Scripted, tool_call
 from devtools.fake_token_service import FakeTokenService
@@ -30,6 +28,7 @@ from tests.e2e.channel import (
     in_group,
     invoke,
     otlp_collector,
+    stored_text,
 )
 
 
@@ -289,25 +288,6 @@ def test_the_canary_no_token_or_code_in_logs_spans_history_or_storage(
     assert "who am I now?" in places["history"] and "who am I now?" in places["storage"]
     assert "chatstate.token_service GetToken" in places["spans"]
 
-
-def stored_text(channel: Bench) -> str:
-    """Every row of every table of the bench's storage, as text (compressed bodies unpacked)."""
-    service = TableServiceClient.from_connection_string(channel.host.env["CHAT_STORAGE_CONNECTION_STRING"])
-    prefix = channel.host.env["CHAT_TABLE_NAME"]
-    parts: list[str] = []
-    for table in service.list_tables():
-        if not table.name.startswith(prefix):
-            continue
-        for row in service.get_table_client(table.name).list_entities():
-            for value in row.values():
-                if isinstance(value, bytes):
-                    try:
-                        value = zlib.decompress(value)
-                    except zlib.error:
-                        pass
-                    value = value.decode("utf-8", "replace")
-                parts.append(str(value))
-    return "\n".join(parts)
 
 
 def test_a_users_removal_deletes_the_sign_ins_asked_of_them(channel: Bench) -> None:

@@ -142,10 +142,10 @@ async def test_an_mcp_server_that_acts_as_the_user_gets_their_token_and_only_it_
     mcp = await DemoMcpServer(bearer=BearerCheck(
         audience=MCP_AUDIENCE, keys=(parts.identity.keys["entra-key-1"].public_key(),))).start()
     docs = await DemoMcpServer().start()
-    servers = [McpServerSettings(name="me", url=mcp.url, tools=("whoami",), timeout_seconds=5,
+    servers = [McpServerSettings(name="me", url=mcp.url, tools=("whoami",), timeout_seconds=5, trusted=True,
                                  as_user=UserAccess(connection="graph",
                                                     scope=f"{MCP_AUDIENCE}/.default")),
-               McpServerSettings(name="docs", url=docs.url, tools=("search_docs",),
+               McpServerSettings(name="docs", url=docs.url, tools=("search_docs",), trusted=True,
                                  timeout_seconds=5)]
     tools = McpTools(servers)
     async with FakeModelServer() as model:
@@ -179,7 +179,7 @@ async def test_an_mcp_server_that_acts_as_the_user_gets_their_token_and_only_it_
 async def test_whoami_refuses_a_call_without_the_users_token() -> None:
     # GIVEN the demo server's whoami, called by a server entry that does not act as the user
     mcp = await DemoMcpServer(bearer=BearerCheck(audience=MCP_AUDIENCE, keys=())).start()
-    tools = McpTools([McpServerSettings(name="demo", url=mcp.url, tools=("whoami",),
+    tools = McpTools([McpServerSettings(name="demo", url=mcp.url, tools=("whoami",), trusted=True,
                                         timeout_seconds=5)])
     try:
         (function,) = await tools.functions()
