@@ -131,13 +131,15 @@ class SignIn:
                 "attachments": [oauth_card(resource, connection=connection, text=text)]}
         if where is not activity:  # a new chat: nothing there to reply to
             card.pop("replyToId", None)
-        if note is not None:  # the group: a note that mentions who must sign in
-            await self._send(activity, _mentioning(activity, note, connection=connection))
-        await self._send(where, card)
+        # Noted before the card goes: Teams' silent exchange can come back within milliseconds,
+        # and a sign-in must find the turn waiting for it.
         await self.store.note_pending(PendingSignIn(
             user_id=_user_id(activity), channel_id=activity.channel_id, connection=connection,
             conversation_id=activity.conversation_id, parked_id=parked_id,
             expires_at=expires_at or self._clock() + timedelta(minutes=PENDING_MINUTES)))
+        if note is not None:  # the group: a note that mentions who must sign in
+            await self._send(activity, _mentioning(activity, note, connection=connection))
+        await self._send(where, card)
         log.info("asked the user to sign in to %s%s", connection,
                  " in a one-to-one chat" if where is not activity else "")
 

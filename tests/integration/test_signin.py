@@ -31,7 +31,7 @@ from shared.signin import (
     SIGNED_OUT,
     SignIn,
 )
-from shared.signin_store import SignInStore
+from shared.signin_store import PendingSignIn, SignInStore
 from shared.token_service import TokenService
 from tests.e2e.channel import event, in_group, invoke
 
@@ -401,3 +401,24 @@ async def test_a_parked_turn_is_woken_only_for_its_own_user_and_while_it_waits(
         head = await parts.inbox.read_head(conversation)
         assert head is not None and head.parked is not None and head.parked.waiting
     assert await wake_ups(parts) == []
+
+
+async def test_the_sign_in_is_noted_before_the_card_goes_out(parts: Parts,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN a connector that notes, as each card arrives, whether the sign-in was noted by then
+    # (Teams' silent exchange can come back within milliseconds of the card)
+    noted: list[bool] = []
+    seen: list[bool] = []
+    original = parts.store.note_pending
+
+    async def noting(pending: PendingSignIn) -> None:
+        await original(pending)
+        noted.append(True)
+
+    monkeypatch.setattr(parts.store, "note_pending", noting)
+    parts.connector.on_activity = lambda event, activity, activity_id: seen.append(
+        bool(noted)) if activity.get("attachments") else None
+    # WHEN the bot asks for a sign-in
+    await parts.signin.ask(parsed(message(parts)), "graph")
+    # THEN the sign-in was already noted when the card arrived
+    assert seen == [True]
