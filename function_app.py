@@ -194,6 +194,8 @@ async def retention(timer: func.TimerRequest) -> None:
         logging.info("retention_run usage_rows_deleted=%d", await runtime.budgets.purge(days=days))
     if runtime.inbox is not None:  # accepted messages never answered (their tickets poisoned)
         await runtime.inbox.purge_before(utc_now() - timedelta(days=LEFTOVER_DAYS))
+    if runtime.signin is not None:  # sign-ins asked for and exchanges claimed, long over
+        await runtime.signin.store.purge_before(utc_now() - timedelta(days=1))
 
 
 def _failed(error: ChatstateError) -> func.HttpResponse:

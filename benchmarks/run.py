@@ -27,6 +27,7 @@ BENCHMARKS: tuple[str, ...] = (
     "telemetry",
     "queue",
     "mcp_tools",
+    "signin",
     "approvals",
     "budgets",
     "cold_start",

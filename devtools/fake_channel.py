@@ -7,9 +7,15 @@ what it got (scriptable statuses); streamed replies must keep Teams' streaming c
 final, never an update), as `imBack` buttons, three at most. Every such refusal is a violation.
 A PUT to an activity replaces it (a card updated after a click). `on_activity`, when set, hears
 each activity taken, with the ID it was given ("sent" or "updated"): `make chat` shows them.
+`POST /v3/conversations` opens a one-to-one chat with one member, as Teams does (the tenant
+given, the same chat again for the same user; 403 for a user in `personal_refused`, for whom the
+app is not installed).
 `FakeIdentity` serves OpenID metadata and JWKS for Bot Framework
 and for an Entra tenant, signs tokens with its own RSA keys, and answers client-credentials token
-requests, so tests exercise the real validation code through the metadata-URL override. Its Bot
+requests, so tests exercise the real validation code through the metadata-URL override. It also
+answers on-behalf-of requests (`obo_apps`: client ID -> secret) as Entra does: the user's assertion
+must be signed by its Entra key and addressed to that app, and the answer is the same user's token
+for the scope's audience (`issued` keeps each one, for the canary tests). Its Bot
 Framework metadata can be made slow (`metadata_delay`), malformed (`metadata_body`, `keys_body`)
 or trickled one byte at a time (`trickle_seconds`), as a struggling identity provider would.
 """
@@ -61,10 +67,14 @@ class FakeConnector(LocalServer):
         self.updates: list[dict[str, Any]] = []
         self.on_activity: ActivityListener | None = None
         self._ids = itertools.count(1)
+        #: One-to-one chats opened (user ID -> conversation ID), and users it refuses one.
+        self.personal: dict[str, str] = {}
+        self.personal_refused: set[str] = set()
         #: What each message we answered 201 was sent as, by the ID we gave it.
         self.sent: dict[str, dict[str, Any]] = {}
 
     def routes(self, app: web.Application) -> None:
+        app.router.add_post("/v3/conversations", self._create_conversation)
         app.router.add_post("/v3/conversations/{conversation_id}/activities", self._post)
         app.router.add_post("/v3/conversations/{conversation_id}/activities/{activity_id}", self._post)
         app.router.add_put("/v3/conversations/{conversation_id}/activities/{activity_id}", self._put)
@@ -137,6 +147,25 @@ class FakeConnector(LocalServer):
         return web.json_response({"id": reply_id}, status=201)
 
 
+    async def _create_conversation(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        members = body.get("members")
+        tenant = body.get("tenantId") or (body.get("channelData") or {}).get("tenant", {}).get("id")
+        if body.get("isGroup") or not isinstance(members, list) or len(members) != 1 or \
+                not isinstance(members[0], dict) or not members[0].get("id") or \
+                not (body.get("bot") or {}).get("id") or not tenant:
+            return web.json_response({"error": {"code": "BadArgument", "message":
+                                      "a one-to-one chat needs bot, one member and the tenant"}},
+                                     status=400)
+        user = str(members[0]["id"])
+        if user in self.personal_refused:
+            return web.json_response({"error": {"code": "Forbidden", "message":
+                                      "Bot is not installed in user's personal scope"}},
+                                     status=403)
+        conversation = self.personal.setdefault(user, f"a:personal-{len(self.personal) + 1}")
+        return web.json_response({"id": conversation}, status=201)
+
+
 def _misplaced_suggestions(activity: dict[str, Any]) -> str | None:
     """Why the activity's `suggestedActions` break the contract; None when they keep it."""
     suggested = activity.get("suggestedActions")
@@ -170,6 +199,10 @@ class FakeIdentity(LocalServer):
         self.stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.metadata_requests = 0
         self.token_requests: list[dict[str, str]] = []
+        #: Apps that may exchange users' tokens on-behalf-of (client ID -> client secret).
+        self.obo_apps: dict[str, str] = {}
+        #: Every user token it gave on-behalf-of.
+        self.issued: list[str] = []
         #: Seconds the Bot Framework metadata takes to answer.
         self.metadata_delay = 0.0
         #: Raw bodies served instead of the Bot Framework metadata / JWKS (malformed documents).
@@ -225,12 +258,42 @@ class FakeIdentity(LocalServer):
         return web.json_response({"keys": [self._jwk("entra-key-1")]})
 
     async def _token(self, request: web.Request) -> web.Response:
-        form = dict(await request.post())
-        self.token_requests.append({k: str(v) for k, v in form.items()})
+        form = {k: str(v) for k, v in (await request.post()).items()}
+        self.token_requests.append({k: v for k, v in form.items() if k != "assertion"})
+        if form.get("grant_type") == "urn:ietf:params:oauth:grant-type:jwt-bearer":
+            return self._on_behalf_of(form)
         if form.get("grant_type") != "client_credentials":
             return web.json_response({"error": "unsupported_grant_type"}, status=400)
         return web.json_response({"access_token": f"outbound-{uuid.uuid4().hex[:8]}",
                                   "token_type": "Bearer", "expires_in": 3600})
+
+    def _on_behalf_of(self, form: dict[str, str]) -> web.Response:
+        """Entra's on-behalf-of grant: a user's token for the app, exchanged for the scope's."""
+        def refused(code: str, reason: str) -> web.Response:
+            return web.json_response({"error": "invalid_grant",
+                                      "error_description": f"{code}: {reason}"}, status=400)
+
+        app = form.get("client_id", "")
+        if form.get("requested_token_use") != "on_behalf_of":
+            return refused("AADSTS900144", "requested_token_use must be on_behalf_of")
+        if app not in self.obo_apps or form.get("client_secret") != self.obo_apps[app]:
+            return web.json_response({"error": "invalid_client", "error_description":
+                                      "AADSTS7000215: Invalid client secret provided."}, status=401)
+        try:
+            user = jwt.decode(form.get("assertion", ""), self.keys["entra-key-1"].public_key(),
+                              algorithms=["RS256"], audience=[app, f"api://botid-{app}"])
+        except jwt.PyJWTError:
+            return refused("AADSTS50013", "Assertion failed signature validation or is not "
+                           "for this app.")
+        scope = form.get("scope", "").split()
+        if len(scope) != 1 or not scope[0].endswith("/.default"):
+            return refused("AADSTS70011", "one resource's .default scope is expected")
+        token = self.entra_token(audience=scope[0].removesuffix("/.default"), caller=app,
+                                 **{k: user[k] for k in ("oid", "name", "preferred_username")
+                                    if k in user}, scp="access_as_user", idtyp="user")
+        self.issued.append(token)
+        return web.json_response({"access_token": token, "token_type": "Bearer",
+                                  "expires_in": 3600})
 
     def botframework_token(self, *, audience: str, service_url: str, kid: str = "bf-key-1",
                            issuer: str | None = None, expires_in: int = 600,

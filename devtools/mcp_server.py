@@ -3,13 +3,18 @@
 Its tools: `search_docs(query)` finds pages of a small built-in corpus about the things this
 project uses and returns them as text and as resource links (title, URL, snippet), which the bot
 turns into citations (annotated read-only); `delete_notes(topic)` is annotated destructive, so on
-a trusted server (`demo_servers_setting`) the bot asks a person before it runs. A test may add
-tools through `.mcp`, slow every request (`delay`), read the requests' headers (`headers`) and
-the tool calls the server ran (`calls`: name and arguments).
+a trusted server (`demo_servers_setting`) the bot asks a person before it runs. Given a
+`BearerCheck`, it also offers `whoami()`, a tool that needs the user: it checks the request's
+bearer token (signature, audience, expiry) and answers with the name of the person it was issued
+for, so a test (or a person) sees whose token the bot sent. A test may add tools through `.mcp`,
+slow every request (`delay`), read the requests' headers (`headers`) and the tool calls the server
+ran (`calls`: name and arguments).
 
     python -m devtools.mcp_server --port 8931     # then CHAT_MCP_SERVERS=[{"name": "demo",
                                                   #   "url": "http://127.0.0.1:8931/mcp",
                                                   #   "tools": ["*"], "trusted": true}]
+    python -m devtools.mcp_server --port 8931 --audience api://chatstate-demo \
+        --jwks-url http://127.0.0.1:8932/keys     # whoami too, for tokens the keys there signed
 """
 
 from __future__ import annotations
@@ -19,14 +24,18 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
+import httpx2
+import jwt
 import uvicorn
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, ResourceLink, TextContent, ToolAnnotations
 
-__all__ = ["CORPUS", "DemoMcpServer", "demo_servers_setting"]
+__all__ = ["CORPUS", "BearerCheck", "DemoMcpServer", "demo_servers_setting"]
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -61,10 +70,48 @@ def search(query: str, *, limit: int = 2) -> list[tuple[str, str, str]]:
     return scored[:limit]
 
 
+@dataclass(frozen=True, kw_only=True)
+class BearerCheck:
+    """How `whoami` checks a bearer token: RS256, for `audience`, signed by one of `keys` (public
+    keys) or by a key `jwks_url` serves."""
+
+    audience: str
+    keys: tuple[Any, ...] = ()
+    jwks_url: str | None = None
+
+    async def claims(self, headers: Mapping[str, str] | None) -> dict[str, Any]:
+        """The verified claims of the request's bearer token; `ToolError` saying what is wrong."""
+        authorization = (headers or {}).get("authorization", "")
+        if not authorization.startswith("Bearer "):
+            raise ToolError("this tool needs the user's own token (no bearer token came)")
+        token = authorization.removeprefix("Bearer ")
+        for key in await self._keys(token):
+            try:
+                claims: dict[str, Any] = jwt.decode(token, key, algorithms=["RS256"],
+                                                    audience=self.audience)
+                return claims
+            except jwt.InvalidSignatureError:
+                continue
+            except jwt.PyJWTError as exc:
+                raise ToolError(f"the bearer token is refused: {type(exc).__name__}") from None
+        raise ToolError("the bearer token is refused: no key of ours signed it")
+
+    async def _keys(self, token: str) -> tuple[Any, ...]:
+        if self.jwks_url is None:
+            return self.keys
+        async with httpx2.AsyncClient(timeout=5) as http:
+            found = (await http.get(self.jwks_url)).json().get("keys", [])
+        kid = jwt.get_unverified_header(token).get("kid")
+        return self.keys + tuple(jwt.PyJWK(key).key for key in found
+                                 if kid is None or key.get("kid") == kid)
+
+
 def build(ran: Callable[[str, dict[str, Any]], None] = lambda name, arguments: None,
-          before_delete: Callable[[], Awaitable[None]] | None = None) -> MCPServer:
+          before_delete: Callable[[], Awaitable[None]] | None = None, *,
+          bearer: BearerCheck | None = None) -> MCPServer:
     """The demo server; `ran` is told of each tool call as it starts; `before_delete`: awaited by
-    `delete_notes` before it finishes (a test holds it there)."""
+    `delete_notes` before it finishes (a test holds it there); `bearer`: offer `whoami`, checking
+    tokens so."""
     server = MCPServer("chatstate-demo", instructions="Search the docs behind chatstate.")
 
     @server.tool(annotations=ToolAnnotations(read_only_hint=True))
@@ -86,20 +133,32 @@ def build(ran: Callable[[str, dict[str, Any]], None] = lambda name, arguments: N
             await before_delete()
         return f"the notes about {topic!r} were deleted"
 
+    if bearer is not None:
+        @server.tool(annotations=ToolAnnotations(read_only_hint=True))
+        async def whoami(ctx: Context) -> str:
+            """Who is asking: the signed-in person the bot acts for (needs their own token)."""
+            ran("whoami", {})
+            claims = await bearer.claims(ctx.headers)
+            return (f"You are {claims.get('name', 'someone')} "
+                    f"({claims.get('preferred_username', 'no user name')}); the token was issued "
+                    f"for {claims['aud']}.")
+
     return server
 
 
 class DemoMcpServer:
     """The demo server on 127.0.0.1 (`port` 0: a free one), run by uvicorn in this event loop."""
 
-    def __init__(self, *, port: int = 0, delay: float = 0.0) -> None:
+    def __init__(self, *, port: int = 0, delay: float = 0.0,
+                 bearer: BearerCheck | None = None) -> None:
+        """`bearer`: offer `whoami`, checking tokens so."""
         #: The tool calls the server ran: (name, arguments), and when each started (perf_counter).
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.call_times: list[float] = []
         #: While set, `delete_notes` waits until it is released before it finishes (a call a
         #: test holds; `hold_deletes` / `release_deletes`, from any thread).
         self._gate: threading.Event | None = None
-        self.mcp = build(self._ran, self._before_delete)
+        self.mcp = build(self._ran, self._before_delete, bearer=bearer)
         self.delay = delay
         self.headers: list[dict[str, str]] = []
         self.port = port or _free_port()
@@ -153,12 +212,20 @@ class DemoMcpServer:
             await asyncio.gather(self._task, return_exceptions=True)
 
 
-def demo_servers_setting(url: str, **options: Any) -> str:
+def demo_servers_setting(url: str, *, as_user: dict[str, str] | None = None,
+                         **options: Any) -> str:
     """CHAT_MCP_SERVERS for the demo server at `url`: every tool, the server trusted (it is ours),
-    so its annotations count: `search_docs` runs, `delete_notes` asks first."""
+    so its annotations count: `search_docs` runs, `delete_notes` asks first. `as_user`: its
+    `whoami` too, as a second server entry ("me") that acts as the user."""
     import json
 
-    return json.dumps([{"name": "demo", "url": url, "tools": ["*"], "trusted": True, **options}])
+    if as_user is None:
+        return json.dumps([{"name": "demo", "url": url, "tools": ["*"], "trusted": True,
+                            **options}])
+    return json.dumps([{"name": "demo", "url": url, "tools": ["search_docs", "delete_notes"],
+                        "trusted": True, **options},
+                       {"name": "me", "url": url, "tools": ["whoami"], "trusted": True,
+                        "asUser": as_user}])
 
 
 def _free_port() -> int:
@@ -170,12 +237,16 @@ def _free_port() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, default=8931)
-    port = parser.parse_args().port
+    parser.add_argument("--audience", help="offer whoami, for tokens issued for this audience")
+    parser.add_argument("--jwks-url", help="where the keys that sign those tokens are")
+    args = parser.parse_args()
+    bearer = BearerCheck(audience=args.audience, jwks_url=args.jwks_url) \
+        if args.audience and args.jwks_url else None
 
     async def serve() -> None:
-        server = await DemoMcpServer(port=port).start()
-        print(f"MCP demo server: {server.url} (search_docs; delete_notes, which asks first)",
-              flush=True)
+        server = await DemoMcpServer(port=args.port, bearer=bearer).start()
+        print(f"MCP demo server: {server.url} (search_docs; delete_notes, which asks first"
+              f"{'; whoami, which acts as the user' if bearer else ''})", flush=True)
         await asyncio.Event().wait()
 
     try:

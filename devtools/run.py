@@ -10,7 +10,10 @@ the model (no tokens). A binding mistake stops it at start, naming the function.
 the URLs prints once the host answers (its first /api/health), so a quick curl finds it up; if
 Azurite's data folder is removed while it runs, it says so. Ctrl-C stops what it started.
 `--mcp demo` (`make run MCP=demo`) also starts the demo MCP server (devtools/mcp_server.py) on
-127.0.0.1:8931 and points CHAT_MCP_SERVERS at it, unless that setting is given.
+127.0.0.1:8931 and points CHAT_MCP_SERVERS at it, unless that setting is given; with it, the token
+service stand-in (devtools/fake_token_service.py) on 127.0.0.1:8932, CHAT_TOKEN_SERVICE_URL
+pointing at it (unless given), so that the demo's `whoami`, a tool that acts as the user, asks
+you to sign in (its page shows a code to type in the chat) and then says who you are.
 """
 
 from __future__ import annotations
@@ -59,28 +62,48 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 MCP_DEMO_PORT = 8931
+TOKEN_SERVICE_PORT = 8932
+#: The demo's OAuth connection, and the audience of the tokens the stand-in gives for it.
+DEMO_CONNECTION = "demo"
+DEMO_AUDIENCE = "api://chatstate-demo"
 
 
 def _point_at_mcp_demo(env: dict[str, str]) -> bool:
-    """CHAT_MCP_SERVERS for the demo MCP server (a given setting wins): whether to start it."""
+    """CHAT_MCP_SERVERS for the demo MCP server (a given setting wins): whether to start it.
+    With it, CHAT_TOKEN_SERVICE_URL for the token service stand-in, unless that is given."""
     from devtools.mcp_server import demo_servers_setting
 
     if env.get("CHAT_MCP_SERVERS", "").strip():
         print("tools: CHAT_MCP_SERVERS is set; not starting the demo MCP server")
         return False
-    env["CHAT_MCP_SERVERS"] = demo_servers_setting(f"http://127.0.0.1:{MCP_DEMO_PORT}/mcp")
+    env["CHAT_MCP_SERVERS"] = demo_servers_setting(f"http://127.0.0.1:{MCP_DEMO_PORT}/mcp",
+                                                   as_user={"connection": DEMO_CONNECTION})
+    env.setdefault("CHAT_TOKEN_SERVICE_URL", f"http://127.0.0.1:{TOKEN_SERVICE_PORT}")
     return True
 
 
-def _start_mcp_demo() -> subprocess.Popen[bytes]:
-    print(f"tools: the demo MCP server on http://127.0.0.1:{MCP_DEMO_PORT}/mcp (ask the bot to "
-          "\"search_docs streaming\", or to \"delete_notes drafts\": that one asks you first)")
-    process = subprocess.Popen([sys.executable, "-m", "devtools.mcp_server", "--port",
-                                str(MCP_DEMO_PORT)], cwd=ROOT)
+def _start_mcp_demo(env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
+    """The demo MCP server, and the token service stand-in that signs its `whoami` users in."""
     from devtools.azurite import wait_for_port
 
+    started = []
+    token_service = f"http://127.0.0.1:{TOKEN_SERVICE_PORT}"
+    if env["CHAT_TOKEN_SERVICE_URL"].rstrip("/") == token_service:
+        print(f"sign-in: the token service stand-in on {token_service} (its sign-in page shows "
+              "a code to type in the chat)")
+        started.append(subprocess.Popen(
+            [sys.executable, "-m", "devtools.fake_token_service", "--port",
+             str(TOKEN_SERVICE_PORT), "--connection", f"{DEMO_CONNECTION}={DEMO_AUDIENCE}",
+             *([] if env.get("CLIENT_ID", "").strip() else ["--anonymous-bot"])], cwd=ROOT))
+        wait_for_port(TOKEN_SERVICE_PORT)
+    print(f"tools: the demo MCP server on http://127.0.0.1:{MCP_DEMO_PORT}/mcp (ask the bot to "
+          "\"search_docs streaming\", to \"delete_notes drafts\": that one asks you first, or "
+          "\"whoami\": it acts as you, so you sign in first)")
+    started.append(subprocess.Popen(
+        [sys.executable, "-m", "devtools.mcp_server", "--port", str(MCP_DEMO_PORT),
+         "--audience", DEMO_AUDIENCE, "--jwks-url", f"{token_service}/keys"], cwd=ROOT))
     wait_for_port(MCP_DEMO_PORT)
-    return process
+    return started
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             # would set it: with no such file, the bot's storage.
             env["AzureWebJobsStorage"] = settings.storage.connection_string
         if mcp_demo:
-            children.append(_start_mcp_demo())
+            children.extend(_start_mcp_demo(env))
         uses_azurite = settings.storage.table_endpoint is None and \
             settings.storage.connection_string == DEVELOPMENT_STORAGE
         azurite_data = None

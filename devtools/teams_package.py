@@ -1,9 +1,13 @@
 """`make teams-package`: the Teams app package (appPackage/build/chatstate.zip) for this bot.
 
 Fills the bot's Microsoft App ID (`CLIENT_ID`, from the environment or local.settings.json) into
-appPackage/manifest.json, checks the result against the official JSON schema of its manifest
-version (from the `@microsoft/app-manifest` npm package, installed by `make deps`: no network) and
-the icons' sizes, and zips the manifest and the two icons at the zip's root, as Teams wants them.
+appPackage/manifest.json, and, when users sign in (`CHAT_SIGNIN_APP_ID`, the app registration of
+the bot's OAuth connection), Teams single sign-on's `webApplicationInfo` (that app and its
+`api://botid-<app ID>` URI) and the token service's host (`CHAT_TOKEN_SERVICE_URL`) in
+`validDomains`, where the sign-in button's page opens; without it both are left out. It checks
+the result against the official JSON schema of its manifest version (from the
+`@microsoft/app-manifest` npm package, installed by `make deps`: no network) and the icons'
+sizes, and zips the manifest and the two icons at the zip's root, as Teams wants them.
 Upload the zip in Teams: Apps → Manage your apps → Upload an app → Upload a custom app.
 
 The bot is also declared a Microsoft 365 Copilot custom engine agent (`copilotAgents`, manifest
@@ -22,16 +26,20 @@ import sys
 import zipfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import jsonschema
 
 from devtools.local_settings import local_environment
+from shared.settings import TOKEN_SERVICE_URL
 
 ROOT = Path(__file__).resolve().parents[1]
 APP_PACKAGE = ROOT / "appPackage"
 OUTPUT = APP_PACKAGE / "build" / "chatstate.zip"
 SCHEMAS = ROOT / "node_modules" / "@microsoft" / "app-manifest" / "build" / "json-schemas" / "teams"
 PLACEHOLDER = "${{CLIENT_ID}}"
+SIGNIN_PLACEHOLDER = "${{SIGNIN_APP_ID}}"
+TOKEN_HOST_PLACEHOLDER = "${{TOKEN_SERVICE_HOST}}"
 ICON_SIZES = {"color": (192, 192), "outline": (32, 32)}
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 
@@ -40,13 +48,24 @@ class PackageError(Exception):
     """Why the package cannot be built, in one line."""
 
 
-def manifest(client_id: str, *, source: Path = APP_PACKAGE / "manifest.json",
-             copilot: bool = True) -> dict[str, Any]:
-    """The manifest with the app ID filled in; a `PackageError` if the ID is not a GUID.
+def manifest(client_id: str, *, signin_app_id: str | None = None,
+             token_service_url: str = TOKEN_SERVICE_URL,
+             source: Path = APP_PACKAGE / "manifest.json", copilot: bool = True) -> dict[str, Any]:
+    """The manifest with the app IDs filled in; a `PackageError` if one is not a GUID. Without
+    `signin_app_id` (no one signs in), no `webApplicationInfo` and no `validDomains`.
     `copilot=False`: without the Copilot custom engine agent."""
     if not _GUID.match(client_id):
         raise PackageError(f"CLIENT_ID must be the bot's Microsoft App ID (a GUID), got {client_id!r}")
-    filled: dict[str, Any] = json.loads(source.read_text().replace(PLACEHOLDER, client_id))
+    if signin_app_id is not None and not _GUID.match(signin_app_id):
+        raise PackageError(f"CHAT_SIGNIN_APP_ID must be the sign-in app registration's client ID "
+                           f"(a GUID), got {signin_app_id!r}")
+    text = source.read_text().replace(PLACEHOLDER, client_id)
+    text = text.replace(SIGNIN_PLACEHOLDER, signin_app_id or "")
+    text = text.replace(TOKEN_HOST_PLACEHOLDER, urlparse(token_service_url).hostname or "")
+    filled: dict[str, Any] = json.loads(text)
+    if signin_app_id is None:
+        del filled["webApplicationInfo"]
+        filled["validDomains"] = []
     if not copilot:
         filled.pop("copilotAgents", None)
         for bot in filled.get("bots", []):
@@ -78,9 +97,12 @@ def png_size(data: bytes) -> tuple[int, int]:
     return width, height
 
 
-def build(client_id: str, *, output: Path = OUTPUT, copilot: bool = True) -> Path:
+def build(client_id: str, *, signin_app_id: str | None = None,
+          token_service_url: str = TOKEN_SERVICE_URL, output: Path = OUTPUT,
+          copilot: bool = True) -> Path:
     """Write the package; return its path."""
-    document = manifest(client_id, copilot=copilot)
+    document = manifest(client_id, signin_app_id=signin_app_id,
+                        token_service_url=token_service_url, copilot=copilot)
     validate(document)
     icons: dict[str, bytes] = {}
     for kind, size in ICON_SIZES.items():
@@ -104,13 +126,16 @@ def main(environ: dict[str, str] | None = None, argv: list[str] | None = None) -
                         help="declare the bot a Microsoft 365 Copilot custom engine agent")
     parser.add_argument("--output", type=Path, default=OUTPUT, help=argparse.SUPPRESS)
     args = parser.parse_args([] if argv is None else argv)
-    client_id = (local_environment() if environ is None else environ).get("CLIENT_ID", "").strip()
+    environ = local_environment() if environ is None else environ
+    client_id = environ.get("CLIENT_ID", "").strip()
     if not client_id:
         print("error: CLIENT_ID is not set: the bot's Microsoft App ID (the environment or "
               "local.settings.json)", file=sys.stderr)
         return 1
     try:
-        path = build(client_id, copilot=args.copilot == "on", output=args.output)
+        path = build(client_id, signin_app_id=environ.get("CHAT_SIGNIN_APP_ID", "").strip() or None,
+                     token_service_url=environ.get("CHAT_TOKEN_SERVICE_URL", "").strip() or
+                     TOKEN_SERVICE_URL, copilot=args.copilot == "on", output=args.output)
     except PackageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

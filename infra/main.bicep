@@ -116,6 +116,18 @@ param chatFeedback string = 'on'
 param botSku string = 'F0'
 param botDisplayName string = 'chatstate'
 
+// --- signing users in: tools that act as the user (docs/deploy.md "Sign users in") ---
+@description('Client ID of the Entra app registration users sign in to (CHAT_SIGNIN_APP_ID); empty: no OAuth connection (azd: SIGNIN_APP_ID).')
+param signInAppId string = ''
+@description('The bot\'s OAuth connection name, which tools name in asUser (azd: SIGNIN_CONNECTION_NAME).')
+param signInConnectionName string = 'sso'
+@description('The unique identifier of the app\'s federated credential for the Bot Service token store (azd: SIGNIN_UNIQUE_IDENTIFIER).')
+param signInUniqueIdentifier string = ''
+@description('Scopes of the OAuth connection, space-separated; empty: api://botid-<app ID>/access_as_user.')
+param signInScopes string = ''
+@description('CHAT_TOKEN_SERVICE_URL: the Bot Service token service (regional ones keep tokens in the region).')
+param chatTokenServiceUrl string = 'https://token.botframework.com'
+
 // --- network ---
 @description('Private mode: VNet integration, private endpoints for storage and Azure OpenAI, their public network access off (azd: VNET_ENABLED).')
 param vnetEnabled bool = false
@@ -423,6 +435,15 @@ var chatAppSettings = [
     name: 'CHAT_FEEDBACK'
     value: chatFeedback
   }
+  // signing users in: the OAuth connection's app (empty: none), and where users' tokens are kept
+  {
+    name: 'CHAT_SIGNIN_APP_ID'
+    value: signInAppId
+  }
+  {
+    name: 'CHAT_TOKEN_SERVICE_URL'
+    value: chatTokenServiceUrl
+  }
 ]
 
 module api 'app/api.bicep' = {
@@ -464,6 +485,10 @@ module bot 'app/bot.bicep' = {
     identityId: identity.id
     identityClientId: identity.properties.clientId
     tenantId: tenant().tenantId
+    signInAppId: signInAppId
+    signInConnectionName: signInConnectionName
+    signInUniqueIdentifier: signInUniqueIdentifier
+    signInScopes: signInScopes
   }
 }
 
@@ -483,3 +508,4 @@ output CHAT_TURN_QUEUE string = storage.outputs.turnQueueName
 output AZURE_OPENAI_ENDPOINT string = useExistingOpenAi ? existingOpenAiEndpoint : openAi.outputs.endpoint
 output AZURE_OPENAI_DEPLOYMENT string = useExistingOpenAi && !empty(existingOpenAiDeployment) ? existingOpenAiDeployment : openAiDeploymentName
 output MANAGED_IDENTITY_CLIENT_ID string = identity.properties.clientId
+output MANAGED_IDENTITY_PRINCIPAL_ID string = identity.properties.principalId

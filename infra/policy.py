@@ -24,6 +24,12 @@ Rules (docs/deploy.md gives the reasons):
   CHAT_TURN_QUEUE is the queue the storage module creates.
 - Always-ready: main.bicep's `answerAlwaysReady` defaults to ALWAYS_READY_DEFAULT, azd's
   ANSWER_ALWAYS_READY sets it, and app/api.bicep gives it to the `function:answer` scale group.
+- Signing users in (issue 30): the app's identity holds Storage Table Data Contributor on the
+  sign-in table beside the conversations table; every OAuth connection of the bot
+  (`Microsoft.BotService/botServices/connections`) is Entra ID v2 with federated credentials
+  (SIGNIN_PROVIDER: no client secret, and no secret parameter in its file), made only when
+  `signInAppId` is given, with Teams SSO's Token Exchange URL `api://botid-<app ID>`; main.bicep
+  passes `signInAppId` (azd: SIGNIN_APP_ID) to the bot and sets CHAT_SIGNIN_APP_ID from it.
 - Budgets (issue 28): each of BUDGET_PARAMETERS is a string parameter of main.bicep that is empty
   by default (no limit: a deployment never refuses anyone unasked), azd sets it from the app
   setting's own name, and it is the app setting of that name.
@@ -73,6 +79,12 @@ TURN_QUEUE = "param:turnQueueName"
 POISON_QUEUE = "${turnQueueName}-poison"
 #: The inbox of accepted activities beside the conversations table (shared/inbox.py's name for it).
 INBOX_TABLE = "${take(tableName, 58)}inbox"
+#: Sign-ins asked for and exchanges claimed (shared/signin_store.py's name for it).
+SIGNIN_TABLE = "${take(tableName, 57)}signin"
+#: The Bot Service OAuth provider "AAD v2 with Federated Credentials": the token store signs in as
+#: the app through a federated credential, so the connection holds no secret.
+SIGNIN_PROVIDER = "c00b44ab-5e16-c44c-af26-2fd5bc55eb18"
+BOT_CONNECTION = "Microsoft.BotService/botServices/connections"
 
 #: The narrowest scope Bicep can give each storage data role, by the role name's service word.
 NARROWEST_SCOPE = {
@@ -269,6 +281,9 @@ def storage_role_problems(templates: dict[str, str]) -> list[str]:
                         "(param tableName)")
     if INBOX_TABLE not in table_contributor_on:
         problems.append(f"the app's identity has no Storage Table Data Contributor on the inbox table ({INBOX_TABLE})")
+    if SIGNIN_TABLE not in table_contributor_on:
+        problems.append(f"the app's identity has no Storage Table Data Contributor on the sign-in table "
+                        f"({SIGNIN_TABLE})")
     if TURN_QUEUE not in queue_contributor_on:
         problems.append("the app's identity has no Storage Queue Data Contributor on the turn queue (param "
                         "turnQueueName): the queue trigger must get, delete and update its messages")
@@ -318,6 +333,41 @@ def always_ready_problems(main: str, api: str, parameters: dict[str, object]) ->
             problems.append(f"app/api.bicep: the alwaysReady entry is for {entry['group']}, not {ANSWER_SCALE_GROUP}")
         if entry["count"] != "answerAlwaysReady":
             problems.append(f"app/api.bicep: the alwaysReady instanceCount is {entry['count']}, not the parameter")
+    return problems
+
+
+def signin_connection_problems(templates: dict[str, str], parameters: dict[str, object]) -> list[str]:
+    """The bot's OAuth connections hold no secret (federated credentials), exist only when a sign-in
+    app is given, and the app gets that app's ID."""
+    problems = []
+    connections = [(file, resource) for file, text in templates.items()
+                   for resource in resources_in(file, text) if resource.type == BOT_CONNECTION]
+    if not connections:
+        problems.append(f"no {BOT_CONNECTION}: tools that act as the user have no OAuth connection")
+    for file, resource in connections:
+        where = f"{file}: {resource.symbol}"
+        if re.search(r"^\s*clientSecret\s*:", resource.body, re.MULTILINE):
+            problems.append(f"{where}: sets clientSecret (a secret in the template); use federated "
+                            "credentials")
+        provider = re.search(r"serviceProviderId:\s*'([^']*)'", resource.body)
+        if provider is None or provider[1] != SIGNIN_PROVIDER:
+            problems.append(f"{where}: serviceProviderId is not {SIGNIN_PROVIDER} (AAD v2 with Federated "
+                            "Credentials), the one provider without a client secret")
+        if not re.search(r"=\s*if\s*\(!empty\(signInAppId\)\)", templates[file]):
+            problems.append(f"{where}: not made only when signInAppId is given")
+        if not re.search(r"key:\s*'TokenExchangeUrl'\s*\n\s*value:\s*'api://botid-\$\{signInAppId\}'",
+                         resource.body):
+            problems.append(f"{where}: its TokenExchangeUrl is not api://botid-${{signInAppId}} (Teams SSO)")
+        if re.search(r"@secure\(\)", templates[file]):
+            problems.append(f"{file}: declares a secure parameter: the bot's files take no secret")
+    main = templates.get("main.bicep", "")
+    if not re.search(r"^\s+signInAppId:\s*signInAppId\s*$", main, re.MULTILINE):
+        problems.append("main.bicep: the bot module's signInAppId is not the signInAppId parameter")
+    if not re.search(r"name:\s*'CHAT_SIGNIN_APP_ID'\s*\n\s*value:\s*signInAppId\s*$", main, re.MULTILINE):
+        problems.append("main.bicep: the app setting CHAT_SIGNIN_APP_ID is not signInAppId")
+    value = parameters.get("parameters", {}).get("signInAppId", {})  # type: ignore[union-attr]
+    if not isinstance(value, dict) or not str(value.get("value", "")).startswith("${SIGNIN_APP_ID"):
+        problems.append("main.parameters.json: signInAppId is not set from ${SIGNIN_APP_ID}")
     return problems
 
 
@@ -376,6 +426,7 @@ def problems_in(infra: Path = INFRA) -> list[str]:
         *private_mode_problems(templates["main.bicep"], parameters, _skip_entries(infra / "checkov-skips.yaml")),
         *queue_wiring_problems(templates["main.bicep"], templates["app/api.bicep"]),
         *always_ready_problems(templates["main.bicep"], templates["app/api.bicep"], parameters),
+        *signin_connection_problems(templates, parameters),
         *budget_problems(templates["main.bicep"], parameters),
     ]
 

@@ -474,8 +474,9 @@ class Answerer:
             await self.delivery.text(reply_to, NO_APPROVALS, progress=progress)
             return Answered()
         parked = await waiter.park(paused.paused, reply_to)
-        if progress.stream is not None:
-            await self.delivery.text(reply_to, PAUSE_NOTE, progress=progress)
+        if progress.stream is not None:  # the waiter's own words, or an approval's
+            await self.delivery.text(reply_to, getattr(waiter, "note", PAUSE_NOTE),
+                                     progress=progress)
         return parked
 
     async def _deliver(self, result: Committed | Found | Refused | Withdrawn, reply_to: Activity,

@@ -47,7 +47,7 @@ from .tokens import count_message_tokens
 from .tools import Function, Source, ToolResult
 from .turn import Resume
 
-__all__ = ["KIND", "Approvals", "RunOnceJournal", "SavedTurn", "card_channels"]
+__all__ = ["KIND", "Approvals", "RunOnceJournal", "SavedTurn", "card_channels", "store_declined"]
 
 log = logging.getLogger(__name__)
 
@@ -263,33 +263,41 @@ class Approvals:
 
     async def _store_declined(self, unit: Unit, paused: PausedTurn,
                               decision: ToolDecision) -> None:
-        held = {h.call_id for h in paused.held}
-        results = [ChatMessage(role="tool", tool_call_id=call.id, name=call.name,
-                               content=json.dumps({"error": declined_reason(decision, call)
-                                                   if call.id in held else NOT_RUN}),
-                               decision=decision if call.id in held else None)
-                   for call in paused.round]
-        messages = (*paused.messages, *results)
-        first, last = unit.activity_ids[0], unit.activity_ids[-1]
-        for _ in range(self.settings.turn_max_attempts):
-            window = await self.store.load_window(unit.conversation_id, token_budget=0,
-                                                  max_messages=1, activity_id=first)
-            if window.committed_activity:
-                return
-            try:
-                await self.store.commit_turn(window, activity_id=last, messages=messages,
-                                             billed=Usage(), more_activity_ids=unit.activity_ids[:-1])
-            except ConversationConflict:
-                continue
-            except DuplicateActivity:
-                return
-            await self.store.mark_delivered(unit.conversation_id, last, reply_id=None)
-            return
-        raise ConversationConflict("the declined turn was not stored: other turns kept committing")
+        await store_declined(self.store, unit, paused, decision,
+                             attempts=self.settings.turn_max_attempts)
 
     async def _saved(self, unit: Unit) -> SavedTurn | None:
         data = await self.inbox.load_turn(unit.conversation_id, unit.activity_ids[-1])
         return _read(data) if data is not None else None
+
+
+async def store_declined(store: ConversationStore, unit: Unit, paused: PausedTurn,
+                         decision: ToolDecision, *, attempts: int) -> None:
+    """Commit a closed parked turn: the turn so far, each held call with `decision`'s reason (the
+    model reads what happened next turn), the round's other calls not run. Any waiter's close."""
+    held = {h.call_id for h in paused.held}
+    results = [ChatMessage(role="tool", tool_call_id=call.id, name=call.name,
+                           content=json.dumps({"error": declined_reason(decision, call)
+                                               if call.id in held else NOT_RUN}),
+                           decision=decision if call.id in held else None)
+               for call in paused.round]
+    messages = (*paused.messages, *results)
+    first, last = unit.activity_ids[0], unit.activity_ids[-1]
+    for _ in range(attempts):
+        window = await store.load_window(unit.conversation_id, token_budget=0,
+                                         max_messages=1, activity_id=first)
+        if window.committed_activity:
+            return
+        try:
+            await store.commit_turn(window, activity_id=last, messages=messages,
+                                    billed=Usage(), more_activity_ids=unit.activity_ids[:-1])
+        except ConversationConflict:
+            continue
+        except DuplicateActivity:
+            return
+        await store.mark_delivered(unit.conversation_id, last, reply_id=None)
+        return
+    raise ConversationConflict("the declined turn was not stored: other turns kept committing")
 
 
 def _requester(pending: Pending) -> str | None:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .activity import Activity, parse_activity
 from .answer import APOLOGY, RESET_DONE, TOO_LONG, Answerer, Unanswered
@@ -60,11 +60,16 @@ from .inbox import Inbox, TurnTicket
 from .logs import turn_context
 from .prompt import ChatPrompt
 from .settings import AnswerMode, Settings
+from .signins import SignIns
 from .store import ConversationStore
 from .summary import Summarizer
 from .telemetry import span, turn
 from .tools import Function
 from .turn import MAX_REASKS, TurnRunner
+
+if TYPE_CHECKING:
+    from .signin import SignIn
+    from .user_tokens import UserTokens
 
 __all__ = ["APOLOGY", "MAX_REASKS", "RESET_DONE", "TOO_LONG", "WELCOME", "BotResponse", "ChatBot"]
 
@@ -88,24 +93,28 @@ class ChatBot:
                  clock: Callable[[], datetime] | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  max_attempts: int = 5, retry_seconds: float = 5.0,
-                 budgets: Budgets | None = None) -> None:
+                 budgets: Budgets | None = None,
+                 signin: SignIn | None = None, users: UserTokens | None = None) -> None:
         """`inbox`: the accepted activities and the turn queue (without one, answers are inline).
         `clock`, `sleep`: the turn's time (None: the store's) and its backoff (test seams).
         `max_attempts`, `retry_seconds`: a failing queued turn's tries and their spacing.
         `budgets`: the users' and tenants' (None: built from the settings, on a store that keeps
-        them)."""
+        them). `signin`, `users`: signing users in, and their tokens for tools (None: no tool acts
+        as the user)."""
         self.settings = settings
         self.store = store
         self.prompt = prompt
         self.connector = connector
         self.authenticator = authenticator
         self.inbox = inbox
+        self.signin = signin
         self.delivery = Delivery(settings=settings, store=store, connector=connector)
         self.budgets = budgets or Budgets.build(settings, store, clock)
         self.answerer = Answerer(
             settings=settings, store=store, delivery=self.delivery, summarizer=summarizer,
             inbox=inbox, turns=TurnRunner(settings=settings, store=store, prompt=prompt,
-                                          clock=clock, sleep=sleep, budgets=self.budgets),
+                                          clock=clock, sleep=sleep, budgets=self.budgets,
+                                          users=users),
             reply_allowed=reply_policy(settings.bot), max_attempts=max_attempts,
             retry_seconds=retry_seconds)
         self._in_flight: set[tuple[str, str]] = set()
@@ -120,6 +129,10 @@ class ChatBot:
             self.answerer.add_waiter(Approvals(
                 settings=settings, store=store, inbox=inbox, connector=connector,
                 tools=self._tools, run_resumed=self.answerer.answer_resumed))
+            if signin is not None:  # turns that wait for their user to sign in
+                self.answerer.add_waiter(SignIns(
+                    settings=settings, store=store, inbox=inbox, signin=signin,
+                    tools=self._tools, run_resumed=self.answerer.answer_resumed))
 
     async def _tools(self) -> dict[str, Function]:
         return (await self.prompt.current_tools())[0]
@@ -153,8 +166,8 @@ class ChatBot:
                 return await self._on_message(activity, auth, body)
             if activity.type == "conversationUpdate":
                 return await self._on_conversation_update(activity, auth)
-            if activity.type == "invoke":
-                return await self._on_invoke(activity)
+            if activity.type == "invoke" or (self.signin is not None and self.signin.handles(activity)):
+                return await self._on_invoke(activity, auth)
             return BotResponse(status=200)
         except Unanswered as exc:
             log.warning("gave up: %s", exc)
@@ -184,6 +197,9 @@ class ChatBot:
             return await self._on_card_submit(activity)
         if not activity.message_text and not has_attachments(activity):
             return BotResponse(status=200)
+        if self.signin is not None and (said := await self.signin.on_message(activity)):
+            outgoing = await self.delivery.text(activity, said)  # /signout, a magic code
+            return BotResponse(status=200, body={"activities": [outgoing]} if outgoing else None)
         if self._queued and not activity.expects_replies:
             if self.approval_answers is not None and parse_answer(activity.message_text):
                 answered = await self.approval_answers.on_text(activity)
@@ -282,7 +298,11 @@ class ChatBot:
         await self.delivery.send(activity, outgoing)
         return BotResponse(status=200)
 
-    async def _on_invoke(self, activity: Activity) -> BotResponse:
+    async def _on_invoke(self, activity: Activity, auth: AuthResult) -> BotResponse:
+        if self.signin is not None and self.signin.handles(activity):
+            self._check_reply_path(activity, auth)
+            answer = await self.signin.on_invoke(activity)
+            return BotResponse(status=answer.status, body=answer.body)
         if activity.raw.get("name") == INVOKE_NAME:
             status, body = invoke_response(await self.card_actions.handle(activity))
             return BotResponse(status=status, body=body)

@@ -110,6 +110,36 @@ class BotConnector:
             return None
         return (str(answer.get("id") or "") or None) if isinstance(answer, dict) else None
 
+    async def create_conversation(self, *, service_url: str, bot: dict[str, Any],
+                                  user: dict[str, Any], tenant_id: str | None) -> str:
+        """A one-to-one conversation of the bot with `user` (Teams: the user's personal chat with
+        the app, which must be installed for them); its ID."""
+        body: dict[str, Any] = {"isGroup": False, "bot": bot,
+                                "members": [{"id": user.get("id"), "name": user.get("name")}]}
+        if tenant_id:
+            body.update(tenantId=tenant_id, channelData={"tenant": {"id": tenant_id}})
+        url = f"{service_url.rstrip('/')}/v3/conversations"
+        headers = {"Content-Type": "application/json"}
+        if self._credential is not None:
+            headers["Authorization"] = f"Bearer {await self._token()}"
+        with telemetry.span("chatstate.reply", {"chatstate.reply.kind": "createConversation"}):
+            try:
+                async with self._client().post(url, headers=headers, data=json.dumps(body).encode(),
+                                               allow_redirects=False) as response:
+                    status, answer = response.status, await response.read()
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                raise ConnectorError(f"cannot reach the Bot Connector at {service_url}: "
+                                     f"{type(exc).__name__} {exc}") from exc
+        detail = answer[:500].decode("utf-8", "replace")
+        if status >= 300:
+            raise ConnectorError(f"the Bot Connector answered {status} to a new conversation: "
+                                 f"{detail}", answer=(status, detail))
+        try:
+            created = json.loads(answer)
+            return str(created["id"])
+        except (ValueError, KeyError, TypeError):
+            raise ConnectorError("the Bot Connector made a conversation but gave no ID") from None
+
     async def token(self) -> str | None:
         """The bot's token for the Bot Connector's hosts (attachments there need it); None
         when the bot has no identity."""

@@ -24,11 +24,16 @@
     │   ├── ModelRejected          502  the model endpoint answered 4xx
     │   │   └── ModelMisconfigured 502  401/403/404: a wrong key, role, model or deployment (setup)
     │   └── ContentFiltered        502  the endpoint's content filter blocked the prompt or reply
-    └── ConnectorError             502  the Bot Connector refused or could not be reached
+    ├── ConnectorError             502  the Bot Connector refused or could not be reached
+    ├── TokenServiceError          502  the Bot Service token service refused or could not be reached
+    └── SignInRequired             401  a tool needs the user's own token and the user is not signed
+                                        in (a signal to the turn, never an HTTP answer)
 
 Only `shared.store` and `shared.inbox` (its table and queue) translate Storage's azure exceptions,
 and only `shared.model` openai's (and its own azure-identity token errors); `shared.connector`
-translates the Bot Framework token's azure-identity errors into `ConnectorError`.
+translates the Bot Framework token's azure-identity errors into `ConnectorError`;
+`shared.token_service` the token service's answers, and `shared.user_tokens` the on-behalf-of
+exchange's azure-identity errors, into `TokenServiceError`.
 """
 
 from __future__ import annotations
@@ -58,10 +63,12 @@ __all__ = [
     "ModelUnavailable",
     "PayloadTooLarge",
     "SettingsError",
+    "SignInRequired",
     "StorageForbidden",
     "StorageRejected",
     "StorageUnavailable",
     "StoreError",
+    "TokenServiceError",
     "TurnTooLarge",
     "Unauthorized",
     "UnsupportedMediaType",
@@ -241,6 +248,26 @@ class ConnectorError(ChatstateError):
     def __init__(self, message: str, *, answer: tuple[int, str] | None = None) -> None:
         super().__init__(message)
         self.answer = answer
+
+
+class TokenServiceError(ChatstateError):
+    """The Bot Service token service (or the on-behalf-of exchange) refused in a way we did not
+    plan for, timed out, or could not be reached. The message never holds a token."""
+
+    status = 502
+    code = "token_service_error"
+
+
+class SignInRequired(ChatstateError):
+    """A tool needs the user's own token for `connection`, and the token service has none: the
+    user must sign in first (shared/signin.py sends the card)."""
+
+    status = 401
+    code = "sign_in_required"
+
+    def __init__(self, connection: str) -> None:
+        super().__init__(f"the user is not signed in to {connection!r}")
+        self.connection = connection
 
 
 def http_status_for(error: BaseException) -> int:

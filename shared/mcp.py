@@ -15,6 +15,10 @@ and tools whose definition passes `MAX_TOOL_SPEC_CHARS`. Every other tool gets i
 checks the allow-list and the policy again. A result's text reaches the model marked as the
 tool's output; its resource links (and `structuredContent.sources`) become sources the reply may
 cite.
+
+A server with `asUser` acts as the user: each tool call carries the signed-in user's own token
+(for its `audience`, exchanged on-behalf-of; shared/user_tokens.py) as its bearer token, to that
+server only; discovery (tools/list) runs without it, with the server's app-level auth if any.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import httpx2
@@ -45,6 +50,7 @@ from . import telemetry
 from .policy import ToolPolicy, mcp_tool_policy
 from .settings import McpServerSettings
 from .tools import MAX_TOOL_SPEC_CHARS, Function, Source, ToolOutput
+from .user_tokens import user_token
 
 __all__ = ["RETRY_SECONDS", "McpServer", "McpToolError", "McpTools"]
 
@@ -55,6 +61,8 @@ log = logging.getLogger(__name__)
 RETRY_SECONDS = 30.0
 _MAX_PAGES = 10
 _MAX_DESCRIPTION_CHARS = 1_000
+#: The user's token for the tool call under way (set by `McpServer.call`, read by `_ServerAuth`).
+_bearer: ContextVar[str | None] = ContextVar("chatstate_mcp_bearer", default=None)
 
 
 class McpToolError(Exception):
@@ -172,7 +180,7 @@ class McpServer:
             try:
                 allowed.append(Function(tool.name, _description(tool), self._handler(tool.name),
                                         dict(tool.input_schema), origin=f"mcp:{settings.name}",
-                                        policy=policy))
+                                        policy=policy, as_user=settings.as_user))
             except (ValueError, TypeError, jsonschema.SchemaError) as exc:
                 log.warning("MCP server %s: tool %r left out: %s", settings.name, tool.name[:64],
                             type(exc).__name__)
@@ -186,19 +194,28 @@ class McpServer:
                                destructive=destructive)
 
     def _handler(self, tool_name: str) -> Callable[..., Any]:
+        access = self.settings.as_user
+
         async def call(**arguments: Any) -> ToolOutput:
-            return await self.call(tool_name, arguments)
+            bearer = await user_token(access) if access is not None else None
+            return await self.call(tool_name, arguments, bearer=bearer)
 
         return call
 
-    async def call(self, tool_name: str, arguments: dict[str, Any]) -> ToolOutput:
+    async def call(self, tool_name: str, arguments: dict[str, Any], *,
+                   bearer: str | None = None) -> ToolOutput:
         """Call one tool within the server's time limit; `McpToolError` or `TimeoutError` if not.
-        A tool the settings no longer allow (or whose policy is now never) is not called."""
+        A tool the settings no longer allow (or whose policy is now never) is not called.
+        `bearer`: the user's token the call carries (a server with `asUser`)."""
         if self.policy(tool_name) in (None, ToolPolicy.NEVER):
             raise McpToolError("this tool is not allowed on this server")
-        async with asyncio.timeout(self.settings.timeout_seconds):
-            async with self._session(self._mode) as client:
-                result = await client.call_tool(tool_name, arguments)
+        reset = _bearer.set(bearer)
+        try:
+            async with asyncio.timeout(self.settings.timeout_seconds):
+                async with self._session(self._mode) as client:
+                    result = await client.call_tool(tool_name, arguments)
+        finally:
+            _bearer.reset(reset)
         return _output(self.settings.name, tool_name, result)
 
     @asynccontextmanager
@@ -219,9 +236,9 @@ class McpServer:
 
     def _client(self) -> httpx2.AsyncClient:
         if self._http is None:
-            auth = _EntraAuth(self._identity(), self.settings.entra_scope) \
-                if self.settings.entra_scope else None
-            self._http = httpx2.AsyncClient(headers=dict(self.settings.headers), auth=auth,
+            app = self._identity() if self.settings.entra_scope else None
+            self._http = httpx2.AsyncClient(headers=dict(self.settings.headers),
+                                            auth=_ServerAuth(app, self.settings.entra_scope),
                                             timeout=httpx2.Timeout(self.settings.timeout_seconds))
         return self._http
 
@@ -268,17 +285,21 @@ class McpTools:
         await asyncio.gather(*(server.close() for server in self.servers))
 
 
-class _EntraAuth(httpx2.Auth):
-    """A Bearer token of the app's identity for the server's audience (azure-identity caches it)."""
+class _ServerAuth(httpx2.Auth):
+    """The Bearer token a request carries: the user's during a tool call that acts as them, else a
+    token of the app's identity for the server's audience (azure-identity caches it), else none."""
 
-    def __init__(self, credential: Any, scope: str | None) -> None:
+    def __init__(self, credential: Any | None, scope: str | None) -> None:
         self._credential = credential
         self._scope = scope
 
     async def async_auth_flow(self, request: httpx2.Request) -> AsyncGenerator[httpx2.Request,
                                                                                httpx2.Response]:
-        token = await self._credential.get_token(self._scope)
-        request.headers["Authorization"] = f"Bearer {token.token}"
+        bearer = _bearer.get()
+        if bearer is None and self._credential is not None:
+            bearer = (await self._credential.get_token(self._scope)).token
+        if bearer is not None:
+            request.headers["Authorization"] = f"Bearer {bearer}"
         yield request
 
 

@@ -140,6 +140,12 @@ def declined_reason(decision: ToolDecision | None, call: ToolCall) -> str | None
         if decision.arguments_sha256 != arguments_sha256(call.arguments):
             return "not run: the approval was for other arguments"
         return None
+    if decision.reason == "signin":  # the call waited for the user to sign in (shared/signins.py)
+        return {"denied": "not run: the user did not sign in",
+                "expired": "not run: the user did not sign in in time; they may sign in and ask "
+                           "again",
+                "superseded": "not run: the user sent a new message instead of signing in"
+                }[decision.outcome]
     return {"denied": "not approved: the person asked denied this call, so it did not run; do not "
                       "try it again unless they ask",
             "expired": "not approved: nobody answered in time, so it did not run",

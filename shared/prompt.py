@@ -61,6 +61,7 @@ from .speakers import SpeakerStyle, wire_message
 from .store import MAX_MESSAGE_CHARS, ConversationStore, ConversationWindow, check_turn
 from .tokens import count_message_tokens, count_request_tokens, count_text_tokens
 from .tools import UNKNOWN_TOOL, Function, Source, ToolResult, failed
+from .user_tokens import acting_user
 
 __all__ = ["BUDGET_STOP_REPLY", "ROUND_LIMIT_REPLY", "TOOL_OVERHEAD", "TURN_LIMIT_REPLY",
            "ChatPrompt", "ConversationMemory", "PromptResult", "ReplyStopped", "RunOnce",
@@ -425,13 +426,14 @@ class ChatPrompt:
                 log.warning("the model asked for %d tool calls; more than a turn can keep",
                             len(message.tool_calls))
                 return [*turn, _polite(TURN_LIMIT_REPLY, loop.model)]
-            if held := _held(message.tool_calls, functions):
+            if held := _held(message.tool_calls, functions) or \
+                    await _sign_in_held(message.tool_calls, functions):
                 log.info("the model called %d tool(s) that need a decision first; pausing the turn",
                          len(held))
                 for call in message.tool_calls:
-                    if any(h.call_id == call.id for h in held):
+                    if reason := next((h.reason for h in held if h.call_id == call.id), None):
                         telemetry.tool_decided(name=call.name, origin=functions[call.name].origin,
-                                               reason="approval", outcome="held")
+                                               reason=reason, outcome="held")
                 raise ToolCallsHeld(PausedTurn(messages=(*turn, message), held=held,
                                                usage=loop.usage, model=loop.model,
                                                sources=tuple(sources), rounds=round_number))
@@ -557,6 +559,22 @@ class _Loop:
     def usage(self) -> Usage:
         """What the whole turn's model calls cost."""
         return self.base + self.tally.usage
+
+
+async def _sign_in_held(calls: Sequence[ToolCall],
+                        functions: dict[str, Function]) -> tuple[HeldCall, ...]:
+    """The round's calls to tools that act as the user while they are not signed in, when the
+    turn can wait for them to sign in (`shared/signins.py`); else none (the tool then tells the
+    model, and the card goes out, `shared/user_tokens.py`)."""
+    acting = acting_user()
+    if acting is None or not acting.can_wait:
+        return ()
+    needed = {call.id: function.as_user.connection for call in calls
+              if (function := functions.get(call.name)) is not None and function.as_user}
+    missing = {connection for connection in set(needed.values())
+               if not await acting.signed_in(connection)}
+    return tuple(HeldCall(call_id=call_id, reason="signin")
+                 for call_id, connection in needed.items() if connection in missing)
 
 
 def _held(calls: Sequence[ToolCall], functions: dict[str, Function]) -> tuple[HeldCall, ...]:

@@ -31,9 +31,11 @@ if TYPE_CHECKING:
     from .mcp import McpTools
     from .model import ChatModel
     from .prompt import ChatPrompt
+    from .signin import SignIn
     from .store import ConversationStore, UserData
     from .summary import Summarizer
     from .tools import Function
+    from .user_tokens import UserTokens
 
 __all__ = ["HOST_JSON", "Runtime", "build_store"]
 
@@ -156,7 +158,31 @@ class Runtime:
                        connector=self.connector, authenticator=self.authenticator,
                        summarizer=self._summarizer(), inbox=self.inbox,
                        max_attempts=max_dequeue_count(self._host_json),
-                       retry_seconds=visibility_timeout(self._host_json), budgets=self.budgets)
+                       retry_seconds=visibility_timeout(self._host_json), budgets=self.budgets,
+                       signin=self.signin, users=self.users)
+
+    @functools.cached_property
+    def _signing_in(self) -> tuple[SignIn, UserTokens] | None:
+        """Signing users in and their tokens, for tools that act as the user (None: no tool
+        does)."""
+        connections = frozenset(
+            access.connection for access in [*(f.as_user for f in self._functions),
+                                             *(s.as_user for s in self.settings.mcp_servers)]
+            if access is not None)
+        if not connections:
+            return None
+        return _build_signin(self.settings, self._credential, self.connector, connections,
+                             inbox=self.inbox)
+
+    @property
+    def signin(self) -> SignIn | None:
+        """The sign-in flow (shared/signin.py); None when no tool acts as the user."""
+        return self._signing_in[0] if self._signing_in is not None else None
+
+    @property
+    def users(self) -> UserTokens | None:
+        """Users' tokens for tools (shared/user_tokens.py); None when no tool acts as the user."""
+        return self._signing_in[1] if self._signing_in is not None else None
 
     @functools.cached_property
     def budgets(self) -> Budgets | None:
@@ -193,10 +219,14 @@ class Runtime:
         return cls(load_settings(environ), functions=functions)
 
     async def forget_user(self, user_id: str) -> UserData:
-        """A user's removal: their waiting messages, then their stored data (`shared/removal.py`)."""
+        """A user's removal: their waiting messages, then their stored data (`shared/removal.py`),
+        and the sign-ins asked of them (never a token: none is kept)."""
         from .removal import forget_user
 
-        return await forget_user(self.store, self.inbox, user_id)
+        data = await forget_user(self.store, self.inbox, user_id)
+        if self.signin is not None:
+            await self.signin.store.forget_user(user_id)
+        return data
 
     async def close(self) -> None:
         """Close the clients that were made."""
@@ -205,6 +235,10 @@ class Runtime:
             part = built.get(name)
             if part is not None:
                 await part.close()
+        if built.get("_signing_in") is not None:
+            signin, users = built["_signing_in"]
+            await users.close()
+            await signin.store.close()
         if self._http is not None:
             await self._http.aclose()
 
@@ -229,6 +263,47 @@ def build_store(settings: Settings, credential: Any | None = None) -> Conversati
                                                          table_name=storage.table_name,
                                                          env_proxy=settings.env_proxy,
                                                          summaries=settings.summary.enabled)
+
+
+def _build_signin(settings: Settings, credential: Any | None, connector: BotConnector,
+                  connections: frozenset[str], *, inbox: Inbox | None) -> tuple[SignIn, UserTokens]:
+    """The token service client, the sign-in flow and users' tokens for `connections`."""
+    from .signin import SignIn
+    from .signin_store import SignInStore
+    from .token_service import TokenService
+    from .user_tokens import UserTokens
+
+    storage, bot = settings.storage, settings.bot
+    service = TokenService(settings.signin.token_service_url, bot_token=connector.token,
+                           timeout_seconds=settings.signin.timeout_seconds,
+                           env_proxy=settings.env_proxy)
+    if storage.table_endpoint:
+        if credential is None:
+            from azure.identity.aio import DefaultAzureCredential
+
+            credential = DefaultAzureCredential(
+                managed_identity_client_id=storage.managed_identity_client_id)
+        store = SignInStore.from_endpoint(storage.table_endpoint, table_name=storage.table_name,
+                                          credential=credential, env_proxy=settings.env_proxy)
+    else:
+        store = SignInStore.from_connection_string(storage.connection_string,
+                                                   table_name=storage.table_name,
+                                                   env_proxy=settings.env_proxy)
+    signin = SignIn(service=service, store=store, connector=connector, connections=connections,
+                    app_id=bot.client_id or "local-bot", inbox=inbox)
+    # Without an app secret, the managed identity signs the on-behalf-of exchange (Azure).
+    identity = None
+    if settings.signin.app_id and not settings.signin.app_secret and \
+            bot.managed_identity_client_id:
+        from azure.identity.aio import ManagedIdentityCredential
+
+        identity = ManagedIdentityCredential(client_id=bot.managed_identity_client_id)
+    users = UserTokens(service=service, settings=settings.signin, tenant_id=bot.tenant_id,
+                       authority_host=bot.authority_host, ask=signin.ask,
+                       managed_identity=identity, can_wait=inbox is not None)
+    log.info("signing users in: OAuth connections %s, token service %s", ", ".join(
+        sorted(connections)), settings.signin.token_service_url)
+    return signin, users
 
 
 def _build_inbox(settings: Settings, credential: Any | None) -> Inbox | None:

@@ -35,10 +35,12 @@ __all__ = [
     "OrderSettings",
     "Setting",
     "Settings",
+    "SignInSettings",
     "StorageSettings",
     "SummarySettings",
     "TelemetrySettings",
     "UnknownSetting",
+    "UserAccess",
     "is_loopback_host",
     "load_settings",
     "trigger_setting",
@@ -57,6 +59,8 @@ BOT_SERVICE_URL_HOSTS = "smba.trafficmanager.net,smba.infra.gcc.teams.microsoft.
 #: (public cloud and GCC; GCC High and DoD add *.sharepoint.us).
 FILE_HOSTS = "*.sharepoint.com"
 DEFAULT_INSTRUCTIONS = "You are a helpful, concise assistant in a chat."
+#: The public cloud's Bot Service token service (users' tokens for the bot's OAuth connections).
+TOKEN_SERVICE_URL = "https://token.botframework.com"
 #: Daily at 03:30 UTC. Function triggers read it as `%CHAT_RETENTION_SCHEDULE%`.
 RETENTION_SCHEDULE = "0 30 3 * * *"
 
@@ -261,7 +265,9 @@ SETTINGS: tuple[Setting, ...] = (
             "tool of the server), \"toolPolicies\" (tool name -> auto, ask or never), "
             "\"timeoutSeconds\" (default 10), \"refreshSeconds\" (default 300). A tool asks a "
             "person first unless a policy says auto, or the server is trusted and marks it read-only "
-            "or non-destructive. Unset: no MCP tools."),
+            "or non-destructive. \"asUser\" ({\"connection\": the bot's OAuth connection, "
+            "\"audience\": an Entra audience to exchange the user's token for}: its tool calls carry "
+            "the signed-in user's own token). Unset: no MCP tools."),
     Setting(name="CHAT_TOOLS_TOKEN_BUDGET", default="4000", deployed=False,
             description="Tokens the tool definitions of one model request may take; they count "
             "against CHAT_HISTORY_TOKEN_BUDGET (the history window gets the rest), at most half of "
@@ -274,6 +280,28 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(name="CHAT_APPROVERS", default="requester", deployed=False,
             description="Who may answer an approval card: requester (the person whose message "
             "led to the call) or anyone (anyone in the conversation: a group chat's members)."),
+    # signing users in: tools that act as the user (shared/signin.py, shared/user_tokens.py)
+    Setting(name="CHAT_TOKEN_SERVICE_URL", default=TOKEN_SERVICE_URL,
+            description="The Bot Service token service that keeps users' tokens for the bot's "
+            "OAuth connections (regional: https://europe.token.botframework.com, ...; Azure "
+            "Government: https://token.botframework.azure.us). https, or http to a loopback "
+            "stand-in locally (devtools/fake_token_service.py)."),
+    Setting(name="CHAT_TOKEN_SERVICE_TIMEOUT_SECONDS", default="5", deployed=False,
+            description="Deadline of one call to the token service (or one on-behalf-of "
+            "exchange), the bot's own token included."),
+    Setting(name="CHAT_SIGNIN_APP_ID",
+            description="Client ID of the Entra app registration users sign in to (the OAuth "
+            "connection's app, Teams SSO's webApplicationInfo): tools with an \"audience\" get "
+            "the user's token exchanged for it on-behalf-of this app. Unset: no on-behalf-of "
+            "exchange (a tool gets its connection's token as it is)."),
+    Setting(name="CHAT_SIGNIN_MINUTES", default="10", deployed=False,
+            description="Minutes (fractions allowed) a turn waits for its user to sign in when a "
+            "tool that acts as them is called (the turn queue only); then it is closed, the call "
+            "not run, and a sign-in later asks them to send the question again."),
+    Setting(name="CHAT_SIGNIN_APP_SECRET", secret=True, deployed=False,
+            description="A client secret of CHAT_SIGNIN_APP_ID, for on-behalf-of exchanges "
+            "locally; in Azure the managed identity signs them instead (a federated credential "
+            "on the app registration, docs/deploy.md)."),
     # hosting
     Setting(name="WEBSITE_SITE_NAME", deployed=False,
             description="Set by Azure App Service/Functions; its presence means 'running in "
@@ -440,6 +468,28 @@ class AttachmentSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class UserAccess:
+    """What a tool that acts as the user needs: the user's token from the bot's OAuth connection
+    `connection`, exchanged on-behalf-of for `scope` (an Entra audience's `/.default`) when given."""
+
+    connection: str
+    scope: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SignInSettings:
+    """Signing users in through the Bot Service token service (shared/signin.py)."""
+
+    token_service_url: str = TOKEN_SERVICE_URL
+    timeout_seconds: float = 5.0
+    #: The Entra app registration users sign in to; None: no on-behalf-of exchange.
+    app_id: str | None = None
+    app_secret: str | None = field(default=None, repr=False)
+    #: How long a turn waits, parked, for its user to sign in.
+    wait_seconds: float = 600.0
+
+
+@dataclass(frozen=True, kw_only=True)
 class McpServerSettings:
     """One MCP server of CHAT_MCP_SERVERS."""
 
@@ -461,6 +511,8 @@ class McpServerSettings:
     timeout_seconds: float = 10.0
     refresh_seconds: float = 300.0
     managed_identity_client_id: str | None = None
+    #: Its tool calls carry the user's own token (`asUser`), for this server only.
+    as_user: UserAccess | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -509,6 +561,7 @@ class Settings:
     answer_mode: AnswerMode = AnswerMode.QUEUE
     mcp_servers: tuple[McpServerSettings, ...] = ()
     order: OrderSettings = field(default_factory=OrderSettings)
+    signin: SignInSettings = field(default_factory=SignInSettings)
     approvals: ApprovalSettings = field(default_factory=ApprovalSettings)
 
 
@@ -682,6 +735,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         mcp_servers=_mcp_servers(read, identity, in_azure=in_azure),
         order=_order(read),
         approvals=_approvals(read),
+        signin=_signin(read, in_azure=in_azure),
     )
 
 
@@ -742,6 +796,19 @@ def _order(read: _Reader) -> OrderSettings:
                          drain_seconds=read.number("CHAT_DRAIN_SECONDS", minimum=5, maximum=3600))
 
 
+def _signin(read: _Reader, *, in_azure: bool) -> SignInSettings:
+    name = "CHAT_TOKEN_SERVICE_URL"
+    url = read.url(name) or TOKEN_SERVICE_URL
+    parsed = urlparse(url)
+    if parsed.scheme == "http" and (in_azure or not is_loopback_host(parsed.hostname or "")):
+        raise SettingsError(name, "must be https (http only for a loopback stand-in, locally)")
+    return SignInSettings(
+        token_service_url=url,
+        timeout_seconds=read.number("CHAT_TOKEN_SERVICE_TIMEOUT_SECONDS", minimum=0.05,
+                                    maximum=60),
+        app_id=read.text("CHAT_SIGNIN_APP_ID"),
+        app_secret=read.text("CHAT_SIGNIN_APP_SECRET"),
+        wait_seconds=read.number("CHAT_SIGNIN_MINUTES", minimum=0.05, maximum=24 * 60) * 60)
 def _approvals(read: _Reader) -> ApprovalSettings:
     approvers = read.required_text("CHAT_APPROVERS").lower()
     if approvers not in ("requester", "anyone"):
@@ -758,7 +825,10 @@ def _welcome(read: _Reader) -> str:
 
 
 _MCP_KEYS = {"name", "url", "tools", "headers", "entraAudience", "trusted", "policy",
-             "toolPolicies", "timeoutSeconds", "refreshSeconds"}
+             "toolPolicies", "timeoutSeconds", "refreshSeconds", "asUser"}
+_AS_USER_KEYS = {"connection", "audience"}
+#: A Bot Service OAuth connection's name (letters, digits, spaces, _ . -; the portal's rule).
+_CONNECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}$")
 _MCP_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 _SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -828,14 +898,42 @@ def _mcp_server(read: _Reader, entry: object, index: int, identity: str | None, 
     audience = entry.get("entraAudience")
     if audience is not None and (not isinstance(audience, str) or not audience.strip()):
         raise bad("\"entraAudience\" must be an application ID URI or client ID")
-    scope = None if audience is None else \
-        audience.strip() if audience.strip().endswith("/.default") else f"{audience.strip()}/.default"
+    scope = None if audience is None else entra_scope(audience)
     return McpServerSettings(
         name=name, url=str(url), tools=tools, headers=tuple(resolved), entra_scope=scope,
         trusted=trusted, policy=policy, tool_policies=tool_policies,
         timeout_seconds=_seconds(entry.get("timeoutSeconds", 10), "timeoutSeconds", bad, 0.05, 120),
         refresh_seconds=_seconds(entry.get("refreshSeconds", 300), "refreshSeconds", bad, 1, 86_400),
-        managed_identity_client_id=identity)
+        managed_identity_client_id=identity,
+        as_user=_as_user(entry.get("asUser"), bad, obo=read.text("CHAT_SIGNIN_APP_ID") is not None))
+
+
+def entra_scope(audience: str) -> str:
+    """The `.default` scope of an Entra audience (an application ID URI or client ID)."""
+    audience = audience.strip()
+    return audience if audience.endswith("/.default") else f"{audience}/.default"
+
+
+def _as_user(value: object, bad: Callable[[str], SettingsError], *, obo: bool) -> UserAccess | None:
+    """An MCP server's `asUser`: {"connection": <OAuth connection name>, "audience"?: <Entra>}."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - _AS_USER_KEYS:
+        raise bad("\"asUser\" must be {\"connection\": <the bot's OAuth connection name>, "
+                  "\"audience\": <optional Entra audience to exchange the user's token for>}")
+    connection = value.get("connection")
+    if not isinstance(connection, str) or not _CONNECTION_NAME.match(connection):
+        raise bad("\"asUser\" needs a \"connection\": the name of one of the bot's OAuth "
+                  "connections (letters, digits, spaces, _ . -)")
+    audience = value.get("audience")
+    if audience is None:
+        return UserAccess(connection=connection)
+    if not isinstance(audience, str) or not audience.strip():
+        raise bad("\"asUser\".\"audience\" must be an application ID URI or client ID")
+    if not obo:
+        raise bad("\"asUser\".\"audience\" needs CHAT_SIGNIN_APP_ID (the app registration "
+                  "the on-behalf-of exchange runs as)")
+    return UserAccess(connection=connection, scope=entra_scope(audience))
 
 
 #: The start-up error for the key that policies replaced, with the entry's own names in it.

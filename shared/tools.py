@@ -14,6 +14,10 @@ servers (`shared/mcp.py`) are `Function`s too.
 Each tool has a policy (`shared/policy.py`): `invoke` itself refuses a `never` tool, and an `ask`
 tool's call that a person has not approved, whatever the caller. A tool's definition (name,
 description and schema, as the model reads it) is at most `MAX_TOOL_SPEC_CHARS`.
+A tool that acts as the user declares it, `@tool(as_user=UserAccess(connection="graph",
+scope="https://graph.microsoft.com/.default"))`, and gets the signed-in user's token inside with
+`await user_token()` (shared/user_tokens.py). A user who is not signed in gets the sign-in card,
+and the model is told so.
 """
 
 from __future__ import annotations
@@ -28,8 +32,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, get_type_hints
 
 from . import telemetry
+from .errors import SignInRequired
 from .messages import ToolCall
 from .policy import ToolPolicy
+from .settings import UserAccess
+from .user_tokens import current_access
 
 if TYPE_CHECKING:
     import pydantic
@@ -103,6 +110,8 @@ class Function:
     parameter_schema: dict[str, Any] | type[pydantic.BaseModel] | None = None
     #: Where the tool runs: `python` (in this app) or `mcp:<server>` (telemetry and logs).
     origin: str = "python"
+    #: The tool acts as the user: it needs their token for this connection (and audience).
+    as_user: UserAccess | None = None
     #: Whether a call runs by itself, needs a person's approval first, or never runs.
     policy: ToolPolicy = ToolPolicy.AUTO
     _model: type[pydantic.BaseModel] | None = field(default=None, init=False, repr=False)
@@ -184,7 +193,8 @@ class Function:
         except TypeError as exc:  # the schema allowed what the handler's signature does not
             return failed(call, f"arguments do not fit the tool: {exc}")
         try:
-            value = await asyncio.wait_for(awaitable, timeout=time_limit)
+            with current_access(self.as_user):
+                value = await asyncio.wait_for(awaitable, timeout=time_limit)
             sources: tuple[Source, ...] = ()
             if isinstance(value, ToolOutput):
                 text, sources = value.text, value.sources[:MAX_SOURCES_PER_RESULT]
@@ -194,6 +204,9 @@ class Function:
                 text = json.dumps(value, ensure_ascii=False, default=str)
         except TimeoutError:
             return failed(call, f"the tool did not finish within {time_limit:g} s")
+        except SignInRequired as exc:
+            return failed(call, f"not signed in: {exc}; they were sent a sign-in card: ask them to "
+                          "sign in, then to ask again")
         except OSError as exc:  # its text names files: the model and the log get the kind only
             return failed(call, f"{type(exc).__name__}: {exc.strerror or 'operating system error'}")
         except Exception as exc:  # a tool's failure, whatever it is, is reported to the model
@@ -217,18 +230,21 @@ class Function:
 
 def tool(handler: Handler | None = None, *, name: str | None = None,
          description: str | None = None,
-         policy: ToolPolicy | Literal["auto", "ask", "never"] = ToolPolicy.AUTO) -> Any:
+         policy: ToolPolicy | Literal["auto", "ask", "never"] = ToolPolicy.AUTO,
+         as_user: UserAccess | None = None) -> Any:
     """Make an async function a `Function`; its docstring's first paragraph is the description.
     `policy="ask"`: a person approves each call first (`shared/policy.py`).
 
         @tool
         async def get_current_time(time_zone: str) -> str:
             "The current time in an IANA time zone such as Europe/Paris."
+
+    `as_user`: the tool acts as the signed-in user (`await user_token()` inside gives the token).
     """
     def wrap(function: Handler) -> Function:
         text = description or (inspect.getdoc(function) or "").split("\n\n")[0].strip()
         return Function(name or function.__name__, text or function.__name__, function,
-                        policy=ToolPolicy(policy))
+                        policy=ToolPolicy(policy), as_user=as_user)
 
     return wrap(handler) if handler is not None else wrap
 

@@ -20,9 +20,10 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .activity import Activity
 from .attachments import Incoming
@@ -43,6 +44,9 @@ from .prompt import TURN_LIMIT_REPLY, ChatPrompt, RunOnce, ToolListener, UserInp
 from .settings import Settings
 from .store import ConversationStore, ConversationWindow, Indexed
 from .streaming import ReplyStream
+
+if TYPE_CHECKING:
+    from .user_tokens import UserTokens
 
 __all__ = ["MAX_REASKS", "Busy", "Committed", "Found", "Paused", "Refused", "Resume", "TurnResult",
            "TurnRunner", "Withdrawn"]
@@ -118,15 +122,17 @@ class TurnRunner:
     def __init__(self, *, settings: Settings, store: ConversationStore, prompt: ChatPrompt,
                  clock: Callable[[], datetime] | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 budgets: Budgets | None = None) -> None:
+                 users: UserTokens | None = None, budgets: Budgets | None = None) -> None:
         """`clock`: the turn's time; None: the store's (`store.clock`), the one the spend
-        counters move by. `budgets`: the users' and tenants' (None: none kept)."""
+        counters move by. `users`: tools that act as the user get their tokens there.
+        `budgets`: the users' and tenants' (None: none kept)."""
         self.settings = settings
         self.store = store
         self.prompt = prompt
         self.budgets = budgets
         self._clock = clock or store.clock
         self._sleep = sleep
+        self._users = users
 
     async def run(self, activity: Activity, text: str, *, needed: int,
                   stream: ReplyStream | None, attachments: Incoming | None = None,
@@ -195,19 +201,21 @@ class TurnRunner:
                 messages = kept
                 if messages is None:
                     try:
-                        if resume is None:
-                            result = await self.prompt.send(
-                                text, history=window.messages, summary=window.summary,
-                                speaker=activity.speaker, sender=activity.user,
-                                on_text=stream.on_text if stream else None,
-                                on_tools=_tools_listener(stream), attachments=attachments,
-                                earlier=earlier, activity_id=activity.id, spend=spend)
-                        else:
-                            result = await self.prompt.resume(
-                                resume.paused, resume.decisions, history=window.messages,
-                                summary=window.summary, on_text=stream.on_text if stream else None,
-                                on_tools=_tools_listener(stream), run_once=resume.run_once,
-                                spend=spend)
+                        with self._acting(activity):
+                            if resume is None:
+                                result = await self.prompt.send(
+                                    text, history=window.messages, summary=window.summary,
+                                    speaker=activity.speaker, sender=activity.user,
+                                    on_text=stream.on_text if stream else None,
+                                    on_tools=_tools_listener(stream), attachments=attachments,
+                                    earlier=earlier, activity_id=activity.id, spend=spend)
+                            else:
+                                result = await self.prompt.resume(
+                                    resume.paused, resume.decisions, history=window.messages,
+                                    summary=window.summary,
+                                    on_text=stream.on_text if stream else None,
+                                    on_tools=_tools_listener(stream), run_once=resume.run_once,
+                                    spend=spend)
                     except ToolCallsHeld as held:
                         billed += _since(held.paused.usage, base)
                         return Paused(paused=held.paused)
@@ -267,6 +275,10 @@ class TurnRunner:
         log.warning("gave up after %d conflicts", self.settings.turn_max_attempts)
         return Busy(attempts=self.settings.turn_max_attempts)
 
+
+    def _acting(self, activity: Activity) -> AbstractContextManager[Any]:
+        """Tools that act as the user act for this activity's sender (shared/user_tokens.py)."""
+        return self._users.acting(activity) if self._users is not None else nullcontext()
 
     async def _charge(self, activity: Activity, billed: Usage) -> None:
         try:

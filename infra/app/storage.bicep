@@ -1,6 +1,7 @@
 // Storage for the app: the Functions host (blobs), the Flex Consumption deployment package
-// container, the conversations table, and for the turns accepted but not yet answered an inbox
-// table and a queue (with its poison queue).
+// container, the conversations table, for the turns accepted but not yet answered an inbox
+// table and a queue (with its poison queue), and the sign-in table (sign-ins asked for, single
+// sign-on exchanges claimed; never a token).
 // Entra ID only: shared keys are off. Each data role sits on the one container, table or queue it
 // is for (docs/deploy.md has the table; infra/policy.py checks).
 param name string
@@ -111,6 +112,14 @@ resource inboxTable 'Microsoft.Storage/storageAccounts/tableServices/tables@2023
   name: '${take(tableName, 58)}inbox'
 }
 
+// Sign-ins asked for and single sign-on exchanges claimed (shared/signin_store.py names it after the
+// conversations table: its first 57 characters + 'signin'). Users' tokens stay in the Bot Service
+// token store, never here.
+resource signInTable 'Microsoft.Storage/storageAccounts/tableServices/tables@2023-05-01' = {
+  parent: tableService
+  name: '${take(tableName, 57)}signin'
+}
+
 resource queueService 'Microsoft.Storage/storageAccounts/queueServices@2023-05-01' = {
   parent: storage
   name: 'default'
@@ -170,6 +179,18 @@ resource appTableRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
 resource appInboxTableRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   name: guid(inboxTable.id, identityPrincipalId, roles.tableDataContributor)
   scope: inboxTable
+  properties: {
+    principalId: identityPrincipalId
+    principalType: 'ServicePrincipal'
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.tableDataContributor)
+  }
+}
+
+// The sign-in table: the webhook notes sign-ins asked for and claims exchanges; the retention timer
+// and a user's removal delete its rows.
+resource appSignInTableRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(signInTable.id, identityPrincipalId, roles.tableDataContributor)
+  scope: signInTable
   properties: {
     principalId: identityPrincipalId
     principalType: 'ServicePrincipal'
@@ -243,4 +264,5 @@ output tableEndpoint string = 'https://${storage.name}.table.${environment().suf
 output id string = storage.id
 output tableName string = conversationsTable.name
 output inboxTableName string = inboxTable.name
+output signInTableName string = signInTable.name
 output turnQueueName string = turnQueue.name

@@ -9,20 +9,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from devtools.background import BackgroundLoop
 from devtools.otlp_collector import OtlpCollector, ReceivedSpan
-from tests.e2e.channel import Bench, bench
+from tests.e2e.channel import Bench, bench, otlp_collector
 
 
 @pytest.fixture(scope="module")
 def collector() -> Iterator[OtlpCollector]:
-    loop = BackgroundLoop()
-    running = loop.run(OtlpCollector().start())
-    try:
+    with otlp_collector() as running:
         yield running
-    finally:
-        loop.run(running.stop())
-        loop.close()
 
 
 @pytest.fixture(scope="module")

@@ -106,3 +106,54 @@ def test_without_client_id_the_build_fails_with_one_line_naming_it(
     # THEN it fails with one line that names the setting
     error = capsys.readouterr().err
     assert status == 1 and error.count("\n") == 1 and "CLIENT_ID" in error
+
+
+SIGNIN_APP_ID = "0b1c2d3e-4f50-4617-8293-a4b5c6d7e8f9"
+
+
+def test_with_a_sign_in_app_the_package_has_teams_sso_and_the_token_services_domain(
+        tmp_path: Path) -> None:
+    # GIVEN a sign-in app registration and a regional token service
+    # WHEN the package is built
+    path = build(APP_ID, signin_app_id=SIGNIN_APP_ID,
+                 token_service_url="https://europe.token.botframework.com",
+                 output=tmp_path / "chatstate.zip")
+    with zipfile.ZipFile(path) as package:
+        document = json.loads(package.read("manifest.json"))
+    # THEN Teams SSO's webApplicationInfo names the app and its api://botid- URI
+    assert document["webApplicationInfo"] == {"id": SIGNIN_APP_ID,
+                                              "resource": f"api://botid-{SIGNIN_APP_ID}"}
+    # AND the sign-in page's domain is valid, and the manifest passes the official schema
+    assert document["validDomains"] == ["europe.token.botframework.com"]
+    validate(document)
+
+
+def test_without_a_sign_in_app_there_is_no_sso_and_a_wrong_one_is_refused() -> None:
+    # GIVEN no sign-in app WHEN the manifest is filled THEN it has no SSO and no domains
+    document = manifest(APP_ID)
+    assert "webApplicationInfo" not in document and document["validDomains"] == []
+    assert "${{" not in json.dumps(document)
+    validate(document)
+    # AND an app ID that is not a GUID is refused, naming the setting
+    with pytest.raises(PackageError, match="CHAT_SIGNIN_APP_ID"):
+        manifest(APP_ID, signin_app_id="sso")
+
+
+def test_make_teams_package_reads_the_sign_in_app_from_the_settings(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # GIVEN the settings of a bot whose users sign in
+    written: dict[str, object] = {}
+
+    def building(client_id: str, **options: object) -> Path:
+        written.update(options, client_id=client_id)
+        return tmp_path / "chatstate.zip"
+
+    import devtools.teams_package as teams_package
+
+    monkeypatch.setattr(teams_package, "build", building)
+    monkeypatch.setattr(teams_package, "ROOT", tmp_path)
+    # WHEN make teams-package runs THEN it builds with the sign-in app and the token service
+    assert main({"CLIENT_ID": APP_ID, "CHAT_SIGNIN_APP_ID": SIGNIN_APP_ID}) == 0
+    assert {k: written[k] for k in ("client_id", "signin_app_id", "token_service_url")} == {
+        "client_id": APP_ID, "signin_app_id": SIGNIN_APP_ID,
+        "token_service_url": "https://token.botframework.com"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 import pytest
 
@@ -179,6 +180,65 @@ def test_a_table_role_moved_to_the_account_is_reported(symbol: str, scope: str, 
     moved = re.sub(rf"(resource {symbol} [^\n]*\n[^\n]*\n  scope: ){scope}", r"\1storage", storage)
     assert moved != storage
     assert policy.storage_role_problems({**templates, "app/storage.bicep": moved}) == expected
+
+
+# --- signing users in ------------------------------------------------------------------------
+
+
+def _parameters() -> dict[str, object]:
+    return dict(json.loads((INFRA / "main.parameters.json").read_text(encoding="utf-8")))
+
+
+def test_the_oauth_connection_holds_no_secret() -> None:
+    """GIVEN the templates as committed
+    WHEN the sign-in rule reads them
+    THEN the bot's OAuth connection uses federated credentials, made only with a sign-in app, and
+    the app gets that app's ID."""
+    templates = _templates()
+    assert policy.signin_connection_problems(templates, _parameters()) == []
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    # the secret-based Entra provider, with its client secret as a parameter
+    (lambda bot: bot.replace("c00b44ab-5e16-c44c-af26-2fd5bc55eb18",
+                             "30dd229c-58e3-4a48-bdfd-91ec48eb906c").replace(
+        "    clientId: signInAppId\n", "    clientId: signInAppId\n    clientSecret: signInSecret\n").replace(
+        "param signInScopes string = ''", "param signInScopes string = ''\n@secure()\nparam signInSecret string"),
+     ["app/bot.bicep: signInConnection: sets clientSecret (a secret in the template); use federated credentials",
+      "app/bot.bicep: signInConnection: serviceProviderId is not c00b44ab-5e16-c44c-af26-2fd5bc55eb18 (AAD v2 "
+      "with Federated Credentials), the one provider without a client secret",
+      "app/bot.bicep: declares a secure parameter: the bot's files take no secret"]),
+    # made whether or not an app is given, and for another exchange URL than Teams SSO's
+    (lambda bot: bot.replace(" = if (!empty(signInAppId)) {", " = {").replace(
+        "value: 'api://botid-${signInAppId}'", "value: 'api://${signInAppId}'"),
+     ["app/bot.bicep: signInConnection: not made only when signInAppId is given",
+      "app/bot.bicep: signInConnection: its TokenExchangeUrl is not api://botid-${signInAppId} (Teams SSO)"]),
+])
+def test_a_connection_with_a_secret_or_made_always_is_reported(change: Any, expected: list[str]) -> None:
+    """GIVEN app/bot.bicep changed to hold a client secret, or to make the connection always
+    WHEN the sign-in rule reads it
+    THEN each change is reported."""
+    templates = _templates()
+    bot = change(templates["app/bot.bicep"])
+    assert bot != templates["app/bot.bicep"]
+    assert policy.signin_connection_problems({**templates, "app/bot.bicep": bot}, _parameters()) == expected
+
+
+def test_a_missing_sign_in_table_role_and_wiring_are_reported() -> None:
+    """GIVEN the sign-in table's role removed, and the app not given the sign-in app's ID
+    WHEN the rules read the templates
+    THEN both are reported."""
+    templates = _templates()
+    storage = re.sub(r"resource appSignInTableRole .*?\n}\n", "", templates["app/storage.bicep"],
+                     flags=re.DOTALL)
+    main = templates["main.bicep"].replace("name: 'CHAT_SIGNIN_APP_ID'\n    value: signInAppId",
+                                           "name: 'CHAT_SIGNIN_APP_ID'\n    value: ''")
+    assert storage != templates["app/storage.bicep"] and main != templates["main.bicep"]
+    changed = {**templates, "app/storage.bicep": storage, "main.bicep": main}
+    assert policy.storage_role_problems(changed) == [
+        f"the app's identity has no Storage Table Data Contributor on the sign-in table ({policy.SIGNIN_TABLE})"]
+    assert policy.signin_connection_problems(changed, _parameters()) == [
+        "main.bicep: the app setting CHAT_SIGNIN_APP_ID is not signInAppId"]
 
 
 # --- private mode ----------------------------------------------------------------------------
@@ -376,11 +436,12 @@ def test_always_ready_for_another_group_or_unset_by_azd_is_reported() -> None:
 def test_the_app_may_work_the_inbox_table_beside_the_conversations() -> None:
     """GIVEN app/storage.bicep
     WHEN the tables the app's Table Data Contributor covers are collected
-    THEN they are the conversations table and the inbox of accepted activities, nothing else."""
+    THEN they are the conversations table, the inbox of accepted activities and the sign-in
+    table, nothing else."""
     covered = {name for a in policy.role_assignments(_templates())
                if a.role == policy.TABLE_DATA_CONTRIBUTOR and a.principal == policy.APP_PRINCIPAL
                and a.scope is not None for name in a.scope.names}
-    assert covered == {"param:tableName", policy.INBOX_TABLE}
+    assert covered == {"param:tableName", policy.INBOX_TABLE, policy.SIGNIN_TABLE}
 
 
 def test_a_missing_inbox_table_grant_is_reported() -> None:
