@@ -62,6 +62,8 @@ WITHDRAWN = "This message was removed at the sender's request, so it was not ans
 TOO_LONG = ("Sorry, that message is too long for me (about {tokens:,} tokens; I can take "
             "{budget:,}). Could you shorten it?")
 _HEADERS = {"Content-Type": "application/json"}
+#: How long a turn waits for the stream the webhook is opening for its message to be kept.
+OPENING_SECONDS = 5.0
 
 
 class Unanswered(Exception):
@@ -209,6 +211,8 @@ class Answerer:
             # and the message whose reply ends it: the turn's reply goes there.
             stream, owner = next(((kept.stream, activity) for activity, kept in read
                                   if kept.stream is not None), (None, None))
+            if stream is None and any(kept.opening for _, kept in read):
+                stream, owner = await self._opened(unit, [activity for activity, _ in read])
             if unit.kind == "reset":
                 await self._reset(activities[0], stream)
                 return Answered()
@@ -238,6 +242,27 @@ class Answerer:
         if window is not None:
             await self._after_reply(reply_to, window)
         return outcome
+
+    async def _opened(self, unit: Unit, activities: Sequence[Activity],
+                      ) -> tuple[StreamStart | None, Activity | None]:
+        """The webhook is opening the stream of one of the unit's messages (it went first): its
+        start once kept, and the message it answers; (None, None) when the channel refused it,
+        or when it is not kept within `OPENING_SECONDS` (the webhook died: answered without)."""
+        assert self.inbox is not None
+        by_id = {activity.id: activity for activity in activities}
+        deadline = time.monotonic() + OPENING_SECONDS
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            kept = [k for k in await self.inbox.waiting(unit.conversation_id)
+                    if k.activity_id in by_id]
+            found = next(((k.stream, by_id[k.activity_id]) for k in kept if k.stream), None)
+            if found is not None:
+                return found
+            if not any(k.opening for k in kept):
+                return None, None
+        log.warning("the stream the webhook was opening was not kept in time; answering "
+                    "without it")
+        return None, None
 
     async def give_up(self, unit: Unit) -> None:
         """The unit's last attempt failed: one apology, ending the stream its first message has."""

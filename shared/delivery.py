@@ -61,13 +61,17 @@ class Delivery:
 
     # -- while the turn works ----------------------------------------------------------------
 
+    def streams(self, activity: Activity) -> bool:
+        """Replies to `activity` stream (Teams, personal chat, streaming on)."""
+        return self.settings.streaming and activity.can_stream
+
     def progress(self, activity: Activity, *, resume: StreamStart | None = None,
                  updates: bool = True, paced_after: float = 0.0) -> Progress:
         """A stream with its informative update where the channel streams (`resume`: the one the
         webhook opened); else a typing indicator (none when the reply is the response).
         `paced_after`: when (epoch s) the chat's last stream request went out, as far as
         another process knows (the order head's `streamed_at`)."""
-        if self.settings.streaming and activity.can_stream:
+        if self.streams(activity):
             conversation = activity.conversation_id
             stream = ReplyStream(connector=self.connector, activity=activity, resume=resume,
                                  updates=updates,
@@ -91,7 +95,7 @@ class Delivery:
         """Send the informative update now (the webhook, before it returns; a queued turn
         before it works, to keep the stream's start with its message): the stream's start, or
         None where the channel does not stream."""
-        if not (self.settings.streaming and activity.can_stream):
+        if not self.streams(activity):
             return None
         paced = max(paced_after, self._streamed.get(activity.conversation_id, 0.0)) or None
         stream = ReplyStream(connector=self.connector, activity=activity, paced_after=paced)

@@ -21,6 +21,7 @@ from shared.errors import ModelUnavailable
 from shared.inbox import TurnTicket
 from shared.removal import forget_user
 from tests.integration.halves import Halves, eventually, halves, servers
+from tests.integration.storage_faults import StoragePolicy
 
 __all__ = ["servers"]  # the fixture
 
@@ -190,6 +191,52 @@ async def test_a_worker_killed_while_holding_a_conversation_is_taken_over_after_
     # answered both, in order (the first as a burst with the second, or before it)
     assert waiting == []
     assert history == ["first", "second"]
+    assert connector.streams.broken() == []
+
+
+async def test_two_messages_at_once_in_an_idle_personal_chat_open_one_stream(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN an idle personal chat, two workers, and a connector that takes a moment over each
+    # request (as Teams does)
+    model, connector = servers
+    connector.latency = 0.1
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      workers=2) as running:
+        # WHEN two messages of the user arrive at the same moment, one at each instance
+        bodies = [running.message(text, "a:twice") for text in ("first", "second")]
+        posted = await asyncio.gather(*(running.post(body, worker=index)
+                                        for index, body in enumerate(bodies)))
+        await running.settled()
+        history = users(await running.store.list_messages("a:twice"))
+    # THEN both were answered, and only one of them opened the chat's stream: no request broke
+    # Teams' rules (a second stream while one is open, two streaming requests in a second)
+    assert [status for status, _ in posted] == [200, 200]
+    assert sorted(history) == ["first", "second"]
+    assert connector.streams.broken() == []
+    assert len(connector.streams.of("a:twice")) >= 1
+
+
+async def test_a_message_whose_accept_fails_leaves_no_stream_open(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a personal chat whose inbox fails its next transaction (the accept's)
+    model, connector = servers
+    policy = StoragePolicy()
+    policy.fail_next.append(lambda method, url: method == "POST" and url.endswith("$batch"))
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      policies=lambda slot, client: [policy] if client == "inbox" else []) \
+            as running:
+        # WHEN a message arrives (the webhook answers 503: nothing kept) and the channel sends it
+        # again a moment later
+        body = running.message("hello", "a:unkept")
+        first, _ = await running.post(body)
+        await asyncio.sleep(1.0)
+        again, _ = await running.post(body)
+        await running.settled()
+    # THEN the second was answered, and no stream was left open (nor a second one begun)
+    assert (first, again) == (503, 200)
+    assert len(connector.messages("a:unkept")) == 1
     assert connector.streams.broken() == []
 
 
