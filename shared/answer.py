@@ -34,6 +34,7 @@ from .errors import (
     MessageTooLarge,
     ModelError,
     ModelMisconfigured,
+    StoreError,
 )
 from .inbox import Inbox, Kept, TurnTicket
 from .logs import turn_context
@@ -222,16 +223,17 @@ class Answerer:
                     return Answered()
                 reply_to = owner if stream is not None and owner is not None \
                     else checked[-1].activity
-                if stream is None:
+                refused = False
+                if stream is None and self.delivery.streams(reply_to):
                     # It waited behind another turn: its stream starts now, kept with its
                     # message so a worker that takes over after a crash ends it.
                     stream = await self.delivery.open_stream(reply_to,
                                                              paced_after=unit.streamed_at)
+                    refused = stream is None  # not asked again in this turn
                     if stream is not None:
-                        assert self.inbox is not None
-                        await self.inbox.keep_stream(unit.conversation_id, reply_to.id, stream)
+                        await self._keep_stream(unit, reply_to, stream)
                 progress = self.delivery.progress(reply_to, resume=stream, updates=not unit.retried,
-                                                  paced_after=unit.streamed_at)
+                                                  paced_after=unit.streamed_at, streams=not refused)
                 try:
                     outcome, window = await self._queued_turn(checked, reply_to, progress)
                 finally:
@@ -242,6 +244,15 @@ class Answerer:
         if window is not None:
             await self._after_reply(reply_to, window)
         return outcome
+
+    async def _keep_stream(self, unit: Unit, reply_to: Activity, stream: StreamStart) -> None:
+        """Keep the start of the stream this turn opened (a worker taking over after a crash
+        ends it); the turn goes on with it if that fails, and ends it itself."""
+        assert self.inbox is not None
+        try:
+            await self.inbox.keep_stream(unit.conversation_id, reply_to.id, stream)
+        except StoreError as exc:
+            log.warning("the stream's start was not kept (the turn goes on with it): %s", exc)
 
     async def _opened(self, unit: Unit, activities: Sequence[Activity],
                       ) -> tuple[StreamStart | None, Activity | None]:

@@ -66,12 +66,14 @@ class Delivery:
         return self.settings.streaming and activity.can_stream
 
     def progress(self, activity: Activity, *, resume: StreamStart | None = None,
-                 updates: bool = True, paced_after: float = 0.0) -> Progress:
+                 updates: bool = True, paced_after: float = 0.0,
+                 streams: bool = True) -> Progress:
         """A stream with its informative update where the channel streams (`resume`: the one the
         webhook opened); else a typing indicator (none when the reply is the response).
         `paced_after`: when (epoch s) the chat's last stream request went out, as far as
-        another process knows (the order head's `streamed_at`)."""
-        if self.streams(activity):
+        another process knows (the order head's `streamed_at`). `streams=False`: the channel
+        has just refused this turn's stream; a typing indicator."""
+        if streams and self.streams(activity):
             conversation = activity.conversation_id
             stream = ReplyStream(connector=self.connector, activity=activity, resume=resume,
                                  updates=updates,
@@ -94,12 +96,16 @@ class Delivery:
                           paced_after: float = 0.0) -> StreamStart | None:
         """Send the informative update now (the webhook, before it returns; a queued turn
         before it works, to keep the stream's start with its message): the stream's start, or
-        None where the channel does not stream."""
+        None where the channel does not stream or refused it."""
         if not self.streams(activity):
             return None
         paced = max(paced_after, self._streamed.get(activity.conversation_id, 0.0)) or None
         stream = ReplyStream(connector=self.connector, activity=activity, paced_after=paced)
-        return await stream.open(self.settings.streaming_informative)
+        try:
+            return await stream.open(self.settings.streaming_informative)
+        finally:  # refused or not, the request counts towards the chat's pace
+            if (at := stream.last_request_at) is not None:
+                self._paced(activity.conversation_id, at)
 
     # -- replies -----------------------------------------------------------------------------
 

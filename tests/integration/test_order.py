@@ -240,6 +240,51 @@ async def test_a_message_whose_accept_fails_leaves_no_stream_open(
     assert connector.streams.broken() == []
 
 
+async def test_a_turn_whose_stream_start_is_not_kept_still_ends_its_stream(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a personal chat answering a slow first message, and an inbox that will fail the
+    # write that keeps the start of the stream the second message's turn opens
+    model, connector = servers
+    model.then(Scripted(content="the first answer", delay=1.5),
+               Scripted(content="the second answer"))
+    policy = StoragePolicy()
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      policies=lambda slot, client: [policy] if client == "inbox" else []) \
+            as running:
+        await running.post(running.message("one", "a:unkept"))
+        await eventually(lambda: model.calls == 1)
+        policy.fail_next.append(lambda method, url: method in ("PATCH", "MERGE")
+                                and "RowKey='asecond'" in url)
+        # WHEN a second message arrives behind it
+        await running.post(running.message("two", "a:unkept", id="second"))
+        await running.settled()
+    # THEN the second turn ended the stream it opened, once, with its answer
+    assert running.user_texts("a:unkept") == ["the first answer", "the second answer"]
+    assert model.calls == 2
+    assert connector.streams.broken() == []
+
+
+async def test_stream_requests_the_chat_refuses_still_keep_teams_pace(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a personal chat where Teams refuses new streams (one is open there: a crashed
+    # worker's), and turns answered one message at a time
+    model, connector = servers
+    connector.streams.begin("a:refused", {
+        "type": "typing", "text": "Thinking…", "conversation": {"conversationType": "personal"},
+        "entities": [{"type": "streaminfo", "streamType": "informative", "streamSequence": 1}]})
+    connector.streams._last_request.clear()  # (it was opened long ago)
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      CHAT_BURST="each") as running:
+        # WHEN three messages arrive together
+        await post_all(running, "a:refused", ["one", "two", "three"], gaps=[0.05, 0.05])
+        await running.settled()
+    # THEN each was answered with a message, and the refused tries kept a second apart
+    assert len(running.user_texts("a:refused")) == 3
+    assert connector.streams.throttled == []
+
+
 async def test_a_kept_activity_with_a_refused_service_url_is_dropped_unanswered(
         azurite_connection_string: str, table_name: str,
         servers: tuple[FakeModelServer, FakeConnector]) -> None:
