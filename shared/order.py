@@ -19,7 +19,8 @@ parked turn (a person's decision: resumed when decided, closed when expired or s
 newer message, else left waiting with the hold released). A unit that fails is tried again after
 `retry_seconds`; after `max_attempts` the user gets one apology and a text-free record goes to the
 poison queue. A drain that has run `drain_seconds` hands the rest to a fresh wake-up, so one
-invocation stays inside the function timeout.
+invocation stays inside the function timeout. A drain that fails (storage) lets go of the hold
+before its wake-up is retried.
 """
 
 from __future__ import annotations
@@ -223,6 +224,11 @@ class Conductor:
                 await self._answer(step, hold)
         except HoldLost:
             log.warning("another worker took the conversation over; stopping here")
+        except Exception:
+            # The queue retries this wake-up: let go now rather than make it wait for the hold
+            # to expire (a transient storage error would otherwise stall the conversation).
+            await hold.abandon()
+            raise
         finally:
             hold.done = True
             renewing.cancel()
@@ -334,6 +340,19 @@ class _Hold:
                 return
             except ChatstateError as exc:
                 log.warning("the hold was not renewed (trying again): %s", exc)
+
+    async def abandon(self) -> None:
+        """Let the conversation go after a failure, leaving its order as it is (best effort:
+        if this fails too, the hold expires)."""
+        def let_go(head: OrderHead) -> OrderHead | None:
+            return replace(head, holder="", held_until=0.0) if head.holder == self._me else None
+
+        self.done = True
+        try:
+            async with self._lock:
+                await self._inbox.change_head(self._head.conversation_id, let_go, read=self._head)
+        except ChatstateError as exc:
+            log.warning("the hold was not let go (it expires): %s", exc)
 
     async def release(self, kept: Sequence[Kept], step: Unit | Wait | None, *,
                       listed_up_to: int) -> bool:

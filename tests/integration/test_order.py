@@ -285,6 +285,28 @@ async def test_stream_requests_the_chat_refuses_still_keep_teams_pace(
     assert connector.streams.throttled == []
 
 
+async def test_a_drain_that_fails_on_storage_lets_go_of_the_conversation_at_once(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a conversation whose inbox will fail once to forget its answered message (the
+    # drain fails after the reply went out), with the default hold of 30 s
+    model, connector = servers
+    policy = StoragePolicy()
+    policy.fail_next.append(lambda method, url: method == "DELETE" and "RowKey='afirst'" in url)
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      policies=lambda slot, client: [policy] if client == "inbox" else []) \
+            as running:
+        await running.post(running.message("first", "a:slip", id="first"))
+        # WHEN the queue retries the failed wake-up, and the user writes again
+        await running.settled(within=10)
+        await running.post(running.message("second", "a:slip"))
+        await running.settled(within=10)
+        history = users(await running.store.list_messages("a:slip"))
+    # THEN both were answered within seconds (the failed drain did not keep its hold), once each
+    assert history == ["first", "second"]
+    assert model.calls == 2 and len(connector.messages("a:slip")) == 2
+
+
 async def test_a_kept_activity_with_a_refused_service_url_is_dropped_unanswered(
         azurite_connection_string: str, table_name: str,
         servers: tuple[FakeModelServer, FakeConnector]) -> None:
