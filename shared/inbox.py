@@ -219,6 +219,8 @@ class Kept:
     saved: bool = False
     #: The webhook is opening this activity's stream (it went first); `stream` once it is open.
     opening: bool = False
+    #: Its last attempt failed and the user was told (`mark_given_up`): only forget it now.
+    given_up: bool = False
 
     @classmethod
     def read(cls, row: dict[str, Any]) -> Kept:
@@ -230,11 +232,12 @@ class Kept:
                    not_before=float(row.get("not_before", 0.0)),
                    accepted_at=float(row.get("accepted_at", 0.0)),
                    saved=int(row.get("saved_chunks", 0)) > 0,
-                   opening=bool(row.get("opening", False)))
+                   opening=bool(row.get("opening", False)),
+                   given_up=bool(row.get("given_up", False)))
 
 
 _KEPT_COLUMNS = ["RowKey", "activity_id", "seq", "reset", "user", "aad", "stream", "attempts",
-                 "not_before", "accepted_at", "saved_chunks", "opening"]
+                 "not_before", "accepted_at", "saved_chunks", "opening", "given_up"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -462,6 +465,16 @@ class Inbox:
                 await self._table.update_entity(
                     {"PartitionKey": pk, "RowKey": _row_key(item.activity_id),
                      "attempts": item.attempts + 1, "not_before": not_before},
+                    mode=UpdateMode.MERGE)
+
+    async def mark_given_up(self, conversation_id: str, activity_ids: Sequence[str]) -> None:
+        """These activities' last attempt failed and their apology went out: a drain that meets
+        them again (their removal failed) forgets them without asking or apologising again."""
+        pk = encode_key(conversation_id)
+        for activity_id in activity_ids:
+            async with _translated("recording a given-up message"):
+                await self._table.update_entity(
+                    {"PartitionKey": pk, "RowKey": _row_key(activity_id), "given_up": True},
                     mode=UpdateMode.MERGE)
 
     async def keep_stream(self, conversation_id: str, activity_id: str,

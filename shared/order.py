@@ -17,8 +17,9 @@ A unit (`plan`): a burst (consecutive messages of one sender, answered in one tu
 each: one message a unit), a `/reset` (a barrier: everything before it is answered first), or a
 parked turn (a person's decision: resumed when decided, closed when expired or superseded by a
 newer message, else left waiting with the hold released). A unit that fails is tried again after
-`retry_seconds`; after `max_attempts` the user gets one apology and a text-free record goes to the
-poison queue. A drain that has run `drain_seconds` hands the rest to a fresh wake-up, so one
+`retry_seconds`; after `max_attempts` the user gets one apology (recorded on its rows, so a retry
+of what follows neither asks nor apologises again) and a text-free record goes to the poison
+queue. A drain that has run `drain_seconds` hands the rest to a fresh wake-up, so one
 invocation stays inside the function timeout. A drain that fails (storage) lets go of the hold
 before its wake-up is retried.
 """
@@ -102,7 +103,8 @@ def plan(kept: Sequence[Kept], head: OrderHead, *, now: float, burst: bool,
                     streamed_at=head.streamed_at)
     taken = [first]
     for item in kept[1:max_burst if burst else 1]:
-        if item.reset or item.sender != first.sender or item.not_before > now:
+        if item.reset or item.sender != first.sender or item.not_before > now or \
+                item.given_up != first.given_up:
             break
         taken.append(item)
     return Unit(conversation_id=head.conversation_id, kind="messages", kept=tuple(taken),
@@ -235,6 +237,9 @@ class Conductor:
             await asyncio.gather(renewing, return_exceptions=True)
 
     async def _answer(self, unit: Unit, hold: _Hold) -> None:
+        if any(kept.given_up for kept in unit.kept):  # told already; forgetting it failed
+            await self._forget(unit, "given up", hold)
+            return
         try:
             outcome = await self.answerer.answer_unit(unit)
         except Exception as exc:
@@ -277,10 +282,17 @@ class Conductor:
         log.error("the turn failed on its last attempt (%d: %s); apologising; a record goes to "
                   "the poison queue", attempts, failed.reason)
         await self.answerer.give_up(unit)
+        # Recorded before it is forgotten: if that fails, the retry neither asks the model nor
+        # apologises again.
+        await self.inbox.mark_given_up(unit.conversation_id, unit.activity_ids)
+        await self._forget(unit, failed.reason, hold)
+
+    async def _forget(self, unit: Unit, reason: str, hold: _Hold) -> None:
+        """A given-up unit: a text-free record of each message in the poison queue, then gone."""
         for kept in unit.kept:
             await self.inbox.poison(TurnTicket(conversation_id=unit.conversation_id,
                                                activity_id=kept.activity_id, enqueued_at=time.time()),
-                                    reason=failed.reason)
+                                    reason=reason)
         await self.inbox.remove(unit.conversation_id, unit.activity_ids)
         if unit.parked is not None:
             await hold.change(lambda head: replace(head, parked=None))

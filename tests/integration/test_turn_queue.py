@@ -21,6 +21,7 @@ from shared.answer import APOLOGY
 from shared.inbox import Inbox, TurnTicket
 from shared.summary import SUMMARY_INSTRUCTIONS
 from tests.integration.halves import MAX_DEQUEUE, eventually, halves, servers
+from tests.integration.storage_faults import StoragePolicy
 
 __all__ = ["servers"]  # the fixture
 
@@ -145,6 +146,32 @@ async def test_a_message_that_always_fails_ends_in_one_apology_and_the_poison_qu
     assert stored == [] and kept == []
     last = [r.getMessage() for r in caplog.records if "last attempt" in r.getMessage()]
     assert len(last) == 1 and "poison queue" in last[0] and "Model" in last[0]
+
+
+async def test_a_given_up_message_is_apologised_for_once_when_storage_fails_after_the_apology(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a model that always fails, and an inbox that will fail to delete the message's row
+    # once (after the apology went out)
+    model, connector = servers
+    model.then(*[Scripted(status=500, error={"message": "down"}) for _ in range(2 * MAX_DEQUEUE)])
+    policy = StoragePolicy()
+    policy.fail_next.append(lambda method, url: method == "DELETE" and "RowKey='adoomed'" in url)
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      CHAT_STREAMING="off",
+                      policies=lambda slot, client: [policy] if client == "inbox" else []) \
+            as running:
+        # WHEN a message arrives
+        assert (await running.post(running.message("hello", "a:twice", id="doomed")))[0] == 200
+        await running.settled()
+        poisoned = await running.host.poisoned()
+        kept = await running.kept()
+    # THEN the model was tried maxDequeueCount times, not again, and the user got one apology
+    assert model.calls == MAX_DEQUEUE
+    assert running.user_texts("a:twice") == [APOLOGY]
+    # AND the message is gone, its text-free record in the poison queue
+    assert kept == [] and poisoned
+    assert {TurnTicket.from_json(p).activity_id for p in poisoned} == {"doomed"}
 
 
 async def test_an_activity_over_64_kib_goes_through(
