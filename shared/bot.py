@@ -8,7 +8,8 @@
 The answer itself (the conversation's order, the turn and its delivery) is shared/order.py and
 shared/answer.py, run by the queue trigger; with `CHAT_ANSWER_MODE=inline` (hosts without a queue)
 the webhook runs it before it responds. A retry of an activity already accepted is acknowledged
-and dropped (the inbox's conditional create), and so is one already answered (its turn committed
+(the inbox's conditional create) with a fresh wake-up queued (its first delivery may have been
+kept but not queued), and one already answered is acknowledged and dropped (its turn committed
 and delivered); one committed but not delivered is kept without a stream, and the answer re-sends
 it. Teams allows one stream per chat: the webhook opens one ("Thinking…") only for a message that
 goes first (the conversation idle, its last stream request a second ago or more: decided with its
@@ -173,7 +174,12 @@ class ChatBot:
             self.inbox.look(activity.conversation_id, activity.id),
             self.store.get_turn(activity.conversation_id, activity.id))
         if look.kept:
-            log.info("retry of an activity already accepted; acknowledged")
+            # Its first delivery may have been kept but not queued (and answered 503): wake the
+            # conversation again (a wake-up that finds it answered, or held, costs nothing).
+            await self.inbox.enqueue(TurnTicket(conversation_id=activity.conversation_id,
+                                                activity_id=activity.id,
+                                                enqueued_at=time.time(), kind="wake"))
+            log.info("retry of an activity already accepted; acknowledged, its wake-up queued")
             return BotResponse(status=200)
         if committed is not None and committed.delivered:
             log.info("retry of an activity already answered; acknowledged")

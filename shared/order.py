@@ -170,9 +170,11 @@ class Conductor:
     async def wake(self, ticket: TurnTicket) -> None:
         """Answer what `ticket`'s conversation has waiting, unless another worker does."""
         look = await self.inbox.look(ticket.conversation_id, ticket.activity_id)
-        if not look.kept:
+        if not look.kept and not (look.head is not None and look.head.waiting):
             log.info("nothing kept for this activity: answered already; nothing to do")
             return
+        # (Its own activity answered, others waiting: a drain let go and could not queue their
+        # wake-up; this one, retried, answers them.)
         me = secrets.token_hex(8)
         now = self.clock()
         head = look.head or OrderHead(conversation_id=ticket.conversation_id)

@@ -20,7 +20,7 @@ from azure.data.tables.aio import TableClient
 
 from shared.store import TableConversationStore
 
-__all__ = ["Faults", "Gate", "StoragePolicy", "faulty_store"]
+__all__ = ["Faults", "Gate", "StoragePolicy", "failing", "faulty_store"]
 
 Match = Callable[[str, str], bool]  # (method, URL) → whether this request is the one
 
@@ -90,6 +90,20 @@ class StoragePolicy(AsyncHTTPPolicy):  # type: ignore[type-arg]
             faults.injected += 1
             raise ServiceRequestError("injected: the answer was lost")
         return response
+
+
+def failing(rules: list[Match], *, clients: tuple[str, ...]) -> Callable[[int, str], list[StoragePolicy]]:
+    """`halves`' policies: the named clients of every worker fail the next request each of
+    `rules` matches (once each, whichever client sends it). A policy is one pipeline's link, so
+    each client gets its own, all sharing the rules."""
+    def policies(slot: int, client: str) -> list[StoragePolicy]:
+        if client not in clients:
+            return []
+        policy = StoragePolicy()
+        policy.fail_next = rules
+        return [policy]
+
+    return policies
 
 
 def faulty_store(connection_string: str, table_name: str, *, summaries: bool = False,

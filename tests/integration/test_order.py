@@ -21,7 +21,7 @@ from shared.errors import ModelUnavailable
 from shared.inbox import TurnTicket
 from shared.removal import forget_user
 from tests.integration.halves import Halves, eventually, halves, servers
-from tests.integration.storage_faults import StoragePolicy
+from tests.integration.storage_faults import Match, StoragePolicy, failing
 
 __all__ = ["servers"]  # the fixture
 
@@ -305,6 +305,52 @@ async def test_a_drain_that_fails_on_storage_lets_go_of_the_conversation_at_once
     # THEN both were answered within seconds (the failed drain did not keep its hold), once each
     assert history == ["first", "second"]
     assert model.calls == 2 and len(connector.messages("a:slip")) == 2
+
+
+async def test_a_message_kept_but_not_queued_is_answered_when_the_channel_sends_it_again(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN an inbox whose queue will fail the next wake-up, and whose table will then fail to
+    # let go of the message it kept (the webhook answers 503, the message stays kept)
+    model, connector = servers
+    rules = [lambda method, url: method == "POST" and "/messages" in url,
+             lambda method, url: method == "DELETE" and "RowKey='aalone'" in url]
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      policies=failing(rules, clients=("inbox", "queue"))) as running:
+        body = running.message("hello", "a:alone", id="alone")
+        # WHEN the message arrives, and the channel sends it again after the 503
+        first, _ = await running.post(body)
+        again, _ = await running.post(body)
+        await running.settled(within=10)
+    # THEN it was answered (nothing else would have woken the conversation)
+    assert (first, again) == (503, 200)
+    assert len(connector.messages("a:alone")) == 1
+
+
+async def test_a_wake_up_whose_message_was_answered_still_drains_what_waits_behind_it(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a first message answered slowly, a second behind it whose turn fails once, and a
+    # queue that will fail the wake-up the drain queues for the second's retry
+    model, connector = servers
+    model.then(Scripted(content="the first answer", delay=1.0),
+               Scripted(status=500, error={"message": "down"}),
+               Scripted(content="the second answer"))
+    rules: list[Match] = []
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      policies=failing(rules, clients=("queue",))) as running:
+        await running.post(running.message("one", "a:behind"))
+        await eventually(lambda: model.calls == 1)
+        await running.post(running.message("two", "a:behind"))
+        rules.append(lambda method, url: method == "POST" and "/messages" in url
+                     and "visibilitytimeout=1" in url)
+        # WHEN the drain lets go after the failed turn and cannot queue its wake-up (the queue
+        # retries the wake-up it was running, whose own message is answered)
+        await running.settled(within=10)
+        history = users(await running.store.list_messages("a:behind"))
+    # THEN the second was answered at once all the same
+    assert history == ["one", "two"]
+    assert running.user_texts("a:behind") == ["the first answer", "the second answer"]
 
 
 async def test_a_kept_activity_with_a_refused_service_url_is_dropped_unanswered(

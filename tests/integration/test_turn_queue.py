@@ -203,10 +203,12 @@ async def test_a_retry_of_an_accepted_activity_is_dropped_by_the_webhook(
         # WHEN the channel posts it twice before it is answered
         statuses = [(await running.post(body))[0] for _ in range(2)]
         properties = await running.inbox.queue.get_queue_properties()
-        # THEN both got 200, and only one ticket was queued
+        # THEN both got 200, the second kept nothing more (its wake-up, queued in case the first
+        # was kept but not queued, finds the conversation answered or being answered)
         assert statuses == [200, 200]
-        assert properties.approximate_message_count <= 1
+        assert properties.approximate_message_count <= 2
         await running.settled()
+    # AND it was answered once
     assert model.calls == 1 and len(connector.messages("c:group")) == 1
 
 
