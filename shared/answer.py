@@ -201,6 +201,9 @@ class Answerer:
 
     async def answer_unit(self, unit: Unit) -> UnitOutcome:
         """Answer one unit of a conversation's order (`shared/order.py`)."""
+        if unit.kept and all(kept.withdrawn for kept in unit.kept):
+            await self._withdrawn(unit)
+            return Answered()
         read = await self._read(unit)
         if not read:
             return Answered()
@@ -274,6 +277,34 @@ class Answerer:
         log.warning("the stream the webhook was opening was not kept in time; answering "
                     "without it")
         return None, None
+
+    async def _withdrawn(self, unit: Unit) -> None:
+        """Messages withdrawn while they waited (their sender's removal): end the stream opened
+        for any of them, saying why (nothing else is sent, nothing asked or stored)."""
+        assert self.inbox is not None
+        for kept in unit.kept:
+            stream = kept.stream
+            if stream is None and kept.opening:  # the webhook is keeping its start
+                deadline = time.monotonic() + OPENING_SECONDS
+                while stream is None and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+                    now = next((k for k in await self.inbox.waiting(unit.conversation_id)
+                                if k.activity_id == kept.activity_id), None)
+                    if now is None or not now.opening:
+                        stream = now.stream if now is not None else None
+                        break
+            reference = await self.inbox.reference(unit.conversation_id, kept.activity_id)
+            if stream is None or reference is None:
+                continue
+            try:
+                activity = parse_activity(reference, _HEADERS)
+            except BadRequest:
+                continue
+            if activity.conversation_id != unit.conversation_id or \
+                    not self.reply_allowed(activity.service_url):
+                continue  # (checked as any activity read back)
+            await self._say(activity, WITHDRAWN, resume=stream)
+            log.info("ended the stream of a message withdrawn while it waited")
 
     async def give_up(self, unit: Unit) -> None:
         """The unit's last attempt failed: one apology, ending the stream its first message has."""

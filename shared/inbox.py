@@ -12,7 +12,8 @@ The inbox table (the conversations table's name + `inbox`) has one partition per
                   binary chunks (a Teams activity over the queue's 64 KiB fits, up to the webhook's
                   1 MB), the sender's IDs (a user's removal finds their rows), whether it is a
                   `/reset`, the stream opened for it (`opening` while the webhook opens it), the
-                  attempts made, and a paused turn's saved state
+                  attempts made, and a paused turn's saved state; after its sender's removal, a
+                  text-free stub (`withdrawn`)
 
 `accept` gives the activity its place: one entity-group transaction writes the head with
 `last_seq + 1` (conditioned on the head's ETag) and creates the activity's row (the create fails
@@ -221,6 +222,8 @@ class Kept:
     opening: bool = False
     #: Its last attempt failed and the user was told (`mark_given_up`): only forget it now.
     given_up: bool = False
+    #: Its sender's removal took its content (`withdraw`): only end its stream, then forget it.
+    withdrawn: bool = False
 
     @classmethod
     def read(cls, row: dict[str, Any]) -> Kept:
@@ -233,11 +236,12 @@ class Kept:
                    accepted_at=float(row.get("accepted_at", 0.0)),
                    saved=int(row.get("saved_chunks", 0)) > 0,
                    opening=bool(row.get("opening", False)),
-                   given_up=bool(row.get("given_up", False)))
+                   given_up=bool(row.get("given_up", False)),
+                   withdrawn=bool(row.get("withdrawn", False)))
 
 
 _KEPT_COLUMNS = ["RowKey", "activity_id", "seq", "reset", "user", "aad", "stream", "attempts",
-                 "not_before", "accepted_at", "saved_chunks", "opening", "given_up"]
+                 "not_before", "accepted_at", "saved_chunks", "opening", "given_up", "withdrawn"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -449,12 +453,50 @@ class Inbox:
         return sorted(rows, key=lambda kept: kept.seq)
 
     async def load(self, conversation_id: str, activity_id: str) -> bytes | None:
-        """The accepted body, or None when there is none (answered and removed, or never kept)."""
+        """The accepted body, or None when there is none (answered and removed, withdrawn, or
+        never kept)."""
         await self._prepare()
         row = await self._get(encode_key(conversation_id), _row_key(activity_id))
-        if row is None:
+        if row is None or row.get("withdrawn"):
             return None
         return zlib.decompress(_joined(row, "b", int(row["chunks"])))
+
+    async def withdraw(self, conversation_id: str, activity_id: str, reference: bytes) -> None:
+        """A user's removal: replace the kept activity with a stub that holds no text of theirs
+        (nor their IDs), only its place, the stream opened for it and `reference` (what a reply
+        needs), so the drain ends that stream and forgets it. Conditioned on the row's ETag (the
+        webhook may be keeping the stream's start meanwhile); a row already gone is left gone."""
+        pk, key = encode_key(conversation_id), _row_key(activity_id)
+        for attempt in range(HEAD_ATTEMPTS):
+            if attempt:
+                await _backoff(attempt)
+            row = await self._get(pk, key, select=["seq", "stream", "opening", "attempts"])
+            if row is None:
+                return
+            stub = {"PartitionKey": pk, "RowKey": key, "activity_id": activity_id,
+                    "seq": int(row["seq"]), "stream": str(row.get("stream") or ""),
+                    "opening": bool(row.get("opening", False)),
+                    "attempts": int(row.get("attempts", 0)), "withdrawn": True, "chunks": 0,
+                    "reference": reference.decode()}
+            try:
+                async with _translated("withdrawing a kept activity"):
+                    await self._table.update_entity(
+                        stub, mode=UpdateMode.REPLACE, etag=row.metadata["etag"],
+                        match_condition=MatchConditions.IfNotModified)
+                return
+            except StorageRejected as exc:
+                if isinstance(exc.__cause__, ResourceNotFoundError):
+                    return
+                if not isinstance(exc.__cause__, ResourceModifiedError):
+                    raise
+        raise ConversationConflict("a kept activity kept changing while it was withdrawn")
+
+    async def reference(self, conversation_id: str, activity_id: str) -> bytes | None:
+        """A withdrawn activity's reference (`withdraw`), or None."""
+        row = await self._get(encode_key(conversation_id), _row_key(activity_id),
+                              select=["reference"])
+        text = (row or {}).get("reference")
+        return text.encode() if isinstance(text, str) and text else None
 
     async def mark_attempt(self, conversation_id: str, kept: Sequence[Kept], *,
                            not_before: float) -> None:

@@ -104,7 +104,7 @@ def plan(kept: Sequence[Kept], head: OrderHead, *, now: float, burst: bool,
     taken = [first]
     for item in kept[1:max_burst if burst else 1]:
         if item.reset or item.sender != first.sender or item.not_before > now or \
-                item.given_up != first.given_up:
+                item.given_up != first.given_up or item.withdrawn != first.withdrawn:
             break
         taken.append(item)
     return Unit(conversation_id=head.conversation_id, kind="messages", kept=tuple(taken),

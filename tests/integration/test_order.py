@@ -16,7 +16,7 @@ import pytest
 
 from devtools.fake_channel import FakeConnector
 from devtools.fake_model import FakeModelServer, Scripted
-from shared.answer import RESET_DONE, TurnFailed
+from shared.answer import RESET_DONE, WITHDRAWN, TurnFailed
 from shared.errors import ModelUnavailable
 from shared.inbox import TurnTicket
 from shared.removal import forget_user
@@ -407,6 +407,31 @@ async def test_a_users_removal_covers_their_message_in_flight(
     # THEN nothing of theirs was stored after the removal returned, nor kept, nor asked again
     assert stored == [] and export.conversations == () and kept == []
     assert model.calls == 1
+
+
+async def test_a_users_removal_ends_the_stream_of_their_waiting_message(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a message that went first in a personal chat (its stream shows "Thinking…") and
+    # waits: no worker has taken it yet
+    model, connector = servers
+    async with halves(azurite_connection_string, table_name, model, connector) as running:
+        await running.host.kill()
+        await running.post(running.message("remember my card 4242", "a:waiting"))
+        assert connector.streams.open("a:waiting")
+        # WHEN the user asks to be forgotten, and then a worker takes the conversation
+        await forget_user(running.store, running.inbox, "29:u")
+        kept_text = [body for body in [await running.inbox.load("a:waiting", key)
+                                       for _, key in await running.kept()] if body]
+        await running.restart(0)
+        await running.settled()
+        stored = await running.store.list_messages("a:waiting")
+        kept = await running.kept()
+    # THEN no text of theirs was kept after the removal, nothing was asked or stored, and the
+    # stream ended saying why
+    assert kept_text == [] and kept == [] and stored == [] and model.calls == 0
+    assert running.user_texts("a:waiting") == [WITHDRAWN]
+    assert connector.streams.broken() == []
 
 
 async def test_no_provider_error_text_leaves_with_the_queue_triggers_exception(
