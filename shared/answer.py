@@ -479,7 +479,10 @@ class Answerer:
             return Answered(), None
         if isinstance(result, Found):
             await self._redeliver(reply_to, result, progress)
-            answered = result.turn.answered if result.turn is not None else None
+            # Only what that earlier turn answered (its first message, when a clear has taken
+            # the turn): the rest of the unit is answered next.
+            answered = result.turn.answered if result.turn is not None else \
+                (messages[0].activity.id,)
             return Answered(activity_ids=answered), None
         outgoing, window = await self._deliver(result, reply_to, progress)
         del outgoing

@@ -21,7 +21,7 @@ from shared.errors import ModelUnavailable
 from shared.inbox import TurnTicket
 from shared.removal import forget_user
 from tests.integration.halves import Halves, eventually, halves, servers
-from tests.integration.storage_faults import Match, StoragePolicy, failing
+from tests.integration.storage_faults import Gate, Match, StoragePolicy, failing
 
 __all__ = ["servers"]  # the fixture
 
@@ -351,6 +351,33 @@ async def test_a_wake_up_whose_message_was_answered_still_drains_what_waits_behi
     # THEN the second was answered at once all the same
     assert history == ["one", "two"]
     assert running.user_texts("a:behind") == ["the first answer", "the second answer"]
+
+
+async def test_a_burst_behind_a_committed_then_cleared_message_is_answered(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a message answered by a worker that dies before it forgets the message (its hold
+    # of 5 s left behind), and the conversation then cleared by its operator
+    model, connector = servers
+    policy = StoragePolicy()
+    forgetting = Gate(lambda method, url: method == "DELETE" and "RowKey='afirst'" in url)
+    policy.gates.append(forgetting)
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      CHAT_HOLD_SECONDS="5",
+                      policies=lambda slot, client: [policy] if client == "inbox" else []) \
+            as running:
+        await running.post(running.message("first", "c:cleared", id="first"))
+        await asyncio.wait_for(forgetting.reached.wait(), 10)
+        await running.restart(0)
+        await running.store.clear("c:cleared")
+        # WHEN two more messages arrive while the dead worker's hold lasts (one burst with the
+        # first, which is found committed)
+        await post_all(running, "c:cleared", ["second", "third"], gaps=[0.05])
+        await running.settled(within=20)
+        history = users(await running.store.list_messages("c:cleared"))
+    # THEN the two were answered together, and the first not again
+    assert history == ["second", "third"]
+    assert model.calls == 2 and len(connector.messages("c:cleared")) == 2
 
 
 async def test_a_kept_activity_with_a_refused_service_url_is_dropped_unanswered(
