@@ -20,8 +20,8 @@ newer message, else left waiting with the hold released). A unit that fails is t
 `retry_seconds`; after `max_attempts` the user gets one apology (recorded on its rows, so a retry
 of what follows neither asks nor apologises again) and a text-free record goes to the poison
 queue. A drain that has run `drain_seconds` hands the rest to a fresh wake-up, so one
-invocation stays inside the function timeout. A drain that fails (storage) lets go of the hold
-before its wake-up is retried.
+invocation stays inside the function timeout. A drain that fails (storage) lets its hold expire
+at once, before its wake-up is retried: the next drain takes over as from a worker that died.
 """
 
 from __future__ import annotations
@@ -185,14 +185,15 @@ class Conductor:
         def take(current: OrderHead) -> OrderHead | None:
             if current.held(self.clock()):
                 return None
-            crashed[:] = [bool(current.holder)]  # an expired hold: its worker died mid-drain
+            # An expired hold: its worker died (or failed) mid-drain.
+            crashed[:] = [bool(current.holder)]
             return replace(current, holder=me, held_until=self.clock() + self.hold_seconds)
 
         taken = await self.inbox.change_head(ticket.conversation_id, take, read=look.head)
         if taken is None:
             current = await self.inbox.read_head(ticket.conversation_id)
             return await self._later(ticket, current or head)
-        log.info("holding the conversation%s", " (taken over from a worker that died)"
+        log.info("holding the conversation%s", " (taken over from a worker that stopped)"
                  if crashed and crashed[0] else "")
         await self._drain(taken, me, after_crash=bool(crashed and crashed[0]))
 
@@ -356,10 +357,12 @@ class _Hold:
                 log.warning("the hold was not renewed (trying again): %s", exc)
 
     async def abandon(self) -> None:
-        """Let the conversation go after a failure, leaving its order as it is (best effort:
-        if this fails too, the hold expires)."""
+        """Let the conversation go after a failure, leaving its order as it is: the hold expires
+        now, its holder named, so the next drain takes it over as from a worker that died (its
+        first unit may have been begun: a stream resumed sends only its final). Best effort: if
+        this fails too, the hold expires in its time."""
         def let_go(head: OrderHead) -> OrderHead | None:
-            return replace(head, holder="", held_until=0.0) if head.holder == self._me else None
+            return replace(head, held_until=0.0) if head.holder == self._me else None
 
         self.done = True
         try:

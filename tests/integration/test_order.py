@@ -380,6 +380,32 @@ async def test_a_burst_behind_a_committed_then_cleared_message_is_answered(
     assert model.calls == 2 and len(connector.messages("c:cleared")) == 2
 
 
+async def test_a_streamed_turn_retried_after_an_unrecorded_failure_only_ends_its_stream(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a personal chat whose answer streams for a few seconds, a store that will fail the
+    # turn's commit, and an inbox that will fail to count the failed attempt
+    model, connector = servers
+    model.word_interval = 0.1
+    model.then(Scripted(content=" ".join(f"w{i}" for i in range(30))))
+    store_rules: list[Match] = []
+    inbox_rules: list[Match] = []
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      policies=lambda slot, client: [
+                          *failing(store_rules, clients=("store",))(slot, client),
+                          *failing(inbox_rules, clients=("inbox",))(slot, client)]) as running:
+        store_rules.append(lambda method, url: method == "POST" and url.endswith("$batch"))
+        # WHEN a message arrives, its turn streams and fails to commit, and the retry answers
+        await running.post(running.message("tell me", "a:again", id="again"))
+        inbox_rules.append(lambda method, url: method in ("PATCH", "MERGE")
+                           and "RowKey='aagain'" in url)
+        await running.settled(within=30)
+    # THEN the stream the user saw was ended once, with the answer, and no request repeated a
+    # stream's sequence number
+    assert len(connector.messages("a:again")) == 1
+    assert connector.streams.broken() == []
+
+
 async def test_a_kept_activity_with_a_refused_service_url_is_dropped_unanswered(
         azurite_connection_string: str, table_name: str,
         servers: tuple[FakeModelServer, FakeConnector]) -> None:
