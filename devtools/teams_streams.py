@@ -80,8 +80,9 @@ class StreamContract:
                 *(f"never ended: {s.id} in {s.conversation_id}" for s in self.open(conversation_id))]
 
     def open(self, conversation_id: str | None = None) -> list[Stream]:
-        """Streams that never got their final message (all chats, or one)."""
-        return [s for s in self.streams.values() if not s.finished
+        """Streams that never got their final message (all chats, or one); a stream the user
+        stopped is over (Teams ends it: a new one may begin)."""
+        return [s for s in self.streams.values() if not s.finished and not s.cancel
                 and (conversation_id is None or s.conversation_id == conversation_id)]
 
     def begin(self, conversation_id: str, activity: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:

@@ -86,23 +86,25 @@ class Halves:
     def host(self) -> QueueHost:
         return self.workers[0].host
 
-    async def settled(self, *, within: float = 30.0) -> None:
+    async def settled(self, *, within: float = 30.0, inbox: Inbox | None = None) -> None:
         """Wait until every accepted activity is answered (the inbox keeps none) and the queue
-        hosts are idle (a wake-up for later may still wait in the queue: it finds nothing)."""
+        hosts are idle (a wake-up for later may still wait in the queue: it finds nothing).
+        `inbox`: the one to look through (default: the first worker's)."""
         async with asyncio.timeout(within):
             while True:
                 for worker in self.workers:
                     await worker.host.idle(visible_only=True, within=within)
-                if not await self.kept() and not any(w.host.busy for w in self.workers):
+                if not await self.kept(inbox=inbox) and not any(w.host.busy for w in self.workers):
                     return
                 await asyncio.sleep(0.05)
 
-    async def kept(self) -> list[str]:
-        """The activity rows the inbox keeps, in any conversation."""
-        table = self.inbox._table  # the test peeks at the table it made
+    async def kept(self, *, inbox: Inbox | None = None) -> list[tuple[str, str]]:
+        """The activities the inbox keeps, in any conversation: (partition, activity ID)."""
+        table = (inbox or self.inbox)._table  # the test peeks at the table it made
         try:
-            return [str(row["RowKey"]) async for row in table.query_entities(
-                "RowKey ge 'a' and RowKey lt 'b'", select=["RowKey"])]
+            return [(str(row["PartitionKey"]), str(row["activity_id"]))
+                    async for row in table.query_entities(
+                        "RowKey ge 'a' and RowKey lt 'b'", select=["PartitionKey", "activity_id"])]
         except ResourceNotFoundError:  # nothing was ever accepted
             return []
 

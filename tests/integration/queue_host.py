@@ -29,11 +29,16 @@ log = logging.getLogger(__name__)
 
 
 def queue_client(connection_string: str, name: str, *, policies: Sequence[Any] = ()) -> QueueClient:
-    """`policies`: azure-core per-call policies (the torture records and fails calls with them)."""
+    """`policies`: azure-core policies each call passes (the torture records and fails calls
+    with them). The queue SDK has no per-call slot: they run after its retry policy, which is
+    then off, so an injected failure reaches the code as one failed call (the SDK's own retry
+    would wait 12-18 s first)."""
+    options: dict[str, Any] = {"_additional_pipeline_policies": list(policies),
+                               "retry_total": 0} if policies else {}
     return QueueClient.from_connection_string(connection_string, name,
                                               message_encode_policy=TextBase64EncodePolicy(),
                                               message_decode_policy=BinaryBase64DecodePolicy(),
-                                              per_call_policies=list(policies))
+                                              **options)
 
 
 class QueueHost:
