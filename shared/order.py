@@ -362,7 +362,10 @@ class _Hold:
         first unit may have been begun: a stream resumed sends only its final). Best effort: if
         this fails too, the hold expires in its time."""
         def let_go(head: OrderHead) -> OrderHead | None:
-            return replace(head, held_until=0.0) if head.holder == self._me else None
+            if head.holder != self._me:
+                return None
+            # (a stream of ours may have sent its last request a moment ago: Teams' pace)
+            return replace(head, held_until=0.0, streamed_at=time.time())
 
         self.done = True
         try:

@@ -406,6 +406,34 @@ async def test_a_streamed_turn_retried_after_an_unrecorded_failure_only_ends_its
     assert connector.streams.broken() == []
 
 
+async def test_a_worker_taking_over_after_a_failed_drain_keeps_teams_pace(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a streamed answer whose drain then fails (the inbox fails to forget the message)
+    model, connector = servers
+    rules: list[Match] = []
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      policies=failing(rules, clients=("inbox",))) as running:
+        rules.append(lambda method, url: method == "DELETE" and "RowKey='afirst'" in url)
+        await running.post(running.message("first", "a:pace", id="first"))
+
+        async def let_go() -> bool:
+            head = await running.inbox.read_head("a:pace")
+            return head is not None and bool(head.holder) and head.held_until == 0.0
+
+        for _ in range(200):
+            if await let_go():
+                break
+            await asyncio.sleep(0.02)
+        # WHEN another worker (knowing nothing of that stream) answers the next message at once
+        await running.restart(0)
+        await running.post(running.message("second", "a:pace"))
+        await running.settled()
+    # THEN its stream kept a second after the first one's last request
+    assert len(connector.messages("a:pace")) == 2
+    assert connector.streams.broken() == []
+
+
 async def test_a_kept_activity_with_a_refused_service_url_is_dropped_unanswered(
         azurite_connection_string: str, table_name: str,
         servers: tuple[FakeModelServer, FakeConnector]) -> None:
