@@ -744,7 +744,7 @@ def _excuses(state: Round, deeds: list[Deed]) -> Excuses:
         if run.kind == "reset":
             clears[run.conversation].append(run.start)
     return Excuses(removals=removals, clears=clears, acknowledged=state.acknowledged,
-                   calls=state.calls)
+                   calls=state.calls, withdrawn=_withdrawn(state))
 
 
 def _check_stopped(deeds: list[Deed], visible: dict[str, list[ChatMessage]],

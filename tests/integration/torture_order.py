@@ -363,6 +363,9 @@ class Excuses:
     #: Activities a POST was answered 200 for (the channel was told they were taken).
     acknowledged: set[tuple[str, str]]
     calls: list[Call]
+    #: Activities a user's removal withdrew (their text-free stub written), even if it failed
+    #: later on.
+    withdrawn: set[str]
 
 
 def check_answered_once(observer: Observer, excuses: Excuses,
@@ -388,7 +391,8 @@ def check_answered_once(observer: Observer, excuses: Excuses,
         if not deeds:
             if key not in excuses.acknowledged:
                 continue  # the webhook failed: the channel was told to send it again
-            withdrawn = any(end > accepted for _, end in excuses.removals.get(sender, []))
+            withdrawn = activity in excuses.withdrawn or \
+                any(end > accepted for _, end in excuses.removals.get(sender, []))
             cleared = key not in stored and any(at > accepted for at in
                                                 excuses.clears.get(conversation, []))
             if not (withdrawn or cleared):
