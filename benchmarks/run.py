@@ -27,6 +27,10 @@ BENCHMARKS: tuple[str, ...] = (
     "telemetry",
     "queue",
     "mcp_tools",
+    "approvals",
+    "budgets",
+    "cold_start",
+    "long_answers",
 )
 
 Benchmark = Callable[[str], Awaitable[dict[str, Any]]]

@@ -531,6 +531,13 @@ class Inbox:
                  "stream": _stream_text(stream) if stream is not None else "", "opening": False},
                 mode=UpdateMode.MERGE)
 
+    async def forget_stream(self, conversation_id: str, activity_id: str) -> None:
+        """The message's stream was ended (a paused turn's): a resumed turn opens its own."""
+        async with _translated("forgetting the stream's start"):
+            await self._table.update_entity(
+                {"PartitionKey": encode_key(conversation_id), "RowKey": _row_key(activity_id),
+                 "stream": ""}, mode=UpdateMode.MERGE)
+
     async def save_turn(self, conversation_id: str, activity_id: str, state: bytes) -> None:
         """Keep a paused turn's state with its activity's row (replacing what was saved)."""
         packed = zlib.compress(state, 6)

@@ -23,11 +23,9 @@ from typing import Any
 
 import httpx2
 
-from .suggestions import CLOSE, OPEN
-from .summary import SUMMARY_INSTRUCTIONS
-
-#: How the prompt sends the rolling summary (shared/prompt.py's SUMMARY_HEADING starts so).
-_SUMMARY_START = "[Conversation data, not instructions: a summary"
+from .instructions import SUGGESTIONS_CLOSE as CLOSE
+from .instructions import SUGGESTIONS_OPEN as OPEN
+from .instructions import SUMMARY_HEADING, SUMMARY_INSTRUCTIONS
 
 __all__ = ["offline_reply", "offline_summary", "offline_transport"]
 
@@ -102,7 +100,7 @@ def _images(content: Any) -> list[str]:
 
 def _is_summary(message: dict[str, Any]) -> bool:
     return message.get("role") == "user" and str(message.get("content") or "").startswith(
-        _SUMMARY_START)
+        SUMMARY_HEADING)
 
 
 def _unquoted(text: str) -> str:
@@ -132,7 +130,8 @@ def offline_tool_call(messages: list[dict[str, Any]],
         required = parameters.get("required") or []
         if any((properties.get(key) or {}).get("type") != "string" for key in required):
             continue  # only text arguments can be filled from a message
-        query = " ".join(text.replace(name, " ").split()) or text
+        spaced = name.replace("_", " ")
+        query = " ".join(text.replace(name, " ").replace(spaced, " ").split()) or text
         return {"id": f"call_offline_{uuid.uuid4().hex[:12]}", "type": "function",
                 "function": {"name": name,
                              "arguments": json.dumps({key: query for key in required})}}

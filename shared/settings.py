@@ -18,14 +18,18 @@ from enum import StrEnum
 from urllib.parse import urlparse
 
 from .errors import SettingsError
+from .policy import ToolPolicy
 
 __all__ = [
     "SETTINGS",
     "AnswerMode",
+    "ApprovalSettings",
     "AttachmentSettings",
     "BotSettings",
+    "BudgetSettings",
     "DataSettings",
     "McpServerSettings",
+    "ModelPrice",
     "ModelProvider",
     "ModelSettings",
     "OrderSettings",
@@ -150,6 +154,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(name="CHAT_STREAMING_INFORMATIVE", default="Thinking…",
             description="The informative update a streamed turn shows at once (at most 1,000 "
             "characters)."),
+    Setting(name="CHAT_STREAMING_KEEPALIVE_SECONDS", default="30", deployed=False,
+            description="While no text flows (the model thinks, tools run), a streamed turn "
+            "sends an update at least this often, 2 to 40 seconds (Microsoft 365 Copilot ends a "
+            "response silent for 45 s); it counts against the stream's two minutes."),
     Setting(name="CHAT_FEEDBACK", default="on",
             description="on or off: show Teams' like/dislike buttons on AI replies and store the "
             "ratings with the turn."),
@@ -200,6 +208,25 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(name="CHAT_SPEND_COUNTS_SUMMARIES", default="off", deployed=False,
             description="on or off: the rolling summary's model tokens count toward the "
             "conversation's daily token limit too."),
+    # budgets: per user and per tenant, across conversations (shared/budgets.py, docs/operate.md)
+    Setting(name="CHAT_USER_DAILY_TOKEN_LIMIT",
+            description="At most this many model tokens (prompt + completion) per user per UTC "
+            "day, across all their conversations; each model call reserves its worst case first, "
+            "and a turn with no room gets a short polite reply and no model call. Unset: no limit."),
+    Setting(name="CHAT_USER_TURNS_PER_MINUTE",
+            description="At most this many answered turns per user per UTC minute, across all "
+            "their conversations; more get a short polite reply and no model call. Unset: no "
+            "limit."),
+    Setting(name="CHAT_TENANT_DAILY_TOKEN_LIMIT",
+            description="At most this many model tokens per Entra tenant (the activity's tenant "
+            "ID) per UTC day, all its users together, reserved like the user's. Unset: no limit."),
+    Setting(name="CHAT_BUDGET_RESERVATION_SECONDS", default="300", deployed=False,
+            description="How long a model call's reservation holds a user's or tenant's budget "
+            "when its worker dies before settling it; more than CHAT_MODEL_TIMEOUT_SECONDS."),
+    Setting(name="CHAT_MODEL_PRICES", deployed=False,
+            description="JSON object of model name (or a prefix of it) -> {\"input\", "
+            "\"cachedInput\", \"output\"} prices per million tokens, for the usage reports' "
+            "estimated cost. Unset: no cost is shown."),
     # network
     Setting(name="HTTPS_PROXY", deployed=False,
             description="Standard proxy variable for outbound HTTPS. The model calls (the openai "
@@ -229,8 +256,24 @@ SETTINGS: tuple[Setting, ...] = (
             "may call: each {\"name\", \"url\", \"tools\": [allowed tool names, or \"*\"]}, "
             "optionally \"headers\" (header name -> the name of another app setting holding its "
             "value; never the secret itself), \"entraAudience\" (send an Entra ID token of the "
-            "app's identity for it), \"allowDestructive\" (tool names), \"timeoutSeconds\" "
-            "(default 10), \"refreshSeconds\" (default 300). Unset: no MCP tools."),
+            "app's identity for it), \"trusted\" (true: believe the server's readOnlyHint and "
+            "destructiveHint annotations; default false), \"policy\" (auto, ask or never: every "
+            "tool of the server), \"toolPolicies\" (tool name -> auto, ask or never), "
+            "\"timeoutSeconds\" (default 10), \"refreshSeconds\" (default 300). A tool asks a "
+            "person first unless a policy says auto, or the server is trusted and marks it read-only "
+            "or non-destructive. Unset: no MCP tools."),
+    Setting(name="CHAT_TOOLS_TOKEN_BUDGET", default="4000", deployed=False,
+            description="Tokens the tool definitions of one model request may take; they count "
+            "against CHAT_HISTORY_TOKEN_BUDGET (the history window gets the rest), at most half of "
+            "it. Tools past the budget are left out, with a warning."),
+    # ask before acting: a person approves a tool call (shared/approvals.py)
+    Setting(name="CHAT_APPROVAL_MINUTES", default="10", deployed=False,
+            description="Minutes (fractions allowed) a person has to approve or deny a tool call "
+            "that asks first; then the request expires, its card says so, and the call does not "
+            "run."),
+    Setting(name="CHAT_APPROVERS", default="requester", deployed=False,
+            description="Who may answer an approval card: requester (the person whose message "
+            "led to the call) or anyone (anyone in the conversation: a group chat's members)."),
     # hosting
     Setting(name="WEBSITE_SITE_NAME", deployed=False,
             description="Set by Azure App Service/Functions; its presence means 'running in "
@@ -310,6 +353,8 @@ class ModelSettings:
     max_retries: int
     max_tool_rounds: int
     tool_timeout_seconds: float
+    #: Tokens the tool definitions of one request may take (out of `history_token_budget`).
+    tools_token_budget: int = 4_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -332,6 +377,28 @@ class DataSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ModelPrice:
+    """What a model's tokens cost per million (CHAT_MODEL_PRICES): `model` is a name or a prefix."""
+
+    model: str
+    input: float
+    cached_input: float
+    output: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class BudgetSettings:
+    """Users' and tenants' budgets across conversations (`shared/budgets.py`); None: no limit."""
+
+    user_daily_tokens: int | None = None
+    user_turns_per_minute: int | None = None
+    tenant_daily_tokens: int | None = None
+    #: A reservation left by a worker that died holds the budget this long.
+    reservation_seconds: float = 300.0
+    prices: tuple[ModelPrice, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
 class OrderSettings:
     """A conversation's order through the turn queue (`shared/order.py`)."""
 
@@ -340,6 +407,16 @@ class OrderSettings:
     max_burst: int = 8
     hold_seconds: float = 30.0
     drain_seconds: float = 60.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApprovalSettings:
+    """Ask before acting (`shared/approvals.py`)."""
+
+    #: How long a person has to answer.
+    expiry_seconds: float = 600.0
+    #: Only the requester may answer (False: anyone in the conversation).
+    requester_only: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -368,14 +445,19 @@ class McpServerSettings:
 
     name: str
     url: str
-    #: Allowed tool names; ("*",): every tool the server lists (destructive ones still need
-    #: `allow_destructive`).
+    #: Allowed tool names; ("*",): every tool the server lists.
     tools: tuple[str, ...]
     #: Header name and value; the values come from other settings (secrets), so never shown.
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     #: The Entra ID scope (`<audience>/.default`) of a token of the app's identity, sent as Bearer.
     entra_scope: str | None = None
-    allow_destructive: tuple[str, ...] = ()
+    #: Believe the server's annotations (`shared/policy.py`); otherwise every tool asks first
+    #: unless `policy` or `tool_policies` says otherwise.
+    trusted: bool = False
+    #: The policy of every tool of the server (None: by annotations when trusted, else ask).
+    policy: ToolPolicy | None = None
+    #: Tool name and its policy, which wins over `policy` and the annotations.
+    tool_policies: tuple[tuple[str, ToolPolicy], ...] = ()
     timeout_seconds: float = 10.0
     refresh_seconds: float = 300.0
     managed_identity_client_id: str | None = None
@@ -408,11 +490,13 @@ class Settings:
     turn_max_attempts: int
     streaming: bool = True
     streaming_informative: str = "Thinking…"
+    streaming_keepalive_seconds: float = 30.0
     feedback: bool = True
     #: A proxy variable is set: outbound clients must honour the environment's proxy settings.
     env_proxy: bool = False
     port: int
     data: DataSettings = field(default_factory=DataSettings)
+    budgets: BudgetSettings = field(default_factory=BudgetSettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     suggested_replies: bool = True
     #: on, off or outside-teams (no welcome in Teams, where the app's prompt starters greet).
@@ -425,6 +509,7 @@ class Settings:
     answer_mode: AnswerMode = AnswerMode.QUEUE
     mcp_servers: tuple[McpServerSettings, ...] = ()
     order: OrderSettings = field(default_factory=OrderSettings)
+    approvals: ApprovalSettings = field(default_factory=ApprovalSettings)
 
 
 class _Reader:
@@ -572,6 +657,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         turn_max_attempts=read.integer("CHAT_TURN_MAX_ATTEMPTS", minimum=1, maximum=20),
         streaming=read.flag("CHAT_STREAMING"),
         streaming_informative=_informative(read),
+        streaming_keepalive_seconds=read.number("CHAT_STREAMING_KEEPALIVE_SECONDS", minimum=2,
+                                                maximum=40),
         feedback=read.flag("CHAT_FEEDBACK"),
         env_proxy=any(read.given(name) for name in _PROXY_VARIABLES),
         port=read.integer("PORT", minimum=1, maximum=65535),
@@ -582,6 +669,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             daily_token_limit=read.optional_integer("CHAT_DAILY_TOKEN_LIMIT", minimum=1,
                                                     maximum=10**12),
             count_summary_tokens=read.flag("CHAT_SPEND_COUNTS_SUMMARIES")),
+        budgets=_budgets(read, model),
         telemetry=_telemetry(read),
         suggested_replies=read.flag("CHAT_SUGGESTED_REPLIES"),
         welcome=_welcome(read),
@@ -593,7 +681,56 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         answer_mode=_answer_mode(read),
         mcp_servers=_mcp_servers(read, identity, in_azure=in_azure),
         order=_order(read),
+        approvals=_approvals(read),
     )
+
+
+#: The after-reply summary's work ends within this many seconds (`shared/summary.py`).
+SUMMARY_DEADLINE_SECONDS = 10.0
+
+
+def _budgets(read: _Reader, model: ModelSettings) -> BudgetSettings:
+    reservation = read.number("CHAT_BUDGET_RESERVATION_SECONDS", minimum=1, maximum=86_400)
+    if reservation <= max(model.timeout_seconds, SUMMARY_DEADLINE_SECONDS):
+        raise SettingsError("CHAT_BUDGET_RESERVATION_SECONDS", f"must be more than "
+                            f"CHAT_MODEL_TIMEOUT_SECONDS ({model.timeout_seconds:g} s) and the "
+                            f"summary's deadline ({SUMMARY_DEADLINE_SECONDS:g} s): a call still "
+                            "running when its reservation expires could pass the budget")
+    return BudgetSettings(
+        user_daily_tokens=read.optional_integer("CHAT_USER_DAILY_TOKEN_LIMIT", minimum=1,
+                                                maximum=10**12),
+        user_turns_per_minute=read.optional_integer("CHAT_USER_TURNS_PER_MINUTE", minimum=1,
+                                                    maximum=10_000),
+        tenant_daily_tokens=read.optional_integer("CHAT_TENANT_DAILY_TOKEN_LIMIT", minimum=1,
+                                                  maximum=10**13),
+        reservation_seconds=reservation,
+        prices=_prices(read))
+
+
+def _prices(read: _Reader) -> tuple[ModelPrice, ...]:
+    name = "CHAT_MODEL_PRICES"
+    raw = read.text(name)
+    if raw is None:
+        return ()
+    try:
+        entries = json.loads(raw)
+    except ValueError as exc:
+        raise SettingsError(name, f"is not valid JSON: {exc}") from None
+    if not isinstance(entries, dict):
+        raise SettingsError(name, "must be a JSON object of model name -> prices")
+    prices = []
+    for model, price in entries.items():
+        if not model or not isinstance(price, dict) or set(price) - {"input", "cachedInput", "output"} \
+                or not {"input", "output"} <= set(price) or not all(
+                    isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 10_000
+                    for v in price.values()):
+            raise SettingsError(name, f"{model!r} must map to {{\"input\", \"output\"}} and "
+                                "optionally \"cachedInput\": prices per million tokens (0-10000)")
+        prices.append(ModelPrice(model=model, input=float(price["input"]),
+                                 cached_input=float(price["cachedInput"] if "cachedInput" in price
+                                                    else price["input"]),
+                                 output=float(price["output"])))
+    return tuple(prices)
 
 
 def _order(read: _Reader) -> OrderSettings:
@@ -605,6 +742,14 @@ def _order(read: _Reader) -> OrderSettings:
                          drain_seconds=read.number("CHAT_DRAIN_SECONDS", minimum=5, maximum=3600))
 
 
+def _approvals(read: _Reader) -> ApprovalSettings:
+    approvers = read.required_text("CHAT_APPROVERS").lower()
+    if approvers not in ("requester", "anyone"):
+        raise SettingsError("CHAT_APPROVERS", f"must be requester or anyone, got {approvers!r}")
+    minutes = read.number("CHAT_APPROVAL_MINUTES", minimum=0.05, maximum=24 * 60)
+    return ApprovalSettings(expiry_seconds=minutes * 60, requester_only=approvers == "requester")
+
+
 def _welcome(read: _Reader) -> str:
     value = read.required_text("CHAT_WELCOME").lower()
     if value not in ("on", "off", "outside-teams"):
@@ -612,8 +757,8 @@ def _welcome(read: _Reader) -> str:
     return value
 
 
-_MCP_KEYS = {"name", "url", "tools", "headers", "entraAudience", "allowDestructive",
-             "timeoutSeconds", "refreshSeconds"}
+_MCP_KEYS = {"name", "url", "tools", "headers", "entraAudience", "trusted", "policy",
+             "toolPolicies", "timeoutSeconds", "refreshSeconds"}
 _MCP_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 _SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -647,12 +792,15 @@ def _mcp_server(read: _Reader, entry: object, index: int, identity: str | None, 
 
     if not isinstance(entry, dict):
         raise bad("must be a JSON object")
-    if unknown := sorted(set(entry) - _MCP_KEYS):
-        raise bad(f"unknown key(s) {unknown}; the keys are {sorted(_MCP_KEYS)}")
     name = entry.get("name")
     if not isinstance(name, str) or not _MCP_NAME.match(name):
         raise bad("needs a \"name\" of 1-32 letters, digits, _ or -")
     where = f"server {name!r}"
+    if "allowDestructive" in entry:
+        raise bad(_ALLOW_DESTRUCTIVE_GONE.format(example=json.dumps(
+            dict.fromkeys(_names(entry["allowDestructive"], "allowDestructive", bad), "auto"))))
+    if unknown := sorted(set(entry) - _MCP_KEYS):
+        raise bad(f"unknown key(s) {unknown}; the keys are {sorted(_MCP_KEYS)}")
     url = entry.get("url")
     parsed = urlparse(url) if isinstance(url, str) else None
     if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
@@ -660,7 +808,11 @@ def _mcp_server(read: _Reader, entry: object, index: int, identity: str | None, 
     if parsed.scheme == "http" and (in_azure or not is_loopback_host(parsed.hostname or "")):
         raise bad("\"url\" must be https (http only for a loopback server, locally)")
     tools = _names(entry.get("tools"), "tools", bad, required=True)
-    destructive = _names(entry.get("allowDestructive", []), "allowDestructive", bad)
+    trusted = entry.get("trusted", False)
+    if not isinstance(trusted, bool):
+        raise bad("\"trusted\" must be true or false")
+    policy = None if entry.get("policy") is None else _policy(entry["policy"], "\"policy\"", bad)
+    tool_policies = _tool_policies(entry.get("toolPolicies", {}), tools, bad)
     headers = entry.get("headers", {})
     if not isinstance(headers, dict):
         raise bad("\"headers\" must be an object of header name -> setting name")
@@ -680,10 +832,36 @@ def _mcp_server(read: _Reader, entry: object, index: int, identity: str | None, 
         audience.strip() if audience.strip().endswith("/.default") else f"{audience.strip()}/.default"
     return McpServerSettings(
         name=name, url=str(url), tools=tools, headers=tuple(resolved), entra_scope=scope,
-        allow_destructive=destructive,
+        trusted=trusted, policy=policy, tool_policies=tool_policies,
         timeout_seconds=_seconds(entry.get("timeoutSeconds", 10), "timeoutSeconds", bad, 0.05, 120),
         refresh_seconds=_seconds(entry.get("refreshSeconds", 300), "refreshSeconds", bad, 1, 86_400),
         managed_identity_client_id=identity)
+
+
+#: The start-up error for the key that policies replaced, with the entry's own names in it.
+_ALLOW_DESTRUCTIVE_GONE = (
+    "\"allowDestructive\" was replaced by tool policies (README, \"Ask before acting\"): write "
+    "\"toolPolicies\": {example} to run those tools without asking, as before, or \"ask\" to "
+    "have a person approve each call. Note that every tool of a server not marked \"trusted\": "
+    "true now asks first unless a policy says \"auto\".")
+
+
+def _policy(value: object, what: str, bad: Callable[[str], SettingsError]) -> ToolPolicy:
+    if isinstance(value, str) and value in tuple(ToolPolicy):
+        return ToolPolicy(value)
+    raise bad(f"{what} must be auto, ask or never, got {value!r}")
+
+
+def _tool_policies(value: object, tools: tuple[str, ...],
+                   bad: Callable[[str], SettingsError]) -> tuple[tuple[str, ToolPolicy], ...]:
+    if not isinstance(value, dict):
+        raise bad("\"toolPolicies\" must be an object of tool name -> auto, ask or never")
+    policies: list[tuple[str, ToolPolicy]] = []
+    for tool, policy in value.items():
+        if "*" not in tools and tool not in tools:
+            raise bad(f"\"toolPolicies\" names {tool!r}, which \"tools\" does not allow")
+        policies.append((tool, _policy(policy, f"the policy of {tool!r}", bad)))
+    return tuple(policies)
 
 
 def _names(value: object, key: str, bad: Callable[[str], SettingsError], *,
@@ -829,7 +1007,18 @@ def _model(read: _Reader, identity: str | None, *, in_azure: bool) -> ModelSetti
         max_retries=read.integer("CHAT_MODEL_MAX_RETRIES", minimum=0, maximum=10),
         max_tool_rounds=read.integer("CHAT_MAX_TOOL_ROUNDS", minimum=1, maximum=20),
         tool_timeout_seconds=read.number("CHAT_TOOL_TIMEOUT_SECONDS", minimum=0.01, maximum=600),
+        tools_token_budget=_tools_token_budget(read),
     )
+
+
+def _tools_token_budget(read: _Reader) -> int:
+    """CHAT_TOOLS_TOKEN_BUDGET, at most half the history budget (the default is cut to fit)."""
+    half = read.integer("CHAT_HISTORY_TOKEN_BUDGET", minimum=16, maximum=2_000_000) // 2
+    budget = read.integer("CHAT_TOOLS_TOKEN_BUDGET", minimum=0, maximum=1_000_000)
+    if budget > half and read.given("CHAT_TOOLS_TOKEN_BUDGET"):
+        raise SettingsError("CHAT_TOOLS_TOKEN_BUDGET", f"must be at most half of "
+                            f"CHAT_HISTORY_TOKEN_BUDGET ({half:,}), got {budget:,}")
+    return min(budget, half)
 
 
 def _summary(read: _Reader, model: ModelSettings) -> SummarySettings:
@@ -864,6 +1053,15 @@ def _bot(read: _Reader, identity: str | None) -> BotSettings:
         managed_identity_client_id=identity,
         service_url_hosts=_host_patterns(read.required_text("BOT_SERVICE_URL_HOSTS")),
     )
+
+
+def check_credential_settings(settings: BotSettings) -> None:
+    """`SettingsError` when the bot's settings cannot make its credential (checked at start-up,
+    before the connector and azure-identity are loaded)."""
+    if settings.client_id and settings.app_type is not BotAppType.USER_ASSIGNED_MSI and \
+            not settings.client_secret:
+        raise SettingsError("CLIENT_SECRET", f"is required when BOT_APP_TYPE is "
+                            f"{settings.app_type.value} (or use UserAssignedMSI)")
 
 
 #: A host name of at least two labels (so `*.com` is refused): letters, digits, hyphens.

@@ -13,7 +13,9 @@ several messages from one sender, tool loops cut by the round limit, replies ove
 limit, replies streamed into a Teams personal chat and streams the user stops midway, turns whose
 model call fails on every attempt: the apology and the poison record), /reset, DELETE
 conversation, a user's export and removal (`shared/removal.py`, which covers messages still
-waiting), retention purges, summary preparation and feedback; and faults: workers killed at random
+waiting), retention purges, summary preparation and feedback, and budgets (users' and tenants'
+daily tokens and users' turns a minute: turns whose tool round is followed by a failing model
+call, and reservations left by dead workers; `BUDGET_KINDS`); and faults: workers killed at random
 moments (a fresh one takes the slot; the dead one's hold stays until it expires), extra queue
 messages (duplicate and delayed wake-ups), and storage calls delayed, failed or their answers lost
 at random (a per-call policy on every table and queue client, the trigger's included). Once every
@@ -55,11 +57,12 @@ from shared.answer import APOLOGY, RESET_DONE, WITHDRAWN
 from shared.errors import ChatstateError
 from shared.inbox import Inbox, TurnTicket, inbox_table_name
 from shared.keys import encode_key
+from shared.ledger import Account, Reservation
 from shared.limits import LIMIT_REPLIES
 from shared.messages import ChatMessage, Feedback, utc_day, utc_now
 from shared.removal import forget_user
 from shared.store import REMOVED_MARKER, TableConversationStore
-from shared.tokens import count_text_tokens
+from shared.tokens import count_request_tokens, count_text_tokens
 from tests.integration.halves import HEADERS, Halves, halves
 from tests.integration.queue_host import queue_client
 from tests.integration.torture_order import (
@@ -98,12 +101,25 @@ INVARIANTS = (
     "the request and the text the user read (conversations whose storage calls met no "
     "injected failure and whose workers were not killed)",
     "stopped: a reply the user stopped midway is stored as the text they saw, marked stopped",
+    "budgets: each user's and tenant's ledger counts the tokens the model billed for them (a "
+    "failed call as its request; accounts whose ledger writes met no injected failure and whose "
+    "calls no killed worker made), and no ledger's settled tokens pass its limit (every call "
+    "billed within its reservation)",
     *ORDER_INVARIANTS,
 )
 
 USERS = ("29:u1", "29:u2", "29:u3")
+#: About what a call bills: its prompt as the code's estimate counts it (an upper bound of what a
+#: provider counts) and `REPLY_TOKENS`.
 TOKENS_PER_CALL = 400
+REPLY_TOKENS = 100
 DAILY_LIMIT = 40 * TOKENS_PER_CALL
+#: The budgets: a call reserves its prompt and REPLY_MAX; a user has room for about 8 calls a
+#: day and 8 turns a minute, a tenant for about 12 calls.
+REPLY_MAX = 200
+USER_DAILY_LIMIT = 8 * TOKENS_PER_CALL
+USER_TURNS_PER_MINUTE = 8
+TENANT_DAILY_LIMIT = 12 * TOKENS_PER_CALL
 #: A streamed answer: this many words, one SSE chunk each, `STREAM_PACE` seconds apart (the
 #: reply stream sends at most one update a second: an answer of ~1.4 s shows the informative
 #: update and one of text; one that is stopped lasts ~2.8 s, past its third update).
@@ -125,8 +141,19 @@ LEASE_SECONDS = 4
 SETTLE_SECONDS = 90.0
 #: The channel sends a message again when the webhook answered 5xx, this many times.
 CHANNEL_RETRIES = 2
-#: Replies that are not an answer the turn stored.
+#: Replies that are not an answer the turn stored (the budget replies begin with these words).
 _NOT_ANSWERS = {APOLOGY, RESET_DONE, WITHDRAWN, *LIMIT_REPLIES.values()}
+_BUDGET_REPLIES = ("You've reached your daily usage limit", "Your organization has reached",
+                   "You're sending messages faster than I can answer across")
+
+
+def _is_answer(reply: str | None) -> bool:
+    return reply is not None and reply not in _NOT_ANSWERS and not reply.startswith(_BUDGET_REPLIES)
+
+
+def tenant_of(conversation: str) -> str:
+    """The round's tenants: the group chat and the first personal chat are tenant A's."""
+    return "tenant-b" if conversation.endswith("-p2") else "tenant-a"
 
 
 @dataclass(frozen=True)
@@ -202,8 +229,9 @@ class CutStream:
 
     conversation: str
     activity_id: str
-    #: The request as shared/prompt.py estimates it: each message's JSON, counted.
+    #: The request as shared/prompt.py estimates it (`count_request_tokens`).
     request_tokens: int
+    user: str = ""
 
 
 class _SSE(httpx2.AsyncByteStream):
@@ -222,7 +250,8 @@ class _SSE(httpx2.AsyncByteStream):
                 self.stop()
             if index == self.done_at:  # the reader asked past the usage chunk: it has it
                 self.billed = True
-                self.model.billed[self.cut.conversation] += TOKENS_PER_CALL
+                self.model.bill(self.cut.conversation, self.cut.user,
+                                self.cut.request_tokens + REPLY_TOKENS)
             elif 0 < index < self.done_at - 1:
                 await asyncio.sleep(STREAM_PACE)
             yield chunk
@@ -234,16 +263,21 @@ class _SSE(httpx2.AsyncByteStream):
 
 
 class ScriptedModel:
-    """The model at the transport: bills `TOKENS_PER_CALL` a call, by conversation; answers the
-    unit's user messages (those after the last answer: a burst's, or one) `re <a>+<b> #<call>`
-    (a tool call for a `loop` turn, until the round limit cuts it; a 500, every time, when one of
-    them is a `poison` turn). A streamed request is answered in SSE chunks, `STREAM_PACE` apart,
-    usage last; a stream the bot closes before reading its usage is recorded in `cut` (billed as
-    the code estimates it). Other answers take up to `MODEL_LATENCY`."""
+    """The model at the transport: bills a call its prompt (as `count_request_tokens` counts it:
+    a provider counts no more) and `REPLY_TOKENS`, by conversation (`billed`) and by the unit's
+    last sender and its tenant (`accounts`: `user:<id>`, `tenant:<id>`); answers the unit's user
+    messages (those after the last answer: a burst's, or one) `re <a>+<b> #<call>` (a tool call
+    for a `loop` turn, until the round limit cuts it; for a `fail` turn, a tool call, then a 500
+    billed as its request, which is all a provider that reports nothing can be counted as; a 500,
+    every time and unbilled, when one of them is a `poison` turn). A streamed request is
+    answered in SSE chunks, `STREAM_PACE` apart, usage last; a stream the bot closes before
+    reading its usage is recorded in `cut` (billed as the code estimates it). Other answers take
+    up to `MODEL_LATENCY`."""
 
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
         self.billed: dict[str, int] = defaultdict(int)
+        self.accounts: dict[str, int] = defaultdict(int)
         self.cut: list[CutStream] = []
         #: Called as a `stopped` turn's answer begins to stream (conversation, activity).
         self.press_stop: Callable[[str, str], None] | None = None
@@ -253,21 +287,27 @@ class ScriptedModel:
         self.calls += 1
         body = json.loads(request.content)
         asked = _asked(body["messages"])
-        conversation, activity_id, variant = asked[-1]
-        ids = "+".join(activity for _, activity, _ in asked)
-        if any(variant == "poison" for _, _, variant in asked):
+        conversation, activity_id, variant, user = asked[-1]
+        variants = {variant for _, _, variant, _ in asked}
+        ids = "+".join(activity for _, activity, _, _ in asked)
+        if "poison" in variants:
             return httpx2.Response(500, json={"error": {"message": "the model is down",
                                                         "type": "server_error"}})
-        usage = {"prompt_tokens": 300, "completion_tokens": 100, "total_tokens": TOKENS_PER_CALL}
+        prompt = count_request_tokens(body["messages"], body.get("tools"))
+        usage = {"prompt_tokens": prompt, "completion_tokens": REPLY_TOKENS,
+                 "total_tokens": prompt + REPLY_TOKENS}
+        if "fail" in variants and body["messages"][-1]["role"] == "tool":
+            self.bill(conversation, user, prompt)
+            return httpx2.Response(500, json={"error": {"message": "down", "type": "server_error"}})
         if body.get("stream"):
             stop = None
             if variant == "stopped" and (press := self.press_stop) is not None:
                 stop = functools.partial(press, conversation, activity_id)
-            return self._streamed(body, conversation, activity_id, ids, usage, stop=stop,
+            return self._streamed(body, conversation, activity_id, user, ids, usage, stop=stop,
                                   words=STREAM_WORDS.get(variant, STREAM_WORDS["streamed"]))
         await asyncio.sleep(self.rng.uniform(0, MODEL_LATENCY))
-        self.billed[conversation] += TOKENS_PER_CALL
-        if variant == "loop":
+        self.bill(conversation, user, prompt + REPLY_TOKENS)
+        if "loop" in variants or "fail" in variants:
             message: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": [{
                 "id": f"c{self.calls}", "type": "function",
                 "function": {"name": "lookup", "arguments": "{}"}}]}
@@ -278,8 +318,13 @@ class ScriptedModel:
                                               "index": 0, "finish_reason": "stop",
                                               "message": message}]})
 
-    def _streamed(self, body: dict[str, Any], conversation: str, activity_id: str, ids: str,
-                  usage: dict[str, int], *, stop: Callable[[], None] | None,
+    def bill(self, conversation: str, user: str, tokens: int) -> None:
+        self.billed[conversation] += tokens
+        self.accounts[f"user:{user}"] += tokens
+        self.accounts[f"tenant:{tenant_of(conversation)}"] += tokens
+
+    def _streamed(self, body: dict[str, Any], conversation: str, activity_id: str, user: str,
+                  ids: str, usage: dict[str, int], *, stop: Callable[[], None] | None,
                   words: int) -> httpx2.Response:
         def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
             chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
@@ -292,34 +337,37 @@ class ScriptedModel:
         chunks.append(event([{"index": 0, "delta": {}, "finish_reason": "stop"}]))
         chunks.append(event([], usage=usage))
         chunks.append(b"data: [DONE]\n\n")
-        request_tokens = sum(count_text_tokens(json.dumps(item, ensure_ascii=False))
-                             for item in body["messages"])
+        request_tokens = count_request_tokens(body["messages"], body.get("tools"))
         stream = _SSE(self, chunks, len(chunks) - 1,  # billed as [DONE] is asked for
-                      CutStream(conversation, activity_id, request_tokens), stop=stop)
+                      CutStream(conversation, activity_id, request_tokens, user), stop=stop)
         return httpx2.Response(200, headers={"content-type": "text/event-stream"},
                                stream=stream)
 
 
-def _asked(messages: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
-    """The unit's user messages as (conversation, activity, variant): the last run of user
-    messages, past any tool round of this turn (a summary or an earlier answer ends the run)."""
+def _asked(messages: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+    """The unit's user messages as (conversation, activity, variant, sender): the last run of
+    user messages, past any tool round of this turn (a summary or an earlier answer ends it)."""
     rest = list(messages)
     while rest and (rest[-1].get("role") == "tool" or rest[-1].get("tool_calls")):
         rest.pop()
-    asked: list[tuple[str, str, str]] = []
+    asked: list[tuple[str, str, str, str]] = []
     for message in reversed(rest):
         parts = str(message.get("content")).split("|") if message.get("role") == "user" else []
-        if len(parts) < 3:
+        if len(parts) < 4:
             break
-        asked.append((parts[0], parts[1], parts[2]))
+        asked.append((parts[0], parts[1], parts[2], parts[3]))
     return asked[::-1]
 
 
+#: The budgets' own operations: a turn whose tool round is followed by a failing model call, and
+#: a reservation left in a user's or tenant's ledger by a worker that died (it expires).
+BUDGET_KINDS = ("fail", "fail", "expire")
+#: The order's own: bursts, a model that fails a turn on every attempt, extra wake-ups, kills.
+ORDER_KINDS = ("burst", "burst", "poison", "ticket", "ticket", "kill")
 #: The operations a history draws from, as often as they are listed.
-KINDS = ("turn",) * 8 + ("burst", "burst", "loop", "duplicate", "duplicate", "duplicate", "reset",
-                         "delete", "export", "forget", "purge", "summary", "summary", "feedback",
-                         "feedback", "streamed", "streamed", "stopped", "poison", "ticket",
-                         "ticket", "kill")
+KINDS = ("turn",) * 8 + ("loop", "duplicate", "duplicate", "duplicate", "reset", "delete",
+                         "export", "forget", "purge", "summary", "summary", "feedback",
+                         "feedback", "streamed", "streamed", "stopped") + BUDGET_KINDS + ORDER_KINDS
 #: Turns that stream into a Teams personal chat (`a:` conversations only), and the user's Stop.
 STREAMED = ("streamed", "stopped")
 
@@ -348,9 +396,9 @@ def history(rng: random.Random, round_id: str, length: int,
         if kind in STREAMED and owner is None:  # Teams streams in personal chats only
             conversation = rng.choice([c for c, o in conversations.items() if o is not None])
             user = conversations[conversation] or user
-        if kind in ("turn", "loop", "duplicate", "reset", "poison", *STREAMED):
+        if kind in ("turn", "loop", "fail", "duplicate", "reset", "poison", *STREAMED):
             activity_id = new_id()
-            variant = kind if kind in ("loop", "poison", *STREAMED) else ""
+            variant = kind if kind in ("loop", "fail", "poison", *STREAMED) else ""
             if kind != "reset":
                 activities.append((conversation, user, activity_id, variant))
             ops.append(Op(index, "reset" if kind == "reset" else "turn", conversation, user,
@@ -374,20 +422,32 @@ def history(rng: random.Random, round_id: str, length: int,
             ops.append(Op(index, kind, instance=instance, delay=delay))
         elif kind in ("delete", "summary"):
             ops.append(Op(index, kind, conversation, instance=instance, delay=delay))
+        elif kind == "expire":  # a dead worker's reservation, in the user's or the tenant's ledger
+            ops.append(Op(index, "expire", conversation, user, instance=instance, delay=delay,
+                          variant=rng.choice(("user", "tenant"))))
     return ops
+
+
+#: The bots' budgets (a failing model call is one request: halves has the SDK try once).
+BUDGET_SETTINGS = {"CHAT_USER_DAILY_TOKEN_LIMIT": str(USER_DAILY_LIMIT),
+                   "CHAT_USER_TURNS_PER_MINUTE": str(USER_TURNS_PER_MINUTE),
+                   "CHAT_TENANT_DAILY_TOKEN_LIMIT": str(TENANT_DAILY_LIMIT),
+                   "CHAT_MAX_REPLY_TOKENS": str(REPLY_MAX)}
 
 
 def _activity(op: Op, activity_id: str, text: str, *, service_url: str) -> bytes:
     """A message as the channel posts it: Teams in a personal chat for a streamed turn (the reply
     streams), else a channel that does not stream (the reply is one message)."""
+    tenant = tenant_of(op.conversation)
     if op.variant in STREAMED:
         return json.dumps({"type": "message", "id": activity_id, "text": text,
                            "channelId": "msteams", "serviceUrl": service_url,
-                           "conversation": {"id": op.conversation, "conversationType": "personal"},
+                           "conversation": {"id": op.conversation, "conversationType": "personal",
+                                            "tenantId": tenant},
                            "from": {"id": op.user}, "recipient": {"id": "28:bot"}}).encode()
     return json.dumps({"type": "message", "id": activity_id, "text": text,
                        "channelId": "test", "serviceUrl": service_url,
-                       "conversation": {"id": op.conversation,
+                       "conversation": {"id": op.conversation, "tenantId": tenant,
                                         "isGroup": op.conversation.endswith("-g")},
                        "from": {"id": op.user}, "recipient": {"id": "28:bot"}}).encode()
 
@@ -419,6 +479,7 @@ class Round:
     kills: int = 0
     tickets: int = 0
     spend_checked: int = 0
+    budgets_checked: int = 0
     #: Stop presses waiting for their stream to show.
     pressing: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -443,7 +504,7 @@ async def run_round(state: Round) -> list[str]:
             CHAT_HOLD_SECONDS=str(HOLD_SECONDS), CHAT_DRAIN_SECONDS=str(DRAIN_SECONDS),
             CHAT_BURST=state.burst, CHAT_TURN_MAX_ATTEMPTS="4",
             CHAT_DAILY_TOKEN_LIMIT=str(DAILY_LIMIT), CHAT_MAX_TURNS_PER_MINUTE="10000",
-            CHAT_HISTORY_TOKEN_BUDGET="200") as running:
+            CHAT_HISTORY_TOKEN_BUDGET="200", **BUDGET_SETTINGS) as running:
         store = TableConversationStore(table=TableClient.from_connection_string(
             state.connection_string, table_name=table_name), summaries=True)
         queue = running.workers[0].bot.settings.storage.turn_queue
@@ -488,14 +549,16 @@ async def _run_op(op: Op, state: Round, running: Halves, inbox: Inbox) -> None:
     try:
         if op.kind == "turn":
             await _post(state, running, op, op.activity_id,
-                        f"{op.conversation}|{op.activity_id}|{op.variant or 'answer'}", outcome)
+                        f"{op.conversation}|{op.activity_id}|{op.variant or 'answer'}|{op.user}",
+                        outcome)
         elif op.kind == "reset":
             await _post(state, running, op, op.activity_id, "/reset", outcome)
         elif op.kind == "burst":  # one after the other, a moment apart, as a person types
             for i in range(op.count):
                 activity_id = f"{op.activity_id}b{i}"
                 await _post(state, running, op, activity_id,
-                            f"{op.conversation}|{activity_id}|{op.variant or 'answer'}", outcome)
+                            f"{op.conversation}|{activity_id}|{op.variant or 'answer'}|{op.user}",
+                            outcome)
                 await asyncio.sleep(random.Random(f"{op.index}{i}").uniform(0.02, 0.2))
         elif op.kind == "ticket":
             await inbox.enqueue(TurnTicket(conversation_id=op.conversation,
@@ -523,6 +586,9 @@ async def _run_op(op: Op, state: Round, running: Halves, inbox: Inbox) -> None:
             job = await worker.store.get_fold(op.conversation, token_budget=200)
             if job is not None:
                 await worker.store.update_summary(job, f"summary by op {op.index}")
+            outcome.status = 200
+        elif op.kind == "expire":
+            await _dead_reservation(op, worker.store)
             outcome.status = 200
         elif op.kind == "feedback":
             await _feedback(state, worker.store, op)
@@ -560,6 +626,17 @@ async def _kill(state: Round, running: Halves, slot: int) -> None:
     state.kills += 1
     # A fresh context: the new worker's calls are its own, not this operation's.
     await asyncio.create_task(running.restart(slot), context=contextvars.Context())
+
+
+async def _dead_reservation(op: Op, store: TableConversationStore) -> None:
+    """What a worker that died mid-call leaves: a reservation of a call's worst case in a ledger,
+    never settled; it holds the room for a second, then expires."""
+    account = Account("user", op.user) if op.variant == "user" else \
+        Account("tenant", tenant_of(op.conversation))
+    now = utc_now()
+    dead = Reservation(f"dead-{op.index}", 2 * TOKENS_PER_CALL, int(now.timestamp()) + 1)
+    await store.update_ledger(account, utc_day(now),
+                              lambda ledger: ledger.reserve(dead, limit=None, now=0))  # type: ignore[arg-type, return-value]
 
 
 async def _feedback(state: Round, store: TableConversationStore, op: Op) -> None:
@@ -605,7 +682,7 @@ class Answered:
 def _answered(state: Round, deeds: list[Deed]) -> dict[tuple[str, str], Answered]:
     first: dict[tuple[str, str], Answered] = {}
     for deed in sorted(deeds, key=lambda d: d.tick):
-        if deed.run.kind != "messages" or deed.text in _NOT_ANSWERS:
+        if deed.run.kind != "messages" or not _is_answer(deed.text):
             continue
         for activity in deed.run.activity_ids:
             key = (deed.run.conversation, activity)
@@ -662,7 +739,7 @@ async def check(state: Round, store: TableConversationStore, *, day: str) -> lis
                                              for c in conversations}
     texts: dict[tuple[str, str], set[str]] = defaultdict(set)
     for deed in deeds:
-        if deed.run.kind == "messages" and deed.stream is None and deed.text not in _NOT_ANSWERS \
+        if deed.run.kind == "messages" and deed.stream is None and _is_answer(deed.text) \
                 and deed.text != REMOVED_MARKER:
             for activity in deed.run.activity_ids:
                 texts[(deed.run.conversation, activity)].add(deed.text)
@@ -698,10 +775,7 @@ async def check(state: Round, store: TableConversationStore, *, day: str) -> lis
     if utc_day(now) == day:
         billed = dict(state.model.billed)
         for cut in state.model.cut:  # shared/prompt.py's rule: the request and the text read
-            shown = [d.text for d in deeds if d.stream is not None
-                     and d.run.conversation == cut.conversation]
-            billed[cut.conversation] = billed.get(cut.conversation, 0) + cut.request_tokens + \
-                count_text_tokens(shown[-1] if shown else "")
+            billed[cut.conversation] = billed.get(cut.conversation, 0) + _cut_tokens(cut, deeds)
         for conversation in conversations:
             if conversation in faulted:
                 continue  # a failed spend write may have lost tokens: logged, not counted here
@@ -711,11 +785,58 @@ async def check(state: Round, store: TableConversationStore, *, day: str) -> lis
             if counted != paid:
                 problems.append(f"spend: {conversation} counts {counted} tokens, the model "
                                 f"billed {paid}")
+        problems += await _check_budgets(state, store, now, deeds)
     problems += check_order(observer, visible)
     problems += check_answered_once(observer, _excuses(state, deeds), visible, state.waiting)
     problems += check_poisoned(observer, state.poisoned)
     problems += check_reset_barrier(observer, state.calls, visible)
     problems += check_streams(observer)
+    return problems
+
+
+def _cut_tokens(cut: CutStream, deeds: list[Deed]) -> int:
+    """A stream cut before its usage arrived, as the code counts it: the request and the text
+    the user read (the stream they stopped, of the unit that asked)."""
+    shown = [d.text for d in deeds if d.stream is not None
+             and d.run.conversation == cut.conversation and cut.activity_id in d.run.activity_ids]
+    return cut.request_tokens + count_text_tokens(shown[-1] if shown else "")
+
+
+async def _check_budgets(state: Round, store: TableConversationStore, now: Any,
+                         deeds: list[Deed]) -> list[str]:
+    """The ledgers against what the model stand-in billed each user and tenant (cut streams as
+    the code estimates them), where no ledger write met an injected failure and no killed
+    worker made a call for the account; and their limits."""
+    assert state.observer is not None
+    billed = dict(state.model.accounts)
+    for cut in state.model.cut:
+        for key in (f"user:{cut.user}", f"tenant:{tenant_of(cut.conversation)}"):
+            billed[key] = billed.get(key, 0) + _cut_tokens(cut, deeds)
+    senders = {(a.conversation, a.activity_id): a.sender for a in state.observer.arrivals}
+    killed = {key for run in state.observer.runs if run.outcome == "killed"
+              for key in (f"tenant:{tenant_of(run.conversation)}",
+                          *(f"user:{senders.get((run.conversation, a), '')}"
+                            for a in run.activity_ids))}
+    problems: list[str] = []
+    accounts = [Account("user", u) for u in USERS] + \
+        [Account("tenant", t) for t in ("tenant-a", "tenant-b")]
+    for account in accounts:
+        ledgers = await store.list_ledgers(account, since=utc_day(now))
+        counted = ledgers[0].tokens if ledgers else 0
+        limit = USER_DAILY_LIMIT if account.level == "user" else TENANT_DAILY_LIMIT
+        if counted > limit:
+            problems.append(f"budgets: the {account.level} {account.id} settled {counted} "
+                            f"tokens, past its limit of {limit}")
+        name = f"{account.level}:{account.id}"
+        faulted = name in killed or any(
+            (c.injected or c.dead) and f"PartitionKey='{account.key}'" in unquote(c.url)
+            for c in state.calls)
+        paid = billed.get(name, 0)
+        if not faulted:
+            state.budgets_checked += 1
+            if counted != paid:
+                problems.append(f"budgets: the {account.level} {account.id} counts {counted} "
+                                f"tokens, the model billed {paid}")
     return problems
 
 
@@ -856,6 +977,8 @@ class Figures:
     calls: Counter[str] = field(default_factory=Counter)
     injected: int = 0
     spend_checked: int = 0
+    budgets_checked: int = 0
+    budget_replies: int = 0
 
     def add(self, state: Round) -> None:
         assert state.observer is not None
@@ -864,9 +987,9 @@ class Figures:
         self.operations += len(state.ops)
         self.accepted += len(state.observer.arrivals)
         self.answers += sum(1 for d in deeds if d.run.kind == "messages"
-                            and d.text not in _NOT_ANSWERS)
+                            and _is_answer(d.text))
         self.bursts += sum(1 for d in deeds if d.run.kind == "messages"
-                           and len(d.run.activity_ids) > 1 and d.text not in _NOT_ANSWERS)
+                           and len(d.run.activity_ids) > 1 and _is_answer(d.text))
         self.apologies += sum(1 for d in deeds if d.text == APOLOGY)
         self.resets += sum(1 for d in deeds if d.text == RESET_DONE)
         self.streamed += len(state.channel.streams.streams)
@@ -876,6 +999,8 @@ class Figures:
         self.calls.update(c.role for c in state.calls)
         self.injected += sum(c.injected for c in state.calls)
         self.spend_checked += state.spend_checked
+        self.budgets_checked += state.budgets_checked
+        self.budget_replies += sum(1 for d in deeds if d.text.startswith(_BUDGET_REPLIES))
 
     def __str__(self) -> str:
         calls = ", ".join(f"{n} {role}" for role, n in sorted(self.calls.items()))
@@ -885,7 +1010,8 @@ class Figures:
                 f"streamed, {self.stopped} stopped by the user; {self.kills} workers killed, "
                 f"{self.tickets} extra queue messages; {sum(self.calls.values())} storage calls "
                 f"({calls}; {self.injected} failed on purpose); spend checked in "
-                f"{self.spend_checked} conversations")
+                f"{self.spend_checked} conversations, budgets checked in {self.budgets_checked} "
+                f"accounts ({self.budget_replies} budget replies)")
 
 
 async def torture(connection_string: str, *, seed: int, rounds: int | None,
