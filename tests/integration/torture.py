@@ -268,8 +268,8 @@ class ScriptedModel:
     last sender and its tenant (`accounts`: `user:<id>`, `tenant:<id>`); answers the unit's user
     messages (those after the last answer: a burst's, or one) `re <a>+<b> #<call>` (a tool call
     for a `loop` turn, until the round limit cuts it; for a `fail` turn, a tool call, then a 500
-    billed as its request, which is all a provider that reports nothing can be counted as; a 500,
-    every time and unbilled, when one of them is a `poison` turn). A streamed request is
+    billed as its request, which is all a provider that reports nothing can be counted as; a 500
+    so billed, every time, when one of them is a `poison` turn). A streamed request is
     answered in SSE chunks, `STREAM_PACE` apart, usage last; a stream the bot closes before
     reading its usage is recorded in `cut` (billed as the code estimates it). Other answers take
     up to `MODEL_LATENCY`."""
@@ -290,10 +290,11 @@ class ScriptedModel:
         conversation, activity_id, variant, user = asked[-1]
         variants = {variant for _, _, variant, _ in asked}
         ids = "+".join(activity for _, activity, _, _ in asked)
-        if "poison" in variants:
+        prompt = count_request_tokens(body["messages"], body.get("tools"))
+        if "poison" in variants:  # billed as its request, as a provider that reports nothing
+            self.bill(conversation, user, prompt)
             return httpx2.Response(500, json={"error": {"message": "the model is down",
                                                         "type": "server_error"}})
-        prompt = count_request_tokens(body["messages"], body.get("tools"))
         usage = {"prompt_tokens": prompt, "completion_tokens": REPLY_TOKENS,
                  "total_tokens": prompt + REPLY_TOKENS}
         if "fail" in variants and body["messages"][-1]["role"] == "tool":
@@ -897,7 +898,7 @@ async def _check_users(state: Round, store: TableConversationStore,
                        answered: dict[tuple[str, str], Answered]) -> list[str]:
     problems: list[str] = []
     assert state.observer is not None
-    accepted = {key: a.tick for key, a in state.observer.answered_arrivals().items()}
+    accepted = {key: a.tick for key, a in state.observer.stored_arrivals().items()}
     for user in USERS:
         data = await store.export_user(user)
         exported = {(c.conversation_id, m.activity_id) for c in data.conversations
@@ -1030,17 +1031,21 @@ async def torture(connection_string: str, *, seed: int, rounds: int | None,
     while (rounds is None or figures.rounds < rounds) and (duration is None or
                                                            time.monotonic() - started < duration):
         round_seed = master.getrandbits(32)
-        ops = history(random.Random(round_seed), f"r{figures.rounds}", length, kinds)
         choices = random.Random(round_seed)
-        # A third of the rounds fail no storage call (delays only): spend is checked everywhere.
-        state = Round(connection_string, round_seed, ops,
-                      fail_rate=choices.choice((0.0, 0.02, 0.05)),
+        # A third of the rounds fail no storage call and kill no worker (delays only): spend
+        # and budgets are checked everywhere.
+        fail_rate = choices.choice((0.0, 0.02, 0.05))
+        calm = tuple(k for k in kinds if k != "kill") if not fail_rate else kinds
+        ops = history(random.Random(round_seed), f"r{figures.rounds}", length, calm)
+        state = Round(connection_string, round_seed, ops, fail_rate=fail_rate,
                       burst=choices.choice(("together", "together", "each")))
+        began = time.monotonic()
         problems = [p for p in await run_round(state) if _checked(p, checks)]
         number = figures.rounds
         figures.add(state)
         print(f"round {number}: {len(ops)} operations, faults {state.fail_rate:.0%}, "
-              f"CHAT_BURST={state.burst}: {'FAILED' if problems else 'ok'}", file=out, flush=True)
+              f"CHAT_BURST={state.burst}: {'FAILED' if problems else 'ok'} "
+              f"({time.monotonic() - began:.0f} s)", file=out, flush=True)
         if problems:
             print(f"FAILED: seed {seed}, round {number} (round seed {round_seed}):", file=out)
             for problem in problems:

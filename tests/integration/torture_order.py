@@ -295,20 +295,22 @@ class Observer:
                 and reply_to in r.activity_ids and r.start < at]
         return max(runs, key=lambda r: r.start, default=None)
 
-    def answered_arrivals(self) -> dict[tuple[str, str], Arrival]:
-        """(conversation, activity) → the acceptance the unit that first answered it answered:
-        the latest before that unit began (one the webhook let go of when it could not queue
-        its wake-up is sent again by the channel, and takes a later place; so does a
-        redelivery after its sender's removal withdrew it)."""
-        answered: dict[tuple[str, str], int] = {}
-        for deed in sorted(self.deeds(), key=lambda d: d.run.start):
-            if deed.run.kind == "messages" and is_reply(deed.text):
-                for activity in deed.run.activity_ids:
-                    answered.setdefault((deed.run.conversation, activity), deed.run.start)
+    def stored_arrivals(self) -> dict[tuple[str, str], Arrival]:
+        """(conversation, activity) → the acceptance whose turn stored it: the latest before
+        the last unit holding it that sent a commit and was answered began (one the webhook let
+        go of when it could not queue its wake-up is sent again by the channel, and takes a later
+        place; so does a redelivery after its first turn was withdrawn or cleared)."""
+        committing: dict[tuple[str, str], int] = {}
+        for run in sorted(self.runs, key=lambda r: r.start):
+            if run.outcome == "Answered" and any(
+                    c.commit and c.unit == run.activity_ids and c.conversation == run.conversation
+                    and run.start <= c.sent <= run.end for c in self.calls):
+                for activity in run.activity_ids:
+                    committing[(run.conversation, activity)] = run.start
         found: dict[tuple[str, str], Arrival] = {}
         for arrival in sorted(self.arrivals, key=lambda a: a.tick):
             key = (arrival.conversation, arrival.activity_id)
-            if key in answered and arrival.tick < answered[key]:
+            if key in committing and arrival.tick < committing[key]:
                 found[key] = arrival
         return found
 
@@ -329,7 +331,7 @@ class Observer:
 def check_order(observer: Observer, visible: dict[str, list[ChatMessage]]) -> list[str]:
     """Stored user messages in arrival order; a conversation's units never overlap in time."""
     problems: list[str] = []
-    seqs = {key: arrival.seq for key, arrival in observer.answered_arrivals().items()}
+    seqs = {key: arrival.seq for key, arrival in observer.stored_arrivals().items()}
     for conversation, rows in visible.items():
         stored = [(m.activity_id, seqs.get((conversation, str(m.activity_id))))
                   for m in rows if m.role == "user"]
@@ -445,14 +447,16 @@ def _unmarked(deed: Deed, runs: list[UnitRun], calls: list[Call]) -> bool:
 
 def _redelivered_after_clear(key: tuple[str, str], first: Deed, later: Deed,
                              arrivals: list[Arrival], clears: dict[str, list[int]]) -> bool:
-    """The channel delivered the activity again after a clear (begun after its first answer)
-    had removed that answer's turn, and `later` answered the unit it joined behind other
-    messages: only a unit's first message is checked against the conversation's recently
-    committed activities, so the bot takes it for a new message (a known limit)."""
+    """The channel delivered the activity again after its first answer, and a clear (a reset,
+    a DELETE, a purge or its sender's removal, begun after it was first accepted) had taken or
+    withdrawn that answer's turn: the bot takes the redelivery for a new message (a known limit,
+    docs/operate.md)."""
     conversation, activity = key
-    cleared = [at for at in clears.get(conversation, []) if at > first.tick]
-    return any(a.conversation == conversation and a.activity_id == activity
-               and any(at < a.tick < later.tick for at in cleared) for a in arrivals)
+    mine = sorted(a.tick for a in arrivals
+                  if a.conversation == conversation and a.activity_id == activity)
+    again = [at for at in mine if first.tick < at < later.tick]
+    return bool(mine) and any(mine[0] < cleared < at for at in again
+                              for cleared in clears.get(conversation, []))
 
 
 def check_reset_barrier(observer: Observer, calls: list[Call],
