@@ -250,7 +250,8 @@ class Answerer:
                                                   paced_after=unit.streamed_at, streams=not refused)
                 try:
                     outcome, window = await self._queued_turn(
-                        lambda: self._run(checked, progress, kept=True), reply_to, progress)
+                        lambda: self._run(checked, progress, kept=True), reply_to, progress,
+                        first=checked[0].activity.id)
                 finally:
                     await progress.close()
             except ConnectorError as exc:  # not delivered: the retry re-sends it
@@ -481,16 +482,19 @@ class Answerer:
             # The paused turn's stream was ended and forgotten (`Approvals.ask`): one kept now is
             # this resumed turn's, from an attempt that failed; else it opens its own, kept.
             stream = next((kept.stream for kept in unit.kept if kept.stream is not None), None)
-            if stream is None:
+            refused = False
+            if stream is None and self.delivery.streams(reply_to):
                 stream = await self.delivery.open_stream(reply_to, paced_after=unit.streamed_at)
-                if stream is not None and self.inbox is not None:
-                    await self.inbox.keep_stream(unit.conversation_id, reply_to.id, stream)
+                refused = stream is None  # not asked again in this turn
+                if stream is not None:
+                    await self._keep_stream(unit, reply_to, stream)
             progress = self.delivery.progress(reply_to, resume=stream, updates=not unit.retried,
-                                              paced_after=unit.streamed_at)
+                                              paced_after=unit.streamed_at, streams=not refused)
             try:
                 outcome, window = await self._queued_turn(
                     lambda: self.turns.run(reply_to, "", needed=needed, stream=progress.stream,
-                                           resume=resume), reply_to, progress)
+                                           resume=resume), reply_to, progress,
+                    first=unit.activity_ids[0])
             finally:
                 await progress.close()
         except ConnectorError as exc:  # not delivered: the retry re-sends it
@@ -501,9 +505,11 @@ class Answerer:
         return outcome
 
     async def _queued_turn(self, run: Callable[[], Awaitable[TurnResult]], reply_to: Activity,
-                           progress: Progress) -> tuple[UnitOutcome, ConversationWindow | None]:
+                           progress: Progress, *,
+                           first: str) -> tuple[UnitOutcome, ConversationWindow | None]:
         """The turn in the drain: a transient failure is `Failed` (the drain tries again); a
-        turn that waits for a person is parked (`Paused`)."""
+        turn that waits for a person is parked (`Paused`). `first`: the unit's first message
+        (the one a turn found committed before answered)."""
         try:
             result = await run()
         except ModelMisconfigured as exc:
@@ -528,8 +534,7 @@ class Answerer:
             await self._redeliver(reply_to, result, progress)
             # Only what that earlier turn answered (its first message, when a clear has taken
             # the turn): the rest of the unit is answered next.
-            answered = result.turn.answered if result.turn is not None else \
-                (messages[0].activity.id,)
+            answered = result.turn.answered if result.turn is not None else (first,)
             return Answered(activity_ids=answered), None
         outgoing, window = await self._deliver(result, reply_to, progress)
         del outgoing
