@@ -27,7 +27,7 @@ from aiohttp import web
 
 from devtools.fake_channel import FakeConnector
 from devtools.teams_streams import Stream
-from shared.answer import APOLOGY, RESET_DONE, WITHDRAWN
+from shared.answer import APOLOGY, RESET_DONE
 from shared.bot import ChatBot
 from shared.errors import ConnectorError
 from shared.keys import encode_key
@@ -39,10 +39,12 @@ __all__ = ["ORDER_INVARIANTS", "Arrival", "Call", "Channel", "Deed", "Observer",
 ORDER_INVARIANTS = (
     "order: a conversation's stored user messages are in arrival order (the number the inbox "
     "gave each), and its units are answered one at a time",
-    "answered once: each accepted message is answered (alone or in a burst's one reply), or "
-    "apologised for, or withdrawn by its sender's removal, or cleared away by a clear that came "
-    "after it was accepted, exactly once (a stored reply sent again only where the worker that "
-    "sent it died, or a storage call failed, before it was marked delivered); none is left waiting",
+    "answered once: each acknowledged message is answered (alone or in a burst's one reply), or "
+    "apologised for (with a text-free poison record), or withdrawn by its sender's removal, or "
+    "cleared away by a clear that came after it was accepted, exactly once (the same reply sent "
+    "again only where its worker died, or a storage call failed, before it was recorded; a "
+    "redelivery after a clear took its turn, waiting behind other messages, is a new message: a "
+    "known limit); none is left waiting",
     "reset barrier: nothing accepted before a /reset is stored or answered after that reset's "
     "confirmation",
     "no open stream: at quiescence every stream opened has ended (its final message, or the "
@@ -57,7 +59,6 @@ current_conversation: contextvars.ContextVar[str] = contextvars.ContextVar("tort
                                                                           default="")
 current_unit: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("torture_unit",
                                                                               default=())
-_NOT_REPLIES = {APOLOGY, WITHDRAWN, RESET_DONE}
 
 
 def tick() -> int:
@@ -542,11 +543,6 @@ def hiding_moment(calls: Iterable[Call], conversation: str) -> int | None:
                 and 200 <= call.status < 300:
             return call.answered
     return None
-
-
-def is_reply(text: str) -> bool:
-    """A reply that answers (not an apology, a withdrawal or a reset's confirmation)."""
-    return text not in _NOT_REPLIES
 
 
 def timeline(observer: Observer, conversation: str) -> list[str]:
