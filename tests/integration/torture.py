@@ -716,7 +716,13 @@ def _excuses(state: Round, deeds: list[Deed]) -> Excuses:
         if run.kind == "reset":
             clears[run.conversation].append(run.start)
     return Excuses(removals=removals, clears=clears, acknowledged=state.acknowledged,
-                   calls=state.calls, withdrawn=_withdrawn(state))
+                   calls=state.calls, withdrawn=_withdrawn(state), same_reply=_same_reply)
+
+
+def _same_reply(one: str, other: str) -> bool:
+    """The same reply: the same text, or the same reply of ours (a budget's refusal names the
+    wait, which differs when it is worded again)."""
+    return one == other or any(one.startswith(p) and other.startswith(p) for p in _BUDGET_REPLIES)
 
 
 def _check_stopped(deeds: list[Deed], visible: dict[str, list[ChatMessage]],

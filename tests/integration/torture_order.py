@@ -369,6 +369,8 @@ class Excuses:
     #: Activities a user's removal withdrew (their text-free stub written), even if it failed
     #: later on.
     withdrawn: set[str]
+    #: Whether two replies are the same reply (one of ours worded anew, as a limit's wait).
+    same_reply: Callable[[str, str], bool]
 
 
 def check_answered_once(observer: Observer, excuses: Excuses,
@@ -404,7 +406,8 @@ def check_answered_once(observer: Observer, excuses: Excuses,
             continue
         first, *again = deeds
         for deed in again:
-            if deed.text == first.text and _unmarked(first, observer.runs, excuses.calls):
+            if excuses.same_reply(first.text, deed.text) and \
+                    _unmarked(first, observer.runs, excuses.calls):
                 continue  # the same reply sent again: what records it as sent may have failed
             if _redelivered_after_clear(key, first, deed, observer.arrivals, excuses.clears):
                 continue  # a known limit (docs/operate.md): see the function
