@@ -500,24 +500,30 @@ class Inbox:
 
     async def mark_attempt(self, conversation_id: str, kept: Sequence[Kept], *,
                            not_before: float) -> None:
-        """One more failed attempt at these activities; the next one not before `not_before`."""
-        pk = encode_key(conversation_id)
-        for item in kept:
-            async with _translated("counting an attempt"):
-                await self._table.update_entity(
-                    {"PartitionKey": pk, "RowKey": _row_key(item.activity_id),
-                     "attempts": item.attempts + 1, "not_before": not_before},
-                    mode=UpdateMode.MERGE)
+        """One more failed attempt at these activities; the next one not before `not_before`
+        (all of them, or none: one transaction)."""
+        await self._merge(conversation_id, [{"RowKey": _row_key(item.activity_id),
+                                             "attempts": item.attempts + 1,
+                                             "not_before": not_before} for item in kept],
+                          "counting an attempt")
 
     async def mark_given_up(self, conversation_id: str, activity_ids: Sequence[str]) -> None:
         """These activities' last attempt failed and their apology went out: a drain that meets
-        them again (their removal failed) forgets them without asking or apologising again."""
+        them again (their removal failed) forgets them without asking or apologising again. All
+        of them or none (one transaction), so a unit is never met again half given up."""
+        await self._merge(conversation_id, [{"RowKey": _row_key(activity_id), "given_up": True}
+                                            for activity_id in dict.fromkeys(activity_ids)],
+                          "recording a given-up message")
+
+    async def _merge(self, conversation_id: str, changes: Sequence[dict[str, Any]],
+                     action: str) -> None:
+        """Merge `changes` into a conversation's kept rows in one entity-group transaction (a
+        unit holds at most a burst's few rows, well under a transaction's 100)."""
         pk = encode_key(conversation_id)
-        for activity_id in activity_ids:
-            async with _translated("recording a given-up message"):
-                await self._table.update_entity(
-                    {"PartitionKey": pk, "RowKey": _row_key(activity_id), "given_up": True},
-                    mode=UpdateMode.MERGE)
+        async with _translated(action):
+            await self._table.submit_transaction(
+                [("update", {"PartitionKey": pk, **change}, {"mode": UpdateMode.MERGE})
+                 for change in changes])
 
     async def keep_stream(self, conversation_id: str, activity_id: str,
                           stream: StreamStart | None) -> None:
