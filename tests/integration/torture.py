@@ -535,7 +535,7 @@ def _answered(state: Round, deeds: list[Deed]) -> dict[tuple[str, str], Answered
     for deed in sorted(deeds, key=lambda d: d.tick):
         if deed.run.kind != "messages" or not _is_answer(deed.text):
             continue
-        for activity in deed.run.activity_ids:
+        for activity in deed.run.covered:
             key = (deed.run.conversation, activity)
             if key not in first:
                 commits = [c.sent for c in state.calls if c.commit and activity in c.unit
@@ -592,7 +592,7 @@ async def check(state: Round, store: TableConversationStore, *, day: str) -> lis
     for deed in deeds:
         if deed.run.kind == "messages" and deed.stream is None and _is_answer(deed.text) \
                 and deed.text != REMOVED_MARKER:
-            for activity in deed.run.activity_ids:
+            for activity in deed.run.covered:
                 texts[(deed.run.conversation, activity)].add(deed.text)
     problems += [f"once: activity {a} was answered {len(t)} ways: {sorted(t)}"
                  for (_, a), t in texts.items() if len(t) > 1]
@@ -649,7 +649,7 @@ def _cut_tokens(cut: CutStream, deeds: list[Deed]) -> int:
     """A stream cut before its usage arrived, as the code counts it: the request and the text
     the user read (the stream they stopped, of the unit that asked)."""
     shown = [d.text for d in deeds if d.stream is not None
-             and d.run.conversation == cut.conversation and cut.activity_id in d.run.activity_ids]
+             and d.run.conversation == cut.conversation and cut.activity_id in d.run.covered]
     return cut.request_tokens + count_text_tokens(shown[-1] if shown else "")
 
 
@@ -731,7 +731,7 @@ def _check_stopped(deeds: list[Deed], visible: dict[str, list[ChatMessage]],
     of it got a whole answer and no storage call of its conversation failed on purpose)."""
     problems: list[str] = []
     for deed in deeds:
-        conversation, ids = deed.run.conversation, deed.run.activity_ids
+        conversation, ids = deed.run.conversation, deed.run.covered
         if deed.stream is None or conversation in faulted or \
                 any(texts.get((conversation, a)) for a in ids):
             continue
@@ -846,7 +846,7 @@ class Figures:
         self.answers += sum(1 for d in deeds if d.run.kind == "messages"
                             and _is_answer(d.text))
         self.bursts += sum(1 for d in deeds if d.run.kind == "messages"
-                           and len(d.run.activity_ids) > 1 and _is_answer(d.text))
+                           and len(d.run.covered) > 1 and _is_answer(d.text))
         self.apologies += sum(1 for d in deeds if d.text == APOLOGY)
         self.resets += sum(1 for d in deeds if d.text == RESET_DONE)
         self.streamed += len(state.channel.streams.streams)

@@ -127,6 +127,14 @@ class UnitRun:
     end: int = -1
     #: The `UnitOutcome`'s class name, `killed` (its worker died), or the exception's kind.
     outcome: str = ""
+    #: What it answered: its outcome's activities (a turn found committed before answers only
+    #: what that turn did), else all of its own.
+    answered: tuple[str, ...] = ()
+
+    @property
+    def covered(self) -> tuple[str, ...]:
+        """The activities what it sent answers."""
+        return self.answered or self.activity_ids
 
 
 @dataclass(frozen=True)
@@ -259,6 +267,9 @@ class Observer:
             current_unit.reset(token)
             run.end = tick()
         run.outcome = type(outcome).__name__ if outcome is not None else "done"
+        answered = getattr(outcome, "activity_ids", None)
+        if answered is not None:
+            run.answered = tuple(answered)
         return outcome
 
     # -- what each unit did --------------------------------------------------------------------
@@ -382,7 +393,7 @@ def check_answered_once(observer: Observer, excuses: Excuses,
                 for conversation, activity in waiting]
     seen: dict[tuple[str, str], list[Deed]] = defaultdict(list)
     for deed in observer.deeds():
-        for activity in deed.run.activity_ids:
+        for activity in deed.run.covered:
             seen[(deed.run.conversation, activity)].append(deed)
     problems += [f"answered once: a message no unit sent: {a.get('text')!r} replying to "
                  f"{a.get('replyToId')}" for a in observer.unattributed()]
@@ -432,7 +443,7 @@ def check_poisoned(observer: Observer, records: list[bytes]) -> list[str]:
     for deed in observer.deeds():
         if deed.run.kind == "give_up" and deed.text == APOLOGY:
             problems += [f"answered once: {a} in {deed.run.conversation} was apologised for "
-                         f"but has no poison record" for a in deed.run.activity_ids
+                         f"but has no poison record" for a in deed.run.covered
                          if (deed.run.conversation, a) not in recorded]
     return problems
 
@@ -483,8 +494,8 @@ def check_reset_barrier(observer: Observer, calls: list[Call],
                   and max(places) < barrier and (c, a) not in unknown}
         for deed in deeds:
             if deed.run.conversation == conversation and deed.tick > confirmation.tick and \
-                    before.intersection(deed.run.activity_ids) and deed.run.kind != "reset":
-                problems.append(f"reset barrier: in {conversation}, {sorted(before & set(deed.run.activity_ids))} "
+                    before.intersection(deed.run.covered) and deed.run.kind != "reset":
+                problems.append(f"reset barrier: in {conversation}, {sorted(before & set(deed.run.covered))} "
                                 f"accepted before /reset {reset} was answered after its "
                                 f"confirmation: {deed.text[:60]!r}")
         for call in calls:
