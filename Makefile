@@ -19,7 +19,7 @@ help:
 	@echo "make unit        the unit tier alone (no I/O; about a second)"
 	@echo "make teams-package  the Teams app package appPackage/build/chatstate.zip (needs CLIENT_ID; COPILOT=off: not a Copilot agent)"
 	@echo "make bench       store and webhook benchmarks; figures go to benchmarks/results.json"
-	@echo "make torture     the randomized concurrency test (SEED=…, ROUNDS=… or DURATION=… seconds, KINDS=…)"
+	@echo "make torture     the randomized concurrency test through the queue (SEED=…, ROUNDS=… or DURATION=… seconds, KINDS=…, TRACE=file)"
 	@echo "make usage       tokens and turns by tenant (LEVEL=user: by user) over DAYS=30; CSV=file.csv for chargeback"
 
 deps: python-version $(VENV)/.installed node_modules/.installed
@@ -73,12 +73,13 @@ teams-package: deps
 bench: deps
 	$(PY) -m devtools.azurite -- $(PY) -m benchmarks.run
 
-# Seeded random interleavings of every operation on two instances, storage faults injected,
-# invariants checked (tests/integration/torture.py); a short run is part of `make test`.
+# Seeded random interleavings of every operation through the webhook, the inbox, the queue and two
+# answer workers, workers killed and storage faults injected, invariants checked
+# (tests/integration/torture.py); a short run is part of `make test`.
 torture: deps
 	$(PY) -m devtools.azurite -- $(PY) -m tests.integration.torture $(if $(SEED),--seed $(SEED)) \
 		$(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(DURATION),--duration $(DURATION)) \
-		$(if $(KINDS),--kinds $(KINDS))
+		$(if $(KINDS),--kinds $(KINDS)) $(if $(TRACE),--trace $(TRACE))
 
 # Usage by tenant or user from the budget ledgers (devtools/usage.py); CSV=… writes one line per
 # account and day. Against Azure: CHAT_STORAGE_TABLE_ENDPOINT=… and `az login`.

@@ -219,6 +219,18 @@ class Activity:
         """A typing indicator in this activity's conversation."""
         return self._addressed("typing")
 
+    def reference(self) -> dict[str, Any]:
+        """This activity without its content: what a reply to it needs (kept for a message
+        withdrawn while it waited, to end a stream opened for it)."""
+        inbound = self.raw.get("conversation")
+        conversation = {name: inbound[name] for name in _CONVERSATION_REFERENCE
+                        if isinstance(inbound, dict) and name in inbound}
+        return {"type": self.type, "id": self.id, "channelId": self.channel_id,
+                "serviceUrl": self.service_url,
+                "conversation": {**conversation, "id": self.conversation_id},
+                "from": {"id": self.user.id} if self.user.id else {},
+                "recipient": self.recipient}
+
     def _addressed(self, kind: str) -> dict[str, Any]:
         """An activity back into this conversation: its reference as the SDKs copy it (the
         conversation's ID, type, tenant and group flag; from and recipient swapped)."""

@@ -34,6 +34,7 @@ from .errors import (
     MessageTooLarge,
     ModelError,
     ModelMisconfigured,
+    StoreError,
 )
 from .inbox import Inbox, Kept, TurnTicket
 from .logs import turn_context
@@ -69,6 +70,8 @@ NO_APPROVALS = ("Sorry, I would need your approval for a step of this, and I can
 TOO_LONG = ("Sorry, that message is too long for me (about {tokens:,} tokens; I can take "
             "{budget:,}). Could you shorten it?")
 _HEADERS = {"Content-Type": "application/json"}
+#: How long a turn waits for the stream the webhook is opening for its message to be kept.
+OPENING_SECONDS = 5.0
 
 
 class Unanswered(Exception):
@@ -209,6 +212,9 @@ class Answerer:
 
     async def answer_unit(self, unit: Unit) -> UnitOutcome:
         """Answer one unit of a conversation's order (`shared/order.py`)."""
+        if unit.kept and all(kept.withdrawn for kept in unit.kept):
+            await self._withdrawn(unit)
+            return Answered()
         read = await self._read(unit)
         if not read:
             return Answered()
@@ -220,6 +226,8 @@ class Answerer:
             # and the message whose reply ends it: the turn's reply goes there.
             stream, owner = next(((kept.stream, activity) for activity, kept in read
                                   if kept.stream is not None), (None, None))
+            if stream is None and any(kept.opening for _, kept in read):
+                stream, owner = await self._opened(unit, [activity for activity, _ in read])
             if unit.kind == "reset":
                 await self._reset(activities[0], stream)
                 return Answered()
@@ -229,19 +237,21 @@ class Answerer:
                     return Answered()
                 reply_to = owner if stream is not None and owner is not None \
                     else checked[-1].activity
-                if stream is None:
+                refused = False
+                if stream is None and self.delivery.streams(reply_to):
                     # It waited behind another turn: its stream starts now, kept with its
                     # message so a worker that takes over after a crash ends it.
                     stream = await self.delivery.open_stream(reply_to,
                                                              paced_after=unit.streamed_at)
+                    refused = stream is None  # not asked again in this turn
                     if stream is not None:
-                        assert self.inbox is not None
-                        await self.inbox.keep_stream(unit.conversation_id, reply_to.id, stream)
+                        await self._keep_stream(unit, reply_to, stream)
                 progress = self.delivery.progress(reply_to, resume=stream, updates=not unit.retried,
-                                                  paced_after=unit.streamed_at)
+                                                  paced_after=unit.streamed_at, streams=not refused)
                 try:
                     outcome, window = await self._queued_turn(
-                        lambda: self._run(checked, progress, kept=True), reply_to, progress)
+                        lambda: self._run(checked, progress, kept=True), reply_to, progress,
+                        first=checked[0].activity.id)
                 finally:
                     await progress.close()
             except ConnectorError as exc:  # not delivered: the retry re-sends it
@@ -250,6 +260,64 @@ class Answerer:
         if window is not None:
             await self._after_reply(reply_to, window)
         return outcome
+
+    async def _keep_stream(self, unit: Unit, reply_to: Activity, stream: StreamStart) -> None:
+        """Keep the start of the stream this turn opened (a worker taking over after a crash
+        ends it); the turn goes on with it if that fails, and ends it itself."""
+        assert self.inbox is not None
+        try:
+            await self.inbox.keep_stream(unit.conversation_id, reply_to.id, stream)
+        except StoreError as exc:
+            log.warning("the stream's start was not kept (the turn goes on with it): %s", exc)
+
+    async def _opened(self, unit: Unit, activities: Sequence[Activity],
+                      ) -> tuple[StreamStart | None, Activity | None]:
+        """The webhook is opening the stream of one of the unit's messages (it went first): its
+        start once kept, and the message it answers; (None, None) when the channel refused it,
+        or when it is not kept within `OPENING_SECONDS` (the webhook died: answered without)."""
+        assert self.inbox is not None
+        by_id = {activity.id: activity for activity in activities}
+        deadline = time.monotonic() + OPENING_SECONDS
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            kept = [k for k in await self.inbox.waiting(unit.conversation_id)
+                    if k.activity_id in by_id]
+            found = next(((k.stream, by_id[k.activity_id]) for k in kept if k.stream), None)
+            if found is not None:
+                return found
+            if not any(k.opening for k in kept):
+                return None, None
+        log.warning("the stream the webhook was opening was not kept in time; answering "
+                    "without it")
+        return None, None
+
+    async def _withdrawn(self, unit: Unit) -> None:
+        """Messages withdrawn while they waited (their sender's removal): end the stream opened
+        for any of them, saying why (nothing else is sent, nothing asked or stored)."""
+        assert self.inbox is not None
+        for kept in unit.kept:
+            stream = kept.stream
+            if stream is None and kept.opening:  # the webhook is keeping its start
+                deadline = time.monotonic() + OPENING_SECONDS
+                while stream is None and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+                    now = next((k for k in await self.inbox.waiting(unit.conversation_id)
+                                if k.activity_id == kept.activity_id), None)
+                    if now is None or not now.opening:
+                        stream = now.stream if now is not None else None
+                        break
+            reference = await self.inbox.reference(unit.conversation_id, kept.activity_id)
+            if stream is None or reference is None:
+                continue
+            try:
+                activity = parse_activity(reference, _HEADERS)
+            except BadRequest:
+                continue
+            if activity.conversation_id != unit.conversation_id or \
+                    not self.reply_allowed(activity.service_url):
+                continue  # (checked as any activity read back)
+            await self._say(activity, WITHDRAWN, resume=stream)
+            log.info("ended the stream of a message withdrawn while it waited")
 
     async def give_up(self, unit: Unit) -> None:
         """The unit's last attempt failed: one apology, ending the stream its first message has."""
@@ -414,16 +482,19 @@ class Answerer:
             # The paused turn's stream was ended and forgotten (`Approvals.ask`): one kept now is
             # this resumed turn's, from an attempt that failed; else it opens its own, kept.
             stream = next((kept.stream for kept in unit.kept if kept.stream is not None), None)
-            if stream is None:
+            refused = False
+            if stream is None and self.delivery.streams(reply_to):
                 stream = await self.delivery.open_stream(reply_to, paced_after=unit.streamed_at)
-                if stream is not None and self.inbox is not None:
-                    await self.inbox.keep_stream(unit.conversation_id, reply_to.id, stream)
+                refused = stream is None  # not asked again in this turn
+                if stream is not None:
+                    await self._keep_stream(unit, reply_to, stream)
             progress = self.delivery.progress(reply_to, resume=stream, updates=not unit.retried,
-                                              paced_after=unit.streamed_at)
+                                              paced_after=unit.streamed_at, streams=not refused)
             try:
                 outcome, window = await self._queued_turn(
                     lambda: self.turns.run(reply_to, "", needed=needed, stream=progress.stream,
-                                           resume=resume), reply_to, progress)
+                                           resume=resume), reply_to, progress,
+                    first=unit.activity_ids[0])
             finally:
                 await progress.close()
         except ConnectorError as exc:  # not delivered: the retry re-sends it
@@ -434,9 +505,11 @@ class Answerer:
         return outcome
 
     async def _queued_turn(self, run: Callable[[], Awaitable[TurnResult]], reply_to: Activity,
-                           progress: Progress) -> tuple[UnitOutcome, ConversationWindow | None]:
+                           progress: Progress, *,
+                           first: str) -> tuple[UnitOutcome, ConversationWindow | None]:
         """The turn in the drain: a transient failure is `Failed` (the drain tries again); a
-        turn that waits for a person is parked (`Paused`)."""
+        turn that waits for a person is parked (`Paused`). `first`: the unit's first message
+        (the one a turn found committed before answered)."""
         try:
             result = await run()
         except ModelMisconfigured as exc:
@@ -459,7 +532,9 @@ class Answerer:
             return await self._pause(result, reply_to, progress), None
         if isinstance(result, Found):
             await self._redeliver(reply_to, result, progress)
-            answered = result.turn.answered if result.turn is not None else None
+            # Only what that earlier turn answered (its first message, when a clear has taken
+            # the turn): the rest of the unit is answered next.
+            answered = result.turn.answered if result.turn is not None else (first,)
             return Answered(activity_ids=answered), None
         outgoing, window = await self._deliver(result, reply_to, progress)
         del outgoing

@@ -10,11 +10,13 @@
 The answer itself (the conversation's order, the turn and its delivery) is shared/order.py and
 shared/answer.py, run by the queue trigger; with `CHAT_ANSWER_MODE=inline` (hosts without a queue)
 the webhook runs it before it responds. A retry of an activity already accepted is acknowledged
-and dropped (the inbox's conditional create), and so is one already answered (its turn committed
+(the inbox's conditional create) with a fresh wake-up queued (its first delivery may have been
+kept but not queued), and one already answered is acknowledged and dropped (its turn committed
 and delivered); one committed but not delivered is kept without a stream, and the answer re-sends
 it. Teams allows one stream per chat: the webhook opens one ("Thinking…") only for a message that
-goes first (the conversation idle, its last stream request a second ago or more); a message that
-waits behind another gets its stream when its turn starts.
+goes first (the conversation idle, its last stream request a second ago or more: decided with its
+place in the inbox, so of two messages racing on an idle chat one does), after its wake-up is
+queued; a message that waits behind another gets its stream when its turn starts.
 """
 
 from __future__ import annotations
@@ -74,6 +76,9 @@ if TYPE_CHECKING:
 __all__ = ["APOLOGY", "MAX_REASKS", "RESET_DONE", "TOO_LONG", "WELCOME", "BotResponse", "ChatBot"]
 
 log = logging.getLogger(__name__)
+
+#: Tries to keep the start of a stream the webhook opened (the answer waits for it).
+STREAM_RECORD_ATTEMPTS = 4
 
 WELCOME = ("Hi! I'm a chat bot that remembers our conversation. Ask me anything; "
            "send /reset to make me forget and start over.")
@@ -221,27 +226,30 @@ class ChatBot:
         return BotResponse(status=200, body={"activities": [outgoing]} if outgoing else None)
 
     async def _accept(self, activity: Activity, body: bytes) -> BotResponse:
-        """Keep the message in its conversation's order, show that it is being answered if it
-        goes first, queue a wake-up; 200 at once."""
+        """Keep the message in its conversation's order, queue a wake-up, and show that it is
+        being answered if it goes first; 200 at once."""
         assert self.inbox is not None
         look, committed = await asyncio.gather(
             self.inbox.look(activity.conversation_id, activity.id),
             self.store.get_turn(activity.conversation_id, activity.id))
         if look.kept:
-            log.info("retry of an activity already accepted; acknowledged")
+            # Its first delivery may have been kept but not queued (and answered 503): wake the
+            # conversation again (a wake-up that finds it answered, or held, costs nothing).
+            await self.inbox.enqueue(TurnTicket(conversation_id=activity.conversation_id,
+                                                activity_id=activity.id,
+                                                enqueued_at=time.time(), kind="wake"))
+            log.info("retry of an activity already accepted; acknowledged, its wake-up queued")
             return BotResponse(status=200)
         if committed is not None and committed.delivered:
             log.info("retry of an activity already answered; acknowledged")
             return BotResponse(status=200)
-        now = time.time()
-        first = look.head is None or (look.head.idle(now) and now - look.head.streamed_at >= 1.0)
-        # A turn committed but not delivered is re-sent by the answer, with no stream to open.
-        stream = await self.delivery.open_stream(activity) if first and committed is None else None
         sender = activity.user
+        # A turn committed but not delivered is re-sent by the answer, with no stream to open.
         place = await self.inbox.accept(
             body, conversation_id=activity.conversation_id, activity_id=activity.id,
             sender=sender.id or "", aad=sender.aad_id or "",
-            reset=activity.message_text.lower() == "/reset", stream=stream, head=look.head)
+            reset=activity.message_text.lower() == "/reset",
+            may_stream=committed is None and self.delivery.streams(activity), head=look.head)
         if place is None:
             log.info("retry of an activity accepted a moment ago; acknowledged")
             return BotResponse(status=200)
@@ -255,8 +263,26 @@ class ChatBot:
             except StoreError as exc:
                 log.error("not queued, and its kept copy not removed: %s", exc)
             raise
-        log.info("accepted as number %d of the conversation and queued", place)
+        if place.opens_stream:
+            await self._open_stream(activity)
+        log.info("accepted as number %d of the conversation and queued", place.seq)
         return BotResponse(status=200)
+
+    async def _open_stream(self, activity: Activity) -> None:
+        """The message went first: its stream starts now ("Thinking…"), and is kept with it for
+        the answer, which waits for it (a few tries: a stream nobody records is left open)."""
+        assert self.inbox is not None
+        stream = await self.delivery.open_stream(activity)
+        for attempt in range(STREAM_RECORD_ATTEMPTS):
+            try:
+                await self.inbox.keep_stream(activity.conversation_id, activity.id, stream)
+                return
+            except StoreError as exc:
+                if attempt + 1 == STREAM_RECORD_ATTEMPTS:
+                    log.error("the stream's start was not kept; the answer goes without it: %s",
+                              exc)
+                    return
+                await asyncio.sleep(0.05 * 2 ** attempt)
 
     async def _on_conversation_update(self, activity: Activity, auth: AuthResult) -> BotResponse:
         bot_id = activity.recipient.get("id")

@@ -67,13 +67,19 @@ class Delivery:
 
     # -- while the turn works ----------------------------------------------------------------
 
+    def streams(self, activity: Activity) -> bool:
+        """Replies to `activity` stream (Teams, personal chat, streaming on)."""
+        return self.settings.streaming and activity.can_stream
+
     def progress(self, activity: Activity, *, resume: StreamStart | None = None,
-                 updates: bool = True, paced_after: float = 0.0) -> Progress:
+                 updates: bool = True, paced_after: float = 0.0,
+                 streams: bool = True) -> Progress:
         """A stream with its informative update where the channel streams (`resume`: the one the
         webhook opened); else a typing indicator (none when the reply is the response).
         `paced_after`: when (epoch s) the chat's last stream request went out, as far as
-        another process knows (the order head's `streamed_at`)."""
-        if self.settings.streaming and activity.can_stream:
+        another process knows (the order head's `streamed_at`). `streams=False`: the channel
+        has just refused this turn's stream; a typing indicator."""
+        if streams and self.streams(activity):
             conversation = activity.conversation_id
             stream = self._stream(activity, resume=resume, updates=updates,
                                   paced_after=paced_after)
@@ -96,11 +102,15 @@ class Delivery:
                           paced_after: float = 0.0) -> StreamStart | None:
         """Send the informative update now (the webhook, before it returns; a queued turn
         before it works, to keep the stream's start with its message): the stream's start, or
-        None where the channel does not stream."""
-        if not (self.settings.streaming and activity.can_stream):
+        None where the channel does not stream or refused it."""
+        if not self.streams(activity):
             return None
         stream = self._stream(activity, paced_after=paced_after)
-        return await stream.open(self.settings.streaming_informative)
+        try:
+            return await stream.open(self.settings.streaming_informative)
+        finally:  # refused or not, the request counts towards the chat's pace
+            if (at := stream.last_request_at) is not None:
+                self._paced(activity.conversation_id, at)
 
     def _stream(self, activity: Activity, *, resume: StreamStart | None = None,
                 updates: bool = True, paced_after: float = 0.0) -> ReplyStream:

@@ -11,12 +11,15 @@ The inbox table (the conversations table's name + `inbox`) has one partition per
     a<activity>   one accepted activity (`Kept`): its arrival `seq`, the body zlib-compressed in
                   binary chunks (a Teams activity over the queue's 64 KiB fits, up to the webhook's
                   1 MB), the sender's IDs (a user's removal finds their rows), whether it is a
-                  `/reset`, the stream the webhook opened for it, the attempts made, and a paused
-                  turn's saved state
+                  `/reset`, the stream opened for it (`opening` while the webhook opens it), the
+                  attempts made, and a paused turn's saved state; after its sender's removal, a
+                  text-free stub (`withdrawn`)
 
 `accept` gives the activity its place: one entity-group transaction writes the head with
 `last_seq + 1` (conditioned on the head's ETag) and creates the activity's row (the create fails
-for a channel's retry of an activity already kept: that is the dedupe). Every other change of the
+for a channel's retry of an activity already kept: that is the dedupe). The same write decides
+whether the activity goes first and opens the chat's stream, so of two arrivals racing on an idle
+chat only one does. Every other change of the
 head goes through `change_head`: read, a pure change, a conditional write, a bounded jittered
 retry. The queue (`CHAT_TURN_QUEUE`, base64 text as the Functions host reads it) carries small
 JSON `TurnTicket`s: wake-ups naming a conversation, never the unit of order.
@@ -59,8 +62,8 @@ from .keys import encode_key
 from .pending import Pending
 from .streaming import StreamStart
 
-__all__ = ["LEFTOVER_DAYS", "Inbox", "Kept", "OrderHead", "TurnTicket", "inbox_table_name",
-           "max_dequeue_count", "visibility_timeout"]
+__all__ = ["LEFTOVER_DAYS", "Inbox", "Kept", "OrderHead", "Place", "TurnTicket",
+           "inbox_table_name", "max_dequeue_count", "visibility_timeout"]
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +218,12 @@ class Kept:
     not_before: float = 0.0
     accepted_at: float = 0.0
     saved: bool = False
+    #: The webhook is opening this activity's stream (it went first); `stream` once it is open.
+    opening: bool = False
+    #: Its last attempt failed and the user was told (`mark_given_up`): only forget it now.
+    given_up: bool = False
+    #: Its sender's removal took its content (`withdraw`): only end its stream, then forget it.
+    withdrawn: bool = False
 
     @classmethod
     def read(cls, row: dict[str, Any]) -> Kept:
@@ -225,11 +234,24 @@ class Kept:
                    attempts=int(row.get("attempts", 0)),
                    not_before=float(row.get("not_before", 0.0)),
                    accepted_at=float(row.get("accepted_at", 0.0)),
-                   saved=int(row.get("saved_chunks", 0)) > 0)
+                   saved=int(row.get("saved_chunks", 0)) > 0,
+                   opening=bool(row.get("opening", False)),
+                   given_up=bool(row.get("given_up", False)),
+                   withdrawn=bool(row.get("withdrawn", False)))
 
 
 _KEPT_COLUMNS = ["RowKey", "activity_id", "seq", "reset", "user", "aad", "stream", "attempts",
-                 "not_before", "accepted_at", "saved_chunks"]
+                 "not_before", "accepted_at", "saved_chunks", "opening", "given_up", "withdrawn"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Place:
+    """Where `accept` kept an activity: its arrival number, and whether it goes first (the
+    conversation was idle, its last stream request a second ago or more) and so opens the
+    chat's stream: decided by the same conditional write, so two arrivals never both do."""
+
+    seq: int
+    opens_stream: bool = False
 
 
 def _stream(text: object) -> StreamStart | None:
@@ -309,9 +331,11 @@ class Inbox:
 
     async def accept(self, body: bytes, *, conversation_id: str, activity_id: str,
                      sender: str = "", aad: str = "", reset: bool = False,
-                     stream: StreamStart | None = None, head: OrderHead | None = None) -> int | None:
+                     may_stream: bool = False, head: OrderHead | None = None) -> Place | None:
         """Keep `body` with the next place in its conversation's order: that place, or None when
-        the activity was kept before (a channel's retry). `head`: the head as just read (a
+        the activity was kept before (a channel's retry). `may_stream`: its channel streams, so
+        if it goes first it opens the chat's stream (the head's `streamed_at` is taken with the
+        place, the row marked `opening` until `keep_stream`). `head`: the head as just read (a
         retry of the write reads it again)."""
         packed = zlib.compress(body, 6)
         chunks = _chunks(packed, "b")
@@ -324,21 +348,22 @@ class Inbox:
                                "activity_id": activity_id, "user": sender, "aad": aad,
                                "reset": reset, "accepted_at": self.clock(), "chunks": len(chunks),
                                **chunks}
-        if stream is not None:
-            row["stream"] = _stream_text(stream)
         for attempt in range(HEAD_ATTEMPTS):
             if attempt:
                 await _backoff(attempt)
                 head = await self._read_head(pk)
             read = head or OrderHead(conversation_id=conversation_id)
-            after = replace(read, last_seq=read.last_seq + 1)
+            now = time.time()
+            first = may_stream and read.idle(now) and now - read.streamed_at >= 1.0
+            after = replace(read, last_seq=read.last_seq + 1,
+                            streamed_at=now if first else read.streamed_at)
             head_op: tuple[Any, ...] = ("create", after.entity(pk)) if read.etag is None else \
                 ("update", after.entity(pk), {"mode": UpdateMode.REPLACE, "etag": read.etag,
                                               "match_condition": MatchConditions.IfNotModified})
             try:
                 async with _translated("keeping the accepted activity"):
                     await self._table.submit_transaction(
-                        [head_op, ("create", {**row, "seq": after.last_seq})])
+                        [head_op, ("create", {**row, "seq": after.last_seq, "opening": first})])
             except StorageRejected as exc:
                 failed = _failed_operation(exc)
                 if failed == 1:
@@ -346,7 +371,7 @@ class Inbox:
                 if failed == 0:
                     continue  # the head moved (another arrival, a hold): read it again
                 raise
-            return after.last_seq
+            return Place(seq=after.last_seq, opens_stream=first)
         raise ConversationConflict("the conversation's order kept changing while a message was kept")
 
     # -- the queue ---------------------------------------------------------------------------
@@ -428,32 +453,89 @@ class Inbox:
         return sorted(rows, key=lambda kept: kept.seq)
 
     async def load(self, conversation_id: str, activity_id: str) -> bytes | None:
-        """The accepted body, or None when there is none (answered and removed, or never kept)."""
+        """The accepted body, or None when there is none (answered and removed, withdrawn, or
+        never kept)."""
         await self._prepare()
         row = await self._get(encode_key(conversation_id), _row_key(activity_id))
-        if row is None:
+        if row is None or row.get("withdrawn"):
             return None
         return zlib.decompress(_joined(row, "b", int(row["chunks"])))
 
+    async def withdraw(self, conversation_id: str, activity_id: str, reference: bytes) -> None:
+        """A user's removal: replace the kept activity with a stub that holds no text of theirs
+        (nor their IDs), only its place, the stream opened for it and `reference` (what a reply
+        needs), so the drain ends that stream and forgets it. Conditioned on the row's ETag (the
+        webhook may be keeping the stream's start meanwhile); a row already gone is left gone."""
+        pk, key = encode_key(conversation_id), _row_key(activity_id)
+        for attempt in range(HEAD_ATTEMPTS):
+            if attempt:
+                await _backoff(attempt)
+            row = await self._get(pk, key, select=["seq", "stream", "opening", "attempts"])
+            if row is None:
+                return
+            stub = {"PartitionKey": pk, "RowKey": key, "activity_id": activity_id,
+                    "seq": int(row["seq"]), "stream": str(row.get("stream") or ""),
+                    "opening": bool(row.get("opening", False)),
+                    "attempts": int(row.get("attempts", 0)), "withdrawn": True, "chunks": 0,
+                    "reference": reference.decode()}
+            try:
+                async with _translated("withdrawing a kept activity"):
+                    await self._table.update_entity(
+                        stub, mode=UpdateMode.REPLACE, etag=row.metadata["etag"],
+                        match_condition=MatchConditions.IfNotModified)
+                return
+            except StorageRejected as exc:
+                if isinstance(exc.__cause__, ResourceNotFoundError):
+                    return
+                if not isinstance(exc.__cause__, ResourceModifiedError):
+                    raise
+        raise ConversationConflict("a kept activity kept changing while it was withdrawn")
+
+    async def reference(self, conversation_id: str, activity_id: str) -> bytes | None:
+        """A withdrawn activity's reference (`withdraw`), or None."""
+        row = await self._get(encode_key(conversation_id), _row_key(activity_id),
+                              select=["reference"])
+        text = (row or {}).get("reference")
+        return text.encode() if isinstance(text, str) and text else None
+
     async def mark_attempt(self, conversation_id: str, kept: Sequence[Kept], *,
                            not_before: float) -> None:
-        """One more failed attempt at these activities; the next one not before `not_before`."""
+        """One more failed attempt at these activities; the next one not before `not_before`
+        (all of them, or none: one transaction)."""
+        await self._merge(conversation_id, [{"RowKey": _row_key(item.activity_id),
+                                             "attempts": item.attempts + 1,
+                                             "not_before": not_before} for item in kept],
+                          "counting an attempt")
+
+    async def mark_given_up(self, conversation_id: str, activity_ids: Sequence[str]) -> None:
+        """These activities' last attempt failed and their apology went out: a drain that meets
+        them again (their removal failed) forgets them without asking or apologising again. All
+        of them or none (one transaction), so a unit is never met again half given up."""
+        await self._merge(conversation_id, [{"RowKey": _row_key(activity_id), "given_up": True}
+                                            for activity_id in dict.fromkeys(activity_ids)],
+                          "recording a given-up message")
+
+    async def _merge(self, conversation_id: str, changes: Sequence[dict[str, Any]],
+                     action: str) -> None:
+        """Merge `changes` into a conversation's kept rows in one entity-group transaction (a
+        unit holds at most a burst's few rows, well under a transaction's 100)."""
         pk = encode_key(conversation_id)
-        for item in kept:
-            async with _translated("counting an attempt"):
-                await self._table.update_entity(
-                    {"PartitionKey": pk, "RowKey": _row_key(item.activity_id),
-                     "attempts": item.attempts + 1, "not_before": not_before},
-                    mode=UpdateMode.MERGE)
+        async with _translated(action):
+            await self._table.submit_transaction(
+                [("update", {"PartitionKey": pk, **change}, {"mode": UpdateMode.MERGE})
+                 for change in changes])
 
     async def keep_stream(self, conversation_id: str, activity_id: str,
-                          stream: StreamStart) -> None:
-        """Record the stream a queued turn opened for its message, so a worker that takes over
-        after a crash ends it rather than opening a second one."""
+                          stream: StreamStart | None) -> None:
+        """Record the stream opened for a message (by the webhook, for a message that went
+        first; by a queued turn, for one that waited), so the turn resumes it, and a worker that
+        takes over after a crash ends it rather than opening a second one; None: the channel
+        refused it. Either way the row is no longer `opening`."""
         async with _translated("keeping the stream's start"):
             await self._table.update_entity(
                 {"PartitionKey": encode_key(conversation_id), "RowKey": _row_key(activity_id),
-                 "stream": _stream_text(stream)}, mode=UpdateMode.MERGE)
+                 "stream": _stream_text(stream) if stream is not None else "", "opening": False},
+                mode=UpdateMode.MERGE)
 
     async def forget_stream(self, conversation_id: str, activity_id: str) -> None:
         """The message's stream was ended (a paused turn's): a resumed turn opens its own."""

@@ -17,9 +17,11 @@ A unit (`plan`): a burst (consecutive messages of one sender, answered in one tu
 each: one message a unit), a `/reset` (a barrier: everything before it is answered first), or a
 parked turn (a person's decision: resumed when decided, closed when expired or superseded by a
 newer message, else left waiting with the hold released). A unit that fails is tried again after
-`retry_seconds`; after `max_attempts` the user gets one apology and a text-free record goes to the
-poison queue. A drain that has run `drain_seconds` hands the rest to a fresh wake-up, so one
-invocation stays inside the function timeout.
+`retry_seconds`; after `max_attempts` the user gets one apology (recorded on its rows, so a retry
+of what follows neither asks nor apologises again) and a text-free record goes to the poison
+queue. A drain that has run `drain_seconds` hands the rest to a fresh wake-up, so one
+invocation stays inside the function timeout. A drain that fails (storage) lets its hold expire
+at once, before its wake-up is retried: the next drain takes over as from a worker that died.
 """
 
 from __future__ import annotations
@@ -101,7 +103,8 @@ def plan(kept: Sequence[Kept], head: OrderHead, *, now: float, burst: bool,
                     streamed_at=head.streamed_at)
     taken = [first]
     for item in kept[1:max_burst if burst else 1]:
-        if item.reset or item.sender != first.sender or item.not_before > now:
+        if item.reset or item.sender != first.sender or item.not_before > now or \
+                item.given_up != first.given_up or item.withdrawn != first.withdrawn:
             break
         taken.append(item)
     return Unit(conversation_id=head.conversation_id, kind="messages", kept=tuple(taken),
@@ -167,9 +170,11 @@ class Conductor:
     async def wake(self, ticket: TurnTicket) -> None:
         """Answer what `ticket`'s conversation has waiting, unless another worker does."""
         look = await self.inbox.look(ticket.conversation_id, ticket.activity_id)
-        if not look.kept:
+        if not look.kept and not (look.head is not None and look.head.waiting):
             log.info("nothing kept for this activity: answered already; nothing to do")
             return
+        # (Its own activity answered, others waiting: a drain let go and could not queue their
+        # wake-up; this one, retried, answers them.)
         me = secrets.token_hex(8)
         now = self.clock()
         head = look.head or OrderHead(conversation_id=ticket.conversation_id)
@@ -180,14 +185,15 @@ class Conductor:
         def take(current: OrderHead) -> OrderHead | None:
             if current.held(self.clock()):
                 return None
-            crashed[:] = [bool(current.holder)]  # an expired hold: its worker died mid-drain
+            # An expired hold: its worker died (or failed) mid-drain.
+            crashed[:] = [bool(current.holder)]
             return replace(current, holder=me, held_until=self.clock() + self.hold_seconds)
 
         taken = await self.inbox.change_head(ticket.conversation_id, take, read=look.head)
         if taken is None:
             current = await self.inbox.read_head(ticket.conversation_id)
             return await self._later(ticket, current or head)
-        log.info("holding the conversation%s", " (taken over from a worker that died)"
+        log.info("holding the conversation%s", " (taken over from a worker that stopped)"
                  if crashed and crashed[0] else "")
         await self._drain(taken, me, after_crash=bool(crashed and crashed[0]))
 
@@ -223,12 +229,20 @@ class Conductor:
                 await self._answer(step, hold)
         except HoldLost:
             log.warning("another worker took the conversation over; stopping here")
+        except Exception:
+            # The queue retries this wake-up: let go now rather than make it wait for the hold
+            # to expire (a transient storage error would otherwise stall the conversation).
+            await hold.abandon()
+            raise
         finally:
             hold.done = True
             renewing.cancel()
             await asyncio.gather(renewing, return_exceptions=True)
 
     async def _answer(self, unit: Unit, hold: _Hold) -> None:
+        if any(kept.given_up for kept in unit.kept):  # told already; forgetting it failed
+            await self._forget(unit, "given up", hold)
+            return
         try:
             outcome = await self.answerer.answer_unit(unit)
         except Exception as exc:
@@ -271,10 +285,17 @@ class Conductor:
         log.error("the turn failed on its last attempt (%d: %s); apologising; a record goes to "
                   "the poison queue", attempts, failed.reason)
         await self.answerer.give_up(unit)
+        # Recorded before it is forgotten: if that fails, the retry neither asks the model nor
+        # apologises again.
+        await self.inbox.mark_given_up(unit.conversation_id, unit.activity_ids)
+        await self._forget(unit, failed.reason, hold)
+
+    async def _forget(self, unit: Unit, reason: str, hold: _Hold) -> None:
+        """A given-up unit: a text-free record of each message in the poison queue, then gone."""
         for kept in unit.kept:
             await self.inbox.poison(TurnTicket(conversation_id=unit.conversation_id,
                                                activity_id=kept.activity_id, enqueued_at=time.time()),
-                                    reason=failed.reason)
+                                    reason=reason)
         await self.inbox.remove(unit.conversation_id, unit.activity_ids)
         if unit.parked is not None:
             await hold.change(lambda head: replace(head, parked=None))
@@ -334,6 +355,24 @@ class _Hold:
                 return
             except ChatstateError as exc:
                 log.warning("the hold was not renewed (trying again): %s", exc)
+
+    async def abandon(self) -> None:
+        """Let the conversation go after a failure, leaving its order as it is: the hold expires
+        now, its holder named, so the next drain takes it over as from a worker that died (its
+        first unit may have been begun: a stream resumed sends only its final). Best effort: if
+        this fails too, the hold expires in its time."""
+        def let_go(head: OrderHead) -> OrderHead | None:
+            if head.holder != self._me:
+                return None
+            # (a stream of ours may have sent its last request a moment ago: Teams' pace)
+            return replace(head, held_until=0.0, streamed_at=time.time())
+
+        self.done = True
+        try:
+            async with self._lock:
+                await self._inbox.change_head(self._head.conversation_id, let_go, read=self._head)
+        except ChatstateError as exc:
+            log.warning("the hold was not let go (it expires): %s", exc)
 
     async def release(self, kept: Sequence[Kept], step: Unit | Wait | None, *,
                       listed_up_to: int) -> bool:

@@ -1,8 +1,9 @@
 """Storage calls held or failed on cue: an azure-core per-call policy on a real `TableClient`.
 
-The race tests and the randomized concurrency test build their stores with `faulty_store`: the
-policy sees every request the store sends to Azurite, and a `Gate` can hold one (until the test
-lets it go) or a `Faults` plan can delay or fail it, so an interleaving is made, not hoped for.
+The race tests build their stores with `faulty_store` (and the order tests their inboxes, through
+`halves`' policies): the policy sees every request the client sends to Azurite, and a `Gate` can
+hold one (until the test lets it go), `fail_next` fail the next that matches, or a `Faults` plan
+can delay or fail it, so an interleaving is made, not hoped for.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from azure.data.tables.aio import TableClient
 
 from shared.store import TableConversationStore
 
-__all__ = ["Faults", "Gate", "StoragePolicy", "faulty_store"]
+__all__ = ["Faults", "Gate", "StoragePolicy", "failing", "faulty_store"]
 
 Match = Callable[[str, str], bool]  # (method, URL) → whether this request is the one
 
@@ -59,6 +60,8 @@ class StoragePolicy(AsyncHTTPPolicy):  # type: ignore[type-arg]
         super().__init__()
         self.gates: list[Gate] = []
         self.faults: Faults | None = None
+        #: Fail the next request each of these matches (once each), before it is sent.
+        self.fail_next: list[Match] = []
         self.requests: list[tuple[str, str]] = []
 
     async def send(self, request: PipelineRequest) -> PipelineResponse:  # type: ignore[type-arg]
@@ -70,6 +73,10 @@ class StoragePolicy(AsyncHTTPPolicy):  # type: ignore[type-arg]
                 if gate.seen == gate.nth:
                     gate.reached.set()
                     await gate.released.wait()
+        for match in list(self.fail_next):
+            if match(method, url):
+                self.fail_next.remove(match)
+                raise ServiceRequestError("injected: the request was not sent")
         faults = self.faults
         if faults is not None:
             if faults.delay_rate and faults.rng.random() < faults.delay_rate:
@@ -83,6 +90,20 @@ class StoragePolicy(AsyncHTTPPolicy):  # type: ignore[type-arg]
             faults.injected += 1
             raise ServiceRequestError("injected: the answer was lost")
         return response
+
+
+def failing(rules: list[Match], *, clients: tuple[str, ...]) -> Callable[[int, str], list[StoragePolicy]]:
+    """`halves`' policies: the named clients of every worker fail the next request each of
+    `rules` matches (once each, whichever client sends it). A policy is one pipeline's link, so
+    each client gets its own, all sharing the rules."""
+    def policies(slot: int, client: str) -> list[StoragePolicy]:
+        if client not in clients:
+            return []
+        policy = StoragePolicy()
+        policy.fail_next = rules
+        return [policy]
+
+    return policies
 
 
 def faulty_store(connection_string: str, table_name: str, *, summaries: bool = False,

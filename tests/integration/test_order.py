@@ -16,11 +16,12 @@ import pytest
 
 from devtools.fake_channel import FakeConnector
 from devtools.fake_model import FakeModelServer, Scripted
-from shared.answer import RESET_DONE, TurnFailed
+from shared.answer import RESET_DONE, WITHDRAWN, TurnFailed
 from shared.errors import ModelUnavailable
 from shared.inbox import TurnTicket
 from shared.removal import forget_user
 from tests.integration.halves import Halves, eventually, halves, servers
+from tests.integration.storage_faults import Gate, Match, StoragePolicy, failing
 
 __all__ = ["servers"]  # the fixture
 
@@ -193,6 +194,246 @@ async def test_a_worker_killed_while_holding_a_conversation_is_taken_over_after_
     assert connector.streams.broken() == []
 
 
+async def test_two_messages_at_once_in_an_idle_personal_chat_open_one_stream(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN an idle personal chat, two workers, and a connector that takes a moment over each
+    # request (as Teams does)
+    model, connector = servers
+    connector.latency = 0.1
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      workers=2) as running:
+        # WHEN two messages of the user arrive at the same moment, one at each instance
+        bodies = [running.message(text, "a:twice") for text in ("first", "second")]
+        posted = await asyncio.gather(*(running.post(body, worker=index)
+                                        for index, body in enumerate(bodies)))
+        await running.settled()
+        history = users(await running.store.list_messages("a:twice"))
+    # THEN both were answered, and only one of them opened the chat's stream: no request broke
+    # Teams' rules (a second stream while one is open, two streaming requests in a second)
+    assert [status for status, _ in posted] == [200, 200]
+    assert sorted(history) == ["first", "second"]
+    assert connector.streams.broken() == []
+    assert len(connector.streams.of("a:twice")) >= 1
+
+
+async def test_a_message_whose_accept_fails_leaves_no_stream_open(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a personal chat whose inbox fails its next transaction (the accept's)
+    model, connector = servers
+    policy = StoragePolicy()
+    policy.fail_next.append(lambda method, url: method == "POST" and url.endswith("$batch"))
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      policies=lambda slot, client: [policy] if client == "inbox" else []) \
+            as running:
+        # WHEN a message arrives (the webhook answers 503: nothing kept) and the channel sends it
+        # again a moment later
+        body = running.message("hello", "a:unkept")
+        first, _ = await running.post(body)
+        await asyncio.sleep(1.0)
+        again, _ = await running.post(body)
+        await running.settled()
+    # THEN the second was answered, and no stream was left open (nor a second one begun)
+    assert (first, again) == (503, 200)
+    assert len(connector.messages("a:unkept")) == 1
+    assert connector.streams.broken() == []
+
+
+async def test_a_turn_whose_stream_start_is_not_kept_still_ends_its_stream(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a personal chat answering a slow first message, and an inbox that will fail the
+    # write that keeps the start of the stream the second message's turn opens
+    model, connector = servers
+    model.then(Scripted(content="the first answer", delay=1.5),
+               Scripted(content="the second answer"))
+    policy = StoragePolicy()
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      policies=lambda slot, client: [policy] if client == "inbox" else []) \
+            as running:
+        await running.post(running.message("one", "a:unkept"))
+        await eventually(lambda: model.calls == 1)
+        policy.fail_next.append(lambda method, url: method in ("PATCH", "MERGE")
+                                and "RowKey='asecond'" in url)
+        # WHEN a second message arrives behind it
+        await running.post(running.message("two", "a:unkept", id="second"))
+        await running.settled()
+    # THEN the second turn ended the stream it opened, once, with its answer
+    assert running.user_texts("a:unkept") == ["the first answer", "the second answer"]
+    assert model.calls == 2
+    assert connector.streams.broken() == []
+
+
+async def test_stream_requests_the_chat_refuses_still_keep_teams_pace(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a personal chat where Teams refuses new streams (one is open there: a crashed
+    # worker's), and turns answered one message at a time
+    model, connector = servers
+    connector.streams.begin("a:refused", {
+        "type": "typing", "text": "Thinking…", "conversation": {"conversationType": "personal"},
+        "entities": [{"type": "streaminfo", "streamType": "informative", "streamSequence": 1}]})
+    connector.streams._last_request.clear()  # (it was opened long ago)
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      CHAT_BURST="each") as running:
+        # WHEN three messages arrive together
+        await post_all(running, "a:refused", ["one", "two", "three"], gaps=[0.05, 0.05])
+        await running.settled()
+    # THEN each was answered with a message, and the refused tries kept a second apart
+    assert len(running.user_texts("a:refused")) == 3
+    assert connector.streams.throttled == []
+
+
+async def test_a_drain_that_fails_on_storage_lets_go_of_the_conversation_at_once(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a conversation whose inbox will fail once to forget its answered message (the
+    # drain fails after the reply went out), with the default hold of 30 s
+    model, connector = servers
+    policy = StoragePolicy()
+    policy.fail_next.append(lambda method, url: method == "DELETE" and "RowKey='afirst'" in url)
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      policies=lambda slot, client: [policy] if client == "inbox" else []) \
+            as running:
+        await running.post(running.message("first", "a:slip", id="first"))
+        # WHEN the queue retries the failed wake-up, and the user writes again
+        await running.settled(within=10)
+        await running.post(running.message("second", "a:slip"))
+        await running.settled(within=10)
+        history = users(await running.store.list_messages("a:slip"))
+    # THEN both were answered within seconds (the failed drain did not keep its hold), once each
+    assert history == ["first", "second"]
+    assert model.calls == 2 and len(connector.messages("a:slip")) == 2
+
+
+async def test_a_message_kept_but_not_queued_is_answered_when_the_channel_sends_it_again(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN an inbox whose queue will fail the next wake-up, and whose table will then fail to
+    # let go of the message it kept (the webhook answers 503, the message stays kept)
+    model, connector = servers
+    rules = [lambda method, url: method == "POST" and "/messages" in url,
+             lambda method, url: method == "DELETE" and "RowKey='aalone'" in url]
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      policies=failing(rules, clients=("inbox", "queue"))) as running:
+        body = running.message("hello", "a:alone", id="alone")
+        # WHEN the message arrives, and the channel sends it again after the 503
+        first, _ = await running.post(body)
+        again, _ = await running.post(body)
+        await running.settled(within=10)
+    # THEN it was answered (nothing else would have woken the conversation)
+    assert (first, again) == (503, 200)
+    assert len(connector.messages("a:alone")) == 1
+
+
+async def test_a_wake_up_whose_message_was_answered_still_drains_what_waits_behind_it(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a first message answered slowly, a second behind it whose turn fails once, and a
+    # queue that will fail the wake-up the drain queues for the second's retry
+    model, connector = servers
+    model.then(Scripted(content="the first answer", delay=1.0),
+               Scripted(status=500, error={"message": "down"}),
+               Scripted(content="the second answer"))
+    rules: list[Match] = []
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      policies=failing(rules, clients=("queue",))) as running:
+        await running.post(running.message("one", "a:behind"))
+        await eventually(lambda: model.calls == 1)
+        await running.post(running.message("two", "a:behind"))
+        rules.append(lambda method, url: method == "POST" and "/messages" in url
+                     and "visibilitytimeout=1" in url)
+        # WHEN the drain lets go after the failed turn and cannot queue its wake-up (the queue
+        # retries the wake-up it was running, whose own message is answered)
+        await running.settled(within=10)
+        history = users(await running.store.list_messages("a:behind"))
+    # THEN the second was answered at once all the same
+    assert history == ["one", "two"]
+    assert running.user_texts("a:behind") == ["the first answer", "the second answer"]
+
+
+async def test_a_burst_behind_a_committed_then_cleared_message_is_answered(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a message answered by a worker that dies before it forgets the message (its hold
+    # of 5 s left behind), and the conversation then cleared by its operator
+    model, connector = servers
+    policy = StoragePolicy()
+    forgetting = Gate(lambda method, url: method == "DELETE" and "RowKey='afirst'" in url)
+    policy.gates.append(forgetting)
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      CHAT_HOLD_SECONDS="5",
+                      policies=lambda slot, client: [policy] if client == "inbox" else []) \
+            as running:
+        await running.post(running.message("first", "c:cleared", id="first"))
+        await asyncio.wait_for(forgetting.reached.wait(), 10)
+        await running.restart(0)
+        await running.store.clear("c:cleared")
+        # WHEN two more messages arrive while the dead worker's hold lasts (one burst with the
+        # first, which is found committed)
+        await post_all(running, "c:cleared", ["second", "third"], gaps=[0.05])
+        await running.settled(within=20)
+        history = users(await running.store.list_messages("c:cleared"))
+    # THEN the two were answered together, and the first not again
+    assert history == ["second", "third"]
+    assert model.calls == 2 and len(connector.messages("c:cleared")) == 2
+
+
+async def test_a_streamed_turn_retried_after_an_unrecorded_failure_only_ends_its_stream(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a personal chat whose answer streams for a few seconds, a store that will fail the
+    # turn's commit, and an inbox that will fail to count the failed attempt
+    model, connector = servers
+    model.word_interval = 0.1
+    model.then(Scripted(content=" ".join(f"w{i}" for i in range(30))))
+    store_rules: list[Match] = []
+    inbox_rules: list[Match] = []
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      policies=lambda slot, client: [
+                          *failing(store_rules, clients=("store",))(slot, client),
+                          *failing(inbox_rules, clients=("inbox",))(slot, client)]) as running:
+        store_rules.append(lambda method, url: method == "POST" and url.endswith("$batch"))
+        # WHEN a message arrives, its turn streams and fails to commit, and the retry answers
+        await running.post(running.message("tell me", "a:again", id="again"))
+        inbox_rules.append(lambda method, url: method in ("PATCH", "MERGE")
+                           and "RowKey='aagain'" in url)
+        await running.settled(within=30)
+    # THEN the stream the user saw was ended once, with the answer, and no request repeated a
+    # stream's sequence number
+    assert len(connector.messages("a:again")) == 1
+    assert connector.streams.broken() == []
+
+
+async def test_a_worker_taking_over_after_a_failed_drain_keeps_teams_pace(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a streamed answer whose drain then fails (the inbox fails to forget the message)
+    model, connector = servers
+    rules: list[Match] = []
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      policies=failing(rules, clients=("inbox",))) as running:
+        rules.append(lambda method, url: method == "DELETE" and "RowKey='afirst'" in url)
+        await running.post(running.message("first", "a:pace", id="first"))
+
+        async def let_go() -> bool:
+            head = await running.inbox.read_head("a:pace")
+            return head is not None and bool(head.holder) and head.held_until == 0.0
+
+        for _ in range(200):
+            if await let_go():
+                break
+            await asyncio.sleep(0.02)
+        # WHEN another worker (knowing nothing of that stream) answers the next message at once
+        await running.restart(0)
+        await running.post(running.message("second", "a:pace"))
+        await running.settled()
+    # THEN its stream kept a second after the first one's last request
+    assert len(connector.messages("a:pace")) == 2
+    assert connector.streams.broken() == []
+
+
 async def test_a_kept_activity_with_a_refused_service_url_is_dropped_unanswered(
         azurite_connection_string: str, table_name: str,
         servers: tuple[FakeModelServer, FakeConnector]) -> None:
@@ -247,6 +488,31 @@ async def test_a_users_removal_covers_their_message_in_flight(
     # THEN nothing of theirs was stored after the removal returned, nor kept, nor asked again
     assert stored == [] and export.conversations == () and kept == []
     assert model.calls == 1
+
+
+async def test_a_users_removal_ends_the_stream_of_their_waiting_message(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a message that went first in a personal chat (its stream shows "Thinking…") and
+    # waits: no worker has taken it yet
+    model, connector = servers
+    async with halves(azurite_connection_string, table_name, model, connector) as running:
+        await running.host.kill()
+        await running.post(running.message("remember my card 4242", "a:waiting"))
+        assert connector.streams.open("a:waiting")
+        # WHEN the user asks to be forgotten, and then a worker takes the conversation
+        await forget_user(running.store, running.inbox, "29:u")
+        kept_text = [body for body in [await running.inbox.load("a:waiting", key)
+                                       for _, key in await running.kept()] if body]
+        await running.restart(0)
+        await running.settled()
+        stored = await running.store.list_messages("a:waiting")
+        kept = await running.kept()
+    # THEN no text of theirs was kept after the removal, nothing was asked or stored, and the
+    # stream ended saying why
+    assert kept_text == [] and kept == [] and stored == [] and model.calls == 0
+    assert running.user_texts("a:waiting") == [WITHDRAWN]
+    assert connector.streams.broken() == []
 
 
 async def test_no_provider_error_text_leaves_with_the_queue_triggers_exception(

@@ -9,7 +9,8 @@ from tests.integration.torture import INVARIANTS, torture
 
 
 async def test_a_short_seeded_run_keeps_every_invariant(azurite_connection_string: str) -> None:
-    # GIVEN two instances on one table, seeded random histories and storage faults
+    # GIVEN the webhook and two answer workers on one table and queue, seeded random histories,
+    # storage faults, killed workers and extra queue messages
     out = io.StringIO()
     # WHEN three rounds of 40 operations run
     passed = await torture(azurite_connection_string, seed=20, rounds=3, duration=None,
@@ -19,6 +20,12 @@ async def test_a_short_seeded_run_keeps_every_invariant(azurite_connection_strin
     assert passed, report
     assert all(invariant in report for invariant in INVARIANTS)
     assert "passed: seed 20, 3 rounds, " in report
+    # AND the messages went through the queue: accepted and answered, with workers killed and
+    # wake-ups handed out again along the way
+    path = re.search(r"(\d+) messages accepted, (\d+) answers .* (\d+) workers killed, "
+                     r"(\d+) extra queue messages", report)
+    assert path is not None, report
+    assert all(int(figure) > 0 for figure in path.groups()), report
     # AND replies streamed into Teams personal chats, and the user stopped some of them midway
     figures = re.search(r"(\d+) replies streamed, (\d+) stopped by the user", report)
     assert figures is not None, report

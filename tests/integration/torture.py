@@ -3,19 +3,26 @@
     python -m tests.integration.torture [--seed N] [--rounds N | --duration SECONDS]
     (`make torture SEED=… ROUNDS=…` or `DURATION=…`; a short run is in tests/integration)
 
-Each round: two bot instances (two `ChatBot`s, each on its own `TableConversationStore`) on one
-Azurite table; a seeded random history of turns (new, duplicate deliveries, tool loops cut by the
-round limit, replies over the daily token limit, replies streamed into a Teams personal chat
-through the contract-enforcing Bot Connector stand-in, and streams the user stops midway), /reset,
-DELETE conversation, a user's export and removal, retention purges, summary preparation and
-feedback, and budgets (users' and tenants' daily tokens and users' turns a minute: turns whose tool
-round is followed by a failing model call, and reservations left by dead workers; `BUDGET_KINDS`),
-started at random moments so they overlap; storage calls delayed and failed at random
-(a per-call policy on each real TableClient, `storage_faults.py`). Then the invariants
-(`INVARIANTS`) are checked against a model of what was acknowledged, with moments taken from the
-storage calls themselves: when a clear's hiding write was answered, when a turn's commit was sent.
-A failing round prints its seed and the shortest history that still fails (operations dropped one
-at a time and the round run again).
+Each round runs the production path on one Azurite table and one real queue (`halves.py`): the
+webhook's code accepts each message (`ChatBot.handle`, queue mode) into the inbox with its place in
+its conversation's order and queues a wake-up; two answer workers, each its own `ChatBot` and its
+own stand-in of the Functions host's queue trigger, hold conversations and drain them, replying
+through the contract-enforcing Bot Connector stand-in. A seeded random history, its operations
+started at random moments so they overlap: turns (new, delivered again by the channel, bursts of
+several messages from one sender, tool loops cut by the round limit, replies over the daily token
+limit, replies streamed into a Teams personal chat and streams the user stops midway, turns whose
+model call fails on every attempt: the apology and the poison record), /reset, DELETE
+conversation, a user's export and removal (`shared/removal.py`, which covers messages still
+waiting), retention purges, summary preparation and feedback, and budgets (users' and tenants'
+daily tokens and users' turns a minute: turns whose tool round is followed by a failing model
+call, and reservations left by dead workers; `BUDGET_KINDS`); and faults: workers killed at random
+moments (a fresh one takes the slot; the dead one's hold stays until it expires), extra queue
+messages (duplicate and delayed wake-ups), and storage calls delayed, failed or their answers lost
+at random (a per-call policy on every table and queue client, the trigger's included). Once every
+accepted message is seen to, the invariants (`INVARIANTS`) are checked against a model of what was
+accepted and acknowledged, with moments taken from the storage calls, the units the workers
+answered and the connector's requests (`torture_order.py`). A failing round prints its seed and
+the shortest history that still fails (operations dropped one at a time and the round run again).
 """
 
 from __future__ import annotations
@@ -32,57 +39,81 @@ import random
 import sys
 import time
 import uuid
-from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 from urllib.parse import unquote
 
-import httpx2
-from azure.core.exceptions import ServiceRequestError
+from azure.core.exceptions import ServiceRequestError, ServiceResponseError
 from azure.core.pipeline import PipelineRequest, PipelineResponse
 from azure.core.pipeline.policies import AsyncHTTPPolicy
 from azure.data.tables.aio import TableClient
 
 from devtools.azurite import STORAGE_ENV, given_or_started
-from devtools.fake_channel import FakeConnector
-from shared.bot import APOLOGY, RESET_DONE, ChatBot
+from shared.answer import APOLOGY, RESET_DONE, WITHDRAWN
 from shared.errors import ChatstateError
+from shared.inbox import Inbox, TurnTicket, inbox_table_name
 from shared.keys import encode_key
 from shared.ledger import Account, Reservation
 from shared.limits import LIMIT_REPLIES
-from shared.messages import Feedback, utc_day, utc_now
+from shared.messages import ChatMessage, Feedback, utc_day, utc_now
+from shared.removal import forget_user
 from shared.store import REMOVED_MARKER, TableConversationStore
-from shared.tokens import count_request_tokens, count_text_tokens
-from tests.unit.test_turns import make_bot
+from shared.tokens import count_text_tokens
+from tests.integration.halves import HEADERS, Halves, halves
+from tests.integration.queue_host import queue_client
+from tests.integration.torture_model import (
+    STREAMED,
+    TOKENS_PER_CALL,
+    CutStream,
+    ScriptedModel,
+    tenant_of,
+)
+from tests.integration.torture_order import (
+    ORDER_INVARIANTS,
+    Call,
+    Channel,
+    Deed,
+    Excuses,
+    Observer,
+    check_answered_once,
+    check_order,
+    check_poisoned,
+    check_reset_barrier,
+    check_streams,
+    current_conversation,
+    current_op,
+    current_unit,
+    hiding_moment,
+    tick,
+    timeline,
+)
 
 __all__ = ["INVARIANTS", "Op", "run_round", "torture"]
 
 INVARIANTS = (
-    "lost: no acknowledged message is lost, unless a clear (reset, DELETE, purge, a personal "
+    "lost: no answered message is lost, unless a clear (reset, DELETE, purge, a personal "
     "chat's removal) whose hiding write was answered after the message's commit was sent "
     "removed it",
-    "visible: nothing is visible after the clear that hid it (acknowledged before the clear's "
+    "visible: nothing is visible after the clear that hid it (answered before the clear's "
     "hiding write was sent)",
-    "once: each activity is stored at most once, and every delivery of it gets the same answer",
+    "once: each activity is stored at most once, and every reply sent for it is the same answer",
     "exportable: every stored message of a user is in their export, until removed; and gone or "
-    "redacted after their removal if it was acknowledged before the removal's head write",
+    "redacted after their removal if it was answered before the removal's head write, or "
+    "accepted before the removal began",
     "spend: the spend counters equal the tokens billed by the model, a stopped stream's as "
-    "the request and the text the user read (conversations whose spend-carrying writes met no "
-    "injected failure)",
-    "stopped: a reply the user stopped midway is stored as the text they saw, marked stopped, "
-    "and no stream broke Teams' streaming contract",
+    "the request and the text the user read (conversations whose storage calls met no "
+    "injected failure and whose workers were not killed)",
+    "stopped: a reply the user stopped midway is stored as the text they saw, marked stopped",
     "budgets: each user's and tenant's ledger counts the tokens the model billed for them (a "
-    "failed call as its request; accounts whose ledger writes met no injected failure), and no "
-    "ledger's settled tokens pass its limit (every call billed within its reservation)",
+    "failed call as its request; accounts whose ledger writes met no injected failure and whose "
+    "calls no killed worker made), and no ledger's settled tokens pass its limit (every call "
+    "billed within its reservation)",
+    *ORDER_INVARIANTS,
 )
 
 USERS = ("29:u1", "29:u2", "29:u3")
-#: About what a call bills: its prompt as the code's estimate counts it (an upper bound of what a
-#: provider counts) and `REPLY_TOKENS`.
-TOKENS_PER_CALL = 400
-REPLY_TOKENS = 100
 DAILY_LIMIT = 40 * TOKENS_PER_CALL
 #: The budgets: a call reserves its prompt and REPLY_MAX; a user has room for about 8 calls a
 #: day and 8 turns a minute, a tenant for about 12 calls.
@@ -90,17 +121,22 @@ REPLY_MAX = 200
 USER_DAILY_LIMIT = 8 * TOKENS_PER_CALL
 USER_TURNS_PER_MINUTE = 8
 TENANT_DAILY_LIMIT = 12 * TOKENS_PER_CALL
-_tick = itertools.count()
-#: A streamed answer: this many words, one SSE chunk each, `STREAM_PACE` seconds apart (the
-#: reply stream sends at most one update a second: an answer of ~1.4 s shows the informative
-#: update and one of text; one that is stopped lasts ~2.8 s, past its third update).
-STREAM_WORDS = {"streamed": 5, "stopped": 12}
-STREAM_PACE = 0.2
 #: Stop is pressed once the stream has taken this many updates (the informative one and one of
 #: text): the next update is refused as canceled, before the answer ends.
 STOP_AFTER_UPDATES = 2
+#: The operations of a round start within this many seconds of its beginning.
+SPREAD_SECONDS = 3.0
+#: A worker's hold, its drain's turn, and the lease of a queue message it took (seconds): short,
+#: so a killed worker's conversation is taken over within the round.
+HOLD_SECONDS = 5
+DRAIN_SECONDS = 5
+LEASE_SECONDS = 4
+#: Quiescence: every accepted message seen to and the workers idle, within this long.
+SETTLE_SECONDS = 90.0
+#: The channel sends a message again when the webhook answered 5xx, this many times.
+CHANNEL_RETRIES = 2
 #: Replies that are not an answer the turn stored (the budget replies begin with these words).
-_NOT_ANSWERS = {APOLOGY, RESET_DONE, *LIMIT_REPLIES.values()}
+_NOT_ANSWERS = {APOLOGY, RESET_DONE, WITHDRAWN, *LIMIT_REPLIES.values()}
 _BUDGET_REPLIES = ("You've reached your daily usage limit", "Your organization has reached",
                    "You're sending messages faster than I can answer across")
 
@@ -109,15 +145,9 @@ def _is_answer(reply: str | None) -> bool:
     return reply is not None and reply not in _NOT_ANSWERS and not reply.startswith(_BUDGET_REPLIES)
 
 
-def tenant_of(conversation: str) -> str:
-    """The round's tenants: the group chat and the first personal chat are tenant A's."""
-    return "tenant-b" if conversation.endswith("-p2") else "tenant-a"
-_current_op: contextvars.ContextVar[int] = contextvars.ContextVar("torture_op", default=-1)
-
-
 @dataclass(frozen=True)
 class Op:
-    """One operation of a history: what, on which conversation, by whom, on which instance."""
+    """One operation of a history: what, on which conversation, by whom, on which worker."""
 
     index: int
     kind: str
@@ -127,23 +157,17 @@ class Op:
     instance: int = 0
     delay: float = 0.0
     variant: str = ""
+    #: A burst's number of messages.
+    count: int = 0
+    #: A queue message's visibility delay (seconds).
+    after: float = 0.0
 
     def __str__(self) -> str:
         args = " ".join(f"{name}={value}" for name, value in (
             ("conv", self.conversation), ("user", self.user), ("activity", self.activity_id),
-            ("on", self.instance), ("variant", self.variant)) if value != "")
+            ("on", self.instance), ("variant", self.variant), ("count", self.count or ""),
+            ("after", f"{self.after:.1f}s" if self.after else "")) if value != "")
         return f"#{self.index} +{self.delay * 1000:.0f}ms {self.kind} {args}"
-
-
-@dataclass
-class Call:
-    op: int
-    method: str
-    url: str
-    sent: int
-    answered: int = -1
-    status: int = 0
-    injected: bool = False
 
 
 @dataclass
@@ -151,158 +175,52 @@ class Outcome:
     start: int
     end: int = -1
     status: int = 0
-    reply: str | None = None
     error: str | None = None
-    #: A streamed turn the user stopped: `reply` is the text they saw.
-    stopped: bool = False
 
 
 class Recorder(AsyncHTTPPolicy):  # type: ignore[type-arg]
-    """Records every storage call with its operation and moments; injects the seeded faults."""
+    """Records every storage call of one client with what it served and its moments; injects
+    the seeded faults (not sent, or sent and its answer lost); a dead worker's calls all fail."""
 
-    def __init__(self, calls: list[Call], rng: random.Random, *, fail_rate: float,
-                 delay_rate: float, max_delay: float) -> None:
+    def __init__(self, state: Round, rng: random.Random, *, role: str, slot: int) -> None:
         super().__init__()
-        self.calls, self.rng = calls, rng
-        self.fail_rate, self.delay_rate, self.max_delay = fail_rate, delay_rate, max_delay
-        self.on = False
+        self.state, self.rng, self.role, self.slot = state, rng, role, slot
+        self.dead = False
 
     async def send(self, request: PipelineRequest) -> PipelineResponse:  # type: ignore[type-arg]
-        http = request.http_request
-        call = Call(op=_current_op.get(), method=http.method, url=http.url, sent=-1)
-        self.calls.append(call)
-        if self.on and self.rng.random() < self.delay_rate:
-            await asyncio.sleep(self.rng.uniform(0, self.max_delay))
-        call.sent = next(_tick)
-        if self.on and self.rng.random() < self.fail_rate:
-            call.injected, call.answered = True, next(_tick)
+        http, state = request.http_request, self.state
+        call = Call(op=current_op.get(), method=http.method, url=http.url, sent=-1,
+                    role=self.role, slot=self.slot, conversation=current_conversation.get(),
+                    unit=current_unit.get())
+        state.calls.append(call)
+        if self.dead:
+            call.dead, call.sent = True, tick()
+            raise ServiceRequestError("the worker died")
+        on = state.faults_on
+        if on and self.rng.random() < state.delay_rate:
+            await asyncio.sleep(self.rng.uniform(0, state.max_delay))
+        call.sent = tick()
+        fail = on and self.rng.random() < state.fail_rate
+        if fail and self.rng.random() < 0.5:
+            call.injected, call.answered = True, tick()
             raise ServiceRequestError("injected fault: not sent")
         response = await self.next.send(request)
-        call.answered, call.status = next(_tick), response.http_response.status_code
+        call.answered, call.status = tick(), response.http_response.status_code
+        if fail:  # it was done; the caller cannot know
+            call.injected = True
+            raise ServiceResponseError("injected fault: the answer was lost")
         return response
-
-
-@dataclass
-class CutStream:
-    """A streamed call the bot closed before its usage arrived (the user pressed Stop)."""
-
-    conversation: str
-    activity_id: str
-    #: The request as shared/prompt.py estimates it (`count_request_tokens`).
-    request_tokens: int
-    user: str = ""
-
-
-class _SSE(httpx2.AsyncByteStream):
-    """A streamed completion's SSE chunks, paced; bills the call once its usage was read, or
-    records it cut when the reader closes it first."""
-
-    def __init__(self, model: ScriptedModel, chunks: list[bytes], done_at: int,
-                 cut: CutStream, *, stop: Callable[[], None] | None) -> None:
-        self.model, self.chunks, self.done_at, self.cut = model, chunks, done_at, cut
-        self.stop = stop
-        self.billed = False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for index, chunk in enumerate(self.chunks):
-            if index == 2 and self.stop is not None:  # the user, reading the first words
-                self.stop()
-            if index == self.done_at:  # the reader asked past the usage chunk: it has it
-                self.billed = True
-                self.model.bill(self.cut.conversation, self.cut.user,
-                                self.cut.request_tokens + REPLY_TOKENS)
-            elif 0 < index < self.done_at - 1:
-                await asyncio.sleep(STREAM_PACE)
-            yield chunk
-
-    async def aclose(self) -> None:
-        if not self.billed:
-            self.billed = True
-            self.model.cut.append(self.cut)
-
-
-class ScriptedModel:
-    """The model at the transport: bills a call its prompt (as `count_request_tokens` counts it:
-    a provider counts no more) and `REPLY_TOKENS`, by conversation; answers
-    `re <activity> #<call>` (a tool call for a `loop` turn, until the round limit cuts it; for a
-    `fail` turn, a tool call, then a 500 billed as its request, which is all a provider that
-    reports nothing can be counted as). A streamed request is answered in SSE chunks,
-    `STREAM_PACE` apart, usage last; a stream the bot closes before reading its usage is
-    recorded in `cut` (billed as the code estimates it). `billed` is by conversation,
-    `accounts` by user and tenant (`user:<id>`, `tenant:<id>`)."""
-
-    def __init__(self) -> None:
-        self.billed: dict[str, int] = defaultdict(int)
-        self.accounts: dict[str, int] = defaultdict(int)
-        self.cut: list[CutStream] = []
-        #: Called as a `stopped` turn's answer begins to stream (conversation, activity).
-        self.press_stop: Callable[[str, str], None] | None = None
-        self.calls = 0
-
-    async def __call__(self, request: httpx2.Request) -> httpx2.Response:
-        self.calls += 1
-        body = json.loads(request.content)
-        users = [m for m in body["messages"] if m.get("role") == "user"]
-        conversation, activity_id, variant, user = str(users[-1]["content"]).split("|")[:4]
-        prompt = count_request_tokens(body["messages"], body.get("tools"))
-        usage = {"prompt_tokens": prompt, "completion_tokens": REPLY_TOKENS,
-                 "total_tokens": prompt + REPLY_TOKENS}
-        if variant == "fail" and body["messages"][-1]["role"] == "tool":
-            self.bill(conversation, user, count_request_tokens(body["messages"], body.get("tools")))
-            return httpx2.Response(500, json={"error": {"message": "down", "type": "server_error"}})
-        if body.get("stream"):
-            stop = None
-            if variant == "stopped" and (press := self.press_stop) is not None:
-                stop = functools.partial(press, conversation, activity_id)
-            return self._streamed(body, conversation, activity_id, user, usage, stop=stop,
-                                  words=STREAM_WORDS.get(variant, STREAM_WORDS["streamed"]))
-        self.bill(conversation, user, prompt + REPLY_TOKENS)
-        if variant in ("loop", "fail"):
-            message: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": [{
-                "id": f"c{self.calls}", "type": "function",
-                "function": {"name": "lookup", "arguments": "{}"}}]}
-        else:
-            message = {"role": "assistant", "content": f"re {activity_id} #{self.calls}"}
-        return httpx2.Response(200, json={"id": "x", "object": "chat.completion", "created": 0,
-                                          "model": "m", "usage": usage, "choices": [{
-                                              "index": 0, "finish_reason": "stop",
-                                              "message": message}]})
-
-    def bill(self, conversation: str, user: str, tokens: int) -> None:
-        self.billed[conversation] += tokens
-        self.accounts[f"user:{user}"] += tokens
-        self.accounts[f"tenant:{tenant_of(conversation)}"] += tokens
-
-    def _streamed(self, body: dict[str, Any], conversation: str, activity_id: str, user: str,
-                  usage: dict[str, int], *, stop: Callable[[], None] | None,
-                  words: int) -> httpx2.Response:
-        def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
-            chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
-                     "choices": choices, **extra}
-            return f"data: {json.dumps(chunk)}\n\n".encode()
-
-        pieces = [f"re {activity_id} #{self.calls}", *(f" w{i}" for i in range(words))]
-        chunks = [event([{"index": 0, "delta": {"role": "assistant", "content": ""}}])]
-        chunks += [event([{"index": 0, "delta": {"content": piece}}]) for piece in pieces]
-        chunks.append(event([{"index": 0, "delta": {}, "finish_reason": "stop"}]))
-        chunks.append(event([], usage=usage))
-        chunks.append(b"data: [DONE]\n\n")
-        request_tokens = count_request_tokens(body["messages"], body.get("tools"))
-        stream = _SSE(self, chunks, len(chunks) - 1,  # billed as [DONE] is asked for
-                      CutStream(conversation, activity_id, request_tokens, user), stop=stop)
-        return httpx2.Response(200, headers={"content-type": "text/event-stream"},
-                               stream=stream)
 
 
 #: The budgets' own operations: a turn whose tool round is followed by a failing model call, and
 #: a reservation left in a user's or tenant's ledger by a worker that died (it expires).
 BUDGET_KINDS = ("fail", "fail", "expire")
+#: The order's own: bursts, a model that fails a turn on every attempt, extra wake-ups, kills.
+ORDER_KINDS = ("burst", "burst", "poison", "ticket", "ticket", "kill")
 #: The operations a history draws from, as often as they are listed.
-KINDS = ("turn",) * 10 + ("loop", "duplicate", "duplicate", "duplicate", "reset", "delete",
-                          "export", "forget", "purge", "summary", "summary", "feedback",
-                          "feedback", "streamed", "streamed", "stopped") + BUDGET_KINDS
-#: Turns that stream into a Teams personal chat (`a:` conversations only), and the user's Stop.
-STREAMED = ("streamed", "stopped")
+KINDS = ("turn",) * 8 + ("loop", "duplicate", "duplicate", "duplicate", "reset", "delete",
+                         "export", "forget", "purge", "summary", "summary", "feedback",
+                         "feedback", "streamed", "streamed", "stopped") + BUDGET_KINDS + ORDER_KINDS
 
 
 def history(rng: random.Random, round_id: str, length: int,
@@ -312,34 +230,47 @@ def history(rng: random.Random, round_id: str, length: int,
                      f"a:{round_id}-p2": USERS[1]}
     ops: list[Op] = []
     activities: list[tuple[str, str, str, str]] = []
+
+    def new_id() -> str:
+        return uuid.UUID(int=rng.getrandbits(128)).hex[:12]
+
     for index in range(length):
         kind = rng.choice(list(kinds))
         conversation = rng.choice(list(conversations))
         owner = conversations[conversation]
         user = owner or rng.choice(USERS)
-        instance, delay = rng.randrange(2), rng.uniform(0, 0.4)
+        instance, delay = rng.randrange(2), rng.uniform(0, SPREAD_SECONDS)
         if kind == "duplicate" and activities:  # delivered again the way it first came
             conversation, user, activity_id, variant = rng.choice(activities)
-            ops.append(Op(index, "turn", conversation, user, activity_id, instance, delay,
-                          variant if variant in STREAMED else ""))
+            ops.append(Op(index, "turn", conversation, user, activity_id, instance, delay, variant))
             continue
         if kind in STREAMED and owner is None:  # Teams streams in personal chats only
             conversation = rng.choice([c for c, o in conversations.items() if o is not None])
             user = conversations[conversation] or user
-        if kind in ("turn", "loop", "fail", "duplicate", "reset", *STREAMED):
-            activity_id = uuid.UUID(int=rng.getrandbits(128)).hex[:12]
-            variant = kind if kind in ("loop", "fail", *STREAMED) else ""
+        if kind in ("turn", "loop", "fail", "duplicate", "reset", "poison", *STREAMED):
+            activity_id = new_id()
+            variant = kind if kind in ("loop", "fail", "poison", *STREAMED) else ""
             if kind != "reset":
                 activities.append((conversation, user, activity_id, variant))
             ops.append(Op(index, "reset" if kind == "reset" else "turn", conversation, user,
                           activity_id, instance, delay, variant))
-        elif kind == "feedback" and activities:
-            conversation, user, activity_id, _ = rng.choice(activities)
-            ops.append(Op(index, "feedback", conversation, user, activity_id, instance, delay))
+        elif kind == "burst":  # one thought in several messages; in Teams, streamed
+            base, count = new_id()[:9], rng.randint(2, 4)
+            variant = "streamed" if owner is not None and rng.random() < 0.5 else ""
+            activities += [(conversation, user, f"{base}b{i}", variant) for i in range(count)]
+            ops.append(Op(index, "burst", conversation, user, base, instance, delay, variant,
+                          count=count))
+        elif kind == "ticket" and activities:  # the queue hands out a wake-up again, or late
+            conversation, _, activity_id, _ = rng.choice(activities)
+            ops.append(Op(index, "ticket", conversation, activity_id=activity_id,
+                          delay=delay, variant=rng.choice(("arrival", "wake")),
+                          after=rng.choice((0.0, rng.uniform(0.5, 3.0)))))
+        elif kind == "feedback":
+            ops.append(Op(index, "feedback", conversation, instance=instance, delay=delay))
         elif kind in ("export", "forget"):
             ops.append(Op(index, kind, user=rng.choice(USERS), instance=instance, delay=delay))
-        elif kind == "purge":
-            ops.append(Op(index, "purge", instance=instance, delay=delay))
+        elif kind in ("purge", "kill"):
+            ops.append(Op(index, kind, instance=instance, delay=delay))
         elif kind in ("delete", "summary"):
             ops.append(Op(index, kind, conversation, instance=instance, delay=delay))
         elif kind == "expire":  # a dead worker's reservation, in the user's or the tenant's ledger
@@ -348,26 +279,28 @@ def history(rng: random.Random, round_id: str, length: int,
     return ops
 
 
-#: The bots' budgets; one try a model call, so a failing call is one request.
+#: The bots' budgets (a failing model call is one request: halves has the SDK try once).
 BUDGET_SETTINGS = {"CHAT_USER_DAILY_TOKEN_LIMIT": str(USER_DAILY_LIMIT),
                    "CHAT_USER_TURNS_PER_MINUTE": str(USER_TURNS_PER_MINUTE),
                    "CHAT_TENANT_DAILY_TOKEN_LIMIT": str(TENANT_DAILY_LIMIT),
-                   "CHAT_MAX_REPLY_TOKENS": str(REPLY_MAX), "CHAT_MODEL_MAX_RETRIES": "0"}
+                   "CHAT_MAX_REPLY_TOKENS": str(REPLY_MAX)}
 
 
-def _activity(op: Op, text: str, *, service_url: str) -> bytes:
+def _activity(op: Op, activity_id: str, text: str, *, service_url: str) -> bytes:
+    """A message as the channel posts it: Teams in a personal chat for a streamed turn (the reply
+    streams), else a channel that does not stream (the reply is one message)."""
     tenant = tenant_of(op.conversation)
-    if op.variant in STREAMED:  # a Teams personal chat: the reply streams, then goes out
-        return json.dumps({"type": "message", "id": op.activity_id, "text": text,
+    if op.variant in STREAMED:
+        return json.dumps({"type": "message", "id": activity_id, "text": text,
                            "channelId": "msteams", "serviceUrl": service_url,
                            "conversation": {"id": op.conversation, "conversationType": "personal",
                                             "tenantId": tenant},
                            "from": {"id": op.user}, "recipient": {"id": "28:bot"}}).encode()
-    return json.dumps({"type": "message", "id": op.activity_id, "text": text,
+    return json.dumps({"type": "message", "id": activity_id, "text": text,
+                       "channelId": "test", "serviceUrl": service_url,
                        "conversation": {"id": op.conversation, "tenantId": tenant,
                                         "isGroup": op.conversation.endswith("-g")},
-                       "from": {"id": op.user}, "recipient": {"id": "28:bot"},
-                       "deliveryMode": "expectReplies", "channelId": "test"}).encode()
+                       "from": {"id": op.user}, "recipient": {"id": "28:bot"}}).encode()
 
 
 @dataclass
@@ -378,103 +311,172 @@ class Round:
     fail_rate: float = 0.03
     delay_rate: float = 0.2
     max_delay: float = 0.05
+    #: `CHAT_BURST` of the round's workers.
+    burst: str = "together"
     calls: list[Call] = field(default_factory=list)
     outcomes: dict[int, Outcome] = field(default_factory=dict)
-    model: ScriptedModel = field(default_factory=ScriptedModel)
+    model: ScriptedModel = field(default_factory=lambda: ScriptedModel(random.Random(0)))
+    channel: Channel = field(default_factory=Channel)
+    observer: Observer | None = None
+    faults_on: bool = False
+    #: Each worker slot's storage recorders (marked dead when the worker is killed).
+    recorders: dict[int, list[Recorder]] = field(default_factory=lambda: defaultdict(list))
+    #: (conversation, activity) the webhook answered 200 for.
+    acknowledged: set[tuple[str, str]] = field(default_factory=set)
+    #: Activities still kept when the round settled (or gave up waiting).
+    waiting: list[tuple[str, str]] = field(default_factory=list)
+    #: The poison queue's records at quiescence.
+    poisoned: list[bytes] = field(default_factory=list)
+    kills: int = 0
+    tickets: int = 0
     spend_checked: int = 0
     budgets_checked: int = 0
-    connector: FakeConnector = field(default_factory=FakeConnector)
     #: Stop presses waiting for their stream to show.
     pressing: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 async def run_round(state: Round) -> list[str]:
-    """Run `state.ops` on a fresh table; the invariants' violations (none: the round passed)."""
+    """Run `state.ops` on a fresh table and queue; the invariants' violations (none: passed)."""
     table_name = "torture" + uuid.uuid4().hex[:12]
     rng = random.Random(state.seed)
-    recorders: list[Recorder] = []
-    stores: list[TableConversationStore] = []
-    bots: list[ChatBot] = []
-    for _ in range(2):
-        recorder = Recorder(state.calls, random.Random(rng.getrandbits(64)),
-                            fail_rate=state.fail_rate, delay_rate=state.delay_rate,
-                            max_delay=state.max_delay)
-        table = TableClient.from_connection_string(state.connection_string, table_name=table_name,
-                                                   per_call_policies=[recorder])
-        store = TableConversationStore(table=table, summaries=True)
-        recorders.append(recorder)
-        stores.append(store)
-        bots.append(make_bot(store, state.model, CHAT_TURN_MAX_ATTEMPTS="4",
-                             CHAT_DAILY_TOKEN_LIMIT=str(DAILY_LIMIT),
-                             CHAT_MAX_TURNS_PER_MINUTE="10000",
-                             CHAT_HISTORY_TOKEN_BUDGET="200", CHAT_ANSWER_MODE="inline",
-                             **BUDGET_SETTINGS))
+    state.model = ScriptedModel(random.Random(rng.getrandbits(64)))
+    state.observer = observer = Observer(state.channel, state.calls)
+
+    def policies(slot: int, role: str) -> list[Recorder]:
+        recorder = Recorder(state, random.Random(rng.getrandbits(64)), role=role, slot=slot)
+        state.recorders[slot].append(recorder)
+        return [recorder]
+
     day = utc_day(utc_now())
-    await state.connector.__aenter__()
     state.model.press_stop = functools.partial(_press_stop, state)
-    try:
-        for store in stores:
-            await store.ping()  # the table made, before any fault
-        for recorder in recorders:
-            recorder.on = True
-        await asyncio.gather(*(_run_op(op, state, bots[op.instance], stores[op.instance])
-                               for op in state.ops))
-        for recorder in recorders:
-            recorder.on = False
-        return await check(state, stores[0], day=day)
-    finally:
-        for bot in bots:
-            await bot.prompt.model.close()
-            await bot.connector.close()
-        for store in stores:
+    async with state.channel, halves(
+            state.connection_string, table_name, state.model, state.channel, workers=2,
+            lease=LEASE_SECONDS, policies=policies, on_bot=observer.attach, summaries=True,
+            CHAT_HOLD_SECONDS=str(HOLD_SECONDS), CHAT_DRAIN_SECONDS=str(DRAIN_SECONDS),
+            CHAT_BURST=state.burst, CHAT_TURN_MAX_ATTEMPTS="4",
+            CHAT_DAILY_TOKEN_LIMIT=str(DAILY_LIMIT), CHAT_MAX_TURNS_PER_MINUTE="10000",
+            CHAT_HISTORY_TOKEN_BUDGET="200", **BUDGET_SETTINGS) as running:
+        store = TableConversationStore(table=TableClient.from_connection_string(
+            state.connection_string, table_name=table_name), summaries=True)
+        queue = running.workers[0].bot.settings.storage.turn_queue
+        inbox = Inbox(table=TableClient.from_connection_string(
+                          state.connection_string, table_name=inbox_table_name(table_name)),
+                      queue=queue_client(state.connection_string, queue),
+                      poison=queue_client(state.connection_string, f"{queue}-poison"))
+        try:
+            await store.ping()  # the tables made, before any fault
+            await inbox.read_head("~ping")
+            state.faults_on = True
+            await asyncio.gather(*(_run_op(op, state, running, inbox) for op in state.ops))
+            state.waiting = await _settle(running, inbox)
+            state.faults_on = False
+            assert inbox._poison is not None  # (the torture reads the queue it made)
+            state.poisoned = [bytes(m.content) async for m in inbox._poison.receive_messages(
+                messages_per_page=32, visibility_timeout=300)]
+            await asyncio.gather(*state.pressing, return_exceptions=True)
+            return await check(state, store, day=day)
+        finally:
+            state.faults_on = False
             await store.close()
-        await state.connector.__aexit__(None, None, None)
+            await inbox.close()
 
 
-async def _run_op(op: Op, state: Round, bot: ChatBot, store: TableConversationStore) -> None:
-    await asyncio.sleep(op.delay)
-    _current_op.set(op.index)
-    outcome = state.outcomes[op.index] = Outcome(start=next(_tick))
+async def _settle(running: Halves, inbox: Inbox) -> list[tuple[str, str]]:
+    """Wait until every accepted message is seen to and the workers are idle; what is still
+    kept (partition, activity) if that does not happen within `SETTLE_SECONDS` (stranded)."""
     try:
-        if op.kind in ("turn", "reset"):
-            text = "/reset" if op.kind == "reset" else \
-                f"{op.conversation}|{op.activity_id}|{op.variant or 'answer'}|{op.user}"
-            response = await bot.handle(body=_activity(op, text, service_url=state.connector.url),
-                                        headers={"Content-Type": "application/json"})
-            outcome.status = response.status
-            replies = (response.body or {}).get("activities") or []
-            outcome.reply = replies[-1].get("text") if replies else None
-            if op.variant in STREAMED:
-                _streamed_reply(state, op, outcome)
+        await running.settled(within=SETTLE_SECONDS, inbox=inbox)
+        return []
+    except TimeoutError:
+        return await running.kept(inbox=inbox)
+
+
+async def _run_op(op: Op, state: Round, running: Halves, inbox: Inbox) -> None:
+    await asyncio.sleep(op.delay)
+    current_op.set(op.index)
+    current_conversation.set(op.conversation)
+    outcome = state.outcomes[op.index] = Outcome(start=tick())
+    worker = running.workers[op.instance]
+    try:
+        if op.kind == "turn":
+            await _post(state, running, op, op.activity_id,
+                        f"{op.conversation}|{op.activity_id}|{op.variant or 'answer'}|{op.user}",
+                        outcome)
+        elif op.kind == "reset":
+            await _post(state, running, op, op.activity_id, "/reset", outcome)
+        elif op.kind == "burst":  # one after the other, a moment apart, as a person types
+            for i in range(op.count):
+                activity_id = f"{op.activity_id}b{i}"
+                await _post(state, running, op, activity_id,
+                            f"{op.conversation}|{activity_id}|{op.variant or 'answer'}|{op.user}",
+                            outcome)
+                await asyncio.sleep(random.Random(f"{op.index}{i}").uniform(0.02, 0.2))
+        elif op.kind == "ticket":
+            await inbox.enqueue(TurnTicket(conversation_id=op.conversation,
+                                           activity_id=op.activity_id, enqueued_at=time.time(),
+                                           kind=op.variant), delay=op.after)  # type: ignore[arg-type]
+            state.tickets += 1
+            outcome.status = 200
+        elif op.kind == "kill":
+            await _kill(state, running, op.instance)
+            outcome.status = 200
         elif op.kind == "delete":
-            await store.clear(op.conversation)
+            await worker.store.clear(op.conversation)
             outcome.status = 200
         elif op.kind == "export":
-            await store.export_user(op.user)
+            await worker.store.export_user(op.user)
             outcome.status = 200
         elif op.kind == "forget":
-            await store.forget_user(op.user)
+            await forget_user(worker.store, worker.inbox, op.user)
             outcome.status = 200
         elif op.kind == "purge":
             tomorrow = utc_day(utc_now() + timedelta(days=1))
-            await store.purge_idle(before=tomorrow, deadline=time.monotonic() + 30)
+            await worker.store.purge_idle(before=tomorrow, deadline=time.monotonic() + 30)
             outcome.status = 200
         elif op.kind == "summary":
-            job = await store.get_fold(op.conversation, token_budget=200)
+            job = await worker.store.get_fold(op.conversation, token_budget=200)
             if job is not None:
-                await store.update_summary(job, f"summary by op {op.index}")
+                await worker.store.update_summary(job, f"summary by op {op.index}")
             outcome.status = 200
         elif op.kind == "expire":
-            await _dead_reservation(op, store)
+            await _dead_reservation(op, worker.store)
             outcome.status = 200
         elif op.kind == "feedback":
-            await store.mark_delivered(op.conversation, op.activity_id, reply_id=f"r-{op.activity_id}")
-            await store.rate_reply(op.conversation, f"r-{op.activity_id}", Feedback(reaction="like"))
+            await _feedback(state, worker.store, op)
             outcome.status = 200
     except ChatstateError as exc:
         outcome.error, outcome.status = type(exc).__name__, 503
     finally:
-        outcome.end = next(_tick)
+        outcome.end = tick()
+
+
+async def _post(state: Round, running: Halves, op: Op, activity_id: str, text: str,
+                outcome: Outcome) -> None:
+    """The channel posts a message to the webhook of `op`'s worker slot, and again (to the same
+    slot: a killed worker has been replaced by then) while it is answered 5xx."""
+    body = _activity(op, activity_id, text, service_url=state.channel.url)
+    for attempt in range(CHANNEL_RETRIES + 1):
+        if attempt:
+            await asyncio.sleep(0.2 * attempt)
+        response = await running.workers[op.instance].bot.handle(body=body, headers=HEADERS)
+        outcome.status = response.status
+        if response.status == 200:
+            state.acknowledged.add((op.conversation, activity_id))
+            return
+        if response.status < 500:
+            return
+
+
+async def _kill(state: Round, running: Halves, slot: int) -> None:
+    """The worker of `slot` dies where it is: its storage calls fail from now on (a dead process
+    sends nothing), its handlers stop; a fresh worker takes the slot."""
+    for recorder in state.recorders.pop(slot, []):
+        recorder.dead = True
+    assert state.observer is not None
+    state.observer.kill(slot)
+    state.kills += 1
+    # A fresh context: the new worker's calls are its own, not this operation's.
+    await asyncio.create_task(running.restart(slot), context=contextvars.Context())
 
 
 async def _dead_reservation(op: Op, store: TableConversationStore) -> None:
@@ -488,18 +490,26 @@ async def _dead_reservation(op: Op, store: TableConversationStore) -> None:
                               lambda ledger: ledger.reserve(dead, limit=None, now=0))  # type: ignore[arg-type, return-value]
 
 
+async def _feedback(state: Round, store: TableConversationStore, op: Op) -> None:
+    """The user rates a reply they have seen in the conversation (the latest answer sent)."""
+    seen = [a for a in state.channel.messages(op.conversation)
+            if str(a.get("text", "")).startswith("re ") and a.get("replyToId")]
+    if not seen:
+        return
+    activity_id = str(seen[-1]["replyToId"])
+    await store.mark_delivered(op.conversation, activity_id, reply_id=f"r-{activity_id}")
+    await store.rate_reply(op.conversation, f"r-{activity_id}", Feedback(reaction="like"))
+
+
 def _press_stop(state: Round, conversation: str, activity_id: str) -> None:
-    """The user presses Stop on this turn's stream once it shows (a stream keeps a second from
-    the chat's previous one, so it may start after the answer did), to take effect after
-    `STOP_AFTER_UPDATES` updates; not if the turn never streams (one stream a chat at a time:
-    another turn's may hold the chat, and this one answers with a message)."""
+    """The user presses Stop on the conversation's stream once it shows (a stream keeps a second
+    from the chat's previous one, so it may start after the answer did), to take effect after
+    `STOP_AFTER_UPDATES` updates; not if no stream shows (another turn's may hold the chat, and
+    this one answers with a message)."""
     async def press() -> None:
-        for _ in range(40):
-            streams = _streams_of(state, activity_id)
-            if any(not s.finished for s in streams):
-                state.connector.streams.cancel(conversation, after_updates=STOP_AFTER_UPDATES)
-                return
-            if streams:
+        for _ in range(60):
+            if state.channel.streams.open(conversation):
+                state.channel.streams.cancel(conversation, after_updates=STOP_AFTER_UPDATES)
                 return
             await asyncio.sleep(0.05)
 
@@ -508,100 +518,115 @@ def _press_stop(state: Round, conversation: str, activity_id: str) -> None:
     task.add_done_callback(state.pressing.discard)
 
 
-def _streamed_reply(state: Round, op: Op, outcome: Outcome) -> None:
-    """What the user saw of a streamed turn: the message sent in reply to it (a stream's final,
-    or an ordinary message), else the text of its stream that they stopped."""
-    sent = [a for a in state.connector.messages(op.conversation)
-            if a.get("replyToId") == op.activity_id]
-    if sent:
-        outcome.reply = str(sent[-1].get("text"))
-        return
-    stopped = [s for s in _streams_of(state, op.activity_id) if s.cancel]
-    if stopped:
-        outcome.reply, outcome.stopped = stopped[-1].text, True
+# -- the invariants ------------------------------------------------------------------------------
 
 
-def _streams_of(state: Round, activity_id: str) -> list[Any]:
-    return [s for s in state.connector.streams.streams.values()
-            if s.updates and s.updates[0].get("replyToId") == activity_id]
+@dataclass(frozen=True)
+class Answered:
+    """An activity's first answer the user saw (a reply or a stream they stopped), and when its
+    turn's commit was first sent."""
+
+    deed: Deed
+    commit_sent: int
 
 
-def _on_head(call: Call, pk: str) -> bool:
-    url = unquote(call.url)
-    return f"PartitionKey='{pk}'" in url and "RowKey='h'" in url
+def _answered(state: Round, deeds: list[Deed]) -> dict[tuple[str, str], Answered]:
+    first: dict[tuple[str, str], Answered] = {}
+    for deed in sorted(deeds, key=lambda d: d.tick):
+        if deed.run.kind != "messages" or not _is_answer(deed.text):
+            continue
+        for activity in deed.run.covered:
+            key = (deed.run.conversation, activity)
+            if key not in first:
+                commits = [c.sent for c in state.calls if c.commit and activity in c.unit
+                           and c.conversation == deed.run.conversation]
+                first[key] = Answered(deed, min(commits, default=deed.run.start))
+    return first
 
 
-def _moment_of_hiding(state: Round, op: Op, pk: str) -> int | None:
-    """When op's hiding write of conversation `pk` was answered (its first successful head write;
-    none: the head it read, if it read one and wrote none)."""
-    mine = [c for c in state.calls if c.op == op.index and _on_head(c, pk.replace("'", "''"))]
-    for call in mine:
-        if call.method in ("PUT", "MERGE", "PATCH") and 200 <= call.status < 300:
-            return call.answered
-    return None
+@dataclass(frozen=True)
+class Clear:
+    """An operation that hides a conversation's messages: when its hiding write was sent and
+    answered, and whether it finished."""
+
+    label: str
+    kind: str
+    calls: list[Call]
+    done: bool
+
+    def hidden(self, conversation: str) -> int | None:
+        return hiding_moment(self.calls, conversation)
+
+    def hide_sent(self, conversation: str) -> list[int]:
+        pk = encode_key(conversation)
+        return [c.sent for c in self.calls if c.role == "store" and c.on_head(pk)
+                and c.method in ("PUT", "MERGE")]
+
+
+def _clears(state: Round, deeds: list[Deed], conversation: str) -> list[Clear]:
+    clears = [Clear(f"op #{op.index}", op.kind, [c for c in state.calls if c.op == op.index],
+                    state.outcomes[op.index].status == 200)
+              for op in state.ops if op.kind in ("delete", "purge", "forget")
+              and op.conversation in ("", conversation)]
+    assert state.observer is not None
+    for run in state.observer.runs:
+        if run.kind == "reset" and run.conversation == conversation:
+            confirmed = any(d.run is run and d.text == RESET_DONE for d in deeds)
+            clears.append(Clear(f"/reset {run.activity_ids[0]}", "reset",
+                                [c for c in state.calls if c.unit == run.activity_ids
+                                 and c.conversation == conversation], confirmed))
+    return clears
 
 
 async def check(state: Round, store: TableConversationStore, *, day: str) -> list[str]:
     """The invariants, checked on the stored state against what the history acknowledged."""
+    observer = state.observer
+    assert observer is not None
     problems: list[str] = []
-    ops = {op.index: op for op in state.ops}
-    answers: dict[str, set[str]] = defaultdict(set)
-    acknowledged: dict[str, tuple[Op, Outcome]] = {}
-    for op in state.ops:
-        outcome = state.outcomes[op.index]
-        if op.kind == "turn" and outcome.status == 200 and _is_answer(outcome.reply):
-            if outcome.reply != REMOVED_MARKER and not outcome.stopped:
-                answers[op.activity_id].add(str(outcome.reply))  # (else redacted, or cut)
-            first = acknowledged.get(op.activity_id)
-            if first is None or outcome.end < first[1].end:
-                acknowledged[op.activity_id] = (op, outcome)
-    for activity_id, texts in answers.items():
-        if len(texts) > 1:
-            problems.append(f"once: activity {activity_id} was answered {len(texts)} ways: "
-                            f"{sorted(texts)}")
+    deeds = observer.deeds()
+    answered = _answered(state, deeds)
     conversations = sorted({op.conversation for op in state.ops if op.conversation})
-    visible: dict[str, list[Any]] = {c: await store.list_messages(c) for c in conversations}
+    visible: dict[str, list[ChatMessage]] = {c: await store.list_messages(c)
+                                             for c in conversations}
+    texts: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for deed in deeds:
+        if deed.run.kind == "messages" and deed.stream is None and _is_answer(deed.text) \
+                and deed.text != REMOVED_MARKER:
+            for activity in deed.run.covered:
+                texts[(deed.run.conversation, activity)].add(deed.text)
+    problems += [f"once: activity {a} was answered {len(t)} ways: {sorted(t)}"
+                 for (_, a), t in texts.items() if len(t) > 1]
+    withdrawn = _withdrawn(state)
     for conversation in conversations:
-        pk = encode_key(conversation)
         rows = visible[conversation]
-        users = [m for m in rows if m.role == "user"]
-        counts = defaultdict(int)
-        for message in users:
-            counts[message.activity_id] += 1
+        counts = Counter(m.activity_id for m in rows if m.role == "user")
         problems += [f"once: activity {a} is stored {n} times in {conversation}"
                      for a, n in counts.items() if n > 1]
-        present = set(counts)
-        clears = [(op, _moment_of_hiding(state, op, pk)) for op in state.ops
-                  if op.kind in ("reset", "delete", "purge", "forget")
-                  and (op.conversation in ("", conversation))]
-        for activity_id, (op, outcome) in acknowledged.items():
-            if op.conversation != conversation:
+        clears = _clears(state, deeds, conversation)
+        for (where, activity_id), first in answered.items():
+            if where != conversation:
                 continue
-            sent = [c.sent for c in state.calls if c.op in _ops_of(state, activity_id)
-                    and c.method == "POST" and "$batch" in c.url]
-            commit_sent = min(sent) if sent else outcome.start
-            if activity_id not in present and not any(
-                    hidden is not None and commit_sent < hidden for _, hidden in clears):
-                problems.append(f"lost: acknowledged activity {activity_id} (op #{op.index}) "
-                                f"is gone from {conversation} and no clear hid it")
-            for clear, _ in clears:
-                if clear.kind not in ("reset", "delete") or state.outcomes[clear.index].status != 200:
+            if activity_id not in counts and activity_id not in withdrawn and not any(
+                    (hidden := clear.hidden(conversation)) is not None
+                    and first.commit_sent < hidden for clear in clears):
+                problems.append(f"lost: answered activity {activity_id} is gone from "
+                                f"{conversation} and no clear hid it")
+            for clear in clears:
+                if clear.kind not in ("reset", "delete") or not clear.done:
                     continue
-                hide_sent = [c.sent for c in state.calls if c.op == clear.index
-                             and _on_head(c, pk) and c.method in ("PUT", "MERGE")]
-                if activity_id in present and hide_sent and outcome.end < min(hide_sent):
-                    problems.append(f"visible: activity {activity_id} (op #{op.index}) is "
-                                    f"visible after clear op #{clear.index} hid it")
-    problems += await _check_users(state, store, visible, acknowledged)
-    faulted = {ops[c.op].conversation for c in state.calls if c.injected and c.op in ops}
-    problems += _check_stopped(state, visible, answers, faulted)
+                sent = clear.hide_sent(conversation)
+                if activity_id in counts and sent and first.deed.run.end < min(sent):
+                    problems.append(f"visible: activity {activity_id} is visible after "
+                                    f"{clear.label} hid it")
+    problems += await _check_users(state, store, visible, answered)
+    faulted = {c.conversation for c in state.calls if c.injected or c.dead} | \
+        {run.conversation for run in observer.runs if run.outcome == "killed"}
+    problems += _check_stopped(deeds, visible, texts, faulted)
     now = utc_now()
     if utc_day(now) == day:
         billed = dict(state.model.billed)
         for cut in state.model.cut:  # shared/prompt.py's rule: the request and the text read
-            shown = [s.text for s in _streams_of(state, cut.activity_id) if s.cancel]
-            billed[cut.conversation] = billed.get(cut.conversation, 0) + cut.request_tokens + \
-                count_text_tokens(shown[-1] if shown else "")
+            billed[cut.conversation] = billed.get(cut.conversation, 0) + _cut_tokens(cut, deeds)
         for conversation in conversations:
             if conversation in faulted:
                 continue  # a failed spend write may have lost tokens: logged, not counted here
@@ -611,19 +636,38 @@ async def check(state: Round, store: TableConversationStore, *, day: str) -> lis
             if counted != paid:
                 problems.append(f"spend: {conversation} counts {counted} tokens, the model "
                                 f"billed {paid}")
-        problems += await _check_budgets(state, store, now)
+        problems += await _check_budgets(state, store, now, deeds)
+    problems += check_order(observer, visible)
+    problems += check_answered_once(observer, _excuses(state, deeds), visible, state.waiting)
+    problems += check_poisoned(observer, state.poisoned)
+    problems += check_reset_barrier(observer, state.calls, visible)
+    problems += check_streams(observer)
     return problems
 
 
-async def _check_budgets(state: Round, store: TableConversationStore, now: Any) -> list[str]:
+def _cut_tokens(cut: CutStream, deeds: list[Deed]) -> int:
+    """A stream cut before its usage arrived, as the code counts it: the request and the text
+    the user read (the stream they stopped, of the unit that asked)."""
+    shown = [d.text for d in deeds if d.stream is not None
+             and d.run.conversation == cut.conversation and cut.activity_id in d.run.covered]
+    return cut.request_tokens + count_text_tokens(shown[-1] if shown else "")
+
+
+async def _check_budgets(state: Round, store: TableConversationStore, now: Any,
+                         deeds: list[Deed]) -> list[str]:
     """The ledgers against what the model stand-in billed each user and tenant (cut streams as
-    the code estimates them), where no ledger write met an injected failure; and their limits."""
+    the code estimates them), where no ledger write met an injected failure and no killed
+    worker made a call for the account; and their limits."""
+    assert state.observer is not None
     billed = dict(state.model.accounts)
     for cut in state.model.cut:
-        shown = [s.text for s in _streams_of(state, cut.activity_id) if s.cancel]
-        tokens = cut.request_tokens + count_text_tokens(shown[-1] if shown else "")
         for key in (f"user:{cut.user}", f"tenant:{tenant_of(cut.conversation)}"):
-            billed[key] = billed.get(key, 0) + tokens
+            billed[key] = billed.get(key, 0) + _cut_tokens(cut, deeds)
+    senders = {(a.conversation, a.activity_id): a.sender for a in state.observer.arrivals}
+    killed = {key for run in state.observer.runs if run.outcome == "killed"
+              for key in (f"tenant:{tenant_of(run.conversation)}",
+                          *(f"user:{senders.get((run.conversation, a), '')}"
+                            for a in run.activity_ids))}
     problems: list[str] = []
     accounts = [Account("user", u) for u in USERS] + \
         [Account("tenant", t) for t in ("tenant-a", "tenant-b")]
@@ -634,9 +678,11 @@ async def _check_budgets(state: Round, store: TableConversationStore, now: Any) 
         if counted > limit:
             problems.append(f"budgets: the {account.level} {account.id} settled {counted} "
                             f"tokens, past its limit of {limit}")
-        faulted = any(c.injected and f"PartitionKey='{account.key}'" in unquote(c.url)
-                      for c in state.calls)
-        paid = billed.get(f"{account.level}:{account.id}", 0)
+        name = f"{account.level}:{account.id}"
+        faulted = name in killed or any(
+            (c.injected or c.dead) and f"PartitionKey='{account.key}'" in unquote(c.url)
+            for c in state.calls)
+        paid = billed.get(name, 0)
         if not faulted:
             state.budgets_checked += 1
             if counted != paid:
@@ -645,38 +691,70 @@ async def _check_budgets(state: Round, store: TableConversationStore, now: Any) 
     return problems
 
 
-def _check_stopped(state: Round, visible: dict[str, list[Any]], answers: dict[str, set[str]],
-                   faulted: set[str]) -> list[str]:
-    """A stopped reply is stored as what the user saw, marked stopped (where no other delivery
-    of it got a whole answer and no storage call of its conversation failed on purpose)."""
-    problems = [f"stopped: the stream broke the contract: {v}"
-                for v in state.connector.streams.violations]
+def _withdrawn(state: Round) -> set[str]:
+    """Activities a user's removal withdrew while they waited or were being answered (its stub
+    written: the turn then stores nothing, even if the removal failed later on)."""
+    removals = {op.index for op in state.ops if op.kind == "forget"}
+    return {unquote(c.url).split("RowKey='a", 1)[1].split("'", 1)[0] for c in state.calls
+            if c.op in removals and c.role == "inbox" and c.method == "PUT"
+            and "RowKey='a" in unquote(c.url) and 200 <= c.status < 300}
+
+
+def _excuses(state: Round, deeds: list[Deed]) -> Excuses:
+    removals: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    clears: dict[str, list[int]] = defaultdict(list)
+    conversations = {op.conversation for op in state.ops if op.conversation}
     for op in state.ops:
         outcome = state.outcomes[op.index]
-        if not outcome.stopped or answers.get(op.activity_id) or op.conversation in faulted:
+        if op.kind == "forget" and outcome.status == 200:
+            removals[op.user].append((outcome.start, outcome.end))
+        if op.kind in ("delete", "purge", "forget"):
+            for conversation in ([op.conversation] if op.conversation else conversations):
+                clears[conversation].append(outcome.start)
+    assert state.observer is not None
+    for run in state.observer.runs:
+        if run.kind == "reset":
+            clears[run.conversation].append(run.start)
+    return Excuses(removals=removals, clears=clears, acknowledged=state.acknowledged,
+                   calls=state.calls, withdrawn=_withdrawn(state), same_reply=_same_reply)
+
+
+def _same_reply(one: str, other: str) -> bool:
+    """The same reply: the same text, or the same reply of ours (a budget's refusal names the
+    wait, which differs when it is worded again)."""
+    return one == other or any(one.startswith(p) and other.startswith(p) for p in _BUDGET_REPLIES)
+
+
+def _check_stopped(deeds: list[Deed], visible: dict[str, list[ChatMessage]],
+                   texts: dict[tuple[str, str], set[str]], faulted: set[str]) -> list[str]:
+    """A stopped reply is stored as what the user saw, marked stopped (where no other delivery
+    of it got a whole answer and no storage call of its conversation failed on purpose)."""
+    problems: list[str] = []
+    for deed in deeds:
+        conversation, ids = deed.run.conversation, deed.run.covered
+        if deed.stream is None or conversation in faulted or \
+                any(texts.get((conversation, a)) for a in ids):
             continue
-        rows = visible.get(op.conversation, [])
-        at = [i for i, m in enumerate(rows) if m.role == "user" and m.activity_id == op.activity_id]
+        rows = visible.get(conversation, [])
+        at = [i for i, m in enumerate(rows) if m.role == "user" and m.activity_id in ids]
         if not at:
             continue  # not stored, or cleared: the other invariants judge that
-        following = list(itertools.takewhile(lambda m: m.role != "user", rows[at[0] + 1:]))
+        following = list(itertools.takewhile(lambda m: m.role != "user", rows[at[-1] + 1:]))
         reply = following[-1] if following else None
         if reply is None or reply.content == REMOVED_MARKER:
             continue
-        if (reply.content, reply.stopped) != (outcome.reply, True):
-            problems.append(f"stopped: activity {op.activity_id} (op #{op.index}) showed "
-                            f"{outcome.reply!r} and was stopped; stored {reply.content!r}, "
-                            f"stopped={reply.stopped}")
+        if (reply.content, reply.stopped) != (deed.text, True):
+            problems.append(f"stopped: {list(ids)} showed {deed.text!r} and was stopped; "
+                            f"stored {reply.content!r}, stopped={reply.stopped}")
     return problems
 
 
-def _ops_of(state: Round, activity_id: str) -> set[int]:
-    return {op.index for op in state.ops if op.activity_id == activity_id}
-
-
-async def _check_users(state: Round, store: TableConversationStore, visible: dict[str, list[Any]],
-                       acknowledged: dict[str, tuple[Op, Outcome]]) -> list[str]:
+async def _check_users(state: Round, store: TableConversationStore,
+                       visible: dict[str, list[ChatMessage]],
+                       answered: dict[tuple[str, str], Answered]) -> list[str]:
     problems: list[str] = []
+    assert state.observer is not None
+    accepted = {key: a.tick for key, a in state.observer.stored_arrivals().items()}
     for user in USERS:
         data = await store.export_user(user)
         exported = {(c.conversation_id, m.activity_id) for c in data.conversations
@@ -691,23 +769,32 @@ async def _check_users(state: Round, store: TableConversationStore, visible: dic
                 sender = message.sender.ids if message.sender else ()
                 if user not in sender:
                     continue
-                if (conversation, message.activity_id) not in exported:
+                key = (conversation, str(message.activity_id))
+                if key not in exported:
                     problems.append(f"exportable: {user}'s message {message.activity_id} in "
                                     f"{conversation} is stored but not in their export")
-                ack = acknowledged.get(str(message.activity_id))
+                first = answered.get(key)
                 for forget in forgets:
                     writes = [c.sent for c in state.calls if c.op == forget.index
-                              and _on_head(c, pk) and c.method in ("PUT", "MERGE")
-                              and 200 <= c.status < 300]
-                    if ack is not None and writes and ack[1].end < max(writes):
+                              and c.role == "store" and c.on_head(pk)
+                              and c.method in ("PUT", "MERGE") and 200 <= c.status < 300]
+                    if first is not None and writes and first.deed.run.end < max(writes):
                         problems.append(f"exportable: {user}'s message {message.activity_id} in "
                                         f"{conversation} survived their removal (op "
                                         f"#{forget.index})")
+                    elif key in accepted and accepted[key] < state.outcomes[forget.index].start:
+                        problems.append(f"exportable: {user}'s message {message.activity_id} in "
+                                        f"{conversation}, accepted before their removal (op "
+                                        f"#{forget.index}) began, is stored after it")
     return problems
 
 
+# -- the run -------------------------------------------------------------------------------------
+
+
 async def shrink(connection_string: str, seed: int, ops: list[Op], *, fail_rate: float,
-                 budget_seconds: float, checks: tuple[str, ...] | None = None) -> list[Op]:
+                 burst: str, budget_seconds: float,
+                 checks: tuple[str, ...] | None = None) -> list[Op]:
     """The shortest history found that still fails: drop one operation at a time (each
     candidate run up to three times: timing varies), within `budget_seconds`."""
     deadline = time.monotonic() + budget_seconds
@@ -717,65 +804,134 @@ async def shrink(connection_string: str, seed: int, ops: list[Op], *, fail_rate:
         candidate = current[:index] + current[index + 1:]
         for _ in range(3):
             problems = await run_round(Round(connection_string, seed, candidate,
-                                             fail_rate=fail_rate))
-            if any(checks is None or p.split(":")[0] in checks for p in problems):
+                                             fail_rate=fail_rate, burst=burst))
+            if any(_checked(p, checks) for p in problems):
                 current = candidate
                 break
         index -= 1
     return current
 
 
+def _checked(problem: str, checks: tuple[str, ...] | None) -> bool:
+    return checks is None or problem.split(":")[0] in checks
+
+
+@dataclass
+class Figures:
+    """What a run did, summed over its rounds."""
+
+    rounds: int = 0
+    operations: int = 0
+    accepted: int = 0
+    answers: int = 0
+    bursts: int = 0
+    apologies: int = 0
+    resets: int = 0
+    streamed: int = 0
+    stopped: int = 0
+    kills: int = 0
+    tickets: int = 0
+    calls: Counter[str] = field(default_factory=Counter)
+    injected: int = 0
+    spend_checked: int = 0
+    budgets_checked: int = 0
+    budget_replies: int = 0
+
+    def add(self, state: Round) -> None:
+        assert state.observer is not None
+        deeds = state.observer.deeds()
+        self.rounds += 1
+        self.operations += len(state.ops)
+        self.accepted += len(state.observer.arrivals)
+        self.answers += sum(1 for d in deeds if d.run.kind == "messages"
+                            and _is_answer(d.text))
+        self.bursts += sum(1 for d in deeds if d.run.kind == "messages"
+                           and len(d.run.covered) > 1 and _is_answer(d.text))
+        self.apologies += sum(1 for d in deeds if d.text == APOLOGY)
+        self.resets += sum(1 for d in deeds if d.text == RESET_DONE)
+        self.streamed += len(state.channel.streams.streams)
+        self.stopped += sum(1 for d in deeds if d.stream is not None)
+        self.kills += state.kills
+        self.tickets += state.tickets
+        self.calls.update(c.role for c in state.calls)
+        self.injected += sum(c.injected for c in state.calls)
+        self.spend_checked += state.spend_checked
+        self.budgets_checked += state.budgets_checked
+        self.budget_replies += sum(1 for d in deeds if d.text.startswith(_BUDGET_REPLIES))
+
+    def __str__(self) -> str:
+        calls = ", ".join(f"{n} {role}" for role, n in sorted(self.calls.items()))
+        return (f"{self.rounds} rounds, {self.operations} operations; {self.accepted} messages "
+                f"accepted, {self.answers} answers ({self.bursts} to bursts), {self.resets} "
+                f"resets confirmed, {self.apologies} apologies; {self.streamed} replies "
+                f"streamed, {self.stopped} stopped by the user; {self.kills} workers killed, "
+                f"{self.tickets} extra queue messages; {sum(self.calls.values())} storage calls "
+                f"({calls}; {self.injected} failed on purpose); spend checked in "
+                f"{self.spend_checked} conversations, budgets checked in {self.budgets_checked} "
+                f"accounts ({self.budget_replies} budget replies)")
+
+
 async def torture(connection_string: str, *, seed: int, rounds: int | None,
                   duration: float | None, length: int = 40, out: Any = sys.stdout,
                   shrink_seconds: float = 120.0, kinds: tuple[str, ...] = KINDS,
-                  checks: tuple[str, ...] | None = None) -> bool:
-    """Run rounds until `rounds` or `duration`; True when every invariant held in every round."""
-    invariants = [i for i in INVARIANTS if checks is None or i.split(":")[0] in checks]
+                  checks: tuple[str, ...] | None = None, trace: str | None = None) -> bool:
+    """Run rounds until `rounds` or `duration`; True when every invariant held in every round.
+    `trace`: a file the timelines of a failing round's conversations are written to."""
+    invariants = [i for i in INVARIANTS if _checked(i, checks)]
     print("invariants checked:", file=out)
     for invariant in invariants:
         print(f"  - {invariant}", file=out)
     started = time.monotonic()
     master = random.Random(seed)
-    done = operations = calls = injected = acknowledged = spend_checked = 0
-    streamed = stopped = budgets_checked = budget_replies = 0
-    while (rounds is None or done < rounds) and (duration is None or
-                                                 time.monotonic() - started < duration):
+    figures = Figures()
+    while (rounds is None or figures.rounds < rounds) and (duration is None or
+                                                           time.monotonic() - started < duration):
         round_seed = master.getrandbits(32)
-        ops = history(random.Random(round_seed), f"r{done}", length, kinds)
-        # A third of the rounds fail no storage call (delays only): spend is checked everywhere.
-        state = Round(connection_string, round_seed, ops,
-                      fail_rate=random.Random(round_seed).choice((0.0, 0.02, 0.05)))
-        problems = [p for p in await run_round(state)
-                    if checks is None or p.split(":")[0] in checks]
-        done += 1
-        operations += len(ops)
-        calls += len(state.calls)
-        injected += sum(c.injected for c in state.calls)
-        spend_checked += state.spend_checked
-        streamed += len(state.connector.streams.streams)
-        stopped += sum(1 for o in state.outcomes.values() if o.stopped)
-        acknowledged += sum(1 for o in state.outcomes.values() if _is_answer(o.reply))
-        budgets_checked += state.budgets_checked
-        budget_replies += sum(1 for o in state.outcomes.values()
-                              if (o.reply or "").startswith(_BUDGET_REPLIES))
+        choices = random.Random(round_seed)
+        # A third of the rounds fail no storage call and kill no worker (delays only): spend
+        # and budgets are checked everywhere.
+        fail_rate = choices.choice((0.0, 0.02, 0.05))
+        calm = tuple(k for k in kinds if k != "kill") if not fail_rate else kinds
+        ops = history(random.Random(round_seed), f"r{figures.rounds}", length, calm)
+        state = Round(connection_string, round_seed, ops, fail_rate=fail_rate,
+                      burst=choices.choice(("together", "together", "each")))
+        began = time.monotonic()
+        problems = [p for p in await run_round(state) if _checked(p, checks)]
+        number = figures.rounds
+        figures.add(state)
+        print(f"round {number}: {len(ops)} operations, faults {state.fail_rate:.0%}, "
+              f"CHAT_BURST={state.burst}: {'FAILED' if problems else 'ok'} "
+              f"({time.monotonic() - began:.0f} s)", file=out, flush=True)
         if problems:
-            print(f"FAILED: seed {seed}, round {done - 1} (round seed {round_seed}):", file=out)
+            print(f"FAILED: seed {seed}, round {number} (round seed {round_seed}):", file=out)
             for problem in problems:
                 print(f"  {problem}", file=out)
+            if trace is not None:
+                _trace(state, problems, trace)
+                print(f"the failing conversations' timelines are in {trace}", file=out)
             shortest = await shrink(connection_string, round_seed, ops,
-                                    fail_rate=state.fail_rate, budget_seconds=shrink_seconds,
-                                    checks=checks)
+                                    fail_rate=state.fail_rate, burst=state.burst,
+                                    budget_seconds=shrink_seconds, checks=checks)
             print(f"shortest failing history ({len(shortest)} of {len(ops)} operations; "
                   f"re-run: --seed {seed}):", file=out)
             for op in shortest:
                 print(f"  {op}", file=out)
+            print(f"figures: {figures}", file=out)
             return False
-    print(f"passed: seed {seed}, {done} rounds, {operations} operations ({acknowledged} answers "
-          f"acknowledged; {streamed} replies streamed, {stopped} stopped by the user), {calls} "
-          f"storage calls ({injected} failed on purpose), spend checked "
-          f"in {spend_checked} conversations, budgets checked in {budgets_checked} accounts "
-          f"({budget_replies} budget replies), {time.monotonic() - started:.0f} s", file=out)
+    print(f"passed: seed {seed}, {figures}, {time.monotonic() - started:.0f} s", file=out)
     return True
+
+
+def _trace(state: Round, problems: list[str], path: str) -> None:
+    assert state.observer is not None
+    named = [c for c in sorted({op.conversation for op in state.ops if op.conversation})
+             if any(c in problem for problem in problems)]
+    with open(path, "w", encoding="utf-8") as file:
+        for problem in problems:
+            print(problem, file=file)
+        for conversation in named:
+            print(f"\n== {conversation}", file=file)
+            print("\n".join(timeline(state.observer, conversation)), file=file)
 
 
 def main() -> None:
@@ -790,6 +946,9 @@ def main() -> None:
     parser.add_argument("--check", default=None,
                         help="comma-separated invariants to check (default: all of "
                              f"{','.join(i.split(':')[0] for i in INVARIANTS)})")
+    parser.add_argument("--shrink-seconds", type=float, default=300.0)
+    parser.add_argument("--trace", default=None,
+                        help="a file for the timelines of a failing round's conversations")
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(2 ** 32)
     rounds = args.rounds if args.rounds is not None or args.duration is not None else 5
@@ -798,8 +957,10 @@ def main() -> None:
     with given_or_started(os.environ.get(STORAGE_ENV)) as connection_string:
         ok = asyncio.run(torture(connection_string, seed=seed, rounds=rounds,
                                  duration=args.duration, length=args.length,
+                                 shrink_seconds=args.shrink_seconds,
                                  kinds=tuple(args.kinds.split(",")) if args.kinds else KINDS,
-                                 checks=tuple(args.check.split(",")) if args.check else None))
+                                 checks=tuple(args.check.split(",")) if args.check else None,
+                                 trace=args.trace))
     sys.exit(0 if ok else 1)
 
 
