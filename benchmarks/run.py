@@ -27,6 +27,7 @@ BENCHMARKS: tuple[str, ...] = (
     "telemetry",
     "queue",
     "mcp_tools",
+    "order",
 )
 
 Benchmark = Callable[[str], Awaitable[dict[str, Any]]]
