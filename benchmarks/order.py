@@ -56,8 +56,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import aiohttp
+import psutil
 from aiohttp import web
 from azure.storage.queue.aio import QueueClient
 
@@ -65,8 +67,8 @@ from devtools.fake_channel import FakeConnector
 from devtools.fake_model import FakeModelServer
 
 from .common import ROOT, azurite_version, code_version, machine, median, now_iso
-from .storage_ops import Counts, StorageCounter
-from .webhook import Worker, _history, message, percentile, post, worker_env, workers
+from .storage_ops import Counts, StorageCounter, endpoints
+from .webhook import Worker, _history, cpu_seconds, message, percentile, post, worker_env, workers
 
 #: Today's queue, before the order (issue 26's parent on main).
 BASELINE = "e2ec774"
@@ -85,7 +87,7 @@ TARGETS = {"post_to_200_p99_ms": 100.0}
 SIDES = ("after", "before")
 _REPLY = re.compile(r"reply to '(.*)' after \d+ messages")
 _LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ [\w.]+: (.*) "
-                       r"\[conversation='[^']*' activity='([^']*)'\]$", re.MULTILINE)
+                       r"\[conversation='([^']*)' activity='([^']*)'\]$", re.MULTILINE)
 _PICKED_UP = re.compile(r"picked up after (\d+) ms \((arrival|dequeue 1 )")
 
 #: Hosts stopped with turns still waiting on the model: the stand-in's "cannot write to closing
@@ -225,6 +227,8 @@ class Bench:
             result = await post(self.http, worker, activity)
             if result.status == 200:
                 return result.ms
+            # Status 0: this process's connection to the worker was reset (an idle keep-alive
+            # connection the worker had closed), not a refusal of the worker's.
             self.refused.append(f"{result.status} {result.body[:120]!r}")
             _log(f"    refused ({'sent again' if attempt < 2 else 'given up'}): {self.refused[-1]}")
             await asyncio.sleep(result.retry_after or 1.0)
@@ -322,7 +326,7 @@ async def pickup_and_burst_phases(bench: Bench) -> tuple[dict[str, Any], dict[st
 def _log_times(worker: Worker) -> dict[str, dict[str, tuple[float, str]]]:
     """The host log's lines by activity: {activity: {"picked": (at, text), "holding": (at, text)}}."""
     found: dict[str, dict[str, tuple[float, str]]] = defaultdict(dict)
-    for stamp, text, activity in _LOG_LINE.findall(worker.host.log_text()):
+    for stamp, text, _, activity in _LOG_LINE.findall(worker.host.log_text()):
         at = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
         if text.startswith("picked up after"):
             found[activity].setdefault("picked", (at, text))
@@ -378,8 +382,11 @@ async def _conversational(bench: Bench, pair: list[Worker], *, ordered: bool) ->
     posts: list[float] = []
     latencies: list[float] = []
 
+    conversations: list[str] = []
+
     async def one(index: int) -> tuple[float, float, str]:
         conversation, tag = _conversation("conv")
+        conversations.append(conversation)
         first = time.perf_counter()
         for number in range(MESSAGES):
             text = f"{tag} m{number}"
@@ -400,7 +407,7 @@ async def _conversational(bench: Bench, pair: list[Worker], *, ordered: bool) ->
             "model_calls_per_turn": round(sum(bench.model.calls(tag) for _, _, tag in done) / turns, 3),
             "reply_p50_s": round(percentile(latencies, 50), 3), "reply_p99_s": round(percentile(latencies, 99), 3),
             "conversation_s": _spread(spans), "post_p50_ms": round(percentile(posts, 50), 1),
-            "post_p99_ms": round(percentile(posts, 99), 1)}
+            "post_p99_ms": round(percentile(posts, 99), 1), "conversations": conversations}
 
 
 async def _rapid(bench: Bench, pair: list[Worker], *, ordered: bool, verify: bool = True) -> dict[str, Any]:
@@ -435,7 +442,35 @@ async def _rapid(bench: Bench, pair: list[Worker], *, ordered: bool, verify: boo
             "model_calls": sum(bench.model.calls(d["tag"]) for d in done),
             "conversation_s": _spread([d["end"] - d["last_posted"] for d in done]),
             "complete": sum(d["complete"] for d in done), "stored_in_order": in_order if verify else None,
-            "post_p50_ms": round(percentile(posts, 50), 1), "post_p99_ms": round(percentile(posts, 99), 1)}
+            "post_p50_ms": round(percentile(posts, 50), 1), "post_p99_ms": round(percentile(posts, 99), 1),
+            "conversations": [d["conversation"] for d in done]}
+
+
+def _round_pickups(pair: list[Worker], conversations: set[str]) -> dict[str, float]:
+    """How long the round's messages waited in the queue (the `answer` function's log), and how
+    many waited more than a second: a worker that stops polling while its running functions are
+    more than host.json's newBatchThreshold leaves new messages waiting."""
+    waited = [int(found[1]) / 1000 for worker in pair
+              for _, text, conversation, _ in _LOG_LINE.findall(worker.host.log_text())
+              if conversation in conversations and (found := _PICKED_UP.search(text))]
+    return {"median": round(median(waited), 3), "max": round(max(waited), 3),
+            "over_1s": sum(1 for w in waited if w > 1.0)}
+
+
+def azurite_processes(connection_string: str) -> list[psutil.Process]:
+    """The processes serving the connection string's table and queue ports (Azurite's two services)."""
+    ports = {urlparse(url).port for url in endpoints(connection_string).values()}
+    found = []
+    with contextlib.suppress(psutil.Error):
+        for connection in psutil.net_connections(kind="tcp"):
+            if connection.status == psutil.CONN_LISTEN and connection.laddr and \
+                    connection.laddr.port in ports and connection.pid:
+                found.append(psutil.Process(connection.pid))
+    return found
+
+
+def _cpu(processes: Sequence[psutil.Process | None]) -> float:
+    return sum(cpu_seconds(process) for process in processes if process is not None)
 
 
 def _spread(values: Sequence[float]) -> dict[str, float]:
@@ -445,13 +480,22 @@ def _spread(values: Sequence[float]) -> dict[str, float]:
 async def throughput_phase(bench: Bench) -> dict[str, Any]:
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {side: {"conversational": [], "rapid": []}
                                                         for side in SIDES}
+    azurite = azurite_processes(bench.connection_string)
     async with bench.hosts(count=2, streaming=False) as hosts:
         for number in range(THROUGHPUT_ROUNDS):
             for mode, measure in (("conversational", _conversational), ("rapid", _rapid)):
                 for side in _sides(number):
                     bench.note_load("throughput")
                     _log(f"order: throughput round {number + 1}, {mode}, {side}")
-                    runs[side][mode].append(await measure(bench, hosts[side], ordered=side == "after"))
+                    pair = hosts[side]
+                    cpu = [_cpu([w.process for w in pair]), _cpu(azurite)]
+                    found = await measure(bench, pair, ordered=side == "after")
+                    workers_s, azurite_s = _cpu([w.process for w in pair]) - cpu[0], _cpu(azurite) - cpu[1]
+                    turns = found.get("turns", CONVERSATIONS * MESSAGES)
+                    found["cpu_ms_per_turn"] = {"workers": round(workers_s * 1000 / turns, 2),
+                                                "azurite": round(azurite_s * 1000 / turns, 2)}
+                    found["queue_pickup_s"] = _round_pickups(pair, set(found.pop("conversations")))
+                    runs[side][mode].append(found)
         bench.note_load("throughput")
     return {side: {mode: _medians(found) for mode, found in modes.items()} for side, modes in runs.items()}
 
@@ -623,6 +667,8 @@ def _figures(side: str, accept: dict[str, Any], pickup: dict[str, Any], burst: d
         "burst_last_message_to_reply_s": burst[side]["last_message_to_reply_s"],
         "turns_per_s": conversational["turns_per_s"],
         "conversation_spread_s": conversational["conversation_s"],
+        "cpu_ms_per_turn": conversational["cpu_ms_per_turn"],
+        "queue_pickup_max_s": max(rapid["queue_pickup_s"]["max"], conversational["queue_pickup_s"]["max"]),
         "rapid_messages_per_s": rapid["messages_per_s"], "rapid_turns_per_s": rapid["turns_per_s"],
         "rapid_model_calls": rapid["model_calls"], "rapid_spread_s": rapid["conversation_s"],
         "rapid_stored_in_order": rapid["stored_in_order"],
@@ -636,6 +682,9 @@ def _figures(side: str, accept: dict[str, Any], pickup: dict[str, Any], burst: d
 
 def _print(r: dict[str, Any]) -> None:
     after, before = r["figures"]["after"], r["figures"]["before"]
+
+    def cpu(c: dict[str, float]) -> str:
+        return f"{c['workers']:.1f} + {c['azurite']:.1f} ms"
 
     def spread(s: dict[str, float]) -> str:
         return f"{s['min']:.2f} / {s['median']:.2f} / {s['max']:.2f} s"
@@ -651,6 +700,9 @@ def _print(r: dict[str, Any]) -> None:
         ("burst of four: last message → last reply", f"{after['burst_last_message_to_reply_s']:.2f} s",
          f"{before['burst_last_message_to_reply_s']:.2f} s", ""),
         ("20 × 5, conversational: turns/s", f"{after['turns_per_s']:.1f}", f"{before['turns_per_s']:.1f}", ""),
+        ("  CPU per turn: workers + Azurite", cpu(after["cpu_ms_per_turn"]), cpu(before["cpu_ms_per_turn"]), ""),
+        ("  longest wait in the queue (either mode)", f"{after['queue_pickup_max_s']:.2f} s",
+         f"{before['queue_pickup_max_s']:.2f} s", ""),
         ("  a conversation's 5 turns, min / median / max", spread(after["conversation_spread_s"]),
          spread(before["conversation_spread_s"]), ""),
         ("20 × 5, rapid: messages answered/s", f"{after['rapid_messages_per_s']:.1f}",
