@@ -30,7 +30,7 @@ throughput  CONVERSATIONS × MESSAGES over TWO workers per side (two dev host pr
                               last 200): messages answered/s, turns, model calls; a
                               conversation's last POST → its last reply (the spread shows whether
                               conversations wait for each other); stored in order?
-storage     the same two workers per side behind a counting proxy (benchmarks/storage_ops.py):
+storage     the same two workers per side behind a counting proxy (devtools/storage_counter.py):
               alone  ALONE conversations × 2 messages, one message at a time, each left to go quiet:
                      requests during the POST (the webhook) and after its 200 (the answer), for a
                      conversation's first message and for a later one
@@ -65,9 +65,9 @@ from azure.storage.queue.aio import QueueClient
 
 from devtools.fake_channel import FakeConnector
 from devtools.fake_model import FakeModelServer
+from devtools.storage_counter import Counts, StorageCounter, endpoints
 
 from .common import ROOT, azurite_version, code_version, machine, median, now_iso
-from .storage_ops import Counts, StorageCounter, endpoints
 from .webhook import Worker, _history, cpu_seconds, message, percentile, post, worker_env, workers
 
 #: Today's queue, before the order (issue 26's parent on main).

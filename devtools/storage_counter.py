@@ -1,8 +1,9 @@
 """Storage operations counted at the HTTP layer: a reverse proxy in front of Azurite's table and queue services.
 
-A worker pointed at `StorageCounter.connection_string` talks to Azurite through it unchanged (the
-shared-key signature covers the path and headers, never the host), so any commit's code can be
-counted without touching it. Each request is sorted into a kind:
+A worker (or a test's clients) pointed at `StorageCounter.connection_string` talks to Azurite
+through it unchanged (the shared-key signature covers the path and headers, never the host), so any
+commit's code can be counted without touching it (benchmarks/order.py, and tests that pin what a
+path costs). Each request is sorted into a kind:
 
     table  read      a point read (GET of one entity)
            query     a query (GET of a table with a filter; `entities` counts the rows returned)
@@ -16,7 +17,7 @@ counted without touching it. Each request is sorted into a kind:
            update    a message's lease changed (renewed, or released for a retry)
            setup     creating a queue, reading its metadata, peeking
 
-`Counts` are kept by `(service, kind)`: requests and entities.
+`Counts` are kept by `(service, kind)`: requests and entities; `seen` lists every request.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from yarl import URL
 from devtools.azurite import azurite_connection_string
 from devtools.local_server import LocalServer
 
-__all__ = ["Counts", "StorageCounter", "endpoints"]
+__all__ = ["Counts", "Seen", "StorageCounter", "endpoints"]
 
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host",
                "content-encoding", "upgrade", "proxy-connection", "te", "trailer"}
@@ -72,6 +73,16 @@ class Counts:
         counted = self.entities if entities else self.requests
         return sum(n for (s, k), n in counted.items()
                    if (service is None or s == service) and (kinds is None or k in kinds))
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One request through the proxy: its service, kind, method and (decoded) path."""
+
+    service: str
+    kind: str
+    method: str
+    path: str
 
 
 def endpoints(connection_string: str) -> dict[str, str]:
@@ -117,6 +128,7 @@ class StorageCounter:
     def __init__(self, connection_string: str) -> None:
         targets = endpoints(connection_string)
         self.counts = Counts()
+        self.seen: list[Seen] = []
         #: `time.perf_counter()` of the last request that was work (not an empty poll, not setup).
         self.last_work = 0.0
         self.session: aiohttp.ClientSession
@@ -145,6 +157,7 @@ class StorageCounter:
         kind, entities = (_table_kind if service == "table" else _queue_kind)(
             method, path, query, body, answer, status)
         self.counts.add(service, kind, entities)
+        self.seen.append(Seen(service=service, kind=kind, method=method, path=path))
         if kind not in ("poll", "setup"):
             self.last_work = time.perf_counter()
 
