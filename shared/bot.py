@@ -165,26 +165,25 @@ class ChatBot:
         """Keep the message in its conversation's order, show that it is being answered if it
         goes first, queue a wake-up; 200 at once."""
         assert self.inbox is not None
-        look, committed = await asyncio.gather(
-            self.inbox.look(activity.conversation_id, activity.id),
+        # The head alone, not the activity's row: a kept activity waits (the head is not idle),
+        # so a retry of one opens no stream here, and `accept`'s create of its row refuses it.
+        head, committed = await asyncio.gather(
+            self.inbox.read_head(activity.conversation_id),
             self.store.get_turn(activity.conversation_id, activity.id))
-        if look.kept:
-            log.info("retry of an activity already accepted; acknowledged")
-            return BotResponse(status=200)
         if committed is not None and committed.delivered:
             log.info("retry of an activity already answered; acknowledged")
             return BotResponse(status=200)
         now = time.time()
-        first = look.head is None or (look.head.idle(now) and now - look.head.streamed_at >= 1.0)
+        first = head is None or (head.idle(now) and now - head.streamed_at >= 1.0)
         # A turn committed but not delivered is re-sent by the answer, with no stream to open.
         stream = await self.delivery.open_stream(activity) if first and committed is None else None
         sender = activity.user
         place = await self.inbox.accept(
             body, conversation_id=activity.conversation_id, activity_id=activity.id,
             sender=sender.id or "", aad=sender.aad_id or "",
-            reset=activity.message_text.lower() == "/reset", stream=stream, head=look.head)
+            reset=activity.message_text.lower() == "/reset", stream=stream, head=head)
         if place is None:
-            log.info("retry of an activity accepted a moment ago; acknowledged")
+            log.info("retry of an activity already accepted; acknowledged")
             return BotResponse(status=200)
         ticket = TurnTicket(conversation_id=activity.conversation_id, activity_id=activity.id,
                             enqueued_at=time.time())
