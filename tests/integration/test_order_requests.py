@@ -17,7 +17,7 @@ from devtools.fake_channel import FakeConnector
 from devtools.fake_model import FakeModelServer
 from devtools.storage_counter import Seen, StorageCounter
 from shared.inbox import ORDER_ROW, inbox_table_name
-from tests.integration.halves import halves, servers
+from tests.integration.halves import eventually, halves, servers
 
 __all__ = ["servers"]  # the fixture
 
@@ -102,3 +102,27 @@ async def test_a_retry_of_a_kept_message_opens_no_stream_and_takes_no_second_pla
     assert head is not None and head.last_seq == 1
     assert [k.activity_id for k in kept] == [json.loads(body)["id"]]
     assert queued == 1
+
+
+async def test_a_lone_message_is_drained_with_one_read_of_the_order_head_and_one_listing(
+        counter: StorageCounter, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a conversation answered once already, storage quiet
+    model, connector = servers
+    async with halves(counter.connection_string, table_name, model, connector) as running:
+        assert (await running.post(running.message("one", "a:drained")))[0] == 200
+        await eventually(lambda: len(connector.messages("a:drained")) == 1)
+        await quiet(counter)
+        # WHEN the next message is posted and answered
+        assert (await running.post(running.message("two", "a:drained")))[0] == 200
+        accepted = len(counter.seen)
+        await eventually(lambda: len(connector.messages("a:drained")) == 2)
+        await quiet(counter)
+        seen = counter.seen[accepted:]
+    # THEN the answer read the order head once (the wake-up's look), listed the conversation's
+    # rows once, took and let go the hold (two writes of the head), and nothing read it again
+    inbox = table_requests(seen, inbox_table_name(table_name))
+    assert inbox.count(("read", ORDER_ROW)) == 1, [(k, r[:8]) for k, r in inbox]
+    assert inbox.count(("query", "query")) == 1, inbox
+    assert inbox.count(("write", ORDER_ROW)) == 2, inbox
+    assert connector.streams.broken() == []
