@@ -8,18 +8,19 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEV_HOST := $(addprefix devtools/,host.py functions_host.py worker.py rpc.py routes.py http_exchange.py timers.py ncrontab.py queues.py azurite.py)
 
-.PHONY: help deps python-version run chat playground test unit pytest lint infra-check bench clean teams-package torture
+.PHONY: help deps python-version run chat playground test unit pytest lint infra-check bench clean teams-package torture usage
 
 help:
 	@echo "make run         serve the bot on http://127.0.0.1:$${PORT:-7071}/api/messages (Azurite + offline model by default)"
 	@echo "make run MCP=demo  the same, with the demo MCP server's tools (devtools/mcp_server.py)"
-	@echo "make chat        chat with the running bot from this terminal"
+	@echo "make chat        chat with the running bot from this terminal, as Teams shows it (INLINE=1: inline replies)"
 	@echo "make playground  open the Microsoft 365 Agents Playground against the running bot"
 	@echo "make test        lint, template checks and every test (starts its own Azurite)"
 	@echo "make unit        the unit tier alone (no I/O; about a second)"
-	@echo "make teams-package  the Teams app package appPackage/build/chatstate.zip (needs CLIENT_ID)"
+	@echo "make teams-package  the Teams app package appPackage/build/chatstate.zip (needs CLIENT_ID; COPILOT=off: not a Copilot agent)"
 	@echo "make bench       store and webhook benchmarks; figures go to benchmarks/results.json"
 	@echo "make torture     the randomized concurrency test (SEED=…, ROUNDS=… or DURATION=… seconds, KINDS=…)"
+	@echo "make usage       tokens and turns by tenant (LEVEL=user: by user) over DAYS=30; CSV=file.csv for chargeback"
 
 deps: python-version $(VENV)/.installed node_modules/.installed
 
@@ -43,7 +44,7 @@ run: deps
 	$(PY) -m devtools.run $(if $(MCP),--mcp $(MCP))
 
 chat: deps
-	$(PY) -m devtools.chat
+	$(PY) -m devtools.chat $(if $(INLINE),--inline)
 
 playground: deps
 	$(PY) -m devtools.playground
@@ -67,7 +68,7 @@ infra-check:
 	bash infra/check.sh
 
 teams-package: deps
-	@$(PY) -m devtools.teams_package
+	@$(PY) -m devtools.teams_package $(if $(COPILOT),--copilot $(COPILOT))
 
 bench: deps
 	$(PY) -m devtools.azurite -- $(PY) -m benchmarks.run
@@ -78,6 +79,12 @@ torture: deps
 	$(PY) -m devtools.azurite -- $(PY) -m tests.integration.torture $(if $(SEED),--seed $(SEED)) \
 		$(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(DURATION),--duration $(DURATION)) \
 		$(if $(KINDS),--kinds $(KINDS))
+
+# Usage by tenant or user from the budget ledgers (devtools/usage.py); CSV=… writes one line per
+# account and day. Against Azure: CHAT_STORAGE_TABLE_ENDPOINT=… and `az login`.
+usage: deps
+	$(PY) -m devtools.usage $(if $(LEVEL),--level $(LEVEL)) $(if $(DAYS),--days $(DAYS)) \
+		$(if $(CSV),--csv $(CSV))
 
 clean:
 	rm -rf $(VENV) .venv-infra .venv-checkov node_modules .azurite .pytest_cache .ruff_cache

@@ -27,6 +27,9 @@ BENCHMARKS: tuple[str, ...] = (
     "telemetry",
     "queue",
     "mcp_tools",
+    "budgets",
+    "cold_start",
+    "long_answers",
     "order",
 )
 

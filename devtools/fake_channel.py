@@ -2,8 +2,11 @@
 
 `FakeConnector` answers `POST /v3/conversations/{id}/activities` like the Bot Connector and records
 what it got (scriptable statuses); streamed replies must keep Teams' streaming contract
-(`devtools/teams_streams.py`), and `suggestedActions` go only on a message that ends a reply (a
-plain message or a stream's final, never an update), as `imBack` buttons, three at most.
+(`devtools/teams_streams.py`), an activity over Teams' size (`max_bytes` of JSON) is refused with
+413, and `suggestedActions` go only on a message that ends a reply (a plain message or a stream's
+final, never an update), as `imBack` buttons, three at most. Every such refusal is a violation.
+A PUT to an activity replaces it (a card updated after a click). `on_activity`, when set, hears
+each activity taken, with the ID it was given ("sent" or "updated"): `make chat` shows them.
 `FakeIdentity` serves OpenID metadata and JWKS for Bot Framework
 and for an Entra tenant, signs tokens with its own RSA keys, and answers client-credentials token
 requests, so tests exercise the real validation code through the metadata-URL override. Its Bot
@@ -19,6 +22,7 @@ import json
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,32 +36,76 @@ from devtools.teams_streams import StreamContract
 __all__ = ["FakeConnector", "FakeIdentity"]
 
 
+#: Teams refuses a message over about 28 KB (the activity's JSON).
+MAX_ACTIVITY_BYTES = 28_000
+
+
+#: Told of each activity the stand-in took: ("sent" or "updated", the activity, its ID).
+ActivityListener = Callable[[str, dict[str, Any], str | None], None]
+
+
 class FakeConnector(LocalServer):
     """The Bot Connector's activities endpoint; `activities` holds what the bot sent."""
 
-    def __init__(self, *, latency: float = 0.0) -> None:
+    def __init__(self, *, latency: float = 0.0, clock: Callable[[], float] = time.monotonic,
+                 max_bytes: int = MAX_ACTIVITY_BYTES) -> None:
+        """`clock`: the time the streaming limits are measured in (`StreamContract`)."""
         super().__init__()
         self.latency = latency
+        self.max_bytes = max_bytes
         self.activities: list[dict[str, Any]] = []
         self.requests: list[dict[str, Any]] = []
         self.statuses: deque[int] = deque()
-        self.streams = StreamContract()
+        self.streams = StreamContract(clock=clock)
+        #: Activities replaced by a PUT, in order.
+        self.updates: list[dict[str, Any]] = []
+        self.on_activity: ActivityListener | None = None
         self._ids = itertools.count(1)
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v3/conversations/{conversation_id}/activities", self._post)
         app.router.add_post("/v3/conversations/{conversation_id}/activities/{activity_id}", self._post)
+        app.router.add_put("/v3/conversations/{conversation_id}/activities/{activity_id}", self._put)
+
+    def _heard(self, event: str, activity: dict[str, Any], activity_id: str | None) -> None:
+        if self.on_activity is not None:
+            self.on_activity(event, activity, activity_id)
+
+    async def _put(self, request: web.Request) -> web.Response:
+        """Replace an activity the bot sent (its ID in the path)."""
+        raw = await request.read()
+        body = {**json.loads(raw), "id": request.match_info["activity_id"]}
+        self.requests.append({"at": time.perf_counter(), "path": request.path,
+                              "raw_path": request.raw_path, "method": "PUT",
+                              "conversation_id": request.match_info["conversation_id"],
+                              "authorization": request.headers.get("Authorization"),
+                              "activity": body, "bytes": len(raw)})
+        if len(raw) > self.max_bytes:
+            message = f"an activity of {len(raw):,} bytes (Teams takes about {self.max_bytes:,})"
+            self.streams.violations.append(message)
+            return web.json_response({"error": {"code": "MessageSizeTooBig", "message": message}},
+                                     status=413)
+        self.updates.append(body)
+        self._heard("updated", body, body["id"])
+        return web.json_response({"id": body["id"]}, status=200)
 
     def messages(self, conversation_id: str | None = None) -> list[dict[str, Any]]:
         return [a for a in self.activities if a.get("type") == "message" and
                 (conversation_id is None or a["conversation"]["id"] == conversation_id)]
 
     async def _post(self, request: web.Request) -> web.Response:
-        body = await request.json()
+        raw = await request.read()
+        body = json.loads(raw)
         record = {"at": time.perf_counter(), "path": request.path, "raw_path": request.raw_path,
                   "conversation_id": request.match_info["conversation_id"],
-                  "authorization": request.headers.get("Authorization"), "activity": body}
+                  "authorization": request.headers.get("Authorization"), "activity": body,
+                  "bytes": len(raw)}
         self.requests.append(record)
+        if len(raw) > self.max_bytes:
+            message = f"an activity of {len(raw):,} bytes (Teams takes about {self.max_bytes:,})"
+            self.streams.violations.append(message)
+            return web.json_response({"error": {"code": "MessageSizeTooBig", "message": message}},
+                                     status=413)
         if (misplaced := _misplaced_suggestions(body)) is not None:
             self.streams.violations.append(misplaced)
             return web.json_response({"error": {"code": "BadArgument", "message": misplaced}},
@@ -77,9 +125,13 @@ class FakeConnector(LocalServer):
             status, answer = streamed
             if status < 300 and body.get("type") == "message":
                 self.activities.append(body)
+            if status < 300:
+                self._heard("sent", body, answer.get("id"))
             return web.json_response(answer, status=status)
         self.activities.append(body)
-        return web.json_response({"id": f"reply-{next(self._ids)}"}, status=201)
+        reply_id = f"reply-{next(self._ids)}"
+        self._heard("sent", body, reply_id)
+        return web.json_response({"id": reply_id}, status=201)
 
 
 def _misplaced_suggestions(activity: dict[str, Any]) -> str | None:

@@ -7,7 +7,8 @@ stream, it sends server-sent events word by word (`first_token_after`, `word_int
 the words a client read before it hung up (`streamed_words`, `hung_up`).
 
 Its usage reports `cached_tokens` as OpenAI's prompt cache would: the longest prefix the prompt
-shares with an earlier one (`PrefixCache`), counted from 1,024 tokens in blocks of 128.
+shares with an earlier one (`PrefixCache`), counted from 1,024 tokens in blocks of 128. With
+`usage=(prompt, completion)` every answer reports that instead (a budget test's round figures).
 """
 
 from __future__ import annotations
@@ -95,9 +96,11 @@ class FakeModelServer(LocalServer):
     def __init__(self, *, latency: float = 0.0,
                  reply: Callable[[dict[str, Any]], str] = default_reply,
                  first_token_after: float = 0.0, word_interval: float = 0.0,
-                 api_key: str | None = None) -> None:
-        """With `api_key`, a request without `Authorization: Bearer <api_key>` gets OpenAI's 401."""
+                 api_key: str | None = None, usage: tuple[int, int] | None = None) -> None:
+        """With `api_key`, a request without `Authorization: Bearer <api_key>` gets OpenAI's 401.
+        `usage`: the (prompt, completion) tokens every answer reports (None: counted)."""
         self.api_key = api_key
+        self.fixed_usage = usage
         self.latency = latency
         self.reply = reply
         self.first_token_after = first_token_after
@@ -164,12 +167,15 @@ class FakeModelServer(LocalServer):
                                      "code": None}
             return web.json_response({"error": error}, status=answer.status, headers=answer.headers)
         message: dict[str, Any] = {"role": "assistant", "content": None}
-        if answer.tool_calls:
+        if answer.tool_calls:  # with words before them, if the script has content too
             message["tool_calls"] = answer.tool_calls
+            message["content"] = answer.content
         else:
             message["content"] = answer.content if answer.content is not None else self.reply(body)
         prompt_tokens, cached = self.cache.lookup(prompt_text(body))
-        completion_tokens = count_text_tokens(message["content"]) + 7
+        completion_tokens = count_text_tokens(message["content"] or "") + 7
+        if self.fixed_usage is not None:
+            (prompt_tokens, completion_tokens), cached = self.fixed_usage, 0
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens,
                  "prompt_tokens_details": {"cached_tokens": cached}}
@@ -201,6 +207,9 @@ class FakeModelServer(LocalServer):
             if self.first_token_after:
                 await asyncio.sleep(self.first_token_after)
             await event({"role": "assistant", "content": ""})
+            if answer.tool_calls and text:  # words first, then the calls
+                for index, word in enumerate(text.split(" ")):
+                    await event({"content": word if index == 0 else f" {word}"})
             if answer.tool_calls:
                 for index, call in enumerate(answer.tool_calls):
                     arguments = call["function"]["arguments"]

@@ -102,11 +102,14 @@ def model_banner(settings: ModelSettings) -> str:
 class Running:
     port: int
     pid: int
+    #: The folder of the Azurite `make run` started (None: it started none).
+    azurite_data: Path | None = None
 
 
-def write_run_file(port: int, *, path: Path = RUN_FILE) -> None:
+def write_run_file(port: int, *, path: Path = RUN_FILE, azurite_data: Path | None = None) -> None:
     path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps({"port": port, "pid": os.getpid()}))
+    path.write_text(json.dumps({"port": port, "pid": os.getpid(),
+                                "azuriteData": str(azurite_data) if azurite_data else None}))
 
 
 def remove_run_file(*, path: Path = RUN_FILE) -> None:
@@ -119,7 +122,8 @@ def read_run_file(*, path: Path = RUN_FILE) -> Running | None:
     """The running `make run`, if its run file names a live process."""
     try:
         data = json.loads(path.read_text())
-        running = Running(port=int(data["port"]), pid=int(data["pid"]))
+        running = Running(port=int(data["port"]), pid=int(data["pid"]),
+                          azurite_data=Path(data["azuriteData"]) if data.get("azuriteData") else None)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     try:

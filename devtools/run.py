@@ -6,8 +6,9 @@ answers there, and none when CHAT_STORAGE_CONNECTION_STRING points elsewhere; th
 dev host (`devtools.host`: the app run by the pinned Functions Python worker library, with the
 Functions host's HTTP rules, timers and queue triggers). Before it serves it checks what a first
 hour trips over, each with one line (devtools/preflight.py): the settings, PORT, Azurite's ports,
-the model (no tokens). A binding mistake stops it at start, naming the function. Ctrl-C stops what
-it started.
+the model (no tokens). A binding mistake stops it at start, naming the function. The banner with
+the URLs prints once the host answers (its first /api/health), so a quick curl finds it up; if
+Azurite's data folder is removed while it runs, it says so. Ctrl-C stops what it started.
 `--mcp demo` (`make run MCP=demo`) also starts the demo MCP server (devtools/mcp_server.py) on
 127.0.0.1:8931 and points CHAT_MCP_SERVERS at it, unless that setting is given.
 """
@@ -19,6 +20,7 @@ import logging
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from devtools import preflight
@@ -107,8 +109,11 @@ def main(argv: list[str] | None = None) -> int:
             children.append(_start_mcp_demo())
         uses_azurite = settings.storage.table_endpoint is None and \
             settings.storage.connection_string == DEVELOPMENT_STORAGE
+        azurite_data = None
         if uses_azurite:
-            children.extend(_start_azurite())
+            started = _start_azurite()
+            children.extend(started)
+            azurite_data = ROOT / ".azurite" if started else None
         else:
             print("storage: CHAT_STORAGE_* points elsewhere; not starting Azurite")
         print(f"host: the project's dev host on Python {sys.version.split()[0]} (docs/devhost.md)")
@@ -121,20 +126,60 @@ def main(argv: list[str] | None = None) -> int:
         _stop(children)
         return 2
     command = [sys.executable, "-m", "devtools.host", "--port", str(port)]
-    print(f"\n  messaging endpoint: http://127.0.0.1:{port}/api/messages"
-          f"\n  health:             http://127.0.0.1:{port}/api/health"
-          "\n  chat from a terminal:  make chat"
-          "\n  Agents Playground:     make playground\n", flush=True)
-    children.append(subprocess.Popen(command, cwd=ROOT, env=env))
-    preflight.write_run_file(port, path=args.run_file)
+    host = subprocess.Popen(command, cwd=ROOT, env=env)
+    children.append(host)
     try:
-        return children[-1].wait()
+        if not _answers(port, host):
+            return host.wait()
+        print(f"\n  messaging endpoint: http://127.0.0.1:{port}/api/messages"
+              f"\n  health:             http://127.0.0.1:{port}/api/health"
+              "\n  chat from a terminal:  make chat"
+              "\n  Agents Playground:     make playground\n", flush=True)
+        preflight.write_run_file(port, path=args.run_file, azurite_data=azurite_data)
+        return _serve(host, azurite_data)
     except KeyboardInterrupt:
         return 0
     finally:
         preflight.remove_run_file(path=args.run_file)
         _stop(children)
         print("stopped.")
+
+
+#: How long the host may take to answer its first request before `make run` gives up on it.
+HOST_START_SECONDS = 120.0
+
+
+def _answers(port: int, host: subprocess.Popen[bytes]) -> bool:
+    """Wait until the host answers HTTP on `port` (any status): True; False if it exited first."""
+    import httpx2
+
+    deadline = time.monotonic() + HOST_START_SECONDS
+    while host.poll() is None and time.monotonic() < deadline:
+        try:
+            httpx2.get(f"http://127.0.0.1:{port}/api/health", timeout=30)
+            return True
+        except httpx2.HTTPError:
+            time.sleep(0.1)
+    if host.poll() is None:
+        print(f"error: the host did not answer on port {port} in {HOST_START_SECONDS:.0f} s",
+              file=sys.stderr)
+        return False
+    return False
+
+
+def _serve(host: subprocess.Popen[bytes], azurite_data: Path | None) -> int:
+    """Wait for the host to exit, saying so once if Azurite's data folder disappears."""
+    warned = False
+    while True:
+        try:
+            return host.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            pass
+        if azurite_data is not None and not azurite_data.exists() and not warned:
+            print(f"warning: Azurite's data folder {azurite_data} was removed: storage can no "
+                  "longer keep messages (the turn queue fails, nothing reaches the disk). Stop "
+                  "make run (Ctrl-C) and start it again.", file=sys.stderr, flush=True)
+            warned = True
 
 
 def _stop(children: list[subprocess.Popen[bytes]]) -> None:

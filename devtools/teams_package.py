@@ -5,10 +5,16 @@ appPackage/manifest.json, checks the result against the official JSON schema of 
 version (from the `@microsoft/app-manifest` npm package, installed by `make deps`: no network) and
 the icons' sizes, and zips the manifest and the two icons at the zip's root, as Teams wants them.
 Upload the zip in Teams: Apps → Manage your apps → Upload an app → Upload a custom app.
+
+The bot is also declared a Microsoft 365 Copilot custom engine agent (`copilotAgents`, manifest
+1.20 on; the `copilot` scope), so it shows among the agents in Copilot Chat: it streams, and keeps
+a silent stream alive, as Copilot asks. `make teams-package COPILOT=off` leaves that out (a tenant
+where custom engine agents, in preview, are not allowed).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import struct
@@ -34,11 +40,17 @@ class PackageError(Exception):
     """Why the package cannot be built, in one line."""
 
 
-def manifest(client_id: str, *, source: Path = APP_PACKAGE / "manifest.json") -> dict[str, Any]:
-    """The manifest with the app ID filled in; a `PackageError` if the ID is not a GUID."""
+def manifest(client_id: str, *, source: Path = APP_PACKAGE / "manifest.json",
+             copilot: bool = True) -> dict[str, Any]:
+    """The manifest with the app ID filled in; a `PackageError` if the ID is not a GUID.
+    `copilot=False`: without the Copilot custom engine agent."""
     if not _GUID.match(client_id):
         raise PackageError(f"CLIENT_ID must be the bot's Microsoft App ID (a GUID), got {client_id!r}")
     filled: dict[str, Any] = json.loads(source.read_text().replace(PLACEHOLDER, client_id))
+    if not copilot:
+        filled.pop("copilotAgents", None)
+        for bot in filled.get("bots", []):
+            bot["scopes"] = [scope for scope in bot.get("scopes", []) if scope != "copilot"]
     return filled
 
 
@@ -66,9 +78,9 @@ def png_size(data: bytes) -> tuple[int, int]:
     return width, height
 
 
-def build(client_id: str, *, output: Path = OUTPUT) -> Path:
+def build(client_id: str, *, output: Path = OUTPUT, copilot: bool = True) -> Path:
     """Write the package; return its path."""
-    document = manifest(client_id)
+    document = manifest(client_id, copilot=copilot)
     validate(document)
     icons: dict[str, bytes] = {}
     for kind, size in ICON_SIZES.items():
@@ -85,21 +97,27 @@ def build(client_id: str, *, output: Path = OUTPUT) -> Path:
     return output
 
 
-def main(environ: dict[str, str] | None = None) -> int:
+def main(environ: dict[str, str] | None = None, argv: list[str] | None = None) -> int:
     """Build the package; 1 with one line on stderr saying why not. `environ`: a test seam."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--copilot", choices=["on", "off"], default="on",
+                        help="declare the bot a Microsoft 365 Copilot custom engine agent")
+    parser.add_argument("--output", type=Path, default=OUTPUT, help=argparse.SUPPRESS)
+    args = parser.parse_args([] if argv is None else argv)
     client_id = (local_environment() if environ is None else environ).get("CLIENT_ID", "").strip()
     if not client_id:
         print("error: CLIENT_ID is not set: the bot's Microsoft App ID (the environment or "
               "local.settings.json)", file=sys.stderr)
         return 1
     try:
-        path = build(client_id)
+        path = build(client_id, copilot=args.copilot == "on", output=args.output)
     except PackageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"{path.relative_to(ROOT)}: upload it in Teams (Apps > Manage your apps > Upload an app)")
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    print(f"{shown}: upload it in Teams (Apps > Manage your apps > Upload an app)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(argv=sys.argv[1:]))

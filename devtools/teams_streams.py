@@ -12,15 +12,19 @@ nothing after the final. Refusals are 403 `ContentStreamNotAllowed` with the rea
 as Teams words them.
 
 What the bot must never do is recorded for the tests to assert on: `violations` (a request Teams
-would refuse as malformed), `overlapping` (a second stream begun while one is active in the chat:
-Teams refuses it) and `throttled` (a request that tripped the one-a-second limit); `open()` lists
-the streams that never got their final message.
+would refuse as malformed, or one after the stream's two minutes), `overlapping` (a second stream
+begun while one is live in the chat: Teams refuses it) and `throttled` (a request that tripped the
+one-a-second limit); `open()` lists the streams that never got their final message (a stream the
+user stopped has ended). `clock` is the time the limits are measured in: a test may run it faster
+than real time (`shared.streaming.StreamClock`), the bot's streams on the same clock, so a 130 s
+answer takes 13 s.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +44,9 @@ class Stream:
     last_request: float = 0.0
     finished: bool = False
     cancel: bool = False
+    #: When the final message was taken, and each update (the stream's clock).
+    ended: float | None = None
+    update_times: list[float] = field(default_factory=list)
     updates: list[dict[str, Any]] = field(default_factory=list)
     #: Seconds between consecutive requests of the stream, as they arrived.
     gaps: list[float] = field(default_factory=list)
@@ -48,8 +55,11 @@ class Stream:
 class StreamContract:
     """Checks each streamed activity; `answer()` gives the status and body the connector sends."""
 
-    def __init__(self, *, min_interval: float = 1.0) -> None:
+    def __init__(self, *, min_interval: float = 1.0, max_seconds: float = MAX_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.min_interval = min_interval
+        self.max_seconds = max_seconds
+        self.clock = clock
         self.streams: dict[str, Stream] = {}
         self.violations: list[str] = []
         #: Requests refused with 429: our pace broke Teams' one streaming request a second.
@@ -58,12 +68,21 @@ class StreamContract:
         self.overlapping: list[str] = []
         self._last_request: dict[str, float] = {}
         self._busy: set[str] = set()
-        self._cancel_after: dict[str, int] = {}
+        self._cancel_after: dict[str, tuple[int, int]] = {}
 
-    def cancel(self, conversation_id: str, *, after_updates: int = 0) -> None:
-        """The user presses Stop once the conversation's stream has taken `after_updates`
-        updates: the next one is refused as canceled, and so is everything after it."""
-        self._cancel_after[conversation_id] = after_updates
+    def cancel(self, conversation_id: str, *, after_updates: int = 0, stream: int = 1) -> None:
+        """The user presses Stop once a stream of the conversation has taken `after_updates`
+        updates: the next request is refused as canceled, and so is everything after it.
+        `stream`: which one, counting from the stream live now (or, with none, the next one) as 1
+        (2: the one after it, as the second part of a long answer)."""
+        streams = self.of(conversation_id)
+        live = next((index for index, s in enumerate(streams) if self.live(s)), len(streams))
+        self._cancel_after[conversation_id] = (after_updates, live + stream - 1)
+
+    def live(self, stream: Stream) -> bool:
+        """Not ended, not stopped by the user, and within its two minutes."""
+        return not (stream.finished or stream.cancel or
+                    self.clock() - stream.started > self.max_seconds)
 
     def of(self, conversation_id: str) -> list[Stream]:
         return [s for s in self.streams.values() if s.conversation_id == conversation_id]
@@ -80,8 +99,9 @@ class StreamContract:
                 *(f"never ended: {s.id} in {s.conversation_id}" for s in self.open(conversation_id))]
 
     def open(self, conversation_id: str | None = None) -> list[Stream]:
-        """Streams that never got their final message (all chats, or one)."""
-        return [s for s in self.streams.values() if not s.finished
+        """Streams that never got their final message (all chats, or one); one the user stopped
+        has ended."""
+        return [s for s in self.streams.values() if not (s.finished or s.cancel)
                 and (conversation_id is None or s.conversation_id == conversation_id)]
 
     def begin(self, conversation_id: str, activity: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
@@ -90,7 +110,7 @@ class StreamContract:
                      and e.get("type") == "streaminfo"), None)
         if info is None:
             return None
-        now = time.monotonic()
+        now = self.clock()
         conversation = activity.get("conversation") or {}
         if not conversation_id.startswith("a:") or conversation.get("conversationType") != "personal":
             # Teams knows personal chats by their ID; the Agents Playground reads the activity's
@@ -112,10 +132,13 @@ class StreamContract:
         if stream is not None:
             if stream.finished:
                 return self._refuse(403, "Content stream has already completed.")
-            if now - stream.started > MAX_SECONDS:
+            if now - stream.started > self.max_seconds:
+                self.violations.append(f"a request {now - stream.started:.1f} s into a stream "
+                                       f"(at most {self.max_seconds:g} s)")
                 return self._refuse(403, "Content stream exceeded streaming time.")
-            after = self._cancel_after.get(conversation_id)
-            if stream.cancel or (after is not None and len(stream.updates) >= after):
+            after, index = self._cancel_after.get(conversation_id, (None, 0))
+            if stream.cancel or (after is not None and self.of(conversation_id).index(stream) >= index
+                                 and len(stream.updates) >= after):
                 self._cancel_after.pop(conversation_id, None)
                 stream.cancel = True
                 return self._refuse(403, "Content stream was cancelled by user.")
@@ -132,7 +155,7 @@ class StreamContract:
         if stream is None:
             if "streamId" in info:
                 return self._refuse(400, "unknown streamId")
-            if self.open(conversation_id):
+            if any(self.live(s) for s in self.of(conversation_id)):
                 self.overlapping.append(conversation_id)
                 return self._refuse(403, "Content stream is not allowed: another is in progress.")
             if sequence != 1:
@@ -151,6 +174,7 @@ class StreamContract:
             stream.text = text
         stream.sequence = sequence
         stream.updates.append(activity)
+        stream.update_times.append(now)
         return status, {"id": stream.id}
 
     def answered(self, stream_id: str | None) -> None:
@@ -170,6 +194,7 @@ class StreamContract:
         if "streamSequence" in info:
             return self._refuse(400, "the final message carries no streamSequence")
         stream.finished = True
+        stream.ended = self.clock()
         return 200, {"id": stream.id}
 
     def _refuse(self, status: int, message: str) -> tuple[int, dict[str, Any]]:

@@ -95,6 +95,12 @@ param chatRetentionDays string = ''
 param chatMaxTurnsPerMinute string = ''
 @description('CHAT_DAILY_TOKEN_LIMIT: model tokens per conversation per UTC day; empty: no limit.')
 param chatDailyTokenLimit string = ''
+@description('CHAT_USER_DAILY_TOKEN_LIMIT: model tokens per user per UTC day, across their conversations, reserved before each call; empty: no limit.')
+param chatUserDailyTokenLimit string = ''
+@description('CHAT_USER_TURNS_PER_MINUTE: answered turns per user per UTC minute, across their conversations; empty: no limit.')
+param chatUserTurnsPerMinute string = ''
+@description('CHAT_TENANT_DAILY_TOKEN_LIMIT: model tokens per Entra tenant per UTC day, all its users together; empty: no limit.')
+param chatTenantDailyTokenLimit string = ''
 @description('CHAT_STREAMING: stream replies in Teams personal chats.')
 @allowed(['on', 'off'])
 param chatStreaming string = 'on'
@@ -391,6 +397,19 @@ var chatAppSettings = [
   {
     name: 'CHAT_DAILY_TOKEN_LIMIT'
     value: chatDailyTokenLimit
+  }
+  // budgets across conversations (docs/operate.md "Budgets"): empty means off
+  {
+    name: 'CHAT_USER_DAILY_TOKEN_LIMIT'
+    value: chatUserDailyTokenLimit
+  }
+  {
+    name: 'CHAT_USER_TURNS_PER_MINUTE'
+    value: chatUserTurnsPerMinute
+  }
+  {
+    name: 'CHAT_TENANT_DAILY_TOKEN_LIMIT'
+    value: chatTenantDailyTokenLimit
   }
   {
     name: 'CHAT_STREAMING'

@@ -24,6 +24,9 @@ Rules (docs/deploy.md gives the reasons):
   CHAT_TURN_QUEUE is the queue the storage module creates.
 - Always-ready: main.bicep's `answerAlwaysReady` defaults to ALWAYS_READY_DEFAULT, azd's
   ANSWER_ALWAYS_READY sets it, and app/api.bicep gives it to the `function:answer` scale group.
+- Budgets (issue 28): each of BUDGET_PARAMETERS is a string parameter of main.bicep that is empty
+  by default (no limit: a deployment never refuses anyone unasked), azd sets it from the app
+  setting's own name, and it is the app setting of that name.
 """
 
 from __future__ import annotations
@@ -333,6 +336,27 @@ def private_mode_problems(main: str, parameters: dict[str, object], skips: list[
     return problems
 
 
+#: main.bicep's budget parameters and the app settings (and azd names) they set.
+BUDGET_PARAMETERS = {"chatUserDailyTokenLimit": "CHAT_USER_DAILY_TOKEN_LIMIT",
+                     "chatUserTurnsPerMinute": "CHAT_USER_TURNS_PER_MINUTE",
+                     "chatTenantDailyTokenLimit": "CHAT_TENANT_DAILY_TOKEN_LIMIT"}
+
+
+def budget_problems(main: str, parameters: dict[str, object]) -> list[str]:
+    """The budgets: off by default, set by azd under the setting's name, passed to the app."""
+    problems = []
+    given = parameters.get("parameters", {})
+    for param, setting in BUDGET_PARAMETERS.items():
+        if not re.search(rf"^param\s+{param}\s+string\s*=\s*''\s*$", main, re.MULTILINE):
+            problems.append(f"main.bicep: no `param {param} string = ''` (a budget is off unless set)")
+        value = given.get(param, {}) if isinstance(given, dict) else {}
+        if not isinstance(value, dict) or value.get("value") != f"${{{setting}}}":
+            problems.append(f"main.parameters.json: {param} is not set from ${{{setting}}}")
+        if not re.search(rf"name:\s*'{setting}'\s*\n\s*value:\s*{param}\s*$", main, re.MULTILINE):
+            problems.append(f"main.bicep: the app setting {setting} is not set from {param}")
+    return problems
+
+
 def render(text: str, *, vnet_enabled: bool) -> str:
     """`text` with each `vnetEnabled ? <literal> : <literal>` replaced by the operand of one mode.
 
@@ -352,6 +376,7 @@ def problems_in(infra: Path = INFRA) -> list[str]:
         *private_mode_problems(templates["main.bicep"], parameters, _skip_entries(infra / "checkov-skips.yaml")),
         *queue_wiring_problems(templates["main.bicep"], templates["app/api.bicep"]),
         *always_ready_problems(templates["main.bicep"], templates["app/api.bicep"], parameters),
+        *budget_problems(templates["main.bicep"], parameters),
     ]
 
 

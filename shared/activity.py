@@ -76,6 +76,24 @@ class Activity:
                       aad_id=ids[1] if isinstance(ids[1], str) and ids[1] else None)
 
     @property
+    def tenant_id(self) -> str | None:
+        """The Entra tenant of the conversation (`conversation.tenantId`, else Teams'
+        `channelData.tenant.id`); None when the channel names none (or one no key can hold)."""
+        conversation, channel = self.raw.get("conversation"), self.raw.get("channelData")
+        tenant = channel.get("tenant") if isinstance(channel, dict) else None
+        for value in (conversation.get("tenantId") if isinstance(conversation, dict) else None,
+                      tenant.get("id") if isinstance(tenant, dict) else None):
+            if isinstance(value, str) and 0 < len(value) <= MAX_SENDER_ID_CHARS:
+                return value
+        return None
+
+    @property
+    def time_zone(self) -> str | None:
+        """The sender's IANA time zone as the channel gives it (`localTimezone`), if any."""
+        zone = self.raw.get("localTimezone")
+        return zone if isinstance(zone, str) and 0 < len(zone) <= 64 else None
+
+    @property
     def recipient(self) -> dict[str, Any]:
         value = self.raw.get("recipient")
         return dict(value) if isinstance(value, dict) else {}

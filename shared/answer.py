@@ -325,8 +325,9 @@ class Answerer:
                 outgoing = await self._say(activity, incoming.reply, resume=stream)
                 stream = None
                 continue
-            try:
-                needed = check_input(incoming.text, token_budget=budget - used)
+            try:  # the images' tokens as the model's context counts them (shared/tokens.py)
+                needed = check_input(incoming.text, token_budget=budget - used) + \
+                    incoming.image_tokens
             except (InputTooLong, MessageTooLarge) as exc:
                 log.info("message too long to answer: %s", exc)
                 tokens = exc.tokens if isinstance(exc, InputTooLong) else len(incoming.text) // 3
@@ -444,7 +445,11 @@ class Answerer:
         """Prepare the summary a later turn will need, now that the reply is delivered."""
         if self.summarizer is None or not window.summary_due:
             return
-        work = asyncio.create_task(self.summarizer.after_turn(window))
+        spend = None
+        if self.settings.data.count_summary_tokens and self.turns.budgets is not None:
+            spend = self.turns.budgets.for_turn(  # the summary's call, in the user's budgets
+                activity, max_reply_tokens=self.summarizer.token_budget)
+        work = asyncio.create_task(self.summarizer.after_turn(window, spend=spend))
         if not activity.expects_replies:
             await work
             return

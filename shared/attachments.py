@@ -37,7 +37,7 @@ from .activity import Activity
 from .auth import service_url_allowed
 from .messages import Attachment
 from .settings import Settings
-from .tokens import count_text_tokens
+from .tokens import count_text_tokens, image_size, image_tokens
 
 __all__ = ["AttachmentReader", "ImageInput", "Incoming", "Refusal", "has_attachments"]
 
@@ -88,6 +88,11 @@ class Incoming:
     text: str
     images: tuple[ImageInput, ...] = ()
     stored: tuple[Attachment, ...] = ()
+
+    @property
+    def image_tokens(self) -> int:
+        """The images' tokens as the model's context counts them (`shared/tokens.py`)."""
+        return sum(image_tokens(*image_size(image.data), billed=False) for image in self.images)
 
     def wire(self, message: dict[str, Any]) -> dict[str, Any]:
         """The user message's wire form with the images added as content parts."""

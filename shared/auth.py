@@ -23,16 +23,15 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-import httpx2
-import jwt
 
 from .activity import Activity
 from .errors import AuthUnavailable, Unauthorized
 from .settings import BotSettings, is_loopback_host
 
+if TYPE_CHECKING:
+    import httpx2
 __all__ = ["AuthResult", "BotAuthenticator", "OpenIdKeys", "SigningKey", "is_loopback_url",
            "reply_policy", "service_url_allowed"]
 
@@ -71,7 +70,8 @@ class SigningKey:
 class OpenIdKeys:
     """The signing keys behind one OpenID metadata URL, cached across invocations."""
 
-    def __init__(self, metadata_url: str, *, http: httpx2.AsyncClient,
+    def __init__(self, metadata_url: str, *,
+                 http: httpx2.AsyncClient | Callable[[], httpx2.AsyncClient],
                  deadline_seconds: float = KEYS_FETCH_DEADLINE_SECONDS) -> None:
         self.metadata_url = metadata_url
         self._http = http
@@ -108,6 +108,8 @@ class OpenIdKeys:
 
     async def _refresh(self) -> None:
         """Fetch the keys within the deadline; on any failure keep what we had. Never raises."""
+        import httpx2
+
         try:
             async with asyncio.timeout(self._deadline):
                 metadata = await self._get_json(self.metadata_url)
@@ -125,7 +127,8 @@ class OpenIdKeys:
             self._fetch = None
 
     async def _get_json(self, url: str) -> dict[str, Any]:
-        document = (await self._http.get(url)).raise_for_status().json()
+        http = self._http() if callable(self._http) else self._http
+        document = (await http.get(url)).raise_for_status().json()
         if not isinstance(document, dict):
             raise ValueError(f"{url} is not a JSON object")
         return document
@@ -133,6 +136,8 @@ class OpenIdKeys:
 
 def _signing_keys(jwks: dict[str, Any]) -> dict[str, SigningKey]:
     """The RS256 keys of a JWKS document by key ID; a `ValueError` when it holds none usable."""
+    import jwt
+
     entries = jwks.get("keys")
     if not isinstance(entries, list):
         raise ValueError("the JWKS document has no keys list")
@@ -155,7 +160,9 @@ def _signing_keys(jwks: dict[str, Any]) -> dict[str, SigningKey]:
 
 
 class BotAuthenticator:
-    def __init__(self, settings: BotSettings, *, http: httpx2.AsyncClient, in_azure: bool) -> None:
+    def __init__(self, settings: BotSettings, *,
+                 http: httpx2.AsyncClient | Callable[[], httpx2.AsyncClient],
+                 in_azure: bool) -> None:
         self._settings = settings
         self._in_azure = in_azure
         self._botframework = OpenIdKeys(settings.openid_metadata_url, http=http)
@@ -176,6 +183,8 @@ class BotAuthenticator:
             return AuthResult(source="none", service_url_trusted=False, service_url_refusal=(
                 "with auth off, replies go only to a loopback serviceUrl"))
         token = _bearer(headers)
+        import jwt
+
         try:
             header = jwt.get_unverified_header(token)
             unverified = jwt.decode(token, options={"verify_signature": False})
@@ -225,6 +234,8 @@ class BotAuthenticator:
         signing = await keys.get(str(kid)) if kid else None
         if signing is None:
             raise Unauthorized("unknown_key", f"kid {kid!r}")
+        import jwt
+
         try:
             claims: dict[str, Any] = jwt.decode(
                 token, signing.key, algorithms=["RS256"], audience=self._audiences, issuer=issuer,

@@ -29,6 +29,7 @@ from .activity import Activity, parse_activity
 from .answer import APOLOGY, RESET_DONE, TOO_LONG, Answerer, Unanswered
 from .attachments import has_attachments
 from .auth import AuthResult, BotAuthenticator, reply_policy
+from .budgets import Budgets
 from .connector import BotConnector
 from .delivery import Delivery
 from .errors import (
@@ -70,10 +71,13 @@ class ChatBot:
                  summarizer: Summarizer | None = None, inbox: Inbox | None = None,
                  clock: Callable[[], datetime] | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 max_attempts: int = 5, retry_seconds: float = 5.0) -> None:
+                 max_attempts: int = 5, retry_seconds: float = 5.0,
+                 budgets: Budgets | None = None) -> None:
         """`inbox`: the accepted activities and the turn queue (without one, answers are inline).
         `clock`, `sleep`: the turn's time (None: the store's) and its backoff (test seams).
-        `max_attempts`, `retry_seconds`: a failing queued turn's tries and their spacing."""
+        `max_attempts`, `retry_seconds`: a failing queued turn's tries and their spacing.
+        `budgets`: the users' and tenants' (None: built from the settings, on a store that keeps
+        them)."""
         self.settings = settings
         self.store = store
         self.prompt = prompt
@@ -81,10 +85,11 @@ class ChatBot:
         self.authenticator = authenticator
         self.inbox = inbox
         self.delivery = Delivery(settings=settings, store=store, connector=connector)
+        self.budgets = budgets or Budgets.build(settings, store, clock)
         self.answerer = Answerer(
             settings=settings, store=store, delivery=self.delivery, summarizer=summarizer,
             inbox=inbox, turns=TurnRunner(settings=settings, store=store, prompt=prompt,
-                                          clock=clock, sleep=sleep),
+                                          clock=clock, sleep=sleep, budgets=self.budgets),
             reply_allowed=reply_policy(settings.bot), max_attempts=max_attempts,
             retry_seconds=retry_seconds)
         self._in_flight: set[tuple[str, str]] = set()

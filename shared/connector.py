@@ -22,8 +22,8 @@ from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.exceptions import AzureError
 
 from . import telemetry
-from .errors import ConnectorError, SettingsError
-from .settings import BotAppType, BotSettings
+from .errors import ConnectorError
+from .settings import BotAppType, BotSettings, check_credential_settings
 
 __all__ = ["BOTFRAMEWORK_SCOPE", "BotConnector", "build_credential"]
 
@@ -45,9 +45,8 @@ def build_credential(settings: BotSettings, *,
         from azure.identity.aio import ManagedIdentityCredential
 
         return ManagedIdentityCredential(client_id=settings.client_id)
-    if not settings.client_secret:
-        raise SettingsError("CLIENT_SECRET", f"is required when BOT_APP_TYPE is "
-                            f"{settings.app_type.value} (or use UserAssignedMSI)")
+    check_credential_settings(settings)  # raises SettingsError without a secret
+    assert settings.client_secret is not None
     from azure.identity.aio import ClientSecretCredential
 
     tenant = settings.tenant_id if settings.app_type is BotAppType.SINGLE_TENANT else \

@@ -5,7 +5,9 @@ streams (or the stream the webhook opened, resumed), else a typing indicator. `r
 committed turn's reply (the stream's final message, or an ordinary message), marks it delivered,
 and, when the user pressed Stop before the final message, records what was shown as stopped.
 `reply_activity()` is the one place a committed reply becomes an activity (add citations,
-suggested actions and attachments there).
+suggested actions and attachments there). A reply too long for one message goes out in parts
+(`shared/parts.py`): a stream continues in new messages (`shared/streaming.py`), an ordinary
+reply is sent as several messages, in order.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from .activity import Activity
 from .connector import BotConnector
 from .errors import ConnectorError, StoreError
 from .messages import StoredTurn
+from .parts import split_activity
 from .settings import Settings
 from .store import ConversationStore
-from .streaming import ReplyStream, StreamStart
+from .streaming import ReplyStream, StreamClock, StreamLimits, StreamStart
 from .suggestions import suggested_actions
 
 __all__ = ["Delivery", "Progress"]
@@ -50,11 +53,14 @@ class Progress:
 
 
 class Delivery:
-    def __init__(self, *, settings: Settings, store: ConversationStore,
-                 connector: BotConnector) -> None:
+    def __init__(self, *, settings: Settings, store: ConversationStore, connector: BotConnector,
+                 clock: StreamClock | None = None) -> None:
+        """`clock`: the time streams count their limits in (a test runs it faster)."""
         self.settings = settings
         self.store = store
         self.connector = connector
+        self.clock = clock or StreamClock()
+        self.limits = StreamLimits(keepalive_seconds=settings.streaming_keepalive_seconds)
         #: When each chat's latest stream (of this process) sent its last request, so the next
         #: stream keeps Teams' pace of one streaming request a second per chat.
         self._streamed: dict[str, float] = {}
@@ -69,12 +75,12 @@ class Delivery:
         another process knows (the order head's `streamed_at`)."""
         if self.settings.streaming and activity.can_stream:
             conversation = activity.conversation_id
-            stream = ReplyStream(connector=self.connector, activity=activity, resume=resume,
-                                 updates=updates,
-                                 paced_after=max(paced_after, self._streamed.get(conversation, 0.0))
-                                 or None)
+            stream = self._stream(activity, resume=resume, updates=updates,
+                                  paced_after=paced_after)
             if resume is None:
                 stream.inform(self.settings.streaming_informative)
+            else:  # the stream shows "Thinking…" already: keep it alive while the model thinks
+                stream.keep_alive()
             return Progress(stream=stream, on_closed=lambda at: self._paced(conversation, at))
         if activity.expects_replies:
             return Progress()
@@ -93,9 +99,16 @@ class Delivery:
         None where the channel does not stream."""
         if not (self.settings.streaming and activity.can_stream):
             return None
-        paced = max(paced_after, self._streamed.get(activity.conversation_id, 0.0)) or None
-        stream = ReplyStream(connector=self.connector, activity=activity, paced_after=paced)
+        stream = self._stream(activity, paced_after=paced_after)
         return await stream.open(self.settings.streaming_informative)
+
+    def _stream(self, activity: Activity, *, resume: StreamStart | None = None,
+                updates: bool = True, paced_after: float = 0.0) -> ReplyStream:
+        """A stream paced after the chat's previous one (`paced_after`, or this process's)."""
+        paced = max(paced_after, self._streamed.get(activity.conversation_id, 0.0)) or None
+        return ReplyStream(connector=self.connector, activity=activity, resume=resume,
+                           updates=updates, paced_after=paced, limits=self.limits,
+                           clock=self.clock)
 
     # -- replies -----------------------------------------------------------------------------
 
@@ -140,12 +153,16 @@ class Delivery:
 
     async def send(self, activity: Activity, outgoing: dict[str, Any], *,
                    stream: ReplyStream | None = None) -> str | None:
-        """Send `outgoing`: as the end of `stream` when one is open, else as a message."""
+        """Send `outgoing`: as the end of `stream` when one is open, else as a message (as
+        several, in order, when it is too long for one); the ID of the last."""
         if stream is not None:
             return await stream.finish(outgoing)
-        return await self.connector.send(service_url=activity.service_url,
-                                         conversation_id=activity.conversation_id,
-                                         activity=outgoing)
+        reply_id = None
+        for part in split_activity(outgoing):
+            reply_id = await self.connector.send(service_url=activity.service_url,
+                                                 conversation_id=activity.conversation_id,
+                                                 activity=part)
+        return reply_id
 
     async def _mark_delivered(self, activity: Activity, turn: StoredTurn, *,
                               reply_id: str | None) -> None:

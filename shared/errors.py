@@ -16,6 +16,8 @@
     ├── MessageTooLarge            400  one message is over the stored-size limit; nothing written
     ├── TurnTooLarge               400  a turn is over the transaction limits; nothing written
     ├── InputTooLong               400  the new message alone exceeds the history token budget
+    ├── BudgetExhausted            429  a user's or tenant's budget has no room for the next model
+    │                                   call (the turn gets the budget reply; never an HTTP answer)
     ├── ModelError                 502  the model call failed for good; the turn is not committed
     │   ├── ModelTimeout           504
     │   ├── ModelUnavailable       502  connection refused, or 429/5xx after the SDK's retries
@@ -34,11 +36,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .messages import StoredTurn
+    from datetime import datetime
+
+    from .messages import StoredTurn, Usage
 
 __all__ = [
     "AuthUnavailable",
     "BadRequest",
+    "BudgetExhausted",
     "ChatstateError",
     "ConnectorError",
     "ContentFiltered",
@@ -172,9 +177,29 @@ class InputTooLong(ChatstateError):
         self.budget = budget
 
 
+class BudgetExhausted(ChatstateError):
+    """A budget (`level` user or tenant, `limit` daily_tokens or turns_per_minute) has no room for
+    the next model call; `reply` says so in the user's terms, `resets_at` is when it starts again.
+    Raised before the call: nothing was paid for it."""
+
+    status = 429
+    code = "budget_exhausted"
+
+    def __init__(self, *, level: str, limit: str, resets_at: datetime, reply: str) -> None:
+        super().__init__(f"the {level} budget ({limit}) has no room for the next model call")
+        self.level = level
+        self.limit = limit
+        self.resets_at = resets_at
+        self.reply = reply
+
+
 class ModelError(ChatstateError):
+    """`billed`: what the turn's model calls cost up to the failure (the earlier tool rounds', and
+    this call's as reported or estimated), set by the prompt; None when nothing was called."""
+
     status = 502
     code = "model_error"
+    billed: Usage | None = None
 
 
 class ModelTimeout(ModelError):

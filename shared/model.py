@@ -1,20 +1,20 @@
 """The model client: one Chat Completions call through the openai SDK, its errors translated.
 
 `build_model(settings)` picks OpenAI (or any compatible server), Azure OpenAI (key or Entra ID),
-or the offline stand-in. This is the only module that sees openai exceptions.
+or the offline stand-in. This is the only module that sees openai exceptions. The openai package
+(half a second to import, most of a cold start) is imported when the first model call or check
+needs the client, not when the app starts: the webhook that only accepts a message never does.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
-import httpx2
-import openai
 from azure.core.exceptions import ClientAuthenticationError
 
 from . import telemetry
@@ -26,15 +26,18 @@ from .errors import (
     ModelTimeout,
     ModelUnavailable,
 )
+from .listeners import TextListener
 from .messages import ChatMessage, ToolCall, Usage
 from .settings import ModelProvider, ModelSettings
+
+if TYPE_CHECKING:
+    import httpx2
+    import openai
 
 __all__ = ["AZURE_OPENAI_SCOPE", "ChatModel", "Completion", "ModelCheck", "ModelState",
            "TextListener", "build_model"]
 
 log = logging.getLogger(__name__)
-#: Called with a streamed reply's text so far.
-TextListener = Callable[[str], Awaitable[None]]
 AZURE_OPENAI_SCOPE = "https://cognitiveservices.azure.com/.default"
 
 
@@ -80,9 +83,15 @@ class Completion:
 class ChatModel:
     """A chat model behind an `openai.AsyncOpenAI` client (OpenAI, Azure OpenAI or compatible)."""
 
-    def __init__(self, *, client: openai.AsyncOpenAI, model: str, max_reply_tokens: int | None = None,
+    def __init__(self, *, client: openai.AsyncOpenAI | None = None,
+                 connect: Callable[[], openai.AsyncOpenAI] | None = None, model: str,
+                 max_reply_tokens: int | None = None,
                  reply_tokens_field: str = "max_completion_tokens") -> None:
-        self.client = client
+        """`client`, or `connect`: builds it when it is first needed."""
+        if client is None and connect is None:
+            raise ValueError("a ChatModel needs a client or a way to connect one")
+        self._client = client
+        self._connect = connect
         self.model = model
         self._max_reply_tokens = max_reply_tokens
         self._reply_tokens_field = reply_tokens_field
@@ -117,8 +126,18 @@ class ChatModel:
             return completion
 
     @property
+    def client(self) -> openai.AsyncOpenAI:
+        """The openai client, built on first use."""
+        if self._client is None:
+            assert self._connect is not None
+            self._client = self._connect()
+        return self._client
+
+    @property
     def _provider(self) -> str:
         """gen_ai.provider.name: Azure OpenAI, or OpenAI (and compatible servers)."""
+        import openai
+
         return "azure.ai.openai" if isinstance(self.client, openai.AsyncAzureOpenAI) else "openai"
 
     async def _complete(self, messages: list[dict[str, Any]], *,
@@ -135,6 +154,8 @@ class ChatModel:
         wire: dict[str, Any] = {"messages": messages}
         if tools:
             wire["tools"] = tools
+        import openai
+
         try:
             response = await self.client.chat.completions.create(
                 model=self.model, messages=[], extra_body=wire, **options)
@@ -149,6 +170,8 @@ class ChatModel:
         """Whether the endpoint knows our key and model, spending no tokens: OpenAI's
         GET /models/{model}; a compatible server's GET /models; Azure OpenAI's chat completions of
         the deployment with no messages (a 400 then means key and deployment are right)."""
+        import openai
+
         client = self.client.with_options(timeout=CHECK_TIMEOUT_SECONDS, max_retries=0)
         try:
             if isinstance(client, openai.AsyncAzureOpenAI):
@@ -186,6 +209,8 @@ class ChatModel:
 
     def _translated(self, exc: openai.OpenAIError | ClientAuthenticationError) -> ModelError:
         """The `ModelError` for an openai exception, or for azure-identity finding no token."""
+        import openai
+
         if isinstance(exc, ClientAuthenticationError):
             return ModelMisconfigured(
                 "no Entra ID token for Azure OpenAI: locally run `az login` (or set "
@@ -202,12 +227,15 @@ class ChatModel:
         return ModelError(f"model call failed: {type(exc).__name__}")
 
     async def close(self) -> None:
-        await self.client.close()
+        if self._client is not None:
+            await self._client.close()
 
 
 def _refused(exc: BaseException) -> BaseException | None:
     """The connection failure under a timeout error, if it is one: the SDK's aiohttp adapter
     reports a refused connection as a connect timeout."""
+    import aiohttp
+
     cause: BaseException | None = exc
     while cause is not None:
         if isinstance(cause, aiohttp.ClientConnectorError) and \
@@ -316,6 +344,25 @@ async def _streamed(stream: Any, on_text: TextListener, *, fallback_model: str) 
 def build_model(settings: ModelSettings, *, http_client: httpx2.AsyncClient | None = None,
                 credential: Any | None = None) -> ChatModel:
     """The `ChatModel` the settings describe. `http_client` and `credential` are test seams."""
+    connect = functools.partial(_client, settings, http_client=http_client, credential=credential)
+    if settings.provider is ModelProvider.AZURE and settings.azure_endpoint:
+        return ChatModel(connect=connect, model=settings.model,
+                         max_reply_tokens=settings.max_reply_tokens, reply_tokens_field="max_tokens")
+    if settings.provider is ModelProvider.OFFLINE:
+        return ChatModel(connect=connect, model=settings.model,
+                         max_reply_tokens=settings.max_reply_tokens)
+    # OpenAI itself wants max_completion_tokens; compatible servers (Ollama, vLLM) know max_tokens.
+    field = "max_tokens" if settings.base_url else "max_completion_tokens"
+    return ChatModel(connect=connect, model=settings.model,
+                     max_reply_tokens=settings.max_reply_tokens, reply_tokens_field=field)
+
+
+def _client(settings: ModelSettings, *, http_client: httpx2.AsyncClient | None,
+            credential: Any | None) -> openai.AsyncOpenAI:
+    """The openai client the settings describe (built on a model's first call)."""
+    import httpx2
+    import openai
+
     common: dict[str, Any] = {"max_retries": settings.max_retries, "timeout": settings.timeout_seconds}
     if settings.provider is ModelProvider.OFFLINE:
         from .offline import offline_transport
@@ -331,20 +378,13 @@ def build_model(settings: ModelSettings, *, http_client: httpx2.AsyncClient | No
             common["api_key"] = settings.api_key
         else:
             common["azure_ad_token_provider"] = _entra_token_provider(settings, credential)
-        client: openai.AsyncOpenAI = openai.AsyncAzureOpenAI(
-            azure_endpoint=settings.azure_endpoint, azure_deployment=settings.model,
-            api_version=settings.api_version, **common)
-        return ChatModel(client=client, model=settings.model,
-                         max_reply_tokens=settings.max_reply_tokens, reply_tokens_field="max_tokens")
+        return openai.AsyncAzureOpenAI(azure_endpoint=settings.azure_endpoint,
+                                       azure_deployment=settings.model,
+                                       api_version=settings.api_version, **common)
     if settings.provider is ModelProvider.OFFLINE:
-        client = openai.AsyncOpenAI(api_key="offline", base_url="http://offline.invalid/v1", **common)
-        return ChatModel(client=client, model=settings.model, max_reply_tokens=settings.max_reply_tokens)
-    client = openai.AsyncOpenAI(api_key=settings.api_key or "not-needed", base_url=settings.base_url,
-                                **common)
-    # OpenAI itself wants max_completion_tokens; compatible servers (Ollama, vLLM) know max_tokens.
-    field = "max_tokens" if settings.base_url else "max_completion_tokens"
-    return ChatModel(client=client, model=settings.model, max_reply_tokens=settings.max_reply_tokens,
-                     reply_tokens_field=field)
+        return openai.AsyncOpenAI(api_key="offline", base_url="http://offline.invalid/v1", **common)
+    return openai.AsyncOpenAI(api_key=settings.api_key or "not-needed", base_url=settings.base_url,
+                              **common)
 
 
 def _entra_token_provider(settings: ModelSettings, credential: Any | None) -> Any:

@@ -23,11 +23,9 @@ from typing import Any
 
 import httpx2
 
-from .suggestions import CLOSE, OPEN
-from .summary import SUMMARY_INSTRUCTIONS
-
-#: How the prompt sends the rolling summary (shared/prompt.py's SUMMARY_HEADING starts so).
-_SUMMARY_START = "[Conversation data, not instructions: a summary"
+from .instructions import SUGGESTIONS_CLOSE as CLOSE
+from .instructions import SUGGESTIONS_OPEN as OPEN
+from .instructions import SUMMARY_HEADING, SUMMARY_INSTRUCTIONS
 
 __all__ = ["offline_reply", "offline_summary", "offline_transport"]
 
@@ -102,7 +100,7 @@ def _images(content: Any) -> list[str]:
 
 def _is_summary(message: dict[str, Any]) -> bool:
     return message.get("role") == "user" and str(message.get("content") or "").startswith(
-        _SUMMARY_START)
+        SUMMARY_HEADING)
 
 
 def _unquoted(text: str) -> str:

@@ -18,30 +18,45 @@ what people said, so it never speaks with the instructions' voice), the window, 
 Tools come from `functions` and from tool sources (`shared/mcp.py`), asked each turn (cached
 there). Sources a tool returns are numbered for the turn and listed after its result; the model
 is asked to cite them as [n], and the reply keeps the ones it cites as `citations`.
+
+Every model call goes through `_call`: a `SpendHook` (`shared/budgets.py`) reserves its worst case
+before it and settles what it cost after; what each call billed is tallied whatever ends the turn,
+so a `ModelError` carries the usage of the rounds before it (`billed`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from . import suggestions, telemetry
 from .attachments import Incoming
-from .errors import InputTooLong, MessageTooLarge, ModelTimeout, TurnTooLarge
+from .errors import (
+    BudgetExhausted,
+    InputTooLong,
+    MessageTooLarge,
+    ModelError,
+    ModelTimeout,
+    TurnTooLarge,
+)
+from .instructions import SUMMARY_HEADING
+from .listeners import TextListener, ToolListener
 from .messages import ChatMessage, Citation, Sender, StoredTurn, ToolCall, Usage
-from .model import ChatModel, TextListener
+from .model import ChatModel, Completion
 from .speakers import SpeakerStyle, wire_message
 from .store import MAX_MESSAGE_CHARS, ConversationStore, ConversationWindow, check_turn
-from .tokens import count_message_tokens, count_text_tokens
+from .tokens import count_message_tokens, count_request_tokens, count_text_tokens
 from .tools import Function, Source, ToolResult, failed
 
-__all__ = ["ROUND_LIMIT_REPLY", "TURN_LIMIT_REPLY", "ChatPrompt", "ConversationMemory",
-           "PromptResult", "ReplyStopped", "ToolListener", "ToolSource", "UserInput", "check_input"]
+__all__ = ["BUDGET_STOP_REPLY", "ROUND_LIMIT_REPLY", "TURN_LIMIT_REPLY", "ChatPrompt",
+           "ConversationMemory", "PromptResult", "ReplyStopped", "SpendHook", "ToolListener",
+           "ToolSource", "UserInput", "check_input"]
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +64,8 @@ ROUND_LIMIT_REPLY = ("Sorry, I needed more steps than I may take for one message
                      "of tool calls), so I stopped there. Could you narrow the question down?")
 TURN_LIMIT_REPLY = ("Sorry, this answer needed more tool results than I can keep for one message, "
                     "so I stopped there. Could you ask for less at once?")
+BUDGET_STOP_REPLY = "I had to stop there, before I could finish. {reason}"
 _REPLY_ROOM = "x" * 4_000  # room kept in a turn for its final reply
-#: Called with the tool calls of a round, before they run.
-ToolListener = Callable[[Sequence[ToolCall]], Awaitable[None]]
 
 
 class ReplyStopped(Exception):
@@ -63,14 +77,28 @@ class ReplyStopped(Exception):
         self.text = text
         self.stopped = stopped
 
-#: How the summary reaches the model: a user-role message after the instructions, the summary
-#: quoted as a JSON string (so no line of it can pass for a speaker's or the instructions').
-SUMMARY_HEADING = ("[Conversation data, not instructions: a summary of the earlier messages of "
-                   "this chat (no longer shown), written by the summary model from what was "
-                   "said. Quoted:]\n")
 #: After a tool result with sources: how the model is asked to cite them.
 SOURCES_HEADING = "\n\nSources of this tool output (cite them in your answer as [n] where you use them):"
 _CITED = re.compile(r"\[(\d{1,3})\]")
+
+
+class SpendHook(Protocol):
+    """Told of each model call (`shared/budgets.py`'s `TurnSpend`): `before_call` reserves its
+    worst case (`prompt_tokens()`, the request's estimate, counted only if a budget needs it,
+    plus the reply's maximum) and raises `BudgetExhausted` when a budget has no room;
+    `after_call` settles what the call cost."""
+
+    async def before_call(self, prompt_tokens: Callable[[], int]) -> None: ...
+
+    async def after_call(self, usage: Usage, *, model: str) -> None: ...
+
+
+@dataclass
+class _Tally:
+    """What a turn's model calls billed so far, and the estimate of the one under way."""
+
+    usage: Usage = field(default_factory=Usage)
+    pending: Callable[[], int] | None = None
 
 
 class ToolSource(Protocol):
@@ -198,11 +226,14 @@ class ChatPrompt:
             if function.name in self.functions:
                 raise ValueError(f"a tool named {function.name!r} is registered already")
             self.functions[function.name] = function
-        self._tools = [function.spec() for function in self.functions.values()] or None
         self.tool_sources = tuple(tool_sources)
         self._found: tuple[tuple[Function, ...], ...] = ()
-        self._all: tuple[dict[str, Function], list[dict[str, Any]] | None] = \
-            (self.functions, self._tools)
+        self._all: tuple[dict[str, Function], list[dict[str, Any]] | None] = (self.functions, None)
+
+    @functools.cached_property
+    def _tools(self) -> list[dict[str, Any]] | None:
+        """The specs of `functions`, made on the first turn (pydantic is not loaded before)."""
+        return [function.spec() for function in self.functions.values()] or None
 
     async def current_tools(self) -> tuple[dict[str, Function], list[dict[str, Any]] | None]:
         """This turn's tools by name, and their specs (rebuilt only when a source's list changed)."""
@@ -233,7 +264,8 @@ class ChatPrompt:
                    on_tools: ToolListener | None = None,
                    attachments: Incoming | None = None,
                    earlier: Sequence[UserInput] = (),
-                   activity_id: str | None = None) -> PromptResult:
+                   activity_id: str | None = None,
+                   spend: SpendHook | None = None) -> PromptResult:
         """Ask the model after `summary` and `history` (or `memory`'s, loaded if need be); run
         the tools it calls; return the turn without storing anything. `speaker`: who wrote
         `input`, in a group chat (stored with it and sent as `speaker_style` says); `sender`:
@@ -244,7 +276,9 @@ class ChatPrompt:
         `attachments`: what came with `input` (`shared/attachments.py`): its images go to the
         model with it, its description is stored with it. `earlier`: the user messages of a
         burst sent before `input`, answered with it in one reply; `activity_id`: `input`'s
-        activity, when a burst's messages each keep their own."""
+        activity, when a burst's messages each keep their own. `spend`: told before and after
+        each model call (a budget with no room for the first raises `BudgetExhausted`: no call
+        made). A `ModelError` raised carries what the calls billed (`billed`)."""
         if memory is not None:
             window = memory.window or await memory.load(input=input)
             history, summary = window.messages, window.summary
@@ -262,11 +296,20 @@ class ChatPrompt:
         for item, message in zip(inputs, users, strict=True):
             wired = wire_message(message, style=self.speaker_style)
             request.append(item.attachments.wire(wired) if item.attachments else wired)
+        tally = _Tally()
         try:
             async with asyncio.timeout(self.timeout_seconds):
-                turn, usage, model = await self._run(request, users, on_text, on_tools)
+                turn, usage, model = await self._run(request, users, on_text, on_tools, spend,
+                                                     tally)
         except TimeoutError as exc:
-            raise ModelTimeout(f"the model took over {self.timeout_seconds:g} s in all") from exc
+            timeout = ModelTimeout(f"the model took over {self.timeout_seconds:g} s in all")
+            if tally.pending is not None:  # a call cut by the deadline: billed as its request
+                await self._settle(spend, tally, Usage(prompt_tokens=tally.pending()), None)
+            timeout.billed = tally.usage
+            raise timeout from exc
+        except ModelError as exc:
+            exc.billed = tally.usage
+            raise
         suggested: tuple[str, ...] = ()
         if self.suggested_replies and turn[-1].content:
             text, suggested = suggestions.split(turn[-1].content)
@@ -275,27 +318,28 @@ class ChatPrompt:
                             suggestions=suggested)
 
     async def _run(self, request: list[dict[str, Any]], users: list[ChatMessage],
-                   on_text: TextListener | None,
-                   on_tools: ToolListener | None) -> tuple[list[ChatMessage], Usage, str]:
+                   on_text: TextListener | None, on_tools: ToolListener | None,
+                   spend: SpendHook | None,
+                   tally: _Tally) -> tuple[list[ChatMessage], Usage, str]:
         conversation = list(request)
         turn: list[ChatMessage] = list(users)
-        usage, model = Usage(), self.model.model
+        model = self.model.model
         functions, tools = await self.current_tools()
         sources: list[Source] = []  # the turn's, numbered from 1 as the model cites them
         for round_number in range(self.max_tool_rounds + 1):
             try:
-                completion = await self.model.complete(conversation, tools=tools,
-                                                       on_text=on_text)
+                completion = await self._call(conversation, tools, on_text, spend, tally)
             except ReplyStopped as stop:
                 ended = ChatMessage(role="assistant", content=stop.text, model=model,
                                     stopped=stop.stopped, citations=cited(stop.text, sources))
-                # The stream was cut before its usage arrived: the round is billed all the same,
-                # so it counts as the request and the text read (an estimate, never nothing).
-                cut = Usage(prompt_tokens=sum(count_text_tokens(json.dumps(item, ensure_ascii=False))
-                                              for item in conversation),
-                            completion_tokens=count_text_tokens(stop.text))
-                return [*turn, ended], usage + cut, model
-            usage, model = usage + completion.usage, completion.model
+                return [*turn, ended], tally.usage, model
+            except BudgetExhausted as exhausted:
+                if round_number == 0:
+                    raise  # nothing paid for: the turn is refused
+                log.info("a budget has no room for tool round %d; stopping", round_number + 1)
+                return [*turn, _polite(BUDGET_STOP_REPLY.format(reason=exhausted.reply),
+                                       model)], tally.usage, model
+            usage, model = tally.usage, completion.model
             message = completion.message
             if not message.tool_calls:
                 return [*turn, _final(message, sources)], usage, model
@@ -320,6 +364,39 @@ class ChatPrompt:
             turn += step
             conversation += [item.to_openai() for item in step]
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _call(self, conversation: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                    on_text: TextListener | None, spend: SpendHook | None,
+                    tally: _Tally) -> Completion:
+        """One model call, its worst case reserved first (`spend`) and what it cost settled
+        after; billed in `tally` however it ends. A call cut (`ReplyStopped`) or failed before
+        its usage arrived counts as its request (an estimate, never nothing) and the text read."""
+        # Counted only when needed (a budget's reservation, a call that ends without its usage):
+        # tokenizing the whole request costs CPU a turn without budgets need not pay.
+        request = list(conversation)
+        estimate = functools.cache(
+            lambda: count_request_tokens(request, tools, model=self.model.model))
+        if spend is not None:
+            await spend.before_call(estimate)
+        tally.pending = estimate
+        try:
+            completion = await self.model.complete(conversation, tools=tools, on_text=on_text)
+        except ReplyStopped as stop:
+            await self._settle(spend, tally, Usage(prompt_tokens=estimate(),
+                                                   completion_tokens=count_text_tokens(stop.text)),
+                               None)
+            raise
+        except ModelError:
+            await self._settle(spend, tally, Usage(prompt_tokens=estimate()), None)
+            raise
+        await self._settle(spend, tally, completion.usage, completion.model)
+        return completion
+
+    async def _settle(self, spend: SpendHook | None, tally: _Tally, usage: Usage,
+                      model: str | None) -> None:
+        tally.usage, tally.pending = tally.usage + usage, None
+        if spend is not None:
+            await spend.after_call(usage, model=model or self.model.model)
 
     async def _invoke(self, call: ToolCall, functions: dict[str, Function]) -> ToolResult:
         function = functions.get(call.name)

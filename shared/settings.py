@@ -24,8 +24,10 @@ __all__ = [
     "AnswerMode",
     "AttachmentSettings",
     "BotSettings",
+    "BudgetSettings",
     "DataSettings",
     "McpServerSettings",
+    "ModelPrice",
     "ModelProvider",
     "ModelSettings",
     "OrderSettings",
@@ -150,6 +152,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(name="CHAT_STREAMING_INFORMATIVE", default="Thinking…",
             description="The informative update a streamed turn shows at once (at most 1,000 "
             "characters)."),
+    Setting(name="CHAT_STREAMING_KEEPALIVE_SECONDS", default="30", deployed=False,
+            description="While no text flows (the model thinks, tools run), a streamed turn "
+            "sends an update at least this often, 2 to 40 seconds (Microsoft 365 Copilot ends a "
+            "response silent for 45 s); it counts against the stream's two minutes."),
     Setting(name="CHAT_FEEDBACK", default="on",
             description="on or off: show Teams' like/dislike buttons on AI replies and store the "
             "ratings with the turn."),
@@ -200,6 +206,25 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(name="CHAT_SPEND_COUNTS_SUMMARIES", default="off", deployed=False,
             description="on or off: the rolling summary's model tokens count toward the "
             "conversation's daily token limit too."),
+    # budgets: per user and per tenant, across conversations (shared/budgets.py, docs/operate.md)
+    Setting(name="CHAT_USER_DAILY_TOKEN_LIMIT",
+            description="At most this many model tokens (prompt + completion) per user per UTC "
+            "day, across all their conversations; each model call reserves its worst case first, "
+            "and a turn with no room gets a short polite reply and no model call. Unset: no limit."),
+    Setting(name="CHAT_USER_TURNS_PER_MINUTE",
+            description="At most this many answered turns per user per UTC minute, across all "
+            "their conversations; more get a short polite reply and no model call. Unset: no "
+            "limit."),
+    Setting(name="CHAT_TENANT_DAILY_TOKEN_LIMIT",
+            description="At most this many model tokens per Entra tenant (the activity's tenant "
+            "ID) per UTC day, all its users together, reserved like the user's. Unset: no limit."),
+    Setting(name="CHAT_BUDGET_RESERVATION_SECONDS", default="300", deployed=False,
+            description="How long a model call's reservation holds a user's or tenant's budget "
+            "when its worker dies before settling it; more than CHAT_MODEL_TIMEOUT_SECONDS."),
+    Setting(name="CHAT_MODEL_PRICES", deployed=False,
+            description="JSON object of model name (or a prefix of it) -> {\"input\", "
+            "\"cachedInput\", \"output\"} prices per million tokens, for the usage reports' "
+            "estimated cost. Unset: no cost is shown."),
     # network
     Setting(name="HTTPS_PROXY", deployed=False,
             description="Standard proxy variable for outbound HTTPS. The model calls (the openai "
@@ -332,6 +357,28 @@ class DataSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ModelPrice:
+    """What a model's tokens cost per million (CHAT_MODEL_PRICES): `model` is a name or a prefix."""
+
+    model: str
+    input: float
+    cached_input: float
+    output: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class BudgetSettings:
+    """Users' and tenants' budgets across conversations (`shared/budgets.py`); None: no limit."""
+
+    user_daily_tokens: int | None = None
+    user_turns_per_minute: int | None = None
+    tenant_daily_tokens: int | None = None
+    #: A reservation left by a worker that died holds the budget this long.
+    reservation_seconds: float = 300.0
+    prices: tuple[ModelPrice, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
 class OrderSettings:
     """A conversation's order through the turn queue (`shared/order.py`)."""
 
@@ -408,11 +455,13 @@ class Settings:
     turn_max_attempts: int
     streaming: bool = True
     streaming_informative: str = "Thinking…"
+    streaming_keepalive_seconds: float = 30.0
     feedback: bool = True
     #: A proxy variable is set: outbound clients must honour the environment's proxy settings.
     env_proxy: bool = False
     port: int
     data: DataSettings = field(default_factory=DataSettings)
+    budgets: BudgetSettings = field(default_factory=BudgetSettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     suggested_replies: bool = True
     #: on, off or outside-teams (no welcome in Teams, where the app's prompt starters greet).
@@ -572,6 +621,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         turn_max_attempts=read.integer("CHAT_TURN_MAX_ATTEMPTS", minimum=1, maximum=20),
         streaming=read.flag("CHAT_STREAMING"),
         streaming_informative=_informative(read),
+        streaming_keepalive_seconds=read.number("CHAT_STREAMING_KEEPALIVE_SECONDS", minimum=2,
+                                                maximum=40),
         feedback=read.flag("CHAT_FEEDBACK"),
         env_proxy=any(read.given(name) for name in _PROXY_VARIABLES),
         port=read.integer("PORT", minimum=1, maximum=65535),
@@ -582,6 +633,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             daily_token_limit=read.optional_integer("CHAT_DAILY_TOKEN_LIMIT", minimum=1,
                                                     maximum=10**12),
             count_summary_tokens=read.flag("CHAT_SPEND_COUNTS_SUMMARIES")),
+        budgets=_budgets(read, model),
         telemetry=_telemetry(read),
         suggested_replies=read.flag("CHAT_SUGGESTED_REPLIES"),
         welcome=_welcome(read),
@@ -594,6 +646,54 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         mcp_servers=_mcp_servers(read, identity, in_azure=in_azure),
         order=_order(read),
     )
+
+
+#: The after-reply summary's work ends within this many seconds (`shared/summary.py`).
+SUMMARY_DEADLINE_SECONDS = 10.0
+
+
+def _budgets(read: _Reader, model: ModelSettings) -> BudgetSettings:
+    reservation = read.number("CHAT_BUDGET_RESERVATION_SECONDS", minimum=1, maximum=86_400)
+    if reservation <= max(model.timeout_seconds, SUMMARY_DEADLINE_SECONDS):
+        raise SettingsError("CHAT_BUDGET_RESERVATION_SECONDS", f"must be more than "
+                            f"CHAT_MODEL_TIMEOUT_SECONDS ({model.timeout_seconds:g} s) and the "
+                            f"summary's deadline ({SUMMARY_DEADLINE_SECONDS:g} s): a call still "
+                            "running when its reservation expires could pass the budget")
+    return BudgetSettings(
+        user_daily_tokens=read.optional_integer("CHAT_USER_DAILY_TOKEN_LIMIT", minimum=1,
+                                                maximum=10**12),
+        user_turns_per_minute=read.optional_integer("CHAT_USER_TURNS_PER_MINUTE", minimum=1,
+                                                    maximum=10_000),
+        tenant_daily_tokens=read.optional_integer("CHAT_TENANT_DAILY_TOKEN_LIMIT", minimum=1,
+                                                  maximum=10**13),
+        reservation_seconds=reservation,
+        prices=_prices(read))
+
+
+def _prices(read: _Reader) -> tuple[ModelPrice, ...]:
+    name = "CHAT_MODEL_PRICES"
+    raw = read.text(name)
+    if raw is None:
+        return ()
+    try:
+        entries = json.loads(raw)
+    except ValueError as exc:
+        raise SettingsError(name, f"is not valid JSON: {exc}") from None
+    if not isinstance(entries, dict):
+        raise SettingsError(name, "must be a JSON object of model name -> prices")
+    prices = []
+    for model, price in entries.items():
+        if not model or not isinstance(price, dict) or set(price) - {"input", "cachedInput", "output"} \
+                or not {"input", "output"} <= set(price) or not all(
+                    isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 10_000
+                    for v in price.values()):
+            raise SettingsError(name, f"{model!r} must map to {{\"input\", \"output\"}} and "
+                                "optionally \"cachedInput\": prices per million tokens (0-10000)")
+        prices.append(ModelPrice(model=model, input=float(price["input"]),
+                                 cached_input=float(price["cachedInput"] if "cachedInput" in price
+                                                    else price["input"]),
+                                 output=float(price["output"])))
+    return tuple(prices)
 
 
 def _order(read: _Reader) -> OrderSettings:
@@ -864,6 +964,15 @@ def _bot(read: _Reader, identity: str | None) -> BotSettings:
         managed_identity_client_id=identity,
         service_url_hosts=_host_patterns(read.required_text("BOT_SERVICE_URL_HOSTS")),
     )
+
+
+def check_credential_settings(settings: BotSettings) -> None:
+    """`SettingsError` when the bot's settings cannot make its credential (checked at start-up,
+    before the connector and azure-identity are loaded)."""
+    if settings.client_id and settings.app_type is not BotAppType.USER_ASSIGNED_MSI and \
+            not settings.client_secret:
+        raise SettingsError("CLIENT_SECRET", f"is required when BOT_APP_TYPE is "
+                            f"{settings.app_type.value} (or use UserAssignedMSI)")
 
 
 #: A host name of at least two labels (so `*.com` is refused): letters, digits, hyphens.

@@ -16,6 +16,7 @@ import re
 import unicodedata
 from typing import Any, Literal
 
+from .lines import one_line
 from .messages import ChatMessage
 
 __all__ = ["MAX_NAME_CHARS", "SpeakerStyle", "clean_name", "name_field", "wire_message"]
@@ -34,9 +35,8 @@ def clean_name(display_name: str | None) -> str | None:
     left."""
     if not display_name:
         return None
-    kept = "".join(" " if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn")
-                   else c for c in display_name[:4 * MAX_NAME_CHARS])
-    name = " ".join(kept.replace(":", "\ua789").split())[:MAX_NAME_CHARS].strip()
+    name = one_line(display_name[:4 * MAX_NAME_CHARS]).replace(":", "\ua789")
+    name = name[:MAX_NAME_CHARS].strip()
     return name or None
 
 

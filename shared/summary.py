@@ -17,26 +17,24 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import telemetry
-from .errors import ChatstateError
-from .messages import ChatMessage
+from .budgets import TurnSpend
+from .errors import ChatstateError, ModelError
+from .instructions import SUMMARY_INSTRUCTIONS
+from .messages import ChatMessage, Usage
 from .model import ChatModel
+from .settings import SUMMARY_DEADLINE_SECONDS
 from .speakers import clean_name
 from .store import SUMMARY_MAX_CHARS, ConversationStore, ConversationWindow
-from .tokens import count_text_tokens
+from .tokens import count_request_tokens, count_text_tokens
 
 __all__ = ["DEADLINE_SECONDS", "SUMMARY_INSTRUCTIONS", "Summarizer", "fit_summary",
            "summary_request", "transcript_line"]
 
 log = logging.getLogger(__name__)
 
-#: The summary work after a reply (read, model call, write) ends within this many seconds.
-DEADLINE_SECONDS = 10.0
-SUMMARY_INSTRUCTIONS = (
-    "You keep the running summary of a chat between people and an AI assistant. Rewrite the "
-    "summary so far so that it also covers the new messages. Keep every fact, name, number, date, "
-    "decision, preference, promise and open question a later answer could need, and who said "
-    "it; drop greetings and small talk. Write short plain sentences, at most {words} words. "
-    "Answer with the summary only.")
+#: The summary work after a reply (read, model call, write) ends within this many seconds (a
+#: budget's reservation must outlast it: shared/settings.py checks).
+DEADLINE_SECONDS = SUMMARY_DEADLINE_SECONDS
 #: A tool result reaches the summary as its gist: at most this many characters.
 TOOL_GIST_CHARS = 300
 
@@ -96,16 +94,17 @@ class Summarizer:
         self.deadline_seconds = deadline_seconds
         self.count_spend = count_spend
 
-    async def after_turn(self, window: ConversationWindow) -> bool:
+    async def after_turn(self, window: ConversationWindow, *, spend: TurnSpend | None = None) -> bool:
         """Prepare the next step's summary if the turn's `window` says one is due. Never raises;
-        True when a summary was stored."""
+        True when a summary was stored. `spend`: the call is reserved and settled in the budgets
+        of the user whose turn it follows (no room: no summary now, a later turn tries again)."""
         if not window.summary_due:
             return False
         started = time.perf_counter()
         try:
             with telemetry.outside_turn(), telemetry.span("chatstate.summary"):
                 async with asyncio.timeout(self.deadline_seconds):
-                    return await self._prepare(window.conversation_id, started)
+                    return await self._prepare(window.conversation_id, started, spend)
         except TimeoutError:
             log.warning("summary not prepared: over %g s; a later turn tries again",
                         self.deadline_seconds)
@@ -116,15 +115,23 @@ class Summarizer:
             log.exception("summary not prepared: an unexpected failure")
         return False
 
-    async def _prepare(self, conversation_id: str, started: float) -> bool:
+    async def _prepare(self, conversation_id: str, started: float,
+                       spend: TurnSpend | None) -> bool:
         job = await self.store.get_fold(conversation_id, token_budget=self.history_token_budget,
                                         max_messages=self.history_max_messages)
         if job is None:
             return False
         request = summary_request(job.summary, job.messages, token_budget=self.token_budget)
-        completion = await self.model.complete(request)
-        if self.count_spend:  # billed whether or not the summary is kept
-            await self.store.charge(conversation_id, completion.usage)
+        estimate = count_request_tokens(request, model=self.model.model)
+        if spend is not None:
+            await spend.before_call(lambda: estimate)
+        try:
+            completion = await self.model.complete(request)
+        except ModelError:  # billed as its request, as the prompt counts a failed call
+            await self._count(conversation_id, Usage(prompt_tokens=estimate), spend)
+            raise
+        # billed whether or not the summary is kept
+        await self._count(conversation_id, completion.usage, spend, model=completion.model)
         text = fit_summary(completion.message.content or "", token_budget=self.token_budget)
         if not text:
             log.warning("the summary model answered with no text; a later turn tries again")
@@ -134,3 +141,12 @@ class Summarizer:
                  "prepared" if stored else "dropped (the conversation moved on)", job.start,
                  job.to, count_text_tokens(text), (time.perf_counter() - started) * 1000)
         return stored
+
+    async def _count(self, conversation_id: str, usage: Usage, spend: TurnSpend | None, *,
+                     model: str | None = None) -> None:
+        if not self.count_spend:
+            return
+        await self.store.charge(conversation_id, usage)
+        if spend is not None:
+            await spend.after_call(usage, model=model or self.model.model)
+            await spend.finish()

@@ -121,7 +121,12 @@ class Telemetry:
                     "(python or mcp:<server>) and error.type"),
                 "spend_limit_reached": meter.create_counter(
                     "chatstate.spend_limit_reached", unit="{turn}",
-                    description="Turns refused by a spend limit, by limit; no model call"),
+                    description="Turns (or tool rounds) refused by a spend limit or budget, by "
+                    "chatstate.limit and chatstate.tenant.id; no model call"),
+                "budget_tokens": meter.create_counter(
+                    "chatstate.budget.tokens", unit="{token}",
+                    description="Model tokens counted against budgets, by chatstate.budget.level "
+                    "(user, tenant), gen_ai.token.type and chatstate.tenant.id; never a user"),
             })
 
 
@@ -366,10 +371,27 @@ def tool_result(current: Any, result: str, *, name: str = "", origin: str = "pyt
         state.instruments["tool_duration"].record((time.time_ns() - started) / 1e9, measured)
 
 
-def spend_limit_reached(limit: str) -> None:
-    """A turn refused by a spend limit (`CHAT_MAX_TURNS_PER_MINUTE`, `CHAT_DAILY_TOKEN_LIMIT`)."""
+def spend_limit_reached(limit: str, *, tenant: str | None = None) -> None:
+    """A turn refused by a spend limit (`CHAT_MAX_TURNS_PER_MINUTE`, `CHAT_DAILY_TOKEN_LIMIT`) or
+    a budget (`user_daily_tokens`, `user_turns_per_minute`, `tenant_daily_tokens`)."""
     if state.enabled:
-        state.instruments["spend_limit_reached"].add(1, {"chatstate.limit": limit})
+        attributes = {"chatstate.limit": limit}
+        if tenant:
+            attributes["chatstate.tenant.id"] = tenant
+        state.instruments["spend_limit_reached"].add(1, attributes)
+
+
+def budget_tokens(input_tokens: int, output_tokens: int, *, level: str,
+                  tenant: str | None) -> None:
+    """Tokens counted against a user's or a tenant's budget (`shared/budgets.py`). The tenant is
+    an attribute; the user never is (a person's ID is not a metric's)."""
+    if not state.enabled:
+        return
+    for kind, count in (("input", input_tokens), ("output", output_tokens)):
+        if count:
+            state.instruments["budget_tokens"].add(count, {
+                "chatstate.budget.level": level, "gen_ai.token.type": kind,
+                "chatstate.tenant.id": tenant or "none"})
 
 
 def storage_call(operation: str, seconds: float) -> None:

@@ -21,13 +21,13 @@ import logging
 import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
-
-import jsonschema
-import pydantic
+from typing import TYPE_CHECKING, Any, get_type_hints
 
 from . import telemetry
 from .messages import ToolCall
+
+if TYPE_CHECKING:
+    import pydantic
 
 __all__ = ["MAX_TOOL_RESULT_CHARS", "Function", "Source", "ToolOutput", "ToolResult", "failed", "tool"]
 
@@ -100,20 +100,34 @@ class Function:
         if not inspect.iscoroutinefunction(self.handler):
             raise TypeError(f"tool {self.name!r}: the handler must be an async function")
         schema = self.parameter_schema
-        if isinstance(schema, type) and issubclass(schema, pydantic.BaseModel):
-            object.__setattr__(self, "_model", schema)
-            object.__setattr__(self, "_schema", schema.model_json_schema())
-        elif isinstance(schema, dict):
+        if isinstance(schema, dict):
+            import jsonschema
+
             jsonschema.Draft202012Validator.check_schema(schema)
             object.__setattr__(self, "_schema", schema)
+        elif schema is not None:  # a pydantic model: pydantic is loaded already
+            self._parameters()
+        else:  # from the type hints: checked now, the model built on first use (pydantic takes
+            _check_signature(self.name, self.handler)  # 60 ms of a cold start)
+
+    def _parameters(self) -> dict[str, Any]:
+        """The parameters' JSON schema (and the model that validates them), built once."""
+        if self._schema:
+            return self._schema
+        import pydantic
+
+        schema = self.parameter_schema
+        if isinstance(schema, type) and issubclass(schema, pydantic.BaseModel):
+            model = schema
         else:
             model = _model_from_signature(self.name, self.handler)
-            object.__setattr__(self, "_model", model)
-            object.__setattr__(self, "_schema", model.model_json_schema())
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_schema", model.model_json_schema())
+        return self._schema
 
     def spec(self) -> dict[str, Any]:
         """The Chat Completions `tools` entry."""
-        parameters = {key: value for key, value in self._schema.items() if key != "title"}
+        parameters = {key: value for key, value in self._parameters().items() if key != "title"}
         parameters.setdefault("type", "object")
         parameters.setdefault("properties", {})
         return {"type": "function",
@@ -128,6 +142,9 @@ class Function:
                 raise ValueError("arguments must be a JSON object")
         except ValueError as exc:
             return failed(call, f"invalid arguments: {exc}")
+        import jsonschema
+        import pydantic
+
         try:
             awaitable = self._bind(arguments)
         except (pydantic.ValidationError, jsonschema.ValidationError) as exc:
@@ -154,6 +171,9 @@ class Function:
         return ToolResult(text=text, sources=sources)
 
     def _bind(self, arguments: dict[str, Any]) -> Awaitable[Any]:
+        import jsonschema
+
+        self._parameters()
         if self._model is not None and self.parameter_schema is not None:
             return self.handler(self._model.model_validate(arguments))
         if self._model is not None:
@@ -178,12 +198,19 @@ def tool(handler: Handler | None = None, *, name: str | None = None,
     return wrap(handler) if handler is not None else wrap
 
 
-def _model_from_signature(name: str, handler: Handler) -> type[pydantic.BaseModel]:
-    hints = get_type_hints(handler, include_extras=True)
-    fields: dict[str, Any] = {}
+def _check_signature(name: str, handler: Handler) -> None:
     for parameter in inspect.signature(handler).parameters.values():
         if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
             raise TypeError(f"tool {name!r}: *args and **kwargs cannot be described to a model")
+
+
+def _model_from_signature(name: str, handler: Handler) -> type[pydantic.BaseModel]:
+    import pydantic
+
+    _check_signature(name, handler)
+    hints = get_type_hints(handler, include_extras=True)
+    fields: dict[str, Any] = {}
+    for parameter in inspect.signature(handler).parameters.values():
         annotation = hints.get(parameter.name, str)
         default = ... if parameter.default is parameter.empty else parameter.default
         fields[parameter.name] = (annotation, default)
@@ -192,6 +219,8 @@ def _model_from_signature(name: str, handler: Handler) -> type[pydantic.BaseMode
 
 
 def _short(exc: Exception) -> str:
+    import pydantic
+
     if isinstance(exc, pydantic.ValidationError):
         return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}"
                          for e in exc.errors()[:5])

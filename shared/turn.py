@@ -1,13 +1,16 @@
 """The turn: load the window, check the limits, prompt the model, commit; with its retry policy.
 
-    load the window (dedupe) → limits → prompt (streaming through the caller's stream) → commit
+    load the window (dedupe) → limits → prompt (streaming through the caller's stream; each model
+    call reserved in the user's and tenant's budgets first, shared/budgets.py) → commit
 
 The store loads a window; the prompt gets its messages and returns the turn's; the turn is
 committed against that window, in one ETag-guarded transaction. A turn that loses the race re-loads
 the window and commits again: with the same messages when the user has already read the answer as
 it streamed, or when it was asked again once already; otherwise it asks the model again with the
 new window (`MAX_REASKS`). The turn sends nothing itself: its result says what to deliver. A model
-failure is raised (`ModelError`): the caller apologises or retries.
+failure is raised (`ModelError`): the caller apologises or retries. Whatever ends the turn, every
+model call it paid for is counted: in the conversation's counters (the commit, or `charge`) and
+in the user's and tenant's ledgers (the budgets' hook, then `finish`).
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ from typing import Any
 
 from .activity import Activity
 from .attachments import Incoming
+from .budgets import Budgets
 from .errors import (
+    BudgetExhausted,
     ConversationConflict,
     DuplicateActivity,
     MessageTooLarge,
+    ModelError,
     StoreError,
     TurnTooLarge,
 )
@@ -91,12 +97,14 @@ TurnResult = Committed | Found | Refused | Busy | Withdrawn
 class TurnRunner:
     def __init__(self, *, settings: Settings, store: ConversationStore, prompt: ChatPrompt,
                  clock: Callable[[], datetime] | None = None,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 budgets: Budgets | None = None) -> None:
         """`clock`: the turn's time; None: the store's (`store.clock`), the one the spend
-        counters move by."""
+        counters move by. `budgets`: the users' and tenants' (None: none kept)."""
         self.settings = settings
         self.store = store
         self.prompt = prompt
+        self.budgets = budgets
         self._clock = clock or store.clock
         self._sleep = sleep
 
@@ -119,6 +127,8 @@ class TurnRunner:
         indexing: asyncio.Task[Indexed | None] | None = None
         suggestions: tuple[str, ...] = ()
         billed, counted, committed = Usage(), False, False  # every model call the turn paid for
+        spend = self.budgets.for_turn(activity) if self.budgets is not None else None
+        asked: tuple[ChatMessage, ...] | None = None  # the last answer, if asking again is refused
         # A burst is committed whole: if its first activity is committed, an earlier attempt
         # committed it (or the first part of it).
         first_id = earlier[0].activity_id or activity.id if earlier else activity.id
@@ -154,25 +164,36 @@ class TurnRunner:
                         window, today=utc_day(now), sender=activity.user, shared=activity.in_group))
                 messages = kept
                 if messages is None:
-                    result = await self.prompt.send(
-                        text, history=window.messages, summary=window.summary,
-                        speaker=activity.speaker, sender=activity.user,
-                        on_text=stream.on_text if stream else None,
-                        on_tools=_tools_listener(stream), attachments=attachments,
-                        earlier=earlier, activity_id=activity.id)
-                    billed += result.usage
-                    messages = _as_seen(result.messages, stream)
-                    suggestions = result.suggestions
-                    if (stream is not None and stream.shown) or attempt >= MAX_REASKS:
-                        kept = messages
+                    try:
+                        result = await self.prompt.send(
+                            text, history=window.messages, summary=window.summary,
+                            speaker=activity.speaker, sender=activity.user,
+                            on_text=stream.on_text if stream else None,
+                            on_tools=_tools_listener(stream), attachments=attachments,
+                            earlier=earlier, activity_id=activity.id, spend=spend)
+                    except BudgetExhausted as exhausted:
+                        if asked is None:  # before any model call: the budget reply
+                            return Refused(text=exhausted.reply)
+                        messages = kept = asked  # no room to ask again: the one paid for
+                    except ModelError as exc:
+                        billed += exc.billed or Usage()
+                        raise
+                    else:
+                        billed += result.usage
+                        messages = asked = _as_seen(result.messages, stream)
+                        suggestions = result.suggestions
+                        if (stream is not None and stream.shown) or attempt >= MAX_REASKS:
+                            kept = messages
                 window = replace(window, indexed=await indexing)
                 if wanted is not None and not await wanted:
                     log.info("the messages were withdrawn (a user's removal); nothing stored")
                     return Withdrawn()
-                try:
-                    turn = await self.store.commit_turn(window, activity_id=activity.id,
-                                                        messages=messages, billed=billed,
-                                                        counted=counted, more_activity_ids=more_ids)
+                try:  # the ledgers' records are written beside the commit
+                    turn = await _alongside(
+                        self.store.commit_turn(window, activity_id=activity.id,
+                                               messages=messages, billed=billed, counted=counted,
+                                               more_activity_ids=more_ids),
+                        spend.finish() if spend is not None else None)
                     committed = True
                 except ConversationConflict:
                     log.info("conflict on attempt %d%s", attempt + 1,
@@ -194,6 +215,8 @@ class TurnRunner:
         finally:
             if not committed:  # paid for, stored nowhere: the tokens still count
                 await self._charge(activity, billed)
+            if spend is not None:  # what the ledgers have not recorded yet
+                await spend.finish()
             if indexing is not None:  # a turn that ends before its commit: the rows stay, harmless
                 await asyncio.gather(indexing, return_exceptions=True)
             if wanted is not None:
@@ -208,6 +231,17 @@ class TurnRunner:
             await self.store.charge(activity.conversation_id, billed)
         except StoreError as exc:
             log.warning("tokens of a turn that stored nothing not counted: %s", exc)
+
+
+async def _alongside[T](main: Awaitable[T], beside: Awaitable[None] | None) -> T:
+    """`main`'s result, with `beside` (which never raises) run at the same time."""
+    if beside is None:
+        return await main
+    task = asyncio.ensure_future(beside)
+    try:
+        return await main
+    finally:
+        await task
 
 
 def _tools_listener(stream: ReplyStream | None) -> ToolListener | None:

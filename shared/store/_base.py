@@ -11,6 +11,9 @@ optional capabilities a backend declares in `capabilities` (`Capability`):
     summaries   get_summary, get_fold, update_summary (without: None, None, False)
     indexes     write_indexes, purge_idle (without: None; purge_idle raises NotImplementedError)
     user_data   export_user, forget_user (without: NotImplementedError)
+    budgets     update_ledger, list_ledgers, list_level_ledgers, purge_ledgers, delete_ledgers: a
+                user's or tenant's spend by UTC day (`shared/ledger.py`; without:
+                NotImplementedError)
 
 A caller that needs one asks `supports(...)` first, so a backend never lacks a feature silently.
 """
@@ -26,6 +29,7 @@ from datetime import datetime
 from typing import ClassVar, Literal
 
 from ..errors import BadRequest, MessageTooLarge, TurnTooLarge
+from ..ledger import Account, Ledger, Level
 from ..limits import Spend
 from ..messages import ChatMessage, Feedback, Sender, StoredTurn, Usage
 from ..telemetry import commit, span
@@ -51,8 +55,8 @@ __all__ = [
     "UserData",
 ]
 
-Capability = Literal["summaries", "indexes", "user_data"]
-CAPABILITIES: frozenset[Capability] = frozenset({"summaries", "indexes", "user_data"})
+Capability = Literal["summaries", "indexes", "user_data", "budgets"]
+CAPABILITIES: frozenset[Capability] = frozenset({"summaries", "indexes", "user_data", "budgets"})
 
 #: A message's content (or tool-call JSON) may hold at most this many characters.
 MAX_MESSAGE_CHARS = 100_000
@@ -267,6 +271,38 @@ class ConversationStore(ABC):
     async def _forget_user(self, user_id: str, *, marker: str) -> UserData:
         raise NotImplementedError(f"{type(self).__name__} keeps no user index")
 
+    async def update_ledger(self, account: Account, day: str,
+                            change: Callable[[Ledger], Ledger | None]) -> Ledger | None:
+        """`change` the account's ledger of the UTC `day` (a new, empty one if there is none; a
+        pure function; None: leave it) with a conditional write, again when another writer won.
+        The ledger as written, or None when nothing was written."""
+        _check_account(account)
+        return await self._update_ledger(account, day, change)
+
+    async def list_ledgers(self, account: Account, *, since: str) -> list[Ledger]:
+        """The account's ledgers from the UTC day `since` on, oldest first."""
+        _check_account(account)
+        return await self._list_ledgers(account, since=since)
+
+    async def list_level_ledgers(self, level: Level, *, since: str, until: str) -> list[Ledger]:
+        """Every account's ledgers of `level` from `since` to `until` (UTC days, inclusive)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no budgets")
+
+    async def purge_ledgers(self, *, before: str) -> int:
+        """Delete the ledgers of the days before `before` (retention); how many."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no budgets")
+
+    async def delete_ledgers(self, account: Account) -> int:
+        """Delete every ledger of the account (a user's removal); how many."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no budgets")
+
+    async def _update_ledger(self, account: Account, day: str,
+                             change: Callable[[Ledger], Ledger | None]) -> Ledger | None:
+        raise NotImplementedError(f"{type(self).__name__} keeps no budgets")
+
+    async def _list_ledgers(self, account: Account, *, since: str) -> list[Ledger]:
+        raise NotImplementedError(f"{type(self).__name__} keeps no budgets")
+
     async def get_turn(self, conversation_id: str, activity_id: str) -> StoredTurn | None:
         """What `activity_id` committed in this conversation, or None."""
         _check_conversation_id(conversation_id)
@@ -406,6 +442,11 @@ def _check_conversation_id(conversation_id: str) -> None:
 def _check_user_id(user_id: str) -> None:
     if not user_id or len(user_id) > MAX_USER_ID_CHARS:
         raise BadRequest(f"a user ID must have 1 to {MAX_USER_ID_CHARS} characters")
+
+
+def _check_account(account: Account) -> None:
+    if not account.id or len(account.id) > MAX_USER_ID_CHARS:
+        raise BadRequest(f"a {account.level} ID must have 1 to {MAX_USER_ID_CHARS} characters")
 
 
 def _check_activity_id(activity_id: str) -> None:

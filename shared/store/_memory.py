@@ -1,8 +1,9 @@
 """An in-memory conversation store with the same contract, for fast unit tests of the turn logic.
 
 It keeps the Table backend's semantics (version check on commit, duplicate markers, clear, spend
-counters that outlive a clear) without I/O, so a test of the turn handler can run thousands of
-turns in a second. It keeps no summaries, no indexes and no user data: those calls say so.
+counters that outlive a clear, budget ledgers changed under a version check) without I/O, so a
+test of the turn handler can run thousands of turns in a second. It keeps no summaries, no indexes
+and no user data: those calls say so.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import ClassVar
 
 from ..errors import ConversationConflict, DuplicateActivity
+from ..ledger import Account, Ledger, Level
 from ..limits import Spend
 from ..messages import ChatMessage, Feedback, StoredTurn, utc_now
 from ..window import WindowBuilder
-from ._base import ConversationStore, ConversationWindow
+from ._base import Capability, ConversationStore, ConversationWindow
 
 __all__ = ["InMemoryConversationStore"]
 
@@ -34,8 +37,11 @@ class _Conversation:
 
 
 class InMemoryConversationStore(ConversationStore):
+    capabilities: ClassVar[frozenset[Capability]] = frozenset({"budgets"})
+
     def __init__(self, *, clock: Callable[[], datetime] = utc_now) -> None:
         self._conversations: dict[str, _Conversation] = {}
+        self._ledgers: dict[tuple[str, str], Ledger] = {}
         #: The spend counters of cleared conversations (a clear keeps them, as the Table's does).
         self._spent: dict[str, Spend] = {}
         self._lock = asyncio.Lock()
@@ -107,6 +113,40 @@ class InMemoryConversationStore(ConversationStore):
                     version=str(next(_versions)), spend=self._spent.pop(conversation_id, Spend()))
             conversation.spend = conversation.spend.after_turn(self.clock(), tokens=tokens,
                                                                turns=0)
+
+    async def _update_ledger(self, account: Account, day: str,
+                             change: Callable[[Ledger], Ledger | None]) -> Ledger | None:
+        async with self._lock:
+            read = self._ledgers.get((account.key, day), Ledger(account=account, day=day))
+            changed = change(read)
+            if changed is None:
+                return None
+            written = replace(changed, etag=str(next(_versions)))
+            self._ledgers[(account.key, day)] = written
+            return written
+
+    async def _list_ledgers(self, account: Account, *, since: str) -> list[Ledger]:
+        return sorted((ledger for (key, day), ledger in self._ledgers.items()
+                       if key == account.key and day >= since), key=lambda ledger: ledger.day)
+
+    async def list_level_ledgers(self, level: Level, *, since: str, until: str) -> list[Ledger]:
+        return sorted((ledger for ledger in self._ledgers.values()
+                       if ledger.account.level == level and since <= ledger.day <= until),
+                      key=lambda ledger: (ledger.account.key, ledger.day))
+
+    async def delete_ledgers(self, account: Account) -> int:
+        async with self._lock:
+            doomed = [key for key in self._ledgers if key[0] == account.key]
+            for key in doomed:
+                del self._ledgers[key]
+        return len(doomed)
+
+    async def purge_ledgers(self, *, before: str) -> int:
+        async with self._lock:
+            doomed = [key for key in self._ledgers if key[1] < before]
+            for key in doomed:
+                del self._ledgers[key]
+        return len(doomed)
 
     async def _get_turn(self, conversation_id: str, activity_id: str) -> StoredTurn | None:
         conversation = self._conversations.get(conversation_id)

@@ -2,11 +2,12 @@
 
 Composed, not inherited: `_table_base.py`'s `TableRows` is the one typed client (its errors,
 the head's one update path, reading and clearing rows) that the parts share: `_table_summary.py`'s
-`Summaries` (rolling summaries) and `_table_data.py`'s `Indexes` (indexes, retention, a user's
-data); this module is the store itself and a turn's reads and writes. Per turn: one point read of
-the head, whose copy of the newest turns answers the window (when it cannot, one range query over
-the message rows), and one entity-group transaction (`_wire.py`) that commits the turn,
-conditioned on the head's ETag (or on its absence for a new conversation).
+`Summaries` (rolling summaries), `_table_data.py`'s `Indexes` (indexes, retention, a user's
+data) and `_table_budgets.py`'s `Ledgers` (users' and tenants' budgets); this module is the
+store itself and a turn's reads and writes. Per turn: one point read of the head, whose copy of
+the newest turns answers the window (when it cannot, one range query over the message rows), and
+one entity-group transaction (`_wire.py`) that commits the turn, conditioned on the head's ETag
+(or on its absence for a new conversation).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ..errors import (
     TurnTooLarge,
 )
 from ..keys import encode_key
+from ..ledger import Account, Ledger, Level
 from ..limits import Spend
 from ..messages import ChatMessage, Feedback, Sender, StoredTurn, utc_now
 from ..window import WindowPlanner
@@ -58,6 +60,7 @@ from ._codec import (
 from ._fold import FoldJob, summary_due
 from ._head import Basis, Head
 from ._table_base import CLIENT_OPTIONS, TableRows, sdk_options, transport
+from ._table_budgets import Ledgers
 from ._table_data import Indexes
 from ._table_summary import Summaries
 from ._wire import Operation, TransactionFailed
@@ -87,6 +90,7 @@ class TableConversationStore(ConversationStore):
         self._rows = TableRows(table, create_table=create_table, clock=clock)
         self._summaries = Summaries(self._rows, enabled=summaries)
         self._indexes = Indexes(self._rows)
+        self._ledgers = Ledgers(self._rows)
         self.summaries = summaries
         self.clock = clock
 
@@ -128,6 +132,22 @@ class TableConversationStore(ConversationStore):
 
     async def _forget_user(self, user_id: str, *, marker: str) -> UserData:
         return await self._indexes.forget_user(user_id, marker=marker)
+
+    async def _update_ledger(self, account: Account, day: str,
+                             change: Callable[[Ledger], Ledger | None]) -> Ledger | None:
+        return await self._ledgers.update(account, day, change)
+
+    async def _list_ledgers(self, account: Account, *, since: str) -> list[Ledger]:
+        return await self._ledgers.of_account(account, since=since)
+
+    async def list_level_ledgers(self, level: Level, *, since: str, until: str) -> list[Ledger]:
+        return await self._ledgers.of_level(level, since=since, until=until)
+
+    async def purge_ledgers(self, *, before: str) -> int:
+        return await self._ledgers.purge(before=before)
+
+    async def delete_ledgers(self, account: Account) -> int:
+        return await self._ledgers.delete(account)
 
     async def get_summary(self, conversation_id: str) -> str | None:
         await super().get_summary(conversation_id)  # the ID's checks

@@ -7,7 +7,8 @@ total deadline, and its duration is measured.
 
 Every operation that changes a head other than a turn's commit (a clear, a user's removal, a
 summary, the spend counters) goes through `TableRows.update_head`: read the head, a pure function of it,
-a conditional write, and one bounded retry policy with jitter (`HEAD_ATTEMPTS`). A clear keeps the
+a conditional write, and one bounded retry policy with jitter (`HEAD_ATTEMPTS`). Its twin for other
+rows, `update_row` (the one loop both use), changes a user's or tenant's budget ledger. A clear keeps the
 head as a tombstone (its `last_seq` and spend counters), so sequence numbers never repeat within
 a partition and a clear only ever deletes the rows it hid.
 """
@@ -50,6 +51,7 @@ from ._codec import (
     HEAD,
     MARKER_PREFIX,
     MESSAGES_END,
+    Entity,
     entity_message,
     user_index_key,
 )
@@ -209,40 +211,73 @@ class TableRows:
     async def write_head(self, pk: str, read: Head, head: Head) -> Head | None:
         """Write `head` in place of `read` if it is unchanged (created if `read` was never
         stored); the head as written (with its new ETag), or None when another writer won."""
+        etag = await self.write_row(head.entity(pk), etag=read.etag)
+        return None if etag is None else replace(head, etag=etag)
+
+    async def write_row(self, entity: Entity, *, etag: str | None) -> str | None:
+        """Write `entity` in place of the row read at `etag` if it is unchanged (created when
+        `etag` is None: the row was not there); its new ETag, or None when another writer won."""
         try:
-            if read.etag is None:
-                result = await self.table.create_entity(head.entity(pk))
+            if etag is None:
+                result = await self.table.create_entity(entity)
             else:
                 result = await self.table.update_entity(
-                    head.entity(pk), mode=UpdateMode.REPLACE, etag=read.etag,
+                    entity, mode=UpdateMode.REPLACE, etag=etag,
                     match_condition=MatchConditions.IfNotModified)
         except (ResourceModifiedError, ResourceExistsError, ResourceNotFoundError) as exc:
             if getattr(exc, "error_code", None) == "TableNotFound":
                 raise
             return None
-        return replace(head, etag=str(result["etag"]))
+        return str(result["etag"])
+
+    async def update_row(self, pk: str, row_key: str,
+                         change: Callable[[Entity | None, str | None], Entity | None], *,
+                         what: str, known: tuple[Entity, str] | None = None) -> str | None:
+        """The one retry loop of a conditional row change: read the row and its ETag (None: not
+        there), `change` it (a pure function; None: leave it as it is), write it under the
+        read's ETag (or create it); again, after a jittered wait, when another writer won. The
+        new ETag, or None when nothing was written. `known`: the row and ETag this process last
+        wrote, tried first without a read (a stale one just loses the first race). The head's
+        changes (`update_head`) and a budget's ledger rows (`_table_budgets.py`) both come this
+        way."""
+        for attempt in range(HEAD_ATTEMPTS):
+            read: Entity | None
+            etag: str | None
+            if attempt == 0 and known is not None:
+                read, etag = known
+            else:
+                entity = await self.get(pk, row_key)
+                read, etag = (None, None) if entity is None else \
+                    (entity, str(entity.metadata["etag"]))
+            changed = change(read, etag)
+            if changed is None:
+                return None
+            written = await self.write_row(changed, etag=etag)
+            if written is not None:
+                return written
+            if attempt > 0 or known is None:
+                await _backoff(attempt)
+        raise ConversationConflict(f"{what} kept changing; the change was not made")
 
     async def update_head(self, pk: str, change: Callable[[Head], Head | None], *,
                            conversation_id: str, create: bool = False) -> Head | None:
-        """The one retry loop of a head change: read the head, `change` it (a pure function; None:
-        leave it as it is), write it under the read's ETag; again, after a jittered wait, when
-        another writer won. `create`: a missing head is made (else None is returned). The head
+        """A head change through `update_row`: `change` the head read (a pure function; None:
+        leave it as it is). `create`: a missing head is made (else None is returned). The head
         as written, or None when nothing was written."""
-        for attempt in range(HEAD_ATTEMPTS):
-            read = await self.read_head(pk)
-            if read is None:
-                if not create:
-                    return None
-                read = Head(conversation_id=conversation_id, copy=())
-            changed = change(read)
-            if changed is None:
+        written: Head | None = None
+
+        def changed(entity: Entity | None, etag: str | None) -> Entity | None:
+            nonlocal written
+            if entity is None and not create:
                 return None
-            written = await self.write_head(pk, read, changed)
-            if written is not None:
-                return written
-            await _backoff(attempt)
-        raise ConversationConflict(
-            f"conversation {conversation_id[:200]!r} kept changing; the change was not made")
+            read = Head(conversation_id=conversation_id, copy=()) if entity is None else \
+                Head.read(entity, etag=str(etag))
+            written = change(read)
+            return None if written is None else written.entity(pk)
+
+        etag = await self.update_row(pk, HEAD, changed,
+                                     what=f"conversation {conversation_id[:200]!r}")
+        return None if etag is None or written is None else replace(written, etag=etag)
 
     async def index_etags(self, pk: str, users: Iterable[str]) -> dict[str, str]:
         """The ETags of the user-index rows naming conversation `pk`, by user ID (those stored)."""

@@ -56,14 +56,26 @@ class Bench:
         return self.identity.botframework_token(**options)
 
     def post(self, activity: dict[str, Any] | bytes, *, token: str | None = "auto",
-             headers: dict[str, str] | None = None) -> httpx2.Response:
+             headers: dict[str, str] | None = None,
+             host: DevHostProcess | None = None) -> httpx2.Response:
+        """`host`: another instance (`another_host`) instead of the bench's."""
         body = activity if isinstance(activity, bytes) else json.dumps(activity).encode()
         sent = {"Content-Type": "application/json", **(headers or {})}
         if token == "auto" and isinstance(activity, dict):
             token = self.token_for(activity)
         if token and token != "auto":
             sent["Authorization"] = f"Bearer {token}"
-        return self.http.post(f"{self.host.url}/api/messages", content=body, headers=sent)
+        return self.http.post(f"{(host or self.host).url}/api/messages", content=body,
+                              headers=sent)
+
+    @contextmanager
+    def another_host(self) -> Iterator[DevHostProcess]:
+        """A second instance: another dev host on the same table, queue, model and connector."""
+        host = DevHostProcess(env=dict(self.host.env)).start()
+        try:
+            yield host
+        finally:
+            host.stop()
 
     def replies(self, conversation_id: str, *, count: int = 1,
                 seconds: float = 30.0) -> list[dict[str, Any]]:

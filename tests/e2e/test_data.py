@@ -117,7 +117,8 @@ def test_a_users_messages_are_exported_then_removed(channel: Bench) -> None:
     # THEN the answer counts what was done
     assert removed.status_code == 200
     assert removed.json() == {"userId": ada["id"], "personalConversationsDeleted": 1,
-                              "sharedConversations": 1, "messagesReplaced": 2}
+                              "sharedConversations": 1, "messagesReplaced": 2,
+                              "usageDaysDeleted": 1}
     # AND her personal chat is gone; in the group her message and its reply are markers, in their
     # places, and Bob's turn is untouched
     assert channel.history(personal) == []
@@ -129,8 +130,9 @@ def test_a_users_messages_are_exported_then_removed(channel: Bench) -> None:
     request = next(r for r in reversed(channel.model.requests)
                    if "what did Ada say?" in str(r["messages"][-1]["content"]))
     assert "hello from Ada" not in str(request["messages"])
-    # AND her data is empty now
+    # AND her data is empty now, her usage too (kept under her Entra object ID)
     assert channel.http.get(f"{url}/messages").json()["conversations"] == []
+    assert channel.http.get(f"{url}/usage").json()["today"]["turns"] == 0
 
 
 def test_a_conversation_over_its_turn_limit_is_told_politely_without_a_model_call(

@@ -57,6 +57,7 @@ def test_storage_down_mid_conversation_is_a_503_and_the_next_turn_sees_everythin
                 # AND the health check says storage is down
                 health = local.http.get(f"{local.host.url}/api/health")
                 assert health.status_code == 503 and health.json()["storage"] == "unreachable"
+                assert health.json()["status"] == "degraded" and "storage" in health.json()["failing"]
                 # WHEN storage is back
                 azurite.start()
                 after = local.post(local.message("after", conversation_id=conversation))

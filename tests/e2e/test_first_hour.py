@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from devtools.azurite import free_port
+from devtools.azurite import Azurite, free_port
 from devtools.background import BackgroundLoop
 from devtools.fake_model import FakeModelServer, Scripted
 from shared.answer import APOLOGY, SETUP_PROBLEM
@@ -146,8 +147,10 @@ def test_make_run_checks_the_model_and_make_chat_finds_its_port_and_is_told_of_a
             "401: the key was refused: check OPENAI_API_KEY (and OPENAI_BASE_URL))  <- a setup "
             "problem: replies will say so until it is fixed")
         assert keyed_model.requests == []  # the check spent no tokens
-        health = wait_for_health(port)
-        # AND health shows the model's state beside storage's
+        # AND the host answers as soon as the banner is printed (no retry needed)
+        health = httpx2.get(f"http://127.0.0.1:{port}/api/health", timeout=10).json()
+        # AND health says it is degraded, naming the model, beside storage's state
+        assert (health["status"], health["failing"]) == ("degraded", ["model"])
         assert (health["storage"], health["model"]) == ("reachable", "refused")
         assert "OPENAI_API_KEY" in health["modelDetail"]
         # WHEN make chat starts, with PORT not given to it, and a message is sent
@@ -164,18 +167,6 @@ def test_make_run_checks_the_model_and_make_chat_finds_its_port_and_is_told_of_a
     assert not run_file.exists()
 
 
-def wait_for_health(port: int, *, timeout: float = 60) -> dict[str, str]:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            body: dict[str, str] = httpx2.get(f"http://127.0.0.1:{port}/api/health", timeout=10).json()
-            return body
-        except (httpx2.HTTPError, ValueError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
 def test_a_refused_storage_key_makes_health_say_so(azurite_connection_string: str) -> None:
     # GIVEN the bot with a storage connection string whose account key is wrong
     wrong = azurite_connection_string.replace("AccountKey=Eby8", "AccountKey=Xby8")
@@ -185,7 +176,8 @@ def test_a_refused_storage_key_makes_health_say_so(azurite_connection_string: st
         health = local.http.get(f"{local.host.url}/api/health")
     # THEN it says storage refused our key, not that storage is unreachable; the model is fine
     assert health.status_code == 503
-    assert health.json() == {"status": "unhealthy", "storage": "refused: check the key / role",
+    assert health.json() == {"status": "degraded", "failing": ["storage"],
+                             "storage": "refused: check the key / role",
                              "model": "ok", "modelDetail": "bench-model answers (no tokens spent)"}
 
 
@@ -254,3 +246,47 @@ def test_through_the_turn_queue_a_setup_problem_is_told_at_once_not_retried(
         # THEN the first answer tells the user it is a setup problem; the queue does not retry it
         assert [r["text"] for r in replies] == [SETUP_PROBLEM]
         assert queued.model.calls == 1 and len(queued.connector.messages(conversation)) == 1
+
+
+def test_make_chat_says_the_truth_when_azurites_data_folder_is_removed_under_the_bot(
+        tmp_path: Path) -> None:
+    # GIVEN a bot answering from the turn queue, on an Azurite that keeps its data in a folder as
+    # make run starts it (make run's note of its port lives in that folder too), and make chat
+    data = tmp_path / "azurite"
+    data.mkdir()
+    azurite = Azurite(location=data).start()
+    try:
+        with bench(azurite.connection_string, auth=False, answer_mode="queue") as local:
+            port = local.host.url.rsplit(":", 1)[1]
+            run_file = data / "run.json"
+            run_file.write_text(json.dumps({"port": int(port), "pid": os.getpid(),
+                                            "azuriteData": str(data)}))
+            chat = subprocess.Popen([sys.executable, "-m", "devtools.chat", "--settings",
+                                     str(tmp_path / "none.json"), "--run-file", str(run_file)],
+                                    cwd=REPO, env=clean_env(), stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            assert chat.stdin is not None
+            try:
+                chat.stdin.write("hello\n")
+                chat.stdin.flush()
+                before = wait_for_line(chat, "bot> reply to 'hello'")
+                # WHEN the folder is removed while both run, and the user writes again
+                shutil.rmtree(data)
+                rest, _ = chat.communicate(input="hello again\n", timeout=60)
+            finally:
+                chat.kill()
+            # AND make chat is started afresh (the run file went with the folder)
+            after = script("devtools.chat", "--settings", str(tmp_path / "none.json"),
+                           "--run-file", str(run_file), env=clean_env(PORT=port), stdin="")
+    finally:
+        azurite.stop()
+    # THEN the first message was answered as Teams shows it
+    assert any("bot> Thinking…" in line for line in before)
+    # AND then make chat said what happened and what to do, and did not wait long for the answer
+    # (the message was taken, but the queue can no longer hand it to the answer function)
+    during = " ".join(rest.split())  # the line as one, wherever the terminal would wrap it
+    truth = f"Azurite's data folder {data} was removed while `make run` runs"
+    assert truth in during and "Stop `make run` (Ctrl-C) and start it again" in during
+    assert "(no reply yet" in during
+    # AND a make chat started later says the same, not that no make run is running
+    assert truth in " ".join(after.stderr.split()) and "no `make run` is running" not in after.stdout

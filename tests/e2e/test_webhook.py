@@ -367,6 +367,7 @@ def test_a_lone_surrogate_gets_a_400_and_nothing_is_done(channel: Bench, field: 
 def test_health_reports_storage(channel: Bench) -> None:
     response = channel.http.get(f"{channel.host.url}/api/health")
     assert response.status_code == 200 and response.json()["storage"] == "reachable"
+    assert (response.json()["status"], response.json()["failing"]) == ("healthy", [])
 
 
 def test_a_message_over_the_budget_gets_a_clear_refusal(azurite_connection_string: str) -> None:

@@ -4,9 +4,10 @@ a dict, as the runtime builds them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -21,6 +22,8 @@ from shared.model import build_model
 from shared.prompt import ChatPrompt
 from shared.settings import load_settings
 from shared.store import ConversationStore
+from shared.streaming import StreamClock
+from shared.tools import Function
 
 HEADERS = {"Content-Type": "application/json"}
 
@@ -30,24 +33,39 @@ async def _no_wait(_: float) -> None:
 
 
 @asynccontextmanager
-async def running_bot(store: ConversationStore, model: FakeModelServer,
+async def running_bot(store: ConversationStore, model: FakeModelServer, *,
+                      clock: StreamClock | None = None, functions: Sequence[Function] = (),
                       **environment: str) -> AsyncIterator[ChatBot]:
-    """A bot whose settings are the model's plus `environment`."""
+    """A bot whose settings are the model's plus `environment`; `clock`: its streams' time (a
+    test gives the connector stand-in the same); `functions`: its tools."""
     settings = load_settings({"OPENAI_BASE_URL": model.base_url, "OPENAI_MODEL": "m",
                               **environment})
     prompt = ChatPrompt(build_model(settings.model), instructions=settings.model.instructions,
-                        suggested_replies=settings.suggested_replies)
+                        suggested_replies=settings.suggested_replies, functions=functions,
+                        tool_timeout_seconds=settings.model.tool_timeout_seconds,
+                        timeout_seconds=settings.model.timeout_seconds)
     http = httpx2.AsyncClient()
     bot = ChatBot(settings=settings, store=store, prompt=prompt,
                   connector=BotConnector(credential=None),
                   authenticator=BotAuthenticator(settings.bot, http=http, in_azure=False),
                   sleep=_no_wait)
+    if clock is not None:
+        bot.delivery.clock = clock
     try:
         yield bot
     finally:
         await bot.connector.close()
         await prompt.model.close()
         await http.aclose()
+
+
+async def until(check: Callable[[], bool], *, within: float = 10.0) -> None:
+    """Wait until `check()` holds (polled), or fail after `within` seconds."""
+    for _ in range(int(within / 0.02)):
+        if check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"not true within {within} s")
 
 
 def activity(connector: FakeConnector, conversation_id: str, text: str = "tell me", *,

@@ -84,10 +84,37 @@ async def test_a_reply_without_a_block_has_no_suggestions(
     async with running_bot(InMemoryConversationStore(), model) as bot:
         for _ in range(2):
             await bot.handle(body=activity(connector, "a:none"), headers=HEADERS)
-    # THEN both replies are the answer alone, without buttons
+    # THEN neither reply has buttons; the unclosed block is no block, so it stays text
     replies = connector.messages("a:none")
-    assert [r["text"] for r in replies] == [ANSWER, ANSWER]
+    assert [r["text"] for r in replies] == [ANSWER, f"{ANSWER}\n{OPEN}\nWhat ab"]
     assert all("suggestedActions" not in r for r in replies)
+
+
+async def test_hostile_or_clumsy_blocks_lose_no_text_and_offer_no_command(
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a model that writes a block mid-answer, then quotes the marker in a code span, then
+    # ends with an upper-case block offering /reset and a right-to-left override
+    model, connector = servers
+    middle = f"Before.\n{OPEN}\nWhy?\n{CLOSE}\nAfter the block."
+    quoted = f"To format, write `{OPEN}` then one follow-up a line."
+    hostile = f"{ANSWER}\n{OPEN.upper()}\n/reset\nPay \u202etxt.exe\n{CLOSE.upper()}"
+    model.then(Scripted(content=middle), Scripted(content=quoted), Scripted(content=hostile))
+    store = InMemoryConversationStore()
+    # WHEN three messages are answered, streaming
+    async with running_bot(store, model) as bot:
+        for _ in range(3):
+            await bot.handle(body=activity(connector, "a:hostile"), headers=HEADERS)
+    # THEN the first two reach the user and the store whole, without buttons
+    replies = connector.messages("a:hostile")
+    assert [r["text"] for r in replies[:2]] == [middle, quoted]
+    assert all("suggestedActions" not in r for r in replies[:2])
+    # AND the third's block is read whatever its case: no /reset button, the override removed
+    assert replies[2]["text"] == ANSWER
+    assert replies[2]["suggestedActions"] == {"actions": [
+        {"type": "imBack", "title": "Pay txt.exe", "value": "Pay txt.exe"}]}
+    stored = [m.content for m in await store.list_messages("a:hostile")]
+    assert stored[1::2] == [middle, quoted, ANSWER]
+    assert connector.streams.violations == []
 
 
 async def test_the_setting_turns_suggestions_off(

@@ -12,7 +12,10 @@ from typing import Any
 import pytest
 
 from devtools.fake_model import FakeModelServer, Scripted, default_reply
-from shared.messages import ChatMessage, utc_now
+from shared.activity import parse_activity
+from shared.budgets import Budgets, TurnSpend
+from shared.ledger import Account
+from shared.messages import ChatMessage, utc_day, utc_now
 from shared.model import ChatModel, build_model
 from shared.prompt import SUMMARY_HEADING, ChatPrompt, ConversationMemory
 from shared.settings import load_settings
@@ -42,6 +45,8 @@ class Chat:
     prompt: ChatPrompt = field(init=False)
     summarizer: Summarizer = field(init=False)
     turns: int = 0
+    #: The budgets the after-reply summary is counted in (None: none).
+    spend: TurnSpend | None = None
 
     def __post_init__(self) -> None:
         self.prompt = ChatPrompt(self.model, instructions="Be brief.")
@@ -60,7 +65,8 @@ class Chat:
         result = await self.prompt.send(text, memory=memory)
         request = self.server.requests[-1]["messages"]
         await memory.commit(result, activity_id=f"a{index}")
-        summarized = await self.summarizer.after_turn(window) if summarize else False
+        summarized = await self.summarizer.after_turn(window, spend=self.spend) \
+            if summarize else False
         return window, request, summarized
 
 
@@ -240,3 +246,24 @@ async def test_with_the_setting_on_summary_tokens_count_in_the_daily_counter(cha
     billed = sum(usage["prompt_tokens"] + usage["completion_tokens"] for usage in chat.server.usages)
     assert len(chat.server.usages) > chat.turns
     assert window.spend.tokens_on_day(utc_now()) == billed
+
+
+async def test_with_the_setting_on_summary_tokens_count_in_the_users_budget(chat: Chat) -> None:
+    # GIVEN summary calls counted as spend, in the budgets of the user whose turn they follow
+    chat.summarizer.count_spend = True
+    budgets = Budgets.build(load_settings({"CHAT_USER_DAILY_TOKEN_LIMIT": "10000000"}),
+                            chat.store)
+    assert budgets is not None
+    activity = parse_activity(json.dumps({"type": "message", "id": "x", "conversation": {
+        "id": "c"}, "from": {"id": "29:ada"}}).encode(), {"Content-Type": "application/json"})
+    chat.spend = budgets.for_turn(activity, max_reply_tokens=200)
+    # WHEN turns run until a summary is written
+    summarized = False
+    while not summarized:
+        _, _, summarized = await chat.turn()
+    # THEN the user's ledger holds the summary call's tokens (the reply's maximum reserved as
+    # the summary's budget, settled to what it billed), with no reservation left open
+    (day,) = await chat.store.list_ledgers(Account("user", "29:ada"), since=utc_day(utc_now()))
+    summary = chat.server.usages[-1]
+    assert (day.calls, day.tokens) == (1, summary["prompt_tokens"] + summary["completion_tokens"])
+    assert day.reservations == ()

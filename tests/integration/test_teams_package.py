@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from devtools.teams_package import PackageError, build, main, manifest, validate
+from devtools.teams_package import SCHEMAS, PackageError, build, main, manifest, validate
 
 APP_ID = "6f1c2d3e-4a5b-4c6d-8e7f-901234567890"
 
@@ -33,7 +33,8 @@ def test_the_package_builds_with_the_app_id_and_validates(tmp_path: Path) -> Non
     validate(document)
     # AND the bot is a bot of every scope that takes files and offers prompt starters
     bot = document["bots"][0]
-    assert bot["scopes"] == ["personal", "team", "groupChat"] and bot["supportsFiles"] is True
+    assert bot["scopes"] == ["personal", "team", "groupChat", "copilot"]
+    assert bot["supportsFiles"] is True
     personal = next(entry for entry in bot["commandLists"] if "personal" in entry["scopes"])
     assert 1 <= len(personal["commands"]) <= 10
     # AND the icons are 192x192 in colour and 32x32 white on transparent
@@ -42,6 +43,41 @@ def test_the_package_builds_with_the_app_id_and_validates(tmp_path: Path) -> Non
     assert all(alpha == 0 or (red, green, blue) == (255, 255, 255)
                for red, green, blue, alpha in pixels)
     assert {alpha for *_, alpha in pixels} == {0, 255}
+
+
+def test_the_bot_is_a_copilot_custom_engine_agent_by_the_official_schema(tmp_path: Path) -> None:
+    # GIVEN the package built with its defaults
+    path = build(APP_ID, output=tmp_path / "chatstate.zip")
+    with zipfile.ZipFile(path) as package:
+        document = json.loads(package.read("manifest.json"))
+    # THEN it declares the bot a custom engine agent: the same ID, a bot of personal scope, the
+    # short name and description Copilot shows, a disclaimer within its 500 characters
+    (agent,) = document["copilotAgents"]["customEngineAgents"]
+    assert agent["type"] == "bot" and agent["id"] == APP_ID == document["bots"][0]["botId"]
+    assert "personal" in document["bots"][0]["scopes"]
+    assert document["name"]["short"] and document["description"]["short"]
+    assert 0 < len(agent["disclaimer"]["text"]) <= 500
+    # AND its manifest version's official schema knows customEngineAgents (1.20 on), and holds
+    # the declaration to it: a type other than bot is refused
+    schema = (SCHEMAS / f"v{document['manifestVersion']}" / "MicrosoftTeams.schema.json").read_text()
+    assert "customEngineAgents" in schema
+    assert "customEngineAgents" not in (SCHEMAS / "v1.19" / "MicrosoftTeams.schema.json").read_text()
+    validate(document)
+    agent["type"] = "declarative"
+    with pytest.raises(PackageError, match="copilotAgents/customEngineAgents/0/type"):
+        validate(document)
+
+
+def test_copilot_off_leaves_the_agent_out_and_still_validates(tmp_path: Path) -> None:
+    # GIVEN make teams-package COPILOT=off
+    output = tmp_path / "chatstate.zip"
+    assert main({"CLIENT_ID": APP_ID}, ["--copilot", "off", "--output", str(output)]) == 0
+    # WHEN the package is read
+    with zipfile.ZipFile(output) as package:
+        document = json.loads(package.read("manifest.json"))
+    # THEN it has no Copilot agent and no copilot scope, and passes the schema
+    assert "copilotAgents" not in document and "copilot" not in document["bots"][0]["scopes"]
+    validate(document)
 
 
 def test_a_manifest_off_the_schema_is_refused() -> None:

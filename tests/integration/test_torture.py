@@ -23,3 +23,7 @@ async def test_a_short_seeded_run_keeps_every_invariant(azurite_connection_strin
     figures = re.search(r"(\d+) replies streamed, (\d+) stopped by the user", report)
     assert figures is not None, report
     assert int(figures[1]) > 0 and int(figures[2]) > 0, report
+    # AND the budgets were checked against the model's billing, and some turns met their limits
+    budgets = re.search(r"budgets checked in (\d+) accounts \((\d+) budget replies\)", report)
+    assert budgets is not None, report
+    assert int(budgets[1]) > 0 and int(budgets[2]) > 0, report

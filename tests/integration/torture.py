@@ -8,7 +8,9 @@ Azurite table; a seeded random history of turns (new, duplicate deliveries, tool
 round limit, replies over the daily token limit, replies streamed into a Teams personal chat
 through the contract-enforcing Bot Connector stand-in, and streams the user stops midway), /reset,
 DELETE conversation, a user's export and removal, retention purges, summary preparation and
-feedback, started at random moments so they overlap; storage calls delayed and failed at random
+feedback, and budgets (users' and tenants' daily tokens and users' turns a minute: turns whose tool
+round is followed by a failing model call, and reservations left by dead workers; `BUDGET_KINDS`),
+started at random moments so they overlap; storage calls delayed and failed at random
 (a per-call policy on each real TableClient, `storage_faults.py`). Then the invariants
 (`INVARIANTS`) are checked against a model of what was acknowledged, with moments taken from the
 storage calls themselves: when a clear's hiding write was answered, when a turn's commit was sent.
@@ -48,10 +50,11 @@ from devtools.fake_channel import FakeConnector
 from shared.bot import APOLOGY, RESET_DONE, ChatBot
 from shared.errors import ChatstateError
 from shared.keys import encode_key
+from shared.ledger import Account, Reservation
 from shared.limits import LIMIT_REPLIES
 from shared.messages import Feedback, utc_day, utc_now
 from shared.store import REMOVED_MARKER, TableConversationStore
-from shared.tokens import count_text_tokens
+from shared.tokens import count_request_tokens, count_text_tokens
 from tests.unit.test_turns import make_bot
 
 __all__ = ["INVARIANTS", "Op", "run_round", "torture"]
@@ -70,11 +73,23 @@ INVARIANTS = (
     "injected failure)",
     "stopped: a reply the user stopped midway is stored as the text they saw, marked stopped, "
     "and no stream broke Teams' streaming contract",
+    "budgets: each user's and tenant's ledger counts the tokens the model billed for them (a "
+    "failed call as its request; accounts whose ledger writes met no injected failure), and no "
+    "ledger's settled tokens pass its limit (every call billed within its reservation)",
 )
 
 USERS = ("29:u1", "29:u2", "29:u3")
+#: About what a call bills: its prompt as the code's estimate counts it (an upper bound of what a
+#: provider counts) and `REPLY_TOKENS`.
 TOKENS_PER_CALL = 400
+REPLY_TOKENS = 100
 DAILY_LIMIT = 40 * TOKENS_PER_CALL
+#: The budgets: a call reserves its prompt and REPLY_MAX; a user has room for about 8 calls a
+#: day and 8 turns a minute, a tenant for about 12 calls.
+REPLY_MAX = 200
+USER_DAILY_LIMIT = 8 * TOKENS_PER_CALL
+USER_TURNS_PER_MINUTE = 8
+TENANT_DAILY_LIMIT = 12 * TOKENS_PER_CALL
 _tick = itertools.count()
 #: A streamed answer: this many words, one SSE chunk each, `STREAM_PACE` seconds apart (the
 #: reply stream sends at most one update a second: an answer of ~1.4 s shows the informative
@@ -84,8 +99,19 @@ STREAM_PACE = 0.2
 #: Stop is pressed once the stream has taken this many updates (the informative one and one of
 #: text): the next update is refused as canceled, before the answer ends.
 STOP_AFTER_UPDATES = 2
-#: Replies that are not an answer the turn stored.
+#: Replies that are not an answer the turn stored (the budget replies begin with these words).
 _NOT_ANSWERS = {APOLOGY, RESET_DONE, *LIMIT_REPLIES.values()}
+_BUDGET_REPLIES = ("You've reached your daily usage limit", "Your organization has reached",
+                   "You're sending messages faster than I can answer across")
+
+
+def _is_answer(reply: str | None) -> bool:
+    return reply is not None and reply not in _NOT_ANSWERS and not reply.startswith(_BUDGET_REPLIES)
+
+
+def tenant_of(conversation: str) -> str:
+    """The round's tenants: the group chat and the first personal chat are tenant A's."""
+    return "tenant-b" if conversation.endswith("-p2") else "tenant-a"
 _current_op: contextvars.ContextVar[int] = contextvars.ContextVar("torture_op", default=-1)
 
 
@@ -162,8 +188,9 @@ class CutStream:
 
     conversation: str
     activity_id: str
-    #: The request as shared/prompt.py estimates it: each message's JSON, counted.
+    #: The request as shared/prompt.py estimates it (`count_request_tokens`).
     request_tokens: int
+    user: str = ""
 
 
 class _SSE(httpx2.AsyncByteStream):
@@ -182,7 +209,8 @@ class _SSE(httpx2.AsyncByteStream):
                 self.stop()
             if index == self.done_at:  # the reader asked past the usage chunk: it has it
                 self.billed = True
-                self.model.billed[self.cut.conversation] += TOKENS_PER_CALL
+                self.model.bill(self.cut.conversation, self.cut.user,
+                                self.cut.request_tokens + REPLY_TOKENS)
             elif 0 < index < self.done_at - 1:
                 await asyncio.sleep(STREAM_PACE)
             yield chunk
@@ -194,13 +222,18 @@ class _SSE(httpx2.AsyncByteStream):
 
 
 class ScriptedModel:
-    """The model at the transport: bills `TOKENS_PER_CALL` a call, by conversation; answers
-    `re <activity> #<call>` (a tool call for a `loop` turn, until the round limit cuts it). A
-    streamed request is answered in SSE chunks, `STREAM_PACE` apart, usage last; a stream the
-    bot closes before reading its usage is recorded in `cut` (billed as the code estimates it)."""
+    """The model at the transport: bills a call its prompt (as `count_request_tokens` counts it:
+    a provider counts no more) and `REPLY_TOKENS`, by conversation; answers
+    `re <activity> #<call>` (a tool call for a `loop` turn, until the round limit cuts it; for a
+    `fail` turn, a tool call, then a 500 billed as its request, which is all a provider that
+    reports nothing can be counted as). A streamed request is answered in SSE chunks,
+    `STREAM_PACE` apart, usage last; a stream the bot closes before reading its usage is
+    recorded in `cut` (billed as the code estimates it). `billed` is by conversation,
+    `accounts` by user and tenant (`user:<id>`, `tenant:<id>`)."""
 
     def __init__(self) -> None:
         self.billed: dict[str, int] = defaultdict(int)
+        self.accounts: dict[str, int] = defaultdict(int)
         self.cut: list[CutStream] = []
         #: Called as a `stopped` turn's answer begins to stream (conversation, activity).
         self.press_stop: Callable[[str, str], None] | None = None
@@ -210,16 +243,21 @@ class ScriptedModel:
         self.calls += 1
         body = json.loads(request.content)
         users = [m for m in body["messages"] if m.get("role") == "user"]
-        conversation, activity_id, variant = str(users[-1]["content"]).split("|")[:3]
-        usage = {"prompt_tokens": 300, "completion_tokens": 100, "total_tokens": TOKENS_PER_CALL}
+        conversation, activity_id, variant, user = str(users[-1]["content"]).split("|")[:4]
+        prompt = count_request_tokens(body["messages"], body.get("tools"))
+        usage = {"prompt_tokens": prompt, "completion_tokens": REPLY_TOKENS,
+                 "total_tokens": prompt + REPLY_TOKENS}
+        if variant == "fail" and body["messages"][-1]["role"] == "tool":
+            self.bill(conversation, user, count_request_tokens(body["messages"], body.get("tools")))
+            return httpx2.Response(500, json={"error": {"message": "down", "type": "server_error"}})
         if body.get("stream"):
             stop = None
             if variant == "stopped" and (press := self.press_stop) is not None:
                 stop = functools.partial(press, conversation, activity_id)
-            return self._streamed(body, conversation, activity_id, usage, stop=stop,
+            return self._streamed(body, conversation, activity_id, user, usage, stop=stop,
                                   words=STREAM_WORDS.get(variant, STREAM_WORDS["streamed"]))
-        self.billed[conversation] += TOKENS_PER_CALL
-        if variant == "loop":
+        self.bill(conversation, user, prompt + REPLY_TOKENS)
+        if variant in ("loop", "fail"):
             message: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": [{
                 "id": f"c{self.calls}", "type": "function",
                 "function": {"name": "lookup", "arguments": "{}"}}]}
@@ -230,7 +268,12 @@ class ScriptedModel:
                                               "index": 0, "finish_reason": "stop",
                                               "message": message}]})
 
-    def _streamed(self, body: dict[str, Any], conversation: str, activity_id: str,
+    def bill(self, conversation: str, user: str, tokens: int) -> None:
+        self.billed[conversation] += tokens
+        self.accounts[f"user:{user}"] += tokens
+        self.accounts[f"tenant:{tenant_of(conversation)}"] += tokens
+
+    def _streamed(self, body: dict[str, Any], conversation: str, activity_id: str, user: str,
                   usage: dict[str, int], *, stop: Callable[[], None] | None,
                   words: int) -> httpx2.Response:
         def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
@@ -244,18 +287,20 @@ class ScriptedModel:
         chunks.append(event([{"index": 0, "delta": {}, "finish_reason": "stop"}]))
         chunks.append(event([], usage=usage))
         chunks.append(b"data: [DONE]\n\n")
-        request_tokens = sum(count_text_tokens(json.dumps(item, ensure_ascii=False))
-                             for item in body["messages"])
+        request_tokens = count_request_tokens(body["messages"], body.get("tools"))
         stream = _SSE(self, chunks, len(chunks) - 1,  # billed as [DONE] is asked for
-                      CutStream(conversation, activity_id, request_tokens), stop=stop)
+                      CutStream(conversation, activity_id, request_tokens, user), stop=stop)
         return httpx2.Response(200, headers={"content-type": "text/event-stream"},
                                stream=stream)
 
 
+#: The budgets' own operations: a turn whose tool round is followed by a failing model call, and
+#: a reservation left in a user's or tenant's ledger by a worker that died (it expires).
+BUDGET_KINDS = ("fail", "fail", "expire")
 #: The operations a history draws from, as often as they are listed.
 KINDS = ("turn",) * 10 + ("loop", "duplicate", "duplicate", "duplicate", "reset", "delete",
                           "export", "forget", "purge", "summary", "summary", "feedback",
-                          "feedback", "streamed", "streamed", "stopped")
+                          "feedback", "streamed", "streamed", "stopped") + BUDGET_KINDS
 #: Turns that stream into a Teams personal chat (`a:` conversations only), and the user's Stop.
 STREAMED = ("streamed", "stopped")
 
@@ -281,9 +326,9 @@ def history(rng: random.Random, round_id: str, length: int,
         if kind in STREAMED and owner is None:  # Teams streams in personal chats only
             conversation = rng.choice([c for c, o in conversations.items() if o is not None])
             user = conversations[conversation] or user
-        if kind in ("turn", "loop", "duplicate", "reset", *STREAMED):
+        if kind in ("turn", "loop", "fail", "duplicate", "reset", *STREAMED):
             activity_id = uuid.UUID(int=rng.getrandbits(128)).hex[:12]
-            variant = kind if kind in ("loop", *STREAMED) else ""
+            variant = kind if kind in ("loop", "fail", *STREAMED) else ""
             if kind != "reset":
                 activities.append((conversation, user, activity_id, variant))
             ops.append(Op(index, "reset" if kind == "reset" else "turn", conversation, user,
@@ -297,17 +342,30 @@ def history(rng: random.Random, round_id: str, length: int,
             ops.append(Op(index, "purge", instance=instance, delay=delay))
         elif kind in ("delete", "summary"):
             ops.append(Op(index, kind, conversation, instance=instance, delay=delay))
+        elif kind == "expire":  # a dead worker's reservation, in the user's or the tenant's ledger
+            ops.append(Op(index, "expire", conversation, user, instance=instance, delay=delay,
+                          variant=rng.choice(("user", "tenant"))))
     return ops
 
 
+#: The bots' budgets; one try a model call, so a failing call is one request.
+BUDGET_SETTINGS = {"CHAT_USER_DAILY_TOKEN_LIMIT": str(USER_DAILY_LIMIT),
+                   "CHAT_USER_TURNS_PER_MINUTE": str(USER_TURNS_PER_MINUTE),
+                   "CHAT_TENANT_DAILY_TOKEN_LIMIT": str(TENANT_DAILY_LIMIT),
+                   "CHAT_MAX_REPLY_TOKENS": str(REPLY_MAX), "CHAT_MODEL_MAX_RETRIES": "0"}
+
+
 def _activity(op: Op, text: str, *, service_url: str) -> bytes:
+    tenant = tenant_of(op.conversation)
     if op.variant in STREAMED:  # a Teams personal chat: the reply streams, then goes out
         return json.dumps({"type": "message", "id": op.activity_id, "text": text,
                            "channelId": "msteams", "serviceUrl": service_url,
-                           "conversation": {"id": op.conversation, "conversationType": "personal"},
+                           "conversation": {"id": op.conversation, "conversationType": "personal",
+                                            "tenantId": tenant},
                            "from": {"id": op.user}, "recipient": {"id": "28:bot"}}).encode()
     return json.dumps({"type": "message", "id": op.activity_id, "text": text,
-                       "conversation": {"id": op.conversation, "isGroup": op.conversation.endswith("-g")},
+                       "conversation": {"id": op.conversation, "tenantId": tenant,
+                                        "isGroup": op.conversation.endswith("-g")},
                        "from": {"id": op.user}, "recipient": {"id": "28:bot"},
                        "deliveryMode": "expectReplies", "channelId": "test"}).encode()
 
@@ -324,6 +382,7 @@ class Round:
     outcomes: dict[int, Outcome] = field(default_factory=dict)
     model: ScriptedModel = field(default_factory=ScriptedModel)
     spend_checked: int = 0
+    budgets_checked: int = 0
     connector: FakeConnector = field(default_factory=FakeConnector)
     #: Stop presses waiting for their stream to show.
     pressing: set[asyncio.Task[None]] = field(default_factory=set)
@@ -348,7 +407,8 @@ async def run_round(state: Round) -> list[str]:
         bots.append(make_bot(store, state.model, CHAT_TURN_MAX_ATTEMPTS="4",
                              CHAT_DAILY_TOKEN_LIMIT=str(DAILY_LIMIT),
                              CHAT_MAX_TURNS_PER_MINUTE="10000",
-                             CHAT_HISTORY_TOKEN_BUDGET="200", CHAT_ANSWER_MODE="inline"))
+                             CHAT_HISTORY_TOKEN_BUDGET="200", CHAT_ANSWER_MODE="inline",
+                             **BUDGET_SETTINGS))
     day = utc_day(utc_now())
     await state.connector.__aenter__()
     state.model.press_stop = functools.partial(_press_stop, state)
@@ -378,7 +438,7 @@ async def _run_op(op: Op, state: Round, bot: ChatBot, store: TableConversationSt
     try:
         if op.kind in ("turn", "reset"):
             text = "/reset" if op.kind == "reset" else \
-                f"{op.conversation}|{op.activity_id}|{op.variant or 'answer'}"
+                f"{op.conversation}|{op.activity_id}|{op.variant or 'answer'}|{op.user}"
             response = await bot.handle(body=_activity(op, text, service_url=state.connector.url),
                                         headers={"Content-Type": "application/json"})
             outcome.status = response.status
@@ -404,6 +464,9 @@ async def _run_op(op: Op, state: Round, bot: ChatBot, store: TableConversationSt
             if job is not None:
                 await store.update_summary(job, f"summary by op {op.index}")
             outcome.status = 200
+        elif op.kind == "expire":
+            await _dead_reservation(op, store)
+            outcome.status = 200
         elif op.kind == "feedback":
             await store.mark_delivered(op.conversation, op.activity_id, reply_id=f"r-{op.activity_id}")
             await store.rate_reply(op.conversation, f"r-{op.activity_id}", Feedback(reaction="like"))
@@ -412,6 +475,17 @@ async def _run_op(op: Op, state: Round, bot: ChatBot, store: TableConversationSt
         outcome.error, outcome.status = type(exc).__name__, 503
     finally:
         outcome.end = next(_tick)
+
+
+async def _dead_reservation(op: Op, store: TableConversationStore) -> None:
+    """What a worker that died mid-call leaves: a reservation of a call's worst case in a ledger,
+    never settled; it holds the room for a second, then expires."""
+    account = Account("user", op.user) if op.variant == "user" else \
+        Account("tenant", tenant_of(op.conversation))
+    now = utc_now()
+    dead = Reservation(f"dead-{op.index}", 2 * TOKENS_PER_CALL, int(now.timestamp()) + 1)
+    await store.update_ledger(account, utc_day(now),
+                              lambda ledger: ledger.reserve(dead, limit=None, now=0))  # type: ignore[arg-type, return-value]
 
 
 def _press_stop(state: Round, conversation: str, activity_id: str) -> None:
@@ -475,8 +549,7 @@ async def check(state: Round, store: TableConversationStore, *, day: str) -> lis
     acknowledged: dict[str, tuple[Op, Outcome]] = {}
     for op in state.ops:
         outcome = state.outcomes[op.index]
-        if op.kind == "turn" and outcome.status == 200 and outcome.reply is not None \
-                and outcome.reply not in _NOT_ANSWERS:
+        if op.kind == "turn" and outcome.status == 200 and _is_answer(outcome.reply):
             if outcome.reply != REMOVED_MARKER and not outcome.stopped:
                 answers[op.activity_id].add(str(outcome.reply))  # (else redacted, or cut)
             first = acknowledged.get(op.activity_id)
@@ -538,6 +611,37 @@ async def check(state: Round, store: TableConversationStore, *, day: str) -> lis
             if counted != paid:
                 problems.append(f"spend: {conversation} counts {counted} tokens, the model "
                                 f"billed {paid}")
+        problems += await _check_budgets(state, store, now)
+    return problems
+
+
+async def _check_budgets(state: Round, store: TableConversationStore, now: Any) -> list[str]:
+    """The ledgers against what the model stand-in billed each user and tenant (cut streams as
+    the code estimates them), where no ledger write met an injected failure; and their limits."""
+    billed = dict(state.model.accounts)
+    for cut in state.model.cut:
+        shown = [s.text for s in _streams_of(state, cut.activity_id) if s.cancel]
+        tokens = cut.request_tokens + count_text_tokens(shown[-1] if shown else "")
+        for key in (f"user:{cut.user}", f"tenant:{tenant_of(cut.conversation)}"):
+            billed[key] = billed.get(key, 0) + tokens
+    problems: list[str] = []
+    accounts = [Account("user", u) for u in USERS] + \
+        [Account("tenant", t) for t in ("tenant-a", "tenant-b")]
+    for account in accounts:
+        ledgers = await store.list_ledgers(account, since=utc_day(now))
+        counted = ledgers[0].tokens if ledgers else 0
+        limit = USER_DAILY_LIMIT if account.level == "user" else TENANT_DAILY_LIMIT
+        if counted > limit:
+            problems.append(f"budgets: the {account.level} {account.id} settled {counted} "
+                            f"tokens, past its limit of {limit}")
+        faulted = any(c.injected and f"PartitionKey='{account.key}'" in unquote(c.url)
+                      for c in state.calls)
+        paid = billed.get(f"{account.level}:{account.id}", 0)
+        if not faulted:
+            state.budgets_checked += 1
+            if counted != paid:
+                problems.append(f"budgets: the {account.level} {account.id} counts {counted} "
+                                f"tokens, the model billed {paid}")
     return problems
 
 
@@ -633,7 +737,7 @@ async def torture(connection_string: str, *, seed: int, rounds: int | None,
     started = time.monotonic()
     master = random.Random(seed)
     done = operations = calls = injected = acknowledged = spend_checked = 0
-    streamed = stopped = 0
+    streamed = stopped = budgets_checked = budget_replies = 0
     while (rounds is None or done < rounds) and (duration is None or
                                                  time.monotonic() - started < duration):
         round_seed = master.getrandbits(32)
@@ -650,8 +754,10 @@ async def torture(connection_string: str, *, seed: int, rounds: int | None,
         spend_checked += state.spend_checked
         streamed += len(state.connector.streams.streams)
         stopped += sum(1 for o in state.outcomes.values() if o.stopped)
-        acknowledged += sum(1 for o in state.outcomes.values() if o.reply is not None
-                            and o.reply not in _NOT_ANSWERS)
+        acknowledged += sum(1 for o in state.outcomes.values() if _is_answer(o.reply))
+        budgets_checked += state.budgets_checked
+        budget_replies += sum(1 for o in state.outcomes.values()
+                              if (o.reply or "").startswith(_BUDGET_REPLIES))
         if problems:
             print(f"FAILED: seed {seed}, round {done - 1} (round seed {round_seed}):", file=out)
             for problem in problems:
@@ -667,7 +773,8 @@ async def torture(connection_string: str, *, seed: int, rounds: int | None,
     print(f"passed: seed {seed}, {done} rounds, {operations} operations ({acknowledged} answers "
           f"acknowledged; {streamed} replies streamed, {stopped} stopped by the user), {calls} "
           f"storage calls ({injected} failed on purpose), spend checked "
-          f"in {spend_checked} conversations, {time.monotonic() - started:.0f} s", file=out)
+          f"in {spend_checked} conversations, budgets checked in {budgets_checked} accounts "
+          f"({budget_replies} budget replies), {time.monotonic() - started:.0f} s", file=out)
     return True
 
 

@@ -43,6 +43,8 @@ UNDEPLOYED_WITHOUT_DEFAULT = {
                                    "Application Insights (APPLICATIONINSIGHTS_CONNECTION_STRING)",
     "CHAT_MCP_SERVERS": "no MCP servers unless the operator adds some (their URLs and header "
                         "settings are the operator's)",
+    "CHAT_MODEL_PRICES": "an estimate for usage reports only; the operator's prices (their "
+                         "currency, their contract), set beside the app if wanted",
 }
 
 _ARRAY_START = re.compile(r"\b\w*[aA]ppSettings\s*(?:=|:)\s*\[")

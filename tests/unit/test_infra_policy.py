@@ -394,3 +394,37 @@ def test_a_missing_inbox_table_grant_is_reported() -> None:
     assert policy.storage_role_problems({**templates, "app/storage.bicep": pruned}) == [
         f"the app's identity has no Storage Table Data Contributor on the inbox table ({policy.INBOX_TABLE})",
     ]
+
+
+# --- budgets (issue 28) -------------------------------------------------------------------------
+
+
+def test_the_budgets_are_off_by_default_and_set_by_azd_under_their_own_names() -> None:
+    """GIVEN main.bicep and main.parameters.json
+    WHEN the budget rule reads them
+    THEN each budget parameter is empty by default, azd sets it, and it is its app setting."""
+    assert policy.budget_problems(_templates()["main.bicep"], _parameters()) == []
+    assert set(policy.BUDGET_PARAMETERS.values()) == {
+        "CHAT_USER_DAILY_TOKEN_LIMIT", "CHAT_USER_TURNS_PER_MINUTE", "CHAT_TENANT_DAILY_TOKEN_LIMIT"}
+
+
+def test_a_budget_on_by_default_unset_by_azd_or_not_passed_on_is_reported() -> None:
+    """GIVEN main.bicep with a user budget of 50,000 tokens by default, the tenant's app setting
+    set from another parameter, and azd parameters without the per-minute entry
+    WHEN the budget rule reads them
+    THEN each is reported."""
+    main = _templates()["main.bicep"]
+    changed = main.replace("param chatUserDailyTokenLimit string = ''",
+                           "param chatUserDailyTokenLimit string = '50000'")
+    changed = changed.replace("name: 'CHAT_TENANT_DAILY_TOKEN_LIMIT'\n    value: chatTenantDailyTokenLimit",
+                              "name: 'CHAT_TENANT_DAILY_TOKEN_LIMIT'\n    value: chatDailyTokenLimit")
+    assert changed.count("'50000'") == 1 and "value: chatTenantDailyTokenLimit" not in changed
+    parameters = _parameters()
+    entries = dict(parameters["parameters"])  # type: ignore[call-overload]
+    del entries["chatUserTurnsPerMinute"]
+    assert policy.budget_problems(changed, {"parameters": entries}) == [
+        "main.bicep: no `param chatUserDailyTokenLimit string = ''` (a budget is off unless set)",
+        "main.parameters.json: chatUserTurnsPerMinute is not set from ${CHAT_USER_TURNS_PER_MINUTE}",
+        "main.bicep: the app setting CHAT_TENANT_DAILY_TOKEN_LIMIT is not set from "
+        "chatTenantDailyTokenLimit",
+    ]
