@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import aiohttp
 from aiohttp import web
@@ -42,6 +42,7 @@ __all__ = ["Counts", "Seen", "StorageCounter", "endpoints"]
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host",
                "content-encoding", "upgrade", "proxy-connection", "te", "trailer"}
 _BATCH_OPERATION = re.compile(rb"^(?:POST|PUT|MERGE|PATCH|DELETE|GET) http", re.MULTILINE)
+_BATCH_TARGET = re.compile(rb"^(?:POST|PUT|MERGE|PATCH|DELETE|GET) (http\S+) HTTP", re.MULTILINE)
 
 
 @dataclass
@@ -77,12 +78,14 @@ class Counts:
 
 @dataclass(frozen=True)
 class Seen:
-    """One request through the proxy: its service, kind, method and (decoded) path."""
+    """One request through the proxy: its service, kind, method and (decoded) path; `target`:
+    what it is about (a transaction's first operation's path; else the path)."""
 
     service: str
     kind: str
     method: str
     path: str
+    target: str = ""
 
 
 def endpoints(connection_string: str) -> dict[str, str]:
@@ -157,7 +160,10 @@ class StorageCounter:
         kind, entities = (_table_kind if service == "table" else _queue_kind)(
             method, path, query, body, answer, status)
         self.counts.add(service, kind, entities)
-        self.seen.append(Seen(service=service, kind=kind, method=method, path=path))
+        target = path
+        if kind == "batch" and (first := _BATCH_TARGET.search(body)) is not None:
+            target = unquote(urlparse(first[1].decode("utf-8", "replace")).path)
+        self.seen.append(Seen(service=service, kind=kind, method=method, path=path, target=target))
         if kind not in ("poll", "setup"):
             self.last_work = time.perf_counter()
 
