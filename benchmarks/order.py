@@ -342,7 +342,7 @@ async def pickup_and_burst_phases(bench: Bench) -> tuple[dict[str, Any], dict[st
                      "replies": median([t["replies"] for t in trials[side]]),
                      "last_message_to_reply_s": round(median([t["last_message_to_reply_s"]
                                                                for t in trials[side]]), 3),
-                     "teams_rules_broken": sum(len(t["broken"]) for t in trials[side]),
+                     "teams_rules_broken": sum(sum(t["broken"].values()) for t in trials[side]),
                      "trials": trials[side]} for side in SIDES}
     return pickups, bursts
 
@@ -398,7 +398,12 @@ async def _burst(bench: Bench, worker: Worker, *, ordered: bool) -> dict[str, An
     return {"model_calls": bench.model.calls(tag), "replies": len(bench.deliveries.by_conversation[conversation]),
             "last_message_to_reply_s": round(bench.deliveries.last(conversation) - last_posted, 3)
             if bench.deliveries.by_conversation[conversation] else None,
-            "complete": complete, "broken": bench.connector.streams.broken(conversation)}
+            "complete": complete, "broken": _kinds(bench.connector.streams.broken(conversation))}
+
+
+def _kinds(broken: list[str]) -> dict[str, int]:
+    """Teams' rules broken, counted by kind ("throttled: …", "overlapping: …")."""
+    return dict(Counter(text.split(":", 1)[0] for text in broken))
 
 
 async def _conversational(bench: Bench, pair: list[Worker], *, ordered: bool) -> dict[str, Any]:
