@@ -222,6 +222,10 @@ def _message_json(message: ChatMessage) -> dict[str, Any]:
                              "at": message.feedback.at.isoformat()}
     if message.citations:
         shown["citations"] = [citation.to_json() for citation in message.citations]
+    if message.decision:  # a tool call held back for a person: what they decided, who, when
+        shown["decision"] = {"reason": message.decision.reason,
+                             "outcome": message.decision.outcome, "by": message.decision.by,
+                             "at": message.decision.at.isoformat()}
     if message.usage:
         shown["usage"] = {"promptTokens": message.usage.prompt_tokens,
                           "completionTokens": message.usage.completion_tokens,

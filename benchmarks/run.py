@@ -27,6 +27,7 @@ BENCHMARKS: tuple[str, ...] = (
     "telemetry",
     "queue",
     "mcp_tools",
+    "approvals",
     "budgets",
     "cold_start",
     "long_answers",

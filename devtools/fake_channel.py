@@ -61,6 +61,8 @@ class FakeConnector(LocalServer):
         self.updates: list[dict[str, Any]] = []
         self.on_activity: ActivityListener | None = None
         self._ids = itertools.count(1)
+        #: What each message we answered 201 was sent as, by the ID we gave it.
+        self.sent: dict[str, dict[str, Any]] = {}
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v3/conversations/{conversation_id}/activities", self._post)
@@ -130,6 +132,7 @@ class FakeConnector(LocalServer):
             return web.json_response(answer, status=status)
         self.activities.append(body)
         reply_id = f"reply-{next(self._ids)}"
+        self.sent[reply_id] = body
         self._heard("sent", body, reply_id)
         return web.json_response({"id": reply_id}, status=201)
 

@@ -2,12 +2,14 @@
 
 Its tools: `search_docs(query)` finds pages of a small built-in corpus about the things this
 project uses and returns them as text and as resource links (title, URL, snippet), which the bot
-turns into citations; `delete_notes()` is marked destructive (MCP tool annotations), so the bot
-leaves it out unless CHAT_MCP_SERVERS allows it by name. A test may add tools through `.mcp`,
-slow every request (`delay`) and read the requests' headers (`headers`).
+turns into citations (annotated read-only); `delete_notes(topic)` is annotated destructive, so on
+a trusted server (`demo_servers_setting`) the bot asks a person before it runs. A test may add
+tools through `.mcp`, slow every request (`delay`), read the requests' headers (`headers`) and
+the tool calls the server ran (`calls`: name and arguments).
 
     python -m devtools.mcp_server --port 8931     # then CHAT_MCP_SERVERS=[{"name": "demo",
-                                                  #   "url": "http://127.0.0.1:8931/mcp", "tools": ["*"]}]
+                                                  #   "url": "http://127.0.0.1:8931/mcp",
+                                                  #   "tools": ["*"], "trusted": true}]
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
+import threading
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -57,12 +61,16 @@ def search(query: str, *, limit: int = 2) -> list[tuple[str, str, str]]:
     return scored[:limit]
 
 
-def build() -> MCPServer:
+def build(ran: Callable[[str, dict[str, Any]], None] = lambda name, arguments: None,
+          before_delete: Callable[[], Awaitable[None]] | None = None) -> MCPServer:
+    """The demo server; `ran` is told of each tool call as it starts; `before_delete`: awaited by
+    `delete_notes` before it finishes (a test holds it there)."""
     server = MCPServer("chatstate-demo", instructions="Search the docs behind chatstate.")
 
     @server.tool(annotations=ToolAnnotations(read_only_hint=True))
     async def search_docs(query: str) -> CallToolResult:
         """Search the documentation behind chatstate (Teams, MCP, Azure Table Storage)."""
+        ran("search_docs", {"query": query})
         pages = search(query)
         text = "\n".join(f"- {title}: {snippet}" for title, _, snippet in pages)
         links = [ResourceLink(name=title, title=title, uri=url, description=snippet)
@@ -70,10 +78,13 @@ def build() -> MCPServer:
         return CallToolResult(content=[TextContent(text=f"{len(pages)} pages found:\n{text}"),
                                        *links])
 
-    @server.tool(annotations=ToolAnnotations(destructive_hint=True))
-    async def delete_notes() -> str:
-        """Delete every stored note (destructive: a demo of a tool the bot leaves out)."""
-        return "every note was deleted"
+    @server.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True))
+    async def delete_notes(topic: str) -> str:
+        """Delete the stored notes about a topic (destructive: the bot asks a person first)."""
+        ran("delete_notes", {"topic": topic})
+        if before_delete is not None:
+            await before_delete()
+        return f"the notes about {topic!r} were deleted"
 
     return server
 
@@ -82,12 +93,35 @@ class DemoMcpServer:
     """The demo server on 127.0.0.1 (`port` 0: a free one), run by uvicorn in this event loop."""
 
     def __init__(self, *, port: int = 0, delay: float = 0.0) -> None:
-        self.mcp = build()
+        #: The tool calls the server ran: (name, arguments), and when each started (perf_counter).
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.call_times: list[float] = []
+        #: While set, `delete_notes` waits until it is released before it finishes (a call a
+        #: test holds; `hold_deletes` / `release_deletes`, from any thread).
+        self._gate: threading.Event | None = None
+        self.mcp = build(self._ran, self._before_delete)
         self.delay = delay
         self.headers: list[dict[str, str]] = []
         self.port = port or _free_port()
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
+
+    def _ran(self, name: str, arguments: dict[str, Any]) -> None:
+        self.call_times.append(time.perf_counter())
+        self.calls.append((name, arguments))
+
+    def hold_deletes(self) -> None:
+        """From now on, `delete_notes` calls start (they are recorded) but do not finish."""
+        self._gate = threading.Event()
+
+    def release_deletes(self) -> None:
+        if self._gate is not None:
+            self._gate.set()
+            self._gate = None
+
+    async def _before_delete(self) -> None:
+        if (gate := self._gate) is not None:
+            await asyncio.to_thread(gate.wait, 60.0)
 
     @property
     def url(self) -> str:
@@ -120,10 +154,11 @@ class DemoMcpServer:
 
 
 def demo_servers_setting(url: str, **options: Any) -> str:
-    """CHAT_MCP_SERVERS for the demo server at `url` (every tool; destructive ones left out)."""
+    """CHAT_MCP_SERVERS for the demo server at `url`: every tool, the server trusted (it is ours),
+    so its annotations count: `search_docs` runs, `delete_notes` asks first."""
     import json
 
-    return json.dumps([{"name": "demo", "url": url, "tools": ["*"], **options}])
+    return json.dumps([{"name": "demo", "url": url, "tools": ["*"], "trusted": True, **options}])
 
 
 def _free_port() -> int:
@@ -139,7 +174,8 @@ def main() -> None:
 
     async def serve() -> None:
         server = await DemoMcpServer(port=port).start()
-        print(f"MCP demo server: {server.url} (search_docs, delete_notes)", flush=True)
+        print(f"MCP demo server: {server.url} (search_docs; delete_notes, which asks first)",
+              flush=True)
         await asyncio.Event().wait()
 
     try:

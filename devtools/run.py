@@ -74,7 +74,7 @@ def _point_at_mcp_demo(env: dict[str, str]) -> bool:
 
 def _start_mcp_demo() -> subprocess.Popen[bytes]:
     print(f"tools: the demo MCP server on http://127.0.0.1:{MCP_DEMO_PORT}/mcp (ask the bot to "
-          "\"search_docs streaming\")")
+          "\"search_docs streaming\", or to \"delete_notes drafts\": that one asks you first)")
     process = subprocess.Popen([sys.executable, "-m", "devtools.mcp_server", "--port",
                                 str(MCP_DEMO_PORT)], cwd=ROOT)
     from devtools.azurite import wait_for_port

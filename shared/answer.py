@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -37,7 +37,8 @@ from .errors import (
 )
 from .inbox import Inbox, Kept, TurnTicket
 from .logs import turn_context
-from .order import Answered, Conductor, Failed, Unit, UnitOutcome
+from .order import Answered, Conductor, Failed, Paused, Unit, UnitOutcome
+from .pause import PausedTurn
 from .pending import Pending
 from .prompt import UserInput, check_input
 from .settings import Settings
@@ -45,7 +46,8 @@ from .store import ConversationStore, ConversationWindow
 from .streaming import StreamStart
 from .summary import Summarizer
 from .telemetry import turn
-from .turn import Busy, Committed, Found, Refused, TurnResult, TurnRunner, Withdrawn
+from .turn import Busy, Committed, Found, Refused, Resume, TurnResult, TurnRunner, Withdrawn
+from .turn import Paused as TurnPaused
 
 __all__ = ["APOLOGY", "BUSY", "RESET_DONE", "SETUP_PROBLEM", "TOO_LONG", "WITHDRAWN", "Answerer",
            "TurnFailed", "Unanswered", "Waiter"]
@@ -59,6 +61,11 @@ SETUP_PROBLEM = ("Sorry, I can't answer: my model is not set up correctly, so tr
 BUSY = "Sorry, this conversation is very busy right now. Please send that again in a moment."
 #: Ends the stream of a turn whose messages were removed at the user's request while it ran.
 WITHDRAWN = "This message was removed at the sender's request, so it was not answered."
+#: The streamed reply of a turn that pauses ends with this (the card follows as its own message).
+PAUSE_NOTE = "Before I go on, I need your approval for this step."
+#: A tool that asks a person first, where answers cannot wait for one (inline, expectReplies).
+NO_APPROVALS = ("Sorry, I would need your approval for a step of this, and I can ask for it only "
+                "when I answer through my turn queue; nothing was done.")
 TOO_LONG = ("Sorry, that message is too long for me (about {tokens:,} tokens; I can take "
             "{budget:,}). Could you shorten it?")
 _HEADERS = {"Content-Type": "application/json"}
@@ -77,6 +84,10 @@ class Waiter(Protocol):
     """One kind of parked turn (an approval, a sign-in): how to ask, resume and close it."""
 
     kind: str
+
+    async def park(self, paused: PausedTurn, activity: Activity) -> Paused:
+        """A turn paused answering `activity` (`shared/pause.py`): its record and saved state."""
+        ...
 
     async def ask(self, unit: Unit, pending: Pending, activity: Activity) -> Pending:
         """Send the question (a card); the record with what refreshing it needs (`card_id`)."""
@@ -229,7 +240,8 @@ class Answerer:
                 progress = self.delivery.progress(reply_to, resume=stream, updates=not unit.retried,
                                                   paced_after=unit.streamed_at)
                 try:
-                    outcome, window = await self._queued_turn(checked, reply_to, progress)
+                    outcome, window = await self._queued_turn(
+                        lambda: self._run(checked, progress, kept=True), reply_to, progress)
                 finally:
                     await progress.close()
             except ConnectorError as exc:  # not delivered: the retry re-sends it
@@ -388,13 +400,45 @@ class Answerer:
                                              progress=progress), None
         if isinstance(result, Busy):
             raise Unanswered(f"other turns kept committing first ({result.attempts} attempts)")
+        if isinstance(result, TurnPaused):  # only the turn queue can wait for a person
+            log.info("a tool asks first, and inline answers cannot wait; nothing ran")
+            return await self.delivery.text(reply_to, NO_APPROVALS, progress=progress), None
         return await self._deliver(result, reply_to, progress)
 
-    async def _queued_turn(self, messages: Sequence[_Message], reply_to: Activity,
-                           progress: Progress) -> tuple[UnitOutcome, ConversationWindow | None]:
-        """The turn in the drain: a transient failure is `Failed` (the drain tries again)."""
+    async def answer_resumed(self, unit: Unit, activities: Sequence[Activity], resume: Resume,
+                             needed: int) -> UnitOutcome:
+        """Go on with a parked turn a person answered (`shared/approvals.py`): the held round as
+        decided, then the model; the answer goes to the unit's last message."""
+        reply_to = activities[-1]
         try:
-            result = await self._run(messages, progress, kept=True)
+            # The paused turn's stream was ended and forgotten (`Approvals.ask`): one kept now is
+            # this resumed turn's, from an attempt that failed; else it opens its own, kept.
+            stream = next((kept.stream for kept in unit.kept if kept.stream is not None), None)
+            if stream is None:
+                stream = await self.delivery.open_stream(reply_to, paced_after=unit.streamed_at)
+                if stream is not None and self.inbox is not None:
+                    await self.inbox.keep_stream(unit.conversation_id, reply_to.id, stream)
+            progress = self.delivery.progress(reply_to, resume=stream, updates=not unit.retried,
+                                              paced_after=unit.streamed_at)
+            try:
+                outcome, window = await self._queued_turn(
+                    lambda: self.turns.run(reply_to, "", needed=needed, stream=progress.stream,
+                                           resume=resume), reply_to, progress)
+            finally:
+                await progress.close()
+        except ConnectorError as exc:  # not delivered: the retry re-sends it
+            log.warning("the reply was not delivered: %s", exc)
+            return Failed(reason=type(exc).__name__)
+        if window is not None:
+            await self._after_reply(reply_to, window)
+        return outcome
+
+    async def _queued_turn(self, run: Callable[[], Awaitable[TurnResult]], reply_to: Activity,
+                           progress: Progress) -> tuple[UnitOutcome, ConversationWindow | None]:
+        """The turn in the drain: a transient failure is `Failed` (the drain tries again); a
+        turn that waits for a person is parked (`Paused`)."""
+        try:
+            result = await run()
         except ModelMisconfigured as exc:
             log.error("model failed (%s): %s", type(exc).__name__, exc)
             await self.delivery.text(reply_to, SETUP_PROBLEM, progress=progress)
@@ -411,6 +455,8 @@ class Answerer:
             if progress.stream is not None and progress.stream.start is not None:
                 await self.delivery.text(reply_to, WITHDRAWN, progress=progress)  # end it
             return Answered(), None
+        if isinstance(result, TurnPaused):
+            return await self._pause(result, reply_to, progress), None
         if isinstance(result, Found):
             await self._redeliver(reply_to, result, progress)
             answered = result.turn.answered if result.turn is not None else None
@@ -418,6 +464,19 @@ class Answerer:
         outgoing, window = await self._deliver(result, reply_to, progress)
         del outgoing
         return Answered(), window
+
+    async def _pause(self, paused: TurnPaused, reply_to: Activity,
+                     progress: Progress) -> UnitOutcome:
+        """Park a turn that waits for a person: its record and state for the drain; a stream
+        open for it ends with a note (the card follows as its own message)."""
+        waiter = self.waiters.get(paused.paused.held[0].reason)  # a held call's reason: its kind
+        if waiter is None:
+            await self.delivery.text(reply_to, NO_APPROVALS, progress=progress)
+            return Answered()
+        parked = await waiter.park(paused.paused, reply_to)
+        if progress.stream is not None:
+            await self.delivery.text(reply_to, PAUSE_NOTE, progress=progress)
+        return parked
 
     async def _deliver(self, result: Committed | Found | Refused | Withdrawn, reply_to: Activity,
                        progress: Progress) -> tuple[dict[str, Any] | None, ConversationWindow | None]:

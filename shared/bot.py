@@ -1,9 +1,11 @@
 """The webhook: one POST to /api/messages, from request checks to a quick answer.
 
-    parse → authenticate → dispatch: invoke (feedback), conversationUpdate (welcome) and
-    expectReplies are answered inline, their contract being the response; a message is accepted
-    (kept in the inbox with its place in the conversation's order, its informative update sent
-    when nothing else is being answered there, a wake-up queued) and answered 200 at once
+    parse → authenticate → dispatch: invoke (feedback; a card's button, `shared/card_actions.py`),
+    conversationUpdate (welcome) and expectReplies are answered inline, their contract being the
+    response; a message is accepted (kept in the inbox with its place in the conversation's order,
+    its informative update sent when nothing else is being answered there, a wake-up queued) and
+    answered 200 at once; an older client's card button (`Action.Submit`, a message with the
+    button's verb in its `value`) goes to the card's handler, as the invoke does
 
 The answer itself (the conversation's order, the turn and its delivery) is shared/order.py and
 shared/answer.py, run by the queue trigger; with `CHAT_ANSWER_MODE=inline` (hosts without a queue)
@@ -27,9 +29,22 @@ from typing import Any
 
 from .activity import Activity, parse_activity
 from .answer import APOLOGY, RESET_DONE, TOO_LONG, Answerer, Unanswered
+from .approval_answers import VERBS as APPROVAL_VERBS
+from .approval_answers import ApprovalAnswers
+from .approval_card import parse_answer
+from .approvals import Approvals
 from .attachments import has_attachments
 from .auth import AuthResult, BotAuthenticator, reply_policy
 from .budgets import Budgets
+from .card_actions import (
+    INVOKE_NAME,
+    CardActions,
+    ShowCard,
+    ShowMessage,
+    card_attachment,
+    invoke_response,
+    submitted_verb,
+)
 from .connector import BotConnector
 from .delivery import Delivery
 from .errors import (
@@ -48,6 +63,7 @@ from .settings import AnswerMode, Settings
 from .store import ConversationStore
 from .summary import Summarizer
 from .telemetry import span, turn
+from .tools import Function
 from .turn import MAX_REASKS, TurnRunner
 
 __all__ = ["APOLOGY", "MAX_REASKS", "RESET_DONE", "TOO_LONG", "WELCOME", "BotResponse", "ChatBot"]
@@ -94,6 +110,19 @@ class ChatBot:
             retry_seconds=retry_seconds)
         self._in_flight: set[tuple[str, str]] = set()
         self._queued = settings.answer_mode is AnswerMode.QUEUE and inbox is not None
+        #: The handlers of our cards' buttons, by verb.
+        self.card_actions = CardActions()
+        #: Answers to approval cards (the turn queue only: only it can wait for a person).
+        self.approval_answers: ApprovalAnswers | None = None
+        if self._queued and inbox is not None:
+            self.approval_answers = ApprovalAnswers(inbox=inbox)
+            self.card_actions.register(*APPROVAL_VERBS, handler=self.approval_answers.on_card)
+            self.answerer.add_waiter(Approvals(
+                settings=settings, store=store, inbox=inbox, connector=connector,
+                tools=self._tools, run_resumed=self.answerer.answer_resumed))
+
+    async def _tools(self) -> dict[str, Function]:
+        return (await self.prompt.current_tools())[0]
 
     async def handle(self, *, body: bytes, headers: Mapping[str, str]) -> BotResponse:
         """Answer one POST to /api/messages. Never raises; every failure has a status and reason."""
@@ -151,9 +180,18 @@ class ChatBot:
 
     async def _on_message(self, activity: Activity, auth: AuthResult, body: bytes) -> BotResponse:
         self._check_reply_path(activity, auth)
+        if submitted_verb(activity) is not None and not activity.message_text:
+            return await self._on_card_submit(activity)
         if not activity.message_text and not has_attachments(activity):
             return BotResponse(status=200)
         if self._queued and not activity.expects_replies:
+            if self.approval_answers is not None and parse_answer(activity.message_text):
+                answered = await self.approval_answers.on_text(activity)
+                if answered is not None:  # an answer to a waiting request, not a message
+                    # Plain: the reply may name the person (their display name is theirs).
+                    await self.delivery.send(activity, {**activity.reply(answered, ai=False),
+                                                        "textFormat": "plain"})
+                    return BotResponse(status=200)
             return await self._accept(activity, body)
         key = (activity.conversation_id, activity.id)
         if key in self._in_flight:
@@ -220,7 +258,33 @@ class ChatBot:
         if not auth.service_url_trusted:
             raise BadRequest(auth.service_url_refusal or "the serviceUrl is not trusted for replies")
 
+    async def _on_card_submit(self, activity: Activity) -> BotResponse:
+        """An older client's card button: the handler's answer goes back as a message."""
+        reply = await self.card_actions.handle(activity)
+        if isinstance(reply, ShowCard):
+            outgoing = {**activity.reply("", ai=False), "attachments": [card_attachment(reply.card)]}
+        else:
+            outgoing = activity.reply(reply.text if isinstance(reply, ShowMessage) else
+                                      reply.message, ai=False)
+        if activity.expects_replies:
+            return BotResponse(status=200, body={"activities": [outgoing]})
+        card_id = activity.raw.get("replyToId")
+        if isinstance(reply, ShowCard) and isinstance(card_id, str) and card_id:
+            try:  # the pressed card shows its new state, as an invoke's answer would
+                await self.connector.update(service_url=activity.service_url,
+                                            conversation_id=activity.conversation_id,
+                                            activity_id=card_id, activity=outgoing)
+                return BotResponse(status=200)
+            except ConnectorError as exc:
+                log.info("the pressed card was not updated (%s); answering with a new one",
+                         type(exc).__name__)
+        await self.delivery.send(activity, outgoing)
+        return BotResponse(status=200)
+
     async def _on_invoke(self, activity: Activity) -> BotResponse:
+        if activity.raw.get("name") == INVOKE_NAME:
+            status, body = invoke_response(await self.card_actions.handle(activity))
+            return BotResponse(status=status, body=body)
         feedback = activity.feedback()
         if feedback is None:
             return BotResponse(status=200)

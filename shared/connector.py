@@ -74,19 +74,28 @@ class BotConnector:
         with telemetry.span("chatstate.reply", {"chatstate.reply.kind": str(kind)}):
             return await self._send(service_url, conversation_id, activity)
 
-    async def _send(self, service_url: str, conversation_id: str,
-                    activity: dict[str, Any]) -> str | None:
+    async def update(self, *, service_url: str, conversation_id: str, activity_id: str,
+                     activity: dict[str, Any]) -> None:
+        """PUT `activity` in place of the one we sent as `activity_id` (a card's new state)."""
+        with telemetry.span("chatstate.reply", {"chatstate.reply.kind": "update"}):
+            await self._send(service_url, conversation_id, activity, activity_id=activity_id)
+
+    async def _send(self, service_url: str, conversation_id: str, activity: dict[str, Any], *,
+                    activity_id: str | None = None) -> str | None:
         if self._reply_allowed is not None and not self._reply_allowed(service_url):
             raise ConnectorError("the serviceUrl is not allowed for replies (BOT_SERVICE_URL_HOSTS); "
                                  "nothing was sent")
         url = f"{service_url.rstrip('/')}/v3/conversations/{quote(conversation_id, safe='')}/activities"
+        if activity_id is not None:
+            url += f"/{quote(activity_id, safe='')}"
         headers = {"Content-Type": "application/json"}
         if self._credential is not None:
             headers["Authorization"] = f"Bearer {await self._token()}"
         try:
-            async with self._client().post(yarl.URL(url, encoded=True), headers=headers,
-                                           data=json.dumps(activity, ensure_ascii=False).encode(),
-                                           allow_redirects=False) as response:
+            async with self._client().request(
+                    "PUT" if activity_id is not None else "POST", yarl.URL(url, encoded=True),
+                    headers=headers, data=json.dumps(activity, ensure_ascii=False).encode(),
+                    allow_redirects=False) as response:
                 status, body = response.status, await response.read()
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise ConnectorError(f"cannot reach the Bot Connector at {service_url}: "

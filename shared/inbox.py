@@ -19,8 +19,9 @@ The inbox table (the conversations table's name + `inbox`) has one partition per
 for a channel's retry of an activity already kept: that is the dedupe). Transactions are built by
 hand (`shared.store.TableWire`: 1.8 ms of client CPU against the SDK's 4.6, benchmarks/README.md).
 Every other change of the head goes through `change_head`: read, a pure change, a conditional
-write, a bounded jittered retry. The queue (`CHAT_TURN_QUEUE`, base64 text as the Functions host reads it) carries small
-JSON `TurnTicket`s: wake-ups naming a conversation, never the unit of order.
+write, a bounded jittered retry. The queue (`CHAT_TURN_QUEUE`, base64 text as the Functions host
+reads it) carries small JSON `TurnTicket`s: wake-ups naming a conversation, never the unit of
+order.
 
 Azure exceptions are translated to the chatstate tree here, as `shared.store` does for its table.
 """
@@ -456,6 +457,13 @@ class Inbox:
             await self._table.update_entity(
                 {"PartitionKey": encode_key(conversation_id), "RowKey": _row_key(activity_id),
                  "stream": _stream_text(stream)}, mode=UpdateMode.MERGE)
+
+    async def forget_stream(self, conversation_id: str, activity_id: str) -> None:
+        """The message's stream was ended (a paused turn's): a resumed turn opens its own."""
+        async with _translated("forgetting the stream's start"):
+            await self._table.update_entity(
+                {"PartitionKey": encode_key(conversation_id), "RowKey": _row_key(activity_id),
+                 "stream": ""}, mode=UpdateMode.MERGE)
 
     async def save_turn(self, conversation_id: str, activity_id: str, state: bytes) -> None:
         """Keep a paused turn's state with its activity's row (replacing what was saved)."""

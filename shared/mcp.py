@@ -9,10 +9,12 @@ tools (it is asked again, in the background, after `RETRY_SECONDS`), never the t
 first use waits, at most the time limit.
 
 Each call opens a short session pinned to the protocol version discovery found (one POST on a
-2026-07-28 server). Tools not in the server's allow-list are left out, and so are tools the server
-does not mark read-only or non-destructive (MCP's `destructiveHint` defaults to true) unless
-`allowDestructive` names them. A result's text reaches the model marked as the tool's output;
-its resource links (and `structuredContent.sources`) become sources the reply may cite.
+2026-07-28 server). Tools not in the server's allow-list are left out, and so are `never` tools
+and tools whose definition passes `MAX_TOOL_SPEC_CHARS`. Every other tool gets its policy
+(`shared/policy.py`): the server's annotations count only when the server is trusted. A call
+checks the allow-list and the policy again. A result's text reaches the model marked as the
+tool's output; its resource links (and `structuredContent.sources`) become sources the reply may
+cite.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ from mcp.types import (
 )
 
 from . import telemetry
+from .policy import ToolPolicy, mcp_tool_policy
 from .settings import McpServerSettings
-from .tools import Function, Source, ToolOutput
+from .tools import MAX_TOOL_SPEC_CHARS, Function, Source, ToolOutput
 
 __all__ = ["RETRY_SECONDS", "McpServer", "McpToolError", "McpTools"]
 
@@ -74,6 +77,8 @@ class McpServer:
         self._discovery: asyncio.Task[None] | None = None
         self._mode: str = "auto"
         self._discover_result: Any = None
+        #: Each listed tool's annotations (read-only, destructive), as the last discovery found.
+        self._hints: dict[str, tuple[bool | None, bool | None]] = {}
         #: Discoveries run (for tests and the benchmark).
         self.discoveries = 0
 
@@ -147,20 +152,38 @@ class McpServer:
     def _allowed(self, tools: Sequence[Tool]) -> tuple[Function, ...]:
         settings = self.settings
         allowed: list[Function] = []
+        self._hints = {tool.name: _hints(tool) for tool in tools}
         for tool in tools:
-            if "*" not in settings.tools and tool.name not in settings.tools:
+            read_only, destructive = self._hints[tool.name]
+            policy = mcp_tool_policy(settings, tool.name, read_only=read_only,
+                                     destructive=destructive)
+            if policy is None:
                 continue
-            if _destructive(tool) and tool.name not in settings.allow_destructive:
-                log.info("MCP server %s: tool %s is destructive (MCP annotations) and not in "
-                         "allowDestructive; left out", settings.name, tool.name)
+            if policy is ToolPolicy.NEVER:
+                log.info("MCP server %s: tool %s left out: its policy is never", settings.name,
+                         tool.name)
+                continue
+            size = len(json.dumps(tool.input_schema, ensure_ascii=False, default=str))
+            if size > MAX_TOOL_SPEC_CHARS:  # before the schema is parsed: it may be huge
+                log.warning("MCP server %s: tool %r left out: its input schema is %s characters; "
+                            "at most %s", settings.name, tool.name[:64], f"{size:,}",
+                            f"{MAX_TOOL_SPEC_CHARS:,}")
                 continue
             try:
                 allowed.append(Function(tool.name, _description(tool), self._handler(tool.name),
-                                        dict(tool.input_schema), origin=f"mcp:{settings.name}"))
+                                        dict(tool.input_schema), origin=f"mcp:{settings.name}",
+                                        policy=policy))
             except (ValueError, TypeError, jsonschema.SchemaError) as exc:
                 log.warning("MCP server %s: tool %r left out: %s", settings.name, tool.name[:64],
                             type(exc).__name__)
         return tuple(allowed)
+
+    def policy(self, tool_name: str) -> ToolPolicy | None:
+        """`tool_name`'s policy now: the settings, and the annotations the last discovery read
+        (trusted servers only); None: not allowed."""
+        read_only, destructive = self._hints.get(tool_name, (None, None))
+        return mcp_tool_policy(self.settings, tool_name, read_only=read_only,
+                               destructive=destructive)
 
     def _handler(self, tool_name: str) -> Callable[..., Any]:
         async def call(**arguments: Any) -> ToolOutput:
@@ -169,7 +192,10 @@ class McpServer:
         return call
 
     async def call(self, tool_name: str, arguments: dict[str, Any]) -> ToolOutput:
-        """Call one tool within the server's time limit; `McpToolError` or `TimeoutError` if not."""
+        """Call one tool within the server's time limit; `McpToolError` or `TimeoutError` if not.
+        A tool the settings no longer allow (or whose policy is now never) is not called."""
+        if self.policy(tool_name) in (None, ToolPolicy.NEVER):
+            raise McpToolError("this tool is not allowed on this server")
         async with asyncio.timeout(self.settings.timeout_seconds):
             async with self._session(self._mode) as client:
                 result = await client.call_tool(tool_name, arguments)
@@ -223,12 +249,20 @@ class McpTools:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.servers = tuple(McpServer(server, credential=credential, clock=clock)
                              for server in servers)
+        self._found: tuple[tuple[Function, ...], ...] = ()
+        self._all: tuple[Function, ...] = ()
 
     async def functions(self) -> tuple[Function, ...]:
+        """Every server's tools: the same tuple while no server's list changed (so the prompt
+        rebuilds its tool list, and warns of a taken name, once per discovery)."""
         if len(self.servers) == 1:
             return await self.servers[0].functions()
-        found = await asyncio.gather(*(server.functions() for server in self.servers))
-        return tuple(function for functions in found for function in functions)
+        found = tuple(await asyncio.gather(*(server.functions() for server in self.servers)))
+        if len(found) != len(self._found) or any(a is not b for a, b in zip(found, self._found,
+                                                                              strict=True)):
+            self._found = found
+            self._all = tuple(function for functions in found for function in functions)
+        return self._all
 
     async def close(self) -> None:
         await asyncio.gather(*(server.close() for server in self.servers))
@@ -248,13 +282,12 @@ class _EntraAuth(httpx2.Auth):
         yield request
 
 
-def _destructive(tool: Tool) -> bool:
-    """MCP's defaults: a tool may modify (readOnlyHint false) and destructively (destructiveHint
-    true) unless it says otherwise."""
+def _hints(tool: Tool) -> tuple[bool | None, bool | None]:
+    """The tool's `readOnlyHint` and `destructiveHint` (None: not given)."""
     hints = tool.annotations
     if hints is None:
-        return True
-    return not hints.read_only_hint and hints.destructive_hint is not False
+        return None, None
+    return hints.read_only_hint, hints.destructive_hint
 
 
 def _description(tool: Tool) -> str:

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-__all__ = ["Attachment", "ChatMessage", "Citation", "Feedback", "Role", "Sender", "StoredTurn", "ToolCall",
-           "Usage", "utc_day", "utc_now"]
+__all__ = ["Attachment", "ChatMessage", "Citation", "Feedback", "Outcome", "Role", "Sender", "StoredTurn",
+           "ToolCall", "ToolDecision", "Usage", "utc_day", "utc_now"]
 
 Role = Literal["system", "user", "assistant", "tool"]
 
@@ -100,6 +100,48 @@ class Citation:
                    snippet=str(data.get("snippet") or ""))
 
 
+#: What became of a tool call held back for a person (`shared/pause.py`).
+Outcome = Literal["approved", "denied", "expired", "superseded"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToolDecision:
+    """A person's answer to a held-back tool call (or its lapse), stored with the call's result.
+
+    `arguments_sha256`: the SHA-256 of the exact arguments the person approved; a call runs only
+    when its own arguments hash to it. `by` and `by_id`: who answered (display name, channel ID);
+    None for an expired or superseded call."""
+
+    outcome: Outcome
+    at: datetime
+    #: Why the call was held back: `approval` (an `ask` tool).
+    reason: str = "approval"
+    by: str | None = None
+    by_id: str | None = None
+    arguments_sha256: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"reason": self.reason, "outcome": self.outcome, "at": self.at.isoformat(),
+                "by": self.by, "byId": self.by_id, "argumentsSha256": self.arguments_sha256}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ToolDecision:
+        """Read back from storage: a wrong outcome or time raises ValueError."""
+        outcome = data.get("outcome")
+        if outcome not in ("approved", "denied", "expired", "superseded"):
+            raise ValueError(f"not a decision outcome: {str(outcome)[:40]!r}")
+        at = datetime.fromisoformat(str(data.get("at")))
+        if at.tzinfo is None:
+            raise ValueError("a decision's time must say its time zone")
+        return cls(outcome=outcome, at=at, reason=str(data.get("reason") or "approval"),
+                   by=_text_or_none(data.get("by")), by_id=_text_or_none(data.get("byId")),
+                   arguments_sha256=_text_or_none(data.get("argumentsSha256")))
+
+
+def _text_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
 @dataclass(frozen=True, kw_only=True)
 class Attachment:
     """A file or image that came with a user message, as stored: never its bytes (the text the
@@ -138,6 +180,8 @@ class ChatMessage:
     citations: tuple[Citation, ...] = ()
     #: User messages: the files and images that came with it (`shared/attachments.py`).
     attachments: tuple[Attachment, ...] = ()
+    #: Tool messages of a call held back for a person: their answer (`shared/pause.py`).
+    decision: ToolDecision | None = None
 
     def to_openai(self) -> dict[str, Any]:
         """The Chat Completions form of this message."""

@@ -130,7 +130,8 @@ def offline_tool_call(messages: list[dict[str, Any]],
         required = parameters.get("required") or []
         if any((properties.get(key) or {}).get("type") != "string" for key in required):
             continue  # only text arguments can be filled from a message
-        query = " ".join(text.replace(name, " ").split()) or text
+        spaced = name.replace("_", " ")
+        query = " ".join(text.replace(name, " ").replace(spaced, " ").split()) or text
         return {"id": f"call_offline_{uuid.uuid4().hex[:12]}", "type": "function",
                 "function": {"name": name,
                              "arguments": json.dumps({key: query for key in required})}}

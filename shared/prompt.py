@@ -16,8 +16,14 @@ left the window (a user-role message that quotes it as conversation data: it was
 what people said, so it never speaks with the instructions' voice), the window, the new message.
 
 Tools come from `functions` and from tool sources (`shared/mcp.py`), asked each turn (cached
-there). Sources a tool returns are numbered for the turn and listed after its result; the model
-is asked to cite them as [n], and the reply keeps the ones it cites as `citations`.
+there); their definitions take at most `tools_token_budget` tokens of a request (`tools_tokens`
+says how many they take, for the history window's budget). Sources a tool returns are numbered
+for the turn and listed after its result; the model is asked to cite them as [n], and the reply
+keeps the ones it cites as `citations`.
+
+A round in which the model calls an `ask` tool runs none of its calls: `send` raises
+`ToolCallsHeld` with the turn so far (`shared/pause.py`), and `resume` goes on from there once a
+person has decided.
 
 Every model call goes through `_call`: a `SpendHook` (`shared/budgets.py`) reserves its worst case
 before it and settles what it cost after; what each call billed is tallied whatever ends the turn,
@@ -31,7 +37,7 @@ import functools
 import json
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -47,16 +53,18 @@ from .errors import (
 )
 from .instructions import SUMMARY_HEADING
 from .listeners import TextListener, ToolListener
-from .messages import ChatMessage, Citation, Sender, StoredTurn, ToolCall, Usage
+from .messages import ChatMessage, Citation, Sender, StoredTurn, ToolCall, ToolDecision, Usage
 from .model import ChatModel, Completion
+from .pause import HeldCall, PausedTurn, ToolCallsHeld, declined_reason
+from .policy import ToolPolicy
 from .speakers import SpeakerStyle, wire_message
 from .store import MAX_MESSAGE_CHARS, ConversationStore, ConversationWindow, check_turn
 from .tokens import count_message_tokens, count_request_tokens, count_text_tokens
-from .tools import Function, Source, ToolResult, failed
+from .tools import UNKNOWN_TOOL, Function, Source, ToolResult, failed
 
-__all__ = ["BUDGET_STOP_REPLY", "ROUND_LIMIT_REPLY", "TURN_LIMIT_REPLY", "ChatPrompt",
-           "ConversationMemory", "PromptResult", "ReplyStopped", "SpendHook", "ToolListener",
-           "ToolSource", "UserInput", "check_input"]
+__all__ = ["BUDGET_STOP_REPLY", "ROUND_LIMIT_REPLY", "TOOL_OVERHEAD", "TURN_LIMIT_REPLY",
+           "ChatPrompt", "ConversationMemory", "PromptResult", "ReplyStopped", "RunOnce",
+           "SpendHook", "ToolListener", "ToolSource", "UserInput", "check_input"]
 
 log = logging.getLogger(__name__)
 
@@ -208,12 +216,14 @@ class ChatPrompt:
                  instructions: str | None = None, max_tool_rounds: int = 5,
                  tool_timeout_seconds: float = 10.0, timeout_seconds: float = 60.0,
                  speaker_style: SpeakerStyle = "name",
-                 tool_sources: Sequence[ToolSource] = (), suggested_replies: bool = False) -> None:
+                 tool_sources: Sequence[ToolSource] = (), suggested_replies: bool = False,
+                 tools_token_budget: int = 4_000) -> None:
         """`speaker_style`: how a group chat's speaker is sent, `name` (OpenAI, Azure OpenAI) or
         a `prefix` of the text (other compatible servers). `tool_sources`: more tools, asked for
         on each turn (a name already taken by `functions` stays theirs). `suggested_replies`: the
         model ends its answer with follow-ups (`shared/suggestions.py`), returned in
-        `suggestions`."""
+        `suggestions`. `tools_token_budget`: the tokens the tool definitions of a request may
+        take (`functions` first, then the sources' in order; the rest are left out)."""
         self.model = model
         self.suggested_replies = suggested_replies
         self.speaker_style: SpeakerStyle = speaker_style
@@ -222,39 +232,69 @@ class ChatPrompt:
         self.max_tool_rounds = max_tool_rounds
         self.tool_timeout_seconds = tool_timeout_seconds
         self.timeout_seconds = timeout_seconds
+        self.tools_token_budget = tools_token_budget
         for function in functions:
             if function.name in self.functions:
                 raise ValueError(f"a tool named {function.name!r} is registered already")
             self.functions[function.name] = function
         self.tool_sources = tuple(tool_sources)
         self._found: tuple[tuple[Function, ...], ...] = ()
-        self._all: tuple[dict[str, Function], list[dict[str, Any]] | None] = (self.functions, None)
-
-    @functools.cached_property
-    def _tools(self) -> list[dict[str, Any]] | None:
-        """The specs of `functions`, made on the first turn (pydantic is not loaded before)."""
-        return [function.spec() for function in self.functions.values()] or None
+        #: This turn's offered tools (by name, their specs, their tokens), built on the first
+        #: turn (pydantic is not loaded before), again when a source's list changed.
+        self._all: _Offer | None = None
 
     async def current_tools(self) -> tuple[dict[str, Function], list[dict[str, Any]] | None]:
         """This turn's tools by name, and their specs (rebuilt only when a source's list changed)."""
+        functions, specs, _ = await self._current()
+        return functions, specs
+
+    async def tools_tokens(self) -> int:
+        """The tokens this turn's tool definitions take in each request."""
+        return (await self._current())[2]
+
+    async def _current(self) -> _Offer:
         if not self.tool_sources:
-            return self.functions, self._tools
+            if self._all is None:
+                self._all = self._offered(self.functions.values())
+            return self._all
         if len(self.tool_sources) == 1:  # the usual case: no gather (its tasks cost 10 µs)
             found: tuple[tuple[Function, ...], ...] = (await self.tool_sources[0].functions(),)
         else:
             found = tuple(await asyncio.gather(*(s.functions() for s in self.tool_sources)))
-        if len(found) != len(self._found) or any(a is not b for a, b in zip(found, self._found,
-                                                                              strict=True)):
-            functions = dict(self.functions)
-            for function in (f for listed in found for f in listed):
-                if function.name in functions:
-                    log.warning("tool %s (%s) left out: the name is taken", function.name,
-                                function.origin)
-                    continue
-                functions[function.name] = function
-            self._found = found
-            self._all = (functions, [f.spec() for f in functions.values()] or None)
+        if self._all is None or len(found) != len(self._found) or \
+                any(a is not b for a, b in zip(found, self._found, strict=True)):
+            self._found = found  # a source's list changed (a discovery): warnings once per change
+            self._all = self._offered([*self.functions.values(), *(f for fs in found for f in fs)])
         return self._all
+
+    def _offered(self, candidates: Iterable[Function]) -> _Offer:
+        """The tools a request offers: by name (the first one with a name keeps it), never-tools
+        left out, their definitions within `tools_token_budget`; their specs and tokens."""
+        functions: dict[str, Function] = {}
+        specs: list[dict[str, Any]] = []
+        tokens = 0
+        for function in candidates:
+            if function.name in functions:
+                log.warning("tool %s (%s) left out: the name is taken", function.name,
+                            function.origin)
+                continue
+            if function.policy is ToolPolicy.NEVER:
+                continue
+            try:
+                spec = function.spec()
+            except ValueError as exc:  # a definition too long (ours: it names no outside text)
+                log.warning("tool %s (%s) left out: %s", function.name, function.origin, exc)
+                continue
+            cost = count_text_tokens(json.dumps(spec, ensure_ascii=False)) + TOOL_OVERHEAD
+            if tokens + cost > self.tools_token_budget:
+                log.warning("tool %s (%s) left out: the tools of a request may take %d tokens "
+                            "(CHAT_TOOLS_TOKEN_BUDGET); this one needs %d more",
+                            function.name, function.origin, self.tools_token_budget, cost)
+                continue
+            functions[function.name] = function
+            specs.append(spec)
+            tokens += cost
+        return functions, specs or None, tokens
 
     async def send(self, input: str, *, history: Sequence[ChatMessage] = (),
                    memory: ConversationMemory | None = None, instructions: str | None = None,
@@ -286,25 +326,59 @@ class ChatPrompt:
                                       attachments=attachments,
                                       activity_id=activity_id if earlier else None)]
         users = [item.message() for item in inputs]
+        system, on_text = self._system(instructions, on_text)
+        request = self._request(system, summary, history)
+        for item, message in zip(inputs, users, strict=True):
+            wired = wire_message(message, style=self.speaker_style)
+            request.append(item.attachments.wire(wired) if item.attachments else wired)
+        loop = _Loop(conversation=request, turn=users, model=self.model.model, spend=spend)
+        return await self._finish(loop, on_text, on_tools, None)
+
+    async def resume(self, paused: PausedTurn, decisions: Mapping[str, ToolDecision], *,
+                     history: Sequence[ChatMessage] = (), summary: str | None = None,
+                     instructions: str | None = None, on_text: TextListener | None = None,
+                     on_tools: ToolListener | None = None,
+                     run_once: RunOnce | None = None,
+                     spend: SpendHook | None = None) -> PromptResult:
+        """Go on with a turn that `send` (or an earlier `resume`) paused (`ToolCallsHeld`), after
+        `summary` and `history` as they are now: the held round runs, each held call as its
+        decision (by call ID) says (`shared/pause.py`), and the turn continues with the model.
+        Its result holds the whole turn, from the user's message(s) on; it may pause again.
+        `run_once`: runs each call of the held round (given how to run it) at most once, across
+        attempts and workers (`shared/approvals.py` records them). `spend`, and what a
+        `ModelError` carries (`billed`), count the model calls made after the pause only (those
+        before it were billed when it paused); the result's `usage` is the whole turn's."""
+        system, on_text = self._system(instructions, on_text)
+        loop = _Loop(conversation=self._request(system, summary, [*history, *paused.messages]),
+                     turn=list(paused.messages[:-1]), base=paused.usage, model=paused.model,
+                     sources=list(paused.sources), rounds=paused.rounds + 1, run_once=run_once,
+                     spend=spend)
+        return await self._finish(loop, on_text, on_tools, (paused.messages[-1], decisions))
+
+    def _system(self, instructions: str | None,
+                on_text: TextListener | None) -> tuple[str | None, TextListener | None]:
         system = instructions if instructions is not None else self.instructions
         if self.suggested_replies:
             system = ((system or "") + suggestions.INSTRUCTION).lstrip()
             on_text = suggestions.holding_back(on_text)
-        request = ([{"role": "system", "content": system}] if system else []) + \
+        return system, on_text
+
+    def _request(self, system: str | None, summary: str | None,
+                 messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+        return ([{"role": "system", "content": system}] if system else []) + \
             ([summary_message(summary)] if summary else []) + \
-            [wire_message(message, style=self.speaker_style) for message in history]
-        for item, message in zip(inputs, users, strict=True):
-            wired = wire_message(message, style=self.speaker_style)
-            request.append(item.attachments.wire(wired) if item.attachments else wired)
-        tally = _Tally()
+            [wire_message(message, style=self.speaker_style) for message in messages]
+
+    async def _finish(self, loop: _Loop, on_text: TextListener | None,
+                      on_tools: ToolListener | None, decided: _Decided | None) -> PromptResult:
+        tally = loop.tally
         try:
             async with asyncio.timeout(self.timeout_seconds):
-                turn, usage, model = await self._run(request, users, on_text, on_tools, spend,
-                                                     tally)
+                turn = await self._run(loop, on_text, on_tools, decided)
         except TimeoutError as exc:
             timeout = ModelTimeout(f"the model took over {self.timeout_seconds:g} s in all")
             if tally.pending is not None:  # a call cut by the deadline: billed as its request
-                await self._settle(spend, tally, Usage(prompt_tokens=tally.pending()), None)
+                await self._settle(loop.spend, tally, Usage(prompt_tokens=tally.pending()), None)
             timeout.billed = tally.usage
             raise timeout from exc
         except ModelError as exc:
@@ -314,55 +388,55 @@ class ChatPrompt:
         if self.suggested_replies and turn[-1].content:
             text, suggested = suggestions.split(turn[-1].content)
             turn[-1] = replace(turn[-1], content=text)
-        return PromptResult(response=turn[-1], messages=tuple(turn), usage=usage, model=model,
-                            suggestions=suggested)
+        return PromptResult(response=turn[-1], messages=tuple(turn), usage=loop.usage,
+                            model=loop.model, suggestions=suggested)
 
-    async def _run(self, request: list[dict[str, Any]], users: list[ChatMessage],
-                   on_text: TextListener | None, on_tools: ToolListener | None,
-                   spend: SpendHook | None,
-                   tally: _Tally) -> tuple[list[ChatMessage], Usage, str]:
-        conversation = list(request)
-        turn: list[ChatMessage] = list(users)
-        model = self.model.model
+    async def _run(self, loop: _Loop, on_text: TextListener | None,
+                   on_tools: ToolListener | None, decided: _Decided | None) -> list[ChatMessage]:
+        turn, sources = loop.turn, loop.sources
         functions, tools = await self.current_tools()
-        sources: list[Source] = []  # the turn's, numbered from 1 as the model cites them
-        for round_number in range(self.max_tool_rounds + 1):
+        if decided is not None:  # a resumed turn: its held round first, as decided
+            message, decisions = decided
+            if (ended := await self._round(loop, message, functions, on_tools, decisions)):
+                return ended
+        for round_number in range(loop.rounds, self.max_tool_rounds + 1):
             try:
-                completion = await self._call(conversation, tools, on_text, spend, tally)
+                completion = await self._call(loop.conversation, tools, on_text, loop.spend,
+                                              loop.tally)
             except ReplyStopped as stop:
-                ended = ChatMessage(role="assistant", content=stop.text, model=model,
-                                    stopped=stop.stopped, citations=cited(stop.text, sources))
-                return [*turn, ended], tally.usage, model
+                return [*turn, ChatMessage(role="assistant", content=stop.text, model=loop.model,
+                                           stopped=stop.stopped,
+                                           citations=cited(stop.text, sources))]
             except BudgetExhausted as exhausted:
                 if round_number == 0:
                     raise  # nothing paid for: the turn is refused
                 log.info("a budget has no room for tool round %d; stopping", round_number + 1)
                 return [*turn, _polite(BUDGET_STOP_REPLY.format(reason=exhausted.reply),
-                                       model)], tally.usage, model
-            usage, model = tally.usage, completion.model
+                                       loop.model)]
+            loop.model = completion.model
             message = completion.message
             if not message.tool_calls:
-                return [*turn, _final(message, sources)], usage, model
+                return [*turn, _final(message, sources)]
             if round_number == self.max_tool_rounds:
                 log.warning("the model still called tools after %d rounds; stopping", round_number)
-                return [*turn, _polite(ROUND_LIMIT_REPLY.format(rounds=round_number), model)], \
-                    usage, model
+                return [*turn, _polite(ROUND_LIMIT_REPLY.format(rounds=round_number), loop.model)]
             # The calls must fit in the turn before any runs: a reply may ask for hundreds.
             if not _fits([*turn, message, *(_result(call, "") for call in message.tool_calls)]):
                 log.warning("the model asked for %d tool calls; more than a turn can keep",
                             len(message.tool_calls))
-                return [*turn, _polite(TURN_LIMIT_REPLY, model)], usage, model
-            if on_tools is not None:
-                await on_tools(message.tool_calls)
-            done = await asyncio.gather(*(self._invoke(call, functions)
-                                          for call in message.tool_calls))
-            results = [_result(call, _with_sources(result, sources))
-                       for call, result in zip(message.tool_calls, done, strict=True)]
-            step = [message, *results]
-            if not _fits([*turn, *step]):
-                return [*turn, _polite(TURN_LIMIT_REPLY, model)], usage, model
-            turn += step
-            conversation += [item.to_openai() for item in step]
+                return [*turn, _polite(TURN_LIMIT_REPLY, loop.model)]
+            if held := _held(message.tool_calls, functions):
+                log.info("the model called %d tool(s) that need a decision first; pausing the turn",
+                         len(held))
+                for call in message.tool_calls:
+                    if any(h.call_id == call.id for h in held):
+                        telemetry.tool_decided(name=call.name, origin=functions[call.name].origin,
+                                               reason="approval", outcome="held")
+                raise ToolCallsHeld(PausedTurn(messages=(*turn, message), held=held,
+                                               usage=loop.usage, model=loop.model,
+                                               sources=tuple(sources), rounds=round_number))
+            if (ended := await self._round(loop, message, functions, on_tools, {})):
+                return ended
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _call(self, conversation: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
@@ -398,21 +472,98 @@ class ChatPrompt:
         if spend is not None:
             await spend.after_call(usage, model=model or self.model.model)
 
-    async def _invoke(self, call: ToolCall, functions: dict[str, Function]) -> ToolResult:
+    async def _round(self, loop: _Loop, message: ChatMessage, functions: dict[str, Function],
+                     on_tools: ToolListener | None,
+                     decisions: Mapping[str, ToolDecision]) -> list[ChatMessage] | None:
+        """Run one round's calls (a held call as its decision says) and add them to the turn;
+        the turn's end instead when their results do not fit in it."""
+        if on_tools is not None:
+            await on_tools(message.tool_calls)
+        run_once = loop.run_once if decisions else None  # only a resumed round's calls
+        done = await asyncio.gather(*(self._invoke(call, functions, decisions.get(call.id),
+                                                   run_once) for call in message.tool_calls))
+        results = [replace(_result(call, _with_sources(result, loop.sources)),
+                           decision=decisions.get(call.id))
+                   for call, result in zip(message.tool_calls, done, strict=True)]
+        step = [message, *results]
+        if not _fits([*loop.turn, *step]):
+            return [*loop.turn, _polite(TURN_LIMIT_REPLY, loop.model)]
+        loop.turn += step
+        loop.conversation += [item.to_openai() for item in step]
+        return None
+
+    async def _invoke(self, call: ToolCall, functions: dict[str, Function],
+                      decision: ToolDecision | None = None,
+                      run_once: RunOnce | None = None) -> ToolResult:
+        """Run one call (through `run_once` when given); a held one only when its decision
+        approved exactly these arguments."""
         function = functions.get(call.name)
+        # A name the model invented is its text: logs, spans and metrics call it `unknown`.
+        name = function.name if function is not None else UNKNOWN_TOOL
         origin = function.origin if function is not None else "unknown"
-        with telemetry.tool_call(name=call.name, call_id=call.id, arguments=call.arguments,
+        with telemetry.tool_call(name=name, call_id=call.id, arguments=call.arguments,
                                  origin=origin) as span:
+            declined = declined_reason(decision, call) if decision is not None else None
             if function is None:
-                result = failed(call, f"there is no tool named {call.name}")
+                result = failed(call, f"unknown tool: there is no tool named {call.name}",
+                                known=False)
+            elif declined is not None:
+                result = failed(call, declined)
             else:
-                result = await function.invoke(call, time_limit=self.tool_timeout_seconds)
+                def run() -> Awaitable[ToolResult]:
+                    return function.invoke(call, time_limit=self.tool_timeout_seconds,
+                                           approved=decision is not None)
+
+                result = await (run_once(call, run) if run_once is not None else run())
+            if decision is not None:
+                span.set_attribute("chatstate.tool.decision", decision.outcome)
             if result.failed:  # a failure the model is told of (shared/tools.py)
                 span.set_attribute("error.type", "tool_error")
-            # An unknown name is the model's text: the metric counts it as `unknown`.
             telemetry.tool_result(span, result.text, origin=origin, failed=result.failed,
-                                  name=function.name if function is not None else "unknown")
+                                  name=name)
             return result
+
+
+#: The tools a request offers: by name, their specs (None: none), and the tokens those take.
+_Offer = tuple[dict[str, Function], list[dict[str, Any]] | None, int]
+#: A resumed turn's held round: the assistant message asking for it, and the decisions by call ID.
+_Decided = tuple[ChatMessage, Mapping[str, ToolDecision]]
+#: Tokens of a tool definition's framing in a request, beyond its JSON.
+TOOL_OVERHEAD = 8
+#: Runs a call at most once: given the call and how to run it, its result (recorded or run now).
+RunOnce = Callable[[ToolCall, Callable[[], Awaitable[ToolResult]]], Awaitable[ToolResult]]
+
+
+@dataclass(kw_only=True)
+class _Loop:
+    """One turn's state through the tool loop: what the model is sent, what the turn stores,
+    what it has cost, and where it is."""
+
+    conversation: list[dict[str, Any]]
+    turn: list[ChatMessage]
+    model: str
+    #: What the turn's model calls cost before a pause (billed then); `tally`, since.
+    base: Usage = field(default_factory=Usage)
+    tally: _Tally = field(default_factory=_Tally)
+    spend: SpendHook | None = None
+    #: The turn's sources, numbered from 1 as the model cites them.
+    sources: list[Source] = field(default_factory=list)
+    #: The index of the next model call (tool rounds run so far).
+    rounds: int = 0
+    #: A resumed turn's: runs each call of its held round at most once.
+    run_once: RunOnce | None = None
+
+    @property
+    def usage(self) -> Usage:
+        """What the whole turn's model calls cost."""
+        return self.base + self.tally.usage
+
+
+def _held(calls: Sequence[ToolCall], functions: dict[str, Function]) -> tuple[HeldCall, ...]:
+    """The round's calls that may not run before a person decides, and why."""
+    return tuple(HeldCall(call_id=call.id, reason="approval") for call in calls
+                 if (function := functions.get(call.name)) is not None
+                 and function.policy is ToolPolicy.ASK)
 
 
 def _result(call: ToolCall, content: str) -> ChatMessage:

@@ -123,7 +123,8 @@ class Runtime:
                           timeout_seconds=limits.timeout_seconds,
                           speaker_style="name" if named else "prefix",
                           tool_sources=[self.mcp] if self.mcp is not None else [],
-                          suggested_replies=self.settings.suggested_replies)
+                          suggested_replies=self.settings.suggested_replies,
+                          tools_token_budget=limits.tools_token_budget)
 
     @functools.cached_property
     def connector(self) -> BotConnector:

@@ -18,10 +18,12 @@ from enum import StrEnum
 from urllib.parse import urlparse
 
 from .errors import SettingsError
+from .policy import ToolPolicy
 
 __all__ = [
     "SETTINGS",
     "AnswerMode",
+    "ApprovalSettings",
     "AttachmentSettings",
     "BotSettings",
     "BudgetSettings",
@@ -254,8 +256,24 @@ SETTINGS: tuple[Setting, ...] = (
             "may call: each {\"name\", \"url\", \"tools\": [allowed tool names, or \"*\"]}, "
             "optionally \"headers\" (header name -> the name of another app setting holding its "
             "value; never the secret itself), \"entraAudience\" (send an Entra ID token of the "
-            "app's identity for it), \"allowDestructive\" (tool names), \"timeoutSeconds\" "
-            "(default 10), \"refreshSeconds\" (default 300). Unset: no MCP tools."),
+            "app's identity for it), \"trusted\" (true: believe the server's readOnlyHint and "
+            "destructiveHint annotations; default false), \"policy\" (auto, ask or never: every "
+            "tool of the server), \"toolPolicies\" (tool name -> auto, ask or never), "
+            "\"timeoutSeconds\" (default 10), \"refreshSeconds\" (default 300). A tool asks a "
+            "person first unless a policy says auto, or the server is trusted and marks it read-only "
+            "or non-destructive. Unset: no MCP tools."),
+    Setting(name="CHAT_TOOLS_TOKEN_BUDGET", default="4000", deployed=False,
+            description="Tokens the tool definitions of one model request may take; they count "
+            "against CHAT_HISTORY_TOKEN_BUDGET (the history window gets the rest), at most half of "
+            "it. Tools past the budget are left out, with a warning."),
+    # ask before acting: a person approves a tool call (shared/approvals.py)
+    Setting(name="CHAT_APPROVAL_MINUTES", default="10", deployed=False,
+            description="Minutes (fractions allowed) a person has to approve or deny a tool call "
+            "that asks first; then the request expires, its card says so, and the call does not "
+            "run."),
+    Setting(name="CHAT_APPROVERS", default="requester", deployed=False,
+            description="Who may answer an approval card: requester (the person whose message "
+            "led to the call) or anyone (anyone in the conversation: a group chat's members)."),
     # hosting
     Setting(name="WEBSITE_SITE_NAME", deployed=False,
             description="Set by Azure App Service/Functions; its presence means 'running in "
@@ -335,6 +353,8 @@ class ModelSettings:
     max_retries: int
     max_tool_rounds: int
     tool_timeout_seconds: float
+    #: Tokens the tool definitions of one request may take (out of `history_token_budget`).
+    tools_token_budget: int = 4_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -390,6 +410,16 @@ class OrderSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ApprovalSettings:
+    """Ask before acting (`shared/approvals.py`)."""
+
+    #: How long a person has to answer.
+    expiry_seconds: float = 600.0
+    #: Only the requester may answer (False: anyone in the conversation).
+    requester_only: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
 class TelemetrySettings:
     applicationinsights_connection_string: str | None = None
     otlp_endpoint: str | None = None
@@ -415,14 +445,19 @@ class McpServerSettings:
 
     name: str
     url: str
-    #: Allowed tool names; ("*",): every tool the server lists (destructive ones still need
-    #: `allow_destructive`).
+    #: Allowed tool names; ("*",): every tool the server lists.
     tools: tuple[str, ...]
     #: Header name and value; the values come from other settings (secrets), so never shown.
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     #: The Entra ID scope (`<audience>/.default`) of a token of the app's identity, sent as Bearer.
     entra_scope: str | None = None
-    allow_destructive: tuple[str, ...] = ()
+    #: Believe the server's annotations (`shared/policy.py`); otherwise every tool asks first
+    #: unless `policy` or `tool_policies` says otherwise.
+    trusted: bool = False
+    #: The policy of every tool of the server (None: by annotations when trusted, else ask).
+    policy: ToolPolicy | None = None
+    #: Tool name and its policy, which wins over `policy` and the annotations.
+    tool_policies: tuple[tuple[str, ToolPolicy], ...] = ()
     timeout_seconds: float = 10.0
     refresh_seconds: float = 300.0
     managed_identity_client_id: str | None = None
@@ -474,6 +509,7 @@ class Settings:
     answer_mode: AnswerMode = AnswerMode.QUEUE
     mcp_servers: tuple[McpServerSettings, ...] = ()
     order: OrderSettings = field(default_factory=OrderSettings)
+    approvals: ApprovalSettings = field(default_factory=ApprovalSettings)
 
 
 class _Reader:
@@ -645,6 +681,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         answer_mode=_answer_mode(read),
         mcp_servers=_mcp_servers(read, identity, in_azure=in_azure),
         order=_order(read),
+        approvals=_approvals(read),
     )
 
 
@@ -705,6 +742,14 @@ def _order(read: _Reader) -> OrderSettings:
                          drain_seconds=read.number("CHAT_DRAIN_SECONDS", minimum=5, maximum=3600))
 
 
+def _approvals(read: _Reader) -> ApprovalSettings:
+    approvers = read.required_text("CHAT_APPROVERS").lower()
+    if approvers not in ("requester", "anyone"):
+        raise SettingsError("CHAT_APPROVERS", f"must be requester or anyone, got {approvers!r}")
+    minutes = read.number("CHAT_APPROVAL_MINUTES", minimum=0.05, maximum=24 * 60)
+    return ApprovalSettings(expiry_seconds=minutes * 60, requester_only=approvers == "requester")
+
+
 def _welcome(read: _Reader) -> str:
     value = read.required_text("CHAT_WELCOME").lower()
     if value not in ("on", "off", "outside-teams"):
@@ -712,8 +757,8 @@ def _welcome(read: _Reader) -> str:
     return value
 
 
-_MCP_KEYS = {"name", "url", "tools", "headers", "entraAudience", "allowDestructive",
-             "timeoutSeconds", "refreshSeconds"}
+_MCP_KEYS = {"name", "url", "tools", "headers", "entraAudience", "trusted", "policy",
+             "toolPolicies", "timeoutSeconds", "refreshSeconds"}
 _MCP_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 _SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -747,12 +792,15 @@ def _mcp_server(read: _Reader, entry: object, index: int, identity: str | None, 
 
     if not isinstance(entry, dict):
         raise bad("must be a JSON object")
-    if unknown := sorted(set(entry) - _MCP_KEYS):
-        raise bad(f"unknown key(s) {unknown}; the keys are {sorted(_MCP_KEYS)}")
     name = entry.get("name")
     if not isinstance(name, str) or not _MCP_NAME.match(name):
         raise bad("needs a \"name\" of 1-32 letters, digits, _ or -")
     where = f"server {name!r}"
+    if "allowDestructive" in entry:
+        raise bad(_ALLOW_DESTRUCTIVE_GONE.format(example=json.dumps(
+            dict.fromkeys(_names(entry["allowDestructive"], "allowDestructive", bad), "auto"))))
+    if unknown := sorted(set(entry) - _MCP_KEYS):
+        raise bad(f"unknown key(s) {unknown}; the keys are {sorted(_MCP_KEYS)}")
     url = entry.get("url")
     parsed = urlparse(url) if isinstance(url, str) else None
     if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
@@ -760,7 +808,11 @@ def _mcp_server(read: _Reader, entry: object, index: int, identity: str | None, 
     if parsed.scheme == "http" and (in_azure or not is_loopback_host(parsed.hostname or "")):
         raise bad("\"url\" must be https (http only for a loopback server, locally)")
     tools = _names(entry.get("tools"), "tools", bad, required=True)
-    destructive = _names(entry.get("allowDestructive", []), "allowDestructive", bad)
+    trusted = entry.get("trusted", False)
+    if not isinstance(trusted, bool):
+        raise bad("\"trusted\" must be true or false")
+    policy = None if entry.get("policy") is None else _policy(entry["policy"], "\"policy\"", bad)
+    tool_policies = _tool_policies(entry.get("toolPolicies", {}), tools, bad)
     headers = entry.get("headers", {})
     if not isinstance(headers, dict):
         raise bad("\"headers\" must be an object of header name -> setting name")
@@ -780,10 +832,36 @@ def _mcp_server(read: _Reader, entry: object, index: int, identity: str | None, 
         audience.strip() if audience.strip().endswith("/.default") else f"{audience.strip()}/.default"
     return McpServerSettings(
         name=name, url=str(url), tools=tools, headers=tuple(resolved), entra_scope=scope,
-        allow_destructive=destructive,
+        trusted=trusted, policy=policy, tool_policies=tool_policies,
         timeout_seconds=_seconds(entry.get("timeoutSeconds", 10), "timeoutSeconds", bad, 0.05, 120),
         refresh_seconds=_seconds(entry.get("refreshSeconds", 300), "refreshSeconds", bad, 1, 86_400),
         managed_identity_client_id=identity)
+
+
+#: The start-up error for the key that policies replaced, with the entry's own names in it.
+_ALLOW_DESTRUCTIVE_GONE = (
+    "\"allowDestructive\" was replaced by tool policies (README, \"Ask before acting\"): write "
+    "\"toolPolicies\": {example} to run those tools without asking, as before, or \"ask\" to "
+    "have a person approve each call. Note that every tool of a server not marked \"trusted\": "
+    "true now asks first unless a policy says \"auto\".")
+
+
+def _policy(value: object, what: str, bad: Callable[[str], SettingsError]) -> ToolPolicy:
+    if isinstance(value, str) and value in tuple(ToolPolicy):
+        return ToolPolicy(value)
+    raise bad(f"{what} must be auto, ask or never, got {value!r}")
+
+
+def _tool_policies(value: object, tools: tuple[str, ...],
+                   bad: Callable[[str], SettingsError]) -> tuple[tuple[str, ToolPolicy], ...]:
+    if not isinstance(value, dict):
+        raise bad("\"toolPolicies\" must be an object of tool name -> auto, ask or never")
+    policies: list[tuple[str, ToolPolicy]] = []
+    for tool, policy in value.items():
+        if "*" not in tools and tool not in tools:
+            raise bad(f"\"toolPolicies\" names {tool!r}, which \"tools\" does not allow")
+        policies.append((tool, _policy(policy, f"the policy of {tool!r}", bad)))
+    return tuple(policies)
 
 
 def _names(value: object, key: str, bad: Callable[[str], SettingsError], *,
@@ -929,7 +1007,18 @@ def _model(read: _Reader, identity: str | None, *, in_azure: bool) -> ModelSetti
         max_retries=read.integer("CHAT_MODEL_MAX_RETRIES", minimum=0, maximum=10),
         max_tool_rounds=read.integer("CHAT_MAX_TOOL_ROUNDS", minimum=1, maximum=20),
         tool_timeout_seconds=read.number("CHAT_TOOL_TIMEOUT_SECONDS", minimum=0.01, maximum=600),
+        tools_token_budget=_tools_token_budget(read),
     )
+
+
+def _tools_token_budget(read: _Reader) -> int:
+    """CHAT_TOOLS_TOKEN_BUDGET, at most half the history budget (the default is cut to fit)."""
+    half = read.integer("CHAT_HISTORY_TOKEN_BUDGET", minimum=16, maximum=2_000_000) // 2
+    budget = read.integer("CHAT_TOOLS_TOKEN_BUDGET", minimum=0, maximum=1_000_000)
+    if budget > half and read.given("CHAT_TOOLS_TOKEN_BUDGET"):
+        raise SettingsError("CHAT_TOOLS_TOKEN_BUDGET", f"must be at most half of "
+                            f"CHAT_HISTORY_TOKEN_BUDGET ({half:,}), got {budget:,}")
+    return min(budget, half)
 
 
 def _summary(read: _Reader, model: ModelSettings) -> SummarySettings:

@@ -119,6 +119,12 @@ class Telemetry:
                     "chatstate.tool.duration", unit="s",
                     description="One tool call, by gen_ai.tool.name, chatstate.tool.origin "
                     "(python or mcp:<server>) and error.type"),
+                "tool_decisions": meter.create_counter(
+                    "chatstate.tool.decisions", unit="{call}",
+                    description="Tool calls held back for a person, and what became of them, by "
+                    "chatstate.decision.outcome (held, approved, denied, expired, superseded), "
+                    "chatstate.decision.reason (approval), gen_ai.tool.name and "
+                    "chatstate.tool.origin; never the arguments"),
                 "spend_limit_reached": meter.create_counter(
                     "chatstate.spend_limit_reached", unit="{turn}",
                     description="Turns (or tool rounds) refused by a spend limit or budget, by "
@@ -369,6 +375,14 @@ def tool_result(current: Any, result: str, *, name: str = "", origin: str = "pyt
         measured["error.type"] = "tool_error"
     if isinstance(started, int):
         state.instruments["tool_duration"].record((time.time_ns() - started) / 1e9, measured)
+
+
+def tool_decided(*, name: str, origin: str, reason: str, outcome: str) -> None:
+    """A tool call held back for a person (`held`), or what became of it."""
+    if state.enabled:
+        state.instruments["tool_decisions"].add(1, {
+            "gen_ai.tool.name": name, "chatstate.tool.origin": origin,
+            "chatstate.decision.reason": reason, "chatstate.decision.outcome": outcome})
 
 
 def spend_limit_reached(limit: str, *, tenant: str | None = None) -> None:

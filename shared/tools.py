@@ -10,6 +10,10 @@ which may quote the arguments, is logged only when message capture is on).
 A tool may return `ToolOutput(text, sources=...)`: the sources (title, URL, snippet) are numbered
 for the turn and the model is asked to cite them as [n] (`shared/prompt.py`). Tools from MCP
 servers (`shared/mcp.py`) are `Function`s too.
+
+Each tool has a policy (`shared/policy.py`): `invoke` itself refuses a `never` tool, and an `ask`
+tool's call that a person has not approved, whatever the caller. A tool's definition (name,
+description and schema, as the model reads it) is at most `MAX_TOOL_SPEC_CHARS`.
 """
 
 from __future__ import annotations
@@ -21,19 +25,27 @@ import logging
 import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, get_type_hints
 
 from . import telemetry
 from .messages import ToolCall
+from .policy import ToolPolicy
 
 if TYPE_CHECKING:
     import pydantic
 
-__all__ = ["MAX_TOOL_RESULT_CHARS", "Function", "Source", "ToolOutput", "ToolResult", "failed", "tool"]
+__all__ = ["MAX_TOOL_RESULT_CHARS", "MAX_TOOL_SPEC_CHARS", "UNKNOWN_TOOL", "Function", "Source",
+           "ToolOutput", "ToolResult", "failed", "tool"]
 
 log = logging.getLogger(__name__)
 #: A tool result longer than this is cut, so that a turn stays within the store's limits.
 MAX_TOOL_RESULT_CHARS = 20_000
+#: A tool's definition (its `tools` entry as JSON) may be this long; a longer one is refused
+#: (an MCP server's 380 KB input schema made every model request 380 KB).
+MAX_TOOL_SPEC_CHARS = 16_000
+#: How logs, spans and metrics name a tool the model called that does not exist (its name is the
+#: model's text).
+UNKNOWN_TOOL = "unknown"
 
 Handler = Callable[..., Awaitable[Any]]
 #: A source's title and snippet are cut to these lengths (Teams shows at most 80 and 160).
@@ -91,16 +103,23 @@ class Function:
     parameter_schema: dict[str, Any] | type[pydantic.BaseModel] | None = None
     #: Where the tool runs: `python` (in this app) or `mcp:<server>` (telemetry and logs).
     origin: str = "python"
+    #: Whether a call runs by itself, needs a person's approval first, or never runs.
+    policy: ToolPolicy = ToolPolicy.AUTO
     _model: type[pydantic.BaseModel] | None = field(default=None, init=False, repr=False)
     _schema: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    _spec: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.name.replace("_", "").replace("-", "").isalnum() or len(self.name) > 64:
             raise ValueError(f"tool name {self.name!r}: use 1-64 letters, digits, _ or -")
         if not inspect.iscoroutinefunction(self.handler):
             raise TypeError(f"tool {self.name!r}: the handler must be an async function")
+        object.__setattr__(self, "policy", ToolPolicy(self.policy))
         schema = self.parameter_schema
         if isinstance(schema, dict):
+            if (size := _json_size(schema)) > MAX_TOOL_SPEC_CHARS:  # before it is parsed
+                raise ValueError(f"tool {self.name!r}: its schema is {size:,} characters; a "
+                                 f"tool's definition may have {MAX_TOOL_SPEC_CHARS:,}")
             import jsonschema
 
             jsonschema.Draft202012Validator.check_schema(schema)
@@ -126,16 +145,29 @@ class Function:
         return self._schema
 
     def spec(self) -> dict[str, Any]:
-        """The Chat Completions `tools` entry."""
+        """The Chat Completions `tools` entry (built once); ValueError when it is longer than
+        `MAX_TOOL_SPEC_CHARS`."""
+        if self._spec:
+            return self._spec
         parameters = {key: value for key, value in self._parameters().items() if key != "title"}
         parameters.setdefault("type", "object")
         parameters.setdefault("properties", {})
-        return {"type": "function",
-                "function": {"name": self.name, "description": self.description,
-                             "parameters": parameters}}
+        spec = {"type": "function", "function": {"name": self.name, "description": self.description,
+                                                 "parameters": parameters}}
+        if (size := _json_size(spec)) > MAX_TOOL_SPEC_CHARS:
+            raise ValueError(f"tool {self.name!r}: its definition is {size:,} characters; at most "
+                             f"{MAX_TOOL_SPEC_CHARS:,}")
+        object.__setattr__(self, "_spec", spec)
+        return spec
 
-    async def invoke(self, call: ToolCall, *, time_limit: float) -> ToolResult:
-        """Run the call: its result as text; any failure becomes an error the model can read."""
+    async def invoke(self, call: ToolCall, *, time_limit: float, approved: bool = False) -> ToolResult:
+        """Run the call: its result as text; any failure becomes an error the model can read.
+
+        `approved`: a person approved this exact call (an `ask` tool runs only then)."""
+        if self.policy is ToolPolicy.NEVER:
+            return failed(call, "not allowed: this tool may not be used")
+        if self.policy is ToolPolicy.ASK and not approved:
+            return failed(call, "not approved: this tool runs only when a person approves the call")
         try:
             arguments = json.loads(call.arguments or "{}")
             if not isinstance(arguments, dict):
@@ -184,8 +216,10 @@ class Function:
 
 
 def tool(handler: Handler | None = None, *, name: str | None = None,
-         description: str | None = None) -> Any:
+         description: str | None = None,
+         policy: ToolPolicy | Literal["auto", "ask", "never"] = ToolPolicy.AUTO) -> Any:
     """Make an async function a `Function`; its docstring's first paragraph is the description.
+    `policy="ask"`: a person approves each call first (`shared/policy.py`).
 
         @tool
         async def get_current_time(time_zone: str) -> str:
@@ -193,7 +227,8 @@ def tool(handler: Handler | None = None, *, name: str | None = None,
     """
     def wrap(function: Handler) -> Function:
         text = description or (inspect.getdoc(function) or "").split("\n\n")[0].strip()
-        return Function(name or function.__name__, text or function.__name__, function)
+        return Function(name or function.__name__, text or function.__name__, function,
+                        policy=ToolPolicy(policy))
 
     return wrap(handler) if handler is not None else wrap
 
@@ -227,13 +262,19 @@ def _short(exc: Exception) -> str:
     return str(getattr(exc, "message", exc))[:500]
 
 
-def failed(call: ToolCall, reason: str) -> ToolResult:
-    """A call that failed (or could not run), as the model reads it; logged without arguments."""
+def failed(call: ToolCall, reason: str, *, known: bool = True) -> ToolResult:
+    """A call that failed (or could not run), as the model reads it; logged without arguments.
+    `known` False: the model named a tool that does not exist, logged as `UNKNOWN_TOOL`."""
     # The reason may quote the arguments (taken from the user's text): logged only with capture.
-    shown = reason if telemetry.state.capture_content else reason.split(":", 1)[0]
-    log.warning("tool %s (call %s) failed: %s", call.name, call.id, shown)
+    capture = telemetry.state.capture_content
+    shown = reason if capture else reason.split(":", 1)[0]
+    name = call.name if known or capture else UNKNOWN_TOOL
+    log.warning("tool %s (call %s) failed: %s", name, call.id[:64], shown)
     return ToolResult(text=json.dumps({"error": reason}, ensure_ascii=False), failed=True)
 
+
+def _json_size(value: Any) -> int:
+    return len(json.dumps(value, ensure_ascii=False, default=str))
 
 
 def _one_line(text: str, limit: int) -> str:

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -37,14 +37,15 @@ from .errors import (
     TurnTooLarge,
 )
 from .limits import LIMIT_REPLIES, limit_reached, over_limit
-from .messages import ChatMessage, StoredTurn, ToolCall, Usage, utc_day
-from .prompt import TURN_LIMIT_REPLY, ChatPrompt, ToolListener, UserInput
+from .messages import ChatMessage, StoredTurn, ToolCall, ToolDecision, Usage, utc_day
+from .pause import PausedTurn, ToolCallsHeld
+from .prompt import TURN_LIMIT_REPLY, ChatPrompt, RunOnce, ToolListener, UserInput
 from .settings import Settings
 from .store import ConversationStore, ConversationWindow, Indexed
 from .streaming import ReplyStream
 
-__all__ = ["MAX_REASKS", "Busy", "Committed", "Found", "Refused", "TurnResult", "TurnRunner",
-           "Withdrawn"]
+__all__ = ["MAX_REASKS", "Busy", "Committed", "Found", "Paused", "Refused", "Resume", "TurnResult",
+           "TurnRunner", "Withdrawn"]
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,26 @@ class Withdrawn:
     """The messages were withdrawn while the turn ran (a user's removal): nothing was stored."""
 
 
-TurnResult = Committed | Found | Refused | Busy | Withdrawn
+@dataclass(frozen=True, kw_only=True)
+class Paused:
+    """The model called a tool that waits for a person: nothing stored; the turn so far is
+    `paused` (`shared/pause.py`), to be parked until they decide (`shared/approvals.py`)."""
+
+    paused: PausedTurn
+
+
+@dataclass(frozen=True, kw_only=True)
+class Resume:
+    """Go on with a paused turn: its held round as `decisions` say, each call run at most once
+    through `run_once`; `activity_ids`: the activities the turn answers (a burst's, in order)."""
+
+    paused: PausedTurn
+    decisions: Mapping[str, ToolDecision]
+    activity_ids: tuple[str, ...]
+    run_once: RunOnce | None = None
+
+
+TurnResult = Committed | Found | Refused | Busy | Withdrawn | Paused
 
 
 class TurnRunner:
@@ -111,14 +131,17 @@ class TurnRunner:
     async def run(self, activity: Activity, text: str, *, needed: int,
                   stream: ReplyStream | None, attachments: Incoming | None = None,
                   earlier: Sequence[UserInput] = (),
-                  still_wanted: Callable[[], Coroutine[Any, Any, bool]] | None = None) -> TurnResult:
+                  still_wanted: Callable[[], Coroutine[Any, Any, bool]] | None = None,
+                  resume: Resume | None = None) -> TurnResult:
         """Answer `text` (`needed` tokens, with `earlier`'s) of `activity`; the model's text goes
         to `stream`. `attachments`: the files and images that came with it
         (`shared/attachments.py`). `earlier`: a burst's messages before it (each with its
         activity ID), answered in the same turn. `still_wanted`: asked after each load of the
         window (while the model works) and awaited before the commit: False (a user's removal
         took the messages: it deletes them, then changes the conversation's head, so a commit on
-        a window loaded before the check fails) ends the turn, unstored."""
+        a window loaded before the check fails) ends the turn, unstored. `resume`: go on with a
+        paused turn instead (its messages are the turn's; `text` is not asked again); it is
+        committed with whatever it ran, never asked again, and may pause again (`Paused`)."""
         limits = self.settings.model
         started = time.perf_counter()
         # A turn that is kept once asked: the user has read it as it streamed, or it was asked
@@ -133,11 +156,17 @@ class TurnRunner:
         # committed it (or the first part of it).
         first_id = earlier[0].activity_id or activity.id if earlier else activity.id
         more_ids = tuple(item.activity_id for item in earlier if item.activity_id)
+        if resume is not None:
+            first_id, more_ids = resume.activity_ids[0], resume.activity_ids[:-1]
+        # What the turn's model calls before a pause cost (billed when it paused).
+        base = resume.paused.usage if resume is not None else Usage()
         wanted: asyncio.Task[bool] | None = None
+        # The tool definitions go with every request: the history window gets what they leave.
+        budget = max(0, limits.history_token_budget - needed - await self.prompt.tools_tokens())
         try:
             for attempt in range(self.settings.turn_max_attempts):
                 window = await self.store.load_window(
-                    activity.conversation_id, token_budget=limits.history_token_budget - needed,
+                    activity.conversation_id, token_budget=budget,
                     max_messages=limits.history_max_messages, activity_id=first_id)
                 if window.committed_activity:
                     # Found on a re-load after a conflict: another instance just committed it
@@ -145,11 +174,12 @@ class TurnRunner:
                     turn = await self.store.get_turn(activity.conversation_id, first_id)
                     return Found(turn=turn, send=attempt == 0)
                 now = self._clock()
-                if kept is None and not counted and \
+                if kept is None and not counted and resume is None and \
                         (limit := over_limit(window.spend, self.settings.data, now)):
                     limit_reached(limit, window.spend, now)
                     return Refused(text=LIMIT_REPLIES[limit])
-                if self.settings.data.max_turns_per_minute is not None and not counted:
+                if self.settings.data.max_turns_per_minute is not None and not counted and \
+                        resume is None:  # a resumed turn took its place when it started
                     try:  # the turn takes its place in the minute before the model call
                         window, counted = await self.store.reserve_turn(window), True
                     except ConversationConflict:
@@ -165,12 +195,22 @@ class TurnRunner:
                 messages = kept
                 if messages is None:
                     try:
-                        result = await self.prompt.send(
-                            text, history=window.messages, summary=window.summary,
-                            speaker=activity.speaker, sender=activity.user,
-                            on_text=stream.on_text if stream else None,
-                            on_tools=_tools_listener(stream), attachments=attachments,
-                            earlier=earlier, activity_id=activity.id, spend=spend)
+                        if resume is None:
+                            result = await self.prompt.send(
+                                text, history=window.messages, summary=window.summary,
+                                speaker=activity.speaker, sender=activity.user,
+                                on_text=stream.on_text if stream else None,
+                                on_tools=_tools_listener(stream), attachments=attachments,
+                                earlier=earlier, activity_id=activity.id, spend=spend)
+                        else:
+                            result = await self.prompt.resume(
+                                resume.paused, resume.decisions, history=window.messages,
+                                summary=window.summary, on_text=stream.on_text if stream else None,
+                                on_tools=_tools_listener(stream), run_once=resume.run_once,
+                                spend=spend)
+                    except ToolCallsHeld as held:
+                        billed += _since(held.paused.usage, base)
+                        return Paused(paused=held.paused)
                     except BudgetExhausted as exhausted:
                         if asked is None:  # before any model call: the budget reply
                             return Refused(text=exhausted.reply)
@@ -179,10 +219,12 @@ class TurnRunner:
                         billed += exc.billed or Usage()
                         raise
                     else:
-                        billed += result.usage
+                        billed += _since(result.usage, base)
                         messages = asked = _as_seen(result.messages, stream)
                         suggestions = result.suggestions
-                        if (stream is not None and stream.shown) or attempt >= MAX_REASKS:
+                        # A resumed turn ran its tools: it is never asked again.
+                        if (stream is not None and stream.shown) or attempt >= MAX_REASKS or \
+                                resume is not None:
                             kept = messages
                 window = replace(window, indexed=await indexing)
                 if wanted is not None and not await wanted:
@@ -242,6 +284,13 @@ async def _alongside[T](main: Awaitable[T], beside: Awaitable[None] | None) -> T
         return await main
     finally:
         await task
+
+
+def _since(total: Usage, base: Usage) -> Usage:
+    """What `total` adds to `base` (the usage a resumed turn carries from before its pause)."""
+    return Usage(prompt_tokens=max(0, total.prompt_tokens - base.prompt_tokens),
+                 completion_tokens=max(0, total.completion_tokens - base.completion_tokens),
+                 cached_tokens=max(0, total.cached_tokens - base.cached_tokens))
 
 
 def _tools_listener(stream: ReplyStream | None) -> ToolListener | None:

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..keys import encode_key
-from ..messages import Attachment, ChatMessage, Citation, Feedback, Sender, ToolCall, Usage
+from ..messages import Attachment, ChatMessage, Citation, Feedback, Sender, ToolCall, ToolDecision, Usage
 
 HEAD = "h"
 MESSAGE_PREFIX = "m"
@@ -132,6 +132,8 @@ def message_entity(pk: str, seq: int, message: ChatMessage, *, tokens: int, turn
     if message.citations:
         put_text(entity, "citations", json.dumps([c.to_json() for c in message.citations],
                                                  ensure_ascii=False))
+    if message.decision is not None:
+        put_text(entity, "decision", json.dumps(message.decision.to_json(), ensure_ascii=False))
     return entity
 
 
@@ -165,7 +167,18 @@ def entity_message(entity: Entity) -> ChatMessage:
             get_text(entity, "citations") or "[]")),
         attachments=tuple(Attachment(name=a["name"], content_type=a["contentType"], size=a["size"])
                           for a in json.loads(get_text(entity, "attachments") or "[]")),
+        decision=_decision(get_text(entity, "decision")),
     )
+
+
+def _decision(text: str | None) -> ToolDecision | None:
+    """A stored decision; one that cannot be read is dropped (the tool result says what happened)."""
+    if not text:
+        return None
+    try:
+        return ToolDecision.from_json(json.loads(text))
+    except (ValueError, TypeError, AttributeError):
+        return None
 
 
 def feedback_properties(feedback: Feedback) -> Entity:

@@ -29,6 +29,8 @@ from ._codec import (
     MESSAGES_END,
     Entity,
     day_index_key,
+    get_text,
+    put_text,
     user_index_key,
 )
 from ._head import Basis, Head
@@ -191,6 +193,16 @@ class Indexes:
             elif row["role"] == "assistant" and "tool_calls" not in row:
                 kept = {name: value for name, value in row.items()
                         if not name.startswith(("content", "feedback_text"))}
+            elif row["role"] == "tool" and "decision" in row:
+                # A call held back for a person: its result stays (the bot's working), who
+                # answered goes; what was decided, and when, stay (docs/operate.md).
+                try:
+                    await self._rows.table.update_entity(_without_approver(row),
+                                                         mode=UpdateMode.REPLACE)
+                except ResourceNotFoundError:
+                    continue
+                replaced += 1
+                continue
             else:
                 continue  # tool calls and results: the bot's working, kept (docs/operate.md)
             try:
@@ -200,6 +212,14 @@ class Indexes:
                 continue  # cleared meanwhile
             replaced += 1
         return replaced
+
+
+def _without_approver(row: Entity) -> Entity:
+    """A tool result row whose decision no longer names who answered."""
+    decision = json.loads(get_text(row, "decision") or "{}")
+    kept = {name: value for name, value in row.items() if not name.startswith("decision")}
+    put_text(kept, "decision", json.dumps({**decision, "by": None, "byId": None}))
+    return {**kept, "redacted": True}
 
 
 #: What a redacted user message row keeps: its place in the conversation, nothing they wrote, not

@@ -66,7 +66,7 @@ def test_a_tool_on_an_mcp_server_gives_a_cited_answer(channel: Bench, mcp_server
     # the sources numbered
     request = channel.model.requests[-2]
     names = [spec["function"]["name"] for spec in request["tools"]]
-    assert names == ["get_current_time", "search_docs"]
+    assert names == ["get_current_time", "search_docs", "delete_notes"]
     tool_result = channel.model.requests[-1]["messages"][-1]
     assert tool_result["role"] == "tool" and "[1] Bot messages with AI-generated content" in \
         tool_result["content"]

@@ -213,7 +213,7 @@ async def test_tool_round_tokens_count_when_a_later_call_fails(
     model = HonestModel()
     (bot,) = instances(1, model, CHAT_USER_DAILY_TOKEN_LIMIT="100000")
     bot.prompt.functions["lookup"] = lookup
-    bot.prompt._tools = [lookup.spec()]
+    bot.prompt._all = bot.prompt._offered(bot.prompt.functions.values())  # the offered tools
     # WHEN the user asks
     response = await bot.handle(body=activity("look|fail", "c1", user="bob"), headers=HEADERS)
     # THEN they get the apology, and both the user's ledger and the conversation's counter

@@ -50,7 +50,9 @@ def model_for(server: FakeModelServer) -> ChatModel:
 
 
 def demo(url: str, **options: object) -> McpServerSettings:
-    fields: dict = {"name": "demo", "url": url, "tools": ("*",), "timeout_seconds": 5.0, **options}
+    """The demo server, trusted (its annotations count: search_docs runs, delete_notes asks)."""
+    fields: dict = {"name": "demo", "url": url, "tools": ("*",), "timeout_seconds": 5.0,
+                    "trusted": True, **options}
     return McpServerSettings(**fields)
 
 
@@ -74,8 +76,8 @@ async def test_a_tool_on_an_mcp_server_answers_with_sources_and_the_reply_cites_
         await memory.commit(result, activity_id="a1")
     finally:
         await tools.close()
-    # THEN the model was offered the Python tool and the MCP search tool, not the destructive one
-    assert offered(model_server.requests[0]) == ["add", "search_docs"]
+    # THEN the model was offered the Python tool and the MCP tools (the destructive one asks)
+    assert offered(model_server.requests[0]) == ["add", "search_docs", "delete_notes"]
     # AND it got the result back as a tool message, marked as tool output, its sources numbered
     result_message = model_server.requests[1]["messages"][-1]
     assert result_message["role"] == "tool" and result_message["tool_call_id"] == "s1"
@@ -106,45 +108,18 @@ async def test_discovery_is_cached_and_refreshed_in_the_background_after_its_per
             await prompt.send(text)
         # THEN the tools were discovered once, by the first turn, and every turn offered them
         assert server.discoveries == 1
-        assert all(offered(request) == ["search_docs"] for request in model_server.requests)
+        assert all(offered(request) == ["search_docs", "delete_notes"]
+                   for request in model_server.requests)
         requests_before = len(mcp_server.headers)
         # WHEN the period has passed and another turn runs
         now[0] += 61
         await prompt.send("four")
         # THEN that turn used the cached list and started a refresh beside it
-        assert offered(model_server.requests[-1]) == ["search_docs"]
+        assert offered(model_server.requests[-1]) == ["search_docs", "delete_notes"]
         assert server.discoveries == 2
     finally:
         await tools.close()
     assert len(mcp_server.headers) >= requests_before
-
-
-async def test_a_destructive_tool_is_left_out_unless_allowed_by_name(
-        model_server: FakeModelServer, mcp_server: DemoMcpServer) -> None:
-    # GIVEN the demo server's destructive delete_notes, allowed by name on a second entry
-    strict = McpTools([demo(mcp_server.url)])
-    allowing = McpTools([demo(mcp_server.url, allow_destructive=("delete_notes",))])
-    try:
-        # WHEN the tools are listed
-        left_out = [f.name for f in await strict.functions()]
-        allowed = [f.name for f in await allowing.functions()]
-    finally:
-        await strict.close()
-        await allowing.close()
-    # THEN it is offered only where allowDestructive names it
-    assert left_out == ["search_docs"]
-    assert sorted(allowed) == ["delete_notes", "search_docs"]
-    # AND a model calling it anyway gets an error, and the user a reply
-    model_server.then(Scripted(tool_calls=[tool_call("delete_notes", {}, "d1")]),
-                      Scripted(content="I cannot do that."))
-    tools = McpTools([demo(mcp_server.url)])
-    try:
-        result = await ChatPrompt(model_for(model_server), tool_sources=[tools]).send("delete all")
-    finally:
-        await tools.close()
-    assert result.response.content == "I cannot do that."
-    error = json.loads(model_server.requests[-1]["messages"][-1]["content"])["error"]
-    assert error == "there is no tool named delete_notes"
 
 
 async def test_an_unreachable_server_costs_its_tools_not_the_turn(
@@ -188,7 +163,7 @@ async def test_a_slow_tool_call_gives_the_model_an_error_within_the_time_limit(
         model_server: FakeModelServer, mcp_server: DemoMcpServer) -> None:
     # GIVEN tools discovered quickly, then a server that turns slow
     tools = McpTools([demo(mcp_server.url, timeout_seconds=0.5)])
-    assert [f.name for f in await tools.functions()] == ["search_docs"]
+    assert [f.name for f in await tools.functions()] == ["search_docs", "delete_notes"]
     mcp_server.delay = 3.0
     model_server.then(Scripted(tool_calls=[tool_call("search_docs", {"query": "x"}, "q1")]),
                       Scripted(content="The search was too slow."))
@@ -294,7 +269,7 @@ async def test_an_entra_audience_sends_a_token_of_the_apps_identity(
     tools = McpTools(settings.mcp_servers, credential=credential)
     try:
         # WHEN the tools are discovered and one is called
-        (search,) = await tools.functions()
+        search, _ = await tools.functions()
         output = await tools.servers[0].call("search_docs", {"query": "tables"})
     finally:
         await tools.close()
@@ -327,7 +302,7 @@ async def test_a_server_that_comes_back_is_asked_again_beside_the_turns(
         await tools.close()
     # THEN the turn after the period did not wait for the retry, and the next one has the tools
     assert retried == () and waited < 0.1
-    assert server.discoveries == 2 and later == ["search_docs"]
+    assert server.discoveries == 2 and later == ["search_docs", "delete_notes"]
 
 
 async def test_each_mcp_call_has_a_span_and_a_duration_and_discovery_a_span(
@@ -362,7 +337,7 @@ async def test_each_mcp_call_has_a_span_and_a_duration_and_discovery_a_span(
     # THEN discovery and each call have a span, the call's naming where the tool runs
     finished = {span.name: span for span in spans.get_finished_spans()}
     discover = finished["chatstate.mcp.discover"].attributes or {}
-    assert discover["chatstate.mcp.server"] == "demo" and discover["chatstate.mcp.tools"] == 1
+    assert discover["chatstate.mcp.server"] == "demo" and discover["chatstate.mcp.tools"] == 2
     assert (finished["execute_tool search_docs"].attributes or {})["chatstate.tool.origin"] == \
         "mcp:demo"
     assert (finished["execute_tool add"].attributes or {})["chatstate.tool.origin"] == "python"

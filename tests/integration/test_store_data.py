@@ -207,3 +207,31 @@ async def test_a_users_messages_are_exported_and_forgotten(
     assert (await table_store.export_user("29:ada")).conversations == ()
     assert [c.conversation_id for c in (await table_store.export_user("29:bob")).conversations] \
         == ["group"]
+
+
+async def test_forgetting_a_user_removes_who_answered_an_approval_in_their_turns(
+        table_store: TableConversationStore) -> None:
+    # GIVEN Ada's turn in a group chat whose tool call she approved
+    from datetime import UTC, datetime
+
+    from shared.messages import ToolCall, ToolDecision
+
+    window = await table_store.load_window("group-approval", token_budget=BUDGET, max_messages=100)
+    indexed = await table_store.write_indexes(window, today=today(), sender=ADA, shared=True)
+    call = ToolCall(id="c1", name="delete_notes", arguments='{"topic": "drafts"}')
+    decision = ToolDecision(outcome="approved", at=datetime(2026, 3, 4, tzinfo=UTC), by="Ada",
+                            by_id="29:ada", arguments_sha256="ab" * 32)
+    await table_store.commit_turn(replace(window, indexed=indexed), activity_id="t1", messages=[
+        ChatMessage(role="user", content="delete the drafts", sender=ADA),
+        ChatMessage(role="assistant", tool_calls=(call,)),
+        ChatMessage(role="tool", content="deleted", tool_call_id="c1", name="delete_notes",
+                    decision=decision),
+        ChatMessage(role="assistant", content="Done.")])
+    # WHEN she is forgotten
+    await table_store.forget_user("29:ada")
+    # THEN the decision stays (what, when), without who answered
+    stored = await table_store.list_messages("group-approval")
+    kept = stored[2].decision
+    assert kept is not None and (kept.outcome, kept.at, kept.by, kept.by_id) == (
+        "approved", decision.at, None, None)
+    assert stored[2].content == "deleted"

@@ -256,7 +256,7 @@ async def test_a_budget_that_runs_out_between_tool_rounds_ends_the_turn_politely
     bot = make_bot(store, handler, clock=lambda: NOON, CHAT_TENANT_DAILY_TOKEN_LIMIT="1050",
                    CHAT_MAX_REPLY_TOKENS="100")
     bot.prompt.functions["lookup"] = lookup
-    bot.prompt._tools = [lookup.spec()]
+    bot.prompt._all = bot.prompt._offered(bot.prompt.functions.values())  # the offered tools
     # WHEN the user asks, and the model calls the tool
     response = await bot.handle(body=message("look it up", "c1"), headers=HEADERS)
     # THEN the second round finds no room: one model call, the turn stored with its tool round
