@@ -32,6 +32,7 @@ BENCHMARKS: tuple[str, ...] = (
     "budgets",
     "cold_start",
     "long_answers",
+    "order",
 )
 
 Benchmark = Callable[[str], Awaitable[dict[str, Any]]]

@@ -189,10 +189,12 @@ def worker_env(connection_string: str, table_name: str, model: FakeModelServer) 
 
 
 @contextlib.asynccontextmanager
-async def workers(envs: Sequence[dict[str, str]], *, traced: bool = False) -> AsyncIterator[list[Worker]]:
-    """Start one worker per env; sample their RSS every 50 ms until they stop."""
-    kind = TracedHostProcess if traced else DevHostProcess
-    started = [Worker(host=kind(env=env)) for env in envs]
+async def workers(envs: Sequence[dict[str, str]], *, traced: bool = False,
+                  root: Path = ROOT) -> AsyncIterator[list[Worker]]:
+    """Start one worker per env (from the checkout at `root`: another commit's tree, for a before
+    and after); sample their RSS every 50 ms until they stop."""
+    started = [Worker(host=TracedHostProcess(env=env) if traced else DevHostProcess(env=env, root=root))
+               for env in envs]
     try:
         for worker in started:
             await asyncio.to_thread(worker.host.start)

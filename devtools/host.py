@@ -132,16 +132,18 @@ class DevHostProcess:
     def __init__(self, *, env: dict[str, str], port: int | None = None,
                  log_path: Path | None = None, module: str = "devtools.host",
                  app_dir: Path | None = None, health_path: str = "/api/health",
-                 args: list[str] | None = None) -> None:
+                 args: list[str] | None = None, root: Path = ROOT) -> None:
         """`module` is run as `python -m module --port N` (a wrapper of this host may stand in);
         `app_dir` serves another function app (tests' own apps); `health_path` answers when up;
-        `args` are more command-line options (such as `--queue-lease-seconds`)."""
+        `args` are more command-line options (such as `--queue-lease-seconds`); `root` is the
+        checkout it runs from (another commit's tree, for a benchmark's before and after)."""
         from devtools.azurite import free_port
 
         self.module = module
         self.app_dir = app_dir
         self.health_path = health_path
         self.args = args or []
+        self.root = root
         self.port = port or free_port()
         self.env = env
         self.log_path = log_path or Path(f"/tmp/chatstate-devhost-{self.port}.log")
@@ -167,7 +169,7 @@ class DevHostProcess:
         self._log = self.log_path.open("wb")
         self._process = subprocess.Popen(
             [sys.executable, "-m", self.module, "--port", str(self.port),
-             *(["--app-dir", str(self.app_dir)] if self.app_dir else []), *self.args], cwd=ROOT, env=env,
+             *(["--app-dir", str(self.app_dir)] if self.app_dir else []), *self.args], cwd=self.root, env=env,
             stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -229,17 +229,11 @@ class ChatBot:
         """Keep the message in its conversation's order, queue a wake-up, and show that it is
         being answered if it goes first; 200 at once."""
         assert self.inbox is not None
-        look, committed = await asyncio.gather(
-            self.inbox.look(activity.conversation_id, activity.id),
+        # The head alone, not the activity's row: a kept activity waits (the head is not idle),
+        # so a retry of one opens no stream, and `accept`'s create of its row refuses it.
+        head, committed = await asyncio.gather(
+            self.inbox.read_head(activity.conversation_id),
             self.store.get_turn(activity.conversation_id, activity.id))
-        if look.kept:
-            # Its first delivery may have been kept but not queued (and answered 503): wake the
-            # conversation again (a wake-up that finds it answered, or held, costs nothing).
-            await self.inbox.enqueue(TurnTicket(conversation_id=activity.conversation_id,
-                                                activity_id=activity.id,
-                                                enqueued_at=time.time(), kind="wake"))
-            log.info("retry of an activity already accepted; acknowledged, its wake-up queued")
-            return BotResponse(status=200)
         if committed is not None and committed.delivered:
             log.info("retry of an activity already answered; acknowledged")
             return BotResponse(status=200)
@@ -249,9 +243,14 @@ class ChatBot:
             body, conversation_id=activity.conversation_id, activity_id=activity.id,
             sender=sender.id or "", aad=sender.aad_id or "",
             reset=activity.message_text.lower() == "/reset",
-            may_stream=committed is None and self.delivery.streams(activity), head=look.head)
+            may_stream=committed is None and self.delivery.streams(activity), head=head)
         if place is None:
-            log.info("retry of an activity accepted a moment ago; acknowledged")
+            # Its first delivery may have been kept but not queued (and answered 503): wake the
+            # conversation again (a wake-up that finds it answered, or held, costs nothing).
+            await self.inbox.enqueue(TurnTicket(conversation_id=activity.conversation_id,
+                                                activity_id=activity.id,
+                                                enqueued_at=time.time(), kind="wake"))
+            log.info("retry of an activity already accepted; acknowledged, its wake-up queued")
             return BotResponse(status=200)
         ticket = TurnTicket(conversation_id=activity.conversation_id, activity_id=activity.id,
                             enqueued_at=time.time())

@@ -19,7 +19,8 @@ The inbox table (the conversations table's name + `inbox`) has one partition per
 `last_seq + 1` (conditioned on the head's ETag) and creates the activity's row (the create fails
 for a channel's retry of an activity already kept: that is the dedupe). The same write decides
 whether the activity goes first and opens the chat's stream, so of two arrivals racing on an idle
-chat only one does. Every other change of the
+chat only one does. Transactions are built by hand (`shared.store.TableWire`: 1.8 ms of client CPU
+against the SDK's 4.6, benchmarks/README.md). Every other change of the
 head goes through `change_head`: read, a pure change, a conditional write, a bounded jittered
 retry. The queue (`CHAT_TURN_QUEUE`, base64 text as the Functions host reads it) carries small
 JSON `TurnTicket`s: wake-ups naming a conversation, never the unit of order.
@@ -52,7 +53,7 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
-from azure.data.tables import TableTransactionError, UpdateMode
+from azure.data.tables import UpdateMode
 from azure.data.tables.aio import TableClient
 from azure.storage.queue import BinaryBase64DecodePolicy, TextBase64EncodePolicy
 from azure.storage.queue.aio import QueueClient
@@ -60,6 +61,7 @@ from azure.storage.queue.aio import QueueClient
 from .errors import BadRequest, ConversationConflict, StorageForbidden, StorageRejected, StorageUnavailable
 from .keys import encode_key
 from .pending import Pending
+from .store import Operation, TableWire, TransactionFailed
 from .streaming import StreamStart
 
 __all__ = ["LEFTOVER_DAYS", "Inbox", "Kept", "OrderHead", "Place", "TurnTicket",
@@ -283,6 +285,7 @@ class Inbox:
                  poison: QueueClient | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self._table = table
+        self._wire = TableWire(table)
         self._queue = queue
         self._poison = poison
         self._ready = False
@@ -357,13 +360,13 @@ class Inbox:
             first = may_stream and read.idle(now) and now - read.streamed_at >= 1.0
             after = replace(read, last_seq=read.last_seq + 1,
                             streamed_at=now if first else read.streamed_at)
-            head_op: tuple[Any, ...] = ("create", after.entity(pk)) if read.etag is None else \
-                ("update", after.entity(pk), {"mode": UpdateMode.REPLACE, "etag": read.etag,
-                                              "match_condition": MatchConditions.IfNotModified})
+            head_op = Operation("create", after.entity(pk)) if read.etag is None else \
+                Operation("replace", after.entity(pk), etag=read.etag)
             try:
                 async with _translated("keeping the accepted activity"):
-                    await self._table.submit_transaction(
-                        [head_op, ("create", {**row, "seq": after.last_seq, "opening": first})])
+                    await self._wire.transact(
+                        [head_op, Operation("create", {**row, "seq": after.last_seq,
+                                                       "opening": first})])
             except StorageRejected as exc:
                 failed = _failed_operation(exc)
                 if failed == 1:
@@ -576,8 +579,8 @@ class Inbox:
                     if len(batch) == 1:
                         await self._table.delete_entity(pk, batch[0])
                     else:
-                        await self._table.submit_transaction(
-                            [("delete", {"PartitionKey": pk, "RowKey": key}) for key in batch])
+                        await self._wire.transact(
+                            [Operation("delete", {"PartitionKey": pk, "RowKey": key}) for key in batch])
             except StorageRejected as exc:
                 if _failed_operation(exc) is None:
                     raise
@@ -669,10 +672,10 @@ def _failed_operation(exc: StorageRejected) -> int | None:
     """Which operation of a transaction failed on a condition (a row there, or gone, or an ETag
     that no longer matches), or None for any other failure."""
     cause = exc.__cause__
-    if isinstance(cause, TableTransactionError):
-        if getattr(cause, "error_code", None) in ("EntityAlreadyExists", "UpdateConditionNotSatisfied",
+    if isinstance(cause, TransactionFailed):
+        if cause.error_code in ("EntityAlreadyExists", "UpdateConditionNotSatisfied",
                                 "ResourceNotFound", "EntityNotFound"):
-            return int(getattr(cause, "index", 0) or 0)
+            return cause.index or 0
         return None
     if isinstance(cause, ResourceExistsError | ResourceModifiedError | ResourceNotFoundError):
         return 0

@@ -206,6 +206,7 @@ class Conductor:
                                  delay=delay)
 
     async def _drain(self, head: OrderHead, me: str, *, after_crash: bool) -> None:
+        """Answer the conversation's units in order while holding it. `head`: as the take wrote it."""
         started = self.clock()
         hold = _Hold(self, head, me)
         renewing = asyncio.create_task(hold.renew_until_done())
@@ -213,8 +214,8 @@ class Conductor:
             while True:
                 # The head first: every activity up to its `last_seq` is in the listing after it
                 # (an arrival writes its row and the head in one transaction); later ones wait
-                # for the next round, and make the release fail.
-                head = await hold.current()
+                # for the next round, and make the release fail. The first round plans with the
+                # head the take just wrote; the others read it again.
                 kept = [k for k in await self.inbox.waiting(head.conversation_id)
                         if k.seq <= head.last_seq]
                 step = plan(kept, head, now=self.clock(), burst=self.burst,
@@ -223,10 +224,17 @@ class Conductor:
                         self.clock() - started > self.drain_seconds:
                     if await hold.release(kept, step, listed_up_to=head.last_seq):
                         return
+                    head = await hold.current()
                     continue  # something arrived as we let go: drain on
                 if after_crash:  # its stream may have gone further than the row says
                     step, after_crash = replace(step, resumed=True), False
-                await self._answer(step, hold)
+                finished = await self._answer(step, hold)
+                # Everything listed is answered: let go now, unless the head changed since it
+                # was read (an arrival), saving the read and the listing that would find nothing.
+                if finished and len(step.kept) == len(kept) and \
+                        await hold.release((), None, listed_up_to=head.last_seq):
+                    return
+                head = await hold.current()
         except HoldLost:
             log.warning("another worker took the conversation over; stopping here")
         except Exception:
@@ -239,10 +247,11 @@ class Conductor:
             renewing.cancel()
             await asyncio.gather(renewing, return_exceptions=True)
 
-    async def _answer(self, unit: Unit, hold: _Hold) -> None:
+    async def _answer(self, unit: Unit, hold: _Hold) -> bool:
+        """Answer `unit`; True when every activity of it is answered and forgotten."""
         if any(kept.given_up for kept in unit.kept):  # told already; forgetting it failed
             await self._forget(unit, "given up", hold)
-            return
+            return False
         try:
             outcome = await self.answerer.answer_unit(unit)
         except Exception as exc:
@@ -255,10 +264,12 @@ class Conductor:
             await self.inbox.remove(unit.conversation_id, ids)
             if unit.parked is not None:
                 await hold.change(lambda head: replace(head, parked=None))
-        elif isinstance(outcome, Paused):
+            return set(unit.activity_ids) <= set(ids)
+        if isinstance(outcome, Paused):
             await self._park(unit, outcome, hold)
         else:
             await self._failed(unit, outcome, hold)
+        return False
 
     async def _park(self, unit: Unit, paused: Paused, hold: _Hold) -> None:
         """Keep the turn so far with its last activity, the question on the head; then ask."""

@@ -19,6 +19,7 @@ from ._base import (
 from ._head import SUMMARY_MAX_CHARS
 from ._memory import InMemoryConversationStore
 from ._table import TableConversationStore
+from ._wire import Operation, TableWire, TransactionFailed
 
 __all__ = [
     "CAPABILITIES",
@@ -33,8 +34,11 @@ __all__ = [
     "FoldJob",
     "InMemoryConversationStore",
     "Indexed",
+    "Operation",
     "PurgeReport",
     "TableConversationStore",
+    "TableWire",
+    "TransactionFailed",
     "UserConversation",
     "UserData",
     "check_turn",
