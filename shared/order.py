@@ -222,7 +222,7 @@ class Conductor:
                             max_burst=self.max_burst)
                 if step is None or isinstance(step, Wait) or \
                         self.clock() - started > self.drain_seconds:
-                    if await hold.release(kept, step, listed_up_to=head.last_seq):
+                    if await hold.release(kept, step, planned_with=head):
                         return
                     head = await hold.current()
                     continue  # something arrived as we let go: drain on
@@ -232,7 +232,7 @@ class Conductor:
                 # Everything listed is answered: let go now, unless the head changed since it
                 # was read (an arrival), saving the read and the listing that would find nothing.
                 if finished and len(step.kept) == len(kept) and \
-                        await hold.release((), None, listed_up_to=head.last_seq):
+                        await hold.release((), None, planned_with=head):
                     return
                 head = await hold.current()
         except HoldLost:
@@ -386,14 +386,17 @@ class _Hold:
             log.warning("the hold was not let go (it expires): %s", exc)
 
     async def release(self, kept: Sequence[Kept], step: Unit | Wait | None, *,
-                      listed_up_to: int) -> bool:
-        """Let the conversation go, unless an activity arrived after `kept` (every activity up
-        to `listed_up_to`) was listed: True when released. A wait's wake-up is queued; an
-        unfinished drain's rest gets one now."""
+                      planned_with: OrderHead) -> bool:
+        """Let the conversation go, unless the head changed since `planned_with`, the head read
+        before `kept` was listed: an activity arrived, or a parked turn was answered (a person's
+        decision, a sign-in). True when released. A wait's wake-up is queued; an unfinished
+        drain's rest gets one now."""
         waiting = [k.seq for k in kept]
 
         def release(head: OrderHead) -> OrderHead | None:
-            if head.holder != self._me or head.last_seq != listed_up_to:
+            # Drain on rather than leave the change to a wake-up that waits for this hold.
+            if head.holder != self._me or head.last_seq != planned_with.last_seq or \
+                    head.parked != planned_with.parked:
                 return None
             done = min(waiting) - 1 if waiting else head.last_seq
             # `streamed_at`: a stream of ours may have ended a moment ago; the next one (the

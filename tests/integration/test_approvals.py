@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -21,6 +21,7 @@ from shared.approvals import NOT_KNOWN, RunOnceJournal, SavedTurn
 from shared.card_actions import ActionError, CardAction, ShowCard
 from shared.inbox import Inbox, OrderHead
 from shared.messages import ChatMessage, ToolCall, Usage
+from shared.order import Conductor, Unit, Wait, _Hold, plan
 from shared.pause import HeldCall, PausedTurn, arguments_sha256, round_sha256
 from shared.pending import Pending
 from shared.tools import ToolResult
@@ -237,3 +238,28 @@ async def test_a_saved_turn_whose_calls_are_not_the_approved_ones_runs_none(
     (resume,) = resumed
     assert declined_reason(resume.decisions["c1"], forged) == \
         "not run: the approval was for other arguments"
+
+
+async def test_an_answer_recorded_as_the_drain_lets_go_keeps_the_drain_answering(
+        inbox: Inbox) -> None:
+    # GIVEN a drain holding a conversation whose turn it has just parked: its plan, from the head
+    # it last read, is to wait for the person
+    conversation = f"a:{uuid.uuid4().hex}"
+    pending = await parked(inbox, conversation)
+    conductor = Conductor(inbox=inbox, answerer=cast(Any, None))
+    held = await inbox.change_head(conversation, lambda head: replace(
+        head, holder="drain-1", held_until=time.time() + 30))
+    assert held is not None
+    kept = await inbox.waiting(conversation)
+    step = plan(kept, held, now=time.time(), burst=True, max_burst=8)
+    assert isinstance(step, Wait) and not step.wake
+    # WHEN the person approves before the drain lets go
+    reply = await ApprovalAnswers(inbox=inbox).on_card(click(conversation, APPROVE_VERB, pending))
+    assert isinstance(reply, ShowCard)
+    released = await _Hold(conductor, held, "drain-1").release(kept, step, planned_with=held)
+    # THEN the drain keeps the conversation (its wake-up would wait for the hold to end), and
+    # the head it reads again plans the approved turn
+    assert released is False
+    head = await inbox.read_head(conversation)
+    assert head is not None and head.holder == "drain-1"
+    assert isinstance(plan(kept, head, now=time.time(), burst=True, max_burst=8), Unit)
