@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -42,16 +43,20 @@ async def table_store(
 @pytest.fixture
 async def models_closed(request: pytest.FixtureRequest,
                         monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[None]:
-    """Close every model the test module's `build_model` built (their HTTP sessions with them)."""
-    build = request.module.build_model
+    """Close every model the test module's `build_model` built, or the shared `model_for`
+    (tests/integration/tool_model.py), with their HTTP sessions."""
     built: list[ChatModel] = []
 
-    def building(*args: object, **kwargs: object) -> ChatModel:
-        model: ChatModel = build(*args, **kwargs)
-        built.append(model)
-        return model
+    def counted(build: Callable[..., ChatModel]) -> Callable[..., ChatModel]:
+        def building(*args: object, **kwargs: object) -> ChatModel:
+            model = build(*args, **kwargs)
+            built.append(model)
+            return model
+        return building
 
-    monkeypatch.setattr(request.module, "build_model", building)
+    for module in (request.module, sys.modules.get("tests.integration.tool_model")):
+        if module is not None and hasattr(module, "build_model"):
+            monkeypatch.setattr(module, "build_model", counted(module.build_model))
     yield
     for model in built:
         await model.close()

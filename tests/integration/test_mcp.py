@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -14,11 +13,12 @@ from devtools.fake_model import FakeModelServer, Scripted, tool_call
 from devtools.mcp_server import DemoMcpServer
 from shared.mcp import McpTools
 from shared.messages import Citation
-from shared.model import ChatModel, build_model
+from shared.model import build_model
 from shared.prompt import SOURCES_HEADING, ChatPrompt, ConversationMemory
 from shared.settings import McpServerSettings, load_settings
 from shared.store import TableConversationStore
 from shared.tools import MAX_TOOL_RESULT_CHARS, tool
+from tests.integration.tool_model import model_for
 
 pytestmark = pytest.mark.usefixtures("models_closed")
 
@@ -27,26 +27,6 @@ pytestmark = pytest.mark.usefixtures("models_closed")
 async def add(a: int, b: int) -> int:
     """Add two whole numbers."""
     return a + b
-
-
-@pytest.fixture
-async def model_server() -> AsyncIterator[FakeModelServer]:
-    async with FakeModelServer() as running:
-        yield running
-
-
-@pytest.fixture
-async def mcp_server() -> AsyncIterator[DemoMcpServer]:
-    server = await DemoMcpServer().start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-def model_for(server: FakeModelServer) -> ChatModel:
-    return build_model(load_settings({"OPENAI_BASE_URL": server.base_url,
-                                      "OPENAI_MODEL": "tool-model"}).model)
 
 
 def demo(url: str, **options: object) -> McpServerSettings:

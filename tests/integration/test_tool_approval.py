@@ -6,7 +6,6 @@ MCP server is the demo server over real HTTP, the store a real Azurite."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,12 +15,13 @@ from devtools.fake_model import FakeModelServer, Scripted, tool_call
 from devtools.mcp_server import DemoMcpServer
 from shared.mcp import McpTools
 from shared.messages import ToolDecision
-from shared.model import ChatModel, build_model
+from shared.model import build_model
 from shared.pause import PausedTurn, ToolCallsHeld, arguments_sha256, decisions_for
 from shared.prompt import ChatPrompt, ConversationMemory
 from shared.settings import McpServerSettings, load_settings
 from shared.store import TableConversationStore
 from shared.tools import tool
+from tests.integration.tool_model import model_for
 
 pytestmark = pytest.mark.usefixtures("models_closed")
 
@@ -45,26 +45,6 @@ async def send_invoice(customer: str, amount: int) -> str:
 @pytest.fixture(autouse=True)
 def nothing_ran() -> None:
     ran.clear()
-
-
-@pytest.fixture
-async def model_server() -> AsyncIterator[FakeModelServer]:
-    async with FakeModelServer() as running:
-        yield running
-
-
-@pytest.fixture
-async def mcp_server() -> AsyncIterator[DemoMcpServer]:
-    server = await DemoMcpServer().start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-def model_for(server: FakeModelServer) -> ChatModel:
-    return build_model(load_settings({"OPENAI_BASE_URL": server.base_url,
-                                      "OPENAI_MODEL": "tool-model"}).model)
 
 
 def stored_and_read_back(paused: PausedTurn) -> PausedTurn:

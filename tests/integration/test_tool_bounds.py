@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 import pytest
@@ -16,10 +16,10 @@ from devtools.fake_model import FakeModelServer, Scripted, tool_call
 from devtools.mcp_server import DemoMcpServer
 from shared import telemetry
 from shared.mcp import McpTools
-from shared.model import ChatModel, build_model
 from shared.prompt import ChatPrompt
-from shared.settings import McpServerSettings, load_settings
+from shared.settings import McpServerSettings
 from shared.tools import MAX_TOOL_SPEC_CHARS, Function, tool
+from tests.integration.tool_model import model_for
 
 pytestmark = pytest.mark.usefixtures("models_closed")
 
@@ -28,26 +28,6 @@ pytestmark = pytest.mark.usefixtures("models_closed")
 async def add(a: int, b: int) -> int:
     """Add two whole numbers."""
     return a + b
-
-
-@pytest.fixture
-async def model_server() -> AsyncIterator[FakeModelServer]:
-    async with FakeModelServer() as running:
-        yield running
-
-
-@pytest.fixture
-async def mcp_server() -> AsyncIterator[DemoMcpServer]:
-    server = await DemoMcpServer().start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-def model_for(server: FakeModelServer) -> ChatModel:
-    return build_model(load_settings({"OPENAI_BASE_URL": server.base_url,
-                                      "OPENAI_MODEL": "tool-model"}).model)
 
 
 def demo(url: str, name: str = "demo") -> McpServerSettings:
