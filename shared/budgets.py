@@ -100,8 +100,9 @@ class Budgets:
         if activity.tenant_id:
             budgets.append(_Budget(Account("tenant", activity.tenant_id),
                                    daily=limits.tenant_daily_tokens))
-        return TurnSpend(self, tuple(budgets), tenant=activity.tenant_id,
-                         time_zone=activity.time_zone,
+        return TurnSpend(self, tuple(budgets),
+                         turn=Ledger.turn_id(activity.id) if activity.id else "",
+                         tenant=activity.tenant_id, time_zone=activity.time_zone,
                          max_reply_tokens=max_reply_tokens or self.max_reply_tokens)
 
     async def report(self, account: Account, *, days: int) -> UsageReport:
@@ -194,14 +195,18 @@ class TurnSpend:
     """One turn's budgets, told of each model call (the prompt's `SpendHook`); `finish` once the
     turn ends. Not shared between turns."""
 
-    def __init__(self, budgets: Budgets, accounts: tuple[_Budget, ...], *, tenant: str | None,
-                 time_zone: str | None, max_reply_tokens: int) -> None:
+    def __init__(self, budgets: Budgets, accounts: tuple[_Budget, ...], *, turn: str,
+                 tenant: str | None, time_zone: str | None, max_reply_tokens: int) -> None:
         self._budgets = budgets
         self._accounts = accounts
+        #: The turn's name in the ledgers' minutes (`Ledger.turn_id`): a retry counts once.
+        self._turn = turn
         self._tenant = tenant
         self._time_zone = time_zone
         self._max_reply = max_reply_tokens
         self._admitted: set[Account] = set()
+        #: Where this attempt counted the turn (not an earlier attempt of it).
+        self._counted_here: set[Account] = set()
         #: The open reservation: where it is held (account, day) and which it is.
         self._open: tuple[tuple[Account, ...], str, Reservation] | None = None
         #: Calls not yet recorded in the ledgers that reserve nothing: (model, usage).
@@ -283,7 +288,7 @@ class TurnSpend:
                 spent = ledger.settle(total, model=model, calls=calls)
                 if admitted:
                     return spent
-                counted = spent.admit(at, turns_per_minute=None)
+                counted = spent.admit(at, turn=self._turn, turns_per_minute=None)
                 assert isinstance(counted, Ledger)
                 return counted
             return change
@@ -306,10 +311,12 @@ class TurnSpend:
             nonlocal shortfall
             shortfall = None
             if admit:
-                admitted = ledger.admit(at, turns_per_minute=budget.per_minute)
+                admitted = ledger.admit(at, turn=self._turn, turns_per_minute=budget.per_minute)
                 if isinstance(admitted, Shortfall):
                     shortfall = admitted
                     return None
+                if admitted is not ledger:
+                    self._counted_here.add(budget.account)
                 ledger = admitted
             if budget.reserves:
                 reserved = ledger.reserve(reservation, limit=budget.daily, now=at)
@@ -326,9 +333,10 @@ class TurnSpend:
                          reservation: Reservation) -> None:
         """Undo what `_take` did in the ledgers that had room, when another had none."""
         def undo(budget: _Budget) -> Callable[[Ledger], Ledger]:
-            admitted = budget.account not in self._admitted
-            return lambda ledger: (ledger.unadmit(at) if admitted else ledger).release(
-                reservation.id)
+            admitted = budget.account not in self._admitted and \
+                budget.account in self._counted_here
+            return lambda ledger: (ledger.unadmit(at, turn=self._turn) if admitted
+                                   else ledger).release(reservation.id)
 
         await asyncio.gather(*(self._write(b.account, day, undo(b), "a reservation not given "
                                            "back (it expires)") for b in taken))

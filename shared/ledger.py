@@ -7,7 +7,8 @@ budget's counter and the day's usage record (kept for the retention period):
 
     tokens, input_tokens, cached_tokens, output_tokens   settled: what the model calls billed
     calls, turns                                          model calls settled, turns admitted
-    minute, minute_turns                                  turns in the current UTC minute
+    minute, minute_turns, minute_turn_ids                 turns in the current UTC minute, and
+                                                          which (a retried turn counts once)
     reservations                                          open worst cases: id, tokens, expiry
     models                                                tokens by model (an estimated cost)
 
@@ -18,6 +19,7 @@ removes its reservation. A reservation past its expiry (its worker died) counts 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -34,6 +36,9 @@ Level = Literal["user", "tenant"]
 MAX_RESERVATIONS = 500
 #: At most this many models are named in a day's breakdown; the rest are counted as "other".
 MAX_MODELS = 16
+#: The turns of the current minute a ledger remembers (12 characters each), so that a retry of one
+#: (a queue's redelivery, a failed attempt tried again) is not counted as another turn.
+MAX_MINUTE_TURN_IDS = 120
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +92,8 @@ class Ledger:
     #: Minutes since the epoch of the minute `minute_turns` counts.
     minute: int = 0
     minute_turns: int = 0
+    #: The turns counted in `minute` (`turn_id`s), the latest last.
+    minute_turn_ids: tuple[str, ...] = ()
     reservations: tuple[Reservation, ...] = ()
     models: tuple[ModelTokens, ...] = ()
     #: The stored row's ETag; None: not stored yet.
@@ -96,21 +103,34 @@ class Ledger:
         """Tokens held by reservations still open at `now` (seconds since the epoch)."""
         return sum(r.tokens for r in self.reservations if r.expires > now)
 
-    def admit(self, now: float, *, turns_per_minute: int | None) -> Ledger | Shortfall:
+    def admit(self, now: float, *, turn: str = "",
+              turns_per_minute: int | None) -> Ledger | Shortfall:
         """This ledger with one turn more (in the day and in `now`'s minute), or the shortfall
-        when the minute's turns are all taken."""
+        when the minute's turns are all taken. A `turn` counted already this minute (a retry of
+        it) is not counted again."""
         minute = int(now) // 60
-        taken = self.minute_turns if self.minute == minute else 0
+        current = self.minute == minute
+        if turn and current and turn in self.minute_turn_ids:
+            return self
+        taken = self.minute_turns if current else 0
         if turns_per_minute is not None and taken >= turns_per_minute:
             return Shortfall("turns_per_minute")
-        return replace(self, turns=self.turns + 1, minute=minute, minute_turns=taken + 1)
+        ids = self.minute_turn_ids if current else ()
+        return replace(self, turns=self.turns + 1, minute=minute, minute_turns=taken + 1,
+                       minute_turn_ids=(*ids, turn)[-MAX_MINUTE_TURN_IDS:] if turn else ids)
 
-    def unadmit(self, now: float) -> Ledger:
+    def unadmit(self, now: float, *, turn: str = "") -> Ledger:
         """This ledger without a turn `admit` counted at `now` (its call was refused elsewhere)."""
-        minute = int(now) // 60
+        if self.minute != int(now) // 60:
+            return replace(self, turns=max(0, self.turns - 1))
         return replace(self, turns=max(0, self.turns - 1),
-                       minute_turns=max(0, self.minute_turns - 1) if self.minute == minute
-                       else self.minute_turns)
+                       minute_turns=max(0, self.minute_turns - 1),
+                       minute_turn_ids=tuple(t for t in self.minute_turn_ids if t != turn))
+
+    @staticmethod
+    def turn_id(activity_id: str) -> str:
+        """A turn's short name in `minute_turn_ids`: a hash of the activity it answers."""
+        return hashlib.sha256(activity_id.encode()).hexdigest()[:12]
 
     def reserve(self, reservation: Reservation, *, limit: int | None, now: float) -> Ledger | Shortfall:
         """This ledger holding `reservation` (expired ones let go), if `limit` has room for it."""

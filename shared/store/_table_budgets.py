@@ -174,6 +174,7 @@ def _read(entity: TableEntity | Entity, account: Account, etag: str | None) -> L
         calls=int(entity.get("calls", 0)),
         turns=int(entity.get("turns", 0)), minute=int(entity.get("minute", 0)),
         minute_turns=int(entity.get("minute_turns", 0)),
+        minute_turn_ids=tuple(t for t in str(entity.get("minute_turn_ids", "")).split(",") if t),
         reservations=Ledger.parse_reservations(str(entity.get("reservations", "[]"))),
         models=Ledger.parse_models(str(entity.get("models", "[]"))),
         etag=str(etag) if etag is not None else None)
@@ -194,5 +195,6 @@ def _entity(ledger: Ledger) -> Entity:
             "cached_tokens": (ledger.cached_tokens, "Edm.Int64"),
             "output_tokens": (ledger.output_tokens, "Edm.Int64"),
             "calls": ledger.calls, "turns": ledger.turns, "minute": ledger.minute,
-            "minute_turns": ledger.minute_turns, "reservations": ledger.reservations_json(),
+            "minute_turns": ledger.minute_turns,
+            "minute_turn_ids": ",".join(ledger.minute_turn_ids), "reservations": ledger.reservations_json(),
             "models": ledger.models_json()}

@@ -228,6 +228,33 @@ async def test_tool_round_tokens_count_when_a_later_call_fails(
     assert await bot.store.list_messages("c1") == []
 
 
+async def test_a_retried_turn_takes_one_place_in_the_users_minute(
+        instances: Callable[..., list[ChatBot]]) -> None:
+    # GIVEN a user allowed one turn a minute, and a model whose first call fails
+    honest = HonestModel()
+    failures = [500]
+
+    async def flaky(request: httpx2.Request) -> httpx2.Response:
+        if failures:
+            return httpx2.Response(failures.pop(), json={"error": {"message": "down"}})
+        return await honest(request)
+
+    clock = Clock(datetime.now(UTC).replace(second=10))
+    (bot,) = instances(1, flaky, clock, CHAT_USER_TURNS_PER_MINUTE="1")
+    body = activity("hello", "c1", user="dee")
+    # WHEN the first attempt fails, and the channel sends the same message again
+    first = await bot.handle(body=body, headers=HEADERS)
+    again = await bot.handle(body=body, headers=HEADERS)
+    # THEN the retry is answered, not refused: the user's minute counts the message once
+    assert text_of(first) == APOLOGY
+    assert text_of(again) == "answer 1"
+    (day,) = await bot.store.list_ledgers(Account("user", "dee"), since=utc_day(clock()))
+    assert (day.turns, day.minute_turns) == (1, 1)
+    # AND another message in the same minute is refused
+    other = await bot.handle(body=activity("next", "c1", user="dee"), headers=HEADERS)
+    assert "faster" in text_of(other) and honest.calls == 1
+
+
 async def test_without_limits_the_usage_is_still_recorded_once_per_turn(
         instances: Callable[..., list[ChatBot]]) -> None:
     # GIVEN no budget set
