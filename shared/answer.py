@@ -64,6 +64,8 @@ BUSY = "Sorry, this conversation is very busy right now. Please send that again 
 WITHDRAWN = "This message was removed at the sender's request, so it was not answered."
 #: The streamed reply of a turn that pauses ends with this (the card follows as its own message).
 PAUSE_NOTE = "Before I go on, I need your approval for this step."
+#: Ends a stream whose start could not be kept when its turn fails (the retry answers anew).
+INTERRUPTED = "I was interrupted; my answer follows in a moment."
 #: A tool that asks a person first, where answers cannot wait for one (inline, expectReplies).
 NO_APPROVALS = ("Sorry, I would need your approval for a step of this, and I can ask for it only "
                 "when I answer through my turn queue; nothing was done.")
@@ -237,7 +239,7 @@ class Answerer:
                     return Answered()
                 reply_to = owner if stream is not None and owner is not None \
                     else checked[-1].activity
-                refused = False
+                refused, kept_stream = False, True
                 if stream is None and self.delivery.streams(reply_to):
                     # It waited behind another turn: its stream starts now, kept with its
                     # message so a worker that takes over after a crash ends it.
@@ -245,13 +247,17 @@ class Answerer:
                                                              paced_after=unit.streamed_at)
                     refused = stream is None  # not asked again in this turn
                     if stream is not None:
-                        await self._keep_stream(unit, reply_to, stream)
+                        kept_stream = await self._keep_stream(unit, reply_to, stream)
                 progress = self.delivery.progress(reply_to, resume=stream, updates=not unit.retried,
                                                   paced_after=unit.streamed_at, streams=not refused)
                 try:
                     outcome, window = await self._queued_turn(
                         lambda: self._run(checked, progress, kept=True), reply_to, progress,
                         first=checked[0].activity.id)
+                    if isinstance(outcome, Failed) and not kept_stream and \
+                            progress.stream is not None and progress.stream.start is not None:
+                        # Nobody else knows this stream: the next attempt could not end it.
+                        await self.delivery.text(reply_to, INTERRUPTED, progress=progress)
                 finally:
                     await progress.close()
             except ConnectorError as exc:  # not delivered: the retry re-sends it
@@ -261,14 +267,17 @@ class Answerer:
             await self._after_reply(reply_to, window)
         return outcome
 
-    async def _keep_stream(self, unit: Unit, reply_to: Activity, stream: StreamStart) -> None:
+    async def _keep_stream(self, unit: Unit, reply_to: Activity, stream: StreamStart) -> bool:
         """Keep the start of the stream this turn opened (a worker taking over after a crash
-        ends it); the turn goes on with it if that fails, and ends it itself."""
+        ends it); False if that fails: the turn goes on with it, and ends it itself, even when
+        the turn fails."""
         assert self.inbox is not None
         try:
             await self.inbox.keep_stream(unit.conversation_id, reply_to.id, stream)
         except StoreError as exc:
             log.warning("the stream's start was not kept (the turn goes on with it): %s", exc)
+            return False
+        return True
 
     async def _opened(self, unit: Unit, activities: Sequence[Activity],
                       ) -> tuple[StreamStart | None, Activity | None]:

@@ -16,7 +16,7 @@ import pytest
 
 from devtools.fake_channel import FakeConnector
 from devtools.fake_model import FakeModelServer, Scripted
-from shared.answer import RESET_DONE, WITHDRAWN, TurnFailed
+from shared.answer import INTERRUPTED, RESET_DONE, WITHDRAWN, TurnFailed
 from shared.errors import ModelUnavailable
 from shared.inbox import TurnTicket
 from shared.removal import forget_user
@@ -262,6 +262,35 @@ async def test_a_turn_whose_stream_start_is_not_kept_still_ends_its_stream(
     # THEN the second turn ended the stream it opened, once, with its answer
     assert running.user_texts("a:unkept") == ["the first answer", "the second answer"]
     assert model.calls == 2
+    assert connector.streams.broken() == []
+
+
+async def test_a_failed_turn_whose_stream_start_is_not_kept_ends_its_stream_itself(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a personal chat answering a slow first message, an inbox that will fail the write
+    # that keeps the start of the stream the second message's turn opens, and a model whose
+    # answer to the second fails once
+    model, connector = servers
+    model.then(Scripted(content="the first answer", delay=1.5),
+               Scripted(status=500, error={"message": "down"}),
+               Scripted(content="the second answer"))
+    policy = StoragePolicy()
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      policies=lambda slot, client: [policy] if client == "inbox" else []) \
+            as running:
+        await running.post(running.message("one", "a:unkept-failed"))
+        await eventually(lambda: model.calls == 1)
+        policy.fail_next.append(lambda method, url: method in ("PATCH", "MERGE")
+                                and "RowKey='asecond'" in url)
+        # WHEN a second message arrives behind it, and its first attempt fails
+        await running.post(running.message("two", "a:unkept-failed", id="second"))
+        await running.settled(within=30)
+    # THEN the failed attempt ended the stream it opened (no later attempt knew it), and the
+    # retry answered
+    assert model.calls == 3
+    assert running.user_texts("a:unkept-failed") == [
+        "the first answer", INTERRUPTED, "the second answer"]
     assert connector.streams.broken() == []
 
 
