@@ -51,7 +51,7 @@ from azure.core.pipeline.policies import AsyncHTTPPolicy
 from azure.data.tables.aio import TableClient
 
 from devtools.azurite import STORAGE_ENV, given_or_started
-from shared.answer import APOLOGY, RESET_DONE, WITHDRAWN
+from shared.answer import APOLOGY, INTERRUPTED, RESET_DONE, WITHDRAWN
 from shared.errors import ChatstateError
 from shared.inbox import Inbox, TurnTicket, inbox_table_name
 from shared.keys import encode_key
@@ -136,7 +136,7 @@ SETTLE_SECONDS = 90.0
 #: The channel sends a message again when the webhook answered 5xx, this many times.
 CHANNEL_RETRIES = 2
 #: Replies that are not an answer the turn stored (the budget replies begin with these words).
-_NOT_ANSWERS = {APOLOGY, RESET_DONE, WITHDRAWN, *LIMIT_REPLIES.values()}
+_NOT_ANSWERS = {APOLOGY, INTERRUPTED, RESET_DONE, WITHDRAWN, *LIMIT_REPLIES.values()}
 _BUDGET_REPLIES = ("You've reached your daily usage limit", "Your organization has reached",
                    "You're sending messages faster than I can answer across")
 

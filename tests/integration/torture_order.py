@@ -27,7 +27,7 @@ from aiohttp import web
 
 from devtools.fake_channel import FakeConnector
 from devtools.teams_streams import Stream
-from shared.answer import APOLOGY, RESET_DONE
+from shared.answer import APOLOGY, INTERRUPTED, RESET_DONE
 from shared.bot import ChatBot
 from shared.errors import ConnectorError
 from shared.keys import encode_key
@@ -280,6 +280,8 @@ class Observer:
         for index, activity in enumerate(self.channel.activities):
             if activity.get("type") != "message":
                 continue  # a typing indicator
+            if activity.get("text") == INTERRUPTED:
+                continue  # a failed attempt ended its unkept stream: the next one answers
             at = self.channel.ticks[index] if index < len(self.channel.ticks) else tick()
             run = self._doer(activity, at)
             if run is not None:
