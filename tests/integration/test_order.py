@@ -16,7 +16,8 @@ import pytest
 
 from devtools.fake_channel import FakeConnector
 from devtools.fake_model import FakeModelServer, Scripted
-from shared.answer import RESET_DONE, WITHDRAWN, TurnFailed
+from shared.answer import APOLOGY, RESET_DONE, WITHDRAWN, TurnFailed
+from shared.bot import ChatBot
 from shared.errors import ModelUnavailable
 from shared.inbox import TurnTicket
 from shared.removal import forget_user
@@ -261,6 +262,34 @@ async def test_a_turn_whose_stream_start_is_not_kept_still_ends_its_stream(
         await running.settled()
     # THEN the second turn ended the stream it opened, once, with its answer
     assert running.user_texts("a:unkept") == ["the first answer", "the second answer"]
+    assert model.calls == 2
+    assert connector.streams.broken() == []
+
+
+async def test_a_turn_given_up_on_the_attempt_that_opened_its_stream_ends_it_with_the_apology(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a personal chat answering a slow first message, a model that will fail the next
+    # call, and turns given up after one attempt: the attempt that opens the stream of a message
+    # waiting behind is its last
+    model, connector = servers
+    model.then(Scripted(content="the first answer", delay=1.5),
+               Scripted(status=500, error={"message": "unavailable"}))
+
+    def one_attempt(slot: int, bot: ChatBot) -> None:
+        assert bot.answerer.conductor is not None
+        bot.answerer.conductor.max_attempts = 1
+
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      on_bot=one_attempt) as running:
+        await running.post(running.message("one", "a:given-up"))
+        await eventually(lambda: model.calls == 1)
+        # WHEN a second message arrives behind it, and its turn opens its stream and fails
+        await running.post(running.message("two", "a:given-up", id="second"))
+        await running.settled()
+    # THEN the apology ended that stream (it was kept with the message after the unit was
+    # planned), once
+    assert running.user_texts("a:given-up") == ["the first answer", APOLOGY]
     assert model.calls == 2
     assert connector.streams.broken() == []
 
