@@ -544,6 +544,32 @@ async def test_a_users_removal_ends_the_stream_of_their_waiting_message(
     assert connector.streams.broken() == []
 
 
+async def test_a_users_removal_between_the_plan_and_the_read_still_ends_the_stream(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a message that went first in a personal chat (its stream shows "Thinking…"), and a
+    # worker that listed it for its turn and is reading its body
+    model, connector = servers
+    policy = StoragePolicy()
+    reading = Gate(lambda method, url: method == "GET" and "RowKey='afirst'" in url
+                   and "select" not in url)
+    policy.gates.append(reading)
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      policies=lambda slot, client: [policy] if client == "inbox" else []) \
+            as running:
+        await running.post(running.message("remember my card 4242", "a:between", id="first"))
+        await asyncio.wait_for(reading.reached.wait(), 10)
+        # WHEN the user asks to be forgotten meanwhile, and the read goes on
+        await forget_user(running.store, running.inbox, "29:u")
+        reading.release()
+        await running.settled()
+        stored = await running.store.list_messages("a:between")
+    # THEN nothing was asked or stored, and the stream ended saying why
+    assert stored == [] and model.calls == 0
+    assert running.user_texts("a:between") == [WITHDRAWN]
+    assert connector.streams.broken() == []
+
+
 async def test_no_provider_error_text_leaves_with_the_queue_triggers_exception(
         azurite_connection_string: str, table_name: str, caplog: pytest.LogCaptureFixture,
         servers: tuple[FakeModelServer, FakeConnector]) -> None:
