@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from .activity import Activity, parse_activity
@@ -218,6 +218,8 @@ class Answerer:
             await self._withdrawn(unit)
             return Answered()
         read = await self._read(unit)
+        if len(read) < len(unit.kept):
+            await self._withdrawn_since(unit, read)
         if not read:
             return Answered()
         activities = [activity for activity, _ in read]
@@ -327,6 +329,17 @@ class Answerer:
                 continue  # (checked as any activity read back)
             await self._say(activity, WITHDRAWN, resume=stream)
             log.info("ended the stream of a message withdrawn while it waited")
+
+    async def _withdrawn_since(self, unit: Unit, read: Sequence[tuple[Activity, Kept]]) -> None:
+        """Messages of `unit` withdrawn after it was planned (their sender's removal came between
+        the listing and the read, so `_read` found no body): end the streams opened for them, as
+        for a unit planned withdrawn; the drain forgets their stubs with the unit."""
+        assert self.inbox is not None
+        gone = set(unit.activity_ids) - {activity.id for activity, _ in read}
+        withdrawn = tuple(kept for kept in await self.inbox.waiting(unit.conversation_id)
+                          if kept.withdrawn and kept.activity_id in gone)
+        if withdrawn:
+            await self._withdrawn(replace(unit, kept=withdrawn))
 
     async def give_up(self, unit: Unit) -> None:
         """The unit's last attempt failed: one apology, ending the stream its first message has."""

@@ -295,11 +295,18 @@ class Conductor:
             return
         log.error("the turn failed on its last attempt (%d: %s); apologising; a record goes to "
                   "the poison queue", attempts, failed.reason)
-        await self.answerer.give_up(unit)
+        await self.answerer.give_up(await self._as_kept_now(unit))
         # Recorded before it is forgotten: if that fails, the retry neither asks the model nor
         # apologises again.
         await self.inbox.mark_given_up(unit.conversation_id, unit.activity_ids)
         await self._forget(unit, failed.reason, hold)
+
+    async def _as_kept_now(self, unit: Unit) -> Unit:
+        """`unit` with its rows as its last attempt left them: the plan was listed before that
+        attempt, which may have opened its stream and kept it with a message since (a message
+        that waited behind another turn), and the apology must end that stream."""
+        now = {kept.activity_id: kept for kept in await self.inbox.waiting(unit.conversation_id)}
+        return replace(unit, kept=tuple(now.get(kept.activity_id, kept) for kept in unit.kept))
 
     async def _forget(self, unit: Unit, reason: str, hold: _Hold) -> None:
         """A given-up unit: a text-free record of each message in the poison queue, then gone."""

@@ -16,7 +16,8 @@ import pytest
 
 from devtools.fake_channel import FakeConnector
 from devtools.fake_model import FakeModelServer, Scripted
-from shared.answer import INTERRUPTED, RESET_DONE, WITHDRAWN, TurnFailed
+from shared.answer import APOLOGY, INTERRUPTED, RESET_DONE, WITHDRAWN, TurnFailed
+from shared.bot import ChatBot
 from shared.errors import ModelUnavailable
 from shared.inbox import TurnTicket
 from shared.removal import forget_user
@@ -294,6 +295,34 @@ async def test_a_failed_turn_whose_stream_start_is_not_kept_ends_its_stream_itse
     assert connector.streams.broken() == []
 
 
+async def test_a_turn_given_up_on_the_attempt_that_opened_its_stream_ends_it_with_the_apology(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a personal chat answering a slow first message, a model that will fail the next
+    # call, and turns given up after one attempt: the attempt that opens the stream of a message
+    # waiting behind is its last
+    model, connector = servers
+    model.then(Scripted(content="the first answer", delay=1.5),
+               Scripted(status=500, error={"message": "unavailable"}))
+
+    def one_attempt(slot: int, bot: ChatBot) -> None:
+        assert bot.answerer.conductor is not None
+        bot.answerer.conductor.max_attempts = 1
+
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      on_bot=one_attempt) as running:
+        await running.post(running.message("one", "a:given-up"))
+        await eventually(lambda: model.calls == 1)
+        # WHEN a second message arrives behind it, and its turn opens its stream and fails
+        await running.post(running.message("two", "a:given-up", id="second"))
+        await running.settled()
+    # THEN the apology ended that stream (it was kept with the message after the unit was
+    # planned), once
+    assert running.user_texts("a:given-up") == ["the first answer", APOLOGY]
+    assert model.calls == 2
+    assert connector.streams.broken() == []
+
+
 async def test_stream_requests_the_chat_refuses_still_keep_teams_pace(
         azurite_connection_string: str, table_name: str,
         servers: tuple[FakeModelServer, FakeConnector]) -> None:
@@ -541,6 +570,32 @@ async def test_a_users_removal_ends_the_stream_of_their_waiting_message(
     # stream ended saying why
     assert kept_text == [] and kept == [] and stored == [] and model.calls == 0
     assert running.user_texts("a:waiting") == [WITHDRAWN]
+    assert connector.streams.broken() == []
+
+
+async def test_a_users_removal_between_the_plan_and_the_read_still_ends_the_stream(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN a message that went first in a personal chat (its stream shows "Thinking…"), and a
+    # worker that listed it for its turn and is reading its body
+    model, connector = servers
+    policy = StoragePolicy()
+    reading = Gate(lambda method, url: method == "GET" and "RowKey='afirst'" in url
+                   and "select" not in url)
+    policy.gates.append(reading)
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      policies=lambda slot, client: [policy] if client == "inbox" else []) \
+            as running:
+        await running.post(running.message("remember my card 4242", "a:between", id="first"))
+        await asyncio.wait_for(reading.reached.wait(), 10)
+        # WHEN the user asks to be forgotten meanwhile, and the read goes on
+        await forget_user(running.store, running.inbox, "29:u")
+        reading.release()
+        await running.settled()
+        stored = await running.store.list_messages("a:between")
+    # THEN nothing was asked or stored, and the stream ended saying why
+    assert stored == [] and model.calls == 0
+    assert running.user_texts("a:between") == [WITHDRAWN]
     assert connector.streams.broken() == []
 
 
