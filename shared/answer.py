@@ -218,8 +218,9 @@ class Answerer:
             await self._withdrawn(unit)
             return Answered()
         read = await self._read(unit)
-        if len(read) < len(unit.kept):
-            await self._withdrawn_since(unit, read)
+        if len(read) < len(unit.kept) and await self._withdrawn_since(unit, read):
+            # A stream of the chat ended just now: the rest's stream keeps Teams' pace after it.
+            unit = replace(unit, streamed_at=time.time())
         if not read:
             return Answered()
         activities = [activity for activity, _ in read]
@@ -302,9 +303,11 @@ class Answerer:
                     "without it")
         return None, None
 
-    async def _withdrawn(self, unit: Unit) -> None:
+    async def _withdrawn(self, unit: Unit) -> bool:
         """Messages withdrawn while they waited (their sender's removal): end the stream opened
-        for any of them, saying why (nothing else is sent, nothing asked or stored)."""
+        for any of them, saying why (nothing else is sent, nothing asked or stored). True when
+        a stream was ended."""
+        ended = False
         assert self.inbox is not None
         for kept in unit.kept:
             stream = kept.stream
@@ -328,9 +331,11 @@ class Answerer:
                     not self.reply_allowed(activity.service_url):
                 continue  # (checked as any activity read back)
             await self._say(activity, WITHDRAWN, resume=stream)
+            ended = True
             log.info("ended the stream of a message withdrawn while it waited")
+        return ended
 
-    async def _withdrawn_since(self, unit: Unit, read: Sequence[tuple[Activity, Kept]]) -> None:
+    async def _withdrawn_since(self, unit: Unit, read: Sequence[tuple[Activity, Kept]]) -> bool:
         """Messages of `unit` withdrawn after it was planned (their sender's removal came between
         the listing and the read, so `_read` found no body): end the streams opened for them, as
         for a unit planned withdrawn; the drain forgets their stubs with the unit."""
@@ -338,8 +343,7 @@ class Answerer:
         gone = set(unit.activity_ids) - {activity.id for activity, _ in read}
         withdrawn = tuple(kept for kept in await self.inbox.waiting(unit.conversation_id)
                           if kept.withdrawn and kept.activity_id in gone)
-        if withdrawn:
-            await self._withdrawn(replace(unit, kept=withdrawn))
+        return bool(withdrawn) and await self._withdrawn(replace(unit, kept=withdrawn))
 
     async def give_up(self, unit: Unit) -> None:
         """The unit's last attempt failed: one apology, ending the stream its first message has."""
