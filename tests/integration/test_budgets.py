@@ -273,9 +273,11 @@ async def test_without_limits_the_usage_is_still_recorded_once_per_turn(
 async def test_the_usage_table_and_csv_list_each_tenant_and_day(
         instances: Callable[..., list[ChatBot]], azurite_connection_string: str,
         table_name: str) -> None:
-    # GIVEN two tenants' turns today, and a priced model
+    # GIVEN two tenants' turns today (a clock that stays on one day, though the suite may
+    # cross midnight), and a priced model
     model = HonestModel()
-    (bot,) = instances(1, model)
+    today = Clock(datetime.now(UTC))
+    (bot,) = instances(1, model, today)
     for user, tenant in (("u1", "contoso"), ("u2", "contoso"), ("u3", "fabrikam")):
         await bot.handle(body=activity("hello", f"c-{user}", user=user, tenant=tenant),
                          headers=HEADERS)
@@ -293,7 +295,7 @@ async def test_the_usage_table_and_csv_list_each_tenant_and_day(
     assert lines[1].startswith("contoso") and lines[2].startswith("fabrikam")
     rows = list(csv.DictReader(io.StringIO(sheet.getvalue())))
     assert [(r["id"], r["day"], r["turns"]) for r in rows] == [
-        ("contoso", utc_day(TODAY), "2"), ("fabrikam", utc_day(TODAY), "1")]
+        ("contoso", utc_day(today()), "2"), ("fabrikam", utc_day(today()), "1")]
     contoso = rows[0]
     cost = (int(contoso["input_tokens"]) * 1 + int(contoso["output_tokens"]) * 2) / 1_000_000
     assert float(contoso["estimated_cost"]) == pytest.approx(cost)
