@@ -258,7 +258,7 @@ class ChatBot:
             await self.inbox.enqueue(ticket)
         except StoreError:
             try:  # let the channel's retry accept it again
-                await self.inbox.remove(activity.conversation_id, [activity.id])
+                await self.inbox.remove(activity.conversation_id, [activity.id], unseen=True)
             except StoreError as exc:
                 log.error("not queued, and its kept copy not removed: %s", exc)
             raise

@@ -14,10 +14,13 @@ The inbox table (the conversations table's name + `inbox`) has one partition per
                   `/reset`, the stream opened for it (`opening` while the webhook opens it), the
                   attempts made, and a paused turn's saved state; after its sender's removal, a
                   text-free stub (`withdrawn`)
+    s<activity>   that the activity was accepted: no text, outliving its `a` row (the answer
+                  removes that) until the leftovers' purge
 
 `accept` gives the activity its place: one entity-group transaction writes the head with
-`last_seq + 1` (conditioned on the head's ETag) and creates the activity's row (the create fails
-for a channel's retry of an activity already kept: that is the dedupe). The same write decides
+`last_seq + 1` (conditioned on the head's ETag) and creates the activity's two rows (a create
+fails for a channel's retry of an activity kept or answered before: that is the dedupe, which a
+retry that was slow to arrive cannot slip past after the answer, and a clear cannot undo). The same write decides
 whether the activity goes first and opens the chat's stream, so of two arrivals racing on an idle
 chat only one does. Transactions are built by hand (`shared.store.TableWire`: 1.8 ms of client CPU
 against the SDK's 4.6, benchmarks/README.md). Every other change of the
@@ -72,6 +75,8 @@ log = logging.getLogger(__name__)
 ORDER_ROW = "!order"
 ROW_PREFIX = "a"
 _ROWS_END = "b"  # every activity row's key sorts below it
+SEEN_PREFIX = "s"
+_SEEN_END = "t"
 #: A binary property holds at most 64 KiB.
 CHUNK_BYTES = 60_000
 MAX_CHUNKS = 16
@@ -366,11 +371,13 @@ class Inbox:
                 async with _translated("keeping the accepted activity"):
                     await self._wire.transact(
                         [head_op, Operation("create", {**row, "seq": after.last_seq,
-                                                       "opening": first})])
+                                                       "opening": first}),
+                         Operation("create", {"PartitionKey": pk,
+                                              "RowKey": _seen_key(activity_id)})])
             except StorageRejected as exc:
                 failed = _failed_operation(exc)
-                if failed == 1:
-                    return None  # the row is there: a retry of an activity already kept
+                if failed in (1, 2):
+                    return None  # a retry of an activity kept (1) or answered (2) before
                 if failed == 0:
                     continue  # the head moved (another arrival, a hold): read it again
                 raise
@@ -568,10 +575,13 @@ class Inbox:
         count = int((row or {}).get("saved_chunks", 0))
         return zlib.decompress(_joined(row, "s", count)) if row is not None and count else None
 
-    async def remove(self, conversation_id: str, activity_ids: Sequence[str]) -> None:
-        """Forget answered activities (a missing row is not an error)."""
+    async def remove(self, conversation_id: str, activity_ids: Sequence[str], *,
+                     unseen: bool = False) -> None:
+        """Forget answered activities (a missing row is not an error). `unseen`: as if never
+        accepted (not queued: the channel's retry is accepted again)."""
         pk = encode_key(conversation_id)
-        keys = [_row_key(activity_id) for activity_id in dict.fromkeys(activity_ids)]
+        keys = [key for activity_id in dict.fromkeys(activity_ids) for key in (
+            _row_key(activity_id), *((_seen_key(activity_id),) if unseen else ()))]
         for start in range(0, len(keys), 100):
             batch = keys[start:start + 100]
             try:
@@ -607,13 +617,14 @@ class Inbox:
         await self._prepare()
         removed = 0
         async with _translated("purging old accepted activities"):
-            rows = self._table.query_entities(
-                "Timestamp lt @cutoff and RowKey ge @first and RowKey lt @end",
-                parameters={"cutoff": cutoff.astimezone(UTC), "first": ROW_PREFIX,
-                            "end": _ROWS_END}, select=["PartitionKey", "RowKey"])
-            async for row in rows:
-                await self._table.delete_entity(row["PartitionKey"], row["RowKey"])
-                removed += 1
+            for first, end in ((ROW_PREFIX, _ROWS_END), (SEEN_PREFIX, _SEEN_END)):
+                rows = self._table.query_entities(
+                    "Timestamp lt @cutoff and RowKey ge @first and RowKey lt @end",
+                    parameters={"cutoff": cutoff.astimezone(UTC), "first": first, "end": end},
+                    select=["PartitionKey", "RowKey"])
+                async for row in rows:
+                    await self._table.delete_entity(row["PartitionKey"], row["RowKey"])
+                    removed += 1
         return removed
 
     async def close(self) -> None:
@@ -657,6 +668,10 @@ class Inbox:
 
 def _row_key(activity_id: str) -> str:
     return ROW_PREFIX + encode_key(activity_id)
+
+
+def _seen_key(activity_id: str) -> str:
+    return SEEN_PREFIX + encode_key(activity_id)
 
 
 def _chunks(packed: bytes, prefix: str) -> dict[str, bytes]:

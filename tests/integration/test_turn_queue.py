@@ -276,9 +276,38 @@ async def test_retention_purges_kept_activities_older_than_the_cutoff(
         # WHEN rows older than a minute ago are purged, then rows older than a minute ahead
         none = await inbox.purge_before(datetime.now(UTC) - timedelta(minutes=1))
         both = await inbox.purge_before(datetime.now(UTC) + timedelta(minutes=1))
-        # THEN the first purge keeps them, the second removes both
-        assert (none, both) == (0, 2)
+        # THEN the first purge keeps them, the second removes both, with the marks that they
+        # were accepted (so the channel could send one again, a day later, as new)
+        assert (none, both) == (0, 4)
         assert await inbox.load("a:left", "old-1") is None
+        assert await inbox.accept(b'{"type": "message"}', conversation_id="a:left",
+                                  activity_id="old-1")
+    finally:
+        await inbox.close()
+
+
+async def test_a_retry_that_arrives_after_its_answer_is_not_accepted_again(
+        azurite_connection_string: str, table_name: str) -> None:
+    # GIVEN an activity accepted and answered (its kept row removed), and another accepted but
+    # let go because its wake-up could not be queued
+    inbox = Inbox.from_connection_string(azurite_connection_string, table_name=table_name,
+                                         queue_name=f"q{uuid.uuid4().hex[:12]}")
+    try:
+        for activity_id in ("answered", "let-go"):
+            assert await inbox.accept(b'{"type": "message"}', conversation_id="a:slow",
+                                      activity_id=activity_id)
+        await inbox.remove("a:slow", ["answered"])
+        await inbox.remove("a:slow", ["let-go"], unseen=True)
+        # WHEN the channel's retries of both arrive (one slow on its way)
+        late = await inbox.accept(b'{"type": "message"}', conversation_id="a:slow",
+                                  activity_id="answered")
+        again = await inbox.accept(b'{"type": "message"}', conversation_id="a:slow",
+                                   activity_id="let-go")
+        # THEN the answered one is refused as a retry (not answered twice, even after a clear
+        # of the conversation's history), and the one let go takes a new place
+        assert late is None
+        assert again is not None and again.seq == 3
+        assert [kept.activity_id for kept in await inbox.waiting("a:slow")] == ["let-go"]
     finally:
         await inbox.close()
 
