@@ -234,10 +234,11 @@ class Answerer:
             if stream is None and any(kept.opening for _, kept in read):
                 stream, owner = await self._opened(unit, [activity for activity, _ in read])
             if unit.kind == "reset":
-                await self._reset(activities[0], stream)
+                await self._reset(activities[0], stream, paced_after=unit.streamed_at)
                 return Answered()
             try:
-                checked, _, stream = await self._check(activities, stream)
+                checked, _, stream = await self._check(activities, stream,
+                                                       paced_after=unit.streamed_at)
                 if not checked:
                     return Answered()
                 reply_to = owner if stream is not None and owner is not None \
@@ -330,7 +331,7 @@ class Answerer:
             if activity.conversation_id != unit.conversation_id or \
                     not self.reply_allowed(activity.service_url):
                 continue  # (checked as any activity read back)
-            await self._say(activity, WITHDRAWN, resume=stream)
+            await self._say(activity, WITHDRAWN, resume=stream, paced_after=unit.streamed_at)
             ended = True
             log.info("ended the stream of a message withdrawn while it waited")
         return ended
@@ -345,17 +346,35 @@ class Answerer:
                           if kept.withdrawn and kept.activity_id in gone)
         return bool(withdrawn) and await self._withdrawn(replace(unit, kept=withdrawn))
 
-    async def give_up(self, unit: Unit) -> None:
-        """The unit's last attempt failed: one apology, ending the stream its first message has."""
+    async def give_up(self, unit: Unit) -> bool:
+        """The unit's last attempt failed: one apology, ending the stream its first message has;
+        unless its turn was stored after all (the commit's answer was lost on its way back):
+        then its stored reply goes out instead. True when the unit is answered so."""
         read = await self._read(unit)
         if not read:
-            return
+            return False
         stream, reply_to = next(((kept.stream, activity) for activity, kept in read
                                  if kept.stream is not None), (None, read[-1][0]))
         try:
-            await self._say(reply_to, APOLOGY, resume=stream)
+            turn = await self.store.get_turn(unit.conversation_id, read[0][0].id)
+        except ChatstateError as exc:
+            log.warning("could not tell whether the turn was stored: %s", type(exc).__name__)
+            turn = None
+        try:
+            if turn is None:
+                await self._say(reply_to, APOLOGY, resume=stream, paced_after=unit.streamed_at)
+                return False
+            log.info("the turn was stored after all; its reply goes out instead of an apology")
+            if not turn.delivered:
+                progress = self.delivery.progress(reply_to, resume=stream, updates=False,
+                                                  paced_after=unit.streamed_at)
+                try:
+                    await self.delivery.reply(reply_to, turn, progress=progress)
+                finally:
+                    await progress.close()
         except Exception as exc:
-            log.error("the apology was not sent either: %s", type(exc).__name__)
+            log.error("neither the apology nor the stored reply was sent: %s", type(exc).__name__)
+        return turn is not None
 
     async def parked(self, unit: Unit, pending: Pending) -> Pending:
         """A turn was parked: ask the person (its waiter sends the card)."""
@@ -408,13 +427,14 @@ class Answerer:
 
     # -- the steps ---------------------------------------------------------------------------
 
-    async def _reset(self, activity: Activity,
-                     stream: StreamStart | None) -> dict[str, Any] | None:
+    async def _reset(self, activity: Activity, stream: StreamStart | None, *,
+                     paced_after: float = 0.0) -> dict[str, Any] | None:
         await self.store.clear(activity.conversation_id)
         log.info("cleared the conversation on /reset")
-        return await self._say(activity, RESET_DONE, resume=stream)
+        return await self._say(activity, RESET_DONE, resume=stream, paced_after=paced_after)
 
-    async def _check(self, activities: Sequence[Activity], stream: StreamStart | None,
+    async def _check(self, activities: Sequence[Activity], stream: StreamStart | None, *,
+                     paced_after: float = 0.0,
                      ) -> tuple[list[_Message], dict[str, Any] | None, StreamStart | None]:
         """Each message with its files read and its size checked; those refused are answered
         here (in order; the first refusal ends `stream`), the rest returned, with the refusal's
@@ -428,7 +448,8 @@ class Answerer:
             incoming = await self.attachments.read(activity, text, token_budget=budget - used)
             if isinstance(incoming, Refusal):
                 log.info("attachments refused: %s", incoming.reason)
-                outgoing = await self._say(activity, incoming.reply, resume=stream)
+                outgoing = await self._say(activity, incoming.reply, resume=stream,
+                                           paced_after=paced_after)
                 stream = None
                 continue
             try:  # the images' tokens as the model's context counts them (shared/tokens.py)
@@ -438,7 +459,7 @@ class Answerer:
                 log.info("message too long to answer: %s", exc)
                 tokens = exc.tokens if isinstance(exc, InputTooLong) else len(incoming.text) // 3
                 outgoing = await self._say(activity, TOO_LONG.format(tokens=tokens, budget=budget),
-                                           resume=stream)
+                                           resume=stream, paced_after=paced_after)
                 stream = None
                 continue
             used += needed
@@ -446,12 +467,14 @@ class Answerer:
                                    incoming=incoming))
         return passed, outgoing, stream
 
-    async def _say(self, activity: Activity, text: str, *,
-                   resume: StreamStart | None) -> dict[str, Any] | None:
-        """A reply of ours without a turn: it ends the stream the webhook opened, if any."""
+    async def _say(self, activity: Activity, text: str, *, resume: StreamStart | None,
+                   paced_after: float = 0.0) -> dict[str, Any] | None:
+        """A reply of ours without a turn: it ends the stream the webhook opened, if any (at
+        Teams' pace after `paced_after`, the chat's last stream request as the head knows it)."""
         if resume is None:
             return await self.delivery.text(activity, text)
-        progress = self.delivery.progress(activity, resume=resume, updates=False)
+        progress = self.delivery.progress(activity, resume=resume, updates=False,
+                                          paced_after=paced_after)
         try:
             return await self.delivery.text(activity, text, progress=progress)
         finally:

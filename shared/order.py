@@ -141,7 +141,7 @@ class UnitAnswerer(Protocol):
 
     async def answer_unit(self, unit: Unit) -> UnitOutcome: ...
 
-    async def give_up(self, unit: Unit) -> None: ...
+    async def give_up(self, unit: Unit) -> bool: ...
 
     async def parked(self, unit: Unit, pending: Pending) -> Pending: ...
 
@@ -295,7 +295,11 @@ class Conductor:
             return
         log.error("the turn failed on its last attempt (%d: %s); apologising; a record goes to "
                   "the poison queue", attempts, failed.reason)
-        await self.answerer.give_up(await self._as_kept_now(unit))
+        if await self.answerer.give_up(await self._as_kept_now(unit)):
+            await self.inbox.remove(unit.conversation_id, unit.activity_ids)  # answered after all
+            if unit.parked is not None:
+                await hold.change(lambda head: replace(head, parked=None))
+            return
         # Recorded before it is forgotten: if that fails, the retry neither asks the model nor
         # apologises again.
         await self.inbox.mark_given_up(unit.conversation_id, unit.activity_ids)

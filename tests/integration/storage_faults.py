@@ -62,6 +62,8 @@ class StoragePolicy(AsyncHTTPPolicy):  # type: ignore[type-arg]
         self.faults: Faults | None = None
         #: Fail the next request each of these matches (once each), before it is sent.
         self.fail_next: list[Match] = []
+        #: Lose the answer of the next request each of these matches (once each): it is done.
+        self.lose_next: list[Match] = []
         self.requests: list[tuple[str, str]] = []
 
     async def send(self, request: PipelineRequest) -> PipelineResponse:  # type: ignore[type-arg]
@@ -85,22 +87,30 @@ class StoragePolicy(AsyncHTTPPolicy):  # type: ignore[type-arg]
                 faults.injected += 1
                 raise ServiceRequestError("injected: the request was not sent")
             lose = bool(faults.lose_rate) and faults.rng.random() < faults.lose_rate
+        lost = next((match for match in self.lose_next if match(method, url)), None)
         response = await self.next.send(request)
+        if lost is not None:
+            self.lose_next.remove(lost)
+            raise ServiceRequestError("injected: the answer was lost")
         if faults is not None and lose:
             faults.injected += 1
             raise ServiceRequestError("injected: the answer was lost")
         return response
 
 
-def failing(rules: list[Match], *, clients: tuple[str, ...]) -> Callable[[int, str], list[StoragePolicy]]:
+def failing(rules: list[Match], *, clients: tuple[str, ...],
+            lose: bool = False) -> Callable[[int, str], list[StoragePolicy]]:
     """`halves`' policies: the named clients of every worker fail the next request each of
-    `rules` matches (once each, whichever client sends it). A policy is one pipeline's link, so
-    each client gets its own, all sharing the rules."""
+    `rules` matches (once each, whichever client sends it; `lose`: after it was done, its answer
+    lost). A policy is one pipeline's link, so each client gets its own, all sharing the rules."""
     def policies(slot: int, client: str) -> list[StoragePolicy]:
         if client not in clients:
             return []
         policy = StoragePolicy()
-        policy.fail_next = rules
+        if lose:
+            policy.lose_next = rules
+        else:
+            policy.fail_next = rules
         return [policy]
 
     return policies

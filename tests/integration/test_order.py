@@ -323,6 +323,36 @@ async def test_a_turn_given_up_on_the_attempt_that_opened_its_stream_ends_it_wit
     assert connector.streams.broken() == []
 
 
+async def test_a_last_attempt_whose_commit_answer_was_lost_sends_the_stored_reply_not_an_apology(
+        azurite_connection_string: str, table_name: str,
+        servers: tuple[FakeModelServer, FakeConnector]) -> None:
+    # GIVEN turns given up after one attempt, and a store whose next commit is done but its
+    # answer lost on the way back
+    model, connector = servers
+    model.then(Scripted(content="the answer"))
+    store_rules: list[Match] = []
+
+    def one_attempt(slot: int, bot: ChatBot) -> None:
+        assert bot.answerer.conductor is not None
+        bot.answerer.conductor.max_attempts = 1
+
+    async with halves(azurite_connection_string, table_name, model, connector,
+                      on_bot=one_attempt,
+                      policies=failing(store_rules, clients=("store",), lose=True)) as running:
+        store_rules.append(lambda method, url: method == "POST" and url.endswith("$batch"))
+        # WHEN a message's only attempt fails that way
+        await running.post(running.message("tell me", "a:lost-answer"))
+        await running.settled()
+        poisoned = await running.host.poisoned()
+        history = await running.store.list_messages("a:lost-answer")
+    # THEN the user got the stored answer, once, and no apology; nothing went to the poison queue
+    assert store_rules == []  # (the commit's answer was lost)
+    assert running.user_texts("a:lost-answer") == ["the answer"]
+    assert [m.content for m in history] == ["tell me", "the answer"]
+    assert model.calls == 1 and poisoned == []
+    assert connector.streams.broken() == []
+
+
 async def test_stream_requests_the_chat_refuses_still_keep_teams_pace(
         azurite_connection_string: str, table_name: str,
         servers: tuple[FakeModelServer, FakeConnector]) -> None:
