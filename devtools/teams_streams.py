@@ -127,7 +127,8 @@ class StreamContract:
             stream.last_request = now
         if previous is not None and now - previous < self.min_interval:
             self.throttled.append(f"{conversation_id}: {now - previous:.3f} s after the last "
-                                  "streaming request")
+                                  f"streaming request ({kind} of {info.get('streamId', 'a new stream')}"
+                                  f", replying to {activity.get('replyToId')})")
             return 429, {"error": {"code": "TooManyRequests", "message": "Too many requests."}}
         if stream is not None:
             if stream.finished:

@@ -924,12 +924,14 @@ async def torture(connection_string: str, *, seed: int, rounds: int | None,
 
 def _trace(state: Round, problems: list[str], path: str) -> None:
     assert state.observer is not None
-    named = [c for c in sorted({op.conversation for op in state.ops if op.conversation})
-             if any(c in problem for problem in problems)]
+    named = {c for c in {op.conversation for op in state.ops if op.conversation}
+             if any(c in problem for problem in problems)}
+    named |= {run.conversation for run in state.observer.runs
+              if any(a in problem for a in run.activity_ids for problem in problems)}
     with open(path, "w", encoding="utf-8") as file:
         for problem in problems:
             print(problem, file=file)
-        for conversation in named:
+        for conversation in sorted(named):
             print(f"\n== {conversation}", file=file)
             print("\n".join(timeline(state.observer, conversation)), file=file)
 

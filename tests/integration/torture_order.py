@@ -267,6 +267,8 @@ class Observer:
             current_unit.reset(token)
             run.end = tick()
         run.outcome = type(outcome).__name__ if outcome is not None else "done"
+        if (reason := getattr(outcome, "reason", None)) is not None:
+            run.outcome += f"({reason})"  # a kind of ours, never outside text
         answered = getattr(outcome, "activity_ids", None)
         if answered is not None:
             run.answered = tuple(answered)
