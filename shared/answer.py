@@ -360,6 +360,8 @@ class Answerer:
         except ChatstateError as exc:
             log.warning("could not tell whether the turn was stored: %s", type(exc).__name__)
             turn = None
+        if turn is not None and not set(unit.activity_ids) <= set(turn.answered):
+            turn = None  # an earlier turn's, for part of the unit: the unit was not answered
         try:
             if turn is None:
                 await self._say(reply_to, APOLOGY, resume=stream, paced_after=unit.streamed_at)
@@ -374,7 +376,8 @@ class Answerer:
                     await progress.close()
         except Exception as exc:
             log.error("neither the apology nor the stored reply was sent: %s", type(exc).__name__)
-        return turn is not None
+            return False  # given up: its record goes to the poison queue
+        return True
 
     async def parked(self, unit: Unit, pending: Pending) -> Pending:
         """A turn was parked: ask the person (its waiter sends the card)."""

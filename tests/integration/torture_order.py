@@ -43,8 +43,7 @@ ORDER_INVARIANTS = (
     "apologised for (with a text-free poison record), or withdrawn by its sender's removal, or "
     "cleared away by a clear that came after it was accepted, exactly once (the same reply sent "
     "again only where its worker died, or a storage call failed, before it was recorded; a "
-    "redelivery after a clear took its turn, waiting behind other messages, is a new message: a "
-    "known limit); none is left waiting",
+    "channel's redelivery is never answered again, even after a clear); none is left waiting",
     "reset barrier: nothing accepted before a /reset is stored or answered after that reset's "
     "confirmation",
     "no open stream: at quiescence every stream opened has ended (its final message, or the "
@@ -424,8 +423,6 @@ def check_answered_once(observer: Observer, excuses: Excuses,
             if excuses.same_reply(first.text, deed.text) and \
                     _unmarked(first, observer.runs, excuses.calls):
                 continue  # the same reply sent again: what records it as sent may have failed
-            if _redelivered_after_clear(key, first, deed, observer.arrivals, excuses.clears):
-                continue  # a known limit (docs/operate.md): see the function
             problems.append(f"answered once: {activity} in {conversation} was answered "
                             f"{len(deeds)} times: {[d.text[:60] for d in deeds]}")
             break
@@ -462,20 +459,6 @@ def _unmarked(deed: Deed, runs: list[UnitRun], calls: list[Call]) -> bool:
     return run.outcome == "killed" or any(
         (c.injected or c.dead) and c.conversation == run.conversation and c.slot == run.slot
         and deed.tick < c.sent < until for c in calls)
-
-
-def _redelivered_after_clear(key: tuple[str, str], first: Deed, later: Deed,
-                             arrivals: list[Arrival], clears: dict[str, list[int]]) -> bool:
-    """The channel delivered the activity again after its first answer, and a clear (a reset,
-    a DELETE, a purge or its sender's removal, begun after it was first accepted) had taken or
-    withdrawn that answer's turn: the bot takes the redelivery for a new message (a known limit,
-    docs/operate.md)."""
-    conversation, activity = key
-    mine = sorted(a.tick for a in arrivals
-                  if a.conversation == conversation and a.activity_id == activity)
-    again = [at for at in mine if first.tick < at < later.tick]
-    return bool(mine) and any(mine[0] < cleared < at for at in again
-                              for cleared in clears.get(conversation, []))
 
 
 def check_reset_barrier(observer: Observer, calls: list[Call],
