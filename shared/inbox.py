@@ -65,7 +65,7 @@ from .errors import BadRequest, ConversationConflict, StorageForbidden, StorageR
 from .keys import encode_key
 from .pending import Pending
 from .store import Operation, TableWire, TransactionFailed
-from .streaming import StreamStart
+from .streaming import CLOCK_SLACK, StreamStart
 
 __all__ = ["LEFTOVER_DAYS", "Inbox", "Kept", "OrderHead", "Place", "TurnTicket",
            "inbox_table_name", "max_dequeue_count", "visibility_timeout"]
@@ -362,7 +362,7 @@ class Inbox:
                 head = await self._read_head(pk)
             read = head or OrderHead(conversation_id=conversation_id)
             now = time.time()
-            first = may_stream and read.idle(now) and now - read.streamed_at >= 1.0
+            first = may_stream and read.idle(now) and now - read.streamed_at >= 1.0 + CLOCK_SLACK
             after = replace(read, last_seq=read.last_seq + 1,
                             streamed_at=now if first else read.streamed_at)
             head_op = Operation("create", after.entity(pk)) if read.etag is None else \

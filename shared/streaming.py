@@ -34,7 +34,8 @@ from .errors import ConnectorError
 from .parts import MAX_ACTIVITY_BYTES, close, cut, split_activity, wire_size
 from .prompt import ReplyStopped
 
-__all__ = ["MAX_STREAM_SECONDS", "ReplyStream", "StreamClock", "StreamLimits", "StreamStart"]
+__all__ = ["CLOCK_SLACK", "MAX_STREAM_SECONDS", "ReplyStream", "StreamClock", "StreamLimits",
+           "StreamStart"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,11 @@ class StreamStart:
     sequence: int
     sent_at: float
     started_at: float | None = None
+
+
+#: Seconds by which a wall-clock time from another process (or instance) may be off: a pace
+#: counted from one waits this much longer (the torture saw a request 0.999 s after another).
+CLOCK_SLACK = 0.05
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,12 +139,13 @@ class ReplyStream:
         self._sequence = 0
         self._started = 0.0  # when the current part's stream took its first update
         self._last_sent = -float("inf")
+        slack = CLOCK_SLACK * self._clock.scale  # (wall-clock times, read back: see CLOCK_SLACK)
         if paced_after is not None:
-            self._last_sent = self._clock.now() - self._clock.since(paced_after)
+            self._last_sent = self._clock.now() - self._clock.since(paced_after) + slack
         if resume is not None:
             self._stream_id, self._sequence = resume.stream_id, resume.sequence
             self._last_sent = max(self._last_sent,
-                                  self._clock.now() - self._clock.since(resume.sent_at))
+                                  self._clock.now() - self._clock.since(resume.sent_at) + slack)
             self._started = self._clock.now() - self._clock.since(resume.started_at or
                                                                   resume.sent_at)
         self._prefix = ""  # text shown in earlier rounds of tool calls
