@@ -10,6 +10,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,7 +21,7 @@ from devtools.fake_channel import FakeConnector
 from devtools.fake_model import FakeModelServer, Scripted, default_reply
 from shared.answer import APOLOGY
 from shared.errors import StorageUnavailable
-from shared.inbox import Inbox, TurnTicket, inbox_table_name
+from shared.inbox import Inbox, Place, TurnTicket, inbox_table_name
 from shared.summary import SUMMARY_INSTRUCTIONS
 from tests.integration.halves import MAX_DEQUEUE, eventually, halves, servers
 from tests.integration.queue_host import queue_client
@@ -264,52 +265,49 @@ async def test_a_retry_of_an_answered_activity_opens_no_stream_and_queues_nothin
         assert await running.inbox.load("a:late", json.loads(body)["id"]) is None
 
 
-async def test_retention_purges_kept_activities_older_than_the_cutoff(
-        azurite_connection_string: str, table_name: str) -> None:
+@pytest.fixture
+async def inbox(azurite_connection_string: str, table_name: str) -> AsyncIterator[Inbox]:
+    """An inbox on its own queue, closed after the test."""
+    made = Inbox.from_connection_string(azurite_connection_string, table_name=table_name,
+                                        queue_name=f"q{uuid.uuid4().hex[:12]}")
+    yield made
+    await made.close()
+
+
+async def accept(inbox: Inbox, conversation_id: str, activity_id: str) -> Place | None:
+    return await inbox.accept(b'{"type": "message"}', conversation_id=conversation_id,
+                              activity_id=activity_id)
+
+
+async def test_retention_purges_kept_activities_older_than_the_cutoff(inbox: Inbox) -> None:
     # GIVEN two kept activities (their tickets went to the poison queue, say)
-    inbox = Inbox.from_connection_string(azurite_connection_string, table_name=table_name,
-                                         queue_name=f"q{uuid.uuid4().hex[:12]}")
-    try:
-        for activity_id in ("old-1", "old-2"):
-            assert await inbox.accept(b'{"type": "message"}', conversation_id="a:left",
-                                      activity_id=activity_id)
-        # WHEN rows older than a minute ago are purged, then rows older than a minute ahead
-        none = await inbox.purge_before(datetime.now(UTC) - timedelta(minutes=1))
-        both = await inbox.purge_before(datetime.now(UTC) + timedelta(minutes=1))
-        # THEN the first purge keeps them, the second removes both, with the marks that they
-        # were accepted (so the channel could send one again, a day later, as new)
-        assert (none, both) == (0, 4)
-        assert await inbox.load("a:left", "old-1") is None
-        assert await inbox.accept(b'{"type": "message"}', conversation_id="a:left",
-                                  activity_id="old-1")
-    finally:
-        await inbox.close()
+    for activity_id in ("old-1", "old-2"):
+        assert await accept(inbox, "a:left", activity_id)
+    # WHEN rows older than a minute ago are purged, then rows older than a minute ahead
+    none = await inbox.purge_before(datetime.now(UTC) - timedelta(minutes=1))
+    both = await inbox.purge_before(datetime.now(UTC) + timedelta(minutes=1))
+    # THEN the first purge keeps them, the second removes both, with the marks that they were
+    # accepted (so the channel could send one again, a week later, as new)
+    assert (none, both) == (0, 4)
+    assert await inbox.load("a:left", "old-1") is None
+    assert await accept(inbox, "a:left", "old-1")
 
 
-async def test_a_retry_that_arrives_after_its_answer_is_not_accepted_again(
-        azurite_connection_string: str, table_name: str) -> None:
+async def test_a_retry_that_arrives_after_its_answer_is_not_accepted_again(inbox: Inbox) -> None:
     # GIVEN an activity accepted and answered (its kept row removed), and another accepted but
     # let go because its wake-up could not be queued
-    inbox = Inbox.from_connection_string(azurite_connection_string, table_name=table_name,
-                                         queue_name=f"q{uuid.uuid4().hex[:12]}")
-    try:
-        for activity_id in ("answered", "let-go"):
-            assert await inbox.accept(b'{"type": "message"}', conversation_id="a:slow",
-                                      activity_id=activity_id)
-        await inbox.remove("a:slow", ["answered"])
-        await inbox.remove("a:slow", ["let-go"], unseen=True)
-        # WHEN the channel's retries of both arrive (one slow on its way)
-        late = await inbox.accept(b'{"type": "message"}', conversation_id="a:slow",
-                                  activity_id="answered")
-        again = await inbox.accept(b'{"type": "message"}', conversation_id="a:slow",
-                                   activity_id="let-go")
-        # THEN the answered one is refused as a retry (not answered twice, even after a clear
-        # of the conversation's history), and the one let go takes a new place
-        assert late is None
-        assert again is not None and again.seq == 3
-        assert [kept.activity_id for kept in await inbox.waiting("a:slow")] == ["let-go"]
-    finally:
-        await inbox.close()
+    for activity_id in ("answered", "let-go"):
+        assert await accept(inbox, "a:slow", activity_id)
+    await inbox.remove("a:slow", ["answered"])
+    await inbox.remove("a:slow", ["let-go"], unseen=True)
+    # WHEN the channel's retries of both arrive (one slow on its way)
+    late = await accept(inbox, "a:slow", "answered")
+    again = await accept(inbox, "a:slow", "let-go")
+    # THEN the answered one is refused as a retry (not answered twice, even after a clear of the
+    # conversation's history), and the one let go takes a new place
+    assert late is None
+    assert again is not None and again.seq == 3
+    assert [kept.activity_id for kept in await inbox.waiting("a:slow")] == ["let-go"]
 
 
 async def test_the_summary_work_runs_in_the_answer_function_after_the_reply(
