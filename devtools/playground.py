@@ -10,6 +10,7 @@ It follows the port of the running `make run` (its run file), and listens on loo
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     node_options = " ".join(filter(None, (os.environ.get("NODE_OPTIONS"), f"--require={LOOPBACK}")))
     env = {**os.environ, "TEAMSAPPTESTER_BROWSER": "none", "TEAMSAPPTESTER_LOGFILE": str(log_file),
            "NODE_OPTIONS": node_options}
+    # Ctrl-C stops it even when it was started with SIGINT ignored (a background job of a script
+    # inherits that): the Playground is killed on the way out (`subprocess.call`).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return subprocess.call(command, cwd=ROOT, env=env)
     except KeyboardInterrupt:
