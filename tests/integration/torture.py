@@ -93,9 +93,9 @@ from tests.integration.torture_order import (
 __all__ = ["INVARIANTS", "Op", "run_round", "torture"]
 
 INVARIANTS = (
-    "lost: no answered message is lost, unless a clear (reset, DELETE, purge, a personal "
-    "chat's removal) whose hiding write was answered after the message's commit was sent "
-    "removed it",
+    "lost: no answered message (a reply sent, or a stream the user stopped in a turn that was "
+    "answered) is lost, unless a clear (reset, DELETE, purge, a personal chat's removal) whose "
+    "hiding write was answered after the message's commit was sent removed it",
     "visible: nothing is visible after the clear that hid it (answered before the clear's "
     "hiding write was sent)",
     "once: each activity is stored at most once, and every reply sent for it is the same answer",
@@ -534,6 +534,10 @@ def _answered(state: Round, deeds: list[Deed]) -> dict[tuple[str, str], Answered
     first: dict[tuple[str, str], Answered] = {}
     for deed in sorted(deeds, key=lambda d: d.tick):
         if deed.run.kind != "messages" or not _is_answer(deed.text):
+            continue
+        if deed.stream is not None and deed.run.outcome != "Answered":
+            # Stopped during an attempt that then failed: like any failed attempt's stream, what
+            # it showed is not kept; the retry answers anew, or refuses (docs/operate.md).
             continue
         for activity in deed.run.covered:
             key = (deed.run.conversation, activity)
